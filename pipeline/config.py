@@ -1,0 +1,84 @@
+"""The audit job's configuration (DESIGN.md section 4): YAML plus `--set key=value` overrides."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.io.storage import StorageOptions
+from pipeline.models.spec import ModelSpec
+
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ConfigError(ValueError):
+    """The configuration file or an override is invalid."""
+
+
+def default_run_id() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("run-%Y%m%dT%H%M%SZ")
+
+
+class JobConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    manifest: str
+    output: str
+    run_id: str = Field(default_factory=default_run_id)
+    model: ModelSpec
+    batch_size: int = Field(32, ge=1, le=4096)
+    num_actors: int = Field(2, ge=1)
+    gpus_per_actor: float | None = Field(None, ge=0)
+    max_image_pixels: int = Field(50_000_000, ge=1)
+    max_error_fraction: float = Field(0.01, ge=0, le=1)
+    render_png: bool = True
+    storage_options: StorageOptions = Field(default_factory=StorageOptions)
+
+    @field_validator("run_id")
+    @classmethod
+    def _safe_run_id(cls, value: str) -> str:
+        if not RUN_ID_PATTERN.match(value):
+            raise ValueError("run_id may hold letters, digits, '.', '_' and '-' (at most 128), starting with a letter or digit")
+        return value
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'model.metric=dot' -> (['model', 'metric'], 'dot'); the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. model.metric=dot")
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
+    """Reads a YAML file (or nothing), applies overrides, validates. Unknown keys are errors."""
+    data: dict = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigError(f"cannot read config {path}: {error}") from error
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path} must be a mapping of keys to values")
+    try:
+        return JobConfig.model_validate(apply_overrides(data, list(overrides)))
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise ConfigError(f"invalid config: {problems}") from error

@@ -1,0 +1,70 @@
+"""The demo's metric-learning model: a small conv trunk with a linear embedding head.
+
+Structure after the target layer is exactly pooling -> flatten -> fc, and forward()
+L2-normalises the fc output, so the explainer takes `embedding_layer=EMBEDDING_LAYER`
+(the unnormalised embedding) and the affine-head fast path applies.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from importlib import resources
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INPUT_SIZE = 64
+MEAN = (0.5, 0.5, 0.5)  # demo input normalisation, applied to RGB in [0, 1]
+STD = (0.25, 0.25, 0.25)
+EMBEDDING_DIM = 64
+TARGET_LAYER = "features.block4"  # last conv block; (B, 128, 16, 16) at 64 px
+EMBEDDING_LAYER = "fc"
+CHECKPOINT = "demo_model.pt"  # in pipeline/assets
+CHANNELS = (16, 32, 64, 128)
+STRIDES = (2, 2, 1, 1)  # 64 px -> 32 -> 16 -> 16 -> 16
+
+
+def _block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class DemoEmbeddingNet(nn.Module):
+    """(B, 3, 64, 64) normalised images -> (B, 64) unit-norm embeddings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        blocks, c_in = OrderedDict(), 3
+        for i, (c_out, stride) in enumerate(zip(CHANNELS, STRIDES), start=1):
+            blocks[f"block{i}"] = _block(c_in, c_out, stride)
+            c_in = c_out
+        self.features = nn.Sequential(blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(CHANNELS[-1], EMBEDDING_DIM)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.flatten(self.pool(self.features(x)))  # (B, 128)
+        return F.normalize(self.fc(a), dim=1)  # (B, 64)
+
+
+def preprocess(images: np.ndarray) -> torch.Tensor:
+    """uint8 RGB (N, S, S, 3) -> normalised float32 (N, 3, S, S)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def demo_model(pretrained: bool = True) -> DemoEmbeddingNet:
+    """The demo model in eval mode, with the shipped weights unless `pretrained=False`."""
+    model = DemoEmbeddingNet()
+    if pretrained:
+        with (resources.files("pipeline") / "assets" / CHECKPOINT).open("rb") as f:
+            model.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
+    return model.eval()

@@ -1,0 +1,63 @@
+"""The fast path's head: u = J a + c, measured once from the model itself.
+
+The head is everything between the target layer's feature map A (N, K, h, w) and the
+embedding u (N, D). When it is affine in a = GAP(A) (pooling, Flatten, Linear, BatchNorm1d
+and Dropout in eval mode, Identity), feeding it the constant maps 0 and e_k gives c and the
+columns of J exactly, whatever its modules are called or how they are nested. The result is
+accepted only if it reproduces the model's own embeddings of real images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+PROBE_CHUNK = 256  # unit maps per probing forward; bounds memory for large K
+
+
+@dataclass(frozen=True)
+class AffineHead:
+    jacobian: torch.Tensor  # (D, K) float64
+    bias: torch.Tensor  # (D,) float64
+
+    def __call__(self, pooled: torch.Tensor) -> torch.Tensor:
+        """u = J a + c for pooled features (N, K) -> (N, D), in float64."""
+        return pooled.double() @ self.jacobian.T + self.bias
+
+    def to(self, device: torch.device) -> "AffineHead":
+        return AffineHead(self.jacobian.to(device), self.bias.to(device))
+
+
+def relative_tolerance(dtype: torch.dtype) -> float:
+    """How far a float computation in `dtype` may stray from exact before it counts as different."""
+    return 2e-2 if torch.finfo(dtype).bits <= 16 else 1e-4
+
+
+def measure_affine_head(
+    run_head: Callable[[torch.Tensor], torch.Tensor],
+    features: torch.Tensor,
+    embeddings: torch.Tensor,
+) -> AffineHead | None:
+    """J and c of the head, or None when the head is not affine in GAP(A).
+
+    run_head: maps a replacement feature map (M, K, h, w) to the embeddings (M, D) the model
+        computes from it.
+    features, embeddings: the model's A (N, K, h, w) and u (N, D) for real images, used to
+        check that u == J GAP(A) + c.
+    """
+    _, channels, height, width = features.shape
+    probes = torch.cat([features.new_zeros(1, channels), torch.eye(channels, dtype=features.dtype, device=features.device)])
+    try:
+        outputs = [
+            run_head(chunk[:, :, None, None].expand(-1, -1, height, width))
+            for chunk in probes.split(PROBE_CHUNK)
+        ]
+    except RuntimeError:  # the head does not take a batch of constant maps: not a pooled head
+        return None
+    responses = torch.cat(outputs).double()  # (K + 1, D)
+    head = AffineHead(jacobian=(responses[1:] - responses[:1]).T.contiguous(), bias=responses[0])
+    predicted = head(features.double().mean(dim=(2, 3)))
+    error = (predicted - embeddings.double()).norm(dim=1) / embeddings.double().norm(dim=1).clamp_min(1e-12)
+    return head if bool(error.max() <= relative_tolerance(features.dtype)) else None

@@ -1,0 +1,79 @@
+"""Finding modules by name and reading / replacing their outputs with forward hooks."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class ExplanationError(ValueError):
+    """The model, its layers or its inputs cannot be explained as asked."""
+
+
+def find_module(model: nn.Module, name: str, argument: str = "target_layer") -> nn.Module:
+    """The submodule called `name` in `model.named_modules()`, or an error listing close names."""
+    modules = dict(model.named_modules())
+    if name in modules:
+        return modules[name]
+    close = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.5)
+    hint = f" Close names: {', '.join(close)}." if close else ""
+    raise ExplanationError(f"{argument}={name!r} is not a module of {type(model).__name__}.{hint}")
+
+
+@contextmanager
+def hooked_output(
+    module: nn.Module, replace: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> Iterator[list[torch.Tensor]]:
+    """Collects `module`'s output on each forward; `replace` may substitute it downstream.
+
+    Yields a list that holds, after a forward, what the rest of the model received.
+    """
+    seen: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if not isinstance(output, torch.Tensor):
+            raise ExplanationError(
+                f"{type(_module).__name__} returns {type(output).__name__}, not a tensor"
+            )
+        new = replace(output) if replace is not None else output
+        seen.append(new)
+        return new if replace is not None else None
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def default_target_layer(model: nn.Module, sample: torch.Tensor) -> str:
+    """Name of the last module, in execution order, that outputs a 4-D map larger than 1x1.
+
+    Among modules that finish together (a block and its last sub-module), the outermost wins,
+    since forward hooks fire as modules finish.
+    """
+    last: list[str] = []
+
+    def recorder(name: str) -> Callable:
+        def hook(_module: nn.Module, _inputs: tuple, output: object) -> None:
+            if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[-2:].numel() > 1:
+                last.append(name)
+
+        return hook
+
+    handles = [m.register_forward_hook(recorder(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.inference_mode():
+            model(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not last:
+        raise ExplanationError(
+            "no module of the model outputs a spatial feature map (N, C, h, w); pass target_layer="
+        )
+    return last[-1]

@@ -1,0 +1,47 @@
+"""Similarity metrics, each split into a part linear in the query embedding and a constant.
+
+For a metric s(x, y) = u^x . v^{x|y} + offset^{x|y} (DESIGN.md section 1), where the partner
+vector v is treated as a constant when the similarity is attributed to the query's channels.
+All functions take embeddings of shape (P, D) and return (P, D) or (P,).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Metric = Literal["cosine", "dot", "euclidean"]
+METRICS: tuple[str, ...] = ("cosine", "dot", "euclidean")
+
+
+def check_metric(metric: str) -> Metric:
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r} is not one of {', '.join(METRICS)}")
+    return metric  # type: ignore[return-value]
+
+
+def similarity(metric: Metric, u_x: torch.Tensor, u_y: torch.Tensor) -> torch.Tensor:
+    """s(x, y) for each row: (P, D), (P, D) -> (P,)."""
+    if metric == "cosine":
+        return F.cosine_similarity(u_x, u_y, dim=1, eps=1e-12)
+    if metric == "dot":
+        return (u_x * u_y).sum(dim=1)
+    return -0.5 * (u_x - u_y).pow(2).sum(dim=1)
+
+
+def partner_vector(metric: Metric, u_x: torch.Tensor, u_y: torch.Tensor) -> torch.Tensor:
+    """v^{x|y}, the vector whose dot product with u^x is the linear part of s(x, y)."""
+    if metric == "cosine":
+        return F.normalize(u_y, dim=1, eps=1e-12) / u_x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    if metric == "dot":
+        return u_y
+    return u_y - 0.5 * u_x
+
+
+def offset(metric: Metric, u_y: torch.Tensor) -> torch.Tensor:
+    """The part of s(x, y) that does not go through u^x . v: -1/2 |u^y|^2 for euclidean, else 0."""
+    if metric == "euclidean":
+        return -0.5 * u_y.pow(2).sum(dim=1)
+    return u_y.new_zeros(u_y.shape[0])

@@ -1,0 +1,139 @@
+"""Object storage access through fsspec: the only module that talks to it.
+
+Every other module receives bytes from here. Credentials never appear in
+:class:`StorageOptions`; they come from the environment or the provider's
+default chain (for S3: env variables, shared config files, instance roles).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import fsspec
+from fsspec.utils import get_protocol
+from pydantic import BaseModel, ConfigDict
+
+_S3_PROTOCOLS = ("s3", "s3a")
+_LOCAL_PROTOCOLS = ("file", "local")
+_USERINFO = re.compile(r"(://)[^/@\s]+@")
+
+
+class StorageError(Exception):
+    """An object could not be read or written. The message names the URI and the reason."""
+
+    def __init__(self, uri: str, reason: str) -> None:
+        self.uri = _redact(uri)
+        self.reason = _redact(reason)
+        super().__init__(f"{self.uri}: {self.reason}")
+
+
+class StorageOptions(BaseModel):
+    """Non-secret settings for remote filesystems (the job config's `storage_options`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    anon: bool = False
+
+    def fsspec_kwargs(self, protocol: str) -> dict:
+        """Keyword arguments for the fsspec filesystem of `protocol`.
+
+        Only S3 uses these options; local files get `auto_mkdir` so writes create
+        parent folders; any other protocol gets no arguments.
+        """
+        if protocol in _S3_PROTOCOLS:
+            client_kwargs = {"endpoint_url": self.endpoint_url, "region_name": self.region}
+            return {
+                "anon": self.anon,
+                "client_kwargs": {k: v for k, v in client_kwargs.items() if v is not None},
+            }
+        if protocol in _LOCAL_PROTOCOLS:
+            return {"auto_mkdir": True}
+        return {}
+
+
+def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem that holds `uri` and the path of `uri` inside it."""
+    options = options or StorageOptions()
+    with _storage_errors(uri):
+        return fsspec.core.url_to_fs(uri, **options.fsspec_kwargs(get_protocol(uri)))
+
+
+def read_bytes(uri: str, options: StorageOptions | None = None, max_bytes: int | None = None) -> bytes:
+    """The whole object; refuses objects larger than `max_bytes` without reading them all."""
+    fs, path = filesystem(uri, options)
+    with _storage_errors(uri), fs.open(path, "rb") as f:
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise StorageError(uri, f"larger than max_bytes={max_bytes}")
+    return data
+
+
+def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
+    """Create or replace the object (local parent folders are created)."""
+    fs, path = filesystem(uri, options)
+    with _storage_errors(uri), fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def exists(uri: str, options: StorageOptions | None = None) -> bool:
+    fs, path = filesystem(uri, options)
+    with _storage_errors(uri):
+        fs.invalidate_cache(path)  # another writer may have changed it since we last listed
+        return fs.exists(path)
+
+
+def sha256_of(uri: str, options: StorageOptions | None = None, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of the object, read in chunks."""
+    fs, path = filesystem(uri, options)
+    digest = hashlib.sha256()
+    with _storage_errors(uri), fs.open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """`base/part1/part2...` with single slashes, for local paths and URIs alike."""
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def resolve_uri(uri: str, base_dir: str) -> str:
+    """Resolve a manifest entry against the manifest's folder.
+
+    URIs with a scheme (`s3://...`, `file://...`) and absolute local paths are
+    returned unchanged; relative paths (`img/a.jpg`, `../b.png`) are joined to
+    `base_dir` and normalised.
+    """
+    if "://" in uri or uri.startswith("/"):
+        return uri
+    scheme, sep, base_path = base_dir.rpartition("://")
+    joined = posixpath.normpath(posixpath.join(base_path, uri))
+    return f"{scheme}{sep}{joined}"
+
+
+@contextmanager
+def _storage_errors(uri: str) -> Iterator[None]:
+    """Turn whatever the filesystem raises into a StorageError naming `uri`."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except FileNotFoundError as e:
+        raise StorageError(uri, "not found") from e
+    except PermissionError as e:
+        raise StorageError(uri, f"permission denied ({e})") from e
+    except IsADirectoryError as e:
+        raise StorageError(uri, "is a directory, not an object") from e
+    except Exception as e:  # noqa: BLE001 - an I/O boundary: every failure becomes one typed error
+        raise StorageError(uri, f"{type(e).__name__}: {e}") from e
+
+
+def _redact(text: str) -> str:
+    """Drop `user:password@` from any URL inside `text`."""
+    return _USERINFO.sub(r"\1***@", text)

@@ -1,0 +1,94 @@
+"""Validation of the input manifest (DESIGN.md section 3), before any work starts.
+
+Streams the manifest's key columns batch by batch, so its size is bounded only by the set of
+pair ids kept to find duplicates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+REQUIRED = ("pair_id", "query_uri", "reference_uri")
+BOX_COLUMNS = ("query_bbox", "reference_bbox")
+RESULT_COLUMNS = (
+    "run_id", "run_date", "model_id", "metric", "target_layer", "similarity", "cis_query", "cis_reference",
+    "cis_top_channels", "map_query", "map_reference", "map_shape", "query_peak_xy", "reference_peak_xy",
+    "png_uri", "status", "error", "query_energy_in_box", "query_pointing_hit",
+    "reference_energy_in_box", "reference_pointing_hit",
+)
+
+
+class ManifestError(ValueError):
+    """The manifest cannot be audited; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class ManifestInfo:
+    num_rows: int
+    schema: pa.Schema
+    has_boxes: bool
+
+
+def _check_types(schema: pa.Schema) -> None:
+    missing = [name for name in REQUIRED if name not in schema.names]
+    if missing:
+        raise ManifestError(f"manifest lacks the required column(s) {', '.join(missing)}; it has {', '.join(schema.names)}")
+    for name in REQUIRED:
+        if not (pa.types.is_string(schema.field(name).type) or pa.types.is_large_string(schema.field(name).type)):
+            raise ManifestError(f"manifest column {name!r} must be a string, not {schema.field(name).type}")
+    expectations = {"label": pa.types.is_integer, "rank": pa.types.is_integer, "score": pa.types.is_floating}
+    for name, is_expected in expectations.items():
+        if name in schema.names and not is_expected(schema.field(name).type):
+            raise ManifestError(f"manifest column {name!r} has type {schema.field(name).type}, expected {is_expected.__name__[3:]}")
+    for name in BOX_COLUMNS:
+        if name in schema.names:
+            kind = schema.field(name).type
+            if not (pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind)) or not pa.types.is_floating(kind.value_type):
+                raise ManifestError(f"manifest column {name!r} must be a list of 4 floats (x0, y0, x1, y1), not {kind}")
+    reserved = sorted(set(schema.names) & set(RESULT_COLUMNS))
+    if reserved:
+        raise ManifestError(f"manifest column(s) {', '.join(reserved)} collide with result columns; rename them")
+
+
+def _check_boxes(batch: pa.RecordBatch, name: str, first_row: int) -> None:
+    boxes = batch.column(name)
+    lengths = pc.list_value_length(boxes)
+    bad = pc.and_(pc.is_valid(boxes), pc.not_equal(lengths, 4))
+    if pc.any(bad).as_py():
+        row = first_row + pc.index(bad, True).as_py()
+        raise ManifestError(f"manifest column {name!r} row {row}: a box has 4 numbers (x0, y0, x1, y1)")
+
+
+def validate_manifest(source: BinaryIO | str) -> ManifestInfo:
+    """Checks columns, types, pair_id uniqueness and null URIs; raises ManifestError."""
+    try:
+        parquet = pq.ParquetFile(source)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise ManifestError(f"manifest is not a readable Parquet file: {error}") from error
+    schema = parquet.schema_arrow
+    _check_types(schema)
+    if parquet.metadata.num_rows == 0:
+        raise ManifestError("manifest has no rows")
+    boxes = [name for name in BOX_COLUMNS if name in schema.names]
+    seen: set[str] = set()
+    first_row = 0
+    for batch in parquet.iter_batches(columns=[*REQUIRED, *boxes], batch_size=65_536):
+        for name in REQUIRED:
+            column = batch.column(name)
+            empty = pc.or_(pc.is_null(column), pc.equal(pc.utf8_length(column), 0))
+            if pc.any(empty).as_py():
+                row = first_row + pc.index(empty, True).as_py()
+                raise ManifestError(f"manifest column {name!r} is null or empty at row {row}")
+        for pair_id in batch.column("pair_id").to_pylist():
+            if pair_id in seen:
+                raise ManifestError(f"manifest pair_id {pair_id[:80]!r} appears more than once; pair ids must be unique")
+            seen.add(pair_id)
+        for name in boxes:
+            _check_boxes(batch, name, first_row)
+        first_row += batch.num_rows
+    return ManifestInfo(num_rows=parquet.metadata.num_rows, schema=schema, has_boxes=len(boxes) == 2)

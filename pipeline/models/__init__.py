@@ -1,0 +1,1 @@
+"""Model specs from the job config and model loading."""

@@ -1,0 +1,188 @@
+"""Build the model a ModelSpec describes and load its weights safely."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import io
+import re
+import zipfile
+from collections.abc import Iterable, Mapping
+
+import torch
+import torchvision
+from torch import nn
+
+from pipeline.io.storage import StorageError, StorageOptions, read_bytes
+from pipeline.models.spec import ModelSpec
+
+_HEAD_ATTRIBUTES = ("fc", "classifier", "heads", "head")
+_TRUST_HINT = "set `trust_checkpoint: true` to allow it, only for a file you trust"
+_SHOWN = 5
+# torch.load(weights_only=True) names the class it refused in this form, e.g. "GLOBAL torch.nn...Linear".
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+_UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error: (.+)")
+
+
+class ModelLoadError(Exception):
+    """The model of a ModelSpec could not be built or its weights not loaded."""
+
+
+def build_model(spec: ModelSpec, storage_options: StorageOptions | None = None) -> nn.Module:
+    """The model of `spec`, weights loaded, in eval mode.
+
+    With `trust_checkpoint`, a checkpoint that holds a whole model (a pickled
+    `nn.Module` or a TorchScript archive) is used as the model itself.
+    """
+    checkpoint = _load_checkpoint(spec, storage_options) if spec.weights else None
+    if isinstance(checkpoint, nn.Module):
+        model = checkpoint
+    else:
+        model = _factory_model(spec.arch) if spec.is_factory else _torchvision_model(spec)
+        if checkpoint is not None:
+            _load_state_dict(model, _unwrap_state_dict(checkpoint, spec.weights), spec.weights)
+    for name, what in ((spec.target_layer, "target_layer"), (spec.embedding_layer, "embedding_layer")):
+        if name is not None:
+            resolve_layer_name(model, name, what)
+    return model.eval()
+
+
+def resolve_layer_name(model: nn.Module, name: str, what: str = "target_layer") -> nn.Module:
+    """The submodule called `name` in `model.named_modules()`; the error suggests close names."""
+    modules = dict(model.named_modules())
+    if name in modules:
+        return modules[name]
+    raise ModelLoadError(f"{what} {name!r} is not a module of the model{_suggest(name, modules)}")
+
+
+def _torchvision_model(spec: ModelSpec) -> nn.Module:
+    names = torchvision.models.list_models(module=torchvision.models)
+    if spec.arch not in names:
+        raise ModelLoadError(f"unknown torchvision arch {spec.arch!r}{_suggest(spec.arch, names)}")
+    model = torchvision.models.get_model(spec.arch, weights=None)
+    _replace_classifier(model, spec.embedding_dim, spec.arch)
+    return model
+
+
+def _replace_classifier(model: nn.Module, embedding_dim: int | None, arch: str) -> None:
+    """Swap the final Linear for `Linear(K, embedding_dim)`, or `Identity` when None."""
+    for attribute in _HEAD_ATTRIBUTES:
+        head = getattr(model, attribute, None)
+        if isinstance(head, nn.Linear):
+            parent, name, linear = model, attribute, head
+        elif isinstance(head, nn.Module):
+            linears = [n for n, m in head.named_modules() if isinstance(m, nn.Linear)]
+            if not linears:
+                continue
+            parent_name, _, name = linears[-1].rpartition(".")
+            parent = head.get_submodule(parent_name)
+            linear = getattr(parent, name)
+        else:
+            continue
+        new = nn.Identity() if embedding_dim is None else nn.Linear(linear.in_features, embedding_dim)
+        setattr(parent, name, new)
+        return
+    raise ModelLoadError(
+        f"arch {arch!r} has no Linear classifier in {', '.join(_HEAD_ATTRIBUTES)} to replace; "
+        "wrap it in a factory ('package.module:factory') instead"
+    )
+
+
+def _factory_model(path: str) -> nn.Module:
+    module_name, _, attribute = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ModelLoadError(f"arch {path!r}: cannot import module {module_name!r} ({e})") from e
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        public = [n for n in dir(module) if not n.startswith("_")]
+        raise ModelLoadError(
+            f"arch {path!r}: module {module_name!r} has no callable {attribute!r}{_suggest(attribute, public)}"
+        )
+    try:
+        model = factory()
+    except Exception as e:
+        raise ModelLoadError(f"arch {path!r}: the factory raised {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"arch {path!r}: the factory returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _load_checkpoint(spec: ModelSpec, storage_options: StorageOptions | None) -> object:
+    uri = spec.weights
+    try:
+        data = read_bytes(uri, storage_options)
+    except StorageError as e:
+        raise ModelLoadError(f"cannot read weights {e}") from e
+    if _is_torchscript(data):
+        if not spec.trust_checkpoint:
+            raise ModelLoadError(f"weights {uri} are a TorchScript archive, which runs code; {_TRUST_HINT}")
+        return torch.jit.load(io.BytesIO(data), map_location="cpu")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=not spec.trust_checkpoint)
+    except Exception as e:
+        unsafe = _UNSAFE_GLOBAL.search(str(e))
+        if unsafe and not spec.trust_checkpoint:
+            raise ModelLoadError(
+                f"weights {uri} hold pickled Python objects ({unsafe[1]}, such as a whole nn.Module), "
+                f"not only tensors; {_TRUST_HINT}"
+            ) from e
+        raise ModelLoadError(f"weights {uri} are not a readable torch checkpoint: {_short_reason(e)}") from e
+
+
+def _is_torchscript(data: bytes) -> bool:
+    """TorchScript archives are zips with `<root>/constants.pkl` and `<root>/code/`."""
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        return False
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        inner = [name.partition("/")[2] for name in archive.namelist()]
+    return any(name == "constants.pkl" or name.startswith("code/") for name in inner)
+
+
+def _unwrap_state_dict(checkpoint: object, uri: str) -> Mapping[str, torch.Tensor]:
+    """Accept a state_dict or a {"state_dict": ...} / {"model": ...} wrapper."""
+    if isinstance(checkpoint, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(checkpoint.get(key), Mapping):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise ModelLoadError(
+            f"weights {uri} hold a {type(checkpoint).__name__}, not a state_dict (a mapping of names to tensors)"
+        )
+    if checkpoint and all(k.startswith("module.") for k in checkpoint):  # saved from DataParallel / DDP
+        checkpoint = {k.removeprefix("module."): v for k, v in checkpoint.items()}
+    return checkpoint
+
+
+def _load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], uri: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    problems = [
+        f"{label} ({len(items)}): {', '.join(items[:_SHOWN])}{', ...' if len(items) > _SHOWN else ''}"
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        if items
+    ]
+    if problems:
+        raise ModelLoadError(f"weights {uri} do not match the model: " + "; ".join(problems))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _short_reason(error: Exception) -> str:
+    """The informative line of torch.load's (often very long) error message."""
+    text = str(error)
+    detail = _UNPICKLER_DETAIL.search(text)
+    lines = text.strip().splitlines()
+    return detail[1] if detail else lines[0] if lines else type(error).__name__
+
+
+def _suggest(name: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=_SHOWN, cutoff=0.6)
+    return f"; did you mean: {', '.join(close)}?" if close else ""

@@ -1,0 +1,63 @@
+"""The model section of the job config."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, PositiveFloat, model_validator
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Metric = Literal["cosine", "dot", "euclidean"]
+
+_FACTORY_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class ModelSpec(BaseModel):
+    """Which model to explain and how to feed it.
+
+    `arch` is a torchvision classification model name (`resnet50`) or
+    `package.module:factory`, a function taking no arguments that returns an
+    `nn.Module`. For torchvision archs the classifier is replaced by
+    `Linear(K, embedding_dim)`, or by `Identity` (pooled features) when
+    `embedding_dim` is null; factory models are used as they are.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: str = Field(min_length=1)
+    weights: str | None = None
+    embedding_dim: int | None = Field(default=None, ge=1)
+    embedding_layer: str | None = None
+    target_layer: str | None = None
+    metric: Metric = "cosine"
+    input_size: int = Field(default=224, ge=16)
+    mean: tuple[FiniteFloat, FiniteFloat, FiniteFloat] = IMAGENET_MEAN
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_STD
+    trust_checkpoint: bool = False
+
+    @property
+    def is_factory(self) -> bool:
+        """True when `arch` names a user factory rather than a torchvision model."""
+        return ":" in self.arch
+
+    @property
+    def model_id(self) -> str:
+        """Readable id: `resnet50`, `resnet50+fc512`, or the factory path."""
+        if self.embedding_dim is None:
+            return self.arch
+        return f"{self.arch}+fc{self.embedding_dim}"
+
+    @model_validator(mode="after")
+    def _check_arch(self) -> ModelSpec:
+        if self.is_factory:
+            if not _FACTORY_PATH.match(self.arch):
+                raise ValueError(f"arch {self.arch!r} is not of the form 'package.module:factory'")
+            if self.embedding_dim is not None:
+                raise ValueError(
+                    "embedding_dim applies only to torchvision archs; "
+                    "a factory model is used as it is, so build its head in the factory"
+                )
+        return self

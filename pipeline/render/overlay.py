@@ -1,0 +1,204 @@
+"""Heatmap overlays and the side-by-side pair PNG that a person audits.
+
+Pure functions: arrays in, arrays or PNG bytes out. No file system access; callers
+write the bytes wherever they belong.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+COLORMAP = "turbo"
+"""Matplotlib colormap used for saliency: vivid at the top, so hot spots stand out on photos."""
+
+Box = Sequence[float]  # (x0, y0, x1, y1) in the original image's pixel coordinates
+Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+
+_MAX_PANEL_ASPECT = 4.0  # a panel is at most this many times wider than tall
+_MIN_WIDTH = 480  # narrow pairs are centred on a canvas this wide, so the caption fits
+_MAX_TITLE_CHARS = 200
+_OVERLAY_ALPHA = 0.6
+_MAX_TOP_CHANNELS = 10
+
+_PAD = 12
+_GAP = 12
+_LABEL_SIZE = 18
+_CAPTION_SIZE = 20
+_SMALL_SIZE = 16
+_LABEL_STRIP = _LABEL_SIZE + 14
+_CAPTION_STRIP = 3 * (_CAPTION_SIZE + 8) + 2 * _PAD
+_COLORBAR_W, _COLORBAR_H = 140, 12
+
+_BACKGROUND = (255, 255, 255)
+_TEXT = (20, 20, 20)
+_MUTED = (90, 90, 90)
+_BOX_INNER = (0, 255, 255)
+_BOX_OUTER = (0, 0, 0)
+
+
+@functools.lru_cache(maxsize=1)
+def _lut() -> np.ndarray:
+    """The (256, 3) uint8 lookup table of `COLORMAP` (matplotlib is imported on first use)."""
+    from matplotlib import colormaps
+
+    rgba = colormaps[COLORMAP](np.linspace(0.0, 1.0, 256))
+    return np.round(rgba[:, :3] * 255).astype(np.uint8)
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+        raise ValueError(f"expected a non-empty (H, W, 3) uint8 image, got {image.dtype} {image.shape}")
+    return image
+
+
+def _normalised(saliency: np.ndarray) -> np.ndarray | None:
+    """ReLU then min-max to [0, 1]; None when nothing is left to show."""
+    s = np.asarray(saliency, dtype=np.float64)
+    if s.ndim != 2:
+        raise ValueError(f"expected a 2-D saliency map, got shape {s.shape}")
+    if s.size == 0:
+        return None
+    s = np.maximum(np.where(np.isfinite(s), s, 0.0), 0.0)
+    lo, hi = float(s.min()), float(s.max())
+    if not hi - lo > 1e-12 * max(1.0, hi):
+        return None
+    return (s - lo) / (hi - lo)
+
+
+def heatmap_overlay(image: np.ndarray, saliency: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend a colour-mapped saliency map onto `image`.
+
+    `saliency` (h, w) is at feature resolution and may have any sign: it is ReLU'd,
+    min-max normalised and upsampled bilinearly to the image size. Each pixel is
+    blended with opacity `alpha * sqrt(value)`: mid-strength evidence stays visible
+    while cold regions show the photo unchanged.
+    A constant, empty or all-negative map leaves the image unchanged.
+    """
+    image = _check_image(image)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    values = _normalised(saliency)
+    if values is None:
+        return image.copy()
+    height, width = image.shape[:2]
+    upsampled = Image.fromarray(values.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR)
+    v = np.clip(np.asarray(upsampled, dtype=np.float32), 0.0, 1.0)
+    colour = _lut()[np.round(v * 255).astype(np.uint8)].astype(np.float32)
+    weight = (alpha * np.sqrt(v))[..., None]
+    blended = image.astype(np.float32) * (1.0 - weight) + colour * weight
+    return np.round(blended).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _font(size: int) -> Font:
+    return ImageFont.load_default(size=size)
+
+
+def _panel_size(shape: tuple[int, ...], panel_height: int) -> tuple[int, int]:
+    """(width, height) of the scaled image: panel height, own aspect ratio, width capped."""
+    height, width = shape[:2]
+    scale = min(panel_height / height, _MAX_PANEL_ASPECT * panel_height / width)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _panel(image: np.ndarray, saliency: np.ndarray, box: Box | None, size: tuple[int, int]) -> Image.Image:
+    """The image scaled to `size`, with its heatmap and optional box outline."""
+    scaled = Image.fromarray(image).resize(size, Image.Resampling.LANCZOS)
+    panel = Image.fromarray(heatmap_overlay(np.asarray(scaled), saliency, alpha=_OVERLAY_ALPHA))
+    if box is not None:
+        sx, sy = size[0] / image.shape[1], size[1] / image.shape[0]
+        x0, y0, x1, y1 = (float(c) for c in box)
+        rect = [min(x0, x1) * sx, min(y0, y1) * sy, max(x0, x1) * sx, max(y0, y1) * sy]
+        draw = ImageDraw.Draw(panel)
+        draw.rectangle([rect[0] - 1, rect[1] - 1, rect[2] + 1, rect[3] + 1], outline=_BOX_OUTER, width=4)
+        draw.rectangle(rect, outline=_BOX_INNER, width=2)
+    return panel
+
+
+def _fit(text: str, font: Font, width: float) -> str:
+    """`text` on one line, shortened with an ellipsis to at most `width` pixels."""
+    text = " ".join(text.split())[:_MAX_TITLE_CHARS]
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _colorbar(draw: ImageDraw.ImageDraw, canvas: Image.Image, right: int, top: int) -> None:
+    """A 'low -> high' legend of the colormap whose right edge is at `right`."""
+    font = _font(_SMALL_SIZE)
+    high_w = font.getlength("high")
+    x_bar = round(right - high_w - 6 - _COLORBAR_W)
+    ramp = np.repeat(_lut()[np.linspace(0, 255, _COLORBAR_W).astype(int)][None], _COLORBAR_H, axis=0)
+    canvas.paste(Image.fromarray(ramp), (x_bar, top + 3))
+    draw.rectangle([x_bar - 1, top + 2, x_bar + _COLORBAR_W, top + 3 + _COLORBAR_H], outline=_MUTED)
+    draw.text((x_bar - 6, top), "low", font=font, fill=_MUTED, anchor="ra")
+    draw.text((right, top), "high", font=font, fill=_MUTED, anchor="ra")
+
+
+def render_pair_png(
+    query: np.ndarray,
+    reference: np.ndarray,
+    map_query: np.ndarray,
+    map_reference: np.ndarray,
+    *,
+    similarity: float,
+    metric: str,
+    title: str | None = None,
+    top_channels: Sequence[int] | np.ndarray | None = None,
+    query_box: Box | None = None,
+    reference_box: Box | None = None,
+    panel_height: int = 256,
+) -> bytes:
+    """PNG of the query and reference side by side, each with its SFAM overlay.
+
+    Both panels share `panel_height` at their own aspect ratio (panels wider than
+    4:1 are letterboxed). Labels sit above the panels; below them a caption gives
+    the similarity, the `title` (untrusted: only drawn, shortened to fit) and the
+    top channels, with a colour bar legend. The image is `panel_height` plus fixed
+    label and caption strips tall.
+    """
+    query, reference = _check_image(query), _check_image(reference)
+    if panel_height < 16:
+        raise ValueError(f"panel_height must be at least 16, got {panel_height}")
+    sizes = [_panel_size(query.shape, panel_height), _panel_size(reference.shape, panel_height)]
+    panels_w = sizes[0][0] + _GAP + sizes[1][0]
+    width = max(panels_w, _MIN_WIDTH) + 2 * _PAD
+    height = _LABEL_STRIP + panel_height + _CAPTION_STRIP
+    canvas = Image.new("RGB", (width, height), _BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+
+    x = (width - panels_w) // 2
+    label_font = _font(_LABEL_SIZE)
+    panels = [(query, map_query, query_box, "query"), (reference, map_reference, reference_box, "reference")]
+    for (image, saliency, box, label), size in zip(panels, sizes):
+        y = _LABEL_STRIP + (panel_height - size[1]) // 2
+        canvas.paste(_panel(image, saliency, box, size), (x, y))
+        draw.text((x, _LABEL_STRIP - 6), label, font=label_font, fill=_TEXT, anchor="ld")
+        x += size[0] + _GAP
+
+    caption_font, small_font = _font(_CAPTION_SIZE), _font(_SMALL_SIZE)
+    text_w = width - 2 * _PAD
+    y = _LABEL_STRIP + panel_height + _PAD
+    line_h = _CAPTION_SIZE + 8
+    headline = _fit(f"{metric} similarity {similarity:.3f}", caption_font, text_w - _COLORBAR_W - 90)
+    draw.text((_PAD, y), headline, font=caption_font, fill=_TEXT)
+    _colorbar(draw, canvas, width - _PAD, y + 4)
+    if title:
+        draw.text((_PAD, y + line_h), _fit(title, small_font, text_w), font=small_font, fill=_TEXT)
+    channels = [] if top_channels is None else [int(c) for c in top_channels]
+    if channels:
+        shown = ", ".join(map(str, channels[:_MAX_TOP_CHANNELS])) + ("…" if len(channels) > _MAX_TOP_CHANNELS else "")
+        line = _fit(f"top channels: {shown}", small_font, text_w)
+        draw.text((_PAD, y + 2 * line_h), line, font=small_font, fill=_MUTED)
+
+    out = io.BytesIO()
+    canvas.save(out, format="PNG", optimize=False)
+    return out.getvalue()

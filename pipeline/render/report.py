@@ -1,0 +1,264 @@
+"""The run report: one self-contained static HTML page (inline CSS and JS, no fetches).
+
+Everything taken from the summary or the rows is untrusted and goes through
+`html.escape`; links pass `safe_href` first.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from pipeline.render.histogram import Series, histogram_svg
+from pipeline.render.report_assets import CSS, SCRIPT
+
+GALLERY_CAP = 2000
+LOOK_FIRST_CAP = 24
+ERROR_CAP = 1000
+_MAX_TEXT = 300  # longest untrusted string drawn in a card or table cell
+_SAFE_SCHEMES = {"", "http", "https", "file"}
+_LABEL_NAMES = {1: "same", 0: "different", None: "unlabelled"}
+_HEADING_KEYS = ("run_id", "model_id", "metric", "target_layer")
+_SCRIPT_HASH = base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode()
+_CSP = (
+    "default-src 'none'; img-src 'self' data: file: http: https:; style-src 'unsafe-inline'; "
+    f"script-src 'sha256-{_SCRIPT_HASH}'; base-uri 'none'; form-action 'none'"
+)
+
+Row = dict[str, Any]  # one result row (DESIGN.md section 3)
+
+
+def _e(value: object, limit: int = _MAX_TEXT) -> str:
+    text = str(value)
+    return html.escape(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def _num(value: object) -> float | None:
+    """A finite float, or None for None, NaN, infinities and non-numbers."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _label(row: Row) -> int | None:
+    number = _num(row.get("label"))
+    return int(number) if number in (0.0, 1.0) else None
+
+
+def _label_key(label: int | None) -> str:
+    return "none" if label is None else str(label)
+
+
+def _similarity(row: Row) -> float | None:
+    return _num(row.get("similarity"))
+
+
+def _energy(row: Row) -> float | None:
+    """The lower energy-in-box of the two images: how far the map strays from the object."""
+    values = [_num(row.get(f"{side}_energy_in_box")) for side in ("query", "reference")]
+    known = [v for v in values if v is not None]
+    return min(known) if known else None
+
+
+def safe_href(href: str | None) -> str | None:
+    """`href` if it is a relative path or an http(s)/file URL, else None."""
+    if not href or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in href):
+        return None
+    href = href.strip()
+    try:
+        parts = urlsplit(href)
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in _SAFE_SCHEMES or (not parts.scheme and parts.netloc):
+        return None
+    return href
+
+
+def _fmt(value: float | None, spec: str, missing: str = "—") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def _data(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"
+
+
+def _hit(value: object) -> str:
+    number = _num(value)
+    return "—" if number is None else ("✓" if number else "✗")
+
+
+def _image(href: str | None, pair_id: str) -> str:
+    if not href:
+        return '<div class="noimg">no overlay</div>'
+    href = html.escape(href)
+    img = f'<img loading="lazy" src="{href}" alt="overlay of {pair_id}">'
+    return f'<a href="{href}" target="_blank" rel="noopener">{img}</a>'
+
+
+def _card(row: Row, href: str | None) -> str:
+    """One pair: overlay, similarity, label, status, rank, energy in box; data-* attributes drive the inline JS."""
+    pair_id = _e(row.get("pair_id", ""), 200)
+    status = "error" if row.get("status") == "error" else "ok"
+    label = _label(row)
+    similarity, rank = _similarity(row), _num(row.get("rank"))
+    energy_q, energy_r = _num(row.get("query_energy_in_box")), _num(row.get("reference_energy_in_box"))
+    details = {
+        "rank": _fmt(rank, ".0f"),
+        "score": _fmt(_num(row.get("score")), ".4g"),
+        "in box": f"q {_fmt(energy_q, '.0%')} · r {_fmt(energy_r, '.0%')}",
+        "pointing": f"q {_hit(row.get('query_pointing_hit'))} · r {_hit(row.get('reference_pointing_hit'))}",
+    }
+    badges = f'<span class="badge lab-{_label_key(label)}">{_LABEL_NAMES[label]}</span>'
+    if status == "error":
+        badges += ' <span class="badge err">error</span>'
+    error = f'<p class="error">{_e(row.get("error") or "")}</p>' if status == "error" else ""
+    return (
+        f'<article class="card {status}" data-pair-id="{pair_id}" data-similarity="{_data(similarity)}" '
+        f'data-rank="{_data(rank)}" data-energy="{_data(_energy(row))}" data-label="{_label_key(label)}" '
+        f'data-status="{status}">'
+        f'{_image(href, pair_id)}<div class="meta"><div class="pid" title="{pair_id}">{pair_id}</div>'
+        f'<div class="sim"><b>{_fmt(similarity, ".3f")}</b> {badges}</div>'
+        f'<dl>{"".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in details.items())}</dl>{error}</div></article>'
+    )
+
+
+def _cards(rows: Iterable[Row], png_href: Callable[[Row], str | None]) -> str:
+    return "".join(_card(row, safe_href(png_href(row))) for row in rows)
+
+
+def _summary_value(value: object) -> str:
+    if isinstance(value, float):
+        return _e(f"{value:.6g}" if abs(value) < 1e6 else f"{value:.0f}")
+    if isinstance(value, (Mapping, list, tuple)):
+        return f"<code>{_e(json.dumps(value, default=str, ensure_ascii=False))}</code>"
+    return _e(value)
+
+
+def _summary_table(summary: Mapping[str, Any]) -> str:
+    body = "".join(f"<tr><th>{_e(k, 100)}</th><td>{_summary_value(v)}</td></tr>" for k, v in summary.items())
+    return f'<table class="kv">{body}</table>'
+
+
+def _similarities(rows: Sequence[Row], label: int | None) -> list[float]:
+    return [s for r in rows if _label(r) == label and (s := _similarity(r)) is not None]
+
+
+def _figures(ok: Sequence[Row], errors: Sequence[Row], total: int) -> str:
+    tiles = [("pairs", f"{total:,}"), ("ok", f"{len(ok):,}"), ("error", f"{len(errors):,}")]
+    for label in (1, 0, None):
+        values = _similarities(ok, label)
+        if values:
+            name = f"mean similarity, {_LABEL_NAMES[label]} (n={len(values):,})"
+            tiles.append((name, f"{sum(values) / len(values):.3f}"))
+    return "".join(f'<div class="tile"><div class="v">{v}</div><div class="k">{_e(k)}</div></div>' for k, v in tiles)
+
+
+def _histogram(ok: Sequence[Row]) -> str:
+    colours = {1: "#1f77b4", 0: "#d62728", None: "#9a9a9a"}
+    names = {1: "same label", 0: "different label", None: "unlabelled"}
+    return histogram_svg([Series(names[label], colours[label], _similarities(ok, label)) for label in (1, 0, None)])
+
+
+def _ranked(rows: Sequence[Row], key: Callable[[Row], float | None], *, descending: bool) -> list[Row]:
+    """The first `LOOK_FIRST_CAP` rows with a key, ordered by it (ties keep row order)."""
+    keyed = [(k, r) for r in rows if (k := key(r)) is not None]
+    keyed.sort(key=lambda item: -item[0] if descending else item[0])
+    return [r for _, r in keyed[:LOOK_FIRST_CAP]]
+
+
+def _look_first(ok: Sequence[Row], png_href: Callable[[Row], str | None]) -> str:
+    false_matches = _ranked([r for r in ok if _label(r) == 0], _similarity, descending=True)
+    off_object = _ranked([r for r in ok if _label(r) == 1], _energy, descending=False)
+    sections = [
+        ("false-matches", "High-similarity false matches", "different-label pairs, most similar first", false_matches,
+         "no different-label (label 0) pairs in this run"),
+        ("off-object", "True matches whose map falls outside the object",
+         "same-label pairs, lowest share of map energy inside the box first", off_object,
+         "no same-label pairs with bounding boxes in this run"),
+    ]
+    return "".join(
+        f'<div class="look" id="{key}"><h3>{title}</h3><p class="hint">{hint}</p>'
+        + (f'<div class="cards">{_cards(chosen, png_href)}</div>' if chosen else f'<p class="empty">{empty}</p>')
+        + "</div>"
+        for key, title, hint, chosen, empty in sections
+    )
+
+
+def _gallery(rows: Sequence[Row], png_href: Callable[[Row], str | None]) -> str:
+    shown = rows[:GALLERY_CAP]
+    note = (
+        f'<p class="note">Showing the first {len(shown):,} of {len(rows):,} pairs (manifest order); '
+        "the Parquet results hold them all.</p>"
+        if len(rows) > len(shown)
+        else ""
+    )
+    controls = (
+        '<div class="controls">'
+        '<label>sort <select id="sort"><option value="manifest:asc">manifest order</option>'
+        '<option value="similarity:desc">similarity, high first</option>'
+        '<option value="similarity:asc">similarity, low first</option><option value="rank:asc">rank</option>'
+        '<option value="energy:asc">energy in box, low first</option>'
+        '<option value="energy:desc">energy in box, high first</option>'
+        '<option value="pairId:asc">pair id</option></select></label>'
+        '<label>label <select id="f-label"><option value="">all</option><option value="1">same</option>'
+        '<option value="0">different</option><option value="none">unlabelled</option></select></label>'
+        '<label>status <select id="f-status"><option value="">all</option><option value="ok">ok</option>'
+        '<option value="error">error</option></select></label>'
+        '<label>pair id <input id="f-text" type="search" placeholder="contains…"></label>'
+        f'<span class="count"><span id="shown">{len(shown):,}</span> shown</span></div>'
+    )
+    return f'{controls}{note}<div class="cards" id="gallery-cards">{_cards(shown, png_href)}</div>'
+
+
+def _errors(errors: Sequence[Row]) -> str:
+    if not errors:
+        return '<p class="empty">No errors.</p>'
+    body = "".join(
+        f"<tr><td>{_e(r.get('pair_id', ''), 200)}</td><td>{_e(r.get('query_uri', ''))}</td>"
+        f"<td>{_e(r.get('reference_uri', ''))}</td><td>{_e(r.get('error') or '', 2000)}</td></tr>"
+        for r in errors[:ERROR_CAP]
+    )
+    note = ""
+    if len(errors) > ERROR_CAP:
+        note = f'<p class="note">Showing the first {ERROR_CAP:,} of {len(errors):,} errors.</p>'
+    head = "<tr><th>pair id</th><th>query</th><th>reference</th><th>reason</th></tr>"
+    return f'{note}<table class="errors">{head}{body}</table>'
+
+
+def render_report(
+    summary: Mapping[str, Any], rows: Sequence[Row], *, png_href: Callable[[Row], str | None]
+) -> str:
+    """The HTML report of one run.
+
+    `summary` is the run record (shown as a key/value table), `rows` the result rows
+    as dicts, and `png_href(row)` the relative link to a row's overlay PNG or None.
+    """
+    rows = list(rows)
+    ok = [r for r in rows if r.get("status") == "ok"]
+    errors = [r for r in rows if r.get("status") == "error"]
+    heading = " · ".join(
+        [f"{k} {_e(summary[k], 120)}" for k in _HEADING_KEYS if summary.get(k) is not None]
+        + ['<a href="#run">run record</a>']
+    )
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
+        f'<title>SFAM audit {_e(summary.get("run_id", ""), 120)}</title><style>{CSS}</style></head><body>'
+        f'<header><h1>SFAM audit report</h1><p class="sub">{heading}</p></header>'
+        f'<section id="figures"><div class="tiles">{_figures(ok, errors, len(rows))}</div></section>'
+        f'<section id="histogram"><h2>Similarity by label</h2>{_histogram(ok)}</section>'
+        f'<section id="look-first"><h2>Look first</h2>{_look_first(ok, png_href)}</section>'
+        f'<section id="gallery"><h2>All pairs</h2>{_gallery(rows, png_href)}</section>'
+        f'<section id="errors"><h2>Errors ({len(errors):,})</h2>{_errors(errors)}</section>'
+        f'<section id="run"><h2>Run record</h2>{_summary_table(summary)}</section>'
+        f"<script>{SCRIPT}</script></body></html>"
+    )

@@ -1,0 +1,251 @@
+"""SFAM against a float64 reference, and the properties of DESIGN.md section 1."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import CASES, SmallNet, assert_close, reference_explanation, resnet18_embedding
+from torch import nn
+
+from pipeline import SFAM, ExplanationError
+
+METRICS = ["cosine", "dot", "euclidean"]
+
+
+def random_pairs(batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(batch, 3, size, size), torch.randn(batch, 3, size, size)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_float64_reference(name: str, metric: str, seed: int) -> None:
+    case = CASES[name]()
+    x, y = random_pairs(4, case.input_size)
+    for weighting in ("cis", "partner"):
+        result = SFAM(case.model, case.target_layer, metric, weighting=weighting).explain(x, y)
+        ref_q = reference_explanation(case, x, y, metric)
+        ref_r = reference_explanation(case, y, x, metric)
+        assert_close(result.similarity, ref_q.similarity, what="similarity")
+        assert_close(result.cis_query, ref_q.cis, what="cis_query")
+        assert_close(result.cis_reference, ref_r.cis, what="cis_reference")
+        expected_q = ref_q.map_cis if weighting == "cis" else ref_q.map_partner
+        expected_r = ref_r.map_cis if weighting == "cis" else ref_r.map_partner
+        assert_close(result.map_query, expected_q, what="map_query")
+        assert_close(result.map_reference, expected_r, what="map_reference")
+        if name != "nonaffine":  # first order only: the residual absorbs the head's curvature
+            assert_close(result.residual_query, ref_q.residual, rel=1e-4, what="residual_query")
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("name", ["resnet18", "affine"])
+def test_completeness_on_affine_heads(name: str, metric: str, seed: int) -> None:
+    case = CASES[name]()
+    result = SFAM(case.model, case.target_layer, metric).explain(*random_pairs(6, case.input_size))
+    for cis, residual in ((result.cis_query, result.residual_query), (result.cis_reference, result.residual_reference)):
+        total = cis.double().sum(1) + residual.double()
+        gap = (total - result.similarity.double()).abs()
+        assert (gap <= 1e-5 * result.similarity.double().abs().clamp_min(1)).all(), gap
+        assert (cis.sum(1).abs() > 1e-3 * result.similarity.abs()).all()  # not a trivial split
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("name", ["resnet18", "affine"])
+def test_fast_path_equals_generic_path(name: str, metric: str, seed: int) -> None:
+    case = CASES[name]()
+    x, y = random_pairs(5, case.input_size)
+    fast = SFAM(case.model, case.target_layer, metric)
+    generic = SFAM(case.model, case.target_layer, metric, fast_path=False)
+    a, b = fast.explain(x, y), generic.explain(x, y)
+    assert fast.is_affine is True and generic.is_affine is False
+    for field in ("similarity", "cis_query", "cis_reference", "map_query", "map_reference",
+                  "residual_query", "residual_reference"):
+        assert_close(getattr(a, field), getattr(b, field), rel=1e-4, what=field)
+
+
+def test_nonaffine_head_takes_generic_path(seed: int) -> None:
+    case = CASES["nonaffine"]()
+    explainer = SFAM(case.model, case.target_layer)
+    explainer.explain(*random_pairs(2, case.input_size))
+    assert explainer.is_affine is False
+
+
+def count_saved_tensors(run) -> int:
+    saved = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += 1
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return saved
+
+
+def test_fast_path_builds_no_autograd_graph(seed: int) -> None:
+    case = CASES["resnet18"]()
+    x, y = random_pairs(3, case.input_size)
+    fast = SFAM(case.model, case.target_layer)
+    assert count_saved_tensors(lambda: fast.explain(x, y)) == 0
+    result = fast.explain(x, y)
+    assert all(t.grad_fn is None and not t.requires_grad for t in vars(result).values())
+    with torch.inference_mode():  # works where autograd cannot run at all
+        inside = fast.explain(x, y)
+    assert_close(inside.cis_query, result.cis_query, rel=1e-6)
+    generic = SFAM(case.model, case.target_layer, fast_path=False)
+    assert count_saved_tensors(lambda: generic.explain(x, y)) > 0  # the counter does count
+
+
+def test_generic_path_runs_inside_inference_mode(seed: int) -> None:
+    case = CASES["nonaffine"]()
+    x, y = random_pairs(3, case.input_size)
+    explainer = SFAM(case.model, case.target_layer)
+    with torch.inference_mode():
+        inside = explainer.explain(x, y)
+    assert_close(inside.cis_query, explainer.explain(x, y).cis_query, rel=1e-6)
+
+
+def test_identity_head_cosine_cis_is_symmetric(seed: int) -> None:
+    model = resnet18_embedding(dim=None)
+    x, y = random_pairs(4, 64)
+    result = SFAM(model, "layer4", "cosine").explain(x, y)
+    assert_close(result.cis_query, result.cis_reference, rel=1e-5, what="symmetry")
+    features = []
+    handle = model.layer4.register_forward_hook(lambda _m, _i, out: features.append(out.double()))
+    with torch.no_grad():
+        model(x), model(y)
+    handle.remove()
+    a_x, a_y = (F.normalize(f.mean(dim=(2, 3)), dim=1) for f in features)
+    assert_close(result.cis_query, a_x * a_y, rel=1e-5, what="cis = a_x a_y")
+
+
+class Permuted(nn.Module):
+    def __init__(self, perm: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("perm", perm)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features[:, self.perm]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_channel_permutation_equivariance(metric: str, seed: int) -> None:
+    model = resnet18_embedding()
+    perm = torch.randperm(512)
+    permuted = copy.deepcopy(model)
+    permuted.layer4 = nn.Sequential(permuted.layer4, Permuted(perm))
+    with torch.no_grad():
+        permuted.fc.weight.copy_(model.fc.weight[:, perm])
+    x, y = random_pairs(3, 64)
+    plain = SFAM(model, "layer4", metric).explain(x, y)
+    moved = SFAM(permuted, "layer4", metric).explain(x, y)
+    assert_close(moved.similarity, plain.similarity, rel=1e-5)
+    assert_close(moved.cis_query, plain.cis_query[:, perm], rel=1e-5)
+    assert_close(moved.cis_reference, plain.cis_reference[:, perm], rel=1e-5)
+    assert_close(moved.map_query, plain.map_query, rel=1e-4)
+
+
+def test_cosine_cis_invariant_to_embedding_scale(seed: int) -> None:
+    model = resnet18_embedding()
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        scaled.fc.weight.mul_(7.3)
+        scaled.fc.bias.mul_(7.3)
+    x, y = random_pairs(3, 64)
+    plain = SFAM(model, "layer4").explain(x, y)
+    big = SFAM(scaled, "layer4").explain(x, y)
+    assert_close(big.cis_query, plain.cis_query, rel=1e-5)
+    assert_close(big.map_reference, plain.map_reference, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "nonaffine"])
+def test_pair_alone_equals_pair_in_batch_of_64(name: str, seed: int) -> None:
+    case = CASES[name]()
+    x, y = random_pairs(64, case.input_size)
+    explainer = SFAM(case.model, case.target_layer)
+    batch = explainer.explain(x, y)
+    alone = explainer.explain(x[17:18], y[17:18])
+    for field in ("similarity", "cis_query", "cis_reference", "map_query", "map_reference"):
+        assert_close(getattr(alone, field)[0], getattr(batch, field)[17], rel=1e-5, what=field)
+
+
+def test_shared_images_are_forwarded_once(seed: int) -> None:
+    """explain_pairs over distinct images equals explain over the expanded pairs."""
+    case = CASES["resnet18"]()
+    images = torch.randn(5, 3, 64, 64)
+    query = torch.tensor([0, 0, 0, 1, 1])
+    reference = torch.tensor([2, 3, 4, 2, 4])
+    explainer = SFAM(case.model, case.target_layer)
+    indexed = explainer.explain_pairs(images, query, reference)
+    expanded = explainer.explain(images[query], images[reference])
+    for field in ("similarity", "cis_query", "cis_reference", "map_query", "map_reference"):
+        assert_close(getattr(indexed, field), getattr(expanded, field), rel=1e-5, what=field)
+
+
+class NormalisedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.fc(self.features(images).mean(dim=(2, 3))), dim=1)
+
+
+def test_normalising_model_needs_embedding_layer(seed: int) -> None:
+    model = NormalisedNet().eval()
+    x, y = random_pairs(4, 32)
+    with pytest.raises(ExplanationError, match="embedding_layer='fc'"):
+        SFAM(model, "features").explain(x, y)
+    result = SFAM(model, "features", embedding_layer="fc").explain(x, y)
+    # the reference: the same model without the normalisation, explained on fc's output
+    from conftest import Case
+
+    case = Case(model, "features", lambda m, a: m.fc(a))
+    reference = reference_explanation(case, x, y, "cosine")
+    assert_close(result.similarity, F.cosine_similarity(model(x), model(y)), rel=1e-5)
+    assert_close(result.cis_query, reference.cis, what="cis_query")
+    assert result.map_query.amax(dim=(1, 2)).gt(0).all()
+
+
+def test_default_target_layer_and_unknown_names(seed: int) -> None:
+    model = resnet18_embedding()
+    explainer = SFAM(model)
+    explainer.explain(*random_pairs(1, 64))
+    assert explainer.target_layer == "layer4"
+    with pytest.raises(ExplanationError, match="layer4"):
+        SFAM(model, target_layer="layer5")
+    with pytest.raises(ExplanationError, match="embedding_layer='fcc'.*fc"):
+        SFAM(model, embedding_layer="fcc")
+    with pytest.raises(ValueError, match="metric"):
+        SFAM(model, metric="manhattan")
+
+
+def test_default_target_layer_of_small_net(seed: int) -> None:
+    explainer = SFAM(SmallNet(nn.Linear(16, 4)).eval())
+    explainer.explain(*random_pairs(1, 32))
+    assert explainer.target_layer == "features"
+
+
+LOW_PRECISION = [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16), (torch.float32, torch.bfloat16)]
+if torch.cuda.is_available():
+    LOW_PRECISION.append((torch.float16, torch.float16))
+
+
+@pytest.mark.parametrize(("model_dtype", "input_dtype"), LOW_PRECISION)
+def test_low_precision(model_dtype: torch.dtype, input_dtype: torch.dtype, seed: int) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    case = CASES["resnet18"]()
+    x, y = random_pairs(3, case.input_size)
+    exact = SFAM(case.model, case.target_layer).explain(x, y)
+    low_model = copy.deepcopy(case.model).to(device=device, dtype=model_dtype)
+    explainer = SFAM(low_model, case.target_layer)
+    low = explainer.explain(x.to(device, input_dtype), y.to(device, input_dtype))
+    assert explainer.is_affine is True
+    assert low.similarity.dtype == torch.float32 and low.similarity.device.type == device
+    assert_close(low.similarity, exact.similarity, rel=5e-2, what="similarity")
+    correlation = torch.corrcoef(torch.stack([low.cis_query.cpu().flatten(), exact.cis_query.flatten()]))
+    assert correlation[0, 1] > 0.95

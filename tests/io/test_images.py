@@ -1,0 +1,200 @@
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.io.images import (
+    ImageDecodeError,
+    decode_image,
+    display_image,
+    resize_for_model,
+    to_model_tensor,
+)
+
+MAX_PIXELS = 50_000_000
+
+
+def encode(img: Image.Image, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def random_rgb(rng: np.random.Generator, height: int | None = None, width: int | None = None) -> np.ndarray:
+    height = height or int(rng.integers(8, 80))
+    width = width or int(rng.integers(8, 80))
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def smooth_rgb(rng: np.random.Generator) -> np.ndarray:
+    """A random image without high frequencies, so that JPEG keeps it close."""
+    coarse = Image.fromarray(random_rgb(rng, 4, 4))
+    return np.asarray(coarse.resize((int(rng.integers(40, 90)), int(rng.integers(40, 90))), Image.BILINEAR))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR declaring width x height RGB, and no pixel data at all."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return b"\x89PNG\r\n\x1a\n" + chunk
+
+
+@pytest.mark.parametrize(("fmt", "params"), [("PNG", {}), ("BMP", {}), ("WEBP", {"lossless": True})])
+def test_lossless_formats_roundtrip(fmt: str, params: dict, rng: np.random.Generator) -> None:
+    rgb = random_rgb(rng)
+    decoded = decode_image(encode(Image.fromarray(rgb), fmt, **params), f"mem://x.{fmt}", MAX_PIXELS)
+    assert decoded.dtype == np.uint8 and decoded.shape == rgb.shape
+    np.testing.assert_array_equal(decoded, rgb)
+
+
+@pytest.mark.parametrize(("fmt", "params"), [("JPEG", {"quality": 95}), ("WEBP", {"quality": 95})])
+def test_lossy_formats_decode_close(fmt: str, params: dict, rng: np.random.Generator) -> None:
+    rgb = smooth_rgb(rng)
+    decoded = decode_image(encode(Image.fromarray(rgb), fmt, **params), "mem://x", MAX_PIXELS)
+    assert decoded.dtype == np.uint8 and decoded.shape == rgb.shape
+    assert np.abs(decoded.astype(int) - rgb).mean() < 4
+
+
+def test_exif_orientation_6_rotates_clockwise(rng: np.random.Generator) -> None:
+    rgb = random_rgb(rng, 20, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    decoded = decode_image(encode(Image.fromarray(rgb), "PNG", exif=exif), "mem://rot.png", MAX_PIXELS)
+    assert decoded.shape == (40, 20, 3)
+    np.testing.assert_array_equal(decoded, np.rot90(rgb, k=-1))
+
+
+def test_grayscale_becomes_rgb(rng: np.random.Generator) -> None:
+    gray = random_rgb(rng)[..., 0]
+    decoded = decode_image(encode(Image.fromarray(gray, "L"), "PNG"), "mem://g.png", MAX_PIXELS)
+    np.testing.assert_array_equal(decoded, np.repeat(gray[..., None], 3, axis=2))
+
+
+def test_sixteen_bit_grayscale_is_scaled(rng: np.random.Generator) -> None:
+    levels = rng.integers(0, 65536, (23, 31), dtype=np.uint16)
+    img = Image.fromarray(levels.astype(np.int32), "I")
+    decoded = decode_image(encode(img, "PNG"), "mem://g16.png", MAX_PIXELS)
+    expected = np.rint(levels / 257).astype(np.uint8)
+    np.testing.assert_array_equal(decoded, np.repeat(expected[..., None], 3, axis=2))
+
+
+def test_rgba_is_composited_on_white(rng: np.random.Generator) -> None:
+    rgb = random_rgb(rng)
+    alpha = np.where(rng.random(rgb.shape[:2]) < 0.5, 0, 255).astype(np.uint8)
+    img = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    decoded = decode_image(encode(img, "PNG"), "mem://a.png", MAX_PIXELS)
+    expected = np.where(alpha[..., None] == 255, rgb, 255)
+    np.testing.assert_array_equal(decoded, expected)
+
+
+def test_palette_with_transparency(rng: np.random.Generator) -> None:
+    rgb = random_rgb(rng)
+    img = Image.fromarray(rgb).quantize(colors=16)
+    img.info["transparency"] = 0
+    decoded = decode_image(encode(img, "PNG", transparency=0), "mem://p.png", MAX_PIXELS)
+    indices = np.asarray(img)
+    assert decoded.shape == rgb.shape
+    np.testing.assert_array_equal(decoded[indices == 0], 255)
+    palette = np.asarray(img.convert("RGB"))
+    np.testing.assert_array_equal(decoded[indices != 0], palette[indices != 0])
+
+
+def test_cmyk_jpeg_becomes_rgb(rng: np.random.Generator) -> None:
+    height, width = int(rng.integers(16, 64)), int(rng.integers(16, 64))
+    cmyk = np.zeros((height, 2 * width, 4), dtype=np.uint8)
+    cmyk[:, width:, 3] = 255  # left half paper white, right half full black ink
+    decoded = decode_image(encode(Image.fromarray(cmyk, "CMYK"), "JPEG", quality=95), "mem://c.jpg", MAX_PIXELS)
+    assert decoded.shape == (height, 2 * width, 3)
+    assert decoded[:, : width - 8].min() > 245
+    assert decoded[:, width + 8 :].max() < 10
+
+
+@pytest.mark.parametrize(
+    ("make_bytes", "reason"),
+    [
+        (lambda rng: b"", "empty file"),
+        (lambda rng: rng.bytes(500), "not a supported image"),
+        (lambda rng: encode(Image.fromarray(random_rgb(rng)), "GIF"), "not a supported image"),
+        (lambda rng: b"\x89PNG\r\n\x1a\n" + rng.bytes(200), "corrupt or truncated"),
+    ],
+    ids=["empty", "random-bytes", "gif", "png-garbage"],
+)
+def test_bad_bytes(make_bytes, reason: str, rng: np.random.Generator) -> None:
+    with pytest.raises(ImageDecodeError, match=reason) as info:
+        decode_image(make_bytes(rng), "s3://bucket/bad.img", MAX_PIXELS)
+    assert info.value.uri == "s3://bucket/bad.img"
+    assert str(info.value).startswith("s3://bucket/bad.img: ")
+
+
+def test_truncated_jpeg(rng: np.random.Generator) -> None:
+    data = encode(Image.fromarray(random_rgb(rng, 64, 64)), "JPEG", quality=95)
+    with pytest.raises(ImageDecodeError, match="truncated") as info:
+        decode_image(data[: len(data) // 2], "mem://cut.jpg", MAX_PIXELS)
+    assert "mem://cut.jpg" in str(info.value)
+
+
+@pytest.mark.parametrize(("side", "max_pixels"), [(30_000, MAX_PIXELS), (3_000, 1_000_000)])
+def test_pixel_limit_is_checked_from_the_header(side: int, max_pixels: int) -> None:
+    # The file holds no pixel data: were the pixels decoded, the error would be "truncated".
+    data = png_header_only(side, side)
+    assert len(data) < 100
+    with pytest.raises(ImageDecodeError, match="too many pixels") as info:
+        decode_image(data, "mem://bomb.png", max_pixels)
+    assert f"{side}x{side}" in str(info.value) or str(side * side) in str(info.value)
+
+
+def test_pixel_limit_is_inclusive(rng: np.random.Generator) -> None:
+    rgb = random_rgb(rng)
+    data = encode(Image.fromarray(rgb), "PNG")
+    pixels = rgb.shape[0] * rgb.shape[1]
+    assert decode_image(data, "mem://ok.png", pixels).shape == rgb.shape
+    with pytest.raises(ImageDecodeError, match=f"max_pixels={pixels - 1}"):
+        decode_image(data, "mem://big.png", pixels - 1)
+
+
+def test_resize_for_model_is_a_plain_square_resize(rng: np.random.Generator) -> None:
+    size = int(rng.integers(16, 64))
+    color = rng.integers(0, 256, 3, dtype=np.uint8)
+    height, width = 3 * size, size  # tall image, squeezed, not cropped
+    rgb = np.broadcast_to(color, (height, width, 3)).copy()
+    rgb[: height // 3] = 255 - color  # top third marked
+    resized = resize_for_model(rgb, size)
+    assert resized.shape == (size, size, 3) and resized.dtype == np.uint8
+    third = size // 3
+    np.testing.assert_array_equal(resized[: third - 1], np.broadcast_to(255 - color, (third - 1, size, 3)))
+    np.testing.assert_array_equal(resized[third + 2 :], np.broadcast_to(color, (size - third - 2, size, 3)))
+
+
+def test_display_image_keeps_aspect_and_never_upscales(rng: np.random.Generator) -> None:
+    rgb = random_rgb(rng, 60, 150)
+    assert display_image(rgb, 50).shape == (20, 50, 3)
+    assert display_image(rgb, 150) is rgb
+    assert display_image(rgb, 1000) is rgb
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_to_model_tensor_matches_float64_reference(dtype, as_torch: bool, rng: np.random.Generator) -> None:
+    batch = rng.integers(0, 256, (3, 11, 13, 3), dtype=np.uint8)
+    mean = rng.uniform(0.3, 0.6, 3)
+    std = rng.uniform(0.1, 0.4, 3)
+    reference = (batch.transpose(0, 3, 1, 2) / 255.0 - mean[:, None, None]) / std[:, None, None]
+
+    out = to_model_tensor(torch.from_numpy(batch) if as_torch else batch, tuple(mean), tuple(std), "cpu", dtype)
+
+    assert out.shape == (3, 3, 11, 13) and out.dtype == dtype and out.is_contiguous()
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3}[dtype]
+    np.testing.assert_allclose(out.double().numpy(), reference, rtol=tolerance, atol=tolerance)
+
+
+def test_to_model_tensor_rejects_non_uint8(rng: np.random.Generator) -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        to_model_tensor(rng.random((2, 8, 8, 3)), (0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(ValueError, match=r"\(B, H, W, 3\)"):
+        to_model_tensor(rng.integers(0, 256, (2, 3, 8, 8), dtype=np.uint8), (0.5,) * 3, (0.5,) * 3)

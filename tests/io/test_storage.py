@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from pipeline.io.storage import (
+    StorageError,
+    StorageOptions,
+    exists,
+    join_uri,
+    read_bytes,
+    resolve_uri,
+    sha256_of,
+    write_bytes,
+)
+
+
+@pytest.fixture(params=["local", "file-uri", "s3"])
+def root(request: pytest.FixtureRequest, tmp_path) -> tuple[str, StorageOptions | None]:
+    """A folder URI on each backend, and the options that reach it."""
+    if request.param == "local":
+        return str(tmp_path), None
+    if request.param == "file-uri":
+        return f"file://{tmp_path}", None
+    bucket, options = request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/audits", options
+
+
+def test_write_read_exists_sha256(root, rng: np.random.Generator) -> None:
+    base, options = root
+    data = rng.bytes(int(rng.integers(1, 300_000)))
+    uri = join_uri(base, "runs", "r1", "blob.bin")
+    assert not exists(uri, options)
+
+    write_bytes(uri, data, options)
+
+    assert exists(uri, options)
+    assert read_bytes(uri, options) == data
+    assert sha256_of(uri, options, chunk_size=4096) == hashlib.sha256(data).hexdigest()
+
+
+def test_overwrite_is_visible(root, rng: np.random.Generator) -> None:
+    base, options = root
+    uri = join_uri(base, "obj.bin")
+    first, second = rng.bytes(100), rng.bytes(200)
+    write_bytes(uri, first, options)
+    assert read_bytes(uri, options) == first
+    write_bytes(uri, second, options)
+    assert read_bytes(uri, options) == second
+
+
+def test_missing_object_names_uri(root) -> None:
+    base, options = root
+    uri = join_uri(base, "missing", "nothing.jpg")
+    assert not exists(uri, options)
+    for call in (read_bytes, sha256_of):
+        with pytest.raises(StorageError) as info:
+            call(uri, options)
+        assert info.value.uri == uri
+        assert uri in str(info.value) and "not found" in str(info.value)
+
+
+def test_max_bytes(root, rng: np.random.Generator) -> None:
+    base, options = root
+    data = rng.bytes(int(rng.integers(10, 1000)))
+    uri = join_uri(base, "sized.bin")
+    write_bytes(uri, data, options)
+    assert read_bytes(uri, options, max_bytes=len(data)) == data
+    with pytest.raises(StorageError, match=f"larger than max_bytes={len(data) - 1}"):
+        read_bytes(uri, options, max_bytes=len(data) - 1)
+
+
+def test_missing_bucket(s3_bucket) -> None:
+    _, options = s3_bucket
+    uri = "s3://no-such-bucket-for-sfam-tests/x.parquet"
+    with pytest.raises(StorageError, match="not found") as info:
+        read_bytes(uri, options)
+    assert uri in str(info.value)
+
+
+def test_unknown_protocol_is_a_storage_error() -> None:
+    with pytest.raises(StorageError, match="nosuchproto://bucket/x"):
+        read_bytes("nosuchproto://bucket/x")
+
+
+def test_options_to_fsspec_kwargs() -> None:
+    options = StorageOptions(endpoint_url="http://127.0.0.1:9000", region="eu-west-1")
+    assert options.fsspec_kwargs("s3") == {
+        "anon": False,
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000", "region_name": "eu-west-1"},
+    }
+    assert StorageOptions(anon=True).fsspec_kwargs("s3") == {"anon": True, "client_kwargs": {}}
+    assert options.fsspec_kwargs("file") == {"auto_mkdir": True}
+    assert options.fsspec_kwargs("memory") == {}
+
+
+def test_options_have_no_credential_fields() -> None:
+    with pytest.raises(ValidationError):
+        StorageOptions(key="AKIA", secret="s3cr3t")
+
+
+def test_errors_hide_userinfo() -> None:
+    error = StorageError("https://alice:s3cr3t@host/x.jpg", "failed at https://alice:s3cr3t@host")
+    assert "s3cr3t" not in str(error) and "alice" not in str(error)
+    assert "host/x.jpg" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("uri", "base_dir", "expected"),
+    [
+        ("img/a.jpg", "s3://bucket/audits", "s3://bucket/audits/img/a.jpg"),
+        ("../img/a.jpg", "s3://bucket/audits/day1/", "s3://bucket/audits/img/a.jpg"),
+        ("./a.jpg", "/data/manifests", "/data/manifests/a.jpg"),
+        ("a.jpg", "file:///data/m", "file:///data/m/a.jpg"),
+        ("a.jpg", "", "a.jpg"),
+        ("/abs/a.jpg", "s3://bucket/audits", "/abs/a.jpg"),
+        ("s3://other/a.jpg", "/data", "s3://other/a.jpg"),
+        ("gs://b/c/a.jpg", "s3://bucket", "gs://b/c/a.jpg"),
+        ("file:///x/a.jpg", "/data", "file:///x/a.jpg"),
+    ],
+)
+def test_resolve_uri(uri: str, base_dir: str, expected: str) -> None:
+    assert resolve_uri(uri, base_dir) == expected
+
+
+@pytest.mark.parametrize(
+    ("base", "parts", "expected"),
+    [
+        ("s3://bucket/out/", ("runs", "r1/", "run.json"), "s3://bucket/out/runs/r1/run.json"),
+        ("/tmp/out", ("/png/",), "/tmp/out/png"),
+        ("file:///tmp/out", ("a",), "file:///tmp/out/a"),
+    ],
+)
+def test_join_uri(base: str, parts: tuple[str, ...], expected: str) -> None:
+    assert join_uri(base, *parts) == expected

@@ -1,0 +1,206 @@
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from pipeline.io.storage import write_bytes
+from pipeline.models.loading import ModelLoadError, build_model, resolve_layer_name
+from pipeline.models.spec import ModelSpec
+
+
+def images(rng: np.random.Generator, batch: int = 2, size: int = 64) -> torch.Tensor:
+    return torch.from_numpy(rng.standard_normal((batch, 3, size, size), dtype=np.float32))
+
+
+def saved(obj: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def resnet18_64() -> nn.Module:
+    """A resnet18 with a 64-d embedding head and random weights (built once: copy before changing)."""
+    return build_model(ModelSpec(arch="resnet18", embedding_dim=64))
+
+
+@torch.no_grad()
+def test_embedding_head(resnet18_64: nn.Module, rng: np.random.Generator) -> None:
+    assert isinstance(resnet18_64.fc, nn.Linear) and resnet18_64.fc.in_features == 512
+    assert not resnet18_64.training
+    assert resnet18_64(images(rng, batch=3)).shape == (3, 64)
+
+
+@torch.no_grad()
+def test_no_embedding_dim_returns_pooled_features(rng: np.random.Generator) -> None:
+    model = build_model(ModelSpec(arch="resnet18"))
+    assert isinstance(model.fc, nn.Identity)
+    assert model(images(rng)).shape == (2, 512)
+
+
+@torch.no_grad()
+def test_classifier_sequential_last_linear_is_replaced(rng: np.random.Generator) -> None:
+    model = build_model(ModelSpec(arch="mobilenet_v3_small", embedding_dim=32))
+    assert isinstance(model.classifier[-1], nn.Linear) and model.classifier[-1].out_features == 32
+    assert model(images(rng)).shape == (2, 32)
+
+
+def test_vit_heads_are_replaced() -> None:
+    model = build_model(ModelSpec(arch="vit_b_16", embedding_dim=16))
+    assert model.heads.head.in_features == 768 and model.heads.head.out_features == 16
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("wrapper", [None, "state_dict", "model", "ddp"])
+@torch.no_grad()
+def test_state_dict_roundtrip_reproduces_outputs(
+    resnet18_64: nn.Module, where: str, wrapper: str | None, rng: np.random.Generator, tmp_path, request
+) -> None:
+    state = resnet18_64.state_dict()
+    checkpoint = {
+        None: state,
+        "state_dict": {"state_dict": state, "epoch": 7},
+        "model": {"model": state},
+        "ddp": {f"module.{k}": v for k, v in state.items()},
+    }[wrapper]
+    options = None
+    if where == "local":
+        uri = str(tmp_path / "weights.pt")
+    else:
+        bucket, options = request.getfixturevalue("s3_bucket")
+        uri = f"s3://{bucket}/models/weights.pt"
+    write_bytes(uri, saved(checkpoint), options)
+
+    loaded = build_model(ModelSpec(arch="resnet18", embedding_dim=64, weights=uri), options)
+
+    x = images(rng)
+    assert not torch.equal(build_model(ModelSpec(arch="resnet18", embedding_dim=64))(x), resnet18_64(x))
+    assert torch.equal(loaded(x), resnet18_64(x))
+
+
+def test_pickled_model_needs_trust(resnet18_64: nn.Module, rng: np.random.Generator, tmp_path) -> None:
+    path = tmp_path / "full.pt"
+    path.write_bytes(saved(resnet18_64))
+    with pytest.raises(ModelLoadError, match="trust_checkpoint: true") as info:
+        build_model(ModelSpec(arch="resnet18", embedding_dim=64, weights=str(path)))
+    assert str(path) in str(info.value)
+
+    trusted = build_model(ModelSpec(arch="resnet18", embedding_dim=64, weights=str(path), trust_checkpoint=True))
+    x = images(rng)
+    with torch.no_grad():
+        assert torch.equal(trusted(x), resnet18_64(x))
+
+
+def test_torchscript_needs_trust(rng: np.random.Generator, tmp_path) -> None:
+    small = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(small), str(path))
+    with pytest.raises(ModelLoadError, match="TorchScript.*trust_checkpoint: true"):
+        build_model(ModelSpec(arch="resnet18", weights=str(path)))
+
+    trusted = build_model(ModelSpec(arch="resnet18", weights=str(path), trust_checkpoint=True))
+    x = images(rng)
+    with torch.no_grad():
+        assert torch.equal(trusted(x), small(x))
+
+
+def test_mismatched_state_dict_lists_keys(resnet18_64: nn.Module, tmp_path) -> None:
+    state = dict(resnet18_64.state_dict())
+    del state["layer1.0.conv1.weight"]
+    state["extra.weight"] = torch.ones(3)
+    path = tmp_path / "bad.pt"
+    path.write_bytes(saved(state))
+    with pytest.raises(ModelLoadError) as info:
+        build_model(ModelSpec(arch="resnet18", embedding_dim=32, weights=str(path)))
+    message = str(info.value)
+    assert "missing keys (1): layer1.0.conv1.weight" in message
+    assert "unexpected keys (1): extra.weight" in message
+    assert "fc.weight: checkpoint (64, 512) vs model (32, 512)" in message
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [(b"not a checkpoint at all", "not a readable torch checkpoint"), (saved({"epoch": 3}), "not a state_dict")],
+)
+def test_checkpoint_that_is_not_a_state_dict(payload: bytes, reason: str, tmp_path) -> None:
+    path = tmp_path / "odd.pt"
+    path.write_bytes(payload)
+    with pytest.raises(ModelLoadError, match=reason):
+        build_model(ModelSpec(arch="resnet18", weights=str(path)))
+
+
+def test_unreadable_weights_uri(tmp_path, s3_bucket) -> None:
+    missing = str(tmp_path / "nope.pt")
+    with pytest.raises(ModelLoadError, match=f"cannot read weights {missing}: not found"):
+        build_model(ModelSpec(arch="resnet18", weights=missing))
+    bucket, options = s3_bucket
+    uri = f"s3://{bucket}/nope.pt"
+    with pytest.raises(ModelLoadError, match=f"cannot read weights {uri}: not found"):
+        build_model(ModelSpec(arch="resnet18", weights=uri), options)
+
+
+def test_unknown_arch_suggests_close_names() -> None:
+    with pytest.raises(ModelLoadError, match="unknown torchvision arch 'resnet5'.*resnet50"):
+        build_model(ModelSpec(arch="resnet5"))
+
+
+@pytest.mark.parametrize("field", ["target_layer", "embedding_layer"])
+def test_unknown_layer_suggests_close_names(field: str) -> None:
+    with pytest.raises(ModelLoadError, match=f"{field} 'layer5' is not a module.*layer4"):
+        build_model(ModelSpec(arch="resnet18", **{field: "layer5"}))
+
+
+def test_resolve_layer_name(resnet18_64: nn.Module) -> None:
+    assert resolve_layer_name(resnet18_64, "layer4.1.conv2") is resnet18_64.layer4[1].conv2
+    with pytest.raises(ModelLoadError, match="embedding_layer 'layer4.1.conv3'.*layer4.1.conv2"):
+        resolve_layer_name(resnet18_64, "layer4.1.conv3", "embedding_layer")
+
+
+@torch.no_grad()
+def test_factory_model_is_used_as_is(rng: np.random.Generator) -> None:
+    model = build_model(ModelSpec(arch="torchvision.models:resnet18", target_layer="layer4"))
+    assert isinstance(model.fc, nn.Linear) and model.fc.out_features == 1000
+    assert model(images(rng)).shape == (2, 1000)
+
+
+@pytest.mark.parametrize(
+    ("arch", "reason"),
+    [
+        ("no_such_package_sfam.models:make", "cannot import module 'no_such_package_sfam.models'"),
+        ("torchvision.models:resnet5", "has no callable 'resnet5'.*resnet50"),
+        ("builtins:dict", "returned dict, not an nn.Module"),
+        ("math:sqrt", "the factory raised TypeError"),
+    ],
+)
+def test_bad_factory(arch: str, reason: str) -> None:
+    with pytest.raises(ModelLoadError, match=reason):
+        build_model(ModelSpec(arch=arch))
+
+
+def test_spec_model_id() -> None:
+    assert ModelSpec(arch="resnet50").model_id == "resnet50"
+    assert ModelSpec(arch="resnet50", embedding_dim=512).model_id == "resnet50+fc512"
+    assert ModelSpec(arch="my_pkg.nets:build").model_id == "my_pkg.nets:build"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"arch": "resnet50", "unknown_field": 1},
+        {"arch": "my_pkg.nets:build", "embedding_dim": 128},
+        {"arch": "my_pkg.nets:build:x"},
+        {"arch": "resnet50", "input_size": 8},
+        {"arch": "resnet50", "std": (0.2, 0.0, 0.2)},
+        {"arch": "resnet50", "metric": "manhattan"},
+        {"arch": "resnet50", "embedding_dim": 0},
+        {"arch": ""},
+    ],
+)
+def test_spec_validation(fields: dict) -> None:
+    with pytest.raises(ValidationError):
+        ModelSpec(**fields)

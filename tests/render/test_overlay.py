@@ -1,0 +1,122 @@
+"""Heatmap overlays and pair PNGs."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.render import heatmap_overlay, render_pair_png
+
+GREY = np.full((64, 64, 3), 128, dtype=np.uint8)
+
+
+def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth colourful test image (gradients plus noise)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx / width * 255, yy / height * 255, np.full_like(xx, 96.0)], axis=-1)
+    return np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+
+
+def _blob(size: int = 7) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size]
+    return np.exp(-((yy - size / 2) ** 2 + (xx - size / 3) ** 2) / 4.0)
+
+
+def _decode(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def _render(query_shape: tuple[int, int], reference_shape: tuple[int, int], **kwargs: object) -> np.ndarray:
+    png = render_pair_png(
+        _photo(*query_shape), _photo(*reference_shape, seed=1), _blob(), _blob(),
+        similarity=0.873, metric="cosine", **kwargs,
+    )
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    return _decode(png)
+
+
+def test_overlay_shape_and_dtype() -> None:
+    out = heatmap_overlay(_photo(50, 80), np.random.default_rng(0).normal(size=(7, 7)))
+    assert out.shape == (50, 80, 3)
+    assert out.dtype == np.uint8
+
+
+def test_overlay_colours_hot_regions_and_leaves_cold_ones() -> None:
+    saliency = np.zeros((8, 8))
+    saliency[:, :4] = -5.0  # negative evidence is clipped like zero
+    saliency[:, 4:] = 2.0
+    out = heatmap_overlay(GREY, saliency, alpha=0.6).astype(int)
+    # bilinear upsampling blends only around the boundary at x = 32
+    assert np.array_equal(out[:, :24], GREY[:, :24])
+    assert np.abs(out[:, 40:] - 128).sum(axis=-1).min() > 30
+
+
+def test_overlay_opacity_grows_with_the_map() -> None:
+    saliency = np.tile(np.linspace(0.0, 1.0, 16), (16, 1))
+    change = np.abs(heatmap_overlay(GREY, saliency).astype(int) - 128).sum(axis=-1).mean(axis=0)
+    assert change[0] == 0
+    assert change[-1] > change[32] > 0
+
+
+@pytest.mark.parametrize(
+    "saliency",
+    [np.full((7, 7), 3.0), np.full((7, 7), -1.0), np.zeros((0, 0)), np.full((7, 7), np.nan)],
+    ids=["constant", "negative", "empty", "nan"],
+)
+def test_overlay_without_signal_leaves_the_image(saliency: np.ndarray) -> None:
+    image = _photo(40, 30)
+    with np.errstate(all="raise"):
+        out = heatmap_overlay(image, saliency)
+    assert np.array_equal(out, image)
+
+
+def test_overlay_rejects_bad_inputs() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        heatmap_overlay(GREY.astype(np.float32), np.ones((7, 7)))
+    with pytest.raises(ValueError, match="2-D"):
+        heatmap_overlay(GREY, np.ones((1, 7, 7)))
+    with pytest.raises(ValueError, match="alpha"):
+        heatmap_overlay(GREY, np.ones((7, 7)), alpha=1.5)
+
+
+def test_pair_png_panels_follow_aspect_ratios() -> None:
+    squares = _render((100, 100), (64, 64))
+    wide = _render((64, 128), (100, 100))
+    # both squares become 256 x 256 panels; the 64 x 128 image becomes 256 x 512
+    assert wide.shape[0] == squares.shape[0]
+    assert wide.shape[1] - squares.shape[1] == 512 - 256
+    taller = _render((64, 128), (100, 100), panel_height=320)
+    assert taller.shape[0] - wide.shape[0] == 320 - 256
+    assert taller.shape[1] - wide.shape[1] == (640 + 320) - (512 + 256)
+    assert wide.shape[0] > 256
+
+
+def test_pair_png_is_not_blank() -> None:
+    image = _render((64, 64), (80, 60), title="pair-17", top_channels=[3, 1, 4])
+    assert image.std() > 20
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 1000
+
+
+def test_pair_png_draws_boxes_in_original_coordinates() -> None:
+    plain = _render((64, 64), (64, 64))
+    boxed = _render((64, 64), (64, 64), query_box=(8, 8, 40, 40), reference_box=[0, 0, 63, 63])
+    assert plain.shape == boxed.shape
+    cyan = np.all(boxed == (0, 255, 255), axis=-1)
+    assert cyan.sum() > 4 * 2 * 100  # two outlines of >= 4 sides, 2 px wide, >= 100 px long
+    ys, xs = np.nonzero(cyan)
+    assert xs.min() >= 8 and ys.max() - ys.min() >= 250  # the reference box spans its whole panel
+
+
+def test_pair_png_untrusted_title_is_shortened_not_grown() -> None:
+    plain = _render((64, 64), (64, 64))
+    titled = _render((64, 64), (64, 64), title="../../" + "x" * 10_000 + "\n\t<b>", top_channels=np.arange(500))
+    assert titled.shape == plain.shape
+
+
+def test_pair_png_caps_extreme_aspect_ratios() -> None:
+    image = _render((10, 4000), (4000, 10))
+    assert image.shape[1] < 4 * 256 + 300

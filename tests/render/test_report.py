@@ -1,0 +1,232 @@
+"""The HTML report: structure, escaping, auditor ordering, and a real browser render."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections import defaultdict
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.render import render_pair_png, render_report, safe_href
+from pipeline.render.histogram import Series, histogram_svg
+from pipeline.render.report import GALLERY_CAP, LOOK_FIRST_CAP
+
+EVIL_ID = "<script>alert(1)</script>"
+SUMMARY = {
+    "run_id": "nightly-2026-11-26",
+    "model_id": "resnet50@sha256:ab12",
+    "metric": "cosine",
+    "target_layer": "layer4",
+    "counts": {"ok": 8, "error": 1},
+    "pairs_per_second": 41.23456,
+    "wall_time_s": 0.22,
+    "created": "2026-11-26T03:00:00Z",
+    "note": "<b>not bold</b>",
+}
+
+
+def _row(pair_id: str, label: int | None, similarity: float | None, energies: tuple[float, float] | None = None,
+         **extra: object) -> dict:
+    q, r = energies if energies else (None, None)
+    return {
+        "pair_id": pair_id, "query_uri": f"img/{pair_id}_q.jpg", "reference_uri": f"img/{pair_id}_r.jpg",
+        "label": label, "rank": 1, "score": 0.5, "similarity": similarity, "status": "ok", "error": None,
+        "query_energy_in_box": q, "reference_energy_in_box": r,
+        "query_pointing_hit": None if q is None else q > 0.5, "reference_pointing_hit": None if r is None else r > 0.5,
+        "png_uri": f"png/{pair_id}.png", **extra,
+    }
+
+
+ROWS = [
+    _row("neg-mid", 0, 0.40, (0.5, 0.6)),
+    _row("neg-top", 0, 0.95, (0.5, 0.6)),
+    _row("neg-high", 0, 0.80),
+    _row("pos-off", 1, 0.90, (0.70, 0.10)),
+    _row("pos-on", 1, 0.85, (0.80, 0.90)),
+    _row("pos-nobox", 1, 0.70),
+    _row(EVIL_ID, None, 0.50),
+    _row("bad-href", 1, 0.60, (0.3, 0.4)),
+    _row("broken", 1, None, status="error", error="image too large: 60000000 pixels > max_image_pixels"),
+]
+
+
+def _href(row: dict) -> str | None:
+    if row["status"] == "error":
+        return None
+    return "javascript:alert(2)" if row["pair_id"] == "bad-href" else row["png_uri"]
+
+
+class Page(HTMLParser):
+    """Cards per section, scripts, link targets, error-table cells and all text."""
+
+    def __init__(self, markup: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.cards: dict[str, list[dict[str, str | None]]] = defaultdict(list)
+        self.scripts = 0
+        self.urls: list[str] = []
+        self.text: list[str] = []
+        self.error_cells: list[str] = []
+        self._section = self._look = ""
+        self._in_td = False
+        self.feed(markup)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        self.scripts += tag == "script"
+        self.urls += [v for k, v in attrs if k in ("href", "src") and v is not None]
+        if tag == "section":
+            self._section, self._look = a.get("id") or "", ""
+        elif tag == "div" and "look" in (a.get("class") or "").split():
+            self._look = a.get("id") or ""
+        elif tag == "article":
+            self.cards[self._look or self._section].append(a)
+        self._in_td = tag == "td" and self._section == "errors"
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+        if self._in_td:
+            self.error_cells.append(data)
+
+
+def _ids(cards: list[dict[str, str | None]]) -> list[str | None]:
+    return [c["data-pair-id"] for c in cards]
+
+
+@pytest.fixture(scope="module")
+def page() -> Page:
+    return Page(render_report(SUMMARY, ROWS, png_href=_href))
+
+
+def test_one_gallery_card_per_pair(page: Page) -> None:
+    assert _ids(page.cards["gallery"]) == [r["pair_id"] for r in ROWS]
+    statuses = {c["data-pair-id"]: c["data-status"] for c in page.cards["gallery"]}
+    assert statuses["broken"] == "error" and statuses["neg-top"] == "ok"
+    top = next(c for c in page.cards["gallery"] if c["data-pair-id"] == "neg-top")
+    data = [top[f"data-{k}"] for k in ("similarity", "label", "energy", "rank")]
+    assert data == ["0.95", "0", "0.5", "1"]
+
+
+def test_untrusted_text_is_escaped() -> None:
+    markup = render_report(SUMMARY, ROWS, png_href=_href)
+    page = Page(markup)
+    assert page.scripts == 1  # the report's own inline script only
+    assert "<script>alert" not in markup and "<b>not bold" not in markup
+    assert EVIL_ID in "".join(page.text)
+    assert "<b>not bold</b>" in "".join(page.text)
+
+
+def test_unsafe_hrefs_are_dropped(page: Page) -> None:
+    assert not any(u.strip().lower().startswith("javascript:") for u in page.urls)
+    assert "png/neg-top.png" in page.urls
+    assert sum("bad-href" in u for u in page.urls) == 0
+
+
+@pytest.mark.parametrize(
+    ("href", "expected"),
+    [
+        ("png/run=1/a.png", "png/run=1/a.png"),
+        ("../png/a%20b.png", "../png/a%20b.png"),
+        ("https://bucket.example/png/a.png", "https://bucket.example/png/a.png"),
+        ("file:///tmp/a.png", "file:///tmp/a.png"),
+        ("javascript:alert(1)", None),
+        ("  JaVaScRiPt:alert(1)", None),
+        ("java\tscript:alert(1)", None),
+        ("data:text/html,<script>alert(1)</script>", None),
+        ("vbscript:msgbox", None),
+        ("//evil.example/a.png", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_safe_href(href: str | None, expected: str | None) -> None:
+    assert safe_href(href) == expected
+
+
+def test_errors_are_listed_with_reasons(page: Page) -> None:
+    assert "broken" in page.error_cells
+    assert "image too large: 60000000 pixels > max_image_pixels" in page.error_cells
+    assert not any("neg-top" in c for c in page.error_cells)
+
+
+def test_look_first_sections_order_the_auditors_cases(page: Page) -> None:
+    assert _ids(page.cards["false-matches"]) == ["neg-top", "neg-high", "neg-mid"]
+    # label-1 rows with boxes, lowest energy-in-box of the two images first; error rows never
+    assert _ids(page.cards["off-object"]) == ["pos-off", "bad-href", "pos-on"]
+
+
+def test_summary_and_figures(page: Page) -> None:
+    text = " ".join(page.text)
+    assert "nightly-2026-11-26" in text and "resnet50@sha256:ab12" in text
+    assert '{"ok": 8, "error": 1}' in text  # nested values shown compactly
+    assert "41.2346" in text
+    assert re.search(r"mean similarity, different \(n=3\)", text)
+    assert "0.717" in text  # mean of 0.95, 0.80, 0.40
+
+
+def test_histogram_counts_every_value() -> None:
+    svg = histogram_svg([Series("a<b", "#111", [0.0, 0.5, 1.0, float("nan")]), Series("empty", "#222", [])], bins=4)
+    assert svg.count("<rect") == 1 + 3  # legend swatch + one bar per non-empty bin
+    assert "a&lt;b (n=3)" in svg and "empty" not in svg
+    assert "no data to plot" in histogram_svg([Series("x", "#111", [])])
+
+
+def test_large_runs_are_capped() -> None:
+    rows = [_row(f"p{i:05d}", i % 2, (i % 997) / 997, (0.5, (i % 89) / 89)) for i in range(GALLERY_CAP + 500)]
+    page = Page(render_report(SUMMARY, rows, png_href=_href))
+    assert len(page.cards["gallery"]) == GALLERY_CAP
+    assert len(page.cards["false-matches"]) == len(page.cards["off-object"]) == LOOK_FIRST_CAP
+    assert f"first {GALLERY_CAP:,} of {GALLERY_CAP + 500:,} pairs" in "".join(page.text)
+
+
+def test_empty_run() -> None:
+    page = Page(render_report({}, [], png_href=_href))
+    assert not page.cards["gallery"]
+    assert "No errors." in page.text
+
+
+def _chromium(binary: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    return subprocess.run([binary, *flags, *args], capture_output=True, text=True, timeout=60, check=True)
+
+
+@pytest.fixture(scope="module")
+def report_on_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A report with real overlay PNGs next to it, as the job lays them out."""
+    tmp_path = tmp_path_factory.mktemp("report")
+    rng = np.random.default_rng(0)
+    (tmp_path / "png").mkdir()
+    for i, row in enumerate(ROWS):
+        if row["status"] == "ok":
+            image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+            png = render_pair_png(image, image, rng.random((7, 7)), rng.random((7, 7)), similarity=row["similarity"],
+                                  metric="cosine", title=row["pair_id"])
+            (tmp_path / "png" / f"{i}.png").write_bytes(png)
+    path = tmp_path / "report.html"
+    path.write_text(render_report(SUMMARY, ROWS, png_href=lambda r: f"png/{ROWS.index(r)}.png"), encoding="utf-8")
+    return path
+
+
+def test_report_renders_in_chromium(chromium_binary: str, report_on_disk: Path, tmp_path: Path) -> None:
+    shot = tmp_path / "shot.png"
+    _chromium(chromium_binary, tmp_path, f"--screenshot={shot}", "--window-size=1280,2000", report_on_disk.as_uri())
+    image = np.asarray(Image.open(shot).convert("RGB"))
+    assert image.shape == (2000, 1280, 3)
+    assert image.std() > 15
+
+
+def test_filters_run_in_chromium_from_the_url_hash(chromium_binary: str, report_on_disk: Path, tmp_path: Path) -> None:
+    url = report_on_disk.as_uri() + "#label=0&sort=similarity:asc"
+    dom = _chromium(chromium_binary, tmp_path, "--dump-dom", url).stdout
+    cards = Page(dom).cards["gallery"]
+    visible = [c["data-pair-id"] for c in cards if "hidden" not in c]
+    assert visible == ["neg-mid", "neg-high", "neg-top"]
+    assert len(cards) == len(ROWS)
