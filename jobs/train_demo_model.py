@@ -24,14 +24,15 @@ import torch.nn.functional as F
 
 from pipeline.demo import canvas
 from pipeline.demo.model import (
-    CHANNELS,
+    ARCHITECTURE,
     CHECKPOINT,
     EMBEDDING_DIM,
     EMBEDDING_LAYER,
+    FEATURE_CHANNELS,
+    FEATURE_SIZE,
     INPUT_SIZE,
     MEAN,
     STD,
-    STRIDES,
     TARGET_LAYER,
     DemoEmbeddingNet,
     preprocess,
@@ -116,12 +117,10 @@ def _card(cfg: TrainConfig, model: DemoEmbeddingNet, losses: list[float], recall
         "model": "pipeline.demo.model:demo_model",
         "architecture": {
             "class": "DemoEmbeddingNet",
-            "trunk": "4 x (conv3x3 + BatchNorm + ReLU)",
-            "channels": list(CHANNELS),
-            "strides": list(STRIDES),
-            "head": "AdaptiveAvgPool2d(1) -> Flatten -> Linear(128, 64); forward() L2-normalises",
+            "trunk": ARCHITECTURE,
+            "head": f"AdaptiveAvgPool2d(1) -> Flatten -> Linear({FEATURE_CHANNELS}, {EMBEDDING_DIM}); forward() L2-normalises",
             "target_layer": TARGET_LAYER,
-            "feature_map": [CHANNELS[-1]] + [INPUT_SIZE // int(np.prod(STRIDES))] * 2,
+            "feature_map": [FEATURE_CHANNELS, FEATURE_SIZE, FEATURE_SIZE],
             "embedding_layer": EMBEDDING_LAYER,
             "embedding_dim": EMBEDDING_DIM,
             "input_size": INPUT_SIZE,

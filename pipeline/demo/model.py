@@ -19,19 +19,20 @@ INPUT_SIZE = 64
 MEAN = (0.5, 0.5, 0.5)  # demo input normalisation, applied to RGB in [0, 1]
 STD = (0.25, 0.25, 0.25)
 EMBEDDING_DIM = 64
+FEATURE_CHANNELS = 128
+FEATURE_SIZE = 16  # target-layer map side at INPUT_SIZE
 TARGET_LAYER = "features.block4"  # last conv block; (B, 128, 16, 16) at 64 px
 EMBEDDING_LAYER = "fc"
 CHECKPOINT = "demo_model.pt"  # in pipeline/assets
-CHANNELS = (16, 32, 64, 128)
-STRIDES = (2, 2, 1, 1)  # 64 px -> 32 -> 16 -> 16 -> 16
+ARCHITECTURE = "conv3x3-BN-ReLU x7 in 4 blocks: [16/2, 16] [32/2, 32] [64, 64] [128] (channels/stride)"
 
 
-def _block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(
+def _conv(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+    return [
         nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
         nn.BatchNorm2d(c_out),
         nn.ReLU(inplace=True),
-    )
+    ]
 
 
 class DemoEmbeddingNet(nn.Module):
@@ -39,14 +40,17 @@ class DemoEmbeddingNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        blocks, c_in = OrderedDict(), 3
-        for i, (c_out, stride) in enumerate(zip(CHANNELS, STRIDES), start=1):
-            blocks[f"block{i}"] = _block(c_in, c_out, stride)
-            c_in = c_out
-        self.features = nn.Sequential(blocks)
+        self.features = nn.Sequential(
+            OrderedDict(
+                block1=nn.Sequential(*_conv(3, 16, 2), *_conv(16, 16)),  # (B, 16, 32, 32)
+                block2=nn.Sequential(*_conv(16, 32, 2), *_conv(32, 32)),  # (B, 32, 16, 16)
+                block3=nn.Sequential(*_conv(32, 64), *_conv(64, 64)),  # (B, 64, 16, 16)
+                block4=nn.Sequential(*_conv(64, FEATURE_CHANNELS)),  # (B, 128, 16, 16), TARGET_LAYER
+            )
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
-        self.fc = nn.Linear(CHANNELS[-1], EMBEDDING_DIM)
+        self.fc = nn.Linear(FEATURE_CHANNELS, EMBEDDING_DIM)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.flatten(self.pool(self.features(x)))  # (B, 128)

@@ -47,7 +47,7 @@ def decode_image(data: bytes, uri: str, max_pixels: int) -> np.ndarray:
         raise ImageDecodeError(uri, f"too many pixels (decompression bomb guard): {e}") from e
     except UnidentifiedImageError as e:
         formats = ", ".join(SUPPORTED_FORMATS)
-        raise ImageDecodeError(uri, f"not a supported image ({formats})") from e
+        raise ImageDecodeError(uri, f"unrecognised or corrupt image (supported: {formats})") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageDecodeError(uri, f"corrupt or truncated image: {e}") from e
 

@@ -26,8 +26,8 @@ class StorageError(Exception):
     """An object could not be read or written. The message names the URI and the reason."""
 
     def __init__(self, uri: str, reason: str) -> None:
-        self.uri = _redact(uri)
-        self.reason = _redact(reason)
+        self.uri = redact_uri(uri)
+        self.reason = redact_uri(reason)
         super().__init__(f"{self.uri}: {self.reason}")
 
 
@@ -117,6 +117,11 @@ def resolve_uri(uri: str, base_dir: str) -> str:
     return f"{scheme}{sep}{joined}"
 
 
+def redact_uri(text: str) -> str:
+    """`text` with the `user:password@` part of any URL in it replaced by `***@` (for logs and errors)."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
 @contextmanager
 def _storage_errors(uri: str) -> Iterator[None]:
     """Turn whatever the filesystem raises into a StorageError naming `uri`."""
@@ -132,8 +137,3 @@ def _storage_errors(uri: str) -> Iterator[None]:
         raise StorageError(uri, "is a directory, not an object") from e
     except Exception as e:  # noqa: BLE001 - an I/O boundary: every failure becomes one typed error
         raise StorageError(uri, f"{type(e).__name__}: {e}") from e
-
-
-def _redact(text: str) -> str:
-    """Drop `user:password@` from any URL inside `text`."""
-    return _USERINFO.sub(r"\1***@", text)

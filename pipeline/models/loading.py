@@ -32,7 +32,8 @@ def build_model(spec: ModelSpec, storage_options: StorageOptions | None = None) 
     """The model of `spec`, weights loaded, in eval mode.
 
     With `trust_checkpoint`, a checkpoint that holds a whole model (a pickled
-    `nn.Module` or a TorchScript archive) is used as the model itself.
+    `nn.Module` or a TorchScript archive) is used as the model itself; `arch`
+    and `embedding_dim` then only label it.
     """
     checkpoint = _load_checkpoint(spec, storage_options) if spec.weights else None
     if isinstance(checkpoint, nn.Module):
@@ -115,18 +116,19 @@ def _load_checkpoint(spec: ModelSpec, storage_options: StorageOptions | None) ->
         data = read_bytes(uri, storage_options)
     except StorageError as e:
         raise ModelLoadError(f"cannot read weights {e}") from e
-    if _is_torchscript(data):
-        if not spec.trust_checkpoint:
-            raise ModelLoadError(f"weights {uri} are a TorchScript archive, which runs code; {_TRUST_HINT}")
-        return torch.jit.load(io.BytesIO(data), map_location="cpu")
+    torchscript = _is_torchscript(data)
+    if torchscript and not spec.trust_checkpoint:
+        raise ModelLoadError(f"weights {uri} are a TorchScript archive, which runs code; {_TRUST_HINT}")
     try:
+        if torchscript:
+            return torch.jit.load(io.BytesIO(data), map_location="cpu")
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=not spec.trust_checkpoint)
     except Exception as e:
         unsafe = _UNSAFE_GLOBAL.search(str(e))
         if unsafe and not spec.trust_checkpoint:
             raise ModelLoadError(
-                f"weights {uri} hold pickled Python objects ({unsafe[1]}, such as a whole nn.Module), "
-                f"not only tensors; {_TRUST_HINT}"
+                f"weights {uri} are not a plain state_dict: they hold pickled Python objects "
+                f"({unsafe[1]}), such as a whole nn.Module; {_TRUST_HINT}"
             ) from e
         raise ModelLoadError(f"weights {uri} are not a readable torch checkpoint: {_short_reason(e)}") from e
 

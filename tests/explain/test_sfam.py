@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CASES, SmallNet, assert_close, reference_explanation, resnet18_embedding
+from reference import CASES, Case, SmallNet, assert_close, reference_explanation, resnet18_embedding
 from torch import nn
 
 from pipeline import SFAM, ExplanationError
@@ -202,8 +202,6 @@ def test_normalising_model_needs_embedding_layer(seed: int) -> None:
         SFAM(model, "features").explain(x, y)
     result = SFAM(model, "features", embedding_layer="fc").explain(x, y)
     # the reference: the same model without the normalisation, explained on fc's output
-    from conftest import Case
-
     case = Case(model, "features", lambda m, a: m.fc(a))
     reference = reference_explanation(case, x, y, "cosine")
     assert_close(result.similarity, F.cosine_similarity(model(x), model(y)), rel=1e-5)

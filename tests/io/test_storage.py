@@ -12,6 +12,7 @@ from pipeline.io.storage import (
     exists,
     join_uri,
     read_bytes,
+    redact_uri,
     resolve_uri,
     sha256_of,
     write_bytes,
@@ -100,6 +101,11 @@ def test_options_to_fsspec_kwargs() -> None:
 def test_options_have_no_credential_fields() -> None:
     with pytest.raises(ValidationError):
         StorageOptions(key="AKIA", secret="s3cr3t")
+
+
+def test_redact_uri() -> None:
+    assert redact_uri("https://alice:s3cr3t@host:9000/b/x.jpg") == "https://***@host:9000/b/x.jpg"
+    assert redact_uri("s3://bucket/alice@home.jpg") == "s3://bucket/alice@home.jpg"
 
 
 def test_errors_hide_userinfo() -> None:

@@ -1,0 +1,212 @@
+"""The audit job's stages, each a callable on a pyarrow Table of manifest rows.
+
+Ray Data runs them (job.py), but none imports Ray, so each can be tested on its own:
+
+    FetchImages   CPU task     URIs -> decoded, resized uint8 pixels, or a per-row error
+    ExplainPairs  actor        pixels -> similarity, CIS, maps, localisation statistics
+    RenderResults CPU task     maps -> PNG overlays; drops the transient pixel columns
+
+Pixels travel between stages as raw uint8 bytes in binary columns; columns whose names
+start with "_" are transient and never reach the result table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from pipeline.explain import SFAM, SFAMResult
+from pipeline.io.images import ImageDecodeError, decode_image, display_image, resize_for_model, to_model_tensor
+from pipeline.io.storage import StorageError, StorageOptions, read_bytes, resolve_uri, write_bytes
+from pipeline.layout import RunLayout
+from pipeline.localisation import energy_in_box, peak_xy, pointing_hit
+from pipeline.models.loading import build_model
+from pipeline.models.spec import ModelSpec
+from pipeline.render import render_pair_png
+
+SIDES = ("query", "reference")
+DISPLAY_SIDE = 256  # longest side of the picture kept for the PNG overlay
+TOP_CHANNELS = 10
+BYTES_PER_PIXEL_LIMIT = 4  # a compressed image is never larger than its raw pixels and a margin
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    pixels: bytes  # (S, S, 3) uint8, the model's input
+    display: bytes  # (h, w, 3) uint8, aspect ratio kept, longest side <= DISPLAY_SIDE
+    display_shape: tuple[int, int]
+    size: tuple[int, int]  # original (width, height)
+
+
+class FetchImages:
+    """Reads and decodes each distinct image of a batch once; a failure marks its rows."""
+
+    def __init__(self, manifest_dir: str, input_size: int, max_image_pixels: int, storage_options: StorageOptions) -> None:
+        self.manifest_dir = manifest_dir
+        self.input_size = input_size
+        self.max_image_pixels = max_image_pixels
+        self.storage_options = storage_options
+
+    def _decode(self, uri: str) -> DecodedImage:
+        data = read_bytes(resolve_uri(uri, self.manifest_dir), self.storage_options,
+                          max_bytes=BYTES_PER_PIXEL_LIMIT * self.max_image_pixels + (1 << 20))
+        rgb = decode_image(data, uri, self.max_image_pixels)
+        display = display_image(rgb, DISPLAY_SIDE)
+        return DecodedImage(
+            pixels=resize_for_model(rgb, self.input_size).tobytes(),
+            display=display.tobytes(),
+            display_shape=display.shape[:2],
+            size=(rgb.shape[1], rgb.shape[0]),
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        decoded: dict[str, DecodedImage | str] = {}
+        for uri in {*batch.column("query_uri").to_pylist(), *batch.column("reference_uri").to_pylist()}:
+            try:
+                decoded[uri] = self._decode(uri)
+            except (StorageError, ImageDecodeError) as error:
+                decoded[uri] = str(error)
+        errors = [
+            "; ".join(f"{side}: {decoded[uri]}" for side, uri in zip(SIDES, uris) if isinstance(decoded[uri], str)) or None
+            for uris in zip(batch.column("query_uri").to_pylist(), batch.column("reference_uri").to_pylist())
+        ]
+        batch = batch.append_column("status", pa.array(["error" if e else "ok" for e in errors]))
+        batch = batch.append_column("error", pa.array(errors, pa.string()))
+        for side in SIDES:
+            images = [decoded[uri] if isinstance(decoded[uri], DecodedImage) else None
+                      for uri in batch.column(f"{side}_uri").to_pylist()]
+            batch = batch.append_column(f"_{side}_pixels", pa.array([i and i.pixels for i in images], pa.binary()))
+            batch = batch.append_column(f"_{side}_display", pa.array([i and i.display for i in images], pa.binary()))
+            batch = batch.append_column(f"_{side}_display_shape", pa.array([i and list(i.display_shape) for i in images], pa.list_(pa.int32())))
+            batch = batch.append_column(f"_{side}_size", pa.array([i and list(i.size) for i in images], pa.list_(pa.int32())))
+        return batch
+
+
+def _with_nulls(values: list, ok_rows: np.ndarray, num_rows: int) -> list:
+    """A full column: values at the ok rows, None elsewhere."""
+    column: list = [None] * num_rows
+    for row, value in zip(ok_rows.tolist(), values):
+        column[row] = value
+    return column
+
+
+class ExplainPairs:
+    """One model replica: forwards each distinct image of a batch once and explains its pairs."""
+
+    def __init__(self, model: ModelSpec, storage_options: StorageOptions) -> None:
+        self.spec = model
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        network = build_model(model, storage_options).to(self.device)
+        self.explainer = SFAM(network, model.target_layer, model.metric, embedding_layer=model.embedding_layer)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ok_rows = np.flatnonzero(pc.equal(batch.column("status"), "ok").to_numpy(zero_copy_only=False))
+        columns = self._explain(batch, ok_rows) if len(ok_rows) else {}
+        nullable = {
+            "similarity": pa.float32(), "cis_query": pa.list_(pa.float32()), "cis_reference": pa.list_(pa.float32()),
+            "cis_top_channels": pa.list_(pa.int32()), "map_query": pa.list_(pa.float16()),
+            "map_reference": pa.list_(pa.float16()), "map_shape": pa.list_(pa.int32()),
+            "query_peak_xy": pa.list_(pa.float32()), "reference_peak_xy": pa.list_(pa.float32()),
+            "forward_share": pa.float32(),
+        }
+        if "query_bbox" in batch.column_names and "reference_bbox" in batch.column_names:
+            for side in SIDES:
+                nullable[f"{side}_energy_in_box"] = pa.float32()
+                nullable[f"{side}_pointing_hit"] = pa.bool_()
+        for name, kind in nullable.items():
+            batch = batch.append_column(name, pa.array(_with_nulls(columns.get(name, []), ok_rows, batch.num_rows), kind))
+        constants = {"model_id": self.spec.model_id, "metric": self.spec.metric, "target_layer": self.explainer.target_layer}
+        for name, value in constants.items():
+            batch = batch.append_column(name, pa.array([value] * batch.num_rows, pa.string()))
+        return batch.drop_columns([f"_{side}_pixels" for side in SIDES])
+
+    def _explain(self, batch: pa.Table, ok_rows: np.ndarray) -> dict[str, list]:
+        slot_of_uri: dict[str, int] = {}
+        sources: list[tuple[str, int]] = []  # (side, row) holding each distinct image's pixels
+        slots: dict[str, list[int]] = {side: [] for side in SIDES}
+        for side in SIDES:
+            uris = batch.column(f"{side}_uri").to_pylist()
+            for row in ok_rows.tolist():
+                if uris[row] not in slot_of_uri:
+                    slot_of_uri[uris[row]] = len(sources)
+                    sources.append((side, row))
+                slots[side].append(slot_of_uri[uris[row]])
+        size = self.spec.input_size
+        pixels = np.stack([  # (N, S, S, 3), N distinct images
+            np.frombuffer(batch.column(f"_{side}_pixels")[row].as_py(), np.uint8).reshape(size, size, 3)
+            for side, row in sources
+        ])
+        images = to_model_tensor(pixels, self.spec.mean, self.spec.std, self.device)
+        query, reference = (torch.as_tensor(slots[side], device=self.device) for side in SIDES)
+        with torch.inference_mode():
+            result = self.explainer.explain_pairs(images, query, reference)
+        return self._rows(batch, ok_rows, result, forward_share=len(sources) / len(ok_rows))
+
+    def _rows(self, batch: pa.Table, ok_rows: np.ndarray, result: SFAMResult, forward_share: float) -> dict[str, list]:
+        cis = {"query": result.cis_query.cpu().numpy(), "reference": result.cis_reference.cpu().numpy()}
+        maps = {"query": result.map_query.float().cpu().numpy(), "reference": result.map_reference.float().cpu().numpy()}
+        top = np.argsort(-(cis["query"] + cis["reference"]), axis=1)[:, :TOP_CHANNELS]
+        columns: dict[str, list] = {
+            "similarity": result.similarity.cpu().tolist(),
+            "cis_top_channels": top.tolist(),
+            "map_shape": [list(maps["query"].shape[1:])] * len(ok_rows),
+            "forward_share": [forward_share] * len(ok_rows),
+        }
+        boxes_present = "query_bbox" in batch.column_names and "reference_bbox" in batch.column_names
+        for side in SIDES:
+            columns[f"cis_{side}"] = list(cis[side])
+            columns[f"map_{side}"] = list(maps[side].reshape(len(ok_rows), -1).astype(np.float16))
+            sizes = [batch.column(f"_{side}_size")[int(r)].as_py() for r in ok_rows]
+            columns[f"{side}_peak_xy"] = [list(peak_xy(m, tuple(s))) for m, s in zip(maps[side], sizes)]
+            if boxes_present:
+                boxes = [batch.column(f"{side}_bbox")[int(r)].as_py() for r in ok_rows]
+                columns[f"{side}_energy_in_box"] = [
+                    energy_in_box(m, b, tuple(s)) if b else None for m, b, s in zip(maps[side], boxes, sizes)]
+                columns[f"{side}_pointing_hit"] = [
+                    pointing_hit(m, b, tuple(s)) if b else None for m, b, s in zip(maps[side], boxes, sizes)]
+        return columns
+
+
+class RenderResults:
+    """Writes each ok pair's PNG overlay to its deterministic path; leaves only result columns."""
+
+    def __init__(self, layout: RunLayout, render_png: bool, storage_options: StorageOptions) -> None:
+        self.layout = layout
+        self.render_png = render_png
+        self.storage_options = storage_options
+
+    def _display(self, batch: pa.Table, side: str, row: int) -> np.ndarray:
+        height, width = batch.column(f"_{side}_display_shape")[row].as_py()
+        return np.frombuffer(batch.column(f"_{side}_display")[row].as_py(), np.uint8).reshape(height, width, 3)
+
+    def _box(self, batch: pa.Table, side: str, row: int) -> list[float] | None:
+        """The box scaled from original pixels to the display picture's pixels."""
+        if f"{side}_bbox" not in batch.column_names or batch.column(f"{side}_bbox")[row].as_py() is None:
+            return None
+        width = batch.column(f"_{side}_size")[row].as_py()[0]
+        scale = batch.column(f"_{side}_display_shape")[row].as_py()[1] / width
+        return [v * scale for v in batch.column(f"{side}_bbox")[row].as_py()]
+
+    def _render(self, batch: pa.Table, row: int) -> str:
+        shape = batch.column("map_shape")[row].as_py()
+        maps = [np.asarray(batch.column(f"map_{side}")[row].as_py(), np.float32).reshape(shape) for side in SIDES]
+        pair_id = batch.column("pair_id")[row].as_py()
+        png = render_pair_png(
+            self._display(batch, "query", row), self._display(batch, "reference", row), *maps,
+            similarity=batch.column("similarity")[row].as_py(), metric=batch.column("metric")[row].as_py(),
+            title=pair_id, top_channels=batch.column("cis_top_channels")[row].as_py(),
+            query_box=self._box(batch, "query", row), reference_box=self._box(batch, "reference", row),
+        )
+        uri = self.layout.png_uri(pair_id)
+        write_bytes(uri, png, self.storage_options)
+        return uri
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        status = batch.column("status").to_pylist()
+        png_uris = [self._render(batch, row) if self.render_png and s == "ok" else None for row, s in enumerate(status)]
+        batch = batch.append_column("png_uri", pa.array(png_uris, pa.string()))
+        return batch.drop_columns([name for name in batch.column_names if name.startswith("_")])

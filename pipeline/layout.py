@@ -1,0 +1,63 @@
+"""Where a run's outputs go (DESIGN.md section 3), and names that are safe to use as paths.
+
+    {output}/results/run_date=YYYY-MM-DD/run_id=ID/part-*.parquet
+    {output}/png/run_id=ID/{shard}/{safe_pair_id}.png
+    {output}/runs/ID/run.json, {output}/runs/ID/_SUCCESS (written last)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from pipeline.io.storage import join_uri
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_NAME = 80
+
+
+def safe_name(pair_id: str) -> str:
+    """A file name derived from an untrusted pair_id: stable, unique and inside its folder.
+
+    Keeps a readable sanitised prefix and appends a hash of the full id, so ids that sanitise
+    alike ('a/b', 'a?b') or are long still get distinct names.
+    """
+    digest = hashlib.sha256(pair_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    readable = _UNSAFE.sub("_", pair_id).strip("._")[:MAX_NAME]
+    return f"{readable}-{digest}" if readable else digest
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    output: str
+    run_id: str
+    run_date: str  # YYYY-MM-DD
+
+    @property
+    def results_root(self) -> str:
+        return join_uri(self.output, "results")
+
+    @property
+    def results_dir(self) -> str:
+        return join_uri(self.results_root, f"run_date={self.run_date}", f"run_id={self.run_id}")
+
+    @property
+    def png_dir(self) -> str:
+        return join_uri(self.output, "png", f"run_id={self.run_id}")
+
+    def png_uri(self, pair_id: str) -> str:
+        name = safe_name(pair_id)
+        return join_uri(self.png_dir, name[-2:], f"{name}.png")
+
+    @property
+    def run_dir(self) -> str:
+        return join_uri(self.output, "runs", self.run_id)
+
+    @property
+    def run_record(self) -> str:
+        return join_uri(self.run_dir, "run.json")
+
+    @property
+    def success_marker(self) -> str:
+        return join_uri(self.run_dir, "_SUCCESS")

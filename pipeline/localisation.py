@@ -1,0 +1,56 @@
+"""Where a map puts its mass, measured against an object's box (localisation statistics).
+
+Maps are at feature resolution (h, w) and cover the whole image (the model sees the image
+resized to a square, without cropping), so a map cell maps linearly to image pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+Box = Sequence[float]  # (x0, y0, x1, y1) in image pixels
+GRID_SIDE = 128  # maps are upsampled to at most this many cells a side for the statistics
+
+
+def upsample(saliency: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bilinear upsampling of an (h, w) map to (height, width), float32."""
+    return np.asarray(Image.fromarray(saliency.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
+
+
+def _grid(saliency: np.ndarray, image_size: tuple[int, int]) -> tuple[np.ndarray, float]:
+    """The map upsampled to the image's aspect ratio, and the image-pixels-per-cell scale."""
+    width, height = image_size
+    scale = max(width, height) / GRID_SIDE
+    return upsample(saliency, max(1, round(width / scale)), max(1, round(height / scale))), scale
+
+
+def _box_mask(shape: tuple[int, int], box: Box, scale: float) -> np.ndarray:
+    rows, cols = shape
+    ys, xs = (np.arange(rows) + 0.5) * scale, (np.arange(cols) + 0.5) * scale  # cell centres in pixels
+    x0, y0, x1, y1 = box
+    return ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
+
+
+def peak_xy(saliency: np.ndarray, image_size: tuple[int, int]) -> tuple[float, float]:
+    """Image-pixel (x, y) of the centre of the map's maximum cell."""
+    rows, cols = saliency.shape
+    row, col = np.unravel_index(int(np.argmax(saliency)), saliency.shape)
+    width, height = image_size
+    return float((col + 0.5) * width / cols), float((row + 0.5) * height / rows)
+
+
+def energy_in_box(saliency: np.ndarray, box: Box, image_size: tuple[int, int]) -> float:
+    """Share of the map's positive mass inside the box; NaN when the map has none."""
+    grid, scale = _grid(np.maximum(saliency, 0), image_size)
+    total = float(grid.sum())
+    return float(grid[_box_mask(grid.shape, box, scale)].sum()) / total if total > 0 else float("nan")
+
+
+def pointing_hit(saliency: np.ndarray, box: Box, image_size: tuple[int, int]) -> bool:
+    """Whether the upsampled map's maximum falls inside the box (the pointing game)."""
+    grid, scale = _grid(saliency, image_size)
+    row, col = np.unravel_index(int(np.argmax(grid)), grid.shape)
+    return bool(_box_mask(grid.shape, box, scale)[row, col])

@@ -1,0 +1,93 @@
+"""Audit inputs written like a retrieval system would: images, a manifest, model weights."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+
+from pipeline.io.storage import StorageOptions, join_uri, write_bytes
+
+INPUT_SIZE = 64
+
+
+def test_model() -> nn.Module:
+    model = torchvision.models.resnet18(weights=None)
+    model.fc = nn.Linear(512, 16)
+    return model.eval()
+
+
+def model_config(weights_uri: str) -> dict:
+    return {"arch": "resnet18", "embedding_dim": 16, "input_size": INPUT_SIZE, "weights": weights_uri}
+
+
+def write_weights(uri: str, options: StorageOptions) -> nn.Module:
+    model = test_model()
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    write_bytes(uri, buffer.getvalue(), options)
+    return model
+
+
+def png_bytes(rng: np.random.Generator, width: int, height: int) -> bytes:
+    """A smooth random picture (not noise, so decoding and resizing are exercised realistically)."""
+    small = rng.integers(0, 256, (max(2, height // 8), max(2, width // 8), 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(small).resize((width, height), Image.BILINEAR).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
+    """A PNG that declares width x height pixels but holds almost nothing."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def manifest_table(rows: list[dict]) -> pa.Table:
+    box = pa.list_(pa.float32())
+    schema = pa.schema([
+        ("pair_id", pa.string()), ("query_uri", pa.string()), ("reference_uri", pa.string()),
+        ("label", pa.int8()), ("rank", pa.int32()), ("score", pa.float32()),
+        ("query_bbox", box), ("reference_bbox", box), ("team", pa.string()),
+    ])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def write_table(uri: str, table: pa.Table, options: StorageOptions) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    write_bytes(uri, buffer.getvalue(), options)
+
+
+def write_audit(root: str, options: StorageOptions, rng: np.random.Generator, queries: int = 3, top_k: int = 4,
+                bad_rows: bool = False) -> tuple[str, list[dict]]:
+    """Images under root/img, manifest at root/pairs.parquet with relative URIs; returns (uri, rows)."""
+    gallery = queries * 2
+    for name, count in (("q", queries), ("g", gallery)):
+        for i in range(count):
+            write_bytes(join_uri(root, "img", f"{name}{i}.png"), png_bytes(rng, int(rng.integers(48, 96)), int(rng.integers(48, 96))), options)
+    rows = []
+    for q in range(queries):
+        for rank, g in enumerate(rng.choice(gallery, size=top_k, replace=False), start=1):
+            rows.append({"pair_id": f"q{q}/g{g}", "query_uri": f"img/q{q}.png", "reference_uri": f"img/g{g}.png",
+                         "label": int(g // 2 == q), "rank": rank, "score": float(rng.random()),
+                         "query_bbox": [4.0, 4.0, 40.0, 40.0], "reference_bbox": [8.0, 2.0, 30.0, 44.0], "team": "search"})
+    if bad_rows:
+        write_bytes(join_uri(root, "img", "corrupt.jpg"), b"\xff\xd8\xff\xe0 definitely not a jpeg body", options)
+        write_bytes(join_uri(root, "img", "bomb.png"), bomb_png(), options)
+        for pair_id, uri in (("bad/corrupt", "img/corrupt.jpg"), ("bad/missing", "img/nowhere.png"), ("bad/bomb", "img/bomb.png")):
+            rows.append({"pair_id": pair_id, "query_uri": "img/q0.png", "reference_uri": uri, "label": 0, "rank": 9,
+                         "score": 0.0, "query_bbox": None, "reference_bbox": None, "team": "search"})
+    manifest = join_uri(root, "pairs.parquet")
+    write_table(manifest, manifest_table(rows), options)
+    return manifest, rows

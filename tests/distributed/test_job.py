@@ -1,0 +1,103 @@
+"""The audit job on a real local Ray, over local folders and over moto's S3 server."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import torch
+from audit_data import INPUT_SIZE, model_config, write_audit, write_weights
+
+from pipeline import SFAM
+from pipeline.config import JobConfig
+from pipeline.distributed.job import AuditFailed, run_audit
+from pipeline.io.images import decode_image, resize_for_model, to_model_tensor
+from pipeline.io.storage import StorageOptions, exists, join_uri, read_bytes
+from pipeline.io.tables import read_json, read_results
+from pipeline.layout import RunLayout
+from pipeline.models.spec import IMAGENET_MEAN, IMAGENET_STD
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def make_config(root: str, options: StorageOptions, manifest: str, run_id: str, **overrides) -> JobConfig:
+    return JobConfig.model_validate({
+        "manifest": manifest, "output": join_uri(root, "audits"), "run_id": run_id,
+        "model": model_config(join_uri(root, "models", "model.pt")), "batch_size": 8, "num_actors": 1,
+        "max_image_pixels": 2_000_000, "storage_options": options.model_dump(), **overrides,
+    })
+
+
+def expected_similarities(model, rows: list[dict], root: str, options: StorageOptions) -> dict[str, float]:
+    """The SFAM API in-process, for the same pairs."""
+    def image(uri: str) -> torch.Tensor:
+        rgb = decode_image(read_bytes(join_uri(root, uri), options), uri, 10**8)
+        return to_model_tensor(resize_for_model(rgb, INPUT_SIZE)[None], IMAGENET_MEAN, IMAGENET_STD)
+
+    explainer = SFAM(model, "layer4")
+    x = torch.cat([image(r["query_uri"]) for r in rows])
+    y = torch.cat([image(r["reference_uri"]) for r in rows])
+    return dict(zip([r["pair_id"] for r in rows], explainer.explain(x, y).similarity.tolist()))
+
+
+def check_run(config: JobConfig, rows: list[dict], model, root: str) -> None:
+    options = config.storage_options
+    table = read_results(join_uri(config.output, "results"), options, run_id=config.run_id)
+    assert sorted(table.column("pair_id").to_pylist()) == sorted(r["pair_id"] for r in rows)
+    ok = table.filter(pc.equal(table.column("status"), "ok"))
+    expected = expected_similarities(model, [r for r in rows if not r["pair_id"].startswith("bad/")], root, options)
+    assert ok.num_rows == len(expected)
+    for pair_id, similarity in zip(ok.column("pair_id").to_pylist(), ok.column("similarity").to_pylist()):
+        assert abs(similarity - expected[pair_id]) < 1e-4, pair_id
+    assert ok.column("team").to_pylist() == ["search"] * ok.num_rows  # passed through
+    first = ok.slice(0, 1).to_pylist()[0]
+    assert len(first["cis_query"]) == 512 and len(first["map_query"]) == np.prod(first["map_shape"])
+    assert 0 <= first["query_energy_in_box"] <= 1 and isinstance(first["query_pointing_hit"], bool)
+    for png in ok.column("png_uri").to_pylist():
+        assert read_bytes(png, options)[:8] == b"\x89PNG\r\n\x1a\n"
+    record = read_json(join_uri(config.output, "runs", config.run_id, "run.json"), options)
+    assert record["counts"]["pairs"] == len(rows) and record["weights_sha256"]
+    # 3 queries x top-4 in batches of 8: at most 4 + 3 distinct images per batch of 8 pairs
+    assert record["forward_passes_per_pair"] < 1.6
+
+
+def test_local_folder_run_with_bad_rows(local_ray, tmp_path, rng) -> None:
+    root, options = str(tmp_path), StorageOptions()
+    model = write_weights(join_uri(root, "models", "model.pt"), options)
+    manifest, rows = write_audit(root, options, rng, bad_rows=True)
+    config = make_config(root, options, manifest, "local-1", max_error_fraction=0.5)
+    summary = run_audit(config)
+    assert (summary.pairs, summary.error) == (len(rows), 3)
+    check_run(config, rows, model, root)
+    table = read_results(join_uri(config.output, "results"), options, run_id="local-1")
+    errors = dict(zip(table.column("pair_id").to_pylist(), table.column("error").to_pylist()))
+    assert "not found" in errors["bad/missing"]
+    assert "corrupt" in errors["bad/corrupt"] or "unrecognised" in errors["bad/corrupt"]
+    assert "too many pixels" in errors["bad/bomb"]
+    assert exists(join_uri(config.output, "runs", "local-1", "_SUCCESS"), options)
+
+
+def test_s3_run_and_rerun_has_no_duplicates(local_ray, s3_bucket, rng) -> None:
+    bucket, options = s3_bucket
+    root = f"s3://{bucket}/audit"
+    model = write_weights(join_uri(root, "models", "model.pt"), options)
+    manifest, rows = write_audit(root, options, rng)
+    config = make_config(root, options, manifest, "nightly-1", render_png=True)
+    run_audit(config)
+    check_run(config, rows, model, root)
+    run_audit(config)  # the same run_id again
+    table = read_results(join_uri(config.output, "results"), options, run_id="nightly-1")
+    assert table.num_rows == len(rows)
+    assert len(set(table.column("pair_id").to_pylist())) == len(rows)
+
+
+def test_too_many_bad_rows_fail_without_success_marker(local_ray, tmp_path, rng) -> None:
+    root, options = str(tmp_path), StorageOptions()
+    write_weights(join_uri(root, "models", "model.pt"), options)
+    manifest, _ = write_audit(root, options, rng, queries=1, top_k=2, bad_rows=True)
+    config = make_config(root, options, manifest, "failing", max_error_fraction=0.1, render_png=False)
+    with pytest.raises(AuditFailed, match="3 of 5 pairs failed"):
+        run_audit(config)
+    layout = RunLayout(config.output, "failing", "unused")
+    assert read_json(layout.run_record, options)["status"] == "failed"
+    assert not exists(layout.success_marker, options)
