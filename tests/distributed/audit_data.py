@@ -14,12 +14,15 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from pipeline.io.storage import StorageOptions, join_uri, write_bytes
+from pipeline import SFAM
+from pipeline.io.images import decode_image, resize_for_model, to_model_tensor
+from pipeline.io.storage import StorageOptions, join_uri, read_bytes, write_bytes
+from pipeline.models.spec import IMAGENET_MEAN, IMAGENET_STD
 
 INPUT_SIZE = 64
 
 
-def test_model() -> nn.Module:
+def small_resnet() -> nn.Module:
     model = torchvision.models.resnet18(weights=None)
     model.fc = nn.Linear(512, 16)
     return model.eval()
@@ -30,7 +33,7 @@ def model_config(weights_uri: str) -> dict:
 
 
 def write_weights(uri: str, options: StorageOptions) -> nn.Module:
-    model = test_model()
+    model = small_resnet()
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     write_bytes(uri, buffer.getvalue(), options)
@@ -91,3 +94,15 @@ def write_audit(root: str, options: StorageOptions, rng: np.random.Generator, qu
     manifest = join_uri(root, "pairs.parquet")
     write_table(manifest, manifest_table(rows), options)
     return manifest, rows
+
+
+def expected_similarities(model, rows: list[dict], root: str, options: StorageOptions) -> dict[str, float]:
+    """The SFAM API in-process, for the same pairs."""
+    def image(uri: str) -> torch.Tensor:
+        rgb = decode_image(read_bytes(join_uri(root, uri), options), uri, 10**8)
+        return to_model_tensor(resize_for_model(rgb, INPUT_SIZE)[None], IMAGENET_MEAN, IMAGENET_STD)
+
+    explainer = SFAM(model, "layer4")
+    x = torch.cat([image(r["query_uri"]) for r in rows])
+    y = torch.cat([image(r["reference_uri"]) for r in rows])
+    return dict(zip([r["pair_id"] for r in rows], explainer.explain(x, y).similarity.tolist()))

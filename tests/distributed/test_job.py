@@ -5,17 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.compute as pc
 import pytest
-import torch
-from audit_data import INPUT_SIZE, model_config, write_audit, write_weights
+from audit_data import expected_similarities, model_config, write_audit, write_weights
 
-from pipeline import SFAM
 from pipeline.config import JobConfig
 from pipeline.distributed.job import AuditFailed, run_audit
-from pipeline.io.images import decode_image, resize_for_model, to_model_tensor
 from pipeline.io.storage import StorageOptions, exists, join_uri, read_bytes
 from pipeline.io.tables import read_json, read_results
 from pipeline.layout import RunLayout
-from pipeline.models.spec import IMAGENET_MEAN, IMAGENET_STD
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -26,18 +22,6 @@ def make_config(root: str, options: StorageOptions, manifest: str, run_id: str, 
         "model": model_config(join_uri(root, "models", "model.pt")), "batch_size": 8, "num_actors": 1,
         "max_image_pixels": 2_000_000, "storage_options": options.model_dump(), **overrides,
     })
-
-
-def expected_similarities(model, rows: list[dict], root: str, options: StorageOptions) -> dict[str, float]:
-    """The SFAM API in-process, for the same pairs."""
-    def image(uri: str) -> torch.Tensor:
-        rgb = decode_image(read_bytes(join_uri(root, uri), options), uri, 10**8)
-        return to_model_tensor(resize_for_model(rgb, INPUT_SIZE)[None], IMAGENET_MEAN, IMAGENET_STD)
-
-    explainer = SFAM(model, "layer4")
-    x = torch.cat([image(r["query_uri"]) for r in rows])
-    y = torch.cat([image(r["reference_uri"]) for r in rows])
-    return dict(zip([r["pair_id"] for r in rows], explainer.explain(x, y).similarity.tolist()))
 
 
 def check_run(config: JobConfig, rows: list[dict], model, root: str) -> None:
