@@ -80,7 +80,7 @@ def validate_manifest(source: BinaryIO | str) -> ManifestInfo:
     for batch in parquet.iter_batches(columns=[*REQUIRED, *boxes], batch_size=65_536):
         for name in REQUIRED:
             column = batch.column(name)
-            empty = pc.or_(pc.is_null(column), pc.equal(pc.utf8_length(column), 0))
+            empty = pc.or_kleene(pc.is_null(column), pc.equal(pc.utf8_length(column), 0))
             if pc.any(empty).as_py():
                 row = first_row + pc.index(empty, True).as_py()
                 raise ManifestError(f"manifest column {name!r} is null or empty at row {row}")

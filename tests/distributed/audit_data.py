@@ -75,7 +75,7 @@ def write_table(uri: str, table: pa.Table, options: StorageOptions) -> None:
 def write_audit(root: str, options: StorageOptions, rng: np.random.Generator, queries: int = 3, top_k: int = 4,
                 bad_rows: bool = False) -> tuple[str, list[dict]]:
     """Images under root/img, manifest at root/pairs.parquet with relative URIs; returns (uri, rows)."""
-    gallery = queries * 2
+    gallery = max(2 * queries, top_k + 1)
     for name, count in (("q", queries), ("g", gallery)):
         for i in range(count):
             write_bytes(join_uri(root, "img", f"{name}{i}.png"), png_bytes(rng, int(rng.integers(48, 96)), int(rng.integers(48, 96))), options)

@@ -1,0 +1,38 @@
+"""The stages on their own, without Ray."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+from audit_data import model_config, write_audit, write_weights
+
+from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults
+from pipeline.io.storage import StorageOptions, join_uri
+from pipeline.layout import RunLayout
+from pipeline.models.spec import ModelSpec
+
+
+def test_each_distinct_image_is_forwarded_once(tmp_path, rng) -> None:
+    root, options = str(tmp_path), StorageOptions()
+    write_weights(join_uri(root, "model.pt"), options)
+    manifest, rows = write_audit(root, options, rng, queries=2, top_k=5, bad_rows=True)
+    spec = ModelSpec.model_validate(model_config(join_uri(root, "model.pt")))
+    fetched = FetchImages(root, spec.input_size, 2_000_000, options)(pq.read_table(manifest))
+    assert fetched.column("status").to_pylist().count("error") == 3
+
+    explain = ExplainPairs(spec, options)
+    forwarded: list[int] = []
+    explain.explainer.model.conv1.register_forward_hook(lambda _m, inputs, _o: forwarded.append(inputs[0].shape[0]))
+    explained = explain(fetched)
+    distinct = len({r["query_uri"] for r in rows[:10]} | {r["reference_uri"] for r in rows[:10]})
+    assert forwarded[0] == distinct and set(forwarded[1:]) == {1}  # then the head's one-off measurement
+    forwarded.clear()
+    explain(fetched)
+    assert forwarded == [distinct]
+    assert abs(sum(v or 0 for v in explained.column("forward_share").to_pylist()) - distinct) < 1e-4
+    assert explained.column("similarity").null_count == 3
+
+    layout = RunLayout(str(tmp_path / "out"), "r1", "2026-11-26")
+    result = RenderResults(layout, True, options)(explained)
+    assert not [name for name in result.column_names if name.startswith("_")]
+    pngs = [uri for uri in result.column("png_uri").to_pylist() if uri]
+    assert len(pngs) == 10 and all(uri.startswith(layout.png_dir) for uri in pngs)

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+
+BASE = """
+manifest: s3://bucket/pairs.parquet
+output: s3://bucket/audits
+model:
+  arch: resnet50
+  embedding_dim: 512
+storage_options: {endpoint_url: http://127.0.0.1:9000}
+"""
+
+
+def test_yaml_with_overrides(tmp_path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(BASE)
+    config = load_config(path, ["model.metric=dot", "batch_size=8", "render_png=false", "run_id=nightly-2026-11-26"])
+    assert (config.model.metric, config.batch_size, config.render_png) == ("dot", 8, False)
+    assert config.run_id == "nightly-2026-11-26" and config.model.input_size == 224
+    assert config.gpus_per_actor is None and config.storage_options.endpoint_url == "http://127.0.0.1:9000"
+    assert load_config(path).run_id.startswith("run-")  # default from the UTC time
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("model.colour=red", "model.colour"),
+    ("storage_options.aws_secret_access_key=abc", "aws_secret_access_key"),
+    ("bogus=1", "bogus"),
+    ("model.metric=manhattan", "model.metric"),
+    ("run_id=../../etc", "run_id"),
+    ("batch_size", "KEY=VALUE"),
+])
+def test_bad_overrides_are_errors(tmp_path, override: str, message: str) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(BASE)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, [override])
+
+
+def test_unreadable_config(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nowhere.yaml")

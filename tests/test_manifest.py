@@ -1,0 +1,70 @@
+"""Each bad manifest is rejected, with its problem named, before any work starts."""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import JobConfig
+from pipeline.distributed.job import run_audit
+from pipeline.manifest import ManifestError, validate_manifest
+
+
+def parquet(table: pa.Table) -> io.BytesIO:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def good(n: int = 3) -> dict:
+    return {"pair_id": [f"p{i}" for i in range(n)], "query_uri": [f"q{i}.png" for i in range(n)],
+            "reference_uri": [f"r{i}.png" for i in range(n)]}
+
+
+BAD = {
+    "missing column": (pa.table({k: v for k, v in good().items() if k != "reference_uri"}), "reference_uri"),
+    "mistyped uri": (pa.table({**good(), "query_uri": [1, 2, 3]}), "'query_uri' must be a string"),
+    "mistyped label": (pa.table({**good(), "label": ["yes", "no", "yes"]}), "'label'"),
+    "mistyped box": (pa.table({**good(), "query_bbox": ["a", "b", "c"], "reference_bbox": ["a", "b", "c"]}), "'query_bbox'"),
+    "box of 3": (pa.table({**good(), "query_bbox": pa.array([[0.0, 0, 1, 1], [0.0, 1, 2], None], pa.list_(pa.float32())),
+                           "reference_bbox": pa.array([None] * 3, pa.list_(pa.float32()))}), "row 1"),
+    "duplicate pair_id": (pa.table({**good(), "pair_id": ["a", "b", "a"]}), "'a' appears more than once"),
+    "null pair_id": (pa.table({**good(), "pair_id": ["a", None, "c"]}), "'pair_id' is null or empty at row 1"),
+    "null uri": (pa.table({**good(), "reference_uri": ["x", "y", None]}), "'reference_uri' is null or empty at row 2"),
+    "empty": (pa.table({k: pa.array([], pa.string()) for k in good()}), "no rows"),
+    "reserved column": (pa.table({**good(), "similarity": [0.1, 0.2, 0.3]}), "similarity"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_manifest_is_rejected(case: str) -> None:
+    table, message = BAD[case]
+    with pytest.raises(ManifestError, match=message.replace("(", r"\(")):
+        validate_manifest(parquet(table))
+
+
+def test_not_parquet() -> None:
+    with pytest.raises(ManifestError, match="not a readable Parquet"):
+        validate_manifest(io.BytesIO(b"pair_id,query_uri\n1,2\n"))
+
+
+def test_good_manifest_passes_with_extra_columns() -> None:
+    table = pa.table({**good(5), "label": pa.array([1, 0, 1, 0, 1], pa.int8()), "team": ["a"] * 5,
+                      "query_bbox": pa.array([[0.0, 0, 1, 1]] * 5, pa.list_(pa.float32())),
+                      "reference_bbox": pa.array([[0.0, 0, 1, 1]] * 5, pa.list_(pa.float32()))})
+    info = validate_manifest(parquet(table))
+    assert info.num_rows == 5 and info.has_boxes
+
+
+def test_job_rejects_bad_manifest_before_any_work(tmp_path) -> None:
+    manifest = tmp_path / "pairs.parquet"
+    pq.write_table(BAD["duplicate pair_id"][0], manifest)
+    config = JobConfig.model_validate({"manifest": str(manifest), "output": str(tmp_path / "out"),
+                                       "model": {"arch": "resnet18"}})
+    with pytest.raises(ManifestError, match="more than once"):
+        run_audit(config)  # no Ray is running: validation comes first
+    assert not (tmp_path / "out").exists()
