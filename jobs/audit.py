@@ -14,17 +14,11 @@ import sys
 
 import ray
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, add_config_arguments, load_config
 from pipeline.distributed.job import AuditFailed, run_audit
 from pipeline.io.storage import StorageError
 from pipeline.manifest import ManifestError
 from pipeline.models.loading import ModelLoadError
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="job config YAML (DESIGN.md section 4)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set model.metric=dot (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.audit", description=__doc__.splitlines()[0])
-    add_arguments(parser)
+    add_config_arguments(parser)
     return run(parser.parse_args(argv))
 
 

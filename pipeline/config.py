@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import re
 from pathlib import Path
@@ -82,3 +83,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise ConfigError(f"invalid config: {problems}") from error
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config FILE and repeatable --set KEY=VALUE, as every job entry point takes them."""
+    parser.add_argument("--config", required=True, help="job config YAML (DESIGN.md section 4)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set model.metric=dot (repeatable)")
