@@ -5,10 +5,8 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 
-import boto3
 import numpy as np
 import pytest
-from moto.server import ThreadedMotoServer
 
 from pipeline.io.storage import StorageOptions
 
@@ -26,6 +24,8 @@ def rng() -> np.random.Generator:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """Endpoint URL of a moto S3 server on a free local port, with fake credentials in the env."""
+    from moto.server import ThreadedMotoServer  # test-only dependencies load where they are used
+
     with pytest.MonkeyPatch.context() as env:
         env.setenv("AWS_ACCESS_KEY_ID", "testing")
         env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
@@ -44,6 +44,8 @@ def s3_server() -> Iterator[str]:
 @pytest.fixture
 def s3_bucket(s3_server: str) -> tuple[str, StorageOptions]:
     """A new, empty bucket and the StorageOptions that reach it."""
+    import boto3
+
     name = f"test-{uuid.uuid4().hex[:16]}"
     boto3.client("s3", endpoint_url=s3_server, region_name=S3_REGION).create_bucket(Bucket=name)
     return name, StorageOptions(endpoint_url=s3_server, region=S3_REGION)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pyarrow.parquet as pq
-from audit_data import model_config, write_audit, write_weights
+import pytest
+import torch
+from audit_data import expected_similarities, model_config, write_audit, write_weights
 
 from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults
 from pipeline.io.storage import StorageOptions, join_uri
@@ -37,3 +39,17 @@ def test_each_distinct_image_is_forwarded_once(tmp_path, rng) -> None:
     assert not [name for name in result.column_names if name.startswith("_")]
     pngs = [uri for uri in result.column("png_uri").to_pylist() if uri]
     assert len(pngs) == 10 and all(uri.startswith(layout.png_dir) for uri in pngs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_explain_actor_on_gpu_matches_cpu(tmp_path, rng) -> None:
+    root, options = str(tmp_path), StorageOptions()
+    model = write_weights(join_uri(root, "model.pt"), options)
+    manifest, rows = write_audit(root, options, rng, queries=3, top_k=4)
+    spec = ModelSpec.model_validate(model_config(join_uri(root, "model.pt")))
+    explain = ExplainPairs(spec, options)
+    assert next(explain.explainer.model.parameters()).device.type == "cuda"
+    explained = explain(FetchImages(root, spec.input_size, 2_000_000, options)(pq.read_table(manifest)))
+    expected = expected_similarities(model, rows, root, options)  # on the CPU
+    for pair_id, similarity in zip(explained.column("pair_id").to_pylist(), explained.column("similarity").to_pylist()):
+        assert abs(similarity - expected[pair_id]) < 1e-3
