@@ -11,6 +11,9 @@ import pytest
 from pipeline.io.storage import StorageOptions
 
 S3_REGION = "us-east-1"
+# fake credentials that are easy to search for in outputs that must not contain them
+S3_ACCESS_KEY_ID = f"AKIASFAMTEST{uuid.uuid4().hex[:8].upper()}"
+S3_SECRET = f"sfam-test-secret-{uuid.uuid4().hex}"
 
 
 @pytest.fixture
@@ -27,8 +30,8 @@ def s3_server() -> Iterator[str]:
     from moto.server import ThreadedMotoServer  # test-only dependencies load where they are used
 
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("AWS_ACCESS_KEY_ID", "testing")
-        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY_ID)
+        env.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
         env.setenv("AWS_DEFAULT_REGION", S3_REGION)
         for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
             env.delenv(name, raising=False)
@@ -39,6 +42,12 @@ def s3_server() -> Iterator[str]:
             yield f"http://{host}:{port}"
         finally:
             server.stop()
+
+
+@pytest.fixture
+def s3_secret(s3_server: str) -> str:
+    """The fake secret access key in the environment while the S3 server runs."""
+    return S3_SECRET
 
 
 @pytest.fixture

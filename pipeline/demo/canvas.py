@@ -5,11 +5,12 @@ values 0-16, no download). They are split once by a fixed rule, index % 5 == 0 -
 "test", else "train", so that the demo model never trains on the digits that the
 demo and the benchmarks show it.
 
-A canvas is a noisy colour gradient with 2-4 distractors (fragments of digits of
+A canvas is a noisy dark colour gradient with 2-4 distractors (fragments of digits of
 other classes and short lines) and one or two upscaled, coloured, slightly rotated
-digits on top of them. Digits are light on a dark background or dark on a light one,
-so they always contrast; distractors use the same colour range, so colour alone does
-not tell digit from clutter. Everything is drawn from the given numpy Generator only.
+digits on top of them. Ink is always lighter than the background, so digits always
+contrast (one polarity only: both polarities made the demo model several times slower
+to train); distractors use the same colours as digits, so colour alone does not tell
+digit from clutter. Everything is drawn from the given numpy Generator only.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ MAX_ROTATION_DEG = 10.0
 ALPHA_THRESHOLD = 0.15  # glyph coverage below this is not part of the digit
 MAX_COVER = 0.10  # max fraction of a distractor's ink that may fall in a digit box
 _GAP = 2  # px between the two digits' boxes
+BACKGROUND_MAX = 110.0  # background channels in [0, 110], ink channels in [150, 255]
+INK_MIN = 150.0
 
 Box = tuple[float, float, float, float]
 Layer = tuple[np.ndarray, int, int]  # coverage (h, w) in [0, 1], top-left x, y on the canvas
@@ -123,10 +126,9 @@ def _layout(rng: np.random.Generator, shapes: list[tuple[int, int]], size: int) 
     return corners
 
 
-def _background(rng: np.random.Generator, size: int, dark: bool) -> np.ndarray:
-    """Random two-colour linear gradient, (S, S, 3) float64 in [0, 255]."""
-    lo, hi = (0.0, 110.0) if dark else (145.0, 255.0)
-    c0, c1 = rng.uniform(lo, hi, (2, 3))
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Random dark two-colour linear gradient, (S, S, 3) float64 in [0, BACKGROUND_MAX]."""
+    c0, c1 = rng.uniform(0.0, BACKGROUND_MAX, (2, 3))
     theta = rng.uniform(0.0, 2 * np.pi)
     ys, xs = _grid(size)
     t = xs * np.cos(theta) + ys * np.sin(theta)
@@ -207,11 +209,9 @@ def make_canvas(rng: np.random.Generator, classes: Sequence[int], split: str = "
     digits: list[Layer] = [(g, x, y) for g, (x, y) in zip(glyphs, corners)]
     boxes: list[Box] = [(float(x), float(y), float(x + g.shape[1]), float(y + g.shape[0])) for g, x, y in digits]
 
-    dark = bool(rng.random() < 0.5)
-    image = _background(rng, size, dark)
-    ink_lo, ink_hi = (150.0, 255.0) if dark else (0.0, 105.0)
+    image = _background(rng, size)
     for layer in _distractors(rng, classes, split, size, boxes) + digits:
-        _composite(image, layer, rng.uniform(ink_lo, ink_hi, 3))
+        _composite(image, layer, rng.uniform(INK_MIN, 255.0, 3))
     image += rng.normal(0.0, rng.uniform(4.0, 14.0), image.shape)
     masks = []
     for g, x, y in digits:

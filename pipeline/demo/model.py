@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 INPUT_SIZE = 64
-MEAN = (0.5, 0.5, 0.5)  # demo input normalisation, applied to RGB in [0, 1]
-STD = (0.25, 0.25, 0.25)
+MEAN = (0.28, 0.28, 0.28)  # demo input normalisation of RGB in [0, 1] (canvas statistics)
+STD = (0.18, 0.18, 0.18)
 EMBEDDING_DIM = 64
 FEATURE_CHANNELS = 128
 FEATURE_SIZE = 16  # target-layer map side at INPUT_SIZE

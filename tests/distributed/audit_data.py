@@ -73,8 +73,10 @@ def write_table(uri: str, table: pa.Table, options: StorageOptions) -> None:
 
 
 def write_audit(root: str, options: StorageOptions, rng: np.random.Generator, queries: int = 3, top_k: int = 4,
-                bad_rows: bool = False) -> tuple[str, list[dict]]:
-    """Images under root/img, manifest at root/pairs.parquet with relative URIs; returns (uri, rows)."""
+                bad_rows: bool = False, pair_ids: list[str] | None = None) -> tuple[str, list[dict]]:
+    """Images under root/img, manifest at root/pairs.parquet with relative URIs; returns (uri, rows).
+
+    `pair_ids` replaces the good rows' ids (queries * top_k of them)."""
     gallery = max(2 * queries, top_k + 1)
     for name, count in (("q", queries), ("g", gallery)):
         for i in range(count):
@@ -85,6 +87,8 @@ def write_audit(root: str, options: StorageOptions, rng: np.random.Generator, qu
             rows.append({"pair_id": f"q{q}/g{g}", "query_uri": f"img/q{q}.png", "reference_uri": f"img/g{g}.png",
                          "label": int(g // 2 == q), "rank": rank, "score": float(rng.random()),
                          "query_bbox": [4.0, 4.0, 40.0, 40.0], "reference_bbox": [8.0, 2.0, 30.0, 44.0], "team": "search"})
+    for row, pair_id in zip(rows, pair_ids or []):
+        row["pair_id"] = pair_id
     if bad_rows:
         write_bytes(join_uri(root, "img", "corrupt.jpg"), b"\xff\xd8\xff\xe0 definitely not a jpeg body", options)
         write_bytes(join_uri(root, "img", "bomb.png"), bomb_png(), options)

@@ -1,0 +1,101 @@
+"""Faults and hostile input during a run: the job finishes or fails cleanly, and loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+from audit_data import model_config, write_audit, write_weights
+
+from pipeline.config import JobConfig
+from pipeline.distributed.job import run_audit
+from pipeline.io.storage import StorageOptions, join_uri, read_bytes
+from pipeline.io.tables import read_results
+from pipeline.layout import RunLayout
+from pipeline.report import write_report
+
+pytestmark = pytest.mark.timeout(400)
+
+HOSTILE_IDS = ["../../escape", "a/b", "nul\x00id", "x" * 300, "Ünïcödé 画像 🙂", "<script>alert(1)</script>"]
+
+
+def config_for(root: str, options: StorageOptions, manifest: str, run_id: str, **overrides) -> JobConfig:
+    return JobConfig.model_validate({
+        "manifest": manifest, "output": join_uri(root, "audits"), "run_id": run_id,
+        "model": model_config(join_uri(root, "model.pt")), "batch_size": 4, "num_actors": 1,
+        "max_error_fraction": 0.5, "storage_options": options.model_dump(), **overrides,
+    })
+
+
+def explain_actor_pids() -> set[int]:
+    found = set()
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if any("ExplainPairs" in part for part in process.info["cmdline"] or []):
+            found.add(process.info["pid"])
+    return found
+
+
+def test_explain_actor_killed_mid_run(local_ray, tmp_path, rng) -> None:
+    root, options = str(tmp_path), StorageOptions()
+    write_weights(join_uri(root, "model.pt"), options)
+    manifest, rows = write_audit(root, options, rng, queries=16, top_k=6)
+    config = config_for(root, options, manifest, "killed")
+    seen: set[int] = set()
+    killed: list[tuple[int, float]] = []
+
+    def kill_first_actor() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            pids = explain_actor_pids()
+            seen.update(pids)
+            if pids:
+                time.sleep(1.0)  # let it take some batches first
+                pid = min(pids)
+                os.kill(pid, signal.SIGKILL)
+                killed.append((pid, time.time()))
+            time.sleep(0.05)
+        while time.time() < deadline and not (explain_actor_pids() - {killed[0][0]} if killed else set()):
+            time.sleep(0.1)
+        seen.update(explain_actor_pids())
+
+    killer = threading.Thread(target=kill_first_actor, daemon=True)
+    killer.start()
+    summary = run_audit(config)
+    finished = time.time()
+    killer.join(timeout=30)
+    assert killed and killed[0][1] < finished, "the actor was not killed while the job ran"
+    assert len(seen) >= 2, "no replacement actor started"
+    table = read_results(join_uri(config.output, "results"), options, run_id="killed")
+    pair_ids = table.column("pair_id").to_pylist()
+    assert sorted(pair_ids) == sorted(r["pair_id"] for r in rows)  # every pair exactly once
+    assert summary.ok == len(rows)
+
+
+def test_hostile_pair_ids_and_credentials_stay_out(local_ray, s3_bucket, s3_secret, rng, caplog) -> None:
+    caplog.set_level("INFO")
+    bucket, options = s3_bucket
+    root = f"s3://{bucket}/hostile"
+    write_weights(join_uri(root, "model.pt"), options)
+    manifest, rows = write_audit(root, options, rng, queries=2, top_k=3, pair_ids=HOSTILE_IDS)
+    config = config_for(root, options, manifest, "hostile")
+    run_audit(config)
+    table = read_results(join_uri(config.output, "results"), options, run_id="hostile")
+    assert sorted(table.column("pair_id").to_pylist()) == sorted(HOSTILE_IDS)  # preserved as given
+    layout = RunLayout(config.output, "hostile", "unused")
+    png_uris = table.column("png_uri").to_pylist()
+    assert len(set(png_uris)) == len(HOSTILE_IDS)
+    assert all(uri.startswith(layout.png_dir + "/") and ".." not in uri for uri in png_uris)
+
+    report_uri = write_report(config.output, "hostile", options)
+    report = read_bytes(report_uri, options).decode()
+    record = read_bytes(layout.run_record, options).decode()
+    assert "<script>alert(1)</script>" not in report and "&lt;script&gt;alert(1)&lt;/script&gt;" in report
+    logs = "\n".join(r.getMessage() for r in caplog.records)
+    assert "run_id" in record and logs  # the searched texts are not empty
+    for text in (report, record, logs, json.dumps(config.model_dump(mode="json"))):
+        assert s3_secret not in text and os.environ["AWS_ACCESS_KEY_ID"] not in text
