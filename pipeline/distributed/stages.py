@@ -21,7 +21,7 @@ import torch
 
 from pipeline.explain import SFAM, SFAMResult
 from pipeline.io.images import ImageDecodeError, decode_image, display_image, resize_for_model, to_model_tensor
-from pipeline.io.storage import StorageError, StorageOptions, read_bytes, resolve_uri, write_bytes
+from pipeline.io.storage import StorageError, StorageOptions, StorageUnavailable, read_bytes, resolve_uri, write_bytes
 from pipeline.layout import RunLayout
 from pipeline.localisation import energy_in_box, peak_xy, pointing_hit
 from pipeline.models.loading import build_model
@@ -68,6 +68,8 @@ class FetchImages:
         for uri in {*batch.column("query_uri").to_pylist(), *batch.column("reference_uri").to_pylist()}:
             try:
                 decoded[uri] = self._decode(uri)
+            except StorageUnavailable:
+                raise  # the endpoint is down: the job fails and a re-run of the run_id redoes it
             except (StorageError, ImageDecodeError) as error:
                 decoded[uri] = str(error)
         errors = [

@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import fsspec
 from fsspec.utils import get_protocol
@@ -19,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 _S3_PROTOCOLS = ("s3", "s3a")
 _LOCAL_PROTOCOLS = ("file", "local")
+T = TypeVar("T")
 _USERINFO = re.compile(r"(://)[^/@\s]+@")
 
 
@@ -29,6 +32,37 @@ class StorageError(Exception):
         self.uri = redact_uri(uri)
         self.reason = redact_uri(reason)
         super().__init__(f"{self.uri}: {self.reason}")
+
+
+class StorageUnavailable(StorageError):
+    """The storage endpoint could not be reached (after retries): the job, not the row, fails."""
+
+
+# connection failures raised by botocore / aiohttp, named so that this module needs neither
+_CONNECTION_ERRORS = {
+    "EndpointConnectionError", "ConnectionClosedError", "ConnectTimeoutError", "ReadTimeoutError",
+    "ClientConnectorError", "ServerDisconnectedError", "ClientOSError",
+}
+RETRIES = 3
+RETRY_BACKOFF_SECONDS = 2.0
+
+
+def _is_connection_error(error: BaseException) -> bool:
+    return isinstance(error, (ConnectionError, TimeoutError)) or any(
+        cls.__name__ in _CONNECTION_ERRORS for cls in type(error).__mro__
+    )
+
+
+def _retrying(operation: Callable[[], T]) -> T:
+    """Runs `operation`, retrying with exponential backoff while the endpoint is unreachable."""
+    for attempt in range(RETRIES):
+        try:
+            return operation()
+        except StorageUnavailable:
+            if attempt == RETRIES - 1:
+                raise
+            time.sleep(RETRY_BACKOFF_SECONDS * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 class StorageOptions(BaseModel):
@@ -65,20 +99,31 @@ def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.
 
 
 def read_bytes(uri: str, options: StorageOptions | None = None, max_bytes: int | None = None) -> bytes:
-    """The whole object; refuses objects larger than `max_bytes` without reading them all."""
+    """The whole object; refuses objects larger than `max_bytes` without reading them all.
+
+    Retries while the endpoint is unreachable, then raises StorageUnavailable.
+    """
     fs, path = filesystem(uri, options)
-    with _storage_errors(uri), fs.open(path, "rb") as f:
-        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+
+    def read() -> bytes:
+        with _storage_errors(uri), fs.open(path, "rb") as f:
+            return f.read() if max_bytes is None else f.read(max_bytes + 1)
+
+    data = _retrying(read)
     if max_bytes is not None and len(data) > max_bytes:
         raise StorageError(uri, f"larger than max_bytes={max_bytes}")
     return data
 
 
 def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
-    """Create or replace the object (local parent folders are created)."""
+    """Create or replace the object (local parent folders are created); retries like read_bytes."""
     fs, path = filesystem(uri, options)
-    with _storage_errors(uri), fs.open(path, "wb") as f:
-        f.write(data)
+
+    def write() -> None:
+        with _storage_errors(uri), fs.open(path, "wb") as f:
+            f.write(data)
+
+    _retrying(write)
 
 
 def exists(uri: str, options: StorageOptions | None = None) -> bool:
@@ -136,4 +181,6 @@ def _storage_errors(uri: str) -> Iterator[None]:
     except IsADirectoryError as e:
         raise StorageError(uri, "is a directory, not an object") from e
     except Exception as e:  # noqa: BLE001 - an I/O boundary: every failure becomes one typed error
+        if _is_connection_error(e):
+            raise StorageUnavailable(uri, f"endpoint unreachable ({type(e).__name__}: {e})") from e
         raise StorageError(uri, f"{type(e).__name__}: {e}") from e

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -14,7 +15,7 @@ from audit_data import model_config, write_audit, write_weights
 
 from pipeline.config import JobConfig
 from pipeline.distributed.job import run_audit
-from pipeline.io.storage import StorageOptions, join_uri, read_bytes
+from pipeline.io.storage import StorageOptions, exists, join_uri, read_bytes
 from pipeline.io.tables import read_results
 from pipeline.layout import RunLayout
 from pipeline.report import write_report
@@ -99,3 +100,56 @@ def test_hostile_pair_ids_and_credentials_stay_out(local_ray, s3_bucket, s3_secr
     assert "run_id" in record and logs  # the searched texts are not empty
     for text in (report, record, logs, json.dumps(config.model_dump(mode="json"))):
         assert s3_secret not in text and os.environ["AWS_ACCESS_KEY_ID"] not in text
+
+
+def test_s3_outage_mid_run_fails_cleanly_and_rerun_completes(local_ray, rng) -> None:
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    servers = [ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)]
+    servers[0].start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="outage")
+    options = StorageOptions(endpoint_url=endpoint, region="us-east-1")
+    root = "s3://outage/audit"
+    write_weights(join_uri(root, "model.pt"), options)
+    manifest, rows = write_audit(root, options, rng, queries=10, top_k=6)
+    config = config_for(root, options, manifest, "outage")
+    outage: list[float] = []
+
+    def cut_the_endpoint() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not explain_actor_pids():
+            time.sleep(0.05)
+        servers[0].stop()
+        outage.append(time.time())
+        time.sleep(45)  # longer than the storage retries
+        servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
+        servers[-1].start()
+        outage.append(time.time())
+
+    cutter = threading.Thread(target=cut_the_endpoint, daemon=True)
+    cutter.start()
+    try:
+        try:
+            run_audit(config)
+            completed = True
+        except Exception as error:  # noqa: BLE001 - any clear failure is acceptable here
+            completed = False
+            assert "unreachable" in str(error) or "Could not connect" in str(error), error
+        cutter.join(timeout=120)
+        print(f"outage outcome: {'completed through the outage' if completed else 'failed cleanly, re-run completed'}")
+        layout = RunLayout(config.output, "outage", "unused")
+        if not completed:
+            assert not exists(layout.success_marker, options)
+            run_audit(config)  # the endpoint is back: the same run_id again
+        assert outage and len(outage) == 2
+        table = read_results(join_uri(config.output, "results"), options, run_id="outage")
+        assert sorted(table.column("pair_id").to_pylist()) == sorted(r["pair_id"] for r in rows)
+        assert set(table.column("status").to_pylist()) == {"ok"}
+        assert exists(layout.success_marker, options)
+    finally:
+        servers[-1].stop()

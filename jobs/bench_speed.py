@@ -1,0 +1,440 @@
+"""Speed of SFAM against a bare forward pass, pytorch-grad-cam's GradCAM and the whole Ray job.
+
+    python -m jobs.bench_speed [--device cpu|cuda] [--batch 32] [--repeats 3] [--size 224] [--write]
+
+Every row runs in one process on the same inputs: pairs of a generated retrieval manifest
+(random smooth pictures, each query with its top-k from a gallery), decoded as the job decodes
+them. On a shared, noisy machine the ratios between rows mean more than the absolute numbers.
+`--smoke` is a tiny run for the tests; `--write` puts the table into BENCHMARKS.md (`## Speed`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import re
+import resource
+import shlex
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pytorch_grad_cam import GradCAM
+from torch import nn
+
+from pipeline import SFAM
+from pipeline.config import JobConfig
+from pipeline.distributed.job import RunSummary, run_audit
+from pipeline.io.images import decode_image, resize_for_model, to_model_tensor
+from pipeline.models.loading import build_model
+from pipeline.models.spec import ModelSpec
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+TARGET_LAYER = "layer4"
+METRIC = "cosine"
+EMBEDDING_DIM = 512
+IMAGE_SIZE = (256, 192)  # width, height of the generated pictures
+SMOKE = {"arch": "resnet18", "size": 64, "batch": 4, "repeats": 1, "job_queries": 5, "job_top_k": 2}
+
+BARE = "bare forward (inference_mode)"
+SFAM_ROW = "SFAM fast path, both maps per pair"
+GRADCAM = "pytorch-grad-cam GradCAM, both images per pair"
+JOB_SFAM = "in-process SFAM, the job's model"
+JOB = "whole Ray job (decode, explain, PNG, Parquet)"
+FORWARDS = "job forward passes per pair"
+DRIVER_RSS = "job driver peak RSS"
+WORKER_RSS = "largest Ray worker peak RSS"
+WORKERS_RSS = "Ray workers' peak total RSS"
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Items per second: the median over the timed repeats, and the slowest and fastest repeat."""
+
+    median: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """A generated audit: the manifest's rows and the folder its relative URIs resolve against."""
+
+    root: Path
+    manifest: Path
+    rows: list[dict]
+
+
+@dataclass
+class WorkerMemory:
+    """Polls, in a background thread, the RSS of the raylet's "ray::" children of this process."""
+
+    interval_s: float = 0.2
+    peak_per_process: dict[int, tuple[str, int]] = field(default_factory=dict)  # pid -> (title, bytes)
+    peak_total: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    @contextmanager
+    def watching(self) -> Iterator[WorkerMemory]:
+        thread = threading.Thread(target=self._poll, name="worker-memory", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            thread.join()
+
+    def _poll(self) -> None:
+        while True:
+            self._sample()
+            if self._stop.wait(self.interval_s):
+                return
+
+    def _sample(self) -> None:
+        total = 0
+        for process in _ray_workers():
+            try:
+                title, rss = " ".join(process.cmdline()).strip(), process.memory_info().rss
+            except psutil.Error:  # the worker exited meanwhile
+                continue
+            total += rss
+            old_title, old_rss = self.peak_per_process.get(process.pid, (title, 0))
+            named = old_title if title == "ray::IDLE" else title  # keep the name of its last real work
+            self.peak_per_process[process.pid] = (named, max(old_rss, rss))
+        self.peak_total = max(self.peak_total, total)
+
+
+def _ray_workers() -> list[psutil.Process]:
+    workers = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if process.name() == "raylet":
+                workers += [c for c in process.children() if "ray::" in " ".join(c.cmdline())]
+        except psutil.Error:
+            continue
+    return workers
+
+
+@dataclass(frozen=True)
+class JobResult:
+    summary: RunSummary
+    arch: str
+    actors: int
+    driver_peak_bytes: int
+    workers: WorkerMemory
+
+
+# -- inputs -------------------------------------------------------------------------------------
+
+
+def smooth_picture(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """Random colours on a coarse grid, upsampled: a picture, not noise, as decoding goes."""
+    coarse = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+
+
+def write_pairs(root: Path, queries: int, top_k: int, rng: np.random.Generator) -> Pairs:
+    """`queries` query PNGs, a gallery twice as large, and a manifest of each query's top-k."""
+    gallery = max(2 * queries, top_k)
+    (root / "img").mkdir(parents=True)
+    for name, count in (("q", queries), ("g", gallery)):
+        for i in range(count):
+            smooth_picture(rng, *IMAGE_SIZE).save(root / "img" / f"{name}{i}.png")
+    rows = []
+    for q in range(queries):
+        scores = np.sort(rng.random(top_k))[::-1]
+        for rank, (g, score) in enumerate(zip(rng.choice(gallery, size=top_k, replace=False), scores), start=1):
+            rows.append({"pair_id": f"q{q}/g{g}", "query_uri": f"img/q{q}.png", "reference_uri": f"img/g{g}.png",
+                         "rank": rank, "score": float(score), "label": int(rng.random() < 0.3)})
+    schema = pa.schema([("pair_id", pa.string()), ("query_uri", pa.string()), ("reference_uri", pa.string()),
+                        ("rank", pa.int32()), ("score", pa.float32()), ("label", pa.int8())])
+    manifest = root / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), manifest)
+    return Pairs(root, manifest, rows)
+
+
+def load_inputs(pairs: Pairs, batch: int, spec: ModelSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `batch` pairs of the manifest (cycled if shorter), decoded as the job decodes them."""
+    def images(column: str) -> torch.Tensor:
+        uris = [pairs.rows[i % len(pairs.rows)][column] for i in range(batch)]
+        pixels = np.stack([resize_for_model(decode_image((pairs.root / uri).read_bytes(), uri, 10**8), spec.input_size)
+                           for uri in uris])
+        return to_model_tensor(pixels, spec.mean, spec.std, device)
+    return images("query_uri"), images("reference_uri")
+
+
+# -- in-process rows ----------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(work: Callable[[], object], items: int, repeats: int, device: torch.device) -> Rate:
+    """One warm-up call, then `repeats` timed calls of `work`, which handles `items` items."""
+    work()
+    seconds = []
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        work()
+        synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    return Rate(items / statistics.median(seconds), items / max(seconds), items / min(seconds))
+
+
+def bare_forward_rate(model: nn.Module, x: torch.Tensor, repeats: int) -> Rate:
+    def forward() -> None:
+        with torch.inference_mode():
+            model(x)
+    return measure(forward, x.shape[0], repeats, x.device)
+
+
+def sfam_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> Rate:
+    explainer = SFAM(model, TARGET_LAYER, METRIC)
+
+    def explain() -> None:
+        with torch.inference_mode():
+            explainer.explain(x, y)
+    return measure(explain, x.shape[0], repeats, x.device)
+
+
+class SimilarityToConceptTarget:
+    """pytorch-grad-cam's embedding-tutorial target: cosine similarity to a fixed concept embedding."""
+
+    def __init__(self, concept: torch.Tensor) -> None:
+        self.concept = concept
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        return F.cosine_similarity(output, self.concept, dim=0)
+
+
+def gradcam_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> Rate:
+    """Both images of each pair, in two batched GradCAM calls: x given y's embedding, y given x's.
+
+    Generous to the baseline: y's embedding takes one no-grad forward, and x's is the output
+    that the first GradCAM call computed anyway (`cam.outputs`), so no image is forwarded twice.
+    """
+    with GradCAM(model=model, target_layers=[model.get_submodule(TARGET_LAYER)]) as cam:
+        def explain_both() -> None:
+            with torch.no_grad():
+                concepts_y = model(y)
+            cam(input_tensor=x, targets=[SimilarityToConceptTarget(c) for c in concepts_y])
+            concepts_x = cam.outputs.detach()
+            cam(input_tensor=y, targets=[SimilarityToConceptTarget(c) for c in concepts_x])
+        rate = measure(explain_both, x.shape[0], repeats, x.device)
+    model.zero_grad(set_to_none=True)
+    return rate
+
+
+# -- the Ray job --------------------------------------------------------------------------------
+
+
+@contextmanager
+def local_ray() -> Iterator[None]:
+    """The Ray this process is connected to, or a local one for the length of the block."""
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def run_job(pairs: Pairs, spec: ModelSpec, batch: int, actors: int) -> JobResult:
+    """The audit job over the local files; reads the driver's peak RSS right after it."""
+    config = JobConfig(manifest=str(pairs.manifest), output=str(pairs.root / "audits"), run_id="bench-speed",
+                       model=spec, batch_size=batch, num_actors=actors, max_error_fraction=0.0)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    with local_ray(), WorkerMemory().watching() as workers:
+        summary = run_audit(config)
+    driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return JobResult(summary, spec.arch, actors, driver_peak, workers)
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else []
+    cpu = names[0] if names else platform.processor() or "unknown CPU"
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, ray {ray.__version__}"
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
+def mib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**20:,.0f}"
+
+
+def rate_row(name: str, rate: Rate, unit: str) -> str:
+    return f"| {name} | {rate.median:.3g} | {rate.low:.3g} – {rate.high:.3g} | {unit} |"
+
+
+def ratio_row(name: str, value: float, target: str, met: bool) -> str:
+    return f"| {name} | {value:.2f} | {target} | {'met' if met else 'MISSED'} |"
+
+
+def table(args: argparse.Namespace, rates: dict[str, Rate], job: JobResult | None) -> str:
+    model = f"{args.arch} at {args.size} px, batch {args.batch}"
+    lines = [
+        f"| measurement ({model}; median of {args.repeats}) | median | slowest – fastest | unit |",
+        "|---|---|---|---|",
+        rate_row(BARE, rates[BARE], "images/s"),
+        rate_row(SFAM_ROW, rates[SFAM_ROW], "pairs/s"),
+        rate_row(GRADCAM, rates[GRADCAM], "pairs/s"),
+    ]
+    if job is not None:
+        job_model = f"{job.arch} at {args.size} px"
+        summary = job.summary
+        if JOB_SFAM in rates:
+            lines.append(rate_row(f"{JOB_SFAM} ({job_model})", rates[JOB_SFAM], "pairs/s"))
+        lines += [
+            f"| {JOB} ({job_model}, {summary.pairs} pairs, {job.actors} actor(s), batch {args.batch}) "
+            f"| {summary.pairs_per_second:.3g} | one run, {summary.wall_seconds:.0f} s | pairs/s |",
+            f"| {FORWARDS} | {summary.forward_passes_per_pair:.3f} | | forwards/pair |",
+            f"| {DRIVER_RSS} (ru_maxrss, read right after the job) | {mib(job.driver_peak_bytes)} | | MiB |",
+            f"| {WORKER_RSS} ({_largest_worker(job.workers)[0]}) | {mib(_largest_worker(job.workers)[1])} | | MiB |",
+            f"| {WORKERS_RSS} (sum over processes, polled every {job.workers.interval_s} s) "
+            f"| {mib(job.workers.peak_total)} | | MiB |",
+        ]
+    sfam, bare, gradcam = rates[SFAM_ROW].median, rates[BARE].median, rates[GRADCAM].median
+    lines += [
+        "",
+        "| ratio | value | target | |",
+        "|---|---|---|---|",
+        ratio_row("SFAM pairs/s ÷ (bare images/s ÷ 2)", sfam / (bare / 2), ">= 0.9", sfam / (bare / 2) >= 0.9),
+        ratio_row("SFAM ÷ pytorch-grad-cam (pairs/s)", sfam / gradcam, ">= 3", sfam / gradcam >= 3),
+    ]
+    if job is not None:
+        in_process = rates.get(JOB_SFAM, rates[SFAM_ROW]).median
+        whole = job.summary.pairs_per_second / in_process
+        forwards = job.summary.forward_passes_per_pair
+        lines += [
+            ratio_row(f"whole job ÷ in-process SFAM ({job.arch}, pairs/s)", whole, ">= 0.6", whole >= 0.6),
+            ratio_row("job forward passes per pair", forwards, "<= 1.2", forwards <= 1.2),
+        ]
+    return "\n".join(lines)
+
+
+def _largest_worker(workers: WorkerMemory) -> tuple[str, int]:
+    return max(workers.peak_per_process.values(), key=lambda item: item[1], default=("none seen", 0))
+
+
+def worker_lines(workers: WorkerMemory) -> list[str]:
+    peaks = sorted(workers.peak_per_process.values(), key=lambda item: -item[1])
+    return [f"- `{title[:60]}`: {mib(rss)} MiB" for title, rss in peaks]
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replaces the `## Speed` section of `path` (up to the next `## ` heading), or appends it."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    speed = re.compile(r"^## Speed\n.*?(?=^## |\Z)", re.M | re.S)
+    if speed.search(text):
+        text = speed.sub(lambda _match: section + "\n", text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text.rstrip("\n") + "\n")
+
+
+def section(command: str, args: argparse.Namespace, report: str, job: JobResult | None) -> str:
+    device = torch.device(args.device)
+    parts = [
+        "## Speed",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine()}, device {device_name(device)}; {dt.date.today().isoformat()}",
+        "",
+        report,
+        "",
+        "Random weights; fc replaced by `Linear(K, 512)`; same process and inputs for all rows. "
+        "One SFAM call explains B pairs (2B images, both maps). GradCAM: two batched calls per B pairs "
+        "(x given y's embedding, y given x's), y's embedding by a no-grad forward, x's reused from the "
+        "first call; the target is the cosine similarity to the partner's embedding.",
+    ]
+    if job is not None:
+        parts += ["", "Ray worker processes (children of the raylet), peak RSS each:", *worker_lines(job.workers)]
+    return "\n".join(parts) + "\n"
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench_speed", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet50", help="torchvision arch of the in-process rows")
+    parser.add_argument("--batch", type=int, default=32, help="pairs per explain call and per job batch")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per row (after one warm-up)")
+    parser.add_argument("--size", type=int, default=224, help="input size in pixels")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--job-arch", help="arch of the Ray job (default: --arch on CUDA, resnet18 on CPU)")
+    parser.add_argument("--job-actors", type=int, default=1, help="the job's num_actors")
+    parser.add_argument("--job-queries", type=int, default=200)
+    parser.add_argument("--job-top-k", type=int, default=10)
+    parser.add_argument("--skip-job", action="store_true", help="only the in-process rows")
+    parser.add_argument("--smoke", action="store_true", help="tiny run for the tests: " + ", ".join(
+        f"{key}={value}" for key, value in SMOKE.items()))
+    parser.add_argument("--write", action="store_true", help=f"update the ## Speed section of {BENCHMARKS.name}")
+    if parser.parse_known_args(argv)[0].smoke:
+        parser.set_defaults(**SMOKE)
+    args = parser.parse_args(argv)
+    if args.job_arch is None:
+        args.job_arch = args.arch if args.device.startswith("cuda") else "resnet18"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    torch.set_num_threads(os.cpu_count())
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory(prefix="bench-speed-") as folder:
+        pairs = write_pairs(Path(folder), args.job_queries, args.job_top_k, np.random.default_rng(0))
+        job_spec = ModelSpec(arch=args.job_arch, embedding_dim=EMBEDDING_DIM, input_size=args.size,
+                             weights=str(Path(folder) / "model.pt"))
+        torch.save(build_model(job_spec.model_copy(update={"weights": None})).state_dict(), job_spec.weights)
+        # the job first: its driver's peak RSS is read before the in-process rows allocate anything
+        job = None if args.skip_job else run_job(pairs, job_spec, args.batch, args.job_actors)
+        x, y = load_inputs(pairs, args.batch, job_spec, device)
+        model = build_model(ModelSpec(arch=args.arch, embedding_dim=EMBEDDING_DIM, input_size=args.size)).to(device)
+        rates = {
+            BARE: bare_forward_rate(model, x, args.repeats),
+            SFAM_ROW: sfam_rate(model, x, y, args.repeats),
+            GRADCAM: gradcam_rate(model, x, y, args.repeats),
+        }
+        if job is not None and args.job_arch != args.arch:
+            rates[JOB_SFAM] = sfam_rate(build_model(job_spec).to(device), x, y, args.repeats)
+    report = table(args, rates, job)
+    print(report)
+    if job is not None:
+        print("\nRay worker processes, peak RSS each:", *worker_lines(job.workers), sep="\n")
+    if args.write:
+        write_section(BENCHMARKS, section(shlex.join(["python", "-m", "jobs.bench_speed", *argv]), args, report, job))
+        print(f"\nwrote the ## Speed section of {BENCHMARKS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
