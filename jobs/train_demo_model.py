@@ -1,6 +1,6 @@
 """Train the built-in demo's metric-learning model and write its checkpoint and card.
 
-    python -m jobs.train_demo_model [--steps N] [--out-dir DIR] [--eval-size N]
+    python -m jobs.train_demo_model [--steps N] [--out-dir DIR] [--eval-size N] [--samples-per-class N]
 
 Supervised contrastive loss (SupCon) on the L2-normalised embeddings of fresh
 cluttered canvases each step (train digit split, every class in every batch).
@@ -166,8 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--eval-size", type=int, default=TrainConfig.eval_size)
+    parser.add_argument("--samples-per-class", type=int, default=TrainConfig.samples_per_class)
     args = parser.parse_args(argv)
-    cfg = TrainConfig(steps=args.steps, eval_size=args.eval_size)
+    cfg = TrainConfig(steps=args.steps, eval_size=args.eval_size, samples_per_class=args.samples_per_class)
 
     torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(True)

@@ -8,7 +8,7 @@ from pipeline.demo.model import EMBEDDING_LAYER, TARGET_LAYER, DemoEmbeddingNet,
 
 
 @pytest.fixture(autouse=True)
-def _two_threads():
+def _restore_torch_globals():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)

@@ -1,0 +1,31 @@
+"""The speed benchmark runs end to end (tiny models, a 5 x 2 job on a local Ray) and prints every row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobs.bench_speed import (BARE, DRIVER_RSS, FORWARDS, GRADCAM, JOB, SFAM_ROW, WORKER_RSS, WORKERS_RSS, main,
+                              write_section)
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_smoke_run_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--smoke"]) == 0
+    printed = capsys.readouterr().out
+    for row in (BARE, SFAM_ROW, GRADCAM, JOB, FORWARDS, DRIVER_RSS, WORKER_RSS, WORKERS_RSS):
+        assert f"| {row}" in printed, row
+    for ratio in ("SFAM pairs/s ÷ (bare images/s ÷ 2)", "SFAM ÷ pytorch-grad-cam", "whole job ÷ in-process SFAM",
+                  "job forward passes per pair"):
+        assert f"| {ratio}" in printed, ratio
+
+
+def test_write_section_replaces_only_the_speed_section(tmp_path: Path) -> None:
+    path = tmp_path / "BENCHMARKS.md"
+    write_section(path, "## Speed\n\nfirst\n")
+    assert path.read_text() == "# Benchmarks\n\n## Speed\n\nfirst\n"
+    path.write_text(path.read_text() + "\n## Quality\n\nkept\n")
+    write_section(path, "## Speed\n\nsecond\n")
+    assert path.read_text() == "# Benchmarks\n\n## Speed\n\nsecond\n\n## Quality\n\nkept\n"
