@@ -45,7 +45,7 @@ THREADS = 2
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000
+    steps: int = 400
     classes_per_batch: int = 10
     samples_per_class: int = 8
     lr: float = 3e-3
