@@ -1,6 +1,6 @@
 """Speed of SFAM against a bare forward pass, pytorch-grad-cam's GradCAM and the whole Ray job.
 
-    python -m jobs.bench_speed [--device cpu|cuda] [--batch 32] [--repeats 3] [--size 224] [--write]
+    python -m jobs.bench_speed [--device cpu|cuda] [--batch 32] [--repeats 3] [--size 224] [--skip-job] [--write]
 
 Every row runs in one process on the same inputs: pairs of a generated retrieval manifest
 (random smooth pictures, each query with its top-k from a gallery), decoded as the job decodes
@@ -25,13 +25,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -40,17 +41,19 @@ from torch import nn
 
 from pipeline import SFAM
 from pipeline.config import JobConfig
-from pipeline.distributed.job import RunSummary, run_audit
 from pipeline.io.images import decode_image, resize_for_model, to_model_tensor
 from pipeline.models.loading import build_model
 from pipeline.models.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from pipeline.distributed.job import RunSummary
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 TARGET_LAYER = "layer4"
 METRIC = "cosine"
 EMBEDDING_DIM = 512
 IMAGE_SIZE = (256, 192)  # width, height of the generated pictures
-SMOKE = {"arch": "resnet18", "size": 64, "batch": 4, "repeats": 1, "job_queries": 5, "job_top_k": 2}
+SMOKE = {"arch": "resnet18", "size": 64, "batch": 4, "repeats": 1, "job_queries": 5, "job_top_k": 2, "job_gallery": 10}
 
 BARE = "bare forward (inference_mode)"
 SFAM_ROW = "SFAM fast path, both maps per pair"
@@ -149,9 +152,8 @@ def smooth_picture(rng: np.random.Generator, width: int, height: int) -> Image.I
     return Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
 
 
-def write_pairs(root: Path, queries: int, top_k: int, rng: np.random.Generator) -> Pairs:
-    """`queries` query PNGs, a gallery twice as large, and a manifest of each query's top-k."""
-    gallery = max(2 * queries, top_k)
+def write_pairs(root: Path, queries: int, top_k: int, gallery: int, rng: np.random.Generator) -> Pairs:
+    """Query and gallery PNGs, and a manifest of each query's top-k drawn from the gallery."""
     (root / "img").mkdir(parents=True)
     for name, count in (("q", queries), ("g", gallery)):
         for i in range(count):
@@ -187,33 +189,42 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(work: Callable[[], object], items: int, repeats: int, device: torch.device) -> Rate:
-    """One warm-up call, then `repeats` timed calls of `work`, which handles `items` items."""
-    work()
-    seconds = []
-    for _ in range(repeats):
-        synchronize(device)
-        started = time.perf_counter()
+Work = Callable[[], object]
+
+
+def measure_side_by_side(works: dict[str, Work], items: int, repeats: int, device: torch.device) -> dict[str, Rate]:
+    """One warm-up call of each work, then `repeats` rounds that time each work once.
+
+    Interleaving the rows makes slow changes in a shared machine's load hit them all alike.
+    Each call handles `items` items (images or pairs).
+    """
+    for work in works.values():
         work()
-        synchronize(device)
-        seconds.append(time.perf_counter() - started)
-    return Rate(items / statistics.median(seconds), items / max(seconds), items / min(seconds))
+    seconds: dict[str, list[float]] = {name: [] for name in works}
+    for _ in range(repeats):
+        for name, work in works.items():
+            synchronize(device)
+            started = time.perf_counter()
+            work()
+            synchronize(device)
+            seconds[name].append(time.perf_counter() - started)
+    return {name: Rate(items / statistics.median(s), items / max(s), items / min(s)) for name, s in seconds.items()}
 
 
-def bare_forward_rate(model: nn.Module, x: torch.Tensor, repeats: int) -> Rate:
+def bare_forward(model: nn.Module, x: torch.Tensor) -> Work:
     def forward() -> None:
         with torch.inference_mode():
             model(x)
-    return measure(forward, x.shape[0], repeats, x.device)
+    return forward
 
 
-def sfam_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> Rate:
+def sfam_explain(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Work:
     explainer = SFAM(model, TARGET_LAYER, METRIC)
 
     def explain() -> None:
         with torch.inference_mode():
             explainer.explain(x, y)
-    return measure(explain, x.shape[0], repeats, x.device)
+    return explain
 
 
 class SimilarityToConceptTarget:
@@ -226,47 +237,49 @@ class SimilarityToConceptTarget:
         return F.cosine_similarity(output, self.concept, dim=0)
 
 
-def gradcam_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> Rate:
+def gradcam_explain(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Work:
     """Both images of each pair, in two batched GradCAM calls: x given y's embedding, y given x's.
 
     Generous to the baseline: y's embedding takes one no-grad forward, and x's is the output
     that the first GradCAM call computed anyway (`cam.outputs`), so no image is forwarded twice.
+    The GradCAM (its hooks) lives only during a call, so the other rows run on a hook-free model.
     """
-    with GradCAM(model=model, target_layers=[model.get_submodule(TARGET_LAYER)]) as cam:
-        def explain_both() -> None:
+    def explain_both() -> None:
+        with GradCAM(model=model, target_layers=[model.get_submodule(TARGET_LAYER)]) as cam:
             with torch.no_grad():
                 concepts_y = model(y)
             cam(input_tensor=x, targets=[SimilarityToConceptTarget(c) for c in concepts_y])
             concepts_x = cam.outputs.detach()
             cam(input_tensor=y, targets=[SimilarityToConceptTarget(c) for c in concepts_x])
-        rate = measure(explain_both, x.shape[0], repeats, x.device)
-    model.zero_grad(set_to_none=True)
-    return rate
+        model.zero_grad(set_to_none=True)
+    return explain_both
 
 
 # -- the Ray job --------------------------------------------------------------------------------
 
 
-@contextmanager
-def local_ray() -> Iterator[None]:
-    """The Ray this process is connected to, or a local one for the length of the block."""
-    if ray.is_initialized():
-        yield
-        return
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 def run_job(pairs: Pairs, spec: ModelSpec, batch: int, actors: int) -> JobResult:
-    """The audit job over the local files; reads the driver's peak RSS right after it."""
+    """The audit job over the local files, on the Ray this process is connected to or a local one.
+
+    Reads the driver's peak RSS right after the job. Ray is imported here so that the in-process
+    rows (`--skip-job`) also run where it is not installed.
+    """
+    import ray
+
+    from pipeline.distributed.job import run_audit
+
     config = JobConfig(manifest=str(pairs.manifest), output=str(pairs.root / "audits"), run_id="bench-speed",
                        model=spec, batch_size=batch, num_actors=actors, max_error_fraction=0.0)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    with local_ray(), WorkerMemory().watching() as workers:
-        summary = run_audit(config)
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        with WorkerMemory().watching() as workers:
+            summary = run_audit(config)
+    finally:
+        if started_here:
+            ray.shutdown()
     driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     return JobResult(summary, spec.arch, actors, driver_peak, workers)
 
@@ -278,7 +291,14 @@ def machine() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else []
     cpu = names[0] if names else platform.processor() or "unknown CPU"
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, ray {ray.__version__}"
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, ray {_version('ray')}"
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def device_name(device: torch.device) -> str:
@@ -289,8 +309,13 @@ def mib(n_bytes: float) -> str:
     return f"{n_bytes / 2**20:,.0f}"
 
 
+def number(value: float) -> str:
+    """Three significant digits, without exponents."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def rate_row(name: str, rate: Rate, unit: str) -> str:
-    return f"| {name} | {rate.median:.3g} | {rate.low:.3g} – {rate.high:.3g} | {unit} |"
+    return f"| {name} | {number(rate.median)} | {number(rate.low)} – {number(rate.high)} | {unit} |"
 
 
 def ratio_row(name: str, value: float, target: str, met: bool) -> str:
@@ -300,7 +325,7 @@ def ratio_row(name: str, value: float, target: str, met: bool) -> str:
 def table(args: argparse.Namespace, rates: dict[str, Rate], job: JobResult | None) -> str:
     model = f"{args.arch} at {args.size} px, batch {args.batch}"
     lines = [
-        f"| measurement ({model}; median of {args.repeats}) | median | slowest – fastest | unit |",
+        f"| measurement ({model}; median of {args.repeats} interleaved rounds) | median | slowest – fastest | unit |",
         "|---|---|---|---|",
         rate_row(BARE, rates[BARE], "images/s"),
         rate_row(SFAM_ROW, rates[SFAM_ROW], "pairs/s"),
@@ -313,7 +338,7 @@ def table(args: argparse.Namespace, rates: dict[str, Rate], job: JobResult | Non
             lines.append(rate_row(f"{JOB_SFAM} ({job_model})", rates[JOB_SFAM], "pairs/s"))
         lines += [
             f"| {JOB} ({job_model}, {summary.pairs} pairs, {job.actors} actor(s), batch {args.batch}) "
-            f"| {summary.pairs_per_second:.3g} | one run, {summary.wall_seconds:.0f} s | pairs/s |",
+            f"| {number(summary.pairs_per_second)} | one run, {summary.wall_seconds:.0f} s | pairs/s |",
             f"| {FORWARDS} | {summary.forward_passes_per_pair:.3f} | | forwards/pair |",
             f"| {DRIVER_RSS} (ru_maxrss, read right after the job) | {mib(job.driver_peak_bytes)} | | MiB |",
             f"| {WORKER_RSS} ({_largest_worker(job.workers)[0]}) | {mib(_largest_worker(job.workers)[1])} | | MiB |",
@@ -369,7 +394,8 @@ def section(command: str, args: argparse.Namespace, report: str, job: JobResult 
         "",
         report,
         "",
-        "Random weights; fc replaced by `Linear(K, 512)`; same process and inputs for all rows. "
+        "Random weights; fc replaced by `Linear(K, 512)`; same process and inputs for all rows; after one "
+        "warm-up call each, the in-process rows are timed in interleaved rounds (the job runs first, alone). "
         "One SFAM call explains B pairs (2B images, both maps). GradCAM: two batched calls per B pairs "
         "(x given y's embedding, y given x's), y's embedding by a no-grad forward, x's reused from the "
         "first call; the target is the cosine similarity to the partner's embedding.",
@@ -386,13 +412,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench_speed", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet50", help="torchvision arch of the in-process rows")
     parser.add_argument("--batch", type=int, default=32, help="pairs per explain call and per job batch")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per row (after one warm-up)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds, each row once per round (after one warm-up call each)")
     parser.add_argument("--size", type=int, default=224, help="input size in pixels")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--job-arch", help="arch of the Ray job (default: --arch on CUDA, resnet18 on CPU)")
     parser.add_argument("--job-actors", type=int, default=1, help="the job's num_actors")
     parser.add_argument("--job-queries", type=int, default=200)
     parser.add_argument("--job-top-k", type=int, default=10)
+    parser.add_argument("--job-gallery", type=int, default=400, help="gallery images the top-k are drawn from")
     parser.add_argument("--skip-job", action="store_true", help="only the in-process rows")
     parser.add_argument("--smoke", action="store_true", help="tiny run for the tests: " + ", ".join(
         f"{key}={value}" for key, value in SMOKE.items()))
@@ -400,6 +427,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if parser.parse_known_args(argv)[0].smoke:
         parser.set_defaults(**SMOKE)
     args = parser.parse_args(argv)
+    if args.job_gallery < args.job_top_k:
+        parser.error("--job-gallery must hold at least --job-top-k images")
     if args.job_arch is None:
         args.job_arch = args.arch if args.device.startswith("cuda") else "resnet18"
     return args
@@ -411,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(os.cpu_count())
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="bench-speed-") as folder:
-        pairs = write_pairs(Path(folder), args.job_queries, args.job_top_k, np.random.default_rng(0))
+        pairs = write_pairs(Path(folder), args.job_queries, args.job_top_k, args.job_gallery, np.random.default_rng(0))
         job_spec = ModelSpec(arch=args.job_arch, embedding_dim=EMBEDDING_DIM, input_size=args.size,
                              weights=str(Path(folder) / "model.pt"))
         torch.save(build_model(job_spec.model_copy(update={"weights": None})).state_dict(), job_spec.weights)
@@ -419,13 +448,10 @@ def main(argv: list[str] | None = None) -> int:
         job = None if args.skip_job else run_job(pairs, job_spec, args.batch, args.job_actors)
         x, y = load_inputs(pairs, args.batch, job_spec, device)
         model = build_model(ModelSpec(arch=args.arch, embedding_dim=EMBEDDING_DIM, input_size=args.size)).to(device)
-        rates = {
-            BARE: bare_forward_rate(model, x, args.repeats),
-            SFAM_ROW: sfam_rate(model, x, y, args.repeats),
-            GRADCAM: gradcam_rate(model, x, y, args.repeats),
-        }
+        works = {BARE: bare_forward(model, x), SFAM_ROW: sfam_explain(model, x, y), GRADCAM: gradcam_explain(model, x, y)}
         if job is not None and args.job_arch != args.arch:
-            rates[JOB_SFAM] = sfam_rate(build_model(job_spec).to(device), x, y, args.repeats)
+            works[JOB_SFAM] = sfam_explain(build_model(job_spec).to(device), x, y)
+        rates = measure_side_by_side(works, args.batch, args.repeats, device)
     report = table(args, rates, job)
     print(report)
     if job is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import duckdb
 import ray
+import yaml
 
 from pipeline.config import JobConfig
 from pipeline.demo.audit import MODEL_SPEC, build_demo_audit
@@ -33,7 +34,7 @@ GROUP BY label ORDER BY label
 """
 
 
-def run_demo(output: str, queries: int = 40, top_k: int = 5) -> int:
+def run_demo(output: str, queries: int = 30, top_k: int = 10) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     started = time.time()
     root = Path(output).resolve()
@@ -43,6 +44,8 @@ def run_demo(output: str, queries: int = 40, top_k: int = 5) -> int:
         "manifest": str(manifest), "output": str(root / "audits"), "run_id": RUN_ID, "model": MODEL_SPEC,
         "batch_size": 5 * top_k, "num_actors": 1, "max_error_fraction": 0.0,
     })
+    config_path = root / "audit.yaml"  # the same audit again: sfam audit --config demo-output/audit.yaml
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     ray.init(ignore_reinit_error=True, include_dashboard=False)
     try:
         summary = run_audit(config)
@@ -56,5 +59,6 @@ def run_demo(output: str, queries: int = 40, top_k: int = 5) -> int:
     print(duckdb.sql(LABEL_QUERY.format(results=root / "audits" / "results", run_id=RUN_ID)))
     report = write_report(config.output, RUN_ID, StorageOptions())
     print(f"report: {report}")
+    print(f"config: {config_path}")
     print(f"demo finished in {time.time() - started:.0f} s")
     return 0

@@ -1,12 +1,14 @@
 """Train the built-in demo's metric-learning model and write its checkpoint and card.
 
-    python -m jobs.train_demo_model [--steps N] [--out-dir DIR] [--eval-size N] [--samples-per-class N]
+    python -m jobs.train_demo_model [--steps N] [--out-dir DIR] [--eval-size N]
+                                    [--classes-per-batch N] [--samples-per-class N]
 
 Supervised contrastive loss (SupCon) on the L2-normalised embeddings of fresh
-cluttered canvases each step (train digit split, every class in every batch).
+cluttered canvases each step (train digit split; every batch holds
+samples-per-class canvases of each of classes-per-batch random classes).
 Evaluation: Recall@1 by cosine of query canvases against a gallery of as many
 canvases, both drawn from the held-out test digit split with a separate seed.
-CPU only, deterministic for a given thread count (2).
+CPU only; deterministic for a given torch version, CPU and thread count (2).
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.demo import canvas
 from pipeline.demo.model import (
@@ -111,7 +113,7 @@ def recall_at_1(model: DemoEmbeddingNet, n: int, seed: int, split: str = "test")
     return float(np.mean(g_lab[nearest] == q_lab))
 
 
-def _card(cfg: TrainConfig, model: DemoEmbeddingNet, losses: list[float], recall: float, train_s: float, ckpt: Path) -> dict:
+def _card(cfg: TrainConfig, model: DemoEmbeddingNet, losses: list[float], recall: float, timing: dict, ckpt: Path) -> dict:
     data = ckpt.read_bytes()
     return {
         "model": "pipeline.demo.model:demo_model",
@@ -142,8 +144,7 @@ def _card(cfg: TrainConfig, model: DemoEmbeddingNet, losses: list[float], recall
             "data": "fresh single-digit canvases each step, train digits (load_digits index % 5 != 0)",
             "loss_first10": float(np.mean(losses[:10])),
             "loss_last10": float(np.mean(losses[-10:])),
-            "wall_time_s": round(train_s, 1),
-            "threads": THREADS,
+            **timing,
         },
         "seeds": {"torch": cfg.torch_seed, "train_data": cfg.train_data_seed, "eval": cfg.eval_seed},
         "evaluation": {
@@ -166,22 +167,36 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--eval-size", type=int, default=TrainConfig.eval_size)
+    parser.add_argument("--classes-per-batch", type=int, default=TrainConfig.classes_per_batch)
     parser.add_argument("--samples-per-class", type=int, default=TrainConfig.samples_per_class)
     args = parser.parse_args(argv)
-    cfg = TrainConfig(steps=args.steps, eval_size=args.eval_size, samples_per_class=args.samples_per_class)
+    cfg = TrainConfig(
+        steps=args.steps,
+        eval_size=args.eval_size,
+        classes_per_batch=args.classes_per_batch,
+        samples_per_class=args.samples_per_class,
+    )
 
     torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(True)
-    start = time.perf_counter()
+    load = os.getloadavg()[0]
+    wall, cpu = time.perf_counter(), time.process_time()
     model, losses = train(cfg)
-    train_s = time.perf_counter() - start
+    # cpu_time_s (all threads) does not grow when other processes share the cores; wall time does
+    timing = {
+        "wall_time_s": round(time.perf_counter() - wall, 1),
+        "cpu_time_s": round(time.process_time() - cpu, 1),
+        "threads": THREADS,
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": round(load, 2),
+    }
     recall = recall_at_1(model, cfg.eval_size, cfg.eval_seed)
-    print(f"trained {cfg.steps} steps in {train_s:.1f} s; held-out Recall@1 = {recall:.4f}", flush=True)
+    print(f"trained {cfg.steps} steps in {timing['wall_time_s']} s; held-out Recall@1 = {recall:.4f}", flush=True)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = args.out_dir / CHECKPOINT
     torch.save({k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}, ckpt)
-    card = _card(cfg, model, losses, recall, train_s, ckpt)
+    card = _card(cfg, model, losses, recall, timing, ckpt)
     (args.out_dir / CARD).write_text(json.dumps(card, indent=2) + "\n")
     return card
 

@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="build the demo data and run the audit job on it")
     demo.add_argument("--output", default="demo-output")
-    demo.add_argument("--queries", type=int, default=40)
-    demo.add_argument("--top-k", type=int, default=5)
+    demo.add_argument("--queries", type=int, default=30)
+    demo.add_argument("--top-k", type=int, default=10)
     demo.set_defaults(handler=demo_command)
 
     report = commands.add_parser("report", help="write a run's static HTML report")

@@ -35,7 +35,7 @@ def _save(folder: Path, prefix: str, images: np.ndarray) -> list[str]:
     return names
 
 
-def build_demo_audit(folder: Path, queries: int, top_k: int, gallery: int = 200) -> Path:
+def build_demo_audit(folder: Path, queries: int, top_k: int, gallery: int = 80) -> Path:
     """Writes images under folder/images and the manifest folder/pairs.parquet; returns its path."""
     rng = np.random.default_rng(DEMO_SEED)
     gallery_images, gallery_labels, gallery_boxes = make_dataset(rng, gallery, split="test")

@@ -34,10 +34,10 @@ def test_model_structure_after_target_layer_is_pool_flatten_fc():
 
 def test_short_training_run_learns_and_writes_a_loadable_checkpoint(tmp_path):
     card = train_demo_model.main(
-        ["--steps", "150", "--samples-per-class", "4", "--eval-size", "200", "--out-dir", str(tmp_path)]
+        ["--steps", "150", "--classes-per-batch", "5", "--samples-per-class", "8", "--eval-size", "200", "--out-dir", str(tmp_path)]
     )
     training = card["training"]
-    assert training["loss_last10"] < 0.8 * training["loss_first10"]
+    assert training["loss_last10"] < 0.9 * training["loss_first10"]
     assert card["evaluation"]["recall_at_1"] > 0.3
     assert json.loads((tmp_path / "demo_model.json").read_text()) == card
     state = torch.load(tmp_path / "demo_model.pt", weights_only=True)
