@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     load = os.getloadavg()[0]
     wall, cpu = time.perf_counter(), time.process_time()
     model, losses = train(cfg)
-    # cpu_time_s (all threads) does not grow when other processes share the cores; wall time does
+    # wall time grows when other processes share the cores; so does cpu_time_s (all threads,
+    # OpenMP spin-waits included), so the load average says how busy the machine was
     timing = {
         "wall_time_s": round(time.perf_counter() - wall, 1),
         "cpu_time_s": round(time.process_time() - cpu, 1),

@@ -9,10 +9,10 @@ from pipeline.demo.model import EMBEDDING_LAYER, TARGET_LAYER, DemoEmbeddingNet,
 
 @pytest.fixture(autouse=True)
 def _restore_torch_globals():
-    threads = torch.get_num_threads()
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     yield
     torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(False)
+    torch.use_deterministic_algorithms(deterministic)
 
 
 def test_model_structure_after_target_layer_is_pool_flatten_fc():
