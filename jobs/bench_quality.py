@@ -38,13 +38,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
-import re
 import shlex
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,6 +50,7 @@ from pytorch_grad_cam import GradCAM
 from scipy import ndimage, stats
 from torch import nn
 
+from jobs.benchmark_report import BENCHMARKS, cpu_name, parse_benchmark_args, write_section
 from pipeline import SFAM
 from pipeline.demo.canvas import make_canvas
 from pipeline.demo.model import EMBEDDING_LAYER, INPUT_SIZE, MEAN, STD, TARGET_LAYER, demo_model
@@ -60,7 +58,6 @@ from pipeline.explain.baselines import gradcam_similarity, mean_activation, rand
 from pipeline.io.images import to_model_tensor
 from pipeline.localisation import Box, energy_in_box, pointing_hit, upsample
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 SEED = 31415926  # data, re-initialised weights and random maps; used nowhere else in the project
 THREADS = 2
 SPLIT = "test"
@@ -382,9 +379,7 @@ def report(scores: Scores, agreement: Agreement) -> str:
 
 
 def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else []
-    cpu = names[0] if names else platform.processor() or "unknown CPU"
+    cpu = cpu_name()
     return f"{cpu}, {os.cpu_count()} cores ({THREADS} torch threads), torch {torch.__version__}"
 
 
@@ -413,17 +408,6 @@ def section(command: str, args: argparse.Namespace, body: str, seconds: float) -
     ])
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replaces the `## Quality` section of `path` (up to the next `## ` heading), or appends it."""
-    content = path.read_text() if path.exists() else "# Benchmarks\n"
-    quality = re.compile(r"^## Quality\n.*?(?=^## |\Z)", re.M | re.S)
-    if quality.search(content):
-        content = quality.sub(lambda _match: text + "\n", content, count=1)
-    else:
-        content = content.rstrip("\n") + "\n\n" + text
-    path.write_text(content.rstrip("\n") + "\n")
-
-
 # -- main ---------------------------------------------------------------------------------------------
 
 
@@ -433,12 +417,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--subset", type=int, default=200,
                         help="the first N pairs of test 1 run faithfulness and the sanity check")
     parser.add_argument("--seed", type=int, default=SEED, help="data, re-initialised weights, random maps")
-    parser.add_argument("--smoke", action="store_true", help="tiny run for the tests: " + ", ".join(
-        f"{key}={value}" for key, value in SMOKE.items()))
-    parser.add_argument("--write", action="store_true", help=f"update the ## Quality section of {BENCHMARKS.name}")
-    if parser.parse_known_args(argv)[0].smoke:
-        parser.set_defaults(**SMOKE)
-    args = parser.parse_args(argv)
+    args = parse_benchmark_args(parser, argv, SMOKE, "## Quality")
     if not 1 <= args.subset <= args.pairs:
         parser.error("--subset must be between 1 and --pairs")
     return args

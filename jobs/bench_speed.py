@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
-import re
 import resource
 import shlex
 import statistics
@@ -39,6 +37,7 @@ from PIL import Image
 from pytorch_grad_cam import GradCAM
 from torch import nn
 
+from jobs.benchmark_report import BENCHMARKS, cpu_name, parse_benchmark_args, write_section
 from pipeline import SFAM
 from pipeline.config import JobConfig
 from pipeline.io.images import decode_image, resize_for_model, to_model_tensor
@@ -48,7 +47,6 @@ from pipeline.models.spec import ModelSpec
 if TYPE_CHECKING:
     from pipeline.distributed.job import RunSummary
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 TARGET_LAYER = "layer4"
 METRIC = "cosine"
 EMBEDDING_DIM = 512
@@ -288,9 +286,7 @@ def run_job(pairs: Pairs, spec: ModelSpec, batch: int, actors: int) -> JobResult
 
 
 def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else []
-    cpu = names[0] if names else platform.processor() or "unknown CPU"
+    cpu = cpu_name()
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, ray {_version('ray')}"
 
 
@@ -373,17 +369,6 @@ def worker_lines(workers: WorkerMemory) -> list[str]:
     return [f"- `{title[:60]}`: {mib(rss)} MiB" for title, rss in peaks]
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replaces the `## Speed` section of `path` (up to the next `## ` heading), or appends it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    speed = re.compile(r"^## Speed\n.*?(?=^## |\Z)", re.M | re.S)
-    if speed.search(text):
-        text = speed.sub(lambda _match: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text.rstrip("\n") + "\n")
-
-
 def section(command: str, args: argparse.Namespace, report: str, job: JobResult | None) -> str:
     device = torch.device(args.device)
     parts = [
@@ -421,12 +406,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--job-top-k", type=int, default=10)
     parser.add_argument("--job-gallery", type=int, default=400, help="gallery images the top-k are drawn from")
     parser.add_argument("--skip-job", action="store_true", help="only the in-process rows")
-    parser.add_argument("--smoke", action="store_true", help="tiny run for the tests: " + ", ".join(
-        f"{key}={value}" for key, value in SMOKE.items()))
-    parser.add_argument("--write", action="store_true", help=f"update the ## Speed section of {BENCHMARKS.name}")
-    if parser.parse_known_args(argv)[0].smoke:
-        parser.set_defaults(**SMOKE)
-    args = parser.parse_args(argv)
+    args = parse_benchmark_args(parser, argv, SMOKE, "## Speed")
     if args.job_gallery < args.job_top_k:
         parser.error("--job-gallery must hold at least --job-top-k images")
     if args.job_arch is None:

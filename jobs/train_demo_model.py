@@ -37,8 +37,8 @@ from pipeline.demo.model import (
     STD,
     TARGET_LAYER,
     DemoEmbeddingNet,
-    preprocess,
 )
+from pipeline.io.images import to_model_tensor
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parents[1] / "pipeline" / "assets"
 CARD = "demo_model.json"
@@ -73,7 +73,7 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> to
 def _batch(rng: np.random.Generator, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     classes = rng.permutation(10)[: cfg.classes_per_batch].repeat(cfg.samples_per_class)
     images, labels, _ = canvas.make_dataset(rng, len(classes), "train", INPUT_SIZE, classes)
-    return preprocess(images), torch.from_numpy(labels)  # (B, 3, S, S), (B,)
+    return to_model_tensor(images, MEAN, STD), torch.from_numpy(labels)  # (B, 3, S, S), (B,)
 
 
 def train(cfg: TrainConfig) -> tuple[DemoEmbeddingNet, list[float]]:
@@ -100,7 +100,7 @@ def train(cfg: TrainConfig) -> tuple[DemoEmbeddingNet, list[float]]:
 @torch.no_grad()
 def embed(model: DemoEmbeddingNet, images: np.ndarray, chunk: int = 250) -> torch.Tensor:
     """uint8 images (N, S, S, 3) -> unit-norm embeddings (N, D)."""
-    return torch.cat([model(preprocess(images[i : i + chunk])) for i in range(0, len(images), chunk)])
+    return torch.cat([model(to_model_tensor(images[i : i + chunk], MEAN, STD)) for i in range(0, len(images), chunk)])
 
 
 def recall_at_1(model: DemoEmbeddingNet, n: int, seed: int, split: str = "test") -> float:

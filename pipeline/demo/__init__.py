@@ -1,7 +1,7 @@
 """The built-in demo: cluttered digit canvases and a small trained embedding model."""
 
 from pipeline.demo.canvas import Canvas, digit_indices, make_canvas, make_dataset
-from pipeline.demo.model import EMBEDDING_LAYER, INPUT_SIZE, MEAN, STD, TARGET_LAYER, DemoEmbeddingNet, demo_model, preprocess
+from pipeline.demo.model import EMBEDDING_LAYER, INPUT_SIZE, MEAN, STD, TARGET_LAYER, DemoEmbeddingNet, demo_model
 
 __all__ = [
     "Canvas",
@@ -15,5 +15,4 @@ __all__ = [
     "digit_indices",
     "make_canvas",
     "make_dataset",
-    "preprocess",
 ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from importlib import resources
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,14 +54,6 @@ class DemoEmbeddingNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.flatten(self.pool(self.features(x)))  # (B, 128)
         return F.normalize(self.fc(a), dim=1)  # (B, 64)
-
-
-def preprocess(images: np.ndarray) -> torch.Tensor:
-    """uint8 RGB (N, S, S, 3) -> normalised float32 (N, 3, S, S)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 def demo_model(pretrained: bool = True) -> DemoEmbeddingNet:
