@@ -15,12 +15,16 @@ REPORT_COLUMNS = (
 )
 
 
+def _path_part(uri: str) -> str:
+    return uri.split("://", 1)[1] if "://" in uri else os.path.abspath(uri)
+
+
 def _relative(target: str, start_dir: str) -> str | None:
     """target relative to start_dir when both are on the same filesystem, else None."""
-    if target.split("://", 1)[0] != start_dir.split("://", 1)[0] and ("://" in target or "://" in start_dir):
+    same_scheme = target.partition("://")[0] == start_dir.partition("://")[0]
+    if not same_scheme and ("://" in target or "://" in start_dir):
         return None
-    strip = lambda uri: uri.split("://", 1)[1] if "://" in uri else os.path.abspath(uri)  # noqa: E731
-    return posixpath.relpath(strip(target), strip(start_dir))
+    return posixpath.relpath(_path_part(target), _path_part(start_dir))
 
 
 def write_report(output: str, run_id: str, options: StorageOptions, destination: str | None = None) -> str:
