@@ -20,8 +20,8 @@ def find_module(model: nn.Module, name: str, argument: str = "target_layer") -> 
     if name in modules:
         return modules[name]
     close = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.5)
-    hint = f" Close names: {', '.join(close)}." if close else ""
-    raise ExplanationError(f"{argument}={name!r} is not a module of {type(model).__name__}.{hint}")
+    hint = f"; did you mean: {', '.join(close)}?" if close else ""
+    raise ExplanationError(f"{argument} {name!r} is not a module of the model ({type(model).__name__}){hint}")
 
 
 @contextmanager

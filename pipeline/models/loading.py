@@ -13,6 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
+from pipeline.explain.layers import ExplanationError, find_module
 from pipeline.io.storage import StorageError, StorageOptions, read_bytes
 from pipeline.models.spec import ModelSpec
 
@@ -50,10 +51,10 @@ def build_model(spec: ModelSpec, storage_options: StorageOptions | None = None) 
 
 def resolve_layer_name(model: nn.Module, name: str, what: str = "target_layer") -> nn.Module:
     """The submodule called `name` in `model.named_modules()`; the error suggests close names."""
-    modules = dict(model.named_modules())
-    if name in modules:
-        return modules[name]
-    raise ModelLoadError(f"{what} {name!r} is not a module of the model{_suggest(name, modules)}")
+    try:
+        return find_module(model, name, what)
+    except ExplanationError as error:
+        raise ModelLoadError(str(error)) from error
 
 
 def _torchvision_model(spec: ModelSpec) -> nn.Module:

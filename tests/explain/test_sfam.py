@@ -216,7 +216,7 @@ def test_default_target_layer_and_unknown_names(seed: int) -> None:
     assert explainer.target_layer == "layer4"
     with pytest.raises(ExplanationError, match="layer4"):
         SFAM(model, target_layer="layer5")
-    with pytest.raises(ExplanationError, match="embedding_layer='fcc'.*fc"):
+    with pytest.raises(ExplanationError, match="embedding_layer 'fcc'.*fc"):
         SFAM(model, embedding_layer="fcc")
     with pytest.raises(ValueError, match="metric"):
         SFAM(model, metric="manhattan")
