@@ -116,13 +116,16 @@ def test_s3_outage_mid_run_fails_cleanly_and_rerun_completes(local_ray, rng) -> 
     options = StorageOptions(endpoint_url=endpoint, region="us-east-1")
     root = "s3://outage/audit"
     write_weights(join_uri(root, "model.pt"), options)
-    manifest, rows = write_audit(root, options, rng, queries=10, top_k=6)
+    manifest, rows = write_audit(root, options, rng, queries=16, top_k=6)
     config = config_for(root, options, manifest, "outage")
     outage: list[float] = []
 
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+
     def cut_the_endpoint() -> None:
+        """Mid-run: once the first overlay is written, the manifest has been read and pairs remain."""
         deadline = time.time() + 120
-        while time.time() < deadline and not explain_actor_pids():
+        while time.time() < deadline and not client.list_objects_v2(Bucket="outage", Prefix="audit/audits/png/")["KeyCount"]:
             time.sleep(0.05)
         servers[0].stop()
         outage.append(time.time())
