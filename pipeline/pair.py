@@ -40,7 +40,7 @@ def explain_pair(query_uri: str, reference_uri: str, spec: ModelSpec, options: S
     with torch.inference_mode():
         result = explainer.explain(x[:1], x[1:])
     cis_query, cis_reference = result.cis_query[0].cpu(), result.cis_reference[0].cpu()
-    top = torch.argsort(cis_query + cis_reference, descending=True)[:TOP_CHANNELS].tolist()
+    top = result.top_channels(TOP_CHANNELS)[0].tolist()
     similarity = float(result.similarity[0])
     png = render_pair_png(
         display_image(images[0], DISPLAY_SIDE), display_image(images[1], DISPLAY_SIDE),

@@ -88,6 +88,10 @@ class FetchImages:
         return batch
 
 
+def _has_boxes(batch: pa.Table) -> bool:
+    return all(f"{side}_bbox" in batch.column_names for side in SIDES)
+
+
 def _with_nulls(values: list, ok_rows: np.ndarray, num_rows: int) -> list:
     """A full column: values at the ok rows, None elsewhere."""
     column: list = [None] * num_rows
@@ -115,7 +119,7 @@ class ExplainPairs:
             "query_peak_xy": pa.list_(pa.float32()), "reference_peak_xy": pa.list_(pa.float32()),
             "forward_share": pa.float32(),
         }
-        if "query_bbox" in batch.column_names and "reference_bbox" in batch.column_names:
+        if _has_boxes(batch):
             for side in SIDES:
                 nullable[f"{side}_energy_in_box"] = pa.float32()
                 nullable[f"{side}_pointing_hit"] = pa.bool_()
@@ -151,20 +155,18 @@ class ExplainPairs:
     def _rows(self, batch: pa.Table, ok_rows: np.ndarray, result: SFAMResult, forward_share: float) -> dict[str, list]:
         cis = {"query": result.cis_query.cpu().numpy(), "reference": result.cis_reference.cpu().numpy()}
         maps = {"query": result.map_query.float().cpu().numpy(), "reference": result.map_reference.float().cpu().numpy()}
-        top = np.argsort(-(cis["query"] + cis["reference"]), axis=1)[:, :TOP_CHANNELS]
         columns: dict[str, list] = {
             "similarity": result.similarity.cpu().tolist(),
-            "cis_top_channels": top.tolist(),
+            "cis_top_channels": result.top_channels(TOP_CHANNELS).cpu().tolist(),
             "map_shape": [list(maps["query"].shape[1:])] * len(ok_rows),
             "forward_share": [forward_share] * len(ok_rows),
         }
-        boxes_present = "query_bbox" in batch.column_names and "reference_bbox" in batch.column_names
         for side in SIDES:
             columns[f"cis_{side}"] = list(cis[side])
             columns[f"map_{side}"] = list(maps[side].reshape(len(ok_rows), -1).astype(np.float16))
             sizes = [batch.column(f"_{side}_size")[int(r)].as_py() for r in ok_rows]
             columns[f"{side}_peak_xy"] = [list(peak_xy(m, tuple(s))) for m, s in zip(maps[side], sizes)]
-            if boxes_present:
+            if _has_boxes(batch):
                 boxes = [batch.column(f"{side}_bbox")[int(r)].as_py() for r in ok_rows]
                 columns[f"{side}_energy_in_box"] = [
                     energy_in_box(m, b, tuple(s)) if b else None for m, b, s in zip(maps[side], boxes, sizes)]

@@ -44,6 +44,10 @@ class SFAMResult:
     residual_query: torch.Tensor  # (P,) s - sum(cis_query): exact zero-order term for affine heads
     residual_reference: torch.Tensor  # (P,)
 
+    def top_channels(self, k: int) -> torch.Tensor:
+        """(P, k) the pair's channels by shared evidence: largest CIS_query + CIS_reference first."""
+        return torch.argsort(self.cis_query + self.cis_reference, dim=1, descending=True)[:, :k]
+
 
 @dataclass(frozen=True)
 class _Attribution:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -33,6 +35,9 @@ def test_each_distinct_image_is_forwarded_once(tmp_path, rng) -> None:
     assert forwarded == [distinct]
     assert abs(sum(v or 0 for v in explained.column("forward_share").to_pylist()) - distinct) < 1e-4
     assert explained.column("similarity").null_count == 3
+    row = explained.filter(pc.equal(explained.column("status"), "ok")).slice(0, 1).to_pylist()[0]
+    shared = np.asarray(row["cis_query"]) + np.asarray(row["cis_reference"])
+    assert row["cis_top_channels"] == np.argsort(-shared, kind="stable")[:10].tolist()
 
     layout = RunLayout(str(tmp_path / "out"), "r1", "2026-11-26")
     result = RenderResults(layout, True, options)(explained)
