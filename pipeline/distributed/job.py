@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 import platform
 import resource
 import time
@@ -22,7 +21,7 @@ from ray.data.datasource import FilenameProvider
 
 from pipeline.config import JobConfig
 from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults
-from pipeline.io.storage import redact_uri, sha256_of
+from pipeline.io.storage import exists, redact_uri, sha256_of
 from pipeline.io.tables import arrow_filesystem, glob, open_input, read_results, remove_tree, write_json
 from pipeline.layout import RunLayout
 from pipeline.manifest import validate_manifest
@@ -44,6 +43,7 @@ class RunSummary:
     wall_seconds: float
     pairs_per_second: float
     forward_passes_per_pair: float
+    devices: tuple[str, ...]
     results: str
     png: str | None
     run_record: str
@@ -53,6 +53,7 @@ class RunSummary:
             f"run {self.run_id}: {self.pairs} pairs, {self.ok} ok, {self.error} error",
             f"{self.wall_seconds:.1f} s, {self.pairs_per_second:.1f} pairs/s, "
             f"{self.forward_passes_per_pair:.2f} forward passes per pair",
+            f"explained on: {', '.join(self.devices) or 'nothing'}",
             f"results: {self.results}",
             *([f"overlays: {self.png}"] if self.png else []),
             f"run record: {self.run_record}",
@@ -78,9 +79,13 @@ def _versions() -> dict[str, str | None]:
 
 
 def _gpus_per_actor(config: JobConfig) -> float:
-    if config.gpus_per_actor is not None:
-        return config.gpus_per_actor
-    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    gpus = config.gpus_per_actor if config.gpus_per_actor is not None else float(cluster_gpus >= 1)
+    if gpus > 0 and config.num_actors * gpus > cluster_gpus:
+        log.warning("%d actors x %g GPU each, but the cluster has %g GPU(s) now: the actors beyond that wait for "
+                    "GPUs an autoscaler may add; num_actors = the number of GPUs runs without waiting",
+                    config.num_actors, gpus, cluster_gpus)
+    return gpus
 
 
 def _cpus_per_actor(config: JobConfig, gpus: float) -> float:
@@ -101,6 +106,20 @@ def clear_run(layout: RunLayout, config: JobConfig) -> None:
     remove_tree(layout.run_dir, options)
 
 
+def _write_results(dataset: ray.data.Dataset, layout: RunLayout, config: JobConfig) -> None:
+    """Runs the pipeline into the results partition.
+
+    s3fs reports an endpoint that went down while Ray lists or reads the manifest as a
+    missing file; the manifest was read moments before, so that is checked and said.
+    """
+    results_fs, results_path = arrow_filesystem(layout.results_dir, config.storage_options)
+    try:
+        dataset.write_parquet(results_path, filesystem=results_fs, filename_provider=PartFiles())
+    except FileNotFoundError:
+        exists(config.manifest, config.storage_options)  # raises StorageUnavailable when unreachable
+        raise
+
+
 def run_audit(config: JobConfig) -> RunSummary:
     """Runs one audit on the Ray cluster this process is connected to."""
     options = config.storage_options
@@ -116,9 +135,10 @@ def run_audit(config: JobConfig) -> RunSummary:
     manifest_fs, manifest_path = arrow_filesystem(config.manifest, options)
     manifest_dir = config.manifest.rsplit("/", 1)[0] if "/" in config.manifest else "."
 
-    # blocks of whole batches: pairs of one query stay together, so their images are forwarded once
-    blocks = math.ceil(manifest.num_rows / config.batch_size)
-    dataset = ray.data.read_parquet(manifest_path, filesystem=manifest_fs, partitioning=None, override_num_blocks=blocks)
+    # blocks of one batch of adjacent rows: every actor gets work (a one-file manifest reads as one
+    # block), and the pairs of one query stay together, so their images are forwarded once
+    dataset = ray.data.read_parquet(manifest_path, filesystem=manifest_fs, partitioning=None)
+    dataset = dataset.repartition(target_num_rows_per_block=config.batch_size)
     dataset = dataset.map_batches(
         FetchImages(manifest_dir, config.model.input_size, config.max_image_pixels, options),
         batch_size=config.batch_size, batch_format="pyarrow",
@@ -131,18 +151,18 @@ def run_audit(config: JobConfig) -> RunSummary:
     dataset = dataset.map_batches(
         RenderResults(layout, config.render_png, options), batch_size=config.batch_size, batch_format="pyarrow"
     )
-    results_fs, results_path = arrow_filesystem(layout.results_dir, options)
     log.info("explaining with %d actor(s), %g GPU each; results -> %s", config.num_actors, gpus, redact_uri(layout.results_dir))
-    dataset.write_parquet(results_path, filesystem=results_fs, filename_provider=PartFiles())
+    _write_results(dataset, layout, config)
     wall = time.time() - started
 
-    written = read_results(layout.results_root, options, columns=["status", "forward_share"], run_id=config.run_id)
+    written = read_results(layout.results_root, options, columns=["status", "forward_share", "device"], run_id=config.run_id)
     ok = int(pc.sum(pc.equal(written.column("status"), "ok")).as_py() or 0)
     errors = written.num_rows - ok
     summary = RunSummary(
         run_id=config.run_id, pairs=written.num_rows, ok=ok, error=errors, wall_seconds=wall,
         pairs_per_second=written.num_rows / wall,
         forward_passes_per_pair=float(pc.sum(written.column("forward_share")).as_py() or 0) / max(ok, 1),
+        devices=tuple(sorted(pc.unique(written.column("device")).drop_null().to_pylist())),
         results=redact_uri(layout.results_dir), png=redact_uri(layout.png_dir) if config.render_png else None,
         run_record=redact_uri(layout.run_record),
     )
@@ -160,7 +180,7 @@ def run_audit(config: JobConfig) -> RunSummary:
         "timings": {"started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
                     "wall_seconds": wall, "pairs_per_second": summary.pairs_per_second},
         "forward_passes_per_pair": summary.forward_passes_per_pair,
-        "resources": {"gpus_per_actor": gpus, "num_actors": config.num_actors,
+        "resources": {"gpus_per_actor": gpus, "num_actors": config.num_actors, "devices": list(summary.devices),
                       "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
     }
     record["config"]["manifest"] = redact_uri(config.manifest)

@@ -100,6 +100,14 @@ def _with_nulls(values: list, ok_rows: np.ndarray, num_rows: int) -> list:
     return column
 
 
+def _device_label(device: torch.device) -> str:
+    """Which processor explained a row, e.g. "cuda NVIDIA H100 80GB HBM3 GPU-6f1c…" (the UUID tells GPUs apart)."""
+    if device.type != "cuda":
+        return device.type
+    properties = torch.cuda.get_device_properties(device)
+    return f"cuda {properties.name} GPU-{properties.uuid}"
+
+
 class ExplainPairs:
     """One model replica: forwards each distinct image of a batch once and explains its pairs."""
 
@@ -108,6 +116,7 @@ class ExplainPairs:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         network = build_model(model, storage_options).to(self.device)
         self.explainer = SFAM(network, model.target_layer, model.metric, embedding_layer=model.embedding_layer)
+        self.device_label = _device_label(self.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok_rows = np.flatnonzero(pc.equal(batch.column("status"), "ok").to_numpy(zero_copy_only=False))
@@ -125,7 +134,8 @@ class ExplainPairs:
                 nullable[f"{side}_pointing_hit"] = pa.bool_()
         for name, kind in nullable.items():
             batch = batch.append_column(name, pa.array(_with_nulls(columns.get(name, []), ok_rows, batch.num_rows), kind))
-        constants = {"model_id": self.spec.model_id, "metric": self.spec.metric, "target_layer": self.explainer.target_layer}
+        constants = {"model_id": self.spec.model_id, "metric": self.spec.metric,
+                     "target_layer": self.explainer.target_layer, "device": self.device_label}
         for name, value in constants.items():
             batch = batch.append_column(name, pa.array([value] * batch.num_rows, pa.string()))
         return batch.drop_columns([f"_{side}_pixels" for side in SIDES])

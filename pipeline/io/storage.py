@@ -182,5 +182,7 @@ def _storage_errors(uri: str) -> Iterator[None]:
         raise StorageError(uri, "is a directory, not an object") from e
     except Exception as e:  # noqa: BLE001 - an I/O boundary: every failure becomes one typed error
         if _is_connection_error(e):
+            # the next call in this process gets a new client, not the connections that just failed
+            fsspec.get_filesystem_class(get_protocol(uri)).clear_instance_cache()
             raise StorageUnavailable(uri, f"endpoint unreachable ({type(e).__name__}: {e})") from e
         raise StorageError(uri, f"{type(e).__name__}: {e}") from e

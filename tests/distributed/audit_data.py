@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 from pipeline import SFAM
+from pipeline.config import JobConfig
 from pipeline.io.images import decode_image, resize_for_model, to_model_tensor
 from pipeline.io.storage import StorageOptions, join_uri, read_bytes, write_bytes
 from pipeline.models.spec import IMAGENET_MEAN, IMAGENET_STD
@@ -30,6 +31,15 @@ def small_resnet() -> nn.Module:
 
 def model_config(weights_uri: str) -> dict:
     return {"arch": "resnet18", "embedding_dim": 16, "input_size": INPUT_SIZE, "weights": weights_uri}
+
+
+def job_config(root: str, options: StorageOptions, manifest: str, run_id: str, **overrides) -> JobConfig:
+    """The job config of an audit written by write_audit, with its weights at {root}/models/model.pt."""
+    return JobConfig.model_validate({
+        "manifest": manifest, "output": join_uri(root, "audits"), "run_id": run_id,
+        "model": model_config(join_uri(root, "models", "model.pt")), "batch_size": 8, "num_actors": 1,
+        "max_image_pixels": 2_000_000, "storage_options": options.model_dump(), **overrides,
+    })
 
 
 def write_weights(uri: str, options: StorageOptions) -> nn.Module:
@@ -54,6 +64,16 @@ def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def black_png(width: int, height: int) -> bytes:
+    """A valid PNG of width x height black pixels: a small file that is huge once decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    compressor, row = zlib.compressobj(9), b"\x00" * (1 + 3 * width)  # filter byte + RGB
+    stream = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", stream) + chunk(b"IEND", b"")
 
 
 def manifest_table(rows: list[dict]) -> pa.Table:

@@ -11,9 +11,8 @@ import time
 
 import psutil
 import pytest
-from audit_data import model_config, write_audit, write_weights
+from audit_data import job_config, write_audit, write_weights
 
-from pipeline.config import JobConfig
 from pipeline.distributed.job import run_audit
 from pipeline.io.storage import StorageOptions, exists, join_uri, read_bytes
 from pipeline.io.tables import read_results
@@ -25,12 +24,8 @@ pytestmark = pytest.mark.timeout(400)
 HOSTILE_IDS = ["../../escape", "a/b", "nul\x00id", "x" * 300, "Ünïcödé 画像 🙂", "<script>alert(1)</script>"]
 
 
-def config_for(root: str, options: StorageOptions, manifest: str, run_id: str, **overrides) -> JobConfig:
-    return JobConfig.model_validate({
-        "manifest": manifest, "output": join_uri(root, "audits"), "run_id": run_id,
-        "model": model_config(join_uri(root, "model.pt")), "batch_size": 4, "num_actors": 1,
-        "max_error_fraction": 0.5, "storage_options": options.model_dump(), **overrides,
-    })
+# small batches, so that a fault lands mid-run; hostile rows may fail without failing the run
+HARDENING = {"batch_size": 4, "max_error_fraction": 0.5}
 
 
 def explain_actor_pids() -> set[int]:
@@ -43,9 +38,9 @@ def explain_actor_pids() -> set[int]:
 
 def test_explain_actor_killed_mid_run(local_ray, tmp_path, rng) -> None:
     root, options = str(tmp_path), StorageOptions()
-    write_weights(join_uri(root, "model.pt"), options)
+    write_weights(join_uri(root, "models", "model.pt"), options)
     manifest, rows = write_audit(root, options, rng, queries=16, top_k=6)
-    config = config_for(root, options, manifest, "killed")
+    config = job_config(root, options, manifest, "killed", **HARDENING)
     seen: set[int] = set()
     killed: list[tuple[int, float]] = []
 
@@ -81,9 +76,9 @@ def test_hostile_pair_ids_and_credentials_stay_out(local_ray, s3_bucket, s3_secr
     caplog.set_level("INFO")
     bucket, options = s3_bucket
     root = f"s3://{bucket}/hostile"
-    write_weights(join_uri(root, "model.pt"), options)
+    write_weights(join_uri(root, "models", "model.pt"), options)
     manifest, rows = write_audit(root, options, rng, queries=2, top_k=3, pair_ids=HOSTILE_IDS)
-    config = config_for(root, options, manifest, "hostile")
+    config = job_config(root, options, manifest, "hostile", **HARDENING)
     run_audit(config)
     table = read_results(join_uri(config.output, "results"), options, run_id="hostile")
     assert sorted(table.column("pair_id").to_pylist()) == sorted(HOSTILE_IDS)  # preserved as given
@@ -115,9 +110,9 @@ def test_s3_outage_mid_run_fails_cleanly_and_rerun_completes(local_ray, rng) -> 
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="outage")
     options = StorageOptions(endpoint_url=endpoint, region="us-east-1")
     root = "s3://outage/audit"
-    write_weights(join_uri(root, "model.pt"), options)
+    write_weights(join_uri(root, "models", "model.pt"), options)
     manifest, rows = write_audit(root, options, rng, queries=16, top_k=6)
-    config = config_for(root, options, manifest, "outage")
+    config = job_config(root, options, manifest, "outage", **HARDENING)
     outage: list[float] = []
 
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")

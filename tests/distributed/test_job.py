@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow.compute as pc
 import pytest
-from audit_data import expected_similarities, model_config, write_audit, write_weights
+from audit_data import expected_similarities, job_config, write_audit, write_weights
 
 from pipeline.config import JobConfig
 from pipeline.distributed.job import AuditFailed, run_audit
 from pipeline.io.storage import StorageOptions, exists, join_uri, read_bytes
-from pipeline.io.tables import read_json, read_results
+from pipeline.io.tables import glob, read_json, read_results
 from pipeline.layout import RunLayout
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def make_config(root: str, options: StorageOptions, manifest: str, run_id: str, **overrides) -> JobConfig:
-    return JobConfig.model_validate({
-        "manifest": manifest, "output": join_uri(root, "audits"), "run_id": run_id,
-        "model": model_config(join_uri(root, "models", "model.pt")), "batch_size": 8, "num_actors": 1,
-        "max_image_pixels": 2_000_000, "storage_options": options.model_dump(), **overrides,
-    })
 
 
 def check_run(config: JobConfig, rows: list[dict], model, root: str) -> None:
@@ -43,13 +37,16 @@ def check_run(config: JobConfig, rows: list[dict], model, root: str) -> None:
     assert record["counts"]["pairs"] == len(rows) and record["weights_sha256"]
     # 3 queries x top-4 in batches of 8: at most 4 + 3 distinct images per batch of 8 pairs
     assert record["forward_passes_per_pair"] < 1.6
+    # one block per batch (not one per manifest file), so that every actor gets work
+    parts = glob(join_uri(config.output, "results", "run_date=*", f"run_id={config.run_id}", "*.parquet"), options)
+    assert len(parts) == math.ceil(len(rows) / config.batch_size)
 
 
 def test_local_folder_run_with_bad_rows(local_ray, tmp_path, rng) -> None:
     root, options = str(tmp_path), StorageOptions()
     model = write_weights(join_uri(root, "models", "model.pt"), options)
     manifest, rows = write_audit(root, options, rng, bad_rows=True)
-    config = make_config(root, options, manifest, "local-1", max_error_fraction=0.5)
+    config = job_config(root, options, manifest, "local-1", max_error_fraction=0.5)
     summary = run_audit(config)
     assert (summary.pairs, summary.error) == (len(rows), 3)
     check_run(config, rows, model, root)
@@ -66,7 +63,7 @@ def test_s3_run_and_rerun_has_no_duplicates(local_ray, s3_bucket, rng) -> None:
     root = f"s3://{bucket}/audit"
     model = write_weights(join_uri(root, "models", "model.pt"), options)
     manifest, rows = write_audit(root, options, rng)
-    config = make_config(root, options, manifest, "nightly-1", render_png=True)
+    config = job_config(root, options, manifest, "nightly-1", render_png=True)
     run_audit(config)
     check_run(config, rows, model, root)
     run_audit(config)  # the same run_id again
@@ -79,7 +76,7 @@ def test_too_many_bad_rows_fail_without_success_marker(local_ray, tmp_path, rng)
     root, options = str(tmp_path), StorageOptions()
     write_weights(join_uri(root, "models", "model.pt"), options)
     manifest, _ = write_audit(root, options, rng, queries=1, top_k=2, bad_rows=True)
-    config = make_config(root, options, manifest, "failing", max_error_fraction=0.1, render_png=False)
+    config = job_config(root, options, manifest, "failing", max_error_fraction=0.1, render_png=False)
     with pytest.raises(AuditFailed, match="3 of 5 pairs failed"):
         run_audit(config)
     layout = RunLayout(config.output, "failing", "unused")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from audit_data import expected_similarities, model_config, write_audit, write_weights
+from audit_data import black_png, expected_similarities, manifest_table, model_config, png_bytes, write_audit, write_weights
 
 from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults
 from pipeline.io.storage import StorageOptions, join_uri
@@ -44,6 +48,44 @@ def test_each_distinct_image_is_forwarded_once(tmp_path, rng) -> None:
     assert not [name for name in result.column_names if name.startswith("_")]
     pngs = [uri for uri in result.column("png_uri").to_pylist() if uri]
     assert len(pngs) == 10 and all(uri.startswith(layout.png_dir) for uri in pngs)
+
+
+# Fetches a normal image, then the bomb, in a fresh process; prints the bomb's error and the peak RSS growth in MiB
+PEAK_MEMORY_OF_BOMB = """
+import resource, sys
+import pyarrow.parquet as pq
+from pipeline.distributed.stages import FetchImages
+from pipeline.io.storage import StorageOptions
+root, max_pixels = sys.argv[1], int(sys.argv[2])
+table = pq.read_table(root + "/pairs.parquet")
+fetch = FetchImages(root, 64, max_pixels, StorageOptions())
+fetch(table.slice(0, 1))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+error = fetch(table.slice(1, 1)).column("error")[0].as_py()
+print(error)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_a_decompression_bomb_fails_its_row_in_bounded_memory(tmp_path, rng) -> None:
+    """A valid 12000x12000 PNG (420 KB; about 600 MB once Pillow decodes it, which Pillow alone allows)."""
+    (tmp_path / "normal.png").write_bytes(png_bytes(rng, 80, 60))
+    (tmp_path / "bomb.png").write_bytes(black_png(12000, 12000))
+    rows = [{"pair_id": "normal", "query_uri": "normal.png", "reference_uri": "normal.png"},
+            {"pair_id": "bomb", "query_uri": "normal.png", "reference_uri": "bomb.png"}]
+    pq.write_table(manifest_table(rows), tmp_path / "pairs.parquet")
+
+    def peak_growth(max_pixels: int) -> tuple[str | None, int]:
+        child = subprocess.run([sys.executable, "-c", PEAK_MEMORY_OF_BOMB, str(tmp_path), str(max_pixels)],
+                               capture_output=True, text=True, cwd=Path(__file__).parents[2])
+        assert child.returncode == 0, child.stderr
+        lines = child.stdout.split("\n")
+        return (None if lines[0] == "None" else lines[0]), int(lines[1])
+
+    error, growth_mib = peak_growth(50_000_000)  # the default max_image_pixels
+    assert "too many pixels: 12000x12000" in error and growth_mib < 32, growth_mib
+    error, growth_mib = peak_growth(200_000_000)  # the measurement sees a decode when one happens
+    assert error is None and growth_mib > 400, growth_mib
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

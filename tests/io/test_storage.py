@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 
 import numpy as np
 import pytest
@@ -9,7 +10,9 @@ from pydantic import ValidationError
 from pipeline.io.storage import (
     StorageError,
     StorageOptions,
+    StorageUnavailable,
     exists,
+    filesystem,
     join_uri,
     read_bytes,
     redact_uri,
@@ -142,3 +145,20 @@ def test_resolve_uri(uri: str, base_dir: str, expected: str) -> None:
 )
 def test_join_uri(base: str, parts: tuple[str, ...], expected: str) -> None:
     assert join_uri(base, *parts) == expected
+
+
+def test_unreachable_endpoint_is_storage_unavailable_and_drops_the_client(monkeypatch) -> None:
+    """Not 'not found' (the job relies on this to tell an outage from a missing manifest), and
+    the process's next call gets a new client instead of the connections that failed."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNREACHABLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "unreachable")
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    options = StorageOptions(endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1")
+    uri = "s3://audits/pairs.parquet"
+    client = filesystem(uri, options)[0]
+    assert filesystem(uri, options)[0] is client  # clients are cached per process
+    with pytest.raises(StorageUnavailable, match="endpoint unreachable"):
+        exists(uri, options)
+    assert filesystem(uri, options)[0] is not client

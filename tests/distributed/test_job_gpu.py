@@ -1,0 +1,56 @@
+"""The audit job on a Ray cluster that has GPUs: one model replica per GPU.
+
+On a machine without CUDA, Ray is told it has one GPU, so the scheduling (gpus_per_actor
+null -> 1 per actor, an actor pool larger than the GPUs) is tested everywhere; where
+CUDA is present, Ray finds the real GPUs and the model must run on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import ray
+import torch
+from audit_data import expected_similarities, job_config, write_audit, write_weights
+
+from pipeline.distributed.job import run_audit
+from pipeline.io.storage import StorageOptions, join_uri
+from pipeline.io.tables import read_json, read_results
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def cluster_gpus() -> Iterator[int]:
+    """A local Ray whose cluster has GPUs (declared on a machine without CUDA); yields their number."""
+    declared = {} if torch.cuda.is_available() else {"num_gpus": 1}
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, **declared)
+    try:
+        yield int(ray.cluster_resources()["GPU"])
+    finally:
+        ray.shutdown()
+
+
+def test_one_gpu_per_actor_when_the_cluster_has_gpus(cluster_gpus, tmp_path, rng) -> None:
+    root, options = str(tmp_path), StorageOptions()
+    model = write_weights(join_uri(root, "models", "model.pt"), options)
+    manifest, rows = write_audit(root, options, rng, queries=4, top_k=6)
+    # one actor more than there are GPUs: it waits for a GPU, the others do the work
+    config = job_config(root, options, manifest, "gpu", num_actors=cluster_gpus + 1, render_png=False)
+    summary = run_audit(config)
+
+    record = read_json(join_uri(config.output, "runs", "gpu", "run.json"), options)
+    assert record["resources"]["gpus_per_actor"] == 1
+    assert (summary.pairs, summary.ok) == (len(rows), len(rows))
+    if torch.cuda.is_available():
+        uuids = {f"GPU-{torch.cuda.get_device_properties(i).uuid}" for i in range(torch.cuda.device_count())}
+        assert summary.devices and all(d.startswith("cuda ") and d.split()[-1] in uuids for d in summary.devices)
+    else:
+        assert summary.devices == ("cpu",)
+    assert record["resources"]["devices"] == list(summary.devices)
+
+    table = read_results(join_uri(config.output, "results"), options, run_id="gpu")
+    expected = expected_similarities(model, rows, root, options)  # in this process, on the CPU
+    for pair_id, similarity in zip(table.column("pair_id").to_pylist(), table.column("similarity").to_pylist()):
+        assert abs(similarity - expected[pair_id]) < 1e-3, pair_id
