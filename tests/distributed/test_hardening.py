@@ -97,7 +97,7 @@ def test_hostile_pair_ids_and_credentials_stay_out(local_ray, s3_bucket, s3_secr
         assert s3_secret not in text and os.environ["AWS_ACCESS_KEY_ID"] not in text
 
 
-def test_s3_outage_mid_run_fails_cleanly_and_rerun_completes(local_ray, rng) -> None:
+def test_s3_outage_mid_run_fails_cleanly_and_rerun_completes(new_driver, rng) -> None:
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -143,7 +143,8 @@ def test_s3_outage_mid_run_fails_cleanly_and_rerun_completes(local_ray, rng) -> 
         layout = RunLayout(config.output, "outage", "unused")
         if not completed:
             assert not exists(layout.success_marker, options)
-            run_audit(config)  # the endpoint is back: the same run_id again
+            new_driver()
+            run_audit(config)  # the endpoint is back: the same run_id again, as a new job
         assert outage and len(outage) == 2
         table = read_results(join_uri(config.output, "results"), options, run_id="outage")
         assert sorted(table.column("pair_id").to_pylist()) == sorted(r["pair_id"] for r in rows)
