@@ -233,11 +233,12 @@ class SFAM:
         if self._embedding is not None:
             return
         unit_norm = bool(((u.norm(dim=1) - 1).abs() < 1e-4).all())
+        # a scale-invariant output cancels its contributions down to rounding (at most 1.1e-5 of
+        # their total magnitude in float32, 150 random models); other models' single pairs did
+        # not cancel below 2.6e-3 of it (150 random pairs on a random tanh head)
         pairs = s.shape[0]
-        total = cis.sum(dim=1)
-        no_completeness = bool(
-            ((total[:pairs].abs() < 1e-3 * s.abs()) & (s.abs() > 1e-6)).all()
-        )
+        total, magnitude = cis[:pairs].sum(dim=1), cis[:pairs].abs().sum(dim=1)
+        no_completeness = bool(((total.abs() <= 1e-4 * magnitude) & (magnitude > 0)).all())
         if unit_norm or no_completeness:
             linear = [name for name, module in self.model.named_modules() if isinstance(module, nn.Linear)]
             hint = f" (probably embedding_layer={linear[-1]!r})" if linear else ""

@@ -120,10 +120,24 @@ def reference_explanation(case: Case, x: torch.Tensor, y: torch.Tensor, metric: 
     )
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4, what: str = "") -> None:
-    """max |actual - expected| <= rel * max |expected| (expected must not be all zeros)."""
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4, what: str = "",
+                 scale: float | torch.Tensor = 0.0) -> None:
+    """max |actual - expected| <= rel * max(max |expected|, scale); that must not be 0.
+
+    `scale` is for differences of larger numbers: a residual (s - sum of CIS) is as precise as s.
+    """
     expected = expected.detach().double().cpu()
-    scale = expected.abs().max()
+    scale = max(float(expected.abs().max()), float(torch.as_tensor(scale).detach()))
     assert scale > 0, f"{what}: the reference is all zeros, the comparison would be empty"
     error = (actual.detach().double().cpu() - expected).abs().max()
     assert error <= rel * scale, f"{what}: max error {error:.3g} > {rel:g} x {scale:.3g}"
+
+
+def assert_maps_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4, what: str = "") -> None:
+    """Maps (P, h, w) after the ReLU: a pair whose contributions are all negative has an all-zero
+    map (nothing similar; a random model sometimes gives that for every pair). Those must be zero
+    in `actual` too; the other pairs are compared with assert_close."""
+    empty = expected.detach().flatten(1).abs().amax(1).cpu() == 0
+    assert (actual.detach().cpu()[empty] == 0).all(), f"{what}: non-zero where the reference map is empty"
+    if not empty.all():
+        assert_close(actual[~empty.to(actual.device)], expected[~empty.to(expected.device)], rel, what)

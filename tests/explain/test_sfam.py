@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import CASES, Case, SmallNet, assert_close, reference_explanation, resnet18_embedding
+from reference import CASES, Case, SmallNet, assert_close, assert_maps_close, reference_explanation, resnet18_embedding
 from torch import nn
 
 from pipeline import SFAM, ExplanationError
@@ -33,10 +33,11 @@ def test_matches_float64_reference(name: str, metric: str, seed: int) -> None:
         assert_close(result.cis_reference, ref_r.cis, what="cis_reference")
         expected_q = ref_q.map_cis if weighting == "cis" else ref_q.map_partner
         expected_r = ref_r.map_cis if weighting == "cis" else ref_r.map_partner
-        assert_close(result.map_query, expected_q, what="map_query")
-        assert_close(result.map_reference, expected_r, what="map_reference")
+        assert_maps_close(result.map_query, expected_q, what="map_query")
+        assert_maps_close(result.map_reference, expected_r, what="map_reference")
         if name != "nonaffine":  # first order only: the residual absorbs the head's curvature
-            assert_close(result.residual_query, ref_q.residual, rel=1e-4, what="residual_query")
+            assert_close(result.residual_query, ref_q.residual, rel=1e-4, what="residual_query",
+                         scale=ref_q.similarity.abs().max())
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -60,9 +61,12 @@ def test_fast_path_equals_generic_path(name: str, metric: str, seed: int) -> Non
     generic = SFAM(case.model, case.target_layer, metric, fast_path=False)
     a, b = fast.explain(x, y), generic.explain(x, y)
     assert fast.is_affine is True and generic.is_affine is False
-    for field in ("similarity", "cis_query", "cis_reference", "map_query", "map_reference",
-                  "residual_query", "residual_reference"):
+    for field in ("similarity", "cis_query", "cis_reference"):
         assert_close(getattr(a, field), getattr(b, field), rel=1e-4, what=field)
+    for field in ("map_query", "map_reference"):
+        assert_maps_close(getattr(a, field), getattr(b, field), rel=1e-4, what=field)
+    for field in ("residual_query", "residual_reference"):
+        assert_close(getattr(a, field), getattr(b, field), rel=1e-4, what=field, scale=b.similarity.abs().max())
 
 
 def test_nonaffine_head_takes_generic_path(seed: int) -> None:
@@ -168,8 +172,10 @@ def test_pair_alone_equals_pair_in_batch_of_64(name: str, seed: int) -> None:
     explainer = SFAM(case.model, case.target_layer)
     batch = explainer.explain(x, y)
     alone = explainer.explain(x[17:18], y[17:18])
-    for field in ("similarity", "cis_query", "cis_reference", "map_query", "map_reference"):
+    for field in ("similarity", "cis_query", "cis_reference"):
         assert_close(getattr(alone, field)[0], getattr(batch, field)[17], rel=1e-5, what=field)
+    for field in ("map_query", "map_reference"):
+        assert_maps_close(getattr(alone, field), getattr(batch, field)[17:18], rel=1e-5, what=field)
 
 
 def test_shared_images_are_forwarded_once(seed: int) -> None:
@@ -193,6 +199,24 @@ class NormalisedNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.fc(self.features(images).mean(dim=(2, 3))), dim=1)
+
+
+class ScaledNormalisedNet(NormalisedNet):
+    """Invariant to the scale of its features without unit norm: the contributions cancel (no
+    bias, so the output is homogeneous in the features), the norms do not give it away."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 8, bias=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return 3.0 * super().forward(images)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_scale_invariant_model_needs_embedding_layer(batch: int, seed: int) -> None:
+    with pytest.raises(ExplanationError, match="embedding_layer='fc'"):
+        SFAM(ScaledNormalisedNet().eval(), "features", metric="dot").explain(*random_pairs(batch, 32))
 
 
 def test_normalising_model_needs_embedding_layer(seed: int) -> None:
