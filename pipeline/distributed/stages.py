@@ -171,12 +171,13 @@ class ExplainPairs:
             "map_shape": [list(maps["query"].shape[1:])] * len(ok_rows),
             "forward_share": [forward_share] * len(ok_rows),
         }
+        has_boxes = _has_boxes(batch)
         for side in SIDES:
             columns[f"cis_{side}"] = list(cis[side])
             columns[f"map_{side}"] = list(maps[side].reshape(len(ok_rows), -1).astype(np.float16))
             sizes = [batch.column(f"_{side}_size")[int(r)].as_py() for r in ok_rows]
             columns[f"{side}_peak_xy"] = [list(peak_xy(m, tuple(s))) for m, s in zip(maps[side], sizes)]
-            if _has_boxes(batch):
+            if has_boxes:
                 boxes = [batch.column(f"{side}_bbox")[int(r)].as_py() for r in ok_rows]
                 columns[f"{side}_energy_in_box"] = [
                     energy_in_box(m, b, tuple(s)) if b else None for m, b, s in zip(maps[side], boxes, sizes)]
