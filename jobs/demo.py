@@ -1,64 +1,13 @@
-"""`sfam demo` / `make demo`: the whole product on the built-in demo, on a local Ray.
+"""Entry point of the demo: the audit job on the built-in demo (`sfam demo`, `make demo`).
 
-Builds the demo audit (cluttered digits retrieved by the shipped demo model), runs the
-audit job over local folders, queries the result table with DuckDB and writes the report.
+    python -m jobs.demo [--output demo-output] [--queries 30] [--top-k 10]
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from pathlib import Path
+import sys
 
-import duckdb
-import ray
-import yaml
+from pipeline.cli import main
 
-from pipeline.config import JobConfig
-from pipeline.demo.audit import MODEL_SPEC, build_demo_audit
-from pipeline.distributed.job import AuditFailed, run_audit
-from pipeline.io.storage import StorageOptions
-from pipeline.report import write_report
-
-RUN_ID = "demo"
-LABEL_QUERY = """
-SELECT CASE label WHEN 1 THEN 'same digit' ELSE 'different digit' END AS label,
-       count(*) AS pairs,
-       round(avg(similarity), 3) AS mean_similarity,
-       round(avg(query_energy_in_box), 3) AS query_energy_in_box,
-       round(avg(reference_energy_in_box), 3) AS reference_energy_in_box,
-       round(avg(query_pointing_hit::INT), 3) AS query_pointing_hit
-FROM read_parquet('{results}/*/*/*.parquet', hive_partitioning = true)
-WHERE run_id = '{run_id}' AND status = 'ok'
-GROUP BY label ORDER BY label
-"""
-
-
-def run_demo(output: str, queries: int = 30, top_k: int = 10) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    started = time.time()
-    root = Path(output).resolve()
-    manifest = build_demo_audit(root / "data", queries, top_k)
-    print(f"demo audit: {queries} queries x top-{top_k} -> {manifest}")
-    config = JobConfig.model_validate({
-        "manifest": str(manifest), "output": str(root / "audits"), "run_id": RUN_ID, "model": MODEL_SPEC,
-        "batch_size": 5 * top_k, "num_actors": 1, "max_error_fraction": 0.0,
-    })
-    config_path = root / "audit.yaml"  # the same audit again: sfam audit --config demo-output/audit.yaml
-    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    ray.init(ignore_reinit_error=True, include_dashboard=False)
-    try:
-        summary = run_audit(config)
-    except AuditFailed as error:
-        print(f"audit failed: {error}")
-        return 1
-    finally:
-        ray.shutdown()
-    print("\n".join(summary.lines()))
-    print("\nDuckDB over the result table:")
-    print(duckdb.sql(LABEL_QUERY.format(results=root / "audits" / "results", run_id=RUN_ID)))
-    report = write_report(config.output, RUN_ID, StorageOptions())
-    print(f"report: {report}")
-    print(f"config: {config_path}")
-    print(f"demo finished in {time.time() - started:.0f} s")
-    return 0
+if __name__ == "__main__":
+    sys.exit(main(["demo", *sys.argv[1:]]))

@@ -1,112 +1,151 @@
-"""`sfam`: explain one pair, run an audit, run the demo, build a report."""
+"""`sfam`: explain one pair, run an audit, run the demo, build a report.
+
+Every command ends a user mistake (config, manifest, storage, credentials, model, layers,
+image) with one line, `error: <what>: <why>`, and exit status 2; an audit whose result is
+not acceptable (too many bad rows) with `audit failed: <why>` and exit status 1. `--debug`
+shows the traceback as well.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import traceback
 
 import yaml
 
 from pipeline.config import ConfigError, add_config_arguments, load_config
-from pipeline.io.storage import StorageError, StorageOptions
+from pipeline.errors import EXIT_OK, AuditFailed, PipelineError
+from pipeline.io.storage import StorageOptions
 from pipeline.models.spec import ModelSpec
 
 
 def _model_spec(text: str) -> ModelSpec:
     """`--model resnet18` or an inline mapping: `--model '{arch: resnet18, embedding_dim: 64}'`."""
     value = yaml.safe_load(text)
-    return ModelSpec.model_validate(value if isinstance(value, dict) else {"arch": text})
+    try:
+        return ModelSpec.model_validate(value if isinstance(value, dict) else {"arch": text})
+    except ValueError as error:
+        raise ConfigError(f"--model {text!r}: {error}") from error
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def explain_command(args: argparse.Namespace) -> int:
     from pipeline.pair import explain_pair  # torch and torchvision load only for the commands that need them
+    from pipeline.quality import residual_warning
 
     if args.config:
         config = load_config(args.config, args.overrides)
-        spec, options = config.model, config.storage_options
+        spec, options, max_pixels = config.model, config.storage_options, config.max_image_pixels
     else:
-        spec, options = _model_spec(args.model), StorageOptions(endpoint_url=args.endpoint_url)
-    changes = {"metric": args.metric, "target_layer": args.target_layer, "embedding_layer": args.embedding_layer}
+        from pipeline.config import MAX_IMAGE_PIXELS
+
+        spec, options, max_pixels = _model_spec(args.model), StorageOptions(endpoint_url=args.endpoint_url), MAX_IMAGE_PIXELS
+    changes = {"metric": args.metric, "target_layer": args.target_layer, "embedding_layer": args.embedding_layer,
+               "weighting": args.weighting}
     spec = spec.model_copy(update={k: v for k, v in changes.items() if v is not None})
-    explanation = explain_pair(args.query, args.reference, spec, options, weighting=args.weighting, output=args.output)
+    explanation = explain_pair(args.query, args.reference, spec, options, max_pixels, output=args.output)
+    print(f"target layer: {explanation.target_layer}")
     print(f"{spec.metric} similarity: {explanation.similarity:.4f}")
     print("top channels by CIS (channel: query CIS, reference CIS):")
     for channel, query, reference in explanation.top_channels:
         print(f"  {channel:5d}: {query:+.4f} {reference:+.4f}")
     print(f"residual: query {explanation.residual_query:+.4f}, reference {explanation.residual_reference:+.4f}")
+    warning = residual_warning([explanation.similarity], [explanation.residual_query], [explanation.residual_reference])
+    if warning:
+        _warn(warning)
     print(f"wrote {args.output}")
-    return 0
+    return EXIT_OK
 
 
 def audit_command(args: argparse.Namespace) -> int:
-    from jobs.audit import run
+    config = load_config(args.config, args.overrides)
+    from pipeline.distributed.job import run_audit  # Ray loads only for the commands that need it
 
-    return run(args)
+    summary = run_audit(config)
+    print("\n".join(summary.lines()))
+    return EXIT_OK
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from jobs.demo import run_demo
+    from pipeline.demo.job import run_demo
 
     return run_demo(args.output, queries=args.queries, top_k=args.top_k)
 
 
 def report_command(args: argparse.Namespace) -> int:
-    from pipeline.report import write_report
+    from pipeline.reporting import write_report
 
-    path = write_report(args.output_root, args.run_id, StorageOptions(endpoint_url=args.endpoint_url), args.out)
+    if args.config:
+        config = load_config(args.config, args.overrides)
+        output, options = args.output_root or config.output, config.storage_options
+    elif args.output_root:
+        output, options = args.output_root, StorageOptions(endpoint_url=args.endpoint_url)
+    else:
+        raise ConfigError("sfam report needs the audit's OUTPUT root or --config")
+    path = write_report(output, args.run_id, options, args.out)
     print(f"wrote {path}")
-    return 0
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sfam", description="Similar Feature Activation Maps for metric-learning models")
     commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
-    explain = commands.add_parser("explain", help="explain one image pair and write its overlay PNG")
+    explain = commands.add_parser("explain", parents=[common], help="explain one image pair and write its overlay PNG")
     explain.add_argument("query", help="query image (path or fsspec URI)")
     explain.add_argument("reference", help="reference image (path or fsspec URI)")
     source = explain.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="torchvision arch, package.module:factory, or an inline YAML ModelSpec")
-    source.add_argument("--config", help="job config YAML; its model section is used")
+    source.add_argument("--config", help="job config YAML; its model section and storage options are used")
     explain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     explain.add_argument("-o", "--output", required=True, help="PNG to write (path or URI)")
     explain.add_argument("--metric", choices=["cosine", "dot", "euclidean"])
-    explain.add_argument("--weighting", choices=["cis", "partner"], default="cis")
+    explain.add_argument("--weighting", choices=["cis", "partner"], help="map weighting (default: the spec's, cis)")
     explain.add_argument("--target-layer")
     explain.add_argument("--embedding-layer")
     explain.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// URIs")
     explain.set_defaults(handler=explain_command)
 
-    audit = commands.add_parser("audit", help="run the audit job (same as python -m jobs.audit)")
+    audit = commands.add_parser("audit", parents=[common], help="run the audit job (same as python -m jobs.audit)")
     add_config_arguments(audit)
     audit.set_defaults(handler=audit_command)
 
-    demo = commands.add_parser("demo", help="build the demo data and run the audit job on it")
+    demo = commands.add_parser("demo", parents=[common], help="build the demo data and run the audit job on it")
     demo.add_argument("--output", default="demo-output")
     demo.add_argument("--queries", type=int, default=30)
     demo.add_argument("--top-k", type=int, default=10)
     demo.set_defaults(handler=demo_command)
 
-    report = commands.add_parser("report", help="write a run's static HTML report")
-    report.add_argument("output_root", metavar="OUTPUT", help="the audit's output root")
+    report = commands.add_parser("report", parents=[common], help="write a run's static HTML report")
+    report.add_argument("output_root", metavar="OUTPUT", nargs="?", help="the audit's output root (default: the config's)")
     report.add_argument("--run-id", required=True)
     report.add_argument("-o", "--out", help="HTML file (default OUTPUT/reports/RUN_ID.html)")
-    report.add_argument("--endpoint-url")
+    report.add_argument("--config", help="job config YAML: its output and storage options are used")
+    report.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    report.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// URIs (without --config)")
     report.set_defaults(handler=report_command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; returns its exit status (errors.py says which status means what)."""
     args = build_parser().parse_args(argv)
-    from pipeline.explain import ExplanationError
-    from pipeline.io.images import ImageDecodeError
-    from pipeline.models.loading import ModelLoadError
-
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         return args.handler(args)
-    except (ConfigError, StorageError, ImageDecodeError, ModelLoadError, ExplanationError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except PipelineError as error:
+        if args.debug:
+            traceback.print_exc()
+        prefix = "audit failed" if isinstance(error, AuditFailed) else "error"
+        print(f"{prefix}: {error}", file=sys.stderr)
+        return error.exit_code
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The audit job's configuration (DESIGN.md section 4): YAML plus `--set key=value` overrides."""
+"""The audit job's configuration: YAML plus `--set key=value` overrides (every key: README, Configuration)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,30 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pipeline.errors import UserError
 from pipeline.io.storage import StorageOptions
 from pipeline.models.spec import ModelSpec
 
+MAX_IMAGE_PIXELS = 50_000_000  # larger images fail their row (decompression bombs)
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """The configuration file or an override is invalid."""
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """YAML without implicit dates: `run_id: 2026-11-26` is the string it looks like."""
+
+
+_PlainLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_PlainLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def default_run_id() -> str:
@@ -35,7 +51,7 @@ class JobConfig(BaseModel):
     batch_size: int = Field(32, ge=1, le=4096)
     num_actors: int = Field(2, ge=1)
     gpus_per_actor: float | None = Field(None, ge=0)
-    max_image_pixels: int = Field(50_000_000, ge=1)
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1)
     max_error_fraction: float = Field(0.01, ge=0, le=1)
     render_png: bool = True
     storage_options: StorageOptions = Field(default_factory=StorageOptions)
@@ -53,7 +69,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. model.metric=dot")
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+    return key.strip().split("."), _load_yaml(value) if value.strip() else None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -73,7 +89,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
     data: dict = {}
     if path is not None:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = _load_yaml(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as error:
             raise ConfigError(f"cannot read config {path}: {error}") from error
         if not isinstance(data, dict):
@@ -87,6 +103,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """--config FILE and repeatable --set KEY=VALUE, as every job entry point takes them."""
-    parser.add_argument("--config", required=True, help="job config YAML (DESIGN.md section 4)")
+    parser.add_argument("--config", required=True, help="job config YAML (keys and defaults: README, Configuration)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set model.metric=dot (repeatable)")

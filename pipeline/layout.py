@@ -1,14 +1,21 @@
-"""Where a run's outputs go (DESIGN.md section 3), and names that are safe to use as paths.
+"""Where a run's outputs go, and names that are safe to use as paths.
 
-    {output}/results/run_date=YYYY-MM-DD/run_id=ID/part-*.parquet
-    {output}/png/run_id=ID/{shard}/{safe_pair_id}.png
-    {output}/runs/ID/run.json, {output}/runs/ID/_SUCCESS (written last)
+    {output}/results/run_date=YYYY-MM-DD/run_id=ID/part-ATTEMPT-*.parquet   the result table
+    {output}/png/run_id=ID/attempt=ATTEMPT/{shard}/{safe_pair_id}.png      overlays
+    {output}/runs/ID/run.json, {output}/runs/ID/_SUCCESS                   the committed attempt
+    {output}/runs/ID/attempts/ATTEMPT/run.json                             every attempt's record
+    {output}/runs/ID/attempts/ATTEMPT/results/part-*.parquet               rows while staged
+
+Each execution of a run_id is an attempt with its own id; `_SUCCESS` names the attempt
+whose rows are the run's rows (see pipeline/io/results_store.py for the commit).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import re
+import secrets
 from dataclasses import dataclass
 
 from pipeline.io.storage import join_uri
@@ -33,6 +40,7 @@ class RunLayout:
     output: str
     run_id: str
     run_date: str  # YYYY-MM-DD
+    attempt: str
 
     @property
     def results_root(self) -> str:
@@ -43,8 +51,13 @@ class RunLayout:
         return join_uri(self.results_root, f"run_date={self.run_date}", f"run_id={self.run_id}")
 
     @property
-    def png_dir(self) -> str:
+    def png_root(self) -> str:
+        """The overlays of every attempt of the run."""
         return join_uri(self.output, "png", f"run_id={self.run_id}")
+
+    @property
+    def png_dir(self) -> str:
+        return join_uri(self.png_root, f"attempt={self.attempt}")
 
     def png_uri(self, pair_id: str) -> str:
         name = safe_name(pair_id)
@@ -61,3 +74,26 @@ class RunLayout:
     @property
     def success_marker(self) -> str:
         return join_uri(self.run_dir, "_SUCCESS")
+
+    @property
+    def attempt_dir(self) -> str:
+        return join_uri(self.run_dir, "attempts", self.attempt)
+
+    @property
+    def attempt_record(self) -> str:
+        return join_uri(self.attempt_dir, "run.json")
+
+    @property
+    def staged_results_dir(self) -> str:
+        return join_uri(self.attempt_dir, "results")
+
+    @property
+    def part_prefix(self) -> str:
+        """File names of the attempt's parts start with this, wherever they are."""
+        return f"part-{self.attempt}-"
+
+
+def new_attempt_id() -> str:
+    """A sortable, unique attempt id: the UTC start time and a random suffix."""
+    now = dt.datetime.now(dt.timezone.utc)
+    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"

@@ -1,4 +1,4 @@
-"""Validation of the input manifest (DESIGN.md section 3), before any work starts.
+"""Validation of the input manifest (columns: README, Manifest), before any work starts.
 
 Streams the manifest's key columns batch by batch, so its size is bounded only by the set of
 pair ids kept to find duplicates.
@@ -13,17 +13,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.errors import UserError
+from pipeline.schema import reserved_names
+
 REQUIRED = ("pair_id", "query_uri", "reference_uri")
 BOX_COLUMNS = ("query_bbox", "reference_bbox")
-RESULT_COLUMNS = (
-    "run_id", "run_date", "model_id", "metric", "target_layer", "similarity", "cis_query", "cis_reference",
-    "cis_top_channels", "map_query", "map_reference", "map_shape", "query_peak_xy", "reference_peak_xy",
-    "png_uri", "status", "error", "query_energy_in_box", "query_pointing_hit",
-    "reference_energy_in_box", "reference_pointing_hit",
-)
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """The manifest cannot be audited; the message names the problem."""
 
 
@@ -50,7 +47,7 @@ def _check_types(schema: pa.Schema) -> None:
             kind = schema.field(name).type
             if not (pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind)) or not pa.types.is_floating(kind.value_type):
                 raise ManifestError(f"manifest column {name!r} must be a list of 4 floats (x0, y0, x1, y1), not {kind}")
-    reserved = sorted(set(schema.names) & set(RESULT_COLUMNS))
+    reserved = sorted(set(schema.names) & reserved_names())
     if reserved:
         raise ManifestError(f"manifest column(s) {', '.join(reserved)} collide with result columns; rename them")
 

@@ -8,7 +8,7 @@ HOSTILE = ["../../etc/passwd", "a/b", "a?b", "nul\x00byte", "x" * 300, "Ünïcö
 
 
 def test_png_paths_stay_inside_the_prefix_and_are_unique_and_stable() -> None:
-    layout = RunLayout("s3://bucket/audits", "r1", "2026-11-26")
+    layout = RunLayout("s3://bucket/audits", "r1", "2026-11-26", "a1")
     uris = [layout.png_uri(pair_id) for pair_id in HOSTILE]
     assert len(set(uris)) == len(HOSTILE)
     assert uris == [layout.png_uri(pair_id) for pair_id in HOSTILE]

@@ -1,7 +1,10 @@
-"""The audit job on Ray Data: manifest -> fetch -> explain (actor pool) -> render -> Parquet.
+"""The audit job on Ray Data: check -> fetch -> explain (actor pool) -> render -> stage -> commit.
 
-A re-run of a run_id rewrites it deterministically: its previous results partitions, PNGs
-and run record are deleted first, so the table never holds a run's rows twice.
+Everything that can be checked before work starts is checked on the driver first (config,
+manifest, model, a trial explanation, the output's writability), and nothing that exists
+is touched until an attempt has succeeded: its rows are staged outside the table and
+committed only then (pipeline/io/results_store.py), so a failed or interrupted re-run
+leaves the previous run of its run_id as it was.
 """
 
 from __future__ import annotations
@@ -14,29 +17,33 @@ import time
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 
+import numpy as np
 import pyarrow.compute as pc
 import ray
+import torch
 from ray.data import ActorPoolStrategy
 from ray.data.datasource import FilenameProvider
 
 from pipeline.config import JobConfig
 from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults
-from pipeline.io.storage import exists, redact_uri, sha256_of
-from pipeline.io.tables import arrow_filesystem, glob, open_input, read_results, remove_tree, write_json
-from pipeline.layout import RunLayout
-from pipeline.manifest import validate_manifest
+from pipeline.errors import AuditFailed, PipelineError
+from pipeline.io.results_store import HiveParquetStore
+from pipeline.io.storage import StorageError, exists, open_input, redact_uri, sha256_of
+from pipeline.io.tables import arrow_filesystem, write_json
+from pipeline.layout import RunLayout, new_attempt_id
+from pipeline.manifest import ManifestInfo, validate_manifest
+from pipeline.models.explainer import build_explainer
+from pipeline.quality import residual_warning
 
 log = logging.getLogger("sfam.audit")
 PACKAGES = ("sfam-pipeline", "torch", "torchvision", "ray", "pyarrow", "fsspec", "s3fs", "pydantic", "pillow", "numpy")
-
-
-class AuditFailed(RuntimeError):
-    """The job ran but its result is not acceptable (too many failed rows)."""
+SUMMARY_COLUMNS = ["status", "forward_share", "device", "similarity", "residual_query", "residual_reference"]
 
 
 @dataclass(frozen=True)
 class RunSummary:
     run_id: str
+    attempt: str
     pairs: int
     ok: int
     error: int
@@ -47,25 +54,41 @@ class RunSummary:
     results: str
     png: str | None
     run_record: str
+    warnings: tuple[str, ...]
 
     def lines(self) -> list[str]:
         return [
-            f"run {self.run_id}: {self.pairs} pairs, {self.ok} ok, {self.error} error",
+            f"run {self.run_id} (attempt {self.attempt}): {self.pairs} pairs, {self.ok} ok, {self.error} error",
             f"{self.wall_seconds:.1f} s, {self.pairs_per_second:.1f} pairs/s, "
             f"{self.forward_passes_per_pair:.2f} forward passes per pair",
             f"explained on: {', '.join(self.devices) or 'nothing'}",
             f"results: {self.results}",
             *([f"overlays: {self.png}"] if self.png else []),
             f"run record: {self.run_record}",
+            *(f"warning: {w}" for w in self.warnings),
         ]
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What the pre-flight check found: the run can start."""
+
+    manifest: ManifestInfo
+    layout: RunLayout
+    target_layer: str
+    weights_sha256: str | None
+    previous_attempt: str | None
+
+
 class PartFiles(FilenameProvider):
-    def __init__(self) -> None:
+    """part-ATTEMPT-NNNNN-UUID.parquet: the attempt in every name, so commits never overwrite."""
+
+    def __init__(self, prefix: str) -> None:
         super().__init__(file_format="parquet")
+        self.prefix = prefix
 
     def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"part-{task_index:05d}-{write_uuid}.parquet"
+        return f"{self.prefix}{task_index:05d}-{write_uuid}.parquet"
 
 
 def _versions() -> dict[str, str | None]:
@@ -96,45 +119,33 @@ def _cpus_per_actor(config: JobConfig, gpus: float) -> float:
     return max(0.25, min(1.0, (cpus - 1) / config.num_actors))
 
 
-def clear_run(layout: RunLayout, config: JobConfig) -> None:
-    """Deletes whatever an earlier attempt of this run_id wrote, under any run_date."""
-    options = config.storage_options
-    remove_tree(layout.success_marker, options)
-    for partition in glob(f"{layout.results_root}/run_date=*/run_id={layout.run_id}", options):
-        remove_tree(partition, options)
-    remove_tree(layout.png_dir, options)
-    remove_tree(layout.run_dir, options)
+def preflight(config: JobConfig, store: HiveParquetStore) -> Plan:
+    """Checks everything that can be checked before work starts; writes and deletes nothing.
 
-
-def _write_results(dataset: ray.data.Dataset, layout: RunLayout, config: JobConfig) -> None:
-    """Runs the pipeline into the results partition.
-
-    s3fs reports an endpoint that went down while Ray lists or reads the manifest as a
-    missing file; the manifest was read moments before, so that is checked and said.
+    The manifest (exists, readable, schema), the model (builds, weights load, layers resolve)
+    and one trial explanation of random pictures on the driver's CPU.
     """
-    results_fs, results_path = arrow_filesystem(layout.results_dir, config.storage_options)
-    try:
-        dataset.write_parquet(results_path, filesystem=results_fs, filename_provider=PartFiles())
-    except FileNotFoundError:
-        exists(config.manifest, config.storage_options)  # raises StorageUnavailable when unreachable
-        raise
-
-
-def run_audit(config: JobConfig) -> RunSummary:
-    """Runs one audit on the Ray cluster this process is connected to."""
     options = config.storage_options
-    started = time.time()
     with open_input(config.manifest, options) as manifest_file:
         manifest = validate_manifest(manifest_file)
     log.info("manifest %s: %d pairs, boxes: %s", redact_uri(config.manifest), manifest.num_rows, manifest.has_boxes)
+    explainer = build_explainer(config.model, options, device=torch.device("cpu"))  # GPUs belong to the actors
+    explainer.trial()
+    log.info("model %s checked: target layer %s", config.model.model_id, explainer.target_layer)
+    layout = RunLayout(config.output, config.run_id, dt.datetime.now(dt.timezone.utc).date().isoformat(), new_attempt_id())
+    return Plan(
+        manifest=manifest, layout=layout, target_layer=str(explainer.target_layer),
+        weights_sha256=sha256_of(config.model.weights, options) if config.model.weights else None,
+        previous_attempt=store.committed_attempt(config.run_id),
+    )
 
-    layout = RunLayout(config.output, config.run_id, dt.datetime.now(dt.timezone.utc).date().isoformat())
-    clear_run(layout, config)
-    weights_sha256 = sha256_of(config.model.weights, options) if config.model.weights else None
+
+def build_dataset(config: JobConfig, layout: RunLayout) -> ray.data.Dataset:
+    """The streaming pipeline from the manifest to result rows (not yet executed)."""
+    options = config.storage_options
     gpus = _gpus_per_actor(config)
     manifest_fs, manifest_path = arrow_filesystem(config.manifest, options)
     manifest_dir = config.manifest.rsplit("/", 1)[0] if "/" in config.manifest else "."
-
     # blocks of one batch of adjacent rows: every actor gets work (a one-file manifest reads as one
     # block), and the pairs of one query stay together, so their images are forwarded once
     dataset = ray.data.read_parquet(manifest_path, filesystem=manifest_fs, partitioning=None)
@@ -144,54 +155,152 @@ def run_audit(config: JobConfig) -> RunSummary:
         batch_size=config.batch_size, batch_format="pyarrow",
     )
     dataset = dataset.map_batches(
-        ExplainPairs, fn_constructor_kwargs={"model": config.model, "storage_options": options},
+        ExplainPairs, fn_constructor_kwargs={"model": config.model, "storage_options": options, "attempt": layout.attempt},
         compute=ActorPoolStrategy(size=config.num_actors), num_gpus=gpus, num_cpus=_cpus_per_actor(config, gpus),
         batch_size=config.batch_size, batch_format="pyarrow",
     )
-    dataset = dataset.map_batches(
+    log.info("explaining with %d actor(s), %g GPU each", config.num_actors, gpus)
+    return dataset.map_batches(
         RenderResults(layout, config.render_png, options), batch_size=config.batch_size, batch_format="pyarrow"
     )
-    log.info("explaining with %d actor(s), %g GPU each; results -> %s", config.num_actors, gpus, redact_uri(layout.results_dir))
-    _write_results(dataset, layout, config)
-    wall = time.time() - started
 
-    written = read_results(layout.results_root, options, columns=["status", "forward_share", "device"], run_id=config.run_id)
-    ok = int(pc.sum(pc.equal(written.column("status"), "ok")).as_py() or 0)
-    errors = written.num_rows - ok
-    summary = RunSummary(
-        run_id=config.run_id, pairs=written.num_rows, ok=ok, error=errors, wall_seconds=wall,
-        pairs_per_second=written.num_rows / wall,
-        forward_passes_per_pair=float(pc.sum(written.column("forward_share")).as_py() or 0) / max(ok, 1),
-        devices=tuple(sorted(pc.unique(written.column("device")).drop_null().to_pylist())),
+
+def _stage(dataset: ray.data.Dataset, config: JobConfig, layout: RunLayout, store: HiveParquetStore) -> None:
+    """Runs the pipeline into the attempt's staging folder.
+
+    s3fs reports an endpoint that went down while Ray lists or reads the manifest as a
+    missing file; the manifest was read moments before, so that is checked and said.
+    """
+    fs, path = store.staging(layout)
+    try:
+        dataset.write_parquet(path, filesystem=fs, filename_provider=PartFiles(layout.part_prefix))
+    except FileNotFoundError:
+        exists(config.manifest, config.storage_options)  # raises StorageUnavailable when unreachable
+        raise
+
+
+def _pipeline_error(error: BaseException) -> PipelineError | None:
+    """The project's error behind Ray's wrappers (task errors, user-code exceptions), if any."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [error]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, PipelineError):
+            return current
+        stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
+    return None
+
+
+def summarise(store: HiveParquetStore, layout: RunLayout, config: JobConfig, started: float) -> RunSummary:
+    """Counts, speed and warnings of the attempt's staged rows."""
+    rows = store.read_staged(layout, SUMMARY_COLUMNS)
+    wall = time.time() - started
+    ok_mask = pc.equal(rows.column("status"), "ok")
+    ok_rows = rows.filter(ok_mask)
+    ok = ok_rows.num_rows
+    warning = residual_warning(*(ok_rows.column(c).to_numpy(zero_copy_only=False)
+                                 for c in ("similarity", "residual_query", "residual_reference"))) if ok else None
+    return RunSummary(
+        run_id=config.run_id, attempt=layout.attempt, pairs=rows.num_rows, ok=ok, error=rows.num_rows - ok,
+        wall_seconds=wall, pairs_per_second=rows.num_rows / wall,
+        forward_passes_per_pair=float(np.nansum(ok_rows.column("forward_share").to_numpy(zero_copy_only=False))) / max(ok, 1),
+        devices=tuple(sorted(pc.unique(rows.column("device")).drop_null().to_pylist())),
         results=redact_uri(layout.results_dir), png=redact_uri(layout.png_dir) if config.render_png else None,
-        run_record=redact_uri(layout.run_record),
+        run_record=redact_uri(layout.run_record), warnings=(warning,) if warning else (),
     )
-    error_fraction = errors / max(written.num_rows, 1)
-    failed = error_fraction > config.max_error_fraction
-    record = {
-        "run_id": config.run_id,
-        "run_date": layout.run_date,
-        "status": "failed" if failed else "succeeded",
-        "config": config.model_dump(mode="json"),
-        "model_id": config.model.model_id,
-        "weights_sha256": weights_sha256,
-        "versions": _versions(),
-        "counts": {"pairs": written.num_rows, "ok": ok, "error": errors, "manifest_rows": manifest.num_rows},
-        "timings": {"started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
-                    "wall_seconds": wall, "pairs_per_second": summary.pairs_per_second},
-        "forward_passes_per_pair": summary.forward_passes_per_pair,
-        "resources": {"gpus_per_actor": gpus, "num_actors": config.num_actors, "devices": list(summary.devices),
-                      "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
-    }
-    record["config"]["manifest"] = redact_uri(config.manifest)
-    record["config"]["output"] = redact_uri(config.output)
-    write_json(layout.run_record, record, options)
-    if written.num_rows != manifest.num_rows:
-        raise AuditFailed(f"{written.num_rows} result rows for {manifest.num_rows} manifest rows")
-    if failed:
-        raise AuditFailed(
-            f"{errors} of {written.num_rows} pairs failed ({error_fraction:.1%} > max_error_fraction "
-            f"{config.max_error_fraction:.1%}); see the error column of {summary.results}"
-        )
-    write_json(layout.success_marker, {"run_id": config.run_id, **asdict(summary)}, options)
+
+
+def failure_reason(summary: RunSummary, manifest_rows: int, config: JobConfig) -> str | None:
+    """Why the attempt's result is not acceptable, or None: decided once, before anything is recorded."""
+    if summary.pairs != manifest_rows:
+        return f"{summary.pairs} result rows for {manifest_rows} manifest rows"
+    fraction = summary.error / max(summary.pairs, 1)
+    if fraction > config.max_error_fraction:
+        return (f"{summary.error} of {summary.pairs} pairs failed ({fraction:.1%} > max_error_fraction "
+                f"{config.max_error_fraction:.1%}); see the error column of {redact_uri(config.output)}/runs/"
+                f"{config.run_id}/attempts/{summary.attempt}/results")
+    return None
+
+
+class RunRecorder:
+    """Writes run.json for an attempt: its own record always, the run's record when it commits or
+    when the run_id has no committed attempt to keep."""
+
+    def __init__(self, config: JobConfig, plan: Plan, started: float) -> None:
+        self.config, self.plan = config, plan
+        config_json = config.model_dump(mode="json")
+        config_json["manifest"] = redact_uri(config.manifest)
+        config_json["output"] = redact_uri(config.output)
+        self.base = {
+            "run_id": config.run_id, "attempt": plan.layout.attempt, "run_date": plan.layout.run_date,
+            "config": config_json, "model_id": config.model.model_id, "target_layer": plan.target_layer,
+            "weights_sha256": plan.weights_sha256, "versions": _versions(),
+            "previous_attempt": plan.previous_attempt,
+            "timings": {"started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat()},
+        }
+
+    def record(self, status: str, summary: RunSummary | None = None, reason: str | None = None) -> dict:
+        record = {**self.base, "status": status, "reason": reason}
+        if summary is not None:
+            record["counts"] = {"pairs": summary.pairs, "ok": summary.ok, "error": summary.error,
+                                "manifest_rows": self.plan.manifest.num_rows}
+            record["timings"] = {**self.base["timings"], "wall_seconds": summary.wall_seconds,
+                                 "pairs_per_second": summary.pairs_per_second}
+            record["forward_passes_per_pair"] = summary.forward_passes_per_pair
+            record["warnings"] = list(summary.warnings)
+            record["resources"] = {
+                "num_actors": self.config.num_actors, "devices": list(summary.devices),
+                "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        return record
+
+    def started(self) -> None:
+        """The attempt's first write: also proves the output location is writable."""
+        write_json(self.plan.layout.attempt_record, self.record("running"), self.config.storage_options)
+
+    def failed(self, reason: str, summary: RunSummary | None = None) -> None:
+        record = self.record("failed", summary, reason)
+        options = self.config.storage_options
+        write_json(self.plan.layout.attempt_record, record, options)
+        if self.plan.previous_attempt is None:  # nothing committed to keep: the run's record says it failed
+            write_json(self.plan.layout.run_record, record, options)
+
+
+def run_audit(config: JobConfig) -> RunSummary:
+    """Runs one attempt of the audit on the Ray cluster this process is connected to."""
+    started = time.time()
+    store = HiveParquetStore(config.output, config.storage_options)
+    plan = preflight(config, store)
+    layout = plan.layout
+    recorder = RunRecorder(config, plan, started)
+    try:
+        recorder.started()
+    except StorageError as error:
+        raise StorageError(config.output, f"output location is not writable: {error.reason}") from error
+    log.info("attempt %s of run %s (committed attempt: %s)", layout.attempt, config.run_id, plan.previous_attempt)
+    try:
+        _stage(build_dataset(config, layout), config, layout, store)
+        summary = summarise(store, layout, config, started)
+    except Exception as error:
+        cause = _pipeline_error(error) or error
+        try:  # best effort: the storage may be what failed
+            recorder.failed(f"{type(cause).__name__}: {cause}")
+            store.discard(layout)
+        except StorageError as storage_error:
+            log.warning("could not record the failure of attempt %s: %s", layout.attempt, storage_error)
+        if cause is not error:
+            raise cause from error
+        raise
+    for warning in summary.warnings:
+        log.warning("%s", warning)
+    reason = failure_reason(summary, plan.manifest.num_rows, config)
+    if reason is not None:
+        recorder.failed(reason, summary)
+        raise AuditFailed(reason)
+    success = recorder.record("succeeded", summary)
+    write_json(layout.attempt_record, success, config.storage_options)
+    store.commit(layout, success, asdict(summary))
     return summary

@@ -17,20 +17,17 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
-
-from pipeline.explain import SFAM, SFAMResult
-from pipeline.io.images import ImageDecodeError, decode_image, display_image, resize_for_model, to_model_tensor
+from pipeline.explain import SFAMResult
+from pipeline.io.images import ImageDecodeError, decode_image, display_image, resize_for_model
 from pipeline.io.storage import StorageError, StorageOptions, StorageUnavailable, read_bytes, resolve_uri, write_bytes
 from pipeline.layout import RunLayout
 from pipeline.localisation import energy_in_box, peak_xy, pointing_hit
-from pipeline.models.loading import build_model
+from pipeline.models.explainer import build_explainer, device_label
 from pipeline.models.spec import ModelSpec
 from pipeline.render import render_pair_png
+from pipeline.schema import BOX_COLUMNS, EXPLAINED_COLUMNS, SIDES, TOP_CHANNELS, result_type
 
-SIDES = ("query", "reference")
 DISPLAY_SIDE = 256  # longest side of the picture kept for the PNG overlay
-TOP_CHANNELS = 10
 BYTES_PER_PIXEL_LIMIT = 4  # a compressed image is never larger than its raw pixels and a margin
 
 
@@ -100,44 +97,27 @@ def _with_nulls(values: list, ok_rows: np.ndarray, num_rows: int) -> list:
     return column
 
 
-def _device_label(device: torch.device) -> str:
-    """Which processor explained a row, e.g. "cuda NVIDIA H100 80GB HBM3 GPU-6f1c…" (the UUID tells GPUs apart)."""
-    if device.type != "cuda":
-        return device.type
-    properties = torch.cuda.get_device_properties(device)
-    return f"cuda {properties.name} GPU-{properties.uuid}"
-
-
 class ExplainPairs:
     """One model replica: forwards each distinct image of a batch once and explains its pairs."""
 
-    def __init__(self, model: ModelSpec, storage_options: StorageOptions) -> None:
-        self.spec = model
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        network = build_model(model, storage_options).to(self.device)
-        self.explainer = SFAM(network, model.target_layer, model.metric, embedding_layer=model.embedding_layer)
-        self.device_label = _device_label(self.device)
+    def __init__(self, model: ModelSpec, storage_options: StorageOptions, attempt: str) -> None:
+        self.explainer = build_explainer(model, storage_options)
+        self.attempt = attempt
+        self.device_label = device_label(self.explainer.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok_rows = np.flatnonzero(pc.equal(batch.column("status"), "ok").to_numpy(zero_copy_only=False))
         columns = self._explain(batch, ok_rows) if len(ok_rows) else {}
-        nullable = {
-            "similarity": pa.float32(), "cis_query": pa.list_(pa.float32()), "cis_reference": pa.list_(pa.float32()),
-            "cis_top_channels": pa.list_(pa.int32()), "map_query": pa.list_(pa.float16()),
-            "map_reference": pa.list_(pa.float16()), "map_shape": pa.list_(pa.int32()),
-            "query_peak_xy": pa.list_(pa.float32()), "reference_peak_xy": pa.list_(pa.float32()),
-            "forward_share": pa.float32(),
-        }
-        if _has_boxes(batch):
-            for side in SIDES:
-                nullable[f"{side}_energy_in_box"] = pa.float32()
-                nullable[f"{side}_pointing_hit"] = pa.bool_()
-        for name, kind in nullable.items():
-            batch = batch.append_column(name, pa.array(_with_nulls(columns.get(name, []), ok_rows, batch.num_rows), kind))
-        constants = {"model_id": self.spec.model_id, "metric": self.spec.metric,
-                     "target_layer": self.explainer.target_layer, "device": self.device_label}
+        names = [*EXPLAINED_COLUMNS, *(BOX_COLUMNS.names if _has_boxes(batch) else ())]
+        for name in names:
+            values = _with_nulls(columns.get(name, []), ok_rows, batch.num_rows)
+            batch = batch.append_column(name, pa.array(values, result_type(name)))
+        spec = self.explainer.spec
+        constants = {"attempt": self.attempt, "model_id": spec.model_id, "metric": spec.metric,
+                     "weighting": spec.weighting, "target_layer": self.explainer.target_layer,
+                     "device": self.device_label}
         for name, value in constants.items():
-            batch = batch.append_column(name, pa.array([value] * batch.num_rows, pa.string()))
+            batch = batch.append_column(name, pa.array([value] * batch.num_rows, result_type(name)))
         return batch.drop_columns([f"_{side}_pixels" for side in SIDES])
 
     def _explain(self, batch: pa.Table, ok_rows: np.ndarray) -> dict[str, list]:
@@ -151,15 +131,12 @@ class ExplainPairs:
                     slot_of_uri[uris[row]] = len(sources)
                     sources.append((side, row))
                 slots[side].append(slot_of_uri[uris[row]])
-        size = self.spec.input_size
+        size = self.explainer.spec.input_size
         pixels = np.stack([  # (N, S, S, 3), N distinct images
             np.frombuffer(batch.column(f"_{side}_pixels")[row].as_py(), np.uint8).reshape(size, size, 3)
             for side, row in sources
         ])
-        images = to_model_tensor(pixels, self.spec.mean, self.spec.std, self.device)
-        query, reference = (torch.as_tensor(slots[side], device=self.device) for side in SIDES)
-        with torch.inference_mode():
-            result = self.explainer.explain_pairs(images, query, reference)
+        result = self.explainer.explain_pairs(pixels, slots["query"], slots["reference"])
         return self._rows(batch, ok_rows, result, forward_share=len(sources) / len(ok_rows))
 
     def _rows(self, batch: pa.Table, ok_rows: np.ndarray, result: SFAMResult, forward_share: float) -> dict[str, list]:
@@ -167,6 +144,8 @@ class ExplainPairs:
         maps = {"query": result.map_query.float().cpu().numpy(), "reference": result.map_reference.float().cpu().numpy()}
         columns: dict[str, list] = {
             "similarity": result.similarity.cpu().tolist(),
+            "residual_query": result.residual_query.cpu().tolist(),
+            "residual_reference": result.residual_reference.cpu().tolist(),
             "cis_top_channels": result.top_channels(TOP_CHANNELS).cpu().tolist(),
             "map_shape": [list(maps["query"].shape[1:])] * len(ok_rows),
             "forward_share": [forward_share] * len(ok_rows),

@@ -9,8 +9,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from pipeline.errors import UserError
 
-class ExplanationError(ValueError):
+
+class ExplanationError(UserError, ValueError):
     """The model, its layers or its inputs cannot be explained as asked."""
 
 

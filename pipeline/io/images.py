@@ -9,12 +9,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.errors import UserError
+
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 _WHITE = (255, 255, 255, 255)
 
 
-class ImageDecodeError(Exception):
+class ImageDecodeError(UserError):
     """An image could not be decoded. The message names the URI and the reason."""
 
     def __init__(self, uri: str, reason: str) -> None:

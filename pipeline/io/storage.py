@@ -13,11 +13,13 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import fsspec
 from fsspec.utils import get_protocol
 from pydantic import BaseModel, ConfigDict
+
+from pipeline.errors import UserError
 
 _S3_PROTOCOLS = ("s3", "s3a")
 _LOCAL_PROTOCOLS = ("file", "local")
@@ -25,7 +27,7 @@ T = TypeVar("T")
 _USERINFO = re.compile(r"(://)[^/@\s]+@")
 
 
-class StorageError(Exception):
+class StorageError(UserError):
     """An object could not be read or written. The message names the URI and the reason."""
 
     def __init__(self, uri: str, reason: str) -> None:
@@ -45,6 +47,7 @@ _CONNECTION_ERRORS = {
 }
 RETRIES = 3
 RETRY_BACKOFF_SECONDS = 2.0
+CONNECT_TIMEOUT_SECONDS = 5
 
 
 def _is_connection_error(error: BaseException) -> bool:
@@ -85,6 +88,9 @@ class StorageOptions(BaseModel):
             return {
                 "anon": self.anon,
                 "client_kwargs": {k: v for k, v in client_kwargs.items() if v is not None},
+                # botocore retries a connection once; this module's own retries handle outages
+                "config_kwargs": {"connect_timeout": CONNECT_TIMEOUT_SECONDS,
+                                  "retries": {"max_attempts": 2, "mode": "standard"}},
             }
         if protocol in _LOCAL_PROTOCOLS:
             return {"auto_mkdir": True}
@@ -115,6 +121,13 @@ def read_bytes(uri: str, options: StorageOptions | None = None, max_bytes: int |
     return data
 
 
+def open_input(uri: str, options: StorageOptions | None = None) -> BinaryIO:
+    """A seekable binary file for `uri` (for pyarrow.parquet.ParquetFile); errors name the URI."""
+    fs, path = filesystem(uri, options)
+    with _storage_errors(uri):
+        return fs.open(path, "rb")
+
+
 def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
     """Create or replace the object (local parent folders are created); retries like read_bytes."""
     fs, path = filesystem(uri, options)
@@ -131,6 +144,44 @@ def exists(uri: str, options: StorageOptions | None = None) -> bool:
     with _storage_errors(uri):
         fs.invalidate_cache(path)  # another writer may have changed it since we last listed
         return fs.exists(path)
+
+
+def remove_tree(uri: str, options: StorageOptions | None = None) -> None:
+    """Deletes `uri` and everything below it; nothing there is fine. Retries like read_bytes."""
+    fs, path = filesystem(uri, options)
+
+    def remove() -> None:
+        with _storage_errors(uri):
+            fs.invalidate_cache()
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+
+    _retrying(remove)
+
+
+def glob(pattern: str, options: StorageOptions | None = None) -> list[str]:
+    """URIs (with the pattern's scheme) of the objects and folders matching a glob pattern."""
+    fs, path = filesystem(pattern, options)
+    scheme = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
+
+    def find() -> list[str]:
+        with _storage_errors(pattern):
+            fs.invalidate_cache()
+            return sorted(scheme + match for match in fs.glob(path))
+
+    return _retrying(find)
+
+
+def move(source: str, destination: str, options: StorageOptions | None = None) -> None:
+    """Moves one object (on object stores: a server-side copy, then a delete of the source)."""
+    fs, source_path = filesystem(source, options)
+    _, destination_path = filesystem(destination, options)
+
+    def mv() -> None:
+        with _storage_errors(source):
+            fs.mv(source_path, destination_path)
+
+    _retrying(mv)
 
 
 def sha256_of(uri: str, options: StorageOptions | None = None, chunk_size: int = 1 << 20) -> str:
@@ -175,12 +226,16 @@ def _storage_errors(uri: str) -> Iterator[None]:
     except StorageError:
         raise
     except FileNotFoundError as e:
-        raise StorageError(uri, "not found") from e
+        detail = str(e) if "bucket" in str(e).lower() else ""  # s3fs says when the bucket, not the key, is missing
+        raise StorageError(uri, f"not found ({detail})" if detail else "not found") from e
     except PermissionError as e:
         raise StorageError(uri, f"permission denied ({e})") from e
     except IsADirectoryError as e:
         raise StorageError(uri, "is a directory, not an object") from e
     except Exception as e:  # noqa: BLE001 - an I/O boundary: every failure becomes one typed error
+        if type(e).__name__ == "NoCredentialsError":
+            raise StorageError(uri, "no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                                    "AWS_PROFILE, or run where an instance or pod role applies") from e
         if _is_connection_error(e):
             # the next call in this process gets a new client, not the connections that just failed
             fsspec.get_filesystem_class(get_protocol(uri)).clear_instance_cache()

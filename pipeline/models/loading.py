@@ -13,6 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
+from pipeline.errors import UserError
 from pipeline.explain.layers import ExplanationError, find_module
 from pipeline.io.storage import StorageError, StorageOptions, read_bytes
 from pipeline.models.spec import ModelSpec
@@ -25,7 +26,7 @@ _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 _UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error: (.+)")
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(UserError):
     """The model of a ModelSpec could not be built or its weights not loaded."""
 
 

@@ -11,6 +11,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Metric = Literal["cosine", "dot", "euclidean"]
+Weighting = Literal["cis", "partner"]
 
 _FACTORY_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -33,6 +34,7 @@ class ModelSpec(BaseModel):
     embedding_layer: str | None = None
     target_layer: str | None = None
     metric: Metric = "cosine"
+    weighting: Weighting = "cis"
     input_size: int = Field(default=224, ge=16)
     mean: tuple[FiniteFloat, FiniteFloat, FiniteFloat] = IMAGENET_MEAN
     std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_STD

@@ -4,6 +4,6 @@ Pure functions from arrays / rows to bytes / str; callers write the results.
 """
 
 from pipeline.render.overlay import heatmap_overlay, render_pair_png
-from pipeline.render.report import render_report, safe_href
+from pipeline.render.report_html import render_report, safe_href
 
 __all__ = ["heatmap_overlay", "render_pair_png", "render_report", "safe_href"]

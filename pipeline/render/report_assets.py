@@ -9,6 +9,7 @@ h1 { margin: 0 0 2px; font-size: 26px; }
 h2 { margin: 30px 0 10px; font-size: 20px; border-bottom: 1px solid var(--line); padding-bottom: 4px; }
 h3 { margin: 0 0 2px; font-size: 17px; }
 .sub, .hint, .note, .empty { color: var(--muted); margin: 2px 0 10px; overflow-wrap: anywhere; }
+section.warning { background: #fff4e5; border-left: 4px solid #e67e22; padding: 4px 14px; margin: 10px 0; }
 .tiles { display: flex; flex-wrap: wrap; gap: 10px; margin: 14px 0; }
 .tile { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 10px 16px; min-width: 130px; }
 .tile .v { font-size: 24px; font-weight: 650; }

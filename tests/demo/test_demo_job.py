@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.demo import run_demo
+from pipeline.demo.job import run_demo
 
 
 @pytest.mark.timeout(300)

@@ -15,9 +15,9 @@ from audit_data import job_config, write_audit, write_weights
 
 from pipeline.distributed.job import run_audit
 from pipeline.io.storage import StorageOptions, exists, join_uri, read_bytes
-from pipeline.io.tables import read_results
+from pipeline.io.results_store import HiveParquetStore
 from pipeline.layout import RunLayout
-from pipeline.report import write_report
+from pipeline.reporting import write_report
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -66,7 +66,7 @@ def test_explain_actor_killed_mid_run(local_ray, tmp_path, rng) -> None:
     killer.join(timeout=30)
     assert killed and killed[0][1] < finished, "the actor was not killed while the job ran"
     assert len(seen) >= 2, "no replacement actor started"
-    table = read_results(join_uri(config.output, "results"), options, run_id="killed")
+    table = HiveParquetStore(config.output, options).read(run_id="killed")
     pair_ids = table.column("pair_id").to_pylist()
     assert sorted(pair_ids) == sorted(r["pair_id"] for r in rows)  # every pair exactly once
     assert summary.ok == len(rows)
@@ -80,12 +80,12 @@ def test_hostile_pair_ids_and_credentials_stay_out(local_ray, s3_bucket, s3_secr
     manifest, rows = write_audit(root, options, rng, queries=2, top_k=3, pair_ids=HOSTILE_IDS)
     config = job_config(root, options, manifest, "hostile", **HARDENING)
     run_audit(config)
-    table = read_results(join_uri(config.output, "results"), options, run_id="hostile")
+    table = HiveParquetStore(config.output, options).read(run_id="hostile")
     assert sorted(table.column("pair_id").to_pylist()) == sorted(HOSTILE_IDS)  # preserved as given
-    layout = RunLayout(config.output, "hostile", "unused")
+    layout = RunLayout(config.output, "hostile", "unused", "unused")
     png_uris = table.column("png_uri").to_pylist()
     assert len(set(png_uris)) == len(HOSTILE_IDS)
-    assert all(uri.startswith(layout.png_dir + "/") and ".." not in uri for uri in png_uris)
+    assert all(uri.startswith(layout.png_root + "/") and ".." not in uri for uri in png_uris)
 
     report_uri = write_report(config.output, "hostile", options)
     report = read_bytes(report_uri, options).decode()
@@ -140,13 +140,13 @@ def test_s3_outage_mid_run_fails_cleanly_and_rerun_completes(new_driver, rng) ->
             assert "unreachable" in str(error) or "Could not connect" in str(error), error
         cutter.join(timeout=120)
         print(f"outage outcome: {'completed through the outage' if completed else 'failed cleanly, re-run completed'}")
-        layout = RunLayout(config.output, "outage", "unused")
+        layout = RunLayout(config.output, "outage", "unused", "unused")
         if not completed:
             assert not exists(layout.success_marker, options)
             new_driver()
             run_audit(config)  # the endpoint is back: the same run_id again, as a new job
         assert outage and len(outage) == 2
-        table = read_results(join_uri(config.output, "results"), options, run_id="outage")
+        table = HiveParquetStore(config.output, options).read(run_id="outage")
         assert sorted(table.column("pair_id").to_pylist()) == sorted(r["pair_id"] for r in rows)
         assert set(table.column("status").to_pylist()) == {"ok"}
         assert exists(layout.success_marker, options)

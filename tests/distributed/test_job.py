@@ -10,9 +10,12 @@ import pytest
 from audit_data import expected_similarities, job_config, write_audit, write_weights
 
 from pipeline.config import JobConfig
-from pipeline.distributed.job import AuditFailed, run_audit
+from pipeline.distributed.job import run_audit
+from pipeline.errors import AuditFailed
 from pipeline.io.storage import StorageOptions, exists, join_uri, read_bytes
-from pipeline.io.tables import glob, read_json, read_results
+from pipeline.io.results_store import HiveParquetStore
+from pipeline.io.storage import glob
+from pipeline.io.tables import read_json
 from pipeline.layout import RunLayout
 
 pytestmark = pytest.mark.timeout(300)
@@ -20,7 +23,7 @@ pytestmark = pytest.mark.timeout(300)
 
 def check_run(config: JobConfig, rows: list[dict], model, root: str) -> None:
     options = config.storage_options
-    table = read_results(join_uri(config.output, "results"), options, run_id=config.run_id)
+    table = HiveParquetStore(config.output, options).read(run_id=config.run_id)
     assert sorted(table.column("pair_id").to_pylist()) == sorted(r["pair_id"] for r in rows)
     ok = table.filter(pc.equal(table.column("status"), "ok"))
     expected = expected_similarities(model, [r for r in rows if not r["pair_id"].startswith("bad/")], root, options)
@@ -50,7 +53,7 @@ def test_local_folder_run_with_bad_rows(local_ray, tmp_path, rng) -> None:
     summary = run_audit(config)
     assert (summary.pairs, summary.error) == (len(rows), 3)
     check_run(config, rows, model, root)
-    table = read_results(join_uri(config.output, "results"), options, run_id="local-1")
+    table = HiveParquetStore(config.output, options).read(run_id="local-1")
     errors = dict(zip(table.column("pair_id").to_pylist(), table.column("error").to_pylist()))
     assert "not found" in errors["bad/missing"]
     assert "corrupt" in errors["bad/corrupt"] or "unrecognised" in errors["bad/corrupt"]
@@ -67,7 +70,7 @@ def test_s3_run_and_rerun_has_no_duplicates(local_ray, s3_bucket, rng) -> None:
     run_audit(config)
     check_run(config, rows, model, root)
     run_audit(config)  # the same run_id again
-    table = read_results(join_uri(config.output, "results"), options, run_id="nightly-1")
+    table = HiveParquetStore(config.output, options).read(run_id="nightly-1")
     assert table.num_rows == len(rows)
     assert len(set(table.column("pair_id").to_pylist())) == len(rows)
 
@@ -79,6 +82,6 @@ def test_too_many_bad_rows_fail_without_success_marker(local_ray, tmp_path, rng)
     config = job_config(root, options, manifest, "failing", max_error_fraction=0.1, render_png=False)
     with pytest.raises(AuditFailed, match="3 of 5 pairs failed"):
         run_audit(config)
-    layout = RunLayout(config.output, "failing", "unused")
+    layout = RunLayout(config.output, "failing", "unused", "unused")
     assert read_json(layout.run_record, options)["status"] == "failed"
     assert not exists(layout.success_marker, options)

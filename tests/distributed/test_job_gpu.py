@@ -16,7 +16,8 @@ from audit_data import expected_similarities, job_config, write_audit, write_wei
 
 from pipeline.distributed.job import run_audit
 from pipeline.io.storage import StorageOptions, join_uri
-from pipeline.io.tables import read_json, read_results
+from pipeline.io.results_store import HiveParquetStore
+from pipeline.io.tables import read_json
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -50,7 +51,7 @@ def test_one_gpu_per_actor_when_the_cluster_has_gpus(cluster_gpus, tmp_path, rng
         assert summary.devices == ("cpu",)
     assert record["resources"]["devices"] == list(summary.devices)
 
-    table = read_results(join_uri(config.output, "results"), options, run_id="gpu")
+    table = HiveParquetStore(config.output, options).read(run_id="gpu")
     expected = expected_similarities(model, rows, root, options)  # in this process, on the CPU
     for pair_id, similarity in zip(table.column("pair_id").to_pylist(), table.column("similarity").to_pylist()):
         assert abs(similarity - expected[pair_id]) < 1e-3, pair_id

@@ -27,9 +27,9 @@ def test_each_distinct_image_is_forwarded_once(tmp_path, rng) -> None:
     fetched = FetchImages(root, spec.input_size, 2_000_000, options)(pq.read_table(manifest))
     assert fetched.column("status").to_pylist().count("error") == 3
 
-    explain = ExplainPairs(spec, options)
+    explain = ExplainPairs(spec, options, "a1")
     forwarded: list[int] = []
-    explain.explainer.model.conv1.register_forward_hook(lambda _m, inputs, _o: forwarded.append(inputs[0].shape[0]))
+    explain.explainer.sfam.model.conv1.register_forward_hook(lambda _m, inputs, _o: forwarded.append(inputs[0].shape[0]))
     explained = explain(fetched)
     distinct = len({r["query_uri"] for r in rows[:10]} | {r["reference_uri"] for r in rows[:10]})
     # one forward of the batch; single-image forwards find the target layer and measure the head once
@@ -43,7 +43,7 @@ def test_each_distinct_image_is_forwarded_once(tmp_path, rng) -> None:
     shared = np.asarray(row["cis_query"]) + np.asarray(row["cis_reference"])
     assert row["cis_top_channels"] == np.argsort(-shared, kind="stable")[:10].tolist()
 
-    layout = RunLayout(str(tmp_path / "out"), "r1", "2026-11-26")
+    layout = RunLayout(str(tmp_path / "out"), "r1", "2026-11-26", "a1")
     result = RenderResults(layout, True, options)(explained)
     assert not [name for name in result.column_names if name.startswith("_")]
     pngs = [uri for uri in result.column("png_uri").to_pylist() if uri]
@@ -94,7 +94,7 @@ def test_explain_actor_on_gpu_matches_cpu(tmp_path, rng) -> None:
     model = write_weights(join_uri(root, "model.pt"), options)
     manifest, rows = write_audit(root, options, rng, queries=3, top_k=4)
     spec = ModelSpec.model_validate(model_config(join_uri(root, "model.pt")))
-    explain = ExplainPairs(spec, options)
+    explain = ExplainPairs(spec, options, "a1")
     assert next(explain.explainer.model.parameters()).device.type == "cuda"
     explained = explain(FetchImages(root, spec.input_size, 2_000_000, options)(pq.read_table(manifest)))
     expected = expected_similarities(model, rows, root, options)  # on the CPU

@@ -31,7 +31,7 @@ _CSP = (
     f"script-src 'sha256-{_SCRIPT_HASH}'; base-uri 'none'; form-action 'none'"
 )
 
-Row = dict[str, Any]  # one result row (DESIGN.md section 3)
+Row = dict[str, Any]  # one result row (pipeline/schema.py)
 
 
 def _e(value: object, limit: int = _MAX_TEXT) -> str:
@@ -233,6 +233,13 @@ def _errors(errors: Sequence[Row]) -> str:
     return f'{note}<table class="errors">{head}{body}</table>'
 
 
+def _warnings(summary: Mapping[str, Any]) -> str:
+    """The run record's warnings (e.g. a residual that is most of the similarity), above everything."""
+    warnings = summary.get("warnings") or []
+    items = "".join(f"<li>{_e(w, 2000)}</li>" for w in warnings)
+    return f'<section id="warnings" class="warning"><h2>Warnings</h2><ul>{items}</ul></section>' if items else ""
+
+
 def render_report(
     summary: Mapping[str, Any], rows: Sequence[Row], *, png_href: Callable[[Row], str | None]
 ) -> str:
@@ -254,7 +261,7 @@ def render_report(
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
         f'<title>SFAM audit {_e(summary.get("run_id", ""), 120)}</title><style>{CSS}</style></head><body>'
         f'<header><h1>SFAM audit report</h1><p class="sub">{heading}</p></header>'
-        f'<section id="figures"><div class="tiles">{_figures(ok, errors, len(rows))}</div></section>'
+        f'{_warnings(summary)}<section id="figures"><div class="tiles">{_figures(ok, errors, len(rows))}</div></section>'
         f'<section id="histogram"><h2>Similarity by label</h2>{_histogram(ok)}</section>'
         f'<section id="look-first"><h2>Look first</h2>{_look_first(ok, png_href)}</section>'
         f'<section id="gallery"><h2>All pairs</h2>{_gallery(rows, png_href)}</section>'

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline.render import render_pair_png, render_report, safe_href
 from pipeline.render.histogram import Series, histogram_svg
-from pipeline.render.report import GALLERY_CAP, LOOK_FIRST_CAP
+from pipeline.render.report_html import GALLERY_CAP, LOOK_FIRST_CAP
 
 EVIL_ID = "<script>alert(1)</script>"
 SUMMARY = {

@@ -1,0 +1,34 @@
+"""The project's errors and the exit status each one means.
+
+Every error the pipeline raises on purpose derives from :class:`PipelineError`:
+
+    UserError      the input is wrong (config, manifest, storage, credentials, model,
+                   layers, image); the message names the thing and why. Exit 2.
+    AuditFailed    the job ran, but its result is not acceptable (too many bad rows). Exit 1.
+
+The command line prints either as one line, `error: <message>`, without a traceback.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_AUDIT_FAILED = 1
+EXIT_USER_ERROR = 2
+
+
+class PipelineError(Exception):
+    """Base of the errors this project raises on purpose."""
+
+    exit_code = EXIT_AUDIT_FAILED
+
+
+class UserError(PipelineError):
+    """A mistake in what the user gave: the message names the thing and the reason."""
+
+    exit_code = EXIT_USER_ERROR
+
+
+class AuditFailed(PipelineError):
+    """The job ran but its result is not acceptable (too many failed rows, rows missing)."""
+
+    exit_code = EXIT_AUDIT_FAILED

@@ -1,0 +1,102 @@
+"""The result table behind one seam: stage an attempt's rows, commit them as the run, read a run.
+
+The job writes an attempt's rows through Ray into `staging()`, then `commit()`s or
+`discard()`s them; the report and the summaries `read()` them. Today's store is a
+Hive-partitioned Parquet table; another table format is another class with these methods.
+
+How a Hive re-run is committed, and what readers see:
+
+1. The attempt's parts are written under runs/ID/attempts/A/results/, outside the table:
+   a failed or interrupted attempt never shows in the table.
+2. On success they are moved into results/run_date=D/run_id=ID/ (file names carry the
+   attempt, so nothing is overwritten). From here until step 4, a reader of the raw
+   table sees the previous attempt's rows and the new ones of this run_id.
+3. runs/ID/run.json, then runs/ID/_SUCCESS are written, naming attempt A: the commit.
+   A reader that keeps rows whose `attempt` is the one `_SUCCESS` names (the `done`
+   view of docs/cluster.md) switches from the old rows to the new ones at this write,
+   and never sees a mix.
+4. Every other attempt's parts and overlays of this run_id are deleted.
+
+An attempt interrupted before step 3 leaves the previous run as it was (its rows,
+overlays, run.json and _SUCCESS) plus its own leftovers, which the next attempt of the
+run_id deletes in its step 4; interrupted between 3 and 4, the new run is committed and
+the old files are deleted by the next attempt.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.dataset as pds
+import pyarrow.fs as pafs
+
+from pipeline.io.storage import StorageError, StorageOptions, exists, glob, join_uri, move, read_bytes, remove_tree
+from pipeline.io.tables import arrow_filesystem, write_json
+from pipeline.layout import RunLayout
+
+
+class HiveParquetStore:
+    """results/run_date=D/run_id=ID/part-ATTEMPT-*.parquet under the output root."""
+
+    def __init__(self, output: str, options: StorageOptions) -> None:
+        self.output = output
+        self.options = options
+        self.root = join_uri(output, "results")
+
+    def staging(self, layout: RunLayout) -> tuple[pafs.FileSystem, str]:
+        """Where the attempt's part files are written (a pyarrow filesystem and a path)."""
+        return arrow_filesystem(layout.staged_results_dir, self.options)
+
+    def read_staged(self, layout: RunLayout, columns: list[str] | None = None) -> pa.Table:
+        """The attempt's rows before they are committed."""
+        fs, path = self.staging(layout)
+        return pds.dataset(path.rstrip("/"), filesystem=fs, format="parquet").to_table(columns=columns)
+
+    def committed_attempt(self, run_id: str) -> str | None:
+        """The attempt that `_SUCCESS` names, or None when the run never succeeded."""
+        marker = join_uri(self.output, "runs", run_id, "_SUCCESS")
+        if not exists(marker, self.options):
+            return None
+        return json.loads(read_bytes(marker, self.options)).get("attempt")
+
+    def commit(self, layout: RunLayout, run_record: dict, success: dict) -> None:
+        """Makes the attempt's rows the run's rows (steps 2-4 of the module docstring)."""
+        for part in glob(join_uri(layout.staged_results_dir, "*.parquet"), self.options):
+            move(part, join_uri(layout.results_dir, part.rsplit("/", 1)[1]), self.options)
+        write_json(layout.run_record, run_record, self.options)
+        write_json(layout.success_marker, success, self.options)
+        self.remove_other_attempts(layout)
+
+    def remove_other_attempts(self, layout: RunLayout) -> None:
+        """Deletes the rows, staged rows and overlays of every attempt of the run but this one."""
+        pattern = join_uri(self.root, "run_date=*", f"run_id={layout.run_id}", "*.parquet")
+        for part in glob(pattern, self.options):
+            if not part.rsplit("/", 1)[1].startswith(layout.part_prefix):
+                remove_tree(part, self.options)
+        for folder in glob(join_uri(layout.png_root, "attempt=*"), self.options):
+            if folder.rstrip("/").rsplit("/", 1)[1] != f"attempt={layout.attempt}":
+                remove_tree(folder, self.options)
+        for folder in glob(join_uri(layout.run_dir, "attempts", "*", "results"), self.options):
+            if folder.rstrip("/").rsplit("/", 2)[1] != layout.attempt:
+                remove_tree(folder, self.options)
+
+    def discard(self, layout: RunLayout) -> None:
+        """Deletes a failed attempt's staged rows and overlays; its run record stays."""
+        remove_tree(layout.staged_results_dir, self.options)
+        remove_tree(layout.png_dir, self.options)
+
+    def read(self, run_id: str | None = None, columns: list[str] | None = None) -> pa.Table:
+        """The table's rows, with the partition columns; for a run_id, its committed rows only."""
+        fs, path = arrow_filesystem(self.root, self.options)
+        try:
+            dataset = pds.dataset(path.rstrip("/"), filesystem=fs, format="parquet", partitioning="hive")
+        except FileNotFoundError as error:
+            raise StorageError(self.root, "no result table here (no run has succeeded under this output)") from error
+        where = None
+        if run_id is not None:
+            where = pds.field("run_id") == run_id
+            attempt = self.committed_attempt(run_id)
+            if attempt is not None:  # only the committed attempt's rows, also while a re-run commits
+                where = where & (pds.field("attempt") == attempt)
+        return dataset.to_table(columns=columns, filter=where)

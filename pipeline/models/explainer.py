@@ -1,0 +1,70 @@
+"""One way to turn a ModelSpec into a ready explainer: device, model, weights, SFAM, inputs.
+
+`sfam explain`, the job's explain actors and the job's pre-flight check all build theirs here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.explain import SFAM, SFAMResult
+from pipeline.io.images import to_model_tensor
+from pipeline.io.storage import StorageOptions
+from pipeline.models.loading import build_model
+from pipeline.models.spec import ModelSpec
+
+
+def pick_device() -> torch.device:
+    """The first CUDA device when there is one, else the CPU (decided at run time)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_label(device: torch.device) -> str:
+    """Which processor explained a row, e.g. "cuda NVIDIA H100 80GB HBM3 GPU-6f1c…" (the UUID tells GPUs apart)."""
+    if device.type != "cuda":
+        return device.type
+    properties = torch.cuda.get_device_properties(device)
+    return f"cuda {properties.name} GPU-{properties.uuid}"
+
+
+@dataclass
+class ModelExplainer:
+    """A model replica on its device and the SFAM explainer over it."""
+
+    spec: ModelSpec
+    sfam: SFAM
+    device: torch.device
+
+    @property
+    def target_layer(self) -> str | None:
+        """The explained layer: the spec's, or the default chosen at the first explanation."""
+        return self.sfam.target_layer
+
+    def inputs(self, pixels: np.ndarray) -> torch.Tensor:
+        """(N, S, S, 3) uint8 model-size pictures -> (N, 3, S, S) normalised float tensor on the device."""
+        return to_model_tensor(pixels, self.spec.mean, self.spec.std, self.device)
+
+    def explain_pairs(self, pixels: np.ndarray, query_index: list[int], reference_index: list[int]) -> SFAMResult:
+        """Explains pairs of distinct pictures (N, S, S, 3); each index list names a side of each pair."""
+        query, reference = (torch.as_tensor(index, device=self.device) for index in (query_index, reference_index))
+        with torch.inference_mode():
+            return self.sfam.explain_pairs(self.inputs(pixels), query, reference)
+
+    def trial(self) -> SFAMResult:
+        """Explains one pair of random pictures: proves the model, its layers and the metric work together."""
+        generator = np.random.default_rng(0)
+        size = self.spec.input_size
+        pixels = generator.integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+        return self.explain_pairs(pixels, [0], [1])
+
+
+def build_explainer(spec: ModelSpec, storage_options: StorageOptions | None = None,
+                    device: torch.device | None = None) -> ModelExplainer:
+    """The spec's model with its weights on `device` (default: pick_device()) and its explainer."""
+    device = device or pick_device()
+    model = build_model(spec, storage_options).to(device)
+    sfam = SFAM(model, spec.target_layer, spec.metric, embedding_layer=spec.embedding_layer, weighting=spec.weighting)
+    return ModelExplainer(spec, sfam, device)

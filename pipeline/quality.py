@@ -1,0 +1,38 @@
+"""Whether an explanation explains: how much of the similarity the channel contributions carry.
+
+Completeness says sum(CIS) + residual = similarity. When the residual is most of the
+similarity, the maps show almost nothing of why the pair matched, and the user is told.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MOSTLY_RESIDUAL = 0.5  # a pair whose residual exceeds this share of its similarity explains little
+MIN_SIMILARITY = 1e-3  # below this |similarity|, the share is not measured (nothing to explain)
+LIKELY_CAUSE = (
+    "the target layer's channels carry little of the similarity: the layer may barely feed the "
+    "embedding (try a later one), or the head normalises its input (LayerNorm, L2) in a way "
+    "the attribution cannot see through; see docs/method.md, Limits"
+)
+
+
+def residual_share(similarity: np.ndarray, residual_query: np.ndarray, residual_reference: np.ndarray) -> np.ndarray:
+    """Per pair, mean(|residual of each side|) / |similarity|; NaN where |similarity| is tiny."""
+    similarity = np.abs(np.asarray(similarity, np.float64))
+    residual = (np.abs(np.asarray(residual_query, np.float64)) + np.abs(np.asarray(residual_reference, np.float64))) / 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(similarity > MIN_SIMILARITY, residual / similarity, np.nan)
+
+
+def residual_warning(similarity: np.ndarray, residual_query: np.ndarray, residual_reference: np.ndarray) -> str | None:
+    """A one-line warning when the residual is most of the similarity for a pair or the run."""
+    share = residual_share(similarity, residual_query, residual_reference)
+    measured = share[~np.isnan(share)]
+    if measured.size == 0:
+        return None
+    mostly = int((measured > MOSTLY_RESIDUAL).sum())
+    if mostly == 0:
+        return None
+    return (f"the residual is more than {MOSTLY_RESIDUAL:.0%} of the similarity for {mostly} of {measured.size} "
+            f"pair(s) (median share {np.median(measured):.2f}): {LIKELY_CAUSE}")

@@ -1,0 +1,75 @@
+"""`sfam report`: a run's static HTML report, read from the result table and the run record.
+
+The report links each overlay relative to itself. When the overlays live on another
+filesystem than the report (a run on S3, a report written locally), they are copied next
+to the report, into `{report name}_overlays/`, so that the page shows them offline.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+
+from pipeline.io.results_store import HiveParquetStore
+from pipeline.io.storage import StorageError, StorageOptions, exists, join_uri, read_bytes, write_bytes
+from pipeline.io.tables import read_json
+from pipeline.layout import RunLayout, safe_name
+from pipeline.render import render_report
+
+REPORT_COLUMNS = (
+    "pair_id", "query_uri", "reference_uri", "label", "rank", "score", "similarity", "status", "error",
+    "query_energy_in_box", "reference_energy_in_box", "query_pointing_hit", "reference_pointing_hit", "png_uri",
+)
+
+
+def _path_part(uri: str) -> str:
+    return uri.split("://", 1)[1] if "://" in uri else os.path.abspath(uri)
+
+
+def _relative(target: str, start_dir: str) -> str | None:
+    """target relative to start_dir when both are on the same filesystem, else None."""
+    same_scheme = target.partition("://")[0] == start_dir.partition("://")[0]
+    if not same_scheme and ("://" in target or "://" in start_dir):
+        return None
+    return posixpath.relpath(_path_part(target), _path_part(start_dir))
+
+
+class _OverlayLinks:
+    """Relative links to overlays, copying those on another filesystem next to the report."""
+
+    def __init__(self, report: str, options: StorageOptions) -> None:
+        self.report_dir = report.rsplit("/", 1)[0] if "/" in report else "."
+        self.copies = report.rsplit(".", 1)[0] + "_overlays"
+        self.options = options
+
+    def __call__(self, row: dict) -> str | None:
+        uri = row.get("png_uri")
+        if not uri:
+            return None
+        link = _relative(uri, self.report_dir)
+        if link is not None:
+            return link
+        copy = join_uri(self.copies, f"{safe_name(str(row['pair_id']))}.png")
+        write_bytes(copy, read_bytes(uri, self.options), self.options)
+        return _relative(copy, self.report_dir)
+
+
+def write_report(output: str, run_id: str, options: StorageOptions, destination: str | None = None) -> str:
+    """Writes the report (default {output}/reports/{run_id}.html) and returns where."""
+    destination = destination or join_uri(output, "reports", f"{run_id}.html")
+    record = join_uri(output, "runs", run_id, "run.json")
+    if not exists(record, options):  # one quick look first: a wrong output or endpoint fails here, at once
+        raise StorageError(record, f"no run record: is run_id {run_id!r} under output {output}?")
+    summary = read_json(record, options)
+    store = HiveParquetStore(output, options)
+    if summary.get("status") == "succeeded":
+        table = store.read(run_id=run_id)
+    else:  # a failed run's rows stay with its attempt, outside the table
+        table = store.read_staged(RunLayout(output, run_id, summary["run_date"], summary["attempt"]))
+    rows = table.select([c for c in REPORT_COLUMNS if c in table.column_names]).to_pylist()
+    page = render_report(
+        {**summary, "model_id": summary.get("model_id"), "metric": summary.get("config", {}).get("model", {}).get("metric")},
+        rows, png_href=_OverlayLinks(destination, options),
+    )
+    write_bytes(destination, page.encode(), options)
+    return destination
