@@ -25,6 +25,7 @@ from ray.data import ActorPoolStrategy
 from ray.data.datasource import FilenameProvider
 
 from pipeline.config import JobConfig
+from pipeline.distributed.cluster import connect
 from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults
 from pipeline.errors import AuditFailed, PipelineError
 from pipeline.io.results_store import HiveParquetStore
@@ -58,7 +59,7 @@ class RunSummary:
 
     def lines(self) -> list[str]:
         return [
-            f"run {self.run_id} (attempt {self.attempt}): {self.pairs} pairs, {self.ok} ok, {self.error} error",
+            f"run {self.run_id}: {self.pairs} pairs, {self.ok} ok, {self.error} error (attempt {self.attempt})",
             f"{self.wall_seconds:.1f} s, {self.pairs_per_second:.1f} pairs/s, "
             f"{self.forward_passes_per_pair:.2f} forward passes per pair",
             f"explained on: {', '.join(self.devices) or 'nothing'}",
@@ -270,7 +271,7 @@ class RunRecorder:
 
 
 def run_audit(config: JobConfig) -> RunSummary:
-    """Runs one attempt of the audit on the Ray cluster this process is connected to."""
+    """Runs one attempt of the audit on the Ray cluster of this process (connect() joins or starts one)."""
     started = time.time()
     store = HiveParquetStore(config.output, config.storage_options)
     plan = preflight(config, store)
@@ -281,6 +282,7 @@ def run_audit(config: JobConfig) -> RunSummary:
     except StorageError as error:
         raise StorageError(config.output, f"output location is not writable: {error.reason}") from error
     log.info("attempt %s of run %s (committed attempt: %s)", layout.attempt, config.run_id, plan.previous_attempt)
+    connect()
     try:
         _stage(build_dataset(config, layout), config, layout, store)
         summary = summarise(store, layout, config, started)
