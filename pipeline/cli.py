@@ -1,4 +1,4 @@
-"""`sfam`: explain one pair, run an audit, run the demo, build a report.
+"""`sfam`: explain one pair, run an audit, run the demo, build a report, render any pair of a run.
 
 Every command ends a user mistake (config, manifest, storage, credentials, model, layers,
 image) with one line, `error: <what>: <why>`, and exit status 2; an audit whose result is
@@ -77,18 +77,37 @@ def demo_command(args: argparse.Namespace) -> int:
     return run_demo(args.output, queries=args.queries, top_k=args.top_k)
 
 
+def _output_and_options(args: argparse.Namespace) -> tuple[str, StorageOptions]:
+    """The audit's output root and storage options: from --config, or OUTPUT and --endpoint-url."""
+    if args.config:
+        config = load_config(args.config, args.overrides)
+        return args.output_root or config.output, config.storage_options
+    if not args.output_root:
+        raise ConfigError(f"sfam {args.command} needs the audit's OUTPUT root or --config")
+    return args.output_root, StorageOptions(endpoint_url=args.endpoint_url)
+
+
 def report_command(args: argparse.Namespace) -> int:
     from pipeline.reporting import write_report
 
-    if args.config:
-        config = load_config(args.config, args.overrides)
-        output, options = args.output_root or config.output, config.storage_options
-    elif args.output_root:
-        output, options = args.output_root, StorageOptions(endpoint_url=args.endpoint_url)
-    else:
-        raise ConfigError("sfam report needs the audit's OUTPUT root or --config")
+    output, options = _output_and_options(args)
     path = write_report(output, args.run_id, options, args.out)
     print(f"wrote {path}")
+    return EXIT_OK
+
+
+def render_command(args: argparse.Namespace) -> int:
+    from pipeline.overlays import render_pair_of_run
+
+    output, options = _output_and_options(args)
+    png = render_pair_of_run(output, args.run_id, args.pair_id, options)
+    if args.out == "-":
+        sys.stdout.buffer.write(png)
+    else:
+        from pipeline.io.storage import write_bytes
+
+        write_bytes(args.out, png, options)
+        print(f"wrote {args.out}")
     return EXIT_OK
 
 
@@ -97,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    finished_run = argparse.ArgumentParser(add_help=False)  # which run of which audit, and how to reach it
+    finished_run.add_argument("output_root", metavar="OUTPUT", nargs="?", help="the audit's output root (default: the config's)")
+    finished_run.add_argument("--run-id", required=True)
+    finished_run.add_argument("--config", help="job config YAML: its output and storage options are used")
+    finished_run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    finished_run.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// URIs (without --config)")
 
     explain = commands.add_parser("explain", parents=[common], help="explain one image pair and write its overlay PNG")
     explain.add_argument("query", help="query image (path or fsspec URI)")
@@ -123,14 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--top-k", type=int, default=10)
     demo.set_defaults(handler=demo_command)
 
-    report = commands.add_parser("report", parents=[common], help="write a run's static HTML report")
-    report.add_argument("output_root", metavar="OUTPUT", nargs="?", help="the audit's output root (default: the config's)")
-    report.add_argument("--run-id", required=True)
+    report = commands.add_parser("report", parents=[common, finished_run], help="write a run's static HTML report")
     report.add_argument("-o", "--out", help="HTML file (default OUTPUT/reports/RUN_ID.html)")
-    report.add_argument("--config", help="job config YAML: its output and storage options are used")
-    report.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    report.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// URIs (without --config)")
     report.set_defaults(handler=report_command)
+
+    render = commands.add_parser("render", parents=[common, finished_run],
+                                 help="draw the overlay of any pair of a finished run, from the result table")
+    render.add_argument("--pair-id", required=True)
+    render.add_argument("-o", "--out", required=True, help="PNG to write (path or URI), or - for the standard output")
+    render.set_defaults(handler=render_command)
     return parser
 
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.errors import UserError
 from pipeline.io.storage import StorageOptions
 from pipeline.models.spec import ModelSpec
+from pipeline.render.selection import FlagRules, RenderPolicy
 
 MAX_IMAGE_PIXELS = 50_000_000  # larger images fail their row (decompression bombs)
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -53,8 +54,15 @@ class JobConfig(BaseModel):
     gpus_per_actor: float | None = Field(None, ge=0)
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1)
     max_error_fraction: float = Field(0.01, ge=0, le=1)
-    render_png: bool = True
+    render_png: RenderPolicy = "flagged"
+    render_flags: FlagRules = Field(default_factory=FlagRules)
     storage_options: StorageOptions = Field(default_factory=StorageOptions)
+
+    @field_validator("render_png", mode="before")
+    @classmethod
+    def _render_png_bool(cls, value: Any) -> Any:
+        """The earlier boolean form: true renders all pairs, false none."""
+        return {True: "all", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
     @field_validator("run_id")
     @classmethod

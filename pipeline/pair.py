@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.io.images import decode_image, display_image, resize_for_model
+from pipeline.io.images import decode_pictures
 from pipeline.io.storage import StorageOptions, read_bytes, write_bytes
 from pipeline.models.explainer import build_explainer
 from pipeline.models.spec import ModelSpec
@@ -30,14 +30,14 @@ def explain_pair(query_uri: str, reference_uri: str, spec: ModelSpec, options: S
                  max_image_pixels: int, output: str | None = None) -> PairExplanation:
     """Explains (query, reference) with the spec's model; writes the overlay to `output` if given."""
     explainer = build_explainer(spec, options)
-    images = [decode_image(read_bytes(uri, options), uri, max_image_pixels) for uri in (query_uri, reference_uri)]
-    pixels = np.stack([resize_for_model(rgb, spec.input_size) for rgb in images])  # (2, S, S, 3)
-    result = explainer.explain_pairs(pixels, [0], [1])
+    pictures = [decode_pictures(read_bytes(uri, options), uri, max_image_pixels, spec.input_size, DISPLAY_SIDE)
+                for uri in (query_uri, reference_uri)]
+    result = explainer.explain_pairs(np.stack([p.model_input for p in pictures]), [0], [1])  # (2, S, S, 3) in
     cis_query, cis_reference = result.cis_query[0].cpu(), result.cis_reference[0].cpu()
     top = result.top_channels(TOP_CHANNELS)[0].tolist()
     similarity = float(result.similarity[0])
     png = render_pair_png(
-        display_image(images[0], DISPLAY_SIDE), display_image(images[1], DISPLAY_SIDE),
+        pictures[0].display, pictures[1].display,
         result.map_query[0].cpu().numpy(), result.map_reference[0].cpu().numpy(),
         similarity=similarity, metric=spec.metric,
         title=f"{spec.model_id} · {explainer.target_layer} · {spec.weighting}", top_channels=top,

@@ -18,7 +18,7 @@ def test_yaml_with_overrides(tmp_path) -> None:
     path = tmp_path / "cfg.yaml"
     path.write_text(BASE)
     config = load_config(path, ["model.metric=dot", "batch_size=8", "render_png=false", "run_id=nightly-2026-11-26"])
-    assert (config.model.metric, config.batch_size, config.render_png) == ("dot", 8, False)
+    assert (config.model.metric, config.batch_size, config.render_png) == ("dot", 8, "none")  # the boolean form
     assert config.run_id == "nightly-2026-11-26" and config.model.input_size == 224
     assert config.gpus_per_actor is None and config.storage_options.endpoint_url == "http://127.0.0.1:9000"
     assert load_config(path).run_id.startswith("run-")  # default from the UTC time
@@ -37,6 +37,24 @@ def test_bad_overrides_are_errors(tmp_path, override: str, message: str) -> None
     path.write_text(BASE)
     with pytest.raises(ConfigError, match=message):
         load_config(path, [override])
+
+
+def test_dates_stay_strings(tmp_path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(BASE + "run_id: 2026-11-25\n")
+    assert load_config(path).run_id == "2026-11-25"
+    assert load_config(path, ["run_id=2026-11-26"]).run_id == "2026-11-26"
+    assert load_config(path, ["model.weighting=partner"]).model.weighting == "partner"
+
+
+def test_render_policy(tmp_path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(BASE)
+    assert load_config(path).render_png == "flagged"  # the default: what an auditor looks at first
+    config = load_config(path, ["render_png=all", "render_flags.false_match_similarity=0.9"])
+    assert (config.render_png, config.render_flags.false_match_similarity) == ("all", 0.9)
+    with pytest.raises(ConfigError, match="render_png"):
+        load_config(path, ["render_png=some"])
 
 
 def test_unreadable_config(tmp_path) -> None:

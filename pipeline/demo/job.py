@@ -45,6 +45,7 @@ def run_demo(output: str, queries: int = 30, top_k: int = 10) -> int:
     config = JobConfig.model_validate({
         "manifest": str(manifest), "output": str(root / "audits"), "run_id": RUN_ID, "model": MODEL_SPEC,
         "batch_size": 5 * top_k, "num_actors": 1, "max_error_fraction": 0.0,
+        "render_png": "all",  # a small audit: every pair gets its overlay in the report
     })
     config_path = root / "audit.yaml"  # the same audit again: sfam audit --config demo-output/audit.yaml
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

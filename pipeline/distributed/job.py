@@ -162,7 +162,7 @@ def build_dataset(config: JobConfig, layout: RunLayout) -> ray.data.Dataset:
     )
     log.info("explaining with %d actor(s), %g GPU each", config.num_actors, gpus)
     return dataset.map_batches(
-        RenderResults(layout, config.render_png, options), batch_size=config.batch_size, batch_format="pyarrow"
+        RenderResults(layout, config.render_png, config.render_flags, options), batch_size=config.batch_size, batch_format="pyarrow"
     )
 
 
@@ -209,7 +209,7 @@ def summarise(store: HiveParquetStore, layout: RunLayout, config: JobConfig, sta
         wall_seconds=wall, pairs_per_second=rows.num_rows / wall,
         forward_passes_per_pair=float(np.nansum(ok_rows.column("forward_share").to_numpy(zero_copy_only=False))) / max(ok, 1),
         devices=tuple(sorted(pc.unique(rows.column("device")).drop_null().to_pylist())),
-        results=redact_uri(layout.results_dir), png=redact_uri(layout.png_dir) if config.render_png else None,
+        results=redact_uri(layout.results_dir), png=redact_uri(layout.png_dir) if config.render_png != "none" else None,
         run_record=redact_uri(layout.run_record), warnings=(warning,) if warning else (),
     )
 

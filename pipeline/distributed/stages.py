@@ -18,13 +18,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pipeline.explain import SFAMResult
-from pipeline.io.images import ImageDecodeError, decode_image, display_image, resize_for_model
+from pipeline.io.images import ImageDecodeError, decode_pictures
 from pipeline.io.storage import StorageError, StorageOptions, StorageUnavailable, read_bytes, resolve_uri, write_bytes
 from pipeline.layout import RunLayout
 from pipeline.localisation import energy_in_box, peak_xy, pointing_hit
 from pipeline.models.explainer import build_explainer, device_label
 from pipeline.models.spec import ModelSpec
-from pipeline.render import render_pair_png
+from pipeline.render.result_row import OVERLAY_COLUMNS, render_result_row
+from pipeline.render.selection import FlagRules, RenderPolicy, select_for_render
 from pipeline.schema import BOX_COLUMNS, EXPLAINED_COLUMNS, SIDES, TOP_CHANNELS, result_type
 
 DISPLAY_SIDE = 256  # longest side of the picture kept for the PNG overlay
@@ -51,13 +52,12 @@ class FetchImages:
     def _decode(self, uri: str) -> DecodedImage:
         data = read_bytes(resolve_uri(uri, self.manifest_dir), self.storage_options,
                           max_bytes=BYTES_PER_PIXEL_LIMIT * self.max_image_pixels + (1 << 20))
-        rgb = decode_image(data, uri, self.max_image_pixels)
-        display = display_image(rgb, DISPLAY_SIDE)
+        pictures = decode_pictures(data, uri, self.max_image_pixels, self.input_size, DISPLAY_SIDE)
         return DecodedImage(
-            pixels=resize_for_model(rgb, self.input_size).tobytes(),
-            display=display.tobytes(),
-            display_shape=display.shape[:2],
-            size=(rgb.shape[1], rgb.shape[0]),
+            pixels=pictures.model_input.tobytes(),
+            display=pictures.display.tobytes(),
+            display_shape=pictures.display.shape[:2],
+            size=pictures.size,
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -166,41 +166,28 @@ class ExplainPairs:
 
 
 class RenderResults:
-    """Writes each ok pair's PNG overlay to its deterministic path; leaves only result columns."""
+    """Writes the overlays its policy selects to their deterministic paths; leaves only result columns."""
 
-    def __init__(self, layout: RunLayout, render_png: bool, storage_options: StorageOptions) -> None:
+    def __init__(self, layout: RunLayout, policy: RenderPolicy, rules: FlagRules, storage_options: StorageOptions) -> None:
         self.layout = layout
-        self.render_png = render_png
+        self.policy = policy
+        self.rules = rules
         self.storage_options = storage_options
 
-    def _display(self, batch: pa.Table, side: str, row: int) -> np.ndarray:
-        height, width = batch.column(f"_{side}_display_shape")[row].as_py()
-        return np.frombuffer(batch.column(f"_{side}_display")[row].as_py(), np.uint8).reshape(height, width, 3)
-
-    def _box(self, batch: pa.Table, side: str, row: int) -> list[float] | None:
-        """The box scaled from original pixels to the display picture's pixels."""
-        if f"{side}_bbox" not in batch.column_names or batch.column(f"{side}_bbox")[row].as_py() is None:
-            return None
-        width = batch.column(f"_{side}_size")[row].as_py()[0]
-        scale = batch.column(f"_{side}_display_shape")[row].as_py()[1] / width
-        return [v * scale for v in batch.column(f"{side}_bbox")[row].as_py()]
-
     def _render(self, batch: pa.Table, row: int) -> str:
-        shape = batch.column("map_shape")[row].as_py()
-        maps = [np.asarray(batch.column(f"map_{side}")[row].as_py(), np.float32).reshape(shape) for side in SIDES]
-        pair_id = batch.column("pair_id")[row].as_py()
-        png = render_pair_png(
-            self._display(batch, "query", row), self._display(batch, "reference", row), *maps,
-            similarity=batch.column("similarity")[row].as_py(), metric=batch.column("metric")[row].as_py(),
-            title=pair_id, top_channels=batch.column("cis_top_channels")[row].as_py(),
-            query_box=self._box(batch, "query", row), reference_box=self._box(batch, "reference", row),
-        )
-        uri = self.layout.png_uri(pair_id)
-        write_bytes(uri, png, self.storage_options)
+        displays, sizes = {}, {}
+        for side in SIDES:
+            height, width = batch.column(f"_{side}_display_shape")[row].as_py()
+            displays[side] = np.frombuffer(batch.column(f"_{side}_display")[row].as_py(), np.uint8).reshape(height, width, 3)
+            sizes[side] = tuple(batch.column(f"_{side}_size")[row].as_py())
+        columns = [c for c in OVERLAY_COLUMNS if c in batch.column_names]
+        values = {name: batch.column(name)[row].as_py() for name in columns}
+        uri = self.layout.png_uri(values["pair_id"])
+        write_bytes(uri, render_result_row(values, displays, sizes), self.storage_options)
         return uri
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        status = batch.column("status").to_pylist()
-        png_uris = [self._render(batch, row) if self.render_png and s == "ok" else None for row, s in enumerate(status)]
+        selected = select_for_render(batch, self.policy, self.rules)
+        png_uris = [self._render(batch, row) if chosen else None for row, chosen in enumerate(selected.tolist())]
         batch = batch.append_column("png_uri", pa.array(png_uris, pa.string()))
         return batch.drop_columns([name for name in batch.column_names if name.startswith("_")])

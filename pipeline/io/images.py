@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from pipeline.errors import UserError
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 _WHITE = (255, 255, 255, 255)
+_EXIF_TRANSPOSE = {  # EXIF orientation -> the transposition that shows the picture upright
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SWAPS_AXES = (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90)
 
 
 class ImageDecodeError(UserError):
@@ -25,47 +37,66 @@ class ImageDecodeError(UserError):
         super().__init__(f"{uri}: {reason}")
 
 
+@dataclass(frozen=True)
+class Pictures:
+    """One image decoded once: what the model sees and what a person is shown."""
+
+    model_input: np.ndarray  # (size, size, 3) uint8: the whole image squeezed, not cropped
+    display: np.ndarray  # (h, w, 3) uint8: aspect ratio kept, longest side <= max_side, never upscaled
+    size: tuple[int, int]  # the original (width, height) after EXIF orientation: the frame boxes are given in
+
+
 def decode_image(data: bytes, uri: str, max_pixels: int) -> np.ndarray:
-    """Decode JPEG / PNG / WebP / BMP bytes to an (H, W, 3) uint8 RGB array.
+    """Decode JPEG / PNG / WebP / BMP bytes to an (H, W, 3) uint8 RGB array at full resolution.
 
     The pixel count is checked from the header before any pixel is decoded;
     EXIF orientation is applied; alpha is composited on white; truncated or
     corrupt files raise :class:`ImageDecodeError` (`uri` only names the image in it).
     """
-    if not data:
-        raise ImageDecodeError(uri, "empty file (0 bytes)")
-    try:
-        img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
-        width, height = img.size
-        if width * height > max_pixels:
-            raise ImageDecodeError(
-                uri, f"too many pixels: {width}x{height} exceeds max_pixels={max_pixels}"
-            )
+    with _decode_errors(uri):
+        img = _open(data, uri, max_pixels)
         img.load()
-        return _to_rgb(ImageOps.exif_transpose(img))
-    except ImageDecodeError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageDecodeError(uri, f"too many pixels (decompression bomb guard): {e}") from e
-    except UnidentifiedImageError as e:
-        formats = ", ".join(SUPPORTED_FORMATS)
-        raise ImageDecodeError(uri, f"unrecognised or corrupt image (supported: {formats})") from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageDecodeError(uri, f"corrupt or truncated image: {e}") from e
+        return np.array(_orient(_to_rgb(img), _transpose_method(img)))
+
+
+def decode_pictures(data: bytes, uri: str, max_pixels: int, model_size: int, max_side: int) -> Pictures:
+    """Decode once into the model's input and the display picture, with :func:`decode_image`'s guarantees.
+
+    The same pictures as `resize_for_model(rgb, model_size)` and `display_image(rgb, max_side)`
+    of the full decode, but cheaper: a JPEG is decoded in draft mode, scaled by 1/2, 1/4 or 1/8
+    inside the decoder (DCT domain) to the smallest size that still covers both pictures, so most
+    of its pixels are never produced. Both pictures are resized before the EXIF rotation, which
+    commutes with the resize, so the rotation moves few pixels.
+    """
+    with _decode_errors(uri):
+        img = _open(data, uri, max_pixels)
+        stored_size = img.size
+        display_size = _display_size(stored_size, max_side)
+        drafted = img.draft(None, (max(model_size, display_size[0]), max(model_size, display_size[1])))
+        box = drafted[1] if drafted else None  # the whole picture in drafted pixels (whose count rounds up)
+        img.load()
+        method = _transpose_method(img)
+        rgb = _to_rgb(img)
+        display = rgb if display_size == stored_size else _resize(rgb, display_size, box)
+        return Pictures(
+            model_input=np.array(_orient(_resize(rgb, (model_size, model_size), box), method)),
+            display=np.array(_orient(display, method)),
+            size=_oriented_size(stored_size, method),
+        )
 
 
 def resize_for_model(rgb: np.ndarray, size: int) -> np.ndarray:
     """Resize to (size, size, 3) without cropping, so boxes map linearly (antialiased bilinear)."""
-    return _resize(rgb, size, size)
+    return np.array(_resize(Image.fromarray(rgb), (size, size)))
 
 
 def display_image(rgb: np.ndarray, max_side: int) -> np.ndarray:
     """Downscale so that the longer side is at most `max_side`, keeping the aspect ratio."""
     height, width = rgb.shape[:2]
-    scale = max_side / max(height, width)
-    if scale >= 1:
+    size = _display_size((width, height), max_side)
+    if size == (width, height):
         return rgb
-    return _resize(rgb, max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.array(_resize(Image.fromarray(rgb), size))
 
 
 def to_model_tensor(
@@ -90,15 +121,64 @@ def to_model_tensor(
     return ((x - mean_t) / std_t).to(dtype).contiguous()
 
 
-def _to_rgb(img: Image.Image) -> np.ndarray:
+@contextlib.contextmanager
+def _decode_errors(uri: str) -> Iterator[None]:
+    """Turns whatever Pillow raises on bad bytes into an :class:`ImageDecodeError` naming `uri`."""
+    try:
+        yield
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageDecodeError(uri, f"too many pixels (decompression bomb guard): {e}") from e
+    except UnidentifiedImageError as e:
+        formats = ", ".join(SUPPORTED_FORMATS)
+        raise ImageDecodeError(uri, f"unrecognised or corrupt image (supported: {formats})") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageDecodeError(uri, f"corrupt or truncated image: {e}") from e
+
+
+def _open(data: bytes, uri: str, max_pixels: int) -> Image.Image:
+    """The image with only its header read, refused when it has more than `max_pixels` pixels."""
+    if not data:
+        raise ImageDecodeError(uri, "empty file (0 bytes)")
+    img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageDecodeError(uri, f"too many pixels: {width}x{height} exceeds max_pixels={max_pixels}")
+    return img
+
+
+def _display_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """(width, height) with the longer side at most `max_side`, aspect ratio kept, never larger."""
+    width, height = size
+    scale = max_side / max(width, height)
+    if scale >= 1:
+        return size
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _transpose_method(img: Image.Image) -> Image.Transpose | None:
+    """How to turn the stored pixels upright, from the EXIF orientation (read after `load`)."""
+    return _EXIF_TRANSPOSE.get(img.getexif().get(ExifTags.Base.Orientation, 1))
+
+
+def _orient(img: Image.Image, method: Image.Transpose | None) -> Image.Image:
+    return img if method is None else img.transpose(method)
+
+
+def _oriented_size(size: tuple[int, int], method: Image.Transpose | None) -> tuple[int, int]:
+    return (size[1], size[0]) if method in _SWAPS_AXES else size
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in _SIXTEEN_BIT_MODES:  # 16-bit grayscale: scale, do not clip, to 8 bits
         levels = np.asarray(img, dtype=np.float64) / 257
         img = Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8), "L")
     if img.has_transparency_data:
         img = Image.alpha_composite(Image.new("RGBA", img.size, _WHITE), img.convert("RGBA"))
-    return np.array(img.convert("RGB"), dtype=np.uint8)
+    return img.convert("RGB")
 
 
-def _resize(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
-    resized = Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR)
-    return np.array(resized, dtype=np.uint8)
+def _resize(img: Image.Image, size: tuple[int, int], box: tuple[float, ...] | None = None) -> Image.Image:
+    """Antialiased bilinear resize of `box` (default: the whole image) to `size`."""
+    return img.resize(size, Image.Resampling.BILINEAR, box=box)

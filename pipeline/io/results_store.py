@@ -86,7 +86,8 @@ class HiveParquetStore:
         remove_tree(layout.staged_results_dir, self.options)
         remove_tree(layout.png_dir, self.options)
 
-    def read(self, run_id: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    def read(self, run_id: str | None = None, columns: list[str] | None = None,
+             pair_ids: list[str] | None = None) -> pa.Table:
         """The table's rows, with the partition columns; for a run_id, its committed rows only."""
         fs, path = arrow_filesystem(self.root, self.options)
         try:
@@ -99,4 +100,6 @@ class HiveParquetStore:
             attempt = self.committed_attempt(run_id)
             if attempt is not None:  # only the committed attempt's rows, also while a re-run commits
                 where = where & (pds.field("attempt") == attempt)
+        if pair_ids is not None:
+            where = pds.field("pair_id").isin(pair_ids) if where is None else where & pds.field("pair_id").isin(pair_ids)
         return dataset.to_table(columns=columns, filter=where)

@@ -2,12 +2,17 @@
 
 Pure functions: arrays in, arrays or PNG bytes out. No file system access; callers
 write the bytes wherever they belong.
+
+Rendering is on the job's hot path (one PNG per rendered pair), so the blend runs in
+16-bit integers through 256-entry tables and the PNG is written here rather than by
+Pillow, whose encoder tries all five PNG filters on every row at any compression level.
 """
 
 from __future__ import annotations
 
 import functools
-import io
+import struct
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,6 +45,10 @@ _MUTED = (90, 90, 90)
 _BOX_INNER = (0, 255, 255)
 _BOX_OUTER = (0, 0, 0)
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_FILTER_UP = 2
+_ZLIB_LEVEL = 1
+
 
 @functools.lru_cache(maxsize=1)
 def _lut() -> np.ndarray:
@@ -48,6 +57,16 @@ def _lut() -> np.ndarray:
 
     rgba = colormaps[COLORMAP](np.linspace(0.0, 1.0, 256))
     return np.round(rgba[:, :3] * 255).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=4)
+def _blend_tables(alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """For each colour-map level v / 255: the photo's weight and the weighted colour, in 1/256 units.
+
+    The overlay's weight is `alpha * sqrt(v)`; the two tables sum to 256 x a pixel's blend.
+    """
+    weight = np.round(256 * alpha * np.sqrt(np.linspace(0.0, 1.0, 256))).astype(np.uint16)
+    return 256 - weight, _lut().astype(np.uint16) * weight[:, None]
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
@@ -75,9 +94,9 @@ def heatmap_overlay(image: np.ndarray, saliency: np.ndarray, alpha: float = 0.5)
     """Blend a colour-mapped saliency map onto `image`.
 
     `saliency` (h, w) is at feature resolution and may have any sign: it is ReLU'd,
-    min-max normalised and upsampled bilinearly to the image size. Each pixel is
-    blended with opacity `alpha * sqrt(value)`: mid-strength evidence stays visible
-    while cold regions show the photo unchanged.
+    min-max normalised, upsampled bilinearly to the image size and quantised to 256
+    levels. Each pixel takes its level's colour with opacity `alpha * sqrt(level)`:
+    mid-strength evidence stays visible while cold regions show the photo unchanged.
     A constant, empty or all-negative map leaves the image unchanged.
     """
     image = _check_image(image)
@@ -88,11 +107,10 @@ def heatmap_overlay(image: np.ndarray, saliency: np.ndarray, alpha: float = 0.5)
         return image.copy()
     height, width = image.shape[:2]
     upsampled = Image.fromarray(values.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR)
-    v = np.clip(np.asarray(upsampled, dtype=np.float32), 0.0, 1.0)
-    colour = _lut()[np.round(v * 255).astype(np.uint8)].astype(np.float32)
-    weight = (alpha * np.sqrt(v))[..., None]
-    blended = image.astype(np.float32) * (1.0 - weight) + colour * weight
-    return np.round(blended).astype(np.uint8)
+    level = np.rint(np.clip(np.asarray(upsampled), 0.0, 1.0) * 255).astype(np.uint8)
+    keep, paint = _blend_tables(alpha)
+    blended = image.astype(np.uint16) * keep[level][..., None] + paint[level] + 128
+    return (blended >> 8).astype(np.uint8)
 
 
 @functools.lru_cache(maxsize=8)
@@ -109,7 +127,7 @@ def _panel_size(shape: tuple[int, ...], panel_height: int) -> tuple[int, int]:
 
 def _panel(image: np.ndarray, saliency: np.ndarray, box: Box | None, size: tuple[int, int]) -> Image.Image:
     """The image scaled to `size`, with its heatmap and optional box outline."""
-    scaled = Image.fromarray(image).resize(size, Image.Resampling.LANCZOS)
+    scaled = Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)
     panel = Image.fromarray(heatmap_overlay(np.asarray(scaled), saliency, alpha=_OVERLAY_ALPHA))
     if box is not None:
         sx, sy = size[0] / image.shape[1], size[1] / image.shape[0]
@@ -199,6 +217,27 @@ def render_pair_png(
         line = _fit(f"top channels: {shown}", small_font, text_w)
         draw.text((_PAD, y + 2 * line_h), line, font=small_font, fill=_MUTED)
 
-    out = io.BytesIO()
-    canvas.save(out, format="PNG", optimize=False)
-    return out.getvalue()
+    return encode_png(np.asarray(canvas))
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    """A standard 8-bit RGB PNG of `rgb`, fast: the "Up" filter on every row, zlib level 1, RLE strategy.
+
+    About 3x faster than Pillow's encoder at its fastest level, for about the size of
+    Pillow's default level on photographs.
+    """
+    rgb = _check_image(rgb)
+    height, width = rgb.shape[:2]
+    rows = rgb.reshape(height, 3 * width)
+    filtered = np.empty((height, 1 + 3 * width), np.uint8)
+    filtered[:, 0] = _PNG_FILTER_UP
+    filtered[0, 1:] = rows[0]  # "Up" from the row above the image, which is zeros
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
+    compressor = zlib.compressobj(_ZLIB_LEVEL, zlib.DEFLATED, zlib.MAX_WBITS, 9, zlib.Z_RLE)
+    idat = compressor.compress(filtered) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, RGB, deflate, filters, no interlace
+    return _PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")

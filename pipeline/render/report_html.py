@@ -233,6 +233,18 @@ def _errors(errors: Sequence[Row]) -> str:
     return f'{note}<table class="errors">{head}{body}</table>'
 
 
+def _render_hint(summary: Mapping[str, Any], ok: Sequence[Row], png_href: Callable[[Row], str | None]) -> str:
+    """How to draw the overlays the run's render policy left out."""
+    missing = sum(1 for row in ok if not png_href(row))
+    if not missing:
+        return ""
+    output = summary.get("config", {}).get("output", "OUTPUT")
+    command = f"sfam render {output} --run-id {summary.get('run_id', 'RUN_ID')} --pair-id PAIR_ID -o pair.png"
+    return (f'<p class="note">{missing:,} pair(s) have no overlay (render_png: '
+            f'{_e(summary.get("config", {}).get("render_png", "?"))}); their maps are in the table. '
+            f'Draw any of them with <code>{_e(command)}</code>.</p>')
+
+
 def _warnings(summary: Mapping[str, Any]) -> str:
     """The run record's warnings (e.g. a residual that is most of the similarity), above everything."""
     warnings = summary.get("warnings") or []
@@ -264,7 +276,7 @@ def render_report(
         f'{_warnings(summary)}<section id="figures"><div class="tiles">{_figures(ok, errors, len(rows))}</div></section>'
         f'<section id="histogram"><h2>Similarity by label</h2>{_histogram(ok)}</section>'
         f'<section id="look-first"><h2>Look first</h2>{_look_first(ok, png_href)}</section>'
-        f'<section id="gallery"><h2>All pairs</h2>{_gallery(rows, png_href)}</section>'
+        f'<section id="gallery"><h2>All pairs</h2>{_render_hint(summary, ok, png_href)}{_gallery(rows, png_href)}</section>'
         f'<section id="errors"><h2>Errors ({len(errors):,})</h2>{_errors(errors)}</section>'
         f'<section id="run"><h2>Run record</h2>{_summary_table(summary)}</section>'
         f"<script>{SCRIPT}</script></body></html>"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+from PIL import Image
 from audit_data import expected_similarities, job_config, write_audit, write_weights
 
 from pipeline.config import JobConfig
@@ -17,6 +19,7 @@ from pipeline.io.results_store import HiveParquetStore
 from pipeline.io.storage import glob
 from pipeline.io.tables import read_json
 from pipeline.layout import RunLayout
+from pipeline.overlays import PairNotFound, render_pair_of_run
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -35,7 +38,8 @@ def check_run(config: JobConfig, rows: list[dict], model, root: str) -> None:
     assert len(first["cis_query"]) == 512 and len(first["map_query"]) == np.prod(first["map_shape"])
     assert 0 <= first["query_energy_in_box"] <= 1 and isinstance(first["query_pointing_hit"], bool)
     for png in ok.column("png_uri").to_pylist():
-        assert read_bytes(png, options)[:8] == b"\x89PNG\r\n\x1a\n"
+        if config.render_png == "all" or png is not None:
+            assert read_bytes(png, options)[:8] == b"\x89PNG\r\n\x1a\n"
     record = read_json(join_uri(config.output, "runs", config.run_id, "run.json"), options)
     assert record["counts"]["pairs"] == len(rows) and record["weights_sha256"]
     # 3 queries x top-4 in batches of 8: at most 4 + 3 distinct images per batch of 8 pairs
@@ -59,6 +63,16 @@ def test_local_folder_run_with_bad_rows(local_ray, tmp_path, rng) -> None:
     assert "corrupt" in errors["bad/corrupt"] or "unrecognised" in errors["bad/corrupt"]
     assert "too many pixels" in errors["bad/bomb"]
     assert exists(join_uri(config.output, "runs", "local-1", "_SUCCESS"), options)
+
+    # render_png: flagged (the default) drew some pairs; any other is drawn later from the table
+    ok = table.filter(pc.equal(table.column("status"), "ok"))
+    drawn = [uri for uri in ok.column("png_uri").to_pylist() if uri]
+    left_out = [pid for pid, uri in zip(ok.column("pair_id").to_pylist(), ok.column("png_uri").to_pylist()) if not uri]
+    assert 0 < len(drawn) < ok.num_rows and left_out
+    png = render_pair_of_run(config.output, "local-1", left_out[0], options)
+    assert Image.open(io.BytesIO(png)).size[0] > 256 and png[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(PairNotFound, match="bad/missing"):
+        render_pair_of_run(config.output, "local-1", "bad/missing", options)
 
 
 def test_s3_run_and_rerun_has_no_duplicates(local_ray, s3_bucket, rng) -> None:

@@ -16,6 +16,7 @@ from audit_data import black_png, expected_similarities, manifest_table, model_c
 from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults
 from pipeline.io.storage import StorageOptions, join_uri
 from pipeline.layout import RunLayout
+from pipeline.render.selection import FlagRules
 from pipeline.models.spec import ModelSpec
 
 
@@ -44,7 +45,7 @@ def test_each_distinct_image_is_forwarded_once(tmp_path, rng) -> None:
     assert row["cis_top_channels"] == np.argsort(-shared, kind="stable")[:10].tolist()
 
     layout = RunLayout(str(tmp_path / "out"), "r1", "2026-11-26", "a1")
-    result = RenderResults(layout, True, options)(explained)
+    result = RenderResults(layout, "all", FlagRules(), options)(explained)
     assert not [name for name in result.column_names if name.startswith("_")]
     pngs = [uri for uri in result.column("png_uri").to_pylist() if uri]
     assert len(pngs) == 10 and all(uri.startswith(layout.png_dir) for uri in pngs)

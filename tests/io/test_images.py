@@ -3,21 +3,25 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageOps, JpegImagePlugin
 
 from pipeline.io.images import (
     ImageDecodeError,
     decode_image,
+    decode_pictures,
     display_image,
     resize_for_model,
     to_model_tensor,
 )
 
 MAX_PIXELS = 50_000_000
+MODEL_SIZE, MAX_SIDE = 224, 256  # the job's defaults
+Decode = Callable[[bytes, str, int], np.ndarray]
 
 
 def encode(img: Image.Image, fmt: str, **params) -> bytes:
@@ -48,58 +52,87 @@ def png_without_pixels(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", b"") + png_chunk(b"IEND", b"")
 
 
+def display_of_pictures(data: bytes, uri: str, max_pixels: int) -> np.ndarray:
+    """decode_pictures' display picture, which is the full decode when the image fits in it."""
+    return decode_pictures(data, uri, max_pixels, 16, 100_000).display
+
+
+@pytest.fixture(params=[decode_image, display_of_pictures], ids=["decode_image", "decode_pictures"])
+def decode(request: pytest.FixtureRequest) -> Decode:
+    """Both decoders keep the same guarantees."""
+    return request.param
+
+
+def photo_jpeg(rng: np.random.Generator, width: int, height: int, orientation: int = 1) -> bytes:
+    """A photo-like JPEG: smooth colours, solid discs and sensor noise, with an EXIF orientation."""
+    img = Image.fromarray(random_rgb(rng, 6, 8)).resize((width, height), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(8):
+        x, y, r = rng.integers(0, width), rng.integers(0, height), rng.integers(8, max(9, min(width, height) // 4))
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    noisy = np.asarray(img) + rng.normal(0, 6, (height, width, 3))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), "JPEG", quality=90, exif=exif)
+
+
+def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape
+    return float(np.abs(a.astype(int) - b).mean())
+
+
 @pytest.mark.parametrize(("fmt", "params"), [("PNG", {}), ("BMP", {}), ("WEBP", {"lossless": True})])
-def test_lossless_formats_roundtrip(fmt: str, params: dict, rng: np.random.Generator) -> None:
+def test_lossless_formats_roundtrip(decode: Decode, fmt: str, params: dict, rng: np.random.Generator) -> None:
     rgb = random_rgb(rng)
-    decoded = decode_image(encode(Image.fromarray(rgb), fmt, **params), f"mem://x.{fmt}", MAX_PIXELS)
+    decoded = decode(encode(Image.fromarray(rgb), fmt, **params), f"mem://x.{fmt}", MAX_PIXELS)
     assert decoded.dtype == np.uint8 and decoded.shape == rgb.shape
     np.testing.assert_array_equal(decoded, rgb)
 
 
 @pytest.mark.parametrize(("fmt", "params"), [("JPEG", {"quality": 95}), ("WEBP", {"quality": 95})])
-def test_lossy_formats_decode_close(fmt: str, params: dict, rng: np.random.Generator) -> None:
+def test_lossy_formats_decode_close(decode: Decode, fmt: str, params: dict, rng: np.random.Generator) -> None:
     rgb = smooth_rgb(rng)
-    decoded = decode_image(encode(Image.fromarray(rgb), fmt, **params), "mem://x", MAX_PIXELS)
+    decoded = decode(encode(Image.fromarray(rgb), fmt, **params), "mem://x", MAX_PIXELS)
     assert decoded.dtype == np.uint8 and decoded.shape == rgb.shape
     assert np.abs(decoded.astype(int) - rgb).mean() < 4
 
 
-def test_exif_orientation_6_rotates_clockwise(rng: np.random.Generator) -> None:
+def test_exif_orientation_6_rotates_clockwise(decode: Decode, rng: np.random.Generator) -> None:
     rgb = random_rgb(rng, 20, 40)
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
-    decoded = decode_image(encode(Image.fromarray(rgb), "PNG", exif=exif), "mem://rot.png", MAX_PIXELS)
+    decoded = decode(encode(Image.fromarray(rgb), "PNG", exif=exif), "mem://rot.png", MAX_PIXELS)
     assert decoded.shape == (40, 20, 3)
     np.testing.assert_array_equal(decoded, np.rot90(rgb, k=-1))
 
 
-def test_grayscale_becomes_rgb(rng: np.random.Generator) -> None:
+def test_grayscale_becomes_rgb(decode: Decode, rng: np.random.Generator) -> None:
     gray = random_rgb(rng)[..., 0]
-    decoded = decode_image(encode(Image.fromarray(gray, "L"), "PNG"), "mem://g.png", MAX_PIXELS)
+    decoded = decode(encode(Image.fromarray(gray, "L"), "PNG"), "mem://g.png", MAX_PIXELS)
     np.testing.assert_array_equal(decoded, np.repeat(gray[..., None], 3, axis=2))
 
 
-def test_sixteen_bit_grayscale_is_scaled(rng: np.random.Generator) -> None:
+def test_sixteen_bit_grayscale_is_scaled(decode: Decode, rng: np.random.Generator) -> None:
     levels = rng.integers(0, 65536, (23, 31), dtype=np.uint16)
-    decoded = decode_image(encode(Image.fromarray(levels), "PNG"), "mem://g16.png", MAX_PIXELS)
+    decoded = decode(encode(Image.fromarray(levels), "PNG"), "mem://g16.png", MAX_PIXELS)
     expected = np.rint(levels / 257).astype(np.uint8)
     np.testing.assert_array_equal(decoded, np.repeat(expected[..., None], 3, axis=2))
 
 
-def test_rgba_is_composited_on_white(rng: np.random.Generator) -> None:
+def test_rgba_is_composited_on_white(decode: Decode, rng: np.random.Generator) -> None:
     rgb = random_rgb(rng)
     alpha = np.where(rng.random(rgb.shape[:2]) < 0.5, 0, 255).astype(np.uint8)
     img = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
-    decoded = decode_image(encode(img, "PNG"), "mem://a.png", MAX_PIXELS)
+    decoded = decode(encode(img, "PNG"), "mem://a.png", MAX_PIXELS)
     expected = np.where(alpha[..., None] == 255, rgb, 255)
     np.testing.assert_array_equal(decoded, expected)
 
 
-def test_palette_with_transparency(rng: np.random.Generator) -> None:
+def test_palette_with_transparency(decode: Decode, rng: np.random.Generator) -> None:
     rgb = random_rgb(rng)
     img = Image.fromarray(rgb).quantize(colors=16)
     img.info["transparency"] = 0
-    decoded = decode_image(encode(img, "PNG", transparency=0), "mem://p.png", MAX_PIXELS)
+    decoded = decode(encode(img, "PNG", transparency=0), "mem://p.png", MAX_PIXELS)
     indices = np.asarray(img)
     assert decoded.shape == rgb.shape
     np.testing.assert_array_equal(decoded[indices == 0], 255)
@@ -107,11 +140,11 @@ def test_palette_with_transparency(rng: np.random.Generator) -> None:
     np.testing.assert_array_equal(decoded[indices != 0], palette[indices != 0])
 
 
-def test_cmyk_jpeg_becomes_rgb(rng: np.random.Generator) -> None:
+def test_cmyk_jpeg_becomes_rgb(decode: Decode, rng: np.random.Generator) -> None:
     height, width = int(rng.integers(16, 64)), int(rng.integers(16, 64))
     cmyk = np.zeros((height, 2 * width, 4), dtype=np.uint8)
     cmyk[:, width:, 3] = 255  # left half paper white, right half full black ink
-    decoded = decode_image(encode(Image.fromarray(cmyk, "CMYK"), "JPEG", quality=95), "mem://c.jpg", MAX_PIXELS)
+    decoded = decode(encode(Image.fromarray(cmyk, "CMYK"), "JPEG", quality=95), "mem://c.jpg", MAX_PIXELS)
     assert decoded.shape == (height, 2 * width, 3)
     assert decoded[:, : width - 8].min() > 245
     assert decoded[:, width + 8 :].max() < 10
@@ -127,43 +160,43 @@ def test_cmyk_jpeg_becomes_rgb(rng: np.random.Generator) -> None:
     ],
     ids=["empty", "random-bytes", "gif", "png-garbage"],
 )
-def test_bad_bytes(make_bytes, reason: str, rng: np.random.Generator) -> None:
+def test_bad_bytes(decode: Decode, make_bytes, reason: str, rng: np.random.Generator) -> None:
     with pytest.raises(ImageDecodeError, match=reason) as info:
-        decode_image(make_bytes(rng), "s3://bucket/bad.img", MAX_PIXELS)
+        decode(make_bytes(rng), "s3://bucket/bad.img", MAX_PIXELS)
     assert info.value.uri == "s3://bucket/bad.img"
     assert str(info.value).startswith("s3://bucket/bad.img: ")
 
 
-def test_truncated_jpeg(rng: np.random.Generator) -> None:
+def test_truncated_jpeg(decode: Decode, rng: np.random.Generator) -> None:
     data = encode(Image.fromarray(random_rgb(rng, 64, 64)), "JPEG", quality=95)
     with pytest.raises(ImageDecodeError, match="truncated") as info:
-        decode_image(data[: len(data) // 2], "mem://cut.jpg", MAX_PIXELS)
+        decode(data[: len(data) // 2], "mem://cut.jpg", MAX_PIXELS)
     assert "mem://cut.jpg" in str(info.value)
 
 
 @pytest.mark.parametrize(("side", "max_pixels"), [(30_000, MAX_PIXELS), (3_000, 1_000_000)])
-def test_pixel_limit_is_checked_from_the_header(side: int, max_pixels: int) -> None:
+def test_pixel_limit_is_checked_from_the_header(decode: Decode, side: int, max_pixels: int) -> None:
     data = png_without_pixels(side, side)
     assert len(data) < 100
     with pytest.raises(ImageDecodeError, match="too many pixels") as info:
-        decode_image(data, "mem://bomb.png", max_pixels)
+        decode(data, "mem://bomb.png", max_pixels)
     assert f"{side}x{side}" in str(info.value) or str(side * side) in str(info.value)
 
 
-def test_header_only_png_is_truncated_within_the_limit() -> None:
+def test_header_only_png_is_truncated_within_the_limit(decode: Decode) -> None:
     # The same kind of file, allowed by the limit: decoding is tried and fails. So the
     # "too many pixels" errors above came before any pixel was decoded.
     with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
-        decode_image(png_without_pixels(300, 200), "mem://empty.png", MAX_PIXELS)
+        decode(png_without_pixels(300, 200), "mem://empty.png", MAX_PIXELS)
 
 
-def test_pixel_limit_is_inclusive(rng: np.random.Generator) -> None:
+def test_pixel_limit_is_inclusive(decode: Decode, rng: np.random.Generator) -> None:
     rgb = random_rgb(rng)
     data = encode(Image.fromarray(rgb), "PNG")
     pixels = rgb.shape[0] * rgb.shape[1]
-    assert decode_image(data, "mem://ok.png", pixels).shape == rgb.shape
+    assert decode(data, "mem://ok.png", pixels).shape == rgb.shape
     with pytest.raises(ImageDecodeError, match=f"max_pixels={pixels - 1}"):
-        decode_image(data, "mem://big.png", pixels - 1)
+        decode(data, "mem://big.png", pixels - 1)
 
 
 def test_resize_for_model_is_a_plain_square_resize(rng: np.random.Generator) -> None:
@@ -206,3 +239,68 @@ def test_to_model_tensor_rejects_non_uint8(rng: np.random.Generator) -> None:
         to_model_tensor(rng.random((2, 8, 8, 3)), (0.5,) * 3, (0.5,) * 3)
     with pytest.raises(ValueError, match=r"\(B, H, W, 3\)"):
         to_model_tensor(rng.integers(0, 256, (2, 3, 8, 8), dtype=np.uint8), (0.5,) * 3, (0.5,) * 3)
+
+
+@pytest.mark.parametrize(("width", "height"), [(640, 480), (641, 479), (480, 640), (1600, 1200)])
+def test_decode_pictures_is_close_to_the_full_decode(width: int, height: int, rng: np.random.Generator) -> None:
+    data = photo_jpeg(rng, width, height)
+    full = decode_image(data, "mem://p.jpg", MAX_PIXELS)
+    pictures = decode_pictures(data, "mem://p.jpg", MAX_PIXELS, MODEL_SIZE, MAX_SIDE)
+    assert pictures.size == (width, height)
+    # measured: 0.4 to 1.1 uint8 levels on average (DCT-domain scaling, then a smaller bilinear step)
+    assert mean_abs_diff(pictures.model_input, resize_for_model(full, MODEL_SIZE)) < 2.0
+    assert mean_abs_diff(pictures.display, display_image(full, MAX_SIDE)) < 2.0
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "model_size", "max_side", "drafted"),
+    [(640, 480, 224, 256, (320, 240)), (1600, 1200, 112, 128, (200, 150)), (1203, 2701, 224, 256, (300.75, 675.25))],
+)
+def test_decode_pictures_decodes_jpeg_near_the_size_needed(
+    width: int, height: int, model_size: int, max_side: int, drafted: tuple[float, float],
+    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    boxes = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", lambda img, *a: boxes.append(draft(img, *a)) or boxes[-1])
+    decode_pictures(photo_jpeg(rng, width, height), "mem://p.jpg", MAX_PIXELS, model_size, max_side)
+    assert [box for _, box in boxes] == [(0, 0, *drafted)]
+
+
+def test_decode_pictures_of_a_small_image_equals_the_full_path(rng: np.random.Generator) -> None:
+    data = photo_jpeg(rng, 64, 48)
+    full = decode_image(data, "mem://s.jpg", MAX_PIXELS)
+    pictures = decode_pictures(data, "mem://s.jpg", MAX_PIXELS, MODEL_SIZE, MAX_SIDE)
+    np.testing.assert_array_equal(pictures.model_input, resize_for_model(full, MODEL_SIZE))
+    np.testing.assert_array_equal(pictures.display, full)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_decode_pictures_applies_exif_orientation(orientation: int, rng: np.random.Generator) -> None:
+    data = photo_jpeg(rng, 640, 320, orientation)
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))  # Pillow's own
+    pictures = decode_pictures(data, "mem://o.jpg", MAX_PIXELS, MODEL_SIZE, MAX_SIDE)
+    assert pictures.size == (upright.shape[1], upright.shape[0])
+    assert mean_abs_diff(pictures.model_input, resize_for_model(upright, MODEL_SIZE)) < 2.0
+    assert mean_abs_diff(pictures.display, display_image(upright, MAX_SIDE)) < 2.0
+
+
+def bright_span(rgb: np.ndarray, axis: int) -> tuple[int, int]:
+    """First and one-past-last index along `axis` (0 rows, 1 columns) of pixels brighter than mid-grey."""
+    bright = np.flatnonzero((rgb.mean(axis=2) > 128).any(axis=1 - axis))
+    return int(bright[0]), int(bright[-1]) + 1
+
+
+def test_decode_pictures_keeps_boxes_linear(rng: np.random.Generator) -> None:
+    width, height = 1203, 2701  # odd sizes: the drafted picture's last row and column are partial
+    box = (301, 1000, 902, 1700)
+    rgb = np.zeros((height, width, 3), np.uint8)
+    rgb[box[1]:box[3], box[0]:box[2]] = 255
+    pictures = decode_pictures(encode(Image.fromarray(rgb), "JPEG", quality=95), "mem://b.jpg", MAX_PIXELS, MODEL_SIZE, MAX_SIDE)
+    display_scale = MAX_SIDE / height
+    assert pictures.display.shape == (MAX_SIDE, round(width * display_scale), 3)
+    for picture, (sx, sy) in [(pictures.model_input, (MODEL_SIZE / width, MODEL_SIZE / height)),
+                              (pictures.display, (display_scale, display_scale))]:
+        for axis, scale, (lo, hi) in [(1, sx, (box[0], box[2])), (0, sy, (box[1], box[3]))]:
+            first, end = bright_span(picture, axis)
+            assert abs(first - lo * scale) <= 1 and abs(end - hi * scale) <= 1, (axis, first, end, lo * scale, hi * scale)

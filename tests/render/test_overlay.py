@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline.render import heatmap_overlay, render_pair_png
+from pipeline.render.overlay import COLORMAP, encode_png
 
 GREY = np.full((64, 64, 3), 128, dtype=np.uint8)
 
@@ -43,6 +44,20 @@ def test_overlay_shape_and_dtype() -> None:
     out = heatmap_overlay(_photo(50, 80), np.random.default_rng(0).normal(size=(7, 7)))
     assert out.shape == (50, 80, 3)
     assert out.dtype == np.uint8
+
+
+def test_overlay_matches_a_float_blend() -> None:
+    from matplotlib import colormaps
+
+    image, saliency = _photo(50, 80), np.random.default_rng(3).normal(size=(7, 7))
+    values = np.maximum(saliency, 0)
+    values = (values - values.min()) / (values.max() - values.min())
+    upsampled = np.asarray(Image.fromarray(values.astype(np.float32)).resize((80, 50), Image.Resampling.BILINEAR))
+    level = np.round(np.clip(upsampled, 0, 1) * 255) / 255  # 256 steps, for the colour and the opacity
+    colour = np.round(colormaps[COLORMAP](level)[..., :3] * 255)
+    weight = (0.5 * np.sqrt(level))[..., None]
+    expected = image * (1 - weight) + colour * weight
+    assert np.abs(heatmap_overlay(image, saliency).astype(float) - expected).max() <= 1.0
 
 
 def test_overlay_colours_hot_regions_and_leaves_cold_ones() -> None:
@@ -120,3 +135,20 @@ def test_pair_png_untrusted_title_is_shortened_not_grown() -> None:
 def test_pair_png_caps_extreme_aspect_ratios() -> None:
     image = _render((10, 4000), (4000, 10))
     assert image.shape[1] < 4 * 256 + 300
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 37), (29, 1), (61, 83)])
+def test_encode_png_is_lossless(shape: tuple[int, int]) -> None:
+    rgb = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    png = encode_png(rgb)
+    decoded = Image.open(io.BytesIO(png))
+    decoded.load()  # checks every chunk's CRC and the zlib stream
+    assert decoded.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(decoded), rgb)
+
+
+def test_encode_png_compresses_about_as_well_as_pillow() -> None:
+    image = _photo(300, 400)
+    pillow = io.BytesIO()
+    Image.fromarray(image).save(pillow, format="PNG")  # zlib level 6, adaptive filters
+    assert len(encode_png(image)) < 1.1 * len(pillow.getvalue())

@@ -1,0 +1,190 @@
+"""CPU stages of the job, side by side: decoding JPEG pairs (full vs draft) and rendering PNG overlays.
+
+    python -m jobs.bench_stages [--smoke] [--write]
+
+Everything runs in this process on one core, on generated 640x480 JPEGs (smooth colours, solid
+shapes, sensor noise). Times are CPU time (`time.process_time`), median of interleaved rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import shlex
+import statistics
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from jobs.benchmark_report import BENCHMARKS, cpu_name, parse_benchmark_args, write_section
+from pipeline.io.images import decode_image, decode_pictures, display_image, resize_for_model
+from pipeline.render import render_pair_png
+from pipeline.render.overlay import encode_png
+
+SECTION = "## CPU stages"
+SMOKE = {"pairs": 4, "repeats": 1}
+MAX_PIXELS = 50_000_000
+JOB_DISPLAY_SIDE = 256  # the job's display picture (pipeline.distributed.stages.DISPLAY_SIDE)
+FULL_DECODE = "decode + resize a pair: full decode, then resize_for_model and display_image (before)"
+DRAFT_DECODE = "decode + resize a pair: decode_pictures, JPEG draft mode (now)"
+
+Work = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    ms: float  # median CPU ms per item
+    kb: float | None = None  # bytes written per item, in KiB
+
+
+def photo_jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
+    """A photo-like JPEG (quality 90): smooth colours, a dozen solid shapes, sensor noise."""
+    img = Image.fromarray(rng.integers(0, 256, (height // 32, width // 32, 3), dtype=np.uint8))
+    img = img.resize((width, height), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(12):
+        x, y, r = (int(v) for v in rng.integers(0, [width, height, height // 4]))
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    noisy = np.asarray(img) + rng.normal(0, 4, (height, width, 3))
+    out = io.BytesIO()
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def saliency_map(rng: np.random.Generator, side: int) -> np.ndarray:
+    """A feature-resolution map like SFAM's: two blobs of evidence and some noise."""
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    blobs = sum(np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.02) for cy, cx in rng.random((2, 2)))
+    return blobs + 0.1 * rng.random((side, side))
+
+
+def cpu_ms(works: dict[str, Work], items: int, repeats: int) -> dict[str, float]:
+    """Median CPU ms per item of each work, over `repeats` interleaved rounds after a warm-up call."""
+    for work in works.values():
+        work()
+    seconds: dict[str, list[float]] = {name: [] for name in works}
+    for _ in range(repeats):
+        for name, work in works.items():
+            started = time.process_time()
+            work()
+            seconds[name].append(time.process_time() - started)
+    return {name: 1000 * statistics.median(s) / items for name, s in seconds.items()}
+
+
+def decode_rows(pairs: list[tuple[bytes, bytes]], model_size: int, repeats: int) -> list[Row]:
+    def full() -> None:
+        for data in (image for pair in pairs for image in pair):
+            rgb = decode_image(data, "bench.jpg", MAX_PIXELS)
+            resize_for_model(rgb, model_size), display_image(rgb, JOB_DISPLAY_SIDE)
+
+    def draft() -> None:
+        for data in (image for pair in pairs for image in pair):
+            decode_pictures(data, "bench.jpg", MAX_PIXELS, model_size, JOB_DISPLAY_SIDE)
+
+    ms = cpu_ms({FULL_DECODE: full, DRAFT_DECODE: draft}, len(pairs), repeats)
+    return [Row(name, value) for name, value in ms.items()]
+
+
+def pillow_png(canvas: np.ndarray, **options: object) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(canvas).save(out, format="PNG", **options)
+    return out.getvalue()
+
+
+@dataclass(frozen=True)
+class Overlay:
+    display_side: int  # longest side of the display pictures
+    map_side: int  # the saliency maps are map_side x map_side
+    panel_height: int = 256  # render_pair_png's default
+
+    def __str__(self) -> str:
+        return f"display side {self.display_side}, {self.map_side}x{self.map_side} maps, panel height {self.panel_height}"
+
+
+OVERLAYS = [Overlay(JOB_DISPLAY_SIDE, 7), Overlay(JOB_DISPLAY_SIDE, 14), Overlay(640, 7), Overlay(640, 14),
+            Overlay(JOB_DISPLAY_SIDE, 7, panel_height=192)]
+
+
+def render_rows(pairs: list[tuple[bytes, bytes]], overlay: Overlay, repeats: int, rng: np.random.Generator) -> list[Row]:
+    """render_pair_png as the job calls it, and its canvas encoded by each PNG encoder."""
+    displays = [[decode_pictures(data, "bench.jpg", MAX_PIXELS, 224, overlay.display_side).display for data in pair]
+                for pair in pairs]
+    maps = [(saliency_map(rng, overlay.map_side), saliency_map(rng, overlay.map_side)) for _ in pairs]
+
+    def render(query: np.ndarray, reference: np.ndarray, map_q: np.ndarray, map_r: np.ndarray) -> bytes:
+        return render_pair_png(query, reference, map_q, map_r, similarity=0.734, metric="cosine",
+                               title="q17/g203", top_channels=range(10), query_box=(40, 30, 160, 120),
+                               panel_height=overlay.panel_height)
+
+    pngs = [render(*display, *pair_maps) for display, pair_maps in zip(displays, maps)]
+    canvases = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in pngs]
+    encoders: dict[str, Callable[[np.ndarray], bytes]] = {
+        "encode: Pillow, default level 6 (before)": lambda c: pillow_png(c, optimize=False),
+        "encode: Pillow, compress_level=1": lambda c: pillow_png(c, compress_level=1),
+        "encode: Pillow, compress_level=1, Z_RLE": lambda c: pillow_png(c, compress_level=1, compress_type=zlib.Z_RLE),
+        "encode: encode_png, Up filter, level 1, Z_RLE (now)": encode_png,
+    }
+    works = {"render_pair_png, whole overlay (now)": lambda: [render(*d, *m) for d, m in zip(displays, maps)]}
+    works.update({name: (lambda e=encode: [e(c) for c in canvases]) for name, encode in encoders.items()})
+    ms = cpu_ms(works, len(pairs), repeats)
+    sizes = [sum(map(len, pngs))] + [sum(len(encode(c)) for c in canvases) for encode in encoders.values()]
+    return [Row(name, value, size / len(pairs) / 1024) for (name, value), size in zip(ms.items(), sizes)]
+
+
+def pairs_per_second(rows: list[Row]) -> list[str]:
+    return [f"| single process, {row.name.split(': ', 1)[1]} | {1000 / row.ms:,.0f} | pairs/s |"
+            for row in rows]
+
+
+def table(decode: list[Row], renders: dict[Overlay, list[Row]]) -> str:
+    lines = ["| measurement (per pair or per overlay) | CPU ms | KiB |", "|---|---|---|"]
+    lines += [f"| {row.name} | {row.ms:.2f} | |" for row in decode]
+    for overlay, rows in renders.items():
+        lines += [f"| {row.name}; {overlay} | {row.ms:.2f} | {row.kb:,.0f} |" for row in rows]
+    lines += ["", "| throughput (1 core) | value | unit |", "|---|---|---|", *pairs_per_second(decode)]
+    return "\n".join(lines)
+
+
+def section(command: str, args: argparse.Namespace, report: str) -> str:
+    return "\n".join([
+        SECTION, "",
+        f"Command: `{command}`  ",
+        f"Machine: {cpu_name()}, one process (CPU time); {args.pairs} pairs of 640x480 JPEGs, "
+        f"model input {args.size} px; median of {args.repeats} interleaved rounds",
+        "", report, "",
+        "Encoder rows encode the same canvases that render_pair_png drew; Pillow at its default level "
+        "is what render_pair_png used before it wrote its PNGs with encode_png.",
+    ]) + "\n"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench_stages", description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=24, help="distinct JPEG pairs, each decoded and rendered per round")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up call each)")
+    parser.add_argument("--size", type=int, default=224, help="model input size in pixels")
+    return parse_benchmark_args(parser, argv, SMOKE, SECTION)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    rng = np.random.default_rng(0)
+    pairs = [(photo_jpeg(rng, 640, 480), photo_jpeg(rng, 640, 480)) for _ in range(args.pairs)]
+    decode = decode_rows(pairs, args.size, args.repeats)
+    renders = {overlay: render_rows(pairs, overlay, args.repeats, rng) for overlay in OVERLAYS}
+    report = table(decode, renders)
+    print(report)
+    if args.write:
+        write_section(BENCHMARKS, section(shlex.join(["python", "-m", "jobs.bench_stages", *argv]), args, report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""`sfam render`: the overlay of any pair of a finished run, drawn later from the result table.
+
+The job renders only the pairs its `render_png` policy selects; every row keeps its maps,
+so any other pair is drawn here from its row and its two images, as the job would have.
+"""
+
+from __future__ import annotations
+
+from pipeline.errors import UserError
+from pipeline.io.images import decode_pictures
+from pipeline.io.results_store import HiveParquetStore
+from pipeline.io.storage import StorageOptions, join_uri, read_bytes, resolve_uri
+from pipeline.io.tables import read_json
+from pipeline.render.result_row import OVERLAY_COLUMNS, render_result_row
+from pipeline.schema import SIDES
+
+DISPLAY_SIDE = 256  # as the job's overlays
+
+
+class PairNotFound(UserError):
+    """The run has no ok row with that pair_id."""
+
+
+def render_pair_of_run(output: str, run_id: str, pair_id: str, options: StorageOptions) -> bytes:
+    """PNG overlay of `pair_id` in run `run_id` under the audit's `output` root."""
+    record = read_json(join_uri(output, "runs", run_id, "run.json"), options)
+    store = HiveParquetStore(output, options)
+    rows = store.read(run_id=run_id, pair_ids=[pair_id]).to_pylist()
+    if not rows or rows[0].get("status") != "ok":
+        reason = rows[0].get("error") if rows else "no such pair_id in the run"
+        raise PairNotFound(f"pair {pair_id[:200]!r} of run {run_id!r}: {reason}")
+    row = rows[0]
+    manifest_dir = record["config"]["manifest"].rsplit("/", 1)[0]
+    model_size = int(record["config"]["model"]["input_size"])
+    max_pixels = int(record["config"]["max_image_pixels"])
+    displays, sizes = {}, {}
+    for side in SIDES:
+        uri = row[f"{side}_uri"]
+        data = read_bytes(resolve_uri(uri, manifest_dir), options)
+        pictures = decode_pictures(data, uri, max_pixels, model_size, DISPLAY_SIDE)
+        displays[side], sizes[side] = pictures.display, pictures.size
+    return render_result_row({name: row.get(name) for name in OVERLAY_COLUMNS}, displays, sizes)

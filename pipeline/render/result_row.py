@@ -1,0 +1,50 @@
+"""The overlay of one result row: its stored maps drawn on the pair's display pictures.
+
+The job renders the rows its policy selects (pipeline/render/selection.py); `sfam render`
+draws any other row later with the same function, from the table and the images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from pipeline.render.overlay import render_pair_png
+from pipeline.schema import SIDES
+
+# the columns of a row that its overlay is drawn from (the boxes only when the manifest has them)
+OVERLAY_COLUMNS = ("pair_id", "similarity", "metric", "cis_top_channels", "map_shape", "map_query", "map_reference",
+                   "query_bbox", "reference_bbox")
+MIN_PANEL_HEIGHT = 128  # small images are enlarged to this height, to stay readable
+MAX_PANEL_HEIGHT = 256
+
+
+def _box_on_display(box: list[float] | None, size: tuple[int, int], display: np.ndarray) -> list[float] | None:
+    """A box in original pixels (x0, y0, x1, y1), scaled to the display picture's pixels."""
+    if box is None:
+        return None
+    scale = display.shape[1] / size[0]
+    return [v * scale for v in box]
+
+
+def render_result_row(row: Mapping[str, Any], displays: Mapping[str, np.ndarray], sizes: Mapping[str, tuple[int, int]]) -> bytes:
+    """PNG overlay of a result row.
+
+    row: the row's `pair_id`, `similarity`, `metric`, `cis_top_channels`, `map_shape`,
+        `map_query`, `map_reference` and, when present, `query_bbox`, `reference_bbox`.
+    displays: per side, the (h, w, 3) uint8 display picture; sizes: per side, the original
+        (width, height) that the boxes are given in.
+    """
+    shape = row["map_shape"]
+    maps = [np.asarray(row[f"map_{side}"], np.float32).reshape(shape) for side in SIDES]
+    tallest = max(displays[side].shape[0] for side in SIDES)  # 4:3 pictures are drawn at their size, not enlarged
+    return render_pair_png(
+        displays["query"], displays["reference"], *maps,
+        similarity=row["similarity"], metric=row["metric"], title=row["pair_id"],
+        top_channels=row["cis_top_channels"],
+        query_box=_box_on_display(row.get("query_bbox"), sizes["query"], displays["query"]),
+        reference_box=_box_on_display(row.get("reference_bbox"), sizes["reference"], displays["reference"]),
+        panel_height=min(MAX_PANEL_HEIGHT, max(MIN_PANEL_HEIGHT, tallest)),
+    )
