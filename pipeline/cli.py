@@ -46,7 +46,7 @@ def explain_command(args: argparse.Namespace) -> int:
 
         spec, options, max_pixels = _model_spec(args.model), StorageOptions(endpoint_url=args.endpoint_url), MAX_IMAGE_PIXELS
     changes = {"metric": args.metric, "target_layer": args.target_layer, "embedding_layer": args.embedding_layer,
-               "weighting": args.weighting}
+               "weighting": args.weighting, "feature_layout": args.feature_layout, "prefix_tokens": args.prefix_tokens}
     spec = spec.model_copy(update={k: v for k, v in changes.items() if v is not None})
     explanation = explain_pair(args.query, args.reference, spec, options, max_pixels, output=args.output)
     print(f"target layer: {explanation.target_layer}")
@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--weighting", choices=["cis", "partner"], help="map weighting (default: the spec's, cis)")
     explain.add_argument("--target-layer")
     explain.add_argument("--embedding-layer")
+    explain.add_argument("--feature-layout", choices=["auto", "nchw", "nhwc", "tokens"],
+                         help="how the target layer holds its grid (default: auto, detected)")
+    explain.add_argument("--prefix-tokens", type=int, help="class / register tokens before the patch tokens")
     explain.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// URIs")
     explain.set_defaults(handler=explain_command)
 

@@ -35,7 +35,7 @@ _PlainLoader.yaml_implicit_resolvers = {
 
 
 def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_PlainLoader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_PlainLoader)
 
 
 def default_run_id() -> str:

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.bench_speed import (BARE, DRIVER_RSS, FORWARDS, GRADCAM, JOB, SFAM_ROW, WORKER_RSS, WORKERS_RSS, main,
-                              write_section)
+from jobs.bench_speed import BARE, DRIVER_RSS, FORWARDS, GRADCAM, JOB, SFAM_ROW, WORKER_RSS, WORKERS_RSS, main, write_section
 
 pytestmark = pytest.mark.timeout(300)
 

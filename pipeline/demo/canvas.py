@@ -68,7 +68,7 @@ def _pools(split: str) -> tuple[np.ndarray, ...]:
     return tuple(indices[targets == c] for c in range(10))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixel-centre coordinates (ys, xs), each (S, S) float64."""
     return tuple(np.mgrid[0:size, 0:size].astype(np.float64) + 0.5)

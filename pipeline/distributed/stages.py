@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from pipeline.explain import SFAMResult
 from pipeline.io.images import ImageDecodeError, decode_pictures
 from pipeline.io.storage import StorageError, StorageOptions, StorageUnavailable, read_bytes, resolve_uri, write_bytes
@@ -102,6 +103,7 @@ class ExplainPairs:
 
     def __init__(self, model: ModelSpec, storage_options: StorageOptions, attempt: str) -> None:
         self.explainer = build_explainer(model, storage_options)
+        self.explainer.trial()  # resolves a default target layer before any batch, even one with no ok row
         self.attempt = attempt
         self.device_label = device_label(self.explainer.device)
 

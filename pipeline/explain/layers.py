@@ -51,31 +51,3 @@ def hooked_output(
     finally:
         handle.remove()
 
-
-def default_target_layer(model: nn.Module, sample: torch.Tensor) -> str:
-    """Name of the last module, in execution order, that outputs a 4-D map larger than 1x1.
-
-    Among modules that finish together (a block and its last sub-module), the outermost wins,
-    since forward hooks fire as modules finish.
-    """
-    last: list[str] = []
-
-    def recorder(name: str) -> Callable:
-        def hook(_module: nn.Module, _inputs: tuple, output: object) -> None:
-            if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[-2:].numel() > 1:
-                last.append(name)
-
-        return hook
-
-    handles = [m.register_forward_hook(recorder(n)) for n, m in model.named_modules() if n]
-    try:
-        with torch.inference_mode():
-            model(sample)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not last:
-        raise ExplanationError(
-            "no module of the model outputs a spatial feature map (N, C, h, w); pass target_layer="
-        )
-    return last[-1]

@@ -1,6 +1,6 @@
 """Similarity metrics, each split into a part linear in the query embedding and a constant.
 
-For a metric s(x, y) = u^x . v^{x|y} + offset^{x|y} (DESIGN.md section 1), where the partner
+For a metric s(x, y) = u^x . v^{x|y} + offset^{x|y} (docs/method.md), where the partner
 vector v is treated as a constant when the similarity is attributed to the query's channels.
 All functions take embeddings of shape (P, D) and return (P, D) or (P,).
 """

@@ -2,7 +2,7 @@
 
 The formulas are this project's derivation from the abstracts of Liao et al., "Visual
 Explanation via Similar Feature Activation for Metric Learning" (arXiv 2506.01636) and
-its predecessor FAM (arXiv 2307.05017); see DESIGN.md section 1. For an image x with
+its predecessor FAM (arXiv 2307.05017); see docs/method.md. For an image x with
 target-layer features A^x (K, h, w), pooled features a^x = GAP(A^x) and embedding
 u^x = J^x a^x + c^x, given its partner y:
 
@@ -11,9 +11,12 @@ u^x = J^x a^x + c^x, given its partner y:
     SFAM^x    = ReLU(sum_k CIS_k / sum_k |CIS_k| * A^x_k)      weighting="cis"
     map^x     = sum_k w_k A^x_k                                 weighting="partner"
 
-Fast path: when the head is affine, J and c are measured once (head.py) and an explanation
-costs one forward pass per distinct image and no backward pass. Generic path: any
-differentiable head; one batched backward of sum_pairs u^x . v (v detached).
+Fast path: when the head is affine (with a pooled LayerNorm's deviation held per image),
+J and c are measured once (head.py) and an explanation costs one forward pass per distinct
+image and no backward pass. Generic path: any differentiable head, its LayerNorm deviations,
+softmax weights and activation gates held (linearise.py); CIS_k = sum_ij A_kij d(u . v)/dA_kij
+from one backward of u . v (v detached), which is a_k w_k when the head pools first.
+Target layers may output maps, channels-last maps or tokens (layout.py).
 """
 
 from __future__ import annotations
@@ -25,11 +28,15 @@ from typing import Literal
 import torch
 from torch import nn
 
-from pipeline.explain.head import AffineHead, measure_affine_head
-from pipeline.explain.layers import ExplanationError, default_target_layer, find_module, hooked_output
+from pipeline.explain.head import AffineHead, measure_affine_head, per_image_scale
+from pipeline.explain.layers import ExplanationError, find_module, hooked_output
+from pipeline.explain.layout import FeatureLayout, LayoutName, check_layout, detect_layout
+from pipeline.explain.linearise import Linearised
 from pipeline.explain.metrics import Metric, check_metric, offset, partner_vector, similarity
+from pipeline.explain.targets import default_target_layer, influences, suggest_embedding_layer
 
 Weighting = Literal["cis", "partner"]
+Replace = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -59,19 +66,34 @@ class _Attribution:
     residual: torch.Tensor  # (P,) float64
 
 
+@dataclass(frozen=True)
+class _Forward:
+    """One forward pass, the head linearised (linearise.py)."""
+
+    output: torch.Tensor  # the target layer's output as the model passed it on, in its own layout
+    maps: torch.Tensor  # (N, K, h, w) its patch grid
+    embeddings: torch.Tensor  # (N, D)
+    scale: torch.Tensor | None  # (N,) float64 1 / sigma of the head's LayerNorm (ones without); None: several
+
+
 class SFAM:
     """Explains why `model` finds images similar.
 
     Args:
         model: maps images (B, 3, H, W) to embeddings (B, D). Put in eval mode.
-        target_layer: name in `model.named_modules()` of the feature map to explain; by default
-            the last module that outputs a spatial map.
+        target_layer: name in `model.named_modules()` of the features to explain; by default the
+            last module whose feature grid influences the embedding (for class-token ViTs the
+            input of the last block). Chosen at the first explanation; read it back here.
         metric: "cosine", "dot" or "euclidean" on the embeddings.
         embedding_layer: name of the module whose output is the unnormalised embedding, for
             models that L2-normalise inside `forward()`; by default the model's output.
         weighting: "cis" for SFAM maps, "partner" for the signed decomposition map.
         fast_path: use the backward-free path when the head is affine (the default); False
             always takes the generic path, for comparisons.
+        feature_layout: "auto" (detected), "nchw", "nhwc" or "tokens": how the target layer's
+            output holds its grid (layout.py).
+        prefix_tokens: for token outputs, the number of class / register tokens before the
+            patch grid; by default the model's `num_prefix_tokens` or what fits the input size.
     """
 
     def __init__(
@@ -83,6 +105,8 @@ class SFAM:
         embedding_layer: str | None = None,
         weighting: Weighting = "cis",
         fast_path: bool = True,
+        feature_layout: LayoutName = "auto",
+        prefix_tokens: int | None = None,
     ) -> None:
         if weighting not in ("cis", "partner"):
             raise ValueError(f"weighting={weighting!r} is not 'cis' or 'partner'")
@@ -91,10 +115,13 @@ class SFAM:
         self.weighting = weighting
         self.target_layer = target_layer
         self.embedding_layer = embedding_layer
+        self._layout_settings = {"layout": check_layout(feature_layout), "prefix_tokens": prefix_tokens,
+                                 "prefix_hint": getattr(model, "num_prefix_tokens", None)}
         self._target = find_module(model, target_layer) if target_layer is not None else None
         self._embedding = (
             find_module(model, embedding_layer, "embedding_layer") if embedding_layer is not None else None
         )
+        self._layout: FeatureLayout | None = None
         self._head: AffineHead | None = None
         self._head_measured = not fast_path  # a head never measured stays None: generic path
 
@@ -102,6 +129,11 @@ class SFAM:
     def is_affine(self) -> bool | None:
         """Whether the fast path applies; None until the first explanation measured the head."""
         return (self._head is not None) if self._head_measured else None
+
+    @property
+    def layout(self) -> FeatureLayout | None:
+        """The target layer's feature layout; None until the first explanation."""
+        return self._layout
 
     def explain(self, x: torch.Tensor, y: torch.Tensor) -> SFAMResult:
         """Explains the pairs (x[i], y[i]); x, y: (B, 3, H, W) normalised float images."""
@@ -125,16 +157,17 @@ class SFAM:
         self._resolve_target(images[:1])
         if not self._head_measured or self._head is not None:
             with torch.inference_mode():
-                features, embeddings = self._forward(images)
-                head = self._measure_head(images[:1], features, embeddings)
-                if head is not None:
-                    return self._explain_affine(head, features, embeddings, query_index, reference_index)
+                forward = self._forward(images)
+                head = self._measure_head(images[:1], forward)
+                if head is not None and forward.scale is not None:
+                    return self._explain_affine(head, forward, query_index, reference_index)
         return self._explain_generic(images, query_index, reference_index)
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The target layer's maps A (N, K, h, w) and the embeddings u (N, D) of `images`."""
         self._resolve_target(images[:1])
-        return self._forward(images)
+        forward = self._forward(images)
+        return forward.maps, forward.embeddings
 
     # -- forward passes -------------------------------------------------------------------
 
@@ -144,92 +177,139 @@ class SFAM:
         return parameter.dtype if parameter is not None else torch.float32
 
     def _resolve_target(self, sample: torch.Tensor) -> None:
-        if self._target is None:
-            self.target_layer = default_target_layer(self.model, sample)
+        """Chooses the target layer (when not given) and its layout, on the first images seen."""
+        if self._layout is not None:
+            return
+        settings = self._layout_settings
+        given = self._target is not None
+        if not given:
+            self.target_layer = default_target_layer(
+                self.model, sample, lambda module, replace: self._embed_with(module, replace, sample), **settings
+            )
             self._target = find_module(self.model, self.target_layer)
+        with torch.inference_mode(), hooked_output(self._target) as seen:
+            self._embed(sample)
+        if not seen:
+            raise ExplanationError(f"target_layer={self.target_layer!r} did not run in the forward pass")
+        layout = detect_layout(seen[-1].shape, tuple(sample.shape[-2:]), **settings)
+        if given and not influences(lambda replace: self._embed_with(self._target, replace, sample), layout):
+            better = default_target_layer(
+                self.model, sample, lambda module, replace: self._embed_with(module, replace, sample), **settings
+            )
+            raise ExplanationError(
+                f"target_layer={self.target_layer!r} has no influence on the embedding (with class-token "
+                f"pooling, the last block's patch tokens never reach it): use target_layer={better!r}"
+            )
+        self._layout = layout
 
-    def _forward(
-        self, images: torch.Tensor, replace: Callable[[torch.Tensor], torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward; `replace` may substitute the target layer's output downstream."""
-        with hooked_output(self._target, replace) as features:
-            if self._embedding is None:
-                embeddings = self.model(images)
-            else:
-                with hooked_output(self._embedding) as seen:
-                    self.model(images)
-                embeddings = seen[-1]
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The embedding: the model's output, or embedding_layer's output."""
+        if self._embedding is None:
+            return self.model(images)
+        with hooked_output(self._embedding) as seen:
+            self.model(images)
+        return seen[-1]
+
+    def _embed_with(self, module: nn.Module, replace: Replace | None, sample: torch.Tensor) -> torch.Tensor:
+        """The embedding of `sample` with `module`'s output passed through `replace`."""
+        with torch.inference_mode(), hooked_output(module, replace):
+            return self._embed(sample)
+
+    def _forward(self, images: torch.Tensor, replace: Replace | None = None, unit_statistics: bool = False) -> _Forward:
+        """One forward, the head linearised; `replace` may substitute the target layer's output
+        downstream; `unit_statistics` sets the head's LayerNorm deviations to 1 (probing)."""
+        mode = Linearised(unit_statistics)
+
+        def enter_head(output: torch.Tensor) -> torch.Tensor:
+            mode.active = True
+            return replace(output) if replace is not None else output
+
+        with mode, hooked_output(self._target, enter_head) as seen:
+            embeddings = self._embed(images)
         if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
             raise ExplanationError(
                 "the model's output is not a (B, D) embedding tensor; pass embedding_layer= "
                 "to name the module that outputs it"
             )
-        if not features:
+        if not seen:
             raise ExplanationError(f"target_layer={self.target_layer!r} did not run in the forward pass")
-        return features[-1], embeddings
+        output = seen[-1]
+        return _Forward(output, self._layout.to_maps(output), embeddings, per_image_scale(mode.deviations, embeddings))
 
-    def _measure_head(
-        self, sample: torch.Tensor, features: torch.Tensor, embeddings: torch.Tensor
-    ) -> AffineHead | None:
+    def _measure_head(self, sample: torch.Tensor, forward: _Forward) -> AffineHead | None:
         if not self._head_measured:
-            self._head = measure_affine_head(
-                lambda probe: self._forward(sample, replace=lambda _output: probe)[1], features, embeddings
-            )
+            if forward.scale is not None:
+                self._head = measure_affine_head(
+                    lambda probe: self._forward(
+                        sample, replace=lambda output: self._layout.from_maps(probe, output), unit_statistics=True
+                    ).embeddings,
+                    forward.maps, forward.embeddings, forward.scale,
+                )
             self._head_measured = True
-        return None if self._head is None else self._head.to(features.device)
+        return None if self._head is None else self._head.to(forward.maps.device)
 
     # -- the two paths --------------------------------------------------------------------
 
     def _explain_affine(
-        self,
-        head: AffineHead,
-        features: torch.Tensor,
-        embeddings: torch.Tensor,
-        query_index: torch.Tensor,
-        reference_index: torch.Tensor,
+        self, head: AffineHead, forward: _Forward, query_index: torch.Tensor, reference_index: torch.Tensor
     ) -> SFAMResult:
-        pooled = features.double().mean(dim=(2, 3))  # (N, K)
-        u = embeddings.double()
+        pooled = forward.maps.double().mean(dim=(2, 3))  # (N, K)
+        u = forward.embeddings.double()
 
         def attribute(x: torch.Tensor, y: torch.Tensor) -> _Attribution:
             v = partner_vector(self.metric, u[x], u[y])  # (P, D)
-            weights = v @ head.jacobian  # (P, K)
+            weights = (v @ head.jacobian) * forward.scale[x, None]  # (P, K)
             cis = pooled[x] * weights
             residual = (v * head.bias).sum(dim=1) + offset(self.metric, u[y])
             return _Attribution(similarity(self.metric, u[x], u[y]), weights, cis, residual)
 
-        return self._result(features, query_index, reference_index, attribute(query_index, reference_index),
+        return self._result(forward.maps, query_index, reference_index, attribute(query_index, reference_index),
                             attribute(reference_index, query_index))
 
     def _explain_generic(
         self, images: torch.Tensor, query_index: torch.Tensor, reference_index: torch.Tensor
     ) -> SFAMResult:
-        """Any differentiable head: w from one backward of sum_slots u . v, v detached."""
+        """Any differentiable head: gradient x activation of u . v (v detached), head linearised.
+
+        Each distinct image is forwarded once; an image that is in several pairs gets one
+        backward per partner (rounds of slots whose images are all different).
+        """
         pairs = query_index.shape[0]
         slots = torch.cat([query_index, reference_index])  # (2P,) query sides, then reference sides
+        partners = torch.cat([reference_index, query_index])
+        rounds = (slots[:, None] == slots[None, :]).tril(-1).sum(dim=1)  # (2P,) earlier slots, same image
         with torch.inference_mode(False), torch.enable_grad():
-            features_per_slot, u = self._forward(  # (2P, K, h, w) leaf, (2P, D)
-                images.clone(), replace=lambda output: output.detach()[slots].requires_grad_()
-            )
-            partner = torch.cat([u[pairs:], u[:pairs]]).detach()
-            v = partner_vector(self.metric, u.detach(), partner)
-            (gradient,) = torch.autograd.grad((u * v).sum(), features_per_slot)
-        weights = gradient.double().sum(dim=(2, 3))  # (2P, K): h*w * mean_ij d/dA
-        pooled = features_per_slot.detach().double().mean(dim=(2, 3))
-        cis = pooled * weights
+            forward = self._forward(images.clone(), replace=lambda output: output.detach().requires_grad_())
+            u = forward.embeddings  # (N, D)
+            v = partner_vector(self.metric, u.detach()[slots], u.detach()[partners])  # (2P, D)
+            gradients = torch.empty((2 * pairs, *forward.output.shape[1:]), dtype=forward.output.dtype,
+                                    device=forward.output.device)
+            last = int(rounds.max())
+            for index in range(last + 1):
+                chosen = rounds == index
+                seed = torch.zeros_like(u)
+                seed[slots[chosen]] = v[chosen]
+                (gradient,) = torch.autograd.grad(u, forward.output, seed, retain_graph=index < last)
+                gradients[chosen] = gradient[slots[chosen]]
+        features = forward.maps.detach()[slots]  # (2P, K, h, w)
+        dsim = self._layout.to_maps(gradients).double()  # (2P, K, h, w): d(u . v)/dA
+        weights = dsim.sum(dim=(2, 3))  # (2P, K): h*w * mean_ij d/dA
+        cis = (features.double() * dsim).sum(dim=(2, 3))  # = a * w when the head pools first
         u64, v64 = u.detach().double(), v.double()
-        s = similarity(self.metric, u64[:pairs], u64[pairs:])
-        residual = (u64 * v64).sum(dim=1) - cis.sum(dim=1) + offset(self.metric, partner.double())
-        self._check_not_scale_invariant(u64, s, cis)
+        s = similarity(self.metric, u64[query_index], u64[reference_index])
+        residual = (u64[slots] * v64).sum(dim=1) - cis.sum(dim=1) + offset(self.metric, u64[partners])
+        self._check_not_scale_invariant(images[:1], u64, s, cis)
         sides = [_Attribution(s, weights[half], cis[half], residual[half]) for half in (slice(0, pairs), slice(pairs, None))]
-        features = features_per_slot.detach()
         index = torch.arange(2 * pairs, device=features.device)
         return self._result(features, index[:pairs], index[pairs:], *sides)
 
     # -- shared ---------------------------------------------------------------------------
 
-    def _check_not_scale_invariant(self, u: torch.Tensor, s: torch.Tensor, cis: torch.Tensor) -> None:
-        """Refuses to explain an L2-normalised output, whose attributions sum to about zero."""
+    def _check_not_scale_invariant(self, sample: torch.Tensor, u: torch.Tensor, s: torch.Tensor, cis: torch.Tensor) -> None:
+        """Refuses to explain an L2-normalised output, whose attributions sum to about zero.
+
+        A LayerNorm at the end is not such a case: its deviation is held (linearise.py).
+        """
         if self._embedding is not None:
             return
         unit_norm = bool(((u.norm(dim=1) - 1).abs() < 1e-4).all())
@@ -240,12 +320,13 @@ class SFAM:
         total, magnitude = cis[:pairs].sum(dim=1), cis[:pairs].abs().sum(dim=1)
         no_completeness = bool(((total.abs() <= 1e-4 * magnitude) & (magnitude > 0)).all())
         if unit_norm or no_completeness:
-            linear = [name for name, module in self.model.named_modules() if isinstance(module, nn.Linear)]
-            hint = f" (probably embedding_layer={linear[-1]!r})" if linear else ""
+            layer = suggest_embedding_layer(self.model, sample, self.target_layer)
+            hint = f" (probably embedding_layer={layer!r})" if layer else ""
             raise ExplanationError(
                 "the model's output is scale invariant (it looks L2-normalised inside forward()), so "
                 "channel contributions sum to about zero and the maps would be empty. Pass "
-                f"embedding_layer= naming the module that outputs the unnormalised embedding{hint}."
+                f"embedding_layer= naming the module after the target layer that outputs the "
+                f"unnormalised (B, D) embedding{hint}."
             )
 
     def _result(

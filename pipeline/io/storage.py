@@ -232,7 +232,7 @@ def _storage_errors(uri: str) -> Iterator[None]:
         raise StorageError(uri, f"permission denied ({e})") from e
     except IsADirectoryError as e:
         raise StorageError(uri, "is a directory, not an object") from e
-    except Exception as e:  # noqa: BLE001 - an I/O boundary: every failure becomes one typed error
+    except Exception as e:
         if type(e).__name__ == "NoCredentialsError":
             raise StorageError(uri, "no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
                                     "AWS_PROFILE, or run where an instance or pod role applies") from e

@@ -66,5 +66,6 @@ def build_explainer(spec: ModelSpec, storage_options: StorageOptions | None = No
     """The spec's model with its weights on `device` (default: pick_device()) and its explainer."""
     device = device or pick_device()
     model = build_model(spec, storage_options).to(device)
-    sfam = SFAM(model, spec.target_layer, spec.metric, embedding_layer=spec.embedding_layer, weighting=spec.weighting)
+    sfam = SFAM(model, spec.target_layer, spec.metric, embedding_layer=spec.embedding_layer, weighting=spec.weighting,
+                feature_layout=spec.feature_layout, prefix_tokens=spec.prefix_tokens)
     return ModelExplainer(spec, sfam, device)

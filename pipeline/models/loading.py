@@ -9,6 +9,8 @@ import re
 import zipfile
 from collections.abc import Iterable, Mapping
 
+import safetensors.torch
+import timm
 import torch
 import torchvision
 from torch import nn
@@ -41,7 +43,10 @@ def build_model(spec: ModelSpec, storage_options: StorageOptions | None = None) 
     if isinstance(checkpoint, nn.Module):
         model = checkpoint
     else:
-        model = _factory_model(spec.arch) if spec.is_factory else _torchvision_model(spec)
+        if spec.is_factory:
+            model = _factory_model(spec.arch)
+        else:
+            model = _timm_model(spec) if spec.timm_name is not None else _torchvision_model(spec)
         if checkpoint is not None:
             _load_state_dict(model, _unwrap_state_dict(checkpoint, spec.weights), spec.weights)
     for name, what in ((spec.target_layer, "target_layer"), (spec.embedding_layer, "embedding_layer")):
@@ -65,6 +70,25 @@ def _torchvision_model(spec: ModelSpec) -> nn.Module:
     model = torchvision.models.get_model(spec.arch, weights=None)
     _replace_classifier(model, spec.embedding_dim, spec.arch)
     return model
+
+
+def _timm_model(spec: ModelSpec) -> nn.Module:
+    """A timm model without pretrained weights; num_classes=0 removes its classifier (the model
+    outputs its pooled embedding), embedding_dim makes a new Linear head. Models with a fixed
+    input size (ViTs) are built for spec.input_size."""
+    name = spec.timm_name
+    if not timm.is_model(name):
+        raise ModelLoadError(f"unknown timm arch {name!r}{_suggest(name, timm.list_models())}")
+    options = {"pretrained": False, "num_classes": spec.embedding_dim or 0}
+    try:
+        try:
+            return timm.create_model(name, img_size=spec.input_size, **options)
+        except TypeError as e:
+            if "img_size" not in str(e):
+                raise
+            return timm.create_model(name, **options)  # the model takes any input size
+    except Exception as e:
+        raise ModelLoadError(f"arch {spec.arch!r}: timm could not build it: {type(e).__name__}: {e}") from e
 
 
 def _replace_classifier(model: nn.Module, embedding_dim: int | None, arch: str) -> None:
@@ -118,6 +142,13 @@ def _load_checkpoint(spec: ModelSpec, storage_options: StorageOptions | None) ->
         data = read_bytes(uri, storage_options)
     except StorageError as e:
         raise ModelLoadError(f"cannot read weights {e}") from e
+    if _is_safetensors(data):
+        try:
+            return safetensors.torch.load(data)
+        except Exception as e:
+            raise ModelLoadError(f"weights {uri} are not a readable safetensors file: {_short_reason(e)}") from e
+    if uri.endswith(".safetensors"):
+        raise ModelLoadError(f"weights {uri} are named .safetensors but do not start with a safetensors header")
     torchscript = _is_torchscript(data)
     if torchscript and not spec.trust_checkpoint:
         raise ModelLoadError(f"weights {uri} are a TorchScript archive, which runs code; {_TRUST_HINT}")
@@ -133,6 +164,13 @@ def _load_checkpoint(spec: ModelSpec, storage_options: StorageOptions | None) ->
                 f"({unsafe[1]}), such as a whole nn.Module; {_TRUST_HINT}"
             ) from e
         raise ModelLoadError(f"weights {uri} are not a readable torch checkpoint: {_short_reason(e)}") from e
+
+
+def _is_safetensors(data: bytes) -> bool:
+    """safetensors files start with the little-endian u64 length of a JSON header, then `{`."""
+    if len(data) < 10:
+        return False
+    return int.from_bytes(data[:8], "little") <= len(data) - 8 and data[8:9] == b"{"
 
 
 def _is_torchscript(data: bytes) -> bool:
@@ -175,8 +213,19 @@ def _load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], u
         if items
     ]
     if problems:
-        raise ModelLoadError(f"weights {uri} do not match the model: " + "; ".join(problems))
+        raise ModelLoadError(f"weights {uri} do not match the model: " + "; ".join(problems) + _head_hint(unexpected, state_dict))
     model.load_state_dict(state_dict, strict=True)
+
+
+def _head_hint(unexpected: list[str], state_dict: Mapping[str, torch.Tensor]) -> str:
+    """When the only surplus keys are a classifier / projection head the model was built
+    without, say how to keep it."""
+    heads = [k for k in unexpected if k.partition(".")[0] in _HEAD_ATTRIBUTES and k.endswith(".weight")]
+    if len(heads) != 1 or len(unexpected) > 2 or state_dict[heads[0]].dim() != 2:
+        return ""
+    out_features = state_dict[heads[0]].shape[0]
+    return (f". The checkpoint has a head ({heads[0]}: {tuple(state_dict[heads[0]].shape)}); "
+            f"set `embedding_dim: {out_features}` to load it as the embedding head")
 
 
 def _short_reason(error: Exception) -> str:

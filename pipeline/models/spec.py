@@ -12,18 +12,27 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Metric = Literal["cosine", "dot", "euclidean"]
 Weighting = Literal["cis", "partner"]
+FeatureLayout = Literal["auto", "nchw", "nhwc", "tokens"]
 
+TIMM_PREFIX = "timm/"
 _FACTORY_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 class ModelSpec(BaseModel):
     """Which model to explain and how to feed it.
 
-    `arch` is a torchvision classification model name (`resnet50`) or
-    `package.module:factory`, a function taking no arguments that returns an
-    `nn.Module`. For torchvision archs the classifier is replaced by
-    `Linear(K, embedding_dim)`, or by `Identity` (pooled features) when
-    `embedding_dim` is null; factory models are used as they are.
+    `arch` is a torchvision classification model name (`resnet50`), `timm/<name>`
+    (a timm model, e.g. `timm/vit_base_patch16_clip_224`; never downloaded: the
+    weights come from `weights`) or `package.module:factory`, a function taking no
+    arguments that returns an `nn.Module`. For torchvision and timm archs the
+    classifier is replaced by `Linear(K, embedding_dim)`, or removed (the model
+    outputs its pooled features) when `embedding_dim` is null; factory models are
+    used as they are. `weights` is a torch state_dict or a `.safetensors` file.
+
+    `feature_layout` says how the target layer's output holds its grid: `auto`
+    (detected from the input size), `nchw`, `nhwc` (channels last) or `tokens`
+    (B, P + h*w, C); `prefix_tokens` is P, the class / register tokens before the
+    patch grid (default: the model's own count, or what fits the input size).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -35,6 +44,8 @@ class ModelSpec(BaseModel):
     target_layer: str | None = None
     metric: Metric = "cosine"
     weighting: Weighting = "cis"
+    feature_layout: FeatureLayout = "auto"
+    prefix_tokens: int | None = Field(default=None, ge=0)
     input_size: int = Field(default=224, ge=16)
     mean: tuple[FiniteFloat, FiniteFloat, FiniteFloat] = IMAGENET_MEAN
     std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_STD
@@ -42,8 +53,13 @@ class ModelSpec(BaseModel):
 
     @property
     def is_factory(self) -> bool:
-        """True when `arch` names a user factory rather than a torchvision model."""
+        """True when `arch` names a user factory rather than a torchvision or timm model."""
         return ":" in self.arch
+
+    @property
+    def timm_name(self) -> str | None:
+        """The timm model name of a `timm/<name>` arch, else None."""
+        return self.arch.removeprefix(TIMM_PREFIX) if self.arch.startswith(TIMM_PREFIX) else None
 
     @property
     def model_id(self) -> str:
@@ -62,4 +78,6 @@ class ModelSpec(BaseModel):
                     "embedding_dim applies only to torchvision archs; "
                     "a factory model is used as it is, so build its head in the factory"
                 )
+        if self.timm_name == "":
+            raise ValueError(f"arch {self.arch!r} names no timm model; write 'timm/<model name>'")
         return self

@@ -11,13 +11,14 @@ import time
 
 import psutil
 import pytest
-from audit_data import job_config, write_audit, write_weights
 
 from pipeline.distributed.job import run_audit
-from pipeline.io.storage import StorageOptions, exists, join_uri, read_bytes
 from pipeline.io.results_store import HiveParquetStore
+from pipeline.io.storage import StorageOptions, exists, join_uri, read_bytes
 from pipeline.layout import RunLayout
 from pipeline.reporting import write_report
+
+from audit_data import job_config, write_audit, write_weights
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -135,7 +136,7 @@ def test_s3_outage_mid_run_fails_cleanly_and_rerun_completes(new_driver, rng) ->
         try:
             run_audit(config)
             completed = True
-        except Exception as error:  # noqa: BLE001 - any clear failure is acceptable here
+        except Exception as error:
             completed = False
             assert "unreachable" in str(error) or "Could not connect" in str(error), error
         cutter.join(timeout=120)

@@ -9,17 +9,17 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 from PIL import Image
-from audit_data import expected_similarities, job_config, write_audit, write_weights
 
 from pipeline.config import JobConfig
 from pipeline.distributed.job import run_audit
 from pipeline.errors import AuditFailed
-from pipeline.io.storage import StorageOptions, exists, join_uri, read_bytes
 from pipeline.io.results_store import HiveParquetStore
-from pipeline.io.storage import glob
+from pipeline.io.storage import StorageOptions, exists, glob, join_uri, read_bytes
 from pipeline.io.tables import read_json
 from pipeline.layout import RunLayout
 from pipeline.overlays import PairNotFound, render_pair_of_run
+
+from audit_data import expected_similarities, job_config, write_audit, write_weights
 
 pytestmark = pytest.mark.timeout(300)
 

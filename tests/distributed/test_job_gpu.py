@@ -12,12 +12,13 @@ from collections.abc import Iterator
 import pytest
 import ray
 import torch
-from audit_data import expected_similarities, job_config, write_audit, write_weights
 
 from pipeline.distributed.job import run_audit
-from pipeline.io.storage import StorageOptions, join_uri
 from pipeline.io.results_store import HiveParquetStore
+from pipeline.io.storage import StorageOptions, join_uri
 from pipeline.io.tables import read_json
+
+from audit_data import expected_similarities, job_config, write_audit, write_weights
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -13,9 +13,10 @@ import duckdb
 import pytest
 import s3fs
 import yaml
-from audit_data import expected_similarities, model_config, write_audit, write_weights
 
 from pipeline.io.storage import join_uri
+
+from audit_data import expected_similarities, model_config, write_audit, write_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -5,6 +5,7 @@ The runs are `python -m jobs.audit` processes, as a scheduler or `ray job submit
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -17,11 +18,12 @@ import duckdb
 import psutil
 import pytest
 import yaml
-from audit_data import job_config, write_audit, write_weights
 
 from pipeline.io.results_store import HiveParquetStore
 from pipeline.io.storage import StorageOptions, join_uri
 from pipeline.io.tables import read_json
+
+from audit_data import job_config, write_audit, write_weights
 
 pytestmark = pytest.mark.timeout(600)
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,10 +54,8 @@ def kill_tree(process: subprocess.Popen) -> None:
     """SIGKILL the job and every process it started (its local Ray included)."""
     family = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
     for pid in family:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # it ended on its own
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     process.wait(timeout=60)
 
 

@@ -1,4 +1,4 @@
-"""Models with known heads, and a float64 reference of DESIGN.md section 1 written independently."""
+"""Models with known heads, and a float64 reference of the method (docs/method.md) written independently."""
 
 from __future__ import annotations
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import resnet18_embedding
 
 from pipeline.explain.baselines import gradcam_similarity, mean_activation, random_map
+
+from reference import resnet18_embedding
 
 pytorch_grad_cam = pytest.importorskip("pytorch_grad_cam")
 

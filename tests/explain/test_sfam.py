@@ -1,4 +1,4 @@
-"""SFAM against a float64 reference, and the properties of DESIGN.md section 1."""
+"""SFAM against a float64 reference, and the properties the method (docs/method.md) promises."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import CASES, Case, SmallNet, assert_close, assert_maps_close, reference_explanation, resnet18_embedding
 from torch import nn
 
 from pipeline import SFAM, ExplanationError
+
+from reference import CASES, Case, SmallNet, assert_close, assert_maps_close, reference_explanation, resnet18_embedding
 
 METRICS = ["cosine", "dot", "euclidean"]
 

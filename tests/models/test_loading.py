@@ -205,3 +205,50 @@ def test_spec_model_id() -> None:
 def test_spec_validation(fields: dict) -> None:
     with pytest.raises(ValidationError):
         ModelSpec(**fields)
+
+
+@torch.no_grad()
+def test_timm_arch_outputs_pooled_embedding(rng: np.random.Generator) -> None:
+    """timm models are built without downloads, classifier removed, at the spec's input size."""
+    model = build_model(ModelSpec(arch="timm/vit_tiny_patch16_224", input_size=32))
+    assert model.num_classes == 0 and not model.training
+    assert model(images(rng, size=32)).shape == (2, 192)
+    assert build_model(ModelSpec(arch="timm/convnext_atto", embedding_dim=24))(images(rng)).shape == (2, 24)
+
+
+@torch.no_grad()
+def test_safetensors_weights_roundtrip(rng: np.random.Generator, tmp_path) -> None:
+    import safetensors.torch
+
+    spec = ModelSpec(arch="timm/vit_tiny_patch16_224", input_size=32, embedding_dim=16)
+    source = build_model(spec)
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file(source.state_dict(), str(path))
+    loaded = build_model(spec.model_copy(update={"weights": str(path)}))
+    x = images(rng, size=32)
+    assert torch.equal(loaded(x), source(x))
+    # the checkpoint's head is surplus when the spec removes the classifier: say how to keep it
+    with pytest.raises(ModelLoadError, match=r"unexpected keys \(2\): head.weight.*embedding_dim: 16"):
+        build_model(spec.model_copy(update={"weights": str(path), "embedding_dim": None}))
+
+
+def test_bad_safetensors_and_unknown_timm_arch(tmp_path) -> None:
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(b"not safetensors at all")
+    with pytest.raises(ModelLoadError, match="named .safetensors but"):
+        build_model(ModelSpec(arch="resnet18", weights=str(path)))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes((40).to_bytes(8, "little") + b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}')
+    with pytest.raises(ModelLoadError, match="not a readable safetensors file"):
+        build_model(ModelSpec(arch="resnet18", weights=str(truncated)))
+    with pytest.raises(ModelLoadError, match="unknown timm arch 'vit_tiny_patch16_22'.*vit_tiny_patch16_224"):
+        build_model(ModelSpec(arch="timm/vit_tiny_patch16_22"))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"arch": "timm/"}, {"arch": "resnet50", "feature_layout": "nwhc"}, {"arch": "resnet50", "prefix_tokens": -1}],
+)
+def test_spec_validation_of_new_fields(fields: dict) -> None:
+    with pytest.raises(ValidationError):
+        ModelSpec(**fields)

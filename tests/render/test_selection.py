@@ -12,7 +12,6 @@ from pipeline.render.selection import (
     FALSE_MATCH,
     NOT_FLAGGED,
     POINTING_MISS,
-    SAMPLE,
     WEAK_MATCH,
     FlagRules,
     flag_reasons,

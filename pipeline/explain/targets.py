@@ -1,0 +1,131 @@
+"""Choosing layers: the default target layer, influence checks, embedding-layer suggestions.
+
+The default target is the last layer, in execution order, whose feature grid influences the
+embedding. With class-token pooling (ViT, CLIP, DINOv2) the last block's patch tokens never
+reach the class token, so its output, its final LayerNorm and everything inside it are
+skipped, and the default becomes the input of the last block (the output of the block
+before it), the layer pytorch-grad-cam users pick by hand. The patch embedding is reached
+only when no later layer influences the embedding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.explain.layers import ExplanationError
+from pipeline.explain.layout import FeatureLayout, detect_layout
+
+# a grid counts as influential when perturbing it moves the embedding by more than this
+# (relative); float32 rounding of an unchanged embedding stays below 1e-6
+INFLUENCE_TOLERANCE = 1e-5
+
+
+@dataclass(frozen=True)
+class Output:
+    """Modules that returned the same tensor, innermost first (a block and its last module)."""
+
+    names: tuple[str, ...]
+    tensor: torch.Tensor
+
+    @property
+    def name(self) -> str:
+        """The outermost module's name, the one shown to users."""
+        return self.names[-1]
+
+
+def module_outputs(model: nn.Module, sample: torch.Tensor) -> list[Output]:
+    """Every named module's tensor output on `sample`, in the order the modules finished."""
+    finished: list[tuple[str, torch.Tensor]] = []
+
+    def recorder(name: str) -> Callable:
+        def hook(_module: nn.Module, _inputs: tuple, output: object) -> None:
+            if isinstance(output, torch.Tensor):
+                finished.append((name, output))
+
+        return hook
+
+    handles = [m.register_forward_hook(recorder(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.inference_mode():
+            model(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    outputs: list[Output] = []
+    for name, tensor in finished:
+        if outputs and outputs[-1].tensor is tensor:
+            outputs[-1] = Output((*outputs[-1].names, name), tensor)
+        else:
+            outputs.append(Output((name,), tensor))
+    return outputs
+
+
+def feature_layout_of(output: torch.Tensor, sample: torch.Tensor, **settings: object) -> FeatureLayout | None:
+    """The layout of a module's output when it is a feature grid larger than 1x1, else None."""
+    try:
+        layout = detect_layout(output.shape, tuple(sample.shape[-2:]), **settings)
+    except ExplanationError:
+        return None
+    return layout if layout.grid > 1 else None
+
+
+def influences(
+    embed: Callable[[Callable[[torch.Tensor], torch.Tensor] | None], torch.Tensor],
+    layout: FeatureLayout,
+) -> bool:
+    """Whether perturbing the layer's patch grid changes the embedding.
+
+    embed: runs the model on a fixed sample, the layer's output passed through the given
+        replacement (None: unchanged), and returns the embedding (1, D).
+    """
+    generator = torch.Generator().manual_seed(0)
+
+    def perturb(output: torch.Tensor) -> torch.Tensor:
+        maps = layout.to_maps(output)
+        noise = torch.randn(maps.shape, generator=generator).to(maps)
+        return layout.from_maps(maps + noise * maps.float().std().clamp_min(1e-3).to(maps.dtype), output)
+
+    plain, perturbed = embed(None).double(), embed(perturb).double()
+    return bool((perturbed - plain).norm() > INFLUENCE_TOLERANCE * plain.norm().clamp_min(1e-12))
+
+
+def default_target_layer(
+    model: nn.Module, sample: torch.Tensor,
+    embed_with: Callable[[nn.Module, Callable | None], torch.Tensor], **settings: object,
+) -> str:
+    """The last module whose feature grid influences the embedding (see the module's doc).
+
+    embed_with(module, replace) runs the model on `sample` with `module`'s output replaced and
+    returns its embedding. settings: feature_layout / prefix_tokens, as detect_layout takes them.
+    """
+    modules = dict(model.named_modules())
+    skipped: list[str] = []  # blocks without influence: nothing inside them is tried
+    for output in reversed(module_outputs(model, sample)):
+        if any(name.startswith(f"{block}.") for block in skipped for name in output.names):
+            continue
+        layout = feature_layout_of(output.tensor, sample, **settings)
+        if layout is None:
+            continue
+        if influences(lambda replace, module=modules[output.name]: embed_with(module, replace), layout):
+            return output.name
+        skipped.append(output.names[0])
+    raise ExplanationError(
+        "no module of the model outputs a feature grid that influences the embedding "
+        "((N, C, h, w), (N, h, w, C) or tokens (N, P + h*w, C)); pass target_layer="
+    )
+
+
+def suggest_embedding_layer(model: nn.Module, sample: torch.Tensor, target_layer: str) -> str | None:
+    """The last module after `target_layer` that outputs an unnormalised (B, D) embedding."""
+    outputs = module_outputs(model, sample)
+    after = next((i for i, o in enumerate(outputs) if target_layer in o.names), len(outputs))
+    flat = [
+        o.name for o in outputs[after + 1:]
+        if o.tensor.dim() == 2 and o.tensor.shape[0] == sample.shape[0]
+        and not bool(((o.tensor.float().norm(dim=1) - 1).abs() < 1e-4).all())
+    ]
+    return flat[-1] if flat else None

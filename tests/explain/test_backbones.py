@@ -1,0 +1,231 @@
+"""ViT (torchvision, timm CLIP- and DINOv2-style), Swin and ConvNeXt: layouts, LayerNorm-aware
+completeness against float64 references, default target layers, repeated images."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline import SFAM, ExplanationError
+from pipeline.explain.layout import FeatureLayout, detect_layout
+from pipeline.explain.metrics import partner_vector, similarity
+
+from backbones import BACKBONES, convnext_head, swin_head, timm_vit_head, torchvision_backbone
+from reference import assert_close, assert_maps_close
+
+METRICS = ["cosine", "dot", "euclidean"]
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, nn.Module]:
+    """Each backbone built once per module (random weights): tests must not change them."""
+    torch.manual_seed(0)
+    return {name: backbone.make() for name, backbone in BACKBONES.items()}
+
+
+def pairs(batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(batch, 3, size, size), torch.randn(batch, 3, size, size)
+
+
+def reference_cis(
+    model: nn.Module, layer: str, head: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    to_maps: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, metric: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(similarity, CIS of x given y, residual) in float64: the layer's output z, the linearised
+    head written by hand, CIS_k = sum over the patch grid of z * d(u . v)/dz."""
+    model = copy.deepcopy(model).double()
+    seen: list[torch.Tensor] = []
+    handle = model.get_submodule(layer).register_forward_hook(lambda _m, _i, out: seen.append(out))
+    with torch.no_grad():
+        model(x.double()), model(y.double())
+    handle.remove()
+    z_x = seen[0].detach().requires_grad_()
+    u_x = head(model, z_x)
+    with torch.no_grad():
+        u_y = head(model, seen[1])
+    v = partner_vector(metric, u_x.detach(), u_y)
+    (gradient,) = torch.autograd.grad((u_x * v).sum(), z_x)
+    cis = (to_maps(z_x.detach()) * to_maps(gradient)).sum(dim=(2, 3))
+    s = similarity(metric, u_x.detach(), u_y)
+    return s, cis, s - cis.sum(dim=1)
+
+
+REFERENCES = {  # backbone: (layer, linearised head, layout of the layer's output)
+    "convnext_tiny": ("features", convnext_head, "nchw"),
+    "swin_t": ("features", swin_head, "nhwc"),
+    "clip": ("blocks.1", timm_vit_head, "tokens"),
+    "dinov2_reg4": ("blocks.1", timm_vit_head, "tokens"),
+}
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_matches_linearised_float64_reference(name: str, metric: str, models: dict, seed: int) -> None:
+    layer, head, kind = REFERENCES[name]
+    model, size = models[name], BACKBONES[name].size
+    x, y = pairs(3, size)
+    explainer = SFAM(model, layer, metric, feature_layout=kind)
+    result = explainer.explain(x, y)
+    s, cis, residual = reference_cis(model, layer, head, explainer.layout.to_maps, x, y, metric)
+    assert_close(result.similarity, s, rel=1e-4, what="similarity")
+    assert_close(result.cis_query, cis, rel=1e-3, what="cis_query")
+    assert_close(result.residual_query, residual, rel=1e-4, what="residual", scale=s.abs().max())
+    total = result.cis_query.double().sum(1) + result.residual_query.double()
+    assert_close(total, result.similarity, rel=1e-5, what="completeness", scale=1.0)
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_default_target_layer_and_layout(name: str, models: dict, seed: int) -> None:
+    backbone = BACKBONES[name]
+    explainer = SFAM(models[name])
+    result = explainer.explain(*pairs(2, backbone.size))
+    assert explainer.target_layer == backbone.default_target
+    assert (explainer.layout.kind, explainer.layout.prefix) == backbone.layout
+    grid = (explainer.layout.height, explainer.layout.width)
+    assert result.map_query.shape == result.map_reference.shape == (2, *grid)
+    assert result.cis_query.shape[1] == explainer.features(torch.randn(1, 3, backbone.size, backbone.size))[0].shape[1]
+
+
+@pytest.mark.parametrize("name", ["convnext_tiny", "swin_t"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_layernorm_heads_keep_a_backward_free_fast_path(name: str, metric: str, models: dict, seed: int) -> None:
+    """ConvNeXt's GAP -> LayerNorm head is affine once its deviation is held per image: the fast
+    path applies, equals the generic path, and the CIS are complete and not trivial."""
+    model, size = models[name], BACKBONES[name].size
+    x, y = pairs(4, size)
+    fast = SFAM(model, metric=metric)
+    a = fast.explain(x, y)
+    generic = SFAM(model, fast.target_layer, metric, fast_path=False)
+    b = generic.explain(x, y)
+    assert fast.is_affine is True and generic.is_affine is False
+    for field in ("similarity", "cis_query", "cis_reference"):
+        assert_close(getattr(a, field), getattr(b, field), rel=1e-4, what=field)
+    for field in ("map_query", "map_reference"):
+        assert_maps_close(getattr(a, field), getattr(b, field), rel=1e-4, what=field)
+    for cis, residual in ((a.cis_query, a.residual_query), (a.cis_reference, a.residual_reference)):
+        assert_close(cis.double().sum(1) + residual.double(), a.similarity, rel=1e-5, what="completeness", scale=1.0)
+        assert (cis.abs().sum(1) > 1e-3 * a.similarity.abs()).all()
+
+
+def test_model_ending_in_layernorm_is_not_refused(models: dict, seed: int) -> None:
+    """ConvNeXt ends in a LayerNorm: not L2-normalised, its CIS must not cancel."""
+    result = SFAM(models["convnext_tiny"], "features", fast_path=False).explain(*pairs(3, 64))
+    assert (result.cis_query.sum(1).abs() > 1e-2 * result.cis_query.abs().sum(1)).any()
+
+
+class LayerNormedNormalised(nn.Module):
+    """conv -> GAP -> Linear -> LayerNorm -> L2 normalisation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(16, 8)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.norm(self.fc(self.features(images).mean(dim=(2, 3)))), dim=1)
+
+
+def test_l2_normalised_output_still_refused_with_a_layer_after_the_target(seed: int) -> None:
+    model = LayerNormedNormalised().eval()
+    x, y = pairs(3, 32)
+    with pytest.raises(ExplanationError, match="embedding_layer='norm'"):
+        SFAM(model, "features").explain(x, y)
+    result = SFAM(model, "features", embedding_layer="norm").explain(x, y)
+    assert_close(result.cis_query.double().sum(1) + result.residual_query.double(), result.similarity,
+                 rel=1e-5, scale=1.0)
+
+
+@pytest.mark.parametrize("name", ["clip", "dinov2_reg4"])
+def test_target_without_influence_names_a_better_layer(name: str, models: dict, seed: int) -> None:
+    """The last block's patch tokens (and the final norm's) never reach the class token."""
+    for layer in ("blocks.2", "norm"):
+        with pytest.raises(ExplanationError, match=r"no influence.*target_layer='blocks\.1'"):
+            SFAM(models[name], layer).explain(*pairs(1, BACKBONES[name].size))
+
+
+@pytest.mark.parametrize("name", ["clip", "dinov2_reg4"])
+def test_repeated_images_in_explain_pairs(name: str, models: dict, seed: int) -> None:
+    """A batch of distinct images whose pairs repeat them (the job's case) equals the pairs
+    explained one by one; the generic path forwards each distinct image once."""
+    size = BACKBONES[name].size
+    images = torch.randn(4, 3, size, size)
+    query, reference = torch.tensor([0, 0, 0, 1, 3, 2]), torch.tensor([1, 2, 3, 2, 0, 0])
+    explainer = SFAM(models[name])
+    batch = explainer.explain_pairs(images, query, reference)
+    for p in range(query.shape[0]):
+        alone = explainer.explain(images[query[p:p + 1]], images[reference[p:p + 1]])
+        for field in ("similarity", "cis_query", "cis_reference", "residual_query"):
+            assert_close(getattr(batch, field)[p], getattr(alone, field)[0], rel=1e-4, what=field,
+                         scale=batch.similarity.abs().max())
+        for field in ("map_query", "map_reference"):
+            assert_maps_close(getattr(batch, field)[p:p + 1], getattr(alone, field), rel=1e-4, what=field)
+
+
+@pytest.fixture(scope="module")
+def vit_b_16() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision_backbone("vit_b_16")
+
+
+def test_torchvision_vit_b_16(vit_b_16: nn.Module, seed: int) -> None:
+    """At its required 224 px: default target is the last block's input, tokens with a class
+    token on a 14x14 grid, the job's repeated images work and CIS + residual = similarity."""
+    images = torch.randn(3, 3, 224, 224)
+    query, reference = torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2])
+    explainer = SFAM(vit_b_16)
+    result = explainer.explain_pairs(images, query, reference)
+    assert explainer.target_layer == "encoder.layers.encoder_layer_10"
+    assert explainer.layout == FeatureLayout("tokens", 14, 14, prefix=1)
+    assert result.cis_query.shape == (3, 768) and result.map_query.shape == (3, 14, 14)
+    assert_close(result.cis_query.double().sum(1) + result.residual_query.double(), result.similarity,
+                 rel=1e-5, scale=1.0)
+    alone = explainer.explain(images[2:3], images[1:2])  # pair 2 seen from the other side
+    assert_close(alone.cis_query[0], result.cis_reference[2], rel=1e-4, what="cis")
+    with pytest.raises(ExplanationError, match="encoder_layer_10"):
+        SFAM(vit_b_16, "encoder.ln").explain(images[:1], images[1:2])
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout"),
+    [((2, 8, 5, 10), FeatureLayout("nchw", 5, 10)), ((2, 5, 10, 8), FeatureLayout("nhwc", 5, 10)),
+     ((2, 33, 8), FeatureLayout("tokens", 4, 8, prefix=1)), ((2, 37, 8), FeatureLayout("tokens", 4, 8, prefix=5))],
+)
+def test_layout_round_trip(shape: tuple[int, ...], layout: FeatureLayout, seed: int) -> None:
+    output = torch.randn(shape)
+    detected = detect_layout(output.shape, (40, 80), prefix_hint=layout.prefix or None)
+    assert detected == layout
+    maps = detected.to_maps(output)
+    assert maps.shape == (2, 8, layout.height, layout.width)
+    assert torch.equal(detected.from_maps(maps, output), output)
+    if layout.kind == "tokens":  # GAP is the mean over the patch tokens only
+        torch.testing.assert_close(maps.mean(dim=(2, 3)), output[:, layout.prefix:].mean(dim=1))
+        replaced = detected.from_maps(torch.zeros(3, *maps.shape[1:]), output)  # probe batches
+        assert torch.equal(replaced[:, :layout.prefix], output[:1, :layout.prefix].expand(3, -1, -1))
+
+
+def test_layout_settings_and_errors() -> None:
+    assert detect_layout(torch.Size([2, 7, 7, 7]), (224, 224)).kind == "nchw"  # convention when both fit
+    assert detect_layout(torch.Size([2, 7, 7, 7]), (224, 224), "nhwc").kind == "nhwc"
+    assert detect_layout(torch.Size([2, 21, 8]), (56, 56), prefix_tokens=5) == FeatureLayout("tokens", 4, 4, 5)
+    with pytest.raises(ExplanationError, match="set prefix_tokens"):
+        detect_layout(torch.Size([2, 50, 8]), (32, 32))
+    with pytest.raises(ExplanationError, match="prefix_tokens=2"):
+        detect_layout(torch.Size([2, 21, 8]), (56, 56), prefix_tokens=2)
+    with pytest.raises(ExplanationError, match="set feature_layout"):
+        detect_layout(torch.Size([2, 100, 300, 9]), (32, 32))
+    with pytest.raises(ExplanationError, match="feature_layout='nwhc'"):
+        SFAM(nn.Identity(), feature_layout="nwhc")
+
+
+def test_channels_last_target_explicit(models: dict, seed: int) -> None:
+    """Swin's `features` output (N, h, w, C) is detected as channels-last and explained there."""
+    explainer = SFAM(models["swin_t"], "features")
+    result = explainer.explain(*pairs(2, 64))
+    assert explainer.layout.kind == "nhwc" and result.map_query.shape == (2, 2, 2)
+    assert explainer.is_affine is False  # per-token LayerNorm before the pooling: generic path
