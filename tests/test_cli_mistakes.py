@@ -30,6 +30,7 @@ import yaml
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "distributed"))
+from pipeline.io.results_store import HiveParquetStore
 from pipeline.io.storage import StorageOptions, join_uri
 from pipeline.io.tables import read_json
 
@@ -247,6 +248,7 @@ def test_wrong_credentials(strict_s3_server: str, local_audit: Path, tmp_path: P
     env = base_env(AWS_ACCESS_KEY_ID=bogus_key, AWS_SECRET_ACCESS_KEY=bogus_secret, AWS_DEFAULT_REGION=REGION)
     done = run("4 wrong credentials", [*JOB, "--config", str(path)], env=env)
     assert_mistake(done, "s3://audits/pairs.parquet", secrets=(bogus_secret, s3_secret))
+    assert any(word in done.last_line.lower() for word in ("denied", "forbidden", "credential", "access key"))
     assert_before_ray(done)
 
 
@@ -315,7 +317,11 @@ def test_date_like_run_id_is_accepted(finished_local_run, s3_secret) -> None:
         assert secret not in done.stdout and secret not in done.stderr
     record = read_json(str(output / "runs" / RUN_ID / "run.json"), StorageOptions())
     assert record["run_id"] == RUN_ID and record["status"] == "succeeded"
+    assert record["config"]["run_id"] == RUN_ID
     assert list((output / "results").glob(f"*/run_id={RUN_ID}"))
+    table = HiveParquetStore(str(output), StorageOptions()).read(run_id=RUN_ID)
+    assert table.num_rows == 4 and set(table.column("run_id").to_pylist()) == {RUN_ID}  # the string, not a date
+    assert not any(s3_secret.encode() in content for content in snapshot(output).values())
 
 
 def test_report_with_the_endpoint_forgotten(s3_audit, s3_secret) -> None:

@@ -229,7 +229,7 @@ def _storage_errors(uri: str) -> Iterator[None]:
         detail = str(e) if "bucket" in str(e).lower() else ""  # s3fs says when the bucket, not the key, is missing
         raise StorageError(uri, f"not found ({detail})" if detail else "not found") from e
     except PermissionError as e:
-        raise StorageError(uri, f"permission denied ({e})") from e
+        raise StorageError(uri, f"permission denied ({e}): check that the credentials in use may access it") from e
     except IsADirectoryError as e:
         raise StorageError(uri, "is a directory, not an object") from e
     except Exception as e:

@@ -18,6 +18,7 @@ from pipeline.io.storage import StorageOptions, exists, glob, join_uri, read_byt
 from pipeline.io.tables import read_json
 from pipeline.layout import RunLayout
 from pipeline.overlays import PairNotFound, render_pair_of_run
+from pipeline.reporting import write_report
 
 from audit_data import expected_similarities, job_config, write_audit, write_weights
 
@@ -75,7 +76,7 @@ def test_local_folder_run_with_bad_rows(local_ray, tmp_path, rng) -> None:
         render_pair_of_run(config.output, "local-1", "bad/missing", options)
 
 
-def test_s3_run_and_rerun_has_no_duplicates(local_ray, s3_bucket, rng) -> None:
+def test_s3_run_and_rerun_has_no_duplicates(local_ray, s3_bucket, rng, tmp_path) -> None:
     bucket, options = s3_bucket
     root = f"s3://{bucket}/audit"
     model = write_weights(join_uri(root, "models", "model.pt"), options)
@@ -87,6 +88,13 @@ def test_s3_run_and_rerun_has_no_duplicates(local_ray, s3_bucket, rng) -> None:
     table = HiveParquetStore(config.output, options).read(run_id="nightly-1")
     assert table.num_rows == len(rows)
     assert len(set(table.column("pair_id").to_pylist())) == len(rows)
+
+    # a report written locally for the run on S3 shows its overlays offline: they are copied next to it
+    local = tmp_path / "report.html"
+    write_report(config.output, "nightly-1", options, str(local))
+    copies = sorted((tmp_path / "report_overlays").glob("*.png"))
+    assert len(copies) == len(rows) and all(c.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for c in copies)
+    assert f'src="report_overlays/{copies[0].name}"' in local.read_text()
 
 
 def test_too_many_bad_rows_fail_without_success_marker(local_ray, tmp_path, rng) -> None:

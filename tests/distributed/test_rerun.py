@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,14 +60,19 @@ def kill_tree(process: subprocess.Popen) -> None:
     process.wait(timeout=60)
 
 
+def documented_views(output: Path) -> list[str]:
+    """The CREATE VIEW statements of docs/cluster.md, pointed at a local output root."""
+    text = (ROOT / "docs" / "cluster.md").read_text()
+    statements = [s.strip() for s in re.findall(r"(CREATE VIEW .*?;)", text, flags=re.S)]
+    return [s.replace("s3://bucket/audits", str(output)) for s in statements]
+
+
 def done_rows(output: Path) -> list[tuple]:
-    """The run's rows as a reader of the table sees them through the documented `done` view."""
+    """The run's rows as a reader of the table sees them through the documented `finished` view."""
     connection = duckdb.connect()
-    connection.sql(f"""CREATE VIEW audits AS SELECT * FROM read_parquet('{output}/results/*/*/*.parquet',
-                       hive_partitioning = true, union_by_name = true, hive_types = {{'run_id': VARCHAR}})""")
-    connection.sql(f"CREATE VIEW done AS SELECT run_id, attempt FROM read_json('{output}/runs/*/_SUCCESS', format = 'auto')")
-    return connection.sql(f"SELECT pair_id, similarity FROM audits JOIN done USING (run_id, attempt) "
-                          f"WHERE run_id = '{RUN_ID}' ORDER BY pair_id").fetchall()
+    for statement in documented_views(output):
+        connection.sql(statement)
+    return connection.sql(f"SELECT pair_id, similarity FROM finished WHERE run_id = '{RUN_ID}' ORDER BY pair_id").fetchall()
 
 
 @pytest.fixture

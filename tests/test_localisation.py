@@ -1,0 +1,50 @@
+"""Localisation statistics against hand-computed answers on random maps and boxes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.localisation import energy_in_box, peak_xy, pointing_hit, upsample
+
+
+def test_peak_xy_is_the_centre_of_the_maximum_cell(rng) -> None:
+    saliency = rng.random((7, 9)).astype(np.float32)
+    row, col = rng.integers(7), rng.integers(9)
+    saliency[row, col] = 2.0
+    width, height = int(rng.integers(100, 900)), int(rng.integers(100, 900))
+    x, y = peak_xy(saliency, (width, height))
+    assert x == pytest.approx((col + 0.5) * width / 9) and y == pytest.approx((row + 0.5) * height / 7)
+
+
+def test_energy_in_box_is_the_share_of_positive_mass(rng) -> None:
+    """A box that covers whole cells of a map at the image's grid: the share is a plain sum."""
+    saliency = rng.normal(size=(16, 16))
+    image = (128, 128)  # one map cell = 8 x 8 pixels, upsampled 8x on a 128-cell grid
+    box = (32.0, 16.0, 96.0, 64.0)
+    grid = upsample(np.maximum(saliency, 0), *image)
+    ys, xs = np.arange(128) + 0.5, np.arange(128) + 0.5
+    inside = ((ys >= 16) & (ys <= 64))[:, None] & ((xs >= 32) & (xs <= 96))[None, :]
+    expected = grid[inside].sum() / grid.sum()
+    assert energy_in_box(saliency, box, image) == pytest.approx(expected, rel=1e-5)
+    assert energy_in_box(saliency, (0.0, 0.0, 128.0, 128.0), image) == pytest.approx(1.0)
+    assert math.isnan(energy_in_box(-np.abs(saliency) - 1, box, image))  # no positive mass: undefined
+
+
+def test_pointing_hit_follows_the_peak(rng) -> None:
+    saliency = rng.random((8, 8)) * 0.1
+    saliency[2, 5] = 1.0  # cell centre at pixel (5.5 * 40, 2.5 * 30) in a 320 x 240 image
+    image = (320, 240)
+    assert pointing_hit(saliency, (200.0, 60.0, 240.0, 90.0), image)
+    assert not pointing_hit(saliency, (0.0, 0.0, 100.0, 100.0), image)
+
+
+def test_non_square_images_map_linearly(rng) -> None:
+    """Maps cover the whole image resized without cropping: a peak in the last column lands at the right edge."""
+    saliency = rng.random((4, 4)) * 0.1
+    saliency[1, 3] = 1.0
+    x, y = peak_xy(saliency, (1000, 200))
+    assert x == pytest.approx(875.0) and y == pytest.approx(75.0)
+    assert pointing_hit(saliency, (760.0, 50.0, 1000.0, 100.0), (1000, 200))
