@@ -1,9 +1,10 @@
-"""`sfam`: explain one pair, run an audit, run the demo, build a report, render any pair of a run.
+"""`sfam`: explain one pair, run an audit, run the demo, build a report, compare two runs, render any pair of a run.
 
 Every command ends a user mistake (config, manifest, storage, credentials, model, layers,
 image) with one line, `error: <what>: <why>`, and exit status 2; an audit whose result is
-not acceptable (too many bad rows) with `audit failed: <why>` and exit status 1. `--debug`
-shows the traceback as well.
+not acceptable (too many bad rows) with `audit failed: <why>` and exit status 1; a finished
+run that broke a quality gate with `gates failed: <which, by how much>` and exit status 3.
+`--debug` shows the traceback as well.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import traceback
 import yaml
 
 from pipeline.config import ConfigError, add_config_arguments, load_config
-from pipeline.errors import EXIT_OK, AuditFailed, PipelineError
+from pipeline.errors import EXIT_OK, PipelineError
 from pipeline.io.storage import StorageOptions
 from pipeline.models.spec import ModelSpec
 
@@ -96,6 +97,18 @@ def report_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def compare_command(args: argparse.Namespace) -> int:
+    from pipeline.comparison import DEFAULT_THRESHOLD, compare_runs, write_comparison
+
+    output, options = _output_and_options(args)
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    comparison = compare_runs(output, args.run_a, args.run_b, options, threshold=threshold)
+    print("\n".join(comparison.lines()))
+    for path in write_comparison(comparison, output, options).values():
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
 def render_command(args: argparse.Namespace) -> int:
     from pipeline.overlays import render_pair_of_run
 
@@ -116,12 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    finished_run = argparse.ArgumentParser(add_help=False)  # which run of which audit, and how to reach it
-    finished_run.add_argument("output_root", metavar="OUTPUT", nargs="?", help="the audit's output root (default: the config's)")
+    audit_root = argparse.ArgumentParser(add_help=False)  # which audit, and how to reach it
+    audit_root.add_argument("output_root", metavar="OUTPUT", nargs="?", help="the audit's output root (default: the config's)")
+    audit_root.add_argument("--config", help="job config YAML: its output and storage options are used")
+    audit_root.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    audit_root.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// URIs (without --config)")
+    finished_run = argparse.ArgumentParser(add_help=False, parents=[audit_root])  # which run of that audit
     finished_run.add_argument("--run-id", required=True)
-    finished_run.add_argument("--config", help="job config YAML: its output and storage options are used")
-    finished_run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    finished_run.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// URIs (without --config)")
 
     explain = commands.add_parser("explain", parents=[common], help="explain one image pair and write its overlay PNG")
     explain.add_argument("query", help="query image (path or fsspec URI)")
@@ -155,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("-o", "--out", help="HTML file (default OUTPUT/reports/RUN_ID.html)")
     report.set_defaults(handler=report_command)
 
+    compare = commands.add_parser("compare", parents=[common, audit_root],
+                                  help="compare two finished runs pair by pair; writes OUTPUT/comparisons/A__B/")
+    compare.add_argument("run_a", metavar="RUN_A", help="the earlier run")
+    compare.add_argument("run_b", metavar="RUN_B", help="the later run")
+    compare.add_argument("--threshold", type=float,
+                         help="false match: label 0 and similarity at or above this (the metric's units; default 0.8)")
+    compare.set_defaults(handler=compare_command)
+
     render = commands.add_parser("render", parents=[common, finished_run],
                                  help="draw the overlay of any pair of a finished run, from the result table")
     render.add_argument("--pair-id", required=True)
@@ -172,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as error:
         if args.debug:
             traceback.print_exc()
-        prefix = "audit failed" if isinstance(error, AuditFailed) else "error"
-        print(f"{prefix}: {error}", file=sys.stderr)
+        print(f"{error.prefix}: {error}", file=sys.stderr)
         return error.exit_code
 
 

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.errors import UserError
+from pipeline.gates import Gates
 from pipeline.io.storage import StorageOptions
 from pipeline.models.spec import ModelSpec
 from pipeline.render.selection import FlagRules, RenderPolicy
@@ -56,6 +57,7 @@ class JobConfig(BaseModel):
     max_error_fraction: float = Field(0.01, ge=0, le=1)
     render_png: RenderPolicy = "flagged"
     render_flags: FlagRules = Field(default_factory=FlagRules)
+    gates: Gates = Field(default_factory=Gates)
     storage_options: StorageOptions = Field(default_factory=StorageOptions)
 
     @field_validator("render_png", mode="before")

@@ -5,8 +5,9 @@ Every error the pipeline raises on purpose derives from :class:`PipelineError`:
     UserError      the input is wrong (config, manifest, storage, credentials, model,
                    layers, image); the message names the thing and why. Exit 2.
     AuditFailed    the job ran, but its result is not acceptable (too many bad rows). Exit 1.
+    GatesFailed    the run finished and committed, but broke a quality gate (gates.py). Exit 3.
 
-The command line prints either as one line, `error: <message>`, without a traceback.
+The command line prints each as one line, `<prefix>: <message>`, without a traceback.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_AUDIT_FAILED = 1
 EXIT_USER_ERROR = 2
+EXIT_GATES_FAILED = 3
 
 
 class PipelineError(Exception):
     """Base of the errors this project raises on purpose."""
 
     exit_code = EXIT_AUDIT_FAILED
+    prefix = "error"  # how the command line introduces the message
 
 
 class UserError(PipelineError):
@@ -32,3 +35,4 @@ class AuditFailed(PipelineError):
     """The job ran but its result is not acceptable (too many failed rows, rows missing)."""
 
     exit_code = EXIT_AUDIT_FAILED
+    prefix = "audit failed"

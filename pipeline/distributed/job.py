@@ -28,6 +28,7 @@ from pipeline.config import JobConfig
 from pipeline.distributed.cluster import connect
 from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults
 from pipeline.errors import AuditFailed, PipelineError
+from pipeline.gates import GateResult, GatesFailed, check_manifest_supports, evaluate, same_label_similarity
 from pipeline.io.results_store import HiveParquetStore
 from pipeline.io.storage import StorageError, exists, open_input, redact_uri, sha256_of
 from pipeline.io.tables import arrow_filesystem, write_json
@@ -35,6 +36,7 @@ from pipeline.layout import RunLayout, new_attempt_id
 from pipeline.manifest import ManifestInfo, validate_manifest
 from pipeline.models.explainer import build_explainer
 from pipeline.quality import residual_warning
+from pipeline.run_history import previous_successful_run
 
 log = logging.getLogger("sfam.audit")
 PACKAGES = ("sfam-pipeline", "torch", "torchvision", "ray", "pyarrow", "fsspec", "s3fs", "pydantic", "pillow", "numpy")
@@ -130,6 +132,7 @@ def preflight(config: JobConfig, store: HiveParquetStore) -> Plan:
     with open_input(config.manifest, options) as manifest_file:
         manifest = validate_manifest(manifest_file)
     log.info("manifest %s: %d pairs, boxes: %s", redact_uri(config.manifest), manifest.num_rows, manifest.has_boxes)
+    check_manifest_supports(config.gates, manifest.schema.names)
     explainer = build_explainer(config.model, options, device=torch.device("cpu"))  # GPUs belong to the actors
     explainer.trial()
     log.info("model %s checked: target layer %s", config.model.model_id, explainer.target_layer)
@@ -302,7 +305,32 @@ def run_audit(config: JobConfig) -> RunSummary:
     if reason is not None:
         recorder.failed(reason, summary)
         raise AuditFailed(reason)
-    success = recorder.record("succeeded", summary)
+    gates = _evaluate_gates(config, plan, store, recorder.base["timings"]["started"])
+    failed_gates = [g for g in gates if not g.passed]
+    for gate in gates:
+        (log.warning if not gate.passed else log.info)("%s", gate.line())
+    success = recorder.record("gates_failed" if failed_gates else "succeeded", summary)
+    success["gates"] = [g.as_record() for g in gates]
     write_json(layout.attempt_record, success, config.storage_options)
     store.commit(layout, success, asdict(summary))
+    if failed_gates:
+        raise GatesFailed("; ".join(g.line() for g in failed_gates))
     return summary
+
+
+def _evaluate_gates(config: JobConfig, plan: Plan, store: HiveParquetStore, started: str) -> list[GateResult]:
+    """The config's gates on the attempt's staged rows; the similarity drop against the previous run."""
+    if not config.gates.enabled:
+        return []
+    has = set(plan.manifest.schema.names)
+    columns = ["status", "similarity", "residual_query", "residual_reference", *(["label"] if "label" in has else []),
+               *(["query_pointing_hit"] if plan.manifest.has_boxes else [])]
+    previous_similarity = None
+    if config.gates.max_similarity_drop is not None:
+        previous = previous_successful_run(config.output, redact_uri(config.manifest), config.run_id, started,
+                                           config.storage_options)
+        if previous is not None:
+            rows = store.read(run_id=previous["run_id"], columns=["status", "label", "similarity"])
+            previous_similarity = same_label_similarity(rows)
+            log.info("similarity drop measured against run %s", previous["run_id"])
+    return evaluate(config.gates, store.read_staged(plan.layout, columns), previous_similarity)

@@ -1,0 +1,128 @@
+"""Quality gates of a scheduled audit: thresholds a finished run must meet.
+
+A run that breaks a gate still commits its outputs (the rows are what the team needs to
+see why), records each gate's value, threshold and verdict in run.json, and exits with
+EXIT_GATES_FAILED so that a scheduler marks the run failed and alerting picks it up.
+
+Gates (each off while its threshold is null):
+
+    min_same_label_pointing  share of label-1 pairs whose query map peaks inside the query box
+    max_false_match_rate     share of label-0 pairs with similarity >= false_match_similarity
+    max_residual_share       median over pairs of mean(|residual|) / |similarity| (quality.py)
+    max_similarity_drop      mean similarity of label-1 pairs: previous successful run of the
+                             same manifest minus this run
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.errors import EXIT_GATES_FAILED, PipelineError, UserError
+from pipeline.quality import residual_share
+
+
+class GatesFailed(PipelineError):
+    """The run finished and committed, but broke at least one quality gate."""
+
+    exit_code = EXIT_GATES_FAILED
+    prefix = "gates failed"
+
+
+class Gates(BaseModel):
+    """The config's `gates` section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_same_label_pointing: float | None = Field(None, ge=0, le=1)
+    max_false_match_rate: float | None = Field(None, ge=0, le=1)
+    false_match_similarity: float = 0.8
+    max_residual_share: float | None = Field(None, ge=0)
+    max_similarity_drop: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return any(getattr(self, name) is not None for name in
+                   ("min_same_label_pointing", "max_false_match_rate", "max_residual_share", "max_similarity_drop"))
+
+    def needed_columns(self) -> dict[str, str]:
+        """Manifest columns the enabled gates need, and the gate that needs each."""
+        needed = {}
+        if self.min_same_label_pointing is not None:
+            needed |= {"label": "min_same_label_pointing", "query_bbox": "min_same_label_pointing"}
+        if self.max_false_match_rate is not None:
+            needed.setdefault("label", "max_false_match_rate")
+        if self.max_similarity_drop is not None:
+            needed.setdefault("label", "max_similarity_drop")
+        return needed
+
+
+@dataclass(frozen=True)
+class GateResult:
+    name: str
+    value: float | None  # None: nothing to measure (no pairs of that kind)
+    threshold: float
+    passed: bool
+
+    def line(self) -> str:
+        value = "n/a" if self.value is None else f"{self.value:.4g}"
+        verdict = "passed" if self.passed else "FAILED"
+        return f"gate {self.name}: {value} (threshold {self.threshold:g}) {verdict}"
+
+    def as_record(self) -> dict:
+        return asdict(self)
+
+
+def check_manifest_supports(gates: Gates, manifest_columns: list[str]) -> None:
+    """Refuses, before any work, gates whose columns the manifest lacks."""
+    for column, gate in gates.needed_columns().items():
+        if column not in manifest_columns:
+            raise UserError(f"gates.{gate}: the manifest has no {column!r} column to measure it")
+
+
+def _mean(values: np.ndarray) -> float | None:
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else None
+
+
+def _column(rows: pa.Table, name: str) -> np.ndarray:
+    return rows.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def same_label_similarity(rows: pa.Table) -> float | None:
+    """Mean similarity of the ok label-1 pairs of a run's rows."""
+    same = rows.filter(pc.and_(pc.equal(rows.column("status"), "ok"), pc.equal(rows.column("label"), 1)))
+    return _mean(_column(same, "similarity")) if same.num_rows else None
+
+
+def evaluate(gates: Gates, rows: pa.Table, previous_same_label_similarity: float | None) -> list[GateResult]:
+    """The enabled gates on a run's rows; a gate with nothing to measure passes (value None)."""
+    ok = rows.filter(pc.equal(rows.column("status"), "ok"))
+    has_label = "label" in ok.column_names
+    results = []
+
+    def add(name: str, value: float | None, threshold: float | None, higher_is_better: bool) -> None:
+        if threshold is None:
+            return
+        passed = value is None or (value >= threshold if higher_is_better else value <= threshold)
+        results.append(GateResult(name, value, threshold, passed))
+
+    if has_label:
+        same = ok.filter(pc.equal(ok.column("label"), 1))
+        different = ok.filter(pc.equal(ok.column("label"), 0))
+        pointing = _column(same, "query_pointing_hit") if "query_pointing_hit" in same.column_names else np.array([])
+        add("min_same_label_pointing", _mean(pointing), gates.min_same_label_pointing, True)
+        false_matches = _column(different, "similarity") >= gates.false_match_similarity
+        add("max_false_match_rate", float(false_matches.mean()) if different.num_rows else None,
+            gates.max_false_match_rate, False)
+        current = same_label_similarity(rows)
+        drop = None if current is None or previous_same_label_similarity is None else previous_same_label_similarity - current
+        add("max_similarity_drop", drop, gates.max_similarity_drop, False)
+    share = residual_share(*(_column(ok, c) for c in ("similarity", "residual_query", "residual_reference")))
+    measured = share[~np.isnan(share)]
+    add("max_residual_share", float(np.median(measured)) if measured.size else None, gates.max_residual_share, False)
+    return results

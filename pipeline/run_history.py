@@ -1,0 +1,27 @@
+"""Earlier runs under an output root, found from their run records (runs/*/run.json)."""
+
+from __future__ import annotations
+
+from pipeline.io.storage import StorageError, StorageOptions, glob, join_uri
+from pipeline.io.tables import read_json
+
+
+def previous_successful_run(output: str, manifest: str, run_id: str, started_before: str,
+                            options: StorageOptions) -> dict | None:
+    """The run record of the latest successful run of `manifest` that started before `started_before`.
+
+    `run_id` itself is skipped (a re-run compares with another run, not with its own past).
+    Manifests are compared as recorded (credentials redacted); times are ISO-8601 UTC strings.
+    """
+    latest: dict | None = None
+    for uri in glob(join_uri(output, "runs", "*", "run.json"), options):
+        try:
+            record = read_json(uri, options)
+        except (StorageError, ValueError):
+            continue  # a record being written, or not ours
+        started = record.get("timings", {}).get("started", "")
+        if (record.get("run_id") != run_id and record.get("status") in ("succeeded", "gates_failed")
+                and record.get("config", {}).get("manifest") == manifest and started < started_before
+                and (latest is None or started > latest["timings"]["started"])):
+            latest = record
+    return latest
