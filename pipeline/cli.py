@@ -13,11 +13,13 @@ import argparse
 import logging
 import sys
 import traceback
+from dataclasses import dataclass
 
 import yaml
 
 from pipeline.config import ConfigError, add_config_arguments, load_config
 from pipeline.errors import EXIT_OK, PipelineError
+from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.storage import StorageOptions
 from pipeline.models.spec import ModelSpec
 
@@ -78,21 +80,30 @@ def demo_command(args: argparse.Namespace) -> int:
     return run_demo(args.output, queries=args.queries, top_k=args.top_k)
 
 
-def _output_and_options(args: argparse.Namespace) -> tuple[str, StorageOptions]:
-    """The audit's output root and storage options: from --config, or OUTPUT and --endpoint-url."""
+@dataclass(frozen=True)
+class _Audit:
+    """Where a finished audit lives: its output root, storage options and table format."""
+
+    output: str
+    options: StorageOptions
+    table: TableConfig | None
+
+
+def _audit(args: argparse.Namespace) -> _Audit:
+    """From --config, or from OUTPUT and --endpoint-url (a Hive table)."""
     if args.config:
         config = load_config(args.config, args.overrides)
-        return args.output_root or config.output, config.storage_options
+        return _Audit(args.output_root or config.output, config.storage_options, config.table)
     if not args.output_root:
         raise ConfigError(f"sfam {args.command} needs the audit's OUTPUT root or --config")
-    return args.output_root, StorageOptions(endpoint_url=args.endpoint_url)
+    return _Audit(args.output_root, StorageOptions(endpoint_url=args.endpoint_url), None)
 
 
 def report_command(args: argparse.Namespace) -> int:
     from pipeline.reporting import write_report
 
-    output, options = _output_and_options(args)
-    path = write_report(output, args.run_id, options, args.out)
+    audit = _audit(args)
+    path = write_report(audit.output, args.run_id, audit.options, args.out, audit.table)
     print(f"wrote {path}")
     return EXIT_OK
 
@@ -100,11 +111,11 @@ def report_command(args: argparse.Namespace) -> int:
 def compare_command(args: argparse.Namespace) -> int:
     from pipeline.comparison import DEFAULT_THRESHOLD, compare_runs, write_comparison
 
-    output, options = _output_and_options(args)
+    audit = _audit(args)
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
-    comparison = compare_runs(output, args.run_a, args.run_b, options, threshold=threshold)
+    comparison = compare_runs(audit.output, args.run_a, args.run_b, audit.options, threshold, audit.table)
     print("\n".join(comparison.lines()))
-    for path in write_comparison(comparison, output, options).values():
+    for path in write_comparison(comparison, audit.output, audit.options).values():
         print(f"wrote {path}")
     return EXIT_OK
 
@@ -112,14 +123,14 @@ def compare_command(args: argparse.Namespace) -> int:
 def render_command(args: argparse.Namespace) -> int:
     from pipeline.overlays import render_pair_of_run
 
-    output, options = _output_and_options(args)
-    png = render_pair_of_run(output, args.run_id, args.pair_id, options)
+    audit = _audit(args)
+    png = render_pair_of_run(audit.output, args.run_id, args.pair_id, audit.options, audit.table)
     if args.out == "-":
         sys.stdout.buffer.write(png)
     else:
         from pipeline.io.storage import write_bytes
 
-        write_bytes(args.out, png, options)
+        write_bytes(args.out, png, audit.options)
         print(f"wrote {args.out}")
     return EXIT_OK
 
@@ -146,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     explain.add_argument("-o", "--output", required=True, help="PNG to write (path or URI)")
     explain.add_argument("--metric", choices=["cosine", "dot", "euclidean"])
-    explain.add_argument("--weighting", choices=["cis", "partner"], help="map weighting (default: the spec's, cis)")
+    explain.add_argument("--weighting", choices=["cis", "partner", "matched"], help="map weighting (default: the spec's, cis)")
     explain.add_argument("--target-layer")
     explain.add_argument("--embedding-layer")
     explain.add_argument("--feature-layout", choices=["auto", "nchw", "nhwc", "tokens"],

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.errors import UserError
 from pipeline.gates import Gates
+from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.storage import StorageOptions
 from pipeline.models.spec import ModelSpec
 from pipeline.render.selection import FlagRules, RenderPolicy
@@ -58,6 +59,7 @@ class JobConfig(BaseModel):
     render_png: RenderPolicy = "flagged"
     render_flags: FlagRules = Field(default_factory=FlagRules)
     gates: Gates = Field(default_factory=Gates)
+    table: TableConfig = Field(default_factory=TableConfig)
     storage_options: StorageOptions = Field(default_factory=StorageOptions)
 
     @field_validator("render_png", mode="before")

@@ -7,9 +7,10 @@ so any other pair is drawn here from its row and its two images, as the job woul
 from __future__ import annotations
 
 from pipeline.errors import UserError
+from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.images import decode_pictures
-from pipeline.io.results_store import HiveParquetStore
 from pipeline.io.storage import StorageOptions, join_uri, read_bytes, resolve_uri
+from pipeline.io.stores import open_results_store
 from pipeline.io.tables import read_json
 from pipeline.render.result_row import OVERLAY_COLUMNS, render_result_row
 from pipeline.schema import SIDES
@@ -21,10 +22,11 @@ class PairNotFound(UserError):
     """The run has no ok row with that pair_id."""
 
 
-def render_pair_of_run(output: str, run_id: str, pair_id: str, options: StorageOptions) -> bytes:
-    """PNG overlay of `pair_id` in run `run_id` under the audit's `output` root."""
+def render_pair_of_run(output: str, run_id: str, pair_id: str, options: StorageOptions,
+                       table: TableConfig | None = None) -> bytes:
+    """PNG overlay of `pair_id` in run `run_id` under the audit's `output` root (in its Hive or Iceberg table)."""
     record = read_json(join_uri(output, "runs", run_id, "run.json"), options)
-    store = HiveParquetStore(output, options)
+    store = open_results_store(output, options, table)
     rows = store.read(run_id=run_id, pair_ids=[pair_id]).to_pylist()
     if not rows or rows[0].get("status") != "ok":
         reason = rows[0].get("error") if rows else "no such pair_id in the run"

@@ -1,5 +1,8 @@
 """`sfam report`: a run's static HTML report, read from the result table and the run record.
 
+When an earlier run of the same manifest has succeeded, the report of a committed run has a
+section "Compared with RUN" (pipeline/comparison.py), placed before the gallery.
+
 The report links each overlay relative to itself. When the overlays live on another
 filesystem than the report (a run on S3, a report written locally), they are copied next
 to the report, into `{report name}_overlays/`, so that the page shows them offline.
@@ -10,16 +13,21 @@ from __future__ import annotations
 import os
 import posixpath
 
-from pipeline.io.results_store import HiveParquetStore
+from pipeline.comparison import DEFAULT_THRESHOLD, compare_runs
+from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.storage import StorageError, StorageOptions, exists, join_uri, read_bytes, write_bytes
+from pipeline.io.stores import open_results_store
 from pipeline.io.tables import read_json
 from pipeline.layout import RunLayout, safe_name
 from pipeline.render import render_report
+from pipeline.render.comparison_html import comparison_section
+from pipeline.run_history import previous_successful_run
 
 REPORT_COLUMNS = (
     "pair_id", "query_uri", "reference_uri", "label", "rank", "score", "similarity", "status", "error",
     "query_energy_in_box", "reference_energy_in_box", "query_pointing_hit", "reference_pointing_hit", "png_uri",
 )
+_COMPARISON_BEFORE = '<section id="gallery">'  # where the comparison section goes in the page
 
 
 def _path_part(uri: str) -> str:
@@ -54,22 +62,43 @@ class _OverlayLinks:
         return _relative(copy, self.report_dir)
 
 
-def write_report(output: str, run_id: str, options: StorageOptions, destination: str | None = None) -> str:
-    """Writes the report (default {output}/reports/{run_id}.html) and returns where."""
+def _with_comparison(page: str, output: str, record: dict, options: StorageOptions, table: TableConfig | None) -> str:
+    """The page with a "Compared with RUN" section when an earlier run of the same manifest succeeded.
+
+    False matches are counted at the run's own `render_flags.false_match_similarity`."""
+    config = record["config"]
+    previous = previous_successful_run(output, config["manifest"], record["run_id"], record["timings"]["started"], options)
+    if previous is None:
+        return page
+    threshold = config.get("render_flags", {}).get("false_match_similarity", DEFAULT_THRESHOLD)
+    comparison = compare_runs(output, previous["run_id"], record["run_id"], options, threshold, table)
+    section = comparison_section(comparison.view(), f"Compared with {previous['run_id']}")
+    return page.replace(_COMPARISON_BEFORE, section + _COMPARISON_BEFORE, 1)
+
+
+def write_report(output: str, run_id: str, options: StorageOptions, destination: str | None = None,
+                 table: TableConfig | None = None) -> str:
+    """Writes the report (default {output}/reports/{run_id}.html) and returns where.
+
+    table: the result table's format (the config's `table`); by default the Hive table.
+    """
     destination = destination or join_uri(output, "reports", f"{run_id}.html")
     record = join_uri(output, "runs", run_id, "run.json")
     if not exists(record, options):  # one quick look first: a wrong output or endpoint fails here, at once
         raise StorageError(record, f"no run record: is run_id {run_id!r} under output {output}?")
     summary = read_json(record, options)
-    store = HiveParquetStore(output, options)
-    if summary.get("status") == "succeeded":
-        table = store.read(run_id=run_id)
+    store = open_results_store(output, options, table)
+    committed = store.committed_attempt(run_id) is not None  # succeeded, or finished and broke a gate
+    if committed:
+        results = store.read(run_id=run_id)
     else:  # a failed run's rows stay with its attempt, outside the table
-        table = store.read_staged(RunLayout(output, run_id, summary["run_date"], summary["attempt"]))
-    rows = table.select([c for c in REPORT_COLUMNS if c in table.column_names]).to_pylist()
+        results = store.read_staged(RunLayout(output, run_id, summary["run_date"], summary["attempt"]))
+    rows = results.select([c for c in REPORT_COLUMNS if c in results.column_names]).to_pylist()
     page = render_report(
         {**summary, "model_id": summary.get("model_id"), "metric": summary.get("config", {}).get("model", {}).get("metric")},
         rows, png_href=_OverlayLinks(destination, options),
     )
+    if committed:
+        page = _with_comparison(page, output, summary, options, table)
     write_bytes(destination, page.encode(), options)
     return destination

@@ -34,6 +34,12 @@ RESULT_COLUMNS = pa.schema([
     pa.field("map_shape", pa.list_(pa.int32())),
     pa.field("query_peak_xy", pa.list_(pa.float32())),
     pa.field("reference_peak_xy", pa.list_(pa.float32())),
+    pa.field("correspondences", pa.list_(pa.struct([
+        pa.field("query_xy", pa.list_(pa.float32())),
+        pa.field("reference_xy", pa.list_(pa.float32())),
+        pa.field("score", pa.float32()),
+    ])), metadata={"doc": "weighting 'matched' only: the strongest matched points, strongest first; "
+                          "x, y in original image pixels, score the cosine of the local embeddings"}),
     pa.field("png_uri", pa.string()),
     pa.field("status", pa.string()),
     pa.field("error", pa.string()),
@@ -51,7 +57,8 @@ BOX_COLUMNS = pa.schema([
 # written by the explain stage for every row, null where the row failed before explaining
 EXPLAINED_COLUMNS = (
     "similarity", "cis_query", "cis_reference", "residual_query", "residual_reference", "cis_top_channels",
-    "map_query", "map_reference", "map_shape", "query_peak_xy", "reference_peak_xy", "forward_share",
+    "map_query", "map_reference", "map_shape", "query_peak_xy", "reference_peak_xy", "correspondences",
+    "forward_share",
 )
 # the same value on every row of a run
 RUN_CONSTANT_COLUMNS = ("attempt", "model_id", "metric", "weighting", "target_layer", "device")

@@ -42,7 +42,7 @@ def test_the_readme_lists_every_config_key_with_its_default() -> None:
     defaults = JobConfig.model_validate({"manifest": "m", "output": "o", "model": {"arch": "resnet50"}})
     dumped, default_dump = config.model_dump(mode="json"), defaults.model_dump(mode="json")
     assert set(documented) == set(default_dump)
-    for section in ("model", "storage_options", "render_flags", "gates"):
+    for section in ("model", "storage_options", "render_flags", "gates", "table"):
         assert set(documented[section]) == set(default_dump[section]), section
     for key in set(documented) - required - {"model"}:
         assert dumped[key] == default_dump[key], key  # the README shows the default

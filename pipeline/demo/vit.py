@@ -17,9 +17,9 @@ from timm.models.vision_transformer import VisionTransformer
 from pipeline.demo.model import INPUT_SIZE
 
 PATCH_SIZE = 8  # an 8 x 8 patch grid at INPUT_SIZE
-WIDTH = 128
-DEPTH = 6
-HEADS = 4
+WIDTH = 96
+DEPTH = 4
+HEADS = 3
 EMBEDDING_DIM = 64
 GRID_SIDE = INPUT_SIZE // PATCH_SIZE
 TARGET_LAYER = f"blocks.{DEPTH - 2}"  # the input of the last block: what the explainer picks by default

@@ -26,11 +26,13 @@ from ray.data.datasource import FilenameProvider
 
 from pipeline.config import JobConfig
 from pipeline.distributed.cluster import connect
+from pipeline.distributed.iceberg_commit import overwrite_run
 from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults
 from pipeline.errors import AuditFailed, PipelineError
 from pipeline.gates import GateResult, GatesFailed, check_manifest_supports, evaluate, same_label_similarity
-from pipeline.io.results_store import HiveParquetStore
+from pipeline.io.results_store import ResultsStore
 from pipeline.io.storage import StorageError, exists, open_input, redact_uri, sha256_of
+from pipeline.io.stores import open_results_store
 from pipeline.io.tables import arrow_filesystem, write_json
 from pipeline.layout import RunLayout, new_attempt_id
 from pipeline.manifest import ManifestInfo, validate_manifest
@@ -115,14 +117,21 @@ def _gpus_per_actor(config: JobConfig) -> float:
 
 
 def _cpus_per_actor(config: JobConfig, gpus: float) -> float:
-    """One CPU per GPU actor; CPU actors share what the fetch and render tasks leave."""
+    """One CPU per GPU actor; CPU actors share what the render tasks leave."""
     if gpus > 0:
         return 1.0
     cpus = ray.cluster_resources().get("CPU", 1)
     return max(0.25, min(1.0, (cpus - 1) / config.num_actors))
 
 
-def preflight(config: JobConfig, store: HiveParquetStore) -> Plan:
+def _cpus_per_fetch(gpus: float, actor_cpus: float) -> float:
+    """A fetch task's CPUs: on GPU actors, decoding runs in CPU tasks beside them (one CPU each);
+    on CPU actors, the actor's own share, which lets Ray fuse the fetch into the actor: each actor
+    decodes its own batches and the pixels never pass through the object store."""
+    return 1.0 if gpus > 0 else actor_cpus
+
+
+def preflight(config: JobConfig, store: ResultsStore) -> Plan:
     """Checks everything that can be checked before work starts; writes and deletes nothing.
 
     The manifest (exists, readable, schema), the model (builds, weights load, layers resolve)
@@ -148,6 +157,7 @@ def build_dataset(config: JobConfig, layout: RunLayout) -> ray.data.Dataset:
     """The streaming pipeline from the manifest to result rows (not yet executed)."""
     options = config.storage_options
     gpus = _gpus_per_actor(config)
+    cpus = _cpus_per_actor(config, gpus)
     manifest_fs, manifest_path = arrow_filesystem(config.manifest, options)
     manifest_dir = config.manifest.rsplit("/", 1)[0] if "/" in config.manifest else "."
     # blocks of one batch of adjacent rows: every actor gets work (a one-file manifest reads as one
@@ -156,20 +166,21 @@ def build_dataset(config: JobConfig, layout: RunLayout) -> ray.data.Dataset:
     dataset = dataset.repartition(target_num_rows_per_block=config.batch_size)
     dataset = dataset.map_batches(
         FetchImages(manifest_dir, config.model.input_size, config.max_image_pixels, options),
-        batch_size=config.batch_size, batch_format="pyarrow",
+        batch_size=config.batch_size, batch_format="pyarrow", num_cpus=_cpus_per_fetch(gpus, cpus),
     )
     dataset = dataset.map_batches(
         ExplainPairs, fn_constructor_kwargs={"model": config.model, "storage_options": options, "attempt": layout.attempt},
-        compute=ActorPoolStrategy(size=config.num_actors), num_gpus=gpus, num_cpus=_cpus_per_actor(config, gpus),
+        compute=ActorPoolStrategy(size=config.num_actors), num_gpus=gpus, num_cpus=cpus,
         batch_size=config.batch_size, batch_format="pyarrow",
     )
-    log.info("explaining with %d actor(s), %g GPU each", config.num_actors, gpus)
+    log.info("explaining with %d actor(s), %g GPU and %g CPU each%s", config.num_actors, gpus, cpus,
+             "" if gpus else ", decoding their own batches")
     return dataset.map_batches(
         RenderResults(layout, config.render_png, config.render_flags, options), batch_size=config.batch_size, batch_format="pyarrow"
     )
 
 
-def _stage(dataset: ray.data.Dataset, config: JobConfig, layout: RunLayout, store: HiveParquetStore) -> None:
+def _stage(dataset: ray.data.Dataset, config: JobConfig, layout: RunLayout, store: ResultsStore) -> None:
     """Runs the pipeline into the attempt's staging folder.
 
     s3fs reports an endpoint that went down while Ray lists or reads the manifest as a
@@ -198,7 +209,7 @@ def _pipeline_error(error: BaseException) -> PipelineError | None:
     return None
 
 
-def summarise(store: HiveParquetStore, layout: RunLayout, config: JobConfig, started: float) -> RunSummary:
+def summarise(store: ResultsStore, layout: RunLayout, config: JobConfig, started: float) -> RunSummary:
     """Counts, speed and warnings of the attempt's staged rows."""
     rows = store.read_staged(layout, SUMMARY_COLUMNS)
     wall = time.time() - started
@@ -276,7 +287,7 @@ class RunRecorder:
 def run_audit(config: JobConfig) -> RunSummary:
     """Runs one attempt of the audit on the Ray cluster of this process (connect() joins or starts one)."""
     started = time.time()
-    store = HiveParquetStore(config.output, config.storage_options)
+    store = open_results_store(config.output, config.storage_options, config.table, overwrite_run)
     plan = preflight(config, store)
     layout = plan.layout
     recorder = RunRecorder(config, plan, started)
@@ -318,7 +329,7 @@ def run_audit(config: JobConfig) -> RunSummary:
     return summary
 
 
-def _evaluate_gates(config: JobConfig, plan: Plan, store: HiveParquetStore, started: str) -> list[GateResult]:
+def _evaluate_gates(config: JobConfig, plan: Plan, store: ResultsStore, started: str) -> list[GateResult]:
     """The config's gates on the attempt's staged rows; the similarity drop against the previous run."""
     if not config.gates.enabled:
         return []

@@ -12,14 +12,12 @@ start with "_" are transient and never reach the result table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.explain import SFAMResult
-from pipeline.io.images import ImageDecodeError, decode_pictures
+from pipeline.io.images import ImageDecodeError, Pictures, decode_pictures
 from pipeline.io.storage import StorageError, StorageOptions, StorageUnavailable, read_bytes, resolve_uri, write_bytes
 from pipeline.layout import RunLayout
 from pipeline.localisation import energy_in_box, peak_xy, pointing_hit
@@ -33,16 +31,13 @@ DISPLAY_SIDE = 256  # longest side of the picture kept for the PNG overlay
 BYTES_PER_PIXEL_LIMIT = 4  # a compressed image is never larger than its raw pixels and a margin
 
 
-@dataclass(frozen=True)
-class DecodedImage:
-    pixels: bytes  # (S, S, 3) uint8, the model's input
-    display: bytes  # (h, w, 3) uint8, aspect ratio kept, longest side <= DISPLAY_SIDE
-    display_shape: tuple[int, int]
-    size: tuple[int, int]  # original (width, height)
-
-
 class FetchImages:
-    """Reads and decodes each distinct image of a batch once; a failure marks its rows."""
+    """Reads and decodes each distinct image of a batch once; a failure marks its rows.
+
+    The distinct images' pictures are built into Arrow columns once, with one copy of their
+    pixels, and each side's columns are taken from them row by row in Arrow (no Python bytes
+    per row).
+    """
 
     def __init__(self, manifest_dir: str, input_size: int, max_image_pixels: int, storage_options: StorageOptions) -> None:
         self.manifest_dir = manifest_dir
@@ -50,40 +45,58 @@ class FetchImages:
         self.max_image_pixels = max_image_pixels
         self.storage_options = storage_options
 
-    def _decode(self, uri: str) -> DecodedImage:
+    def _decode(self, uri: str) -> Pictures:
         data = read_bytes(resolve_uri(uri, self.manifest_dir), self.storage_options,
                           max_bytes=BYTES_PER_PIXEL_LIMIT * self.max_image_pixels + (1 << 20))
-        pictures = decode_pictures(data, uri, self.max_image_pixels, self.input_size, DISPLAY_SIDE)
-        return DecodedImage(
-            pixels=pictures.model_input.tobytes(),
-            display=pictures.display.tobytes(),
-            display_shape=pictures.display.shape[:2],
-            size=pictures.size,
-        )
+        return decode_pictures(data, uri, self.max_image_pixels, self.input_size, DISPLAY_SIDE)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        decoded: dict[str, DecodedImage | str] = {}
-        for uri in {*batch.column("query_uri").to_pylist(), *batch.column("reference_uri").to_pylist()}:
+    def _decode_all(self, uris: set[str]) -> tuple[dict[str, Pictures], dict[str, str]]:
+        """The pictures of each distinct URI that decodes, and the error of each that does not."""
+        pictures: dict[str, Pictures] = {}
+        errors: dict[str, str] = {}
+        for uri in uris:
             try:
-                decoded[uri] = self._decode(uri)
+                pictures[uri] = self._decode(uri)
             except StorageUnavailable:
                 raise  # the endpoint is down: the job fails and a re-run of the run_id redoes it
             except (StorageError, ImageDecodeError) as error:
-                decoded[uri] = str(error)
+                errors[uri] = str(error)
+        return pictures, errors
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        uris = {side: batch.column(f"{side}_uri").to_pylist() for side in SIDES}
+        pictures, failures = self._decode_all({*uris["query"], *uris["reference"]})
         errors = [
-            "; ".join(f"{side}: {decoded[uri]}" for side, uri in zip(SIDES, uris) if isinstance(decoded[uri], str)) or None
-            for uris in zip(batch.column("query_uri").to_pylist(), batch.column("reference_uri").to_pylist())
+            "; ".join(f"{side}: {failures[uri]}" for side, uri in zip(SIDES, pair) if uri in failures) or None
+            for pair in zip(uris["query"], uris["reference"])
         ]
         batch = batch.append_column("status", pa.array(["error" if e else "ok" for e in errors]))
         batch = batch.append_column("error", pa.array(errors, pa.string()))
+        slot = {uri: index for index, uri in enumerate(pictures)}
+        distinct = _picture_columns(list(pictures.values()))
         for side in SIDES:
-            images = [decoded[uri] if isinstance(decoded[uri], DecodedImage) else None
-                      for uri in batch.column(f"{side}_uri").to_pylist()]
-            batch = batch.append_column(f"_{side}_pixels", pa.array([i and i.pixels for i in images], pa.binary()))
-            batch = batch.append_column(f"_{side}_display", pa.array([i and i.display for i in images], pa.binary()))
-            batch = batch.append_column(f"_{side}_display_shape", pa.array([i and list(i.display_shape) for i in images], pa.list_(pa.int32())))
-            batch = batch.append_column(f"_{side}_size", pa.array([i and list(i.size) for i in images], pa.list_(pa.int32())))
+            rows = distinct.take(pa.array([slot.get(uri) for uri in uris[side]], pa.int32()))  # null: failed
+            for name in rows.column_names:
+                batch = batch.append_column(f"_{side}_{name}", rows.column(name))
         return batch
+
+
+def _binary_column(arrays: list[np.ndarray]) -> pa.Array:
+    """Each array's raw bytes as one binary value, copied once into one buffer."""
+    offsets = np.cumsum([0, *(a.nbytes for a in arrays)], dtype=np.int32)
+    data = np.concatenate([a.ravel() for a in arrays]) if arrays else np.empty(0, np.uint8)
+    return pa.Array.from_buffers(pa.binary(), len(arrays), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def _picture_columns(pictures: list[Pictures]) -> pa.Table:
+    """One row per distinct image: model input, display picture and its (h, w), original (w, h)."""
+    shapes = pa.list_(pa.int32())
+    return pa.table({
+        "pixels": _binary_column([p.model_input for p in pictures]),  # (S, S, 3) uint8
+        "display": _binary_column([p.display for p in pictures]),  # (h, w, 3) uint8, longest side <= DISPLAY_SIDE
+        "display_shape": pa.array([list(p.display.shape[:2]) for p in pictures], shapes),
+        "size": pa.array([list(p.size) for p in pictures], shapes),
+    })
 
 
 def _has_boxes(batch: pa.Table) -> bool:
@@ -96,6 +109,18 @@ def _with_nulls(values: list, ok_rows: np.ndarray, num_rows: int) -> list:
     for row, value in zip(ok_rows.tolist(), values):
         column[row] = value
     return column
+
+
+def _correspondences(matches: np.ndarray, grid: tuple[int, int], query_sizes: list, reference_sizes: list) -> list:
+    """(P, k, 5) matches in feature-grid units (x_q, y_q, x_r, y_r, cos) -> per row, a list of
+    {query_xy, reference_xy, score} in original image pixels."""
+    rows, cols = grid
+    return [
+        [{"query_xy": [float(xq * qw / cols), float(yq * qh / rows)],
+          "reference_xy": [float(xr * rw / cols), float(yr * rh / rows)], "score": float(score)}
+         for xq, yq, xr, yr, score in pair]
+        for pair, (qw, qh), (rw, rh) in zip(matches, query_sizes, reference_sizes)
+    ]
 
 
 class ExplainPairs:
@@ -152,18 +177,21 @@ class ExplainPairs:
             "map_shape": [list(maps["query"].shape[1:])] * len(ok_rows),
             "forward_share": [forward_share] * len(ok_rows),
         }
+        sizes = {side: [batch.column(f"_{side}_size")[int(r)].as_py() for r in ok_rows] for side in SIDES}
+        if result.correspondences is not None:
+            columns["correspondences"] = _correspondences(result.correspondences.cpu().numpy(), maps["query"].shape[1:],
+                                                          sizes["query"], sizes["reference"])
         has_boxes = _has_boxes(batch)
         for side in SIDES:
             columns[f"cis_{side}"] = list(cis[side])
             columns[f"map_{side}"] = list(maps[side].reshape(len(ok_rows), -1).astype(np.float16))
-            sizes = [batch.column(f"_{side}_size")[int(r)].as_py() for r in ok_rows]
-            columns[f"{side}_peak_xy"] = [list(peak_xy(m, tuple(s))) for m, s in zip(maps[side], sizes)]
+            columns[f"{side}_peak_xy"] = [list(peak_xy(m, tuple(s))) for m, s in zip(maps[side], sizes[side])]
             if has_boxes:
                 boxes = [batch.column(f"{side}_bbox")[int(r)].as_py() for r in ok_rows]
                 columns[f"{side}_energy_in_box"] = [
-                    energy_in_box(m, b, tuple(s)) if b else None for m, b, s in zip(maps[side], boxes, sizes)]
+                    energy_in_box(m, b, tuple(s)) if b else None for m, b, s in zip(maps[side], boxes, sizes[side])]
                 columns[f"{side}_pointing_hit"] = [
-                    pointing_hit(m, b, tuple(s)) if b else None for m, b, s in zip(maps[side], boxes, sizes)]
+                    pointing_hit(m, b, tuple(s)) if b else None for m, b, s in zip(maps[side], boxes, sizes[side])]
         return columns
 
 

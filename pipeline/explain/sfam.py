@@ -10,6 +10,8 @@ u^x = J^x a^x + c^x, given its partner y:
     CIS^{x|y} = a^x * w^{x|y}          sum_k CIS_k + residual = s(x, y)
     SFAM^x    = ReLU(sum_k CIS_k / sum_k |CIS_k| * A^x_k)      weighting="cis"
     map^x     = sum_k w_k A^x_k                                 weighting="partner"
+    M^x       = shared evidence from correspondences of the local embeddings J^x A^x(:, p)
+                with y's (correspondence.py)                    weighting="matched"
 
 Fast path: when the head is affine (with a pooled LayerNorm's deviation held per image),
 J and c are measured once (head.py) and an explanation costs one forward pass per distinct
@@ -28,6 +30,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from pipeline.explain.correspondence import local_embeddings, matched_maps, top_correspondences
 from pipeline.explain.head import AffineHead, measure_affine_head, per_image_scale
 from pipeline.explain.layers import ExplanationError, find_module, hooked_output
 from pipeline.explain.layout import FeatureLayout, LayoutName, check_layout, detect_layout
@@ -35,7 +38,8 @@ from pipeline.explain.linearise import Linearised
 from pipeline.explain.metrics import Metric, check_metric, offset, partner_vector, similarity
 from pipeline.explain.targets import default_target_layer, influences, suggest_embedding_layer
 
-Weighting = Literal["cis", "partner"]
+Weighting = Literal["cis", "partner", "matched"]
+WEIGHTINGS: tuple[str, ...] = ("cis", "partner", "matched")
 Replace = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -46,10 +50,14 @@ class SFAMResult:
     similarity: torch.Tensor  # (P,)
     cis_query: torch.Tensor  # (P, K) CIS of x given y
     cis_reference: torch.Tensor  # (P, K) CIS of y given x
-    map_query: torch.Tensor  # (P, h, w) at feature resolution; >= 0 for "cis", signed for "partner"
+    map_query: torch.Tensor  # (P, h, w) at feature resolution; >= 0 for "cis" and "matched", signed for "partner"
     map_reference: torch.Tensor  # (P, h, w)
     residual_query: torch.Tensor  # (P,) s - sum(cis_query): exact zero-order term for affine heads
     residual_reference: torch.Tensor  # (P,)
+    # (P, k, 5) for "matched", else None: the pair's k strongest matches, strongest first, as rows
+    # (x_query, y_query, x_reference, y_reference, cosine of the local embeddings); points are cell
+    # centres in feature-grid units (col + 0.5, row + 0.5): multiply by image size / (w, h) for pixels
+    correspondences: torch.Tensor | None = None
 
     def top_channels(self, k: int) -> torch.Tensor:
         """(P, k) the pair's channels by shared evidence: largest CIS_query + CIS_reference first."""
@@ -87,7 +95,8 @@ class SFAM:
         metric: "cosine", "dot" or "euclidean" on the embeddings.
         embedding_layer: name of the module whose output is the unnormalised embedding, for
             models that L2-normalise inside `forward()`; by default the model's output.
-        weighting: "cis" for SFAM maps, "partner" for the signed decomposition map.
+        weighting: "cis" for SFAM maps, "partner" for the signed decomposition map, "matched" for
+            the shared-evidence map and point-to-point correspondences (correspondence.py).
         fast_path: use the backward-free path when the head is affine (the default); False
             always takes the generic path, for comparisons.
         feature_layout: "auto" (detected), "nchw", "nhwc" or "tokens": how the target layer's
@@ -108,8 +117,8 @@ class SFAM:
         feature_layout: LayoutName = "auto",
         prefix_tokens: int | None = None,
     ) -> None:
-        if weighting not in ("cis", "partner"):
-            raise ValueError(f"weighting={weighting!r} is not 'cis' or 'partner'")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting={weighting!r} is not one of {', '.join(WEIGHTINGS)}")
         self.model = model.eval()
         self.metric = check_metric(metric)
         self.weighting = weighting
@@ -263,7 +272,8 @@ class SFAM:
             residual = (v * head.bias).sum(dim=1) + offset(self.metric, u[y])
             return _Attribution(similarity(self.metric, u[x], u[y]), weights, cis, residual)
 
-        return self._result(forward.maps, query_index, reference_index, attribute(query_index, reference_index),
+        local = local_embeddings(forward.maps, head.jacobian, forward.scale) if self.weighting == "matched" else None
+        return self._result(forward.maps, local, query_index, reference_index, attribute(query_index, reference_index),
                             attribute(reference_index, query_index))
 
     def _explain_generic(
@@ -281,6 +291,7 @@ class SFAM:
         with torch.inference_mode(False), torch.enable_grad():
             forward = self._forward(images.clone(), replace=lambda output: output.detach().requires_grad_())
             u = forward.embeddings  # (N, D)
+            local = self._local_embeddings(forward) if self.weighting == "matched" else None
             v = partner_vector(self.metric, u.detach()[slots], u.detach()[partners])  # (2P, D)
             gradients = torch.empty((2 * pairs, *forward.output.shape[1:]), dtype=forward.output.dtype,
                                     device=forward.output.device)
@@ -301,7 +312,22 @@ class SFAM:
         self._check_not_scale_invariant(images[:1], u64, s, cis)
         sides = [_Attribution(s, weights[half], cis[half], residual[half]) for half in (slice(0, pairs), slice(pairs, None))]
         index = torch.arange(2 * pairs, device=features.device)
-        return self._result(features, index[:pairs], index[pairs:], *sides)
+        return self._result(features, None if local is None else local[slots], index[:pairs], index[pairs:], *sides)
+
+    def _local_embeddings(self, forward: _Forward) -> torch.Tensor:
+        """e(p) = h*w * sum_k A_kp du/dA_kp of each image, (N, h*w, D) float32: J A(:, p) when the head
+        pools first. Differentiates twice: g(s) = (du/dA)^T s is linear in s, so the gradient of
+        g . T with respect to s is (du/dA) T, one pass per location p with T = A masked to p."""
+        maps = forward.maps.detach()  # (N, K, h, w)
+        seed = torch.zeros_like(forward.embeddings, requires_grad=True)  # (N, D)
+        (transposed,) = torch.autograd.grad(forward.embeddings, forward.output, seed, create_graph=True)
+        blank = torch.zeros_like(forward.output)
+        masks = torch.eye(self._layout.grid, dtype=maps.dtype, device=maps.device).view(-1, 1, 1, *maps.shape[2:])
+        local = [
+            torch.autograd.grad(transposed, seed, self._layout.from_maps(maps * mask, blank), retain_graph=True)[0]
+            for mask in masks
+        ]
+        return torch.stack(local, dim=1).float() * self._layout.grid  # (N, h*w, D)
 
     # -- shared ---------------------------------------------------------------------------
 
@@ -332,19 +358,30 @@ class SFAM:
     def _result(
         self,
         features: torch.Tensor,
+        local: torch.Tensor | None,
         query_index: torch.Tensor,
         reference_index: torch.Tensor,
         query: _Attribution,
         reference: _Attribution,
     ) -> SFAMResult:
+        """features (N, K, h, w) and, for "matched", local embeddings (N, h*w, D), indexed by the pairs."""
+        if local is None:
+            maps = self._map(features[query_index], query), self._map(features[reference_index], reference)
+            correspondences = None
+        else:
+            e_x, e_y = local[query_index], local[reference_index]  # (P, h*w, D)
+            matched_x, matched_y, matches = matched_maps(e_x, e_y)  # (P, h*w) twice, (P, h*w, h*w)
+            maps = tuple(m.view(-1, *features.shape[2:]) for m in (matched_x, matched_y))
+            correspondences = top_correspondences(matches, e_x, e_y, width=features.shape[3])
         return SFAMResult(
             similarity=query.similarity.float(),
             cis_query=query.cis.float(),
             cis_reference=reference.cis.float(),
-            map_query=self._map(features[query_index], query),
-            map_reference=self._map(features[reference_index], reference),
+            map_query=maps[0],
+            map_reference=maps[1],
             residual_query=query.residual.float(),
             residual_reference=reference.residual.float(),
+            correspondences=correspondences,
         )
 
     def _map(self, features: torch.Tensor, side: _Attribution) -> torch.Tensor:

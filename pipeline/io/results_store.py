@@ -1,8 +1,9 @@
 """The result table behind one seam: stage an attempt's rows, commit them as the run, read a run.
 
-The job writes an attempt's rows through Ray into `staging()`, then `commit()`s or
-`discard()`s them; the report and the summaries `read()` them. Today's store is a
-Hive-partitioned Parquet table; another table format is another class with these methods.
+The job writes an attempt's rows through Ray into `staging()` (Parquet under the attempt's
+folder, whatever the table format), then `commit()`s or `discard()`s them; the report, the
+summaries and `sfam render` `read()` them. `HiveParquetStore` is the default table;
+`IcebergStore` (iceberg_store.py) commits each run in one Iceberg snapshot.
 
 How a Hive re-run is committed, and what readers see:
 
@@ -36,13 +37,12 @@ from pipeline.io.tables import arrow_filesystem, write_json
 from pipeline.layout import RunLayout
 
 
-class HiveParquetStore:
-    """results/run_date=D/run_id=ID/part-ATTEMPT-*.parquet under the output root."""
+class ResultsStore:
+    """What every table format shares: staging under the attempt, run records, overlays."""
 
     def __init__(self, output: str, options: StorageOptions) -> None:
         self.output = output
         self.options = options
-        self.root = join_uri(output, "results")
 
     def staging(self, layout: RunLayout) -> tuple[pafs.FileSystem, str]:
         """Where the attempt's part files are written (a pyarrow filesystem and a path)."""
@@ -50,8 +50,15 @@ class HiveParquetStore:
 
     def read_staged(self, layout: RunLayout, columns: list[str] | None = None) -> pa.Table:
         """The attempt's rows before they are committed."""
+        return self._staged(layout).to_table(columns=columns)
+
+    def staged_schema(self, layout: RunLayout) -> pa.Schema:
+        """The schema of the attempt's staged rows (read from the files' footers only)."""
+        return self._staged(layout).schema
+
+    def _staged(self, layout: RunLayout) -> pds.Dataset:
         fs, path = self.staging(layout)
-        return pds.dataset(path.rstrip("/"), filesystem=fs, format="parquet").to_table(columns=columns)
+        return pds.dataset(path.rstrip("/"), filesystem=fs, format="parquet")
 
     def committed_attempt(self, run_id: str) -> str | None:
         """The attempt that `_SUCCESS` names, or None when the run never succeeded."""
@@ -60,20 +67,33 @@ class HiveParquetStore:
             return None
         return json.loads(read_bytes(marker, self.options)).get("attempt")
 
+    def discard(self, layout: RunLayout) -> None:
+        """Deletes a failed attempt's staged rows and overlays; its run record stays."""
+        remove_tree(layout.staged_results_dir, self.options)
+        remove_tree(layout.png_dir, self.options)
+
     def commit(self, layout: RunLayout, run_record: dict, success: dict) -> None:
-        """Makes the attempt's rows the run's rows (steps 2-4 of the module docstring)."""
-        for part in glob(join_uri(layout.staged_results_dir, "*.parquet"), self.options):
-            move(part, join_uri(layout.results_dir, part.rsplit("/", 1)[1]), self.options)
+        """Makes the attempt's rows the run's rows, then writes run.json and _SUCCESS."""
+        self._publish(layout)
         write_json(layout.run_record, run_record, self.options)
         write_json(layout.success_marker, success, self.options)
-        self.remove_other_attempts(layout)
+        self._remove_other_attempts(layout)
 
-    def remove_other_attempts(self, layout: RunLayout) -> None:
-        """Deletes the rows, staged rows and overlays of every attempt of the run but this one."""
-        pattern = join_uri(self.root, "run_date=*", f"run_id={layout.run_id}", "*.parquet")
-        for part in glob(pattern, self.options):
-            if not part.rsplit("/", 1)[1].startswith(layout.part_prefix):
-                remove_tree(part, self.options)
+    def read(self, run_id: str | None = None, columns: list[str] | None = None,
+             pair_ids: list[str] | None = None) -> pa.Table:
+        """The table's rows, with run_id and run_date; for a run_id, its committed rows only."""
+        raise NotImplementedError
+
+    def column_names(self) -> set[str]:
+        """The table's columns (runs may lack optional ones: label, the box columns)."""
+        raise NotImplementedError
+
+    def _publish(self, layout: RunLayout) -> None:
+        """Puts the staged rows into the table as the run's rows (the format's own step)."""
+        raise NotImplementedError
+
+    def _remove_other_attempts(self, layout: RunLayout) -> None:
+        """Deletes the staged rows and overlays of every attempt of the run but this one."""
         for folder in glob(join_uri(layout.png_root, "attempt=*"), self.options):
             if folder.rstrip("/").rsplit("/", 1)[1] != f"attempt={layout.attempt}":
                 remove_tree(folder, self.options)
@@ -81,19 +101,41 @@ class HiveParquetStore:
             if folder.rstrip("/").rsplit("/", 2)[1] != layout.attempt:
                 remove_tree(folder, self.options)
 
-    def discard(self, layout: RunLayout) -> None:
-        """Deletes a failed attempt's staged rows and overlays; its run record stays."""
-        remove_tree(layout.staged_results_dir, self.options)
-        remove_tree(layout.png_dir, self.options)
+
+class HiveParquetStore(ResultsStore):
+    """results/run_date=D/run_id=ID/part-ATTEMPT-*.parquet under the output root."""
+
+    def __init__(self, output: str, options: StorageOptions) -> None:
+        super().__init__(output, options)
+        self.root = join_uri(output, "results")
+
+    def column_names(self) -> set[str]:
+        return set(self._dataset().schema.names)
+
+    def _dataset(self) -> pds.Dataset:
+        fs, path = arrow_filesystem(self.root, self.options)
+        try:
+            return pds.dataset(path.rstrip("/"), filesystem=fs, format="parquet", partitioning="hive")
+        except FileNotFoundError as error:
+            raise StorageError(self.root, "no result table here (no run has succeeded under this output)") from error
+
+    def _publish(self, layout: RunLayout) -> None:
+        """Step 2: the staged parts move into the run's partition."""
+        for part in glob(join_uri(layout.staged_results_dir, "*.parquet"), self.options):
+            move(part, join_uri(layout.results_dir, part.rsplit("/", 1)[1]), self.options)
+
+    def _remove_other_attempts(self, layout: RunLayout) -> None:
+        """Step 4, also the other attempts' rows in the table."""
+        pattern = join_uri(self.root, "run_date=*", f"run_id={layout.run_id}", "*.parquet")
+        for part in glob(pattern, self.options):
+            if not part.rsplit("/", 1)[1].startswith(layout.part_prefix):
+                remove_tree(part, self.options)
+        super()._remove_other_attempts(layout)
 
     def read(self, run_id: str | None = None, columns: list[str] | None = None,
              pair_ids: list[str] | None = None) -> pa.Table:
         """The table's rows, with the partition columns; for a run_id, its committed rows only."""
-        fs, path = arrow_filesystem(self.root, self.options)
-        try:
-            dataset = pds.dataset(path.rstrip("/"), filesystem=fs, format="parquet", partitioning="hive")
-        except FileNotFoundError as error:
-            raise StorageError(self.root, "no result table here (no run has succeeded under this output)") from error
+        dataset = self._dataset()
         where = None
         if run_id is not None:
             where = pds.field("run_id") == run_id

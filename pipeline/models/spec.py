@@ -11,7 +11,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Metric = Literal["cosine", "dot", "euclidean"]
-Weighting = Literal["cis", "partner"]
+Weighting = Literal["cis", "partner", "matched"]
 FeatureLayout = Literal["auto", "nchw", "nhwc", "tokens"]
 
 TIMM_PREFIX = "timm/"

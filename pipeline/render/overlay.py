@@ -22,6 +22,8 @@ COLORMAP = "turbo"
 """Matplotlib colormap used for saliency: vivid at the top, so hot spots stand out on photos."""
 
 Box = Sequence[float]  # (x0, y0, x1, y1) in the original image's pixel coordinates
+Point = Sequence[float]  # (x, y) in an image's pixel coordinates
+Match = tuple[Point, Point]  # a query point and its reference point
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
 _MAX_PANEL_ASPECT = 4.0  # a panel is at most this many times wider than tall
@@ -44,6 +46,9 @@ _TEXT = (20, 20, 20)
 _MUTED = (90, 90, 90)
 _BOX_INNER = (0, 255, 255)
 _BOX_OUTER = (0, 0, 0)
+_MATCH_INNER = (255, 0, 255)
+_MATCH_OUTER = (255, 255, 255)
+_MAX_MATCHES = 5
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_FILTER_UP = 2
@@ -139,6 +144,16 @@ def _panel(image: np.ndarray, saliency: np.ndarray, box: Box | None, size: tuple
     return panel
 
 
+def _draw_matches(draw: ImageDraw.ImageDraw, matches: Sequence[Match], *placed: tuple[float, float, float, float]) -> None:
+    """Lines from query points to reference points, each end marked; `placed` maps each image to the canvas."""
+    for match in matches[:_MAX_MATCHES]:
+        ends = [(px + float(point[0]) * sx, py + float(point[1]) * sy) for point, (px, py, sx, sy) in zip(match, placed)]
+        draw.line(ends, fill=_MATCH_OUTER, width=4)
+        draw.line(ends, fill=_MATCH_INNER, width=2)
+        for ex, ey in ends:
+            draw.ellipse([ex - 4, ey - 4, ex + 4, ey + 4], fill=_MATCH_INNER, outline=_MATCH_OUTER)
+
+
 def _fit(text: str, font: Font, width: float) -> str:
     """`text` on one line, shortened with an ellipsis to at most `width` pixels."""
     text = " ".join(text.split())[:_MAX_TITLE_CHARS]
@@ -174,6 +189,7 @@ def render_pair_png(
     query_box: Box | None = None,
     reference_box: Box | None = None,
     panel_height: int = 256,
+    correspondences: Sequence[Match] | None = None,
 ) -> bytes:
     """PNG of the query and reference side by side, each with its SFAM overlay.
 
@@ -181,7 +197,8 @@ def render_pair_png(
     4:1 are letterboxed). Labels sit above the panels; below them a caption gives
     the similarity, the `title` (untrusted: only drawn, shortened to fit) and the
     top channels, with a colour bar legend. The image is `panel_height` plus fixed
-    label and caption strips tall.
+    label and caption strips tall. `correspondences`, (query point, reference point) pairs in
+    the two images' pixels, strongest first, are drawn as lines between the panels (the first 5).
     """
     query, reference = _check_image(query), _check_image(reference)
     if panel_height < 16:
@@ -196,11 +213,14 @@ def render_pair_png(
     x = (width - panels_w) // 2
     label_font = _font(_LABEL_SIZE)
     panels = [(query, map_query, query_box, "query"), (reference, map_reference, reference_box, "reference")]
+    placed = []  # (x, y, x scale, y scale) of each panel: image pixels -> canvas pixels
     for (image, saliency, box, label), size in zip(panels, sizes):
         y = _LABEL_STRIP + (panel_height - size[1]) // 2
         canvas.paste(_panel(image, saliency, box, size), (x, y))
         draw.text((x, _LABEL_STRIP - 6), label, font=label_font, fill=_TEXT, anchor="ld")
+        placed.append((x, y, size[0] / image.shape[1], size[1] / image.shape[0]))
         x += size[0] + _GAP
+    _draw_matches(draw, correspondences or [], *placed)
 
     caption_font, small_font = _font(_CAPTION_SIZE), _font(_SMALL_SIZE)
     text_w = width - 2 * _PAD

@@ -16,7 +16,7 @@ from pipeline.schema import SIDES
 
 # the columns of a row that its overlay is drawn from (the boxes only when the manifest has them)
 OVERLAY_COLUMNS = ("pair_id", "similarity", "metric", "cis_top_channels", "map_shape", "map_query", "map_reference",
-                   "query_bbox", "reference_bbox")
+                   "query_bbox", "reference_bbox", "correspondences")
 MIN_PANEL_HEIGHT = 128  # small images are enlarged to this height, to stay readable
 MAX_PANEL_HEIGHT = 256
 
@@ -29,11 +29,19 @@ def _box_on_display(box: list[float] | None, size: tuple[int, int], display: np.
     return [v * scale for v in box]
 
 
+def _matches_on_display(matches: list[dict] | None, sizes: Mapping[str, tuple[int, int]],
+                        displays: Mapping[str, np.ndarray]) -> list[tuple[list[float], list[float]]]:
+    """The row's correspondences (points in original pixels) as (query point, reference point) in display pixels."""
+    scales = [displays[side].shape[1] / sizes[side][0] for side in SIDES]
+    return [tuple([v * scale for v in match[f"{side}_xy"]] for side, scale in zip(SIDES, scales))
+            for match in matches or []]
+
+
 def render_result_row(row: Mapping[str, Any], displays: Mapping[str, np.ndarray], sizes: Mapping[str, tuple[int, int]]) -> bytes:
     """PNG overlay of a result row.
 
     row: the row's `pair_id`, `similarity`, `metric`, `cis_top_channels`, `map_shape`,
-        `map_query`, `map_reference` and, when present, `query_bbox`, `reference_bbox`.
+        `map_query`, `map_reference` and, when present, `query_bbox`, `reference_bbox`, `correspondences`.
     displays: per side, the (h, w, 3) uint8 display picture; sizes: per side, the original
         (width, height) that the boxes are given in.
     """
@@ -47,4 +55,5 @@ def render_result_row(row: Mapping[str, Any], displays: Mapping[str, np.ndarray]
         query_box=_box_on_display(row.get("query_bbox"), sizes["query"], displays["query"]),
         reference_box=_box_on_display(row.get("reference_bbox"), sizes["reference"], displays["reference"]),
         panel_height=min(MAX_PANEL_HEIGHT, max(MIN_PANEL_HEIGHT, tallest)),
+        correspondences=_matches_on_display(row.get("correspondences"), sizes, displays),
     )

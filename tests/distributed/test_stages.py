@@ -17,6 +17,7 @@ from pipeline.io.storage import StorageOptions, join_uri
 from pipeline.layout import RunLayout
 from pipeline.models.spec import ModelSpec
 from pipeline.render.selection import FlagRules
+from pipeline.schema import result_type
 
 from audit_data import black_png, expected_similarities, manifest_table, model_config, png_bytes, write_audit, write_weights
 
@@ -50,6 +51,29 @@ def test_each_distinct_image_is_forwarded_once(tmp_path, rng) -> None:
     assert not [name for name in result.column_names if name.startswith("_")]
     pngs = [uri for uri in result.column("png_uri").to_pylist() if uri]
     assert len(pngs) == 10 and all(uri.startswith(layout.png_dir) for uri in pngs)
+
+
+def test_matched_weighting_writes_correspondences_in_image_pixels(tmp_path, rng) -> None:
+    root, options = str(tmp_path), StorageOptions()
+    write_weights(join_uri(root, "model.pt"), options)
+    manifest, _ = write_audit(root, options, rng, queries=2, top_k=3)
+    spec = ModelSpec.model_validate({**model_config(join_uri(root, "model.pt")), "weighting": "matched"})
+    fetched = FetchImages(root, spec.input_size, 2_000_000, options)(pq.read_table(manifest))
+    explained = ExplainPairs(spec, options, "a1")(fetched)
+    ok = explained.filter(pc.equal(explained.column("status"), "ok"))
+    assert ok.num_rows > 0 and explained.schema.field("correspondences").type == result_type("correspondences")
+    for row in ok.to_pylist():
+        assert 1 <= len(row["correspondences"]) <= 5
+        scores = [match["score"] for match in row["correspondences"]]
+        assert all(-1.0 - 1e-6 <= score <= 1.0 + 1e-6 for score in scores)
+        for side in ("query", "reference"):
+            width, height = row[f"_{side}_size"]
+            assert all(0 < m[f"{side}_xy"][0] < width and 0 < m[f"{side}_xy"][1] < height for m in row["correspondences"])
+    layout = RunLayout(str(tmp_path / "out"), "r1", "2026-11-26", "a1")
+    rendered = RenderResults(layout, "all", FlagRules(), options)(explained)
+    assert all(uri for uri in rendered.filter(pc.equal(rendered.column("status"), "ok")).column("png_uri").to_pylist())
+    plain = ExplainPairs(ModelSpec.model_validate(model_config(join_uri(root, "model.pt"))), options, "a1")(fetched)
+    assert plain.column("correspondences").null_count == plain.num_rows
 
 
 # Fetches a normal image, then the bomb, in a fresh process; prints the bomb's error and the peak RSS growth in MiB

@@ -78,17 +78,22 @@ class Reference:
     map_partner: torch.Tensor  # (P, h, w)
 
 
-def reference_explanation(case: Case, x: torch.Tensor, y: torch.Tensor, metric: str) -> Reference:
-    """CIS of x given y in float64, with J from autograd's full Jacobian of the head."""
+def double_features(case: Case, *images: torch.Tensor) -> tuple[nn.Module, list[torch.Tensor]]:
+    """A float64 copy of the case's model and its target layer's features (P, K, h, w) of each batch."""
     model = copy.deepcopy(case.model).double()
     target = dict(model.named_modules())[case.target_layer]
     features: list[torch.Tensor] = []
     handle = target.register_forward_hook(lambda _m, _i, out: features.append(out))
     with torch.no_grad():
-        model(x.double())
-        model(y.double())
+        for batch in images:
+            model(batch.double())
     handle.remove()
-    feat_x, feat_y = features
+    return model, features
+
+
+def reference_explanation(case: Case, x: torch.Tensor, y: torch.Tensor, metric: str) -> Reference:
+    """CIS of x given y in float64, with J from autograd's full Jacobian of the head."""
+    model, (feat_x, feat_y) = double_features(case, x, y)
     a_x, a_y = feat_x.mean(dim=(2, 3)), feat_y.mean(dim=(2, 3))
     u_x, u_y = case.head(model, a_x), case.head(model, a_y)
     jac = torch.stack(

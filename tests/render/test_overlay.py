@@ -126,6 +126,18 @@ def test_pair_png_draws_boxes_in_original_coordinates() -> None:
     assert xs.min() >= 8 and ys.max() - ys.min() >= 250  # the reference box spans its whole panel
 
 
+def test_pair_png_draws_correspondences_between_the_panels() -> None:
+    plain = _render((64, 64), (80, 60))
+    matches = [((10.0, 12.0), (70.0, 50.0)), ((40.0, 40.0), (5.0, 5.0))]
+    lined = _render((64, 64), (80, 60), correspondences=matches)
+    assert plain.shape == lined.shape
+    magenta = np.all(lined == (255, 0, 255), axis=-1)
+    assert magenta.sum() > 2 * 2 * 200  # two lines, 2 px wide, crossing the gap between the panels
+    assert not np.all(plain == (255, 0, 255), axis=-1).any()
+    gap = magenta[:, lined.shape[1] // 2 - 3 : lined.shape[1] // 2 + 3]
+    assert gap.any()  # the lines join the two panels
+
+
 def test_pair_png_untrusted_title_is_shortened_not_grown() -> None:
     plain = _render((64, 64), (64, 64))
     titled = _render((64, 64), (64, 64), title="../../" + "x" * 10_000 + "\n\t<b>", top_channels=np.arange(500))

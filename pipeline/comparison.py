@@ -1,0 +1,329 @@
+"""`sfam compare`: what changed between two runs of an audit, A (earlier) and B (later).
+
+Pairs are matched by `pair_id`; the two runs may use different models (model v7 against
+v8: that is the point) and different manifests. Only committed rows are compared
+(`ResultsStore.read(run_id=...)`), so both runs must have committed (`runs/ID/_SUCCESS`). The figures of
+a label are taken over the pairs that are `ok` in both runs, so that a change is the
+change of the same pairs. The label of a pair is B's (A's where B has none).
+
+Written next to the runs, under `{output}/comparisons/{A}__{B}/`:
+
+    summary.parquet    one row per label (1 same, 0 different, null unlabelled)
+    pairs.parquet      one row per pair_id of either run
+    comparison.html    both, for people (pipeline/render/comparison_html.py)
+
+`summary.parquet` (over the pairs ok in both runs; `_a` is run A's figure, `_b` run B's,
+`_change` is B's minus A's):
+
+    run_a, run_b                       string    the run ids
+    threshold                          float64   the false-match similarity threshold (the metric's units)
+    label                              int64     1 same, 0 different, null unlabelled
+    pairs                              int64     pairs of this label ok in both runs
+    mean_similarity_a, _b, _change     float64   mean similarity
+    pointing_hit_rate_a, _b, _change   float64   share of query_pointing_hit (null without boxes)
+    energy_in_box_a, _b, _change       float64   mean of energy_in_box (see below; null without boxes)
+    mean_map_correlation               float64   mean of map_correlation over the comparable pairs
+    maps_not_comparable                int64     pairs whose map_shape differs between the runs
+    false_matches_a, false_matches_b   int64     false matches in each run (label 0 only; 0 for others)
+    new_false_matches                  int64     false matches in B that were not in A
+    vanished_false_matches             int64     false matches in A that are not in B
+
+`pairs.parquet` (null where the pair is not in that run, or failed there):
+
+    pair_id                            string
+    label                              int64     B's label, else A's
+    status_a, status_b                 string    `ok`, `error`, or null: not in that run
+    similarity_a, _b, _change          float64
+    query_pointing_hit_a, _b           bool
+    energy_in_box_a, _b                float64   mean of query_energy_in_box and reference_energy_in_box
+    map_comparable                     bool      ok in both runs with equal map_shape (null unless ok in both)
+    map_correlation_query              float64   Pearson correlation of A's and B's map_query
+    map_correlation_reference          float64   the same for map_reference
+    map_correlation                    float64   the mean of the two: low = the maps moved
+    false_match_a, false_match_b       bool      label 0 and similarity >= threshold (null unless ok there)
+
+A map that is constant has no correlation (null). The maps are read as stored (float16)
+and correlated in chunks of `CHUNK_ROWS` pairs.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.errors import UserError
+from pipeline.io.iceberg_store import TableConfig
+from pipeline.io.results_store import ResultsStore
+from pipeline.io.storage import StorageOptions, exists, join_uri, write_bytes
+from pipeline.io.stores import open_results_store
+from pipeline.io.tables import read_json
+from pipeline.render.comparison_html import ComparisonView, label_name, render_comparison
+from pipeline.schema import result_type
+
+DEFAULT_THRESHOLD = 0.8
+CHUNK_ROWS = 65536  # pairs whose maps are correlated at once
+LISTED = 20  # pairs shown per list (moved maps, new and vanished false matches)
+FIGURES = {"mean_similarity": "similarity", "pointing_hit_rate": "query_pointing_hit", "energy_in_box": "energy_in_box"}
+_READ = ("pair_id", "label", "status", "similarity", "query_pointing_hit", "query_energy_in_box",
+         "reference_energy_in_box", "map_shape", "map_query", "map_reference")
+_OPTIONAL = {"label": pa.int64()}  # the manifest may have no labels; the box columns come from result_type
+PAIR_COLUMNS = (
+    "pair_id", "label", "status_a", "status_b", "similarity_a", "similarity_b", "similarity_change",
+    "query_pointing_hit_a", "query_pointing_hit_b", "energy_in_box_a", "energy_in_box_b", "map_comparable",
+    "map_correlation_query", "map_correlation_reference", "map_correlation", "false_match_a", "false_match_b",
+)
+SUMMARY_SCHEMA = pa.schema(
+    [("run_a", pa.string()), ("run_b", pa.string()), ("threshold", pa.float64()), ("label", pa.int64()), ("pairs", pa.int64())]
+    + [(f"{name}_{suffix}", pa.float64()) for name in FIGURES for suffix in ("a", "b", "change")]
+    + [("mean_map_correlation", pa.float64())]
+    + [(name, pa.int64()) for name in ("maps_not_comparable", "false_matches_a", "false_matches_b",
+                                       "new_false_matches", "vanished_false_matches")]
+)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two runs compared: `pairs` and `summary` are the tables of the module docstring."""
+
+    runs: tuple[dict[str, Any], dict[str, Any]]  # A, B: run_id, model_id, target_layer, started, metric
+    threshold: float
+    pairs: pa.Table
+    summary: pa.Table
+
+    @property
+    def run_ids(self) -> tuple[str, str]:
+        return self.runs[0]["run_id"], self.runs[1]["run_id"]
+
+    def counts(self) -> dict[str, int]:
+        status_a, status_b = self.pairs["status_a"], self.pairs["status_b"]
+        in_a, in_b = pc.is_valid(status_a), pc.is_valid(status_b)
+        ok = _ok_in_both(self.pairs)
+        return {
+            "ok in both": _count(ok),
+            "only in A": _count(pc.and_not(in_a, in_b)),
+            "only in B": _count(pc.and_not(in_b, in_a)),
+            "failed in A or B": _count(pc.and_not(pc.and_(in_a, in_b), ok)),
+            "with maps not comparable": _count(pc.invert(pc.fill_null(self.pairs["map_comparable"], True))),
+        }
+
+    def view(self, listed: int = LISTED) -> ComparisonView:
+        """What the HTML shows: the summary, and the first `listed` pairs of each list."""
+        both = self.pairs.filter(_ok_in_both(self.pairs))
+        moved = both.filter(pc.is_valid(both["map_correlation"])).sort_by("map_correlation")
+        new = both.filter(pc.and_not(both["false_match_b"], both["false_match_a"])).sort_by([("similarity_b", "descending")])
+        vanished = both.filter(pc.and_not(both["false_match_a"], both["false_match_b"])).sort_by([("similarity_a", "descending")])
+        return ComparisonView(
+            runs=self.runs, threshold=self.threshold, counts=self.counts(), summary=self.summary.to_pylist(),
+            moved=moved.slice(0, listed).to_pylist(), new_false_matches=new.slice(0, listed).to_pylist(),
+            vanished_false_matches=vanished.slice(0, listed).to_pylist(),
+        )
+
+    def lines(self) -> list[str]:
+        """A short text summary: counts, then one line per label."""
+        run_a, run_b = self.run_ids
+        counts = ", ".join(f"{value} {name}" for name, value in self.counts().items())
+        lines = [f"compared {run_a} (A) with {run_b} (B); pairs: {counts}",
+                 f"{'label':<11}{'pairs':>6}  {'similarity A -> B':<27}{'pointing A -> B':<25}"
+                 f"{'in box A -> B':<25}{'map corr':>8}  false matches >= {self.threshold:g} (new, vanished)"]
+        for row in self.summary.to_pylist():
+            figures = "".join(f"{_arrow(row, name):<25}" for name in ("pointing_hit_rate", "energy_in_box"))
+            lines.append(
+                f"{label_name(row['label']):<11}{row['pairs']:>6}  {_arrow(row, 'mean_similarity'):<27}{figures}"
+                f"{_fmt(row['mean_map_correlation']):>8}  {row['false_matches_a']} -> {row['false_matches_b']} "
+                f"({row['new_false_matches']}, {row['vanished_false_matches']})"
+            )
+        return lines
+
+
+def _count(mask: pa.Array | pa.ChunkedArray) -> int:
+    return int(pc.sum(pc.fill_null(mask, False)).as_py() or 0)
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _arrow(row: dict, name: str) -> str:
+    change = row[f"{name}_change"]
+    return f"{_fmt(row[f'{name}_a'])} -> {_fmt(row[f'{name}_b'])} ({'—' if change is None else f'{change:+.3f}'})"
+
+
+def _ok(status: pa.ChunkedArray) -> pa.ChunkedArray:
+    return pc.fill_null(pc.equal(status, "ok"), False)
+
+
+def _ok_in_both(pairs: pa.Table) -> pa.ChunkedArray:
+    return pc.and_(_ok(pairs["status_a"]), _ok(pairs["status_b"]))
+
+
+def run_record(store: ResultsStore, run_id: str) -> dict:
+    """The run's record; a run that is not there, or has no committed rows, is the user's mistake."""
+    uri = join_uri(store.output, "runs", run_id, "run.json")
+    if not exists(uri, store.options):
+        raise UserError(f"run {run_id!r}: no run record under {store.output}")
+    if store.committed_attempt(run_id) is None:
+        status = read_json(uri, store.options).get("status")
+        raise UserError(f"run {run_id!r} never succeeded (status {status}): it has no rows to compare")
+    return read_json(uri, store.options)
+
+
+def _run_info(record: dict) -> dict[str, Any]:
+    """What the page and the text say about a run."""
+    return {"run_id": record["run_id"], "model_id": record.get("model_id"), "target_layer": record.get("target_layer"),
+            "metric": record.get("config", {}).get("model", {}).get("metric"), "started": record["timings"]["started"]}
+
+
+def _run_rows(store: ResultsStore, run_id: str, columns: set[str]) -> pa.Table:
+    """The run's committed rows, with null columns for the optional columns it lacks."""
+    table = store.read(run_id=run_id, columns=[c for c in _READ if c in columns])
+    for name in _READ:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, _OPTIONAL.get(name) or result_type(name)))
+    return table.set_column(table.schema.get_field_index("label"), "label", pc.cast(table["label"], pa.int64()))
+
+
+def _aligned(a: pa.Table, b: pa.Table) -> tuple[pa.Array, pa.Table, pa.Table]:
+    """Every pair_id of either run (A's order, then B's new ones) and each run's rows in that order."""
+    ids_a, ids_b = a["pair_id"].combine_chunks(), b["pair_id"].combine_chunks()
+    ids = pa.concat_arrays([ids_a, ids_b.filter(pc.invert(pc.is_in(ids_b, value_set=ids_a)))])
+    return ids, a.take(pc.index_in(ids, value_set=ids_a)), b.take(pc.index_in(ids, value_set=ids_b))
+
+
+def _same_shape(a: pa.ChunkedArray, b: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Whether two map_shape columns ([h, w]) are equal, row by row (null where either is null)."""
+    return pc.and_(*(pc.equal(pc.list_element(a, i), pc.list_element(b, i)) for i in range(2)))
+
+
+def _matrix(maps: pa.ChunkedArray, rows: np.ndarray, length: int) -> np.ndarray:
+    flat = pc.list_flatten(maps.take(rows)).to_numpy(zero_copy_only=False)
+    return flat.astype(np.float64).reshape(len(rows), length)
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Row-wise Pearson correlation; NaN where a row is constant."""
+    x, y = x - x.mean(axis=1, keepdims=True), y - y.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (x * y).sum(axis=1) / np.sqrt((x * x).sum(axis=1) * (y * y).sum(axis=1))
+
+
+def _map_correlation(a: pa.ChunkedArray, b: pa.ChunkedArray, comparable: np.ndarray) -> pa.Array:
+    """Pearson correlation of A's and B's map of each comparable row, grouped by map length, in chunks."""
+    result = np.full(len(comparable), np.nan)
+    rows = np.flatnonzero(comparable)
+    lengths = pc.list_value_length(a.take(rows)).to_numpy(zero_copy_only=False)
+    for length in np.unique(lengths):
+        group = rows[lengths == length]
+        for start in range(0, len(group), CHUNK_ROWS):
+            chunk = group[start:start + CHUNK_ROWS]
+            result[chunk] = _pearson(_matrix(a, chunk, int(length)), _matrix(b, chunk, int(length)))
+    return pa.array(result, mask=np.isnan(result))
+
+
+def _energy(rows: pa.Table) -> pa.ChunkedArray:
+    return pc.divide(pc.add(pc.cast(rows["query_energy_in_box"], pa.float64()), rows["reference_energy_in_box"]), 2.0)
+
+
+def _side(rows: pa.Table, suffix: str, label: pa.Array, threshold: float) -> dict[str, Any]:
+    """One run's columns of the pairs table; a false match is label 0 and similarity >= threshold."""
+    ok = _ok(rows["status"])
+    similarity = pc.if_else(ok, pc.cast(rows["similarity"], pa.float64()), None)
+    false_match = pc.and_(pc.fill_null(pc.equal(label, 0), False), pc.fill_null(pc.greater_equal(similarity, threshold), False))
+    return {
+        f"status_{suffix}": rows["status"],
+        f"similarity_{suffix}": similarity,
+        f"query_pointing_hit_{suffix}": pc.if_else(ok, rows["query_pointing_hit"], None),
+        f"energy_in_box_{suffix}": pc.if_else(ok, _energy(rows), None),
+        f"false_match_{suffix}": pc.if_else(ok, false_match, None),
+    }
+
+
+def pair_changes(a: pa.Table, b: pa.Table, threshold: float) -> pa.Table:
+    """The pairs table of the module docstring, from the two runs' rows."""
+    ids, a, b = _aligned(a, b)
+    label = pc.coalesce(b["label"], a["label"])
+    both = pc.and_(_ok(a["status"]), _ok(b["status"]))
+    comparable = pc.if_else(both, pc.fill_null(_same_shape(a["map_shape"], b["map_shape"]), False), None)
+    mask = pc.fill_null(comparable, False).to_numpy(zero_copy_only=False)
+    correlation = {side: _map_correlation(a[f"map_{side}"], b[f"map_{side}"], mask) for side in ("query", "reference")}
+    columns = {
+        "pair_id": ids, "label": label, **_side(a, "a", label, threshold), **_side(b, "b", label, threshold),
+        "map_comparable": comparable, "map_correlation_query": correlation["query"],
+        "map_correlation_reference": correlation["reference"],
+        "map_correlation": pc.divide(pc.add(correlation["query"], correlation["reference"]), 2.0),
+    }
+    columns["similarity_change"] = pc.subtract(columns["similarity_b"], columns["similarity_a"])
+    return pa.table({name: columns[name] for name in PAIR_COLUMNS})
+
+
+def _mean(column: pa.ChunkedArray) -> float | None:
+    return pc.mean(pc.cast(column, pa.float64())).as_py()
+
+
+def _label_summary(rows: pa.Table) -> dict[str, Any]:
+    """The figures of one label's pairs (ok in both runs)."""
+    summary: dict[str, Any] = {"pairs": rows.num_rows}
+    for name, column in FIGURES.items():
+        before, after = _mean(rows[f"{column}_a"]), _mean(rows[f"{column}_b"])
+        change = None if before is None or after is None else after - before
+        summary |= {f"{name}_a": before, f"{name}_b": after, f"{name}_change": change}
+    false_a, false_b = rows["false_match_a"], rows["false_match_b"]
+    return summary | {
+        "mean_map_correlation": _mean(rows["map_correlation"]),
+        "maps_not_comparable": _count(pc.invert(rows["map_comparable"])),
+        "false_matches_a": _count(false_a), "false_matches_b": _count(false_b),
+        "new_false_matches": _count(pc.and_not(false_b, false_a)),
+        "vanished_false_matches": _count(pc.and_not(false_a, false_b)),
+    }
+
+
+def _label_order(labels: Iterable[int | None]) -> list[int | None]:
+    """1, 0 (and any other label, high first), then unlabelled."""
+    return sorted(labels, key=lambda label: (label is None, -(label or 0)))
+
+
+def label_summary(pairs: pa.Table, run_a: str, run_b: str, threshold: float) -> pa.Table:
+    """The summary table of the module docstring, from the pairs table."""
+    both = pairs.filter(_ok_in_both(pairs))
+    rows = []
+    for label in _label_order(pc.unique(both["label"]).to_pylist()):
+        chosen = both.filter(pc.is_null(both["label"]) if label is None else pc.equal(both["label"], label))
+        rows.append({"run_a": run_a, "run_b": run_b, "threshold": threshold, "label": label, **_label_summary(chosen)})
+    return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
+
+
+def compare_runs(output: str, run_a: str, run_b: str, options: StorageOptions,
+                 threshold: float = DEFAULT_THRESHOLD, table: TableConfig | None = None) -> Comparison:
+    """Compares the committed rows of two runs under one output root (in its Hive or Iceberg table)."""
+    store = open_results_store(output, options, table)
+    records = [run_record(store, run_id) for run_id in (run_a, run_b)]
+    columns = store.column_names()
+    pairs = pair_changes(_run_rows(store, run_a, columns), _run_rows(store, run_b, columns), threshold)
+    return Comparison(runs=(_run_info(records[0]), _run_info(records[1])), threshold=threshold, pairs=pairs,
+                      summary=label_summary(pairs, run_a, run_b, threshold))
+
+
+def comparison_dir(output: str, run_a: str, run_b: str) -> str:
+    return join_uri(output, "comparisons", f"{run_a}__{run_b}")
+
+
+def _write_parquet(uri: str, table: pa.Table, options: StorageOptions) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    write_bytes(uri, buffer.getvalue(), options)
+
+
+def write_comparison(comparison: Comparison, output: str, options: StorageOptions) -> dict[str, str]:
+    """Writes summary.parquet, pairs.parquet and comparison.html; returns their URIs by name."""
+    folder = comparison_dir(output, *comparison.run_ids)
+    written = {name: join_uri(folder, name) for name in ("summary.parquet", "pairs.parquet", "comparison.html")}
+    _write_parquet(written["summary.parquet"], comparison.summary, options)
+    _write_parquet(written["pairs.parquet"], comparison.pairs, options)
+    write_bytes(written["comparison.html"], render_comparison(comparison.view()).encode(), options)
+    return written

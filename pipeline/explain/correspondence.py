@@ -1,0 +1,68 @@
+"""Shared evidence: correspondences between the local embeddings of a pair's two images.
+
+For an image x with target-layer features A^x (K, h, w) and a head linearised as
+u^x = J^x a^x + c^x, the local embedding of location p is e^x(p) = J^x A^x(:, p): what p
+would embed to on its own (GAP of e^x is u^x - c^x). For a pair (x, y):
+
+    C[p, q]  = cos(e^x(p), e^y(q))                                      (hw, h'w')
+    n^x(p)   = |e^x(p)|                                  local evidence
+    M^x(p)   = n^x(p) * sum_q ReLU(C[p, q])^g n^y(q) / sum_q n^y(q)     weighting="matched"
+
+M^x is large where x holds something with a strong counterpart in y, whatever y's other
+content is; M^y is the same with the roles swapped. g (SHARPNESS) and the form were chosen
+among several candidates on held-out data (jobs/study_shared_evidence.py, docs/method.md).
+Everything is batched over pairs; shapes are in the comments. Torch only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SHARPNESS = 8  # g: matches below cos ~0.7 count little (0.7^8 ~ 0.06)
+TOP_MATCHES = 5  # correspondences kept per pair
+
+
+def local_embeddings(maps: torch.Tensor, jacobian: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e(p) = J A(:, p) / sigma: (N, K, h, w) maps, (D, K) J, (N,) 1 / sigma -> (N, h*w, D) float32."""
+    features = maps.flatten(2).float()  # (N, K, hw)
+    return torch.einsum("dk,nkp->npd", jacobian.float(), features) * scale.float()[:, None, None]
+
+
+def correspondence(e_x: torch.Tensor, e_y: torch.Tensor) -> torch.Tensor:
+    """C[p, q] = cos(e^x(p), e^y(q)): (P, n, D), (P, m, D) -> (P, n, m); a zero embedding matches nothing."""
+    return F.normalize(e_x, dim=2, eps=1e-12) @ F.normalize(e_y, dim=2, eps=1e-12).transpose(1, 2)
+
+
+def reciprocal(mass_x: torch.Tensor, matches: torch.Tensor, mass_y: torch.Tensor, sharpness: float) -> torch.Tensor:
+    """mass_x(p) * sum_q ReLU(C[p, q])^g mass_y(q) / sum_q mass_y(q): (P, n), (P, n, m), (P, m) -> (P, n)."""
+    support = (matches.relu().pow(sharpness) @ mass_y[:, :, None])[:, :, 0]  # (P, n)
+    return mass_x * support / mass_y.sum(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def matched_maps(e_x: torch.Tensor, e_y: torch.Tensor, sharpness: float = SHARPNESS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """M^x (P, n), M^y (P, m) and C (P, n, m) from local embeddings e^x (P, n, D), e^y (P, m, D)."""
+    matches = correspondence(e_x, e_y)
+    n_x, n_y = e_x.norm(dim=2), e_y.norm(dim=2)  # (P, n), (P, m)
+    return (reciprocal(n_x, matches, n_y, sharpness), reciprocal(n_y, matches.transpose(1, 2), n_x, sharpness),
+            matches)
+
+
+def top_correspondences(
+    matches: torch.Tensor, e_x: torch.Tensor, e_y: torch.Tensor, width: int, k: int = TOP_MATCHES,
+    sharpness: float = SHARPNESS,
+) -> torch.Tensor:
+    """The k strongest matches of each pair: (P, k, 5) rows (x_q, y_q, x_r, y_r, cos).
+
+    Each location p of x is paired with the q of y whose term n^x(p) ReLU(C[p, q])^g n^y(q)
+    in the matched maps is largest; the k locations of x with the largest such terms are kept,
+    strongest first. Points are cell centres in feature-grid units ((col + 0.5, row + 0.5) of
+    grids `width` cells wide); multiply by image size / grid size for pixels.
+    """
+    terms = e_x.norm(dim=2)[:, :, None] * matches.relu().pow(sharpness) * e_y.norm(dim=2)[:, None, :]  # (P, n, m)
+    best, partner = terms.max(dim=2)  # (P, n)
+    chosen = best.topk(min(k, best.shape[1]), dim=1).indices  # (P, k) locations of x
+    q = partner.gather(1, chosen)  # (P, k) locations of y
+    rows = matches.gather(1, chosen[:, :, None].expand(-1, -1, matches.shape[2]))  # (P, k, m)
+    cos = rows.gather(2, q[:, :, None])[:, :, 0]  # (P, k)
+    return torch.stack([chosen % width + 0.5, chosen // width + 0.5, q % width + 0.5, q // width + 0.5, cos], dim=2).float()

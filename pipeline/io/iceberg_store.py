@@ -1,0 +1,137 @@
+"""The result table as an Apache Iceberg table: each run's rows replaced in one atomic snapshot.
+
+    table: {format: iceberg, identifier: sfam.results, catalog: {...pyiceberg properties...}}
+
+The catalog defaults to an embedded SQLite catalog at {output}/iceberg/catalog.db with its
+warehouse at {output}/iceberg/warehouse, for a local output; for object storage give a
+catalog (`uri` of a SQLite file on the driver's disk, or `type: rest` / `type: glue` and
+their properties). The S3 endpoint and region come from `storage_options`; credentials,
+as everywhere, from the environment.
+
+Rows are staged as Parquet under the attempt's folder like the Hive table's; the commit
+(the job's Ray Data write, pipeline/distributed/iceberg_commit.py) writes them into the
+table with an overwrite of `run_id = ID`: one snapshot deletes the run's old rows and adds
+the new ones, so a reader sees the old run or the new one, never a mix, and a failed or
+killed re-run changes nothing. New columns evolve the table's schema. Iceberg has no
+half-precision floats: the maps are stored as list<float32>.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from pipeline.errors import UserError
+from pipeline.io.results_store import ResultsStore
+from pipeline.io.storage import StorageOptions, join_uri
+from pipeline.layout import RunLayout
+
+CATALOG_NAME = "sfam"
+_SECRET_WORDS = ("secret", "password", "token", "credential", "access-key", "session")
+
+
+class TableConfig(BaseModel):
+    """The config's `table` section: which table format the results go to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["hive", "iceberg"] = "hive"
+    identifier: str = "sfam.results"  # iceberg: namespace.table
+    catalog: dict[str, str] = {}  # iceberg: pyiceberg catalog properties; {} = embedded SQLite
+
+    @field_validator("catalog")
+    @classmethod
+    def _no_secrets(cls, value: dict[str, str]) -> dict[str, str]:
+        secret = [key for key in value if any(word in key.lower() for word in _SECRET_WORDS)]
+        if secret:
+            raise ValueError(f"{', '.join(secret)}: credentials never go into the config; "
+                             "use the environment, a profile or a role")
+        return value
+
+
+def catalog_properties(table: TableConfig, output: str, options: StorageOptions) -> dict[str, str]:
+    """pyiceberg catalog properties: the config's, or the embedded SQLite default; S3 settings added."""
+    properties = dict(table.catalog)
+    if not properties:
+        if "://" in output and not output.startswith("file://"):
+            raise UserError(f"table.catalog: an embedded SQLite catalog needs a local output, not {output}; "
+                            "give table.catalog (a SQLite uri on local disk with a warehouse, or a REST / Glue catalog)")
+        root = output.removeprefix("file://")
+        properties = {"type": "sql", "uri": f"sqlite:///{join_uri(root, 'iceberg', 'catalog.db')}",
+                      "warehouse": f"file://{join_uri(root, 'iceberg', 'warehouse')}"}
+    if options.endpoint_url:
+        properties.setdefault("s3.endpoint", options.endpoint_url)
+    if options.region:
+        properties.setdefault("s3.region", options.region)
+    return properties
+
+
+def iceberg_rows(rows: pa.Table, run_id: str, run_date: str) -> pa.Table:
+    """Staged rows as the Iceberg table holds them: with run_id and run_date, maps in float32."""
+    for name in ("map_query", "map_reference"):
+        if name in rows.column_names:
+            index = rows.column_names.index(name)
+            rows = rows.set_column(index, name, rows.column(name).cast(pa.list_(pa.float32())))
+    rows = rows.append_column("run_date", pa.array([run_date] * rows.num_rows, pa.string()))
+    return rows.append_column("run_id", pa.array([run_id] * rows.num_rows, pa.string()))
+
+
+class IcebergStore(ResultsStore):
+    """The result table in an Iceberg catalog.
+
+    overwrite_run: writes an attempt's staged rows as the run's rows in one snapshot (the
+        job passes its Ray Data writer); a store without one only reads.
+    """
+
+    def __init__(self, output: str, options: StorageOptions, table: TableConfig,
+                 overwrite_run: Callable[[IcebergStore, RunLayout], None] | None = None) -> None:
+        super().__init__(output, options)
+        self.identifier = table.identifier
+        self.properties = catalog_properties(table, output, options)
+        self.overwrite_run = overwrite_run
+
+    def catalog(self) -> Any:
+        from pyiceberg.catalog import load_catalog  # loads only where the Iceberg table is used
+
+        return load_catalog(CATALOG_NAME, **self.properties)
+
+    def create_table_for(self, schema: pa.Schema) -> None:
+        """Creates the namespace and the table (partitioned by run_id) when they do not exist yet."""
+        catalog = self.catalog()
+        namespace = self.identifier.rsplit(".", 1)[0]
+        catalog.create_namespace_if_not_exists(namespace)
+        if catalog.table_exists(self.identifier):
+            return
+        table = catalog.create_table(self.identifier, schema=schema)
+        with table.update_spec() as spec:
+            spec.add_identity("run_id")
+
+    def _publish(self, layout: RunLayout) -> None:
+        if self.overwrite_run is None:
+            raise UserError(f"the Iceberg table {self.identifier} was opened to read, not to commit")
+        self.overwrite_run(self, layout)
+
+    def column_names(self) -> set[str]:
+        return {field.name for field in self._table().schema().fields}
+
+    def read(self, run_id: str | None = None, columns: list[str] | None = None,
+             pair_ids: list[str] | None = None) -> pa.Table:
+        from pyiceberg.expressions import AlwaysTrue, And, EqualTo, In
+
+        where: Any = AlwaysTrue()
+        if run_id is not None:
+            where = EqualTo("run_id", run_id)
+        if pair_ids is not None:
+            where = And(where, In("pair_id", pair_ids))
+        return self._table().scan(row_filter=where, selected_fields=tuple(columns) if columns else ("*",)).to_arrow()
+
+    def _table(self) -> Any:
+        from pyiceberg.exceptions import NoSuchTableError
+
+        try:
+            return self.catalog().load_table(self.identifier)
+        except NoSuchTableError as error:
+            raise UserError(f"Iceberg table {self.identifier}: not found (no run has succeeded into it)") from error

@@ -1,0 +1,175 @@
+"""`sfam compare` on real runs: two models (different weights) over one manifest, on a local Ray.
+
+The comparison's figures are checked against DuckDB over the two runs' result rows and
+against numpy over their stored maps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import torch
+import yaml
+
+from pipeline.cli import main
+from pipeline.comparison import compare_runs, comparison_dir, write_comparison
+from pipeline.distributed.job import run_audit
+from pipeline.io.storage import StorageOptions, join_uri
+from pipeline.reporting import write_report
+
+from audit_data import job_config, model_config, write_audit, write_weights
+
+pytestmark = pytest.mark.timeout(600)
+OPTIONS = StorageOptions()
+ODD_PAIR_ID = '<i>q0</i>&"g"'  # drawn in the HTML: must come out escaped
+
+
+@dataclass(frozen=True)
+class Runs:
+    root: Path
+    output: str
+    config: Path  # run B's job config
+
+
+@pytest.fixture(scope="module")
+def runs(local_ray: None, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    """Run A, then run B with other weights, over one manifest; run C over other pairs at another input size."""
+    root = str(tmp_path_factory.mktemp("compare"))
+    seed = np.random.SeedSequence().entropy
+    print(f"rng seed: {seed}")
+    rng = np.random.default_rng(seed)
+    manifest, rows = write_audit(root, OPTIONS, rng, queries=3, top_k=3, pair_ids=[ODD_PAIR_ID])
+    for name, torch_seed in (("model-a.pt", 1), ("model-b.pt", 2)):
+        torch.manual_seed(torch_seed)
+        write_weights(join_uri(root, "models", name), OPTIONS)
+    configs = {
+        run_id: job_config(root, OPTIONS, manifest, run_id, render_png="none",
+                           model=model_config(join_uri(root, "models", weights)) | extra)
+        for run_id, weights, extra in (("run-a", "model-a.pt", {}), ("run-b", "model-b.pt", {}),
+                                       ("run-c", "model-b.pt", {"input_size": 96}))
+    }
+    subset = join_uri(root, "subset.parquet")  # run C: the first 5 pairs of A and B, and one of its own
+    duckdb.sql(f"COPY (SELECT * REPLACE (CASE WHEN pair_id = '{rows[5]['pair_id']}' THEN 'c-only' ELSE pair_id END AS pair_id) "
+               f"FROM '{manifest}' LIMIT 6) TO '{subset}'")
+    configs["run-c"] = configs["run-c"].model_copy(update={"manifest": subset})
+    for config in configs.values():
+        run_audit(config)
+    config_path = Path(root) / "run-b.yaml"
+    config_path.write_text(yaml.safe_dump(configs["run-b"].model_dump(mode="json")))
+    return Runs(Path(root), configs["run-a"].output, config_path)
+
+
+def joined_runs(output: str, run_a: str, run_b: str) -> str:
+    """SQL: the pairs ok in both runs, A's columns as a_*, B's as b_*."""
+    def run(run_id: str, prefix: str) -> str:
+        return (f"SELECT pair_id, label, similarity AS {prefix}sim, query_pointing_hit::DOUBLE AS {prefix}hit, "
+                f"(query_energy_in_box::DOUBLE + reference_energy_in_box) / 2 AS {prefix}energy, map_query AS {prefix}mq, "
+                f"map_reference AS {prefix}mr FROM read_parquet('{output}/results/*/run_id={run_id}/*.parquet') "
+                "WHERE status = 'ok'")
+    return (f"SELECT pair_id, b.label AS label, a.* EXCLUDE (pair_id, label), b.* EXCLUDE (pair_id, label) "
+            f"FROM ({run(run_a, 'a_')}) a JOIN ({run(run_b, 'b_')}) b USING (pair_id)")
+
+
+def approx(value: float | None) -> object:
+    return None if value is None else pytest.approx(value, rel=1e-6, abs=1e-9)
+
+
+def test_per_label_figures_match_duckdb(runs: Runs) -> None:
+    joined = joined_runs(runs.output, "run-a", "run-b")
+    threshold = duckdb.sql(f"SELECT median(b_sim) FROM ({joined}) WHERE label = 0").fetchall()[0][0]
+    comparison = compare_runs(runs.output, "run-a", "run-b", OPTIONS, threshold=threshold)
+    expected = duckdb.sql(
+        f"SELECT label, count(*), avg(a_sim), avg(b_sim), avg(b_sim) - avg(a_sim), avg(a_hit), avg(b_hit), "
+        f"avg(a_energy), avg(b_energy), count(*) FILTER (label = 0 AND a_sim >= {threshold}), "
+        f"count(*) FILTER (label = 0 AND b_sim >= {threshold}) FROM ({joined}) GROUP BY ALL ORDER BY label DESC"
+    ).fetchall()
+    columns = ("label", "pairs", "mean_similarity_a", "mean_similarity_b", "mean_similarity_change", "pointing_hit_rate_a",
+               "pointing_hit_rate_b", "energy_in_box_a", "energy_in_box_b", "false_matches_a", "false_matches_b")
+    got = [tuple(row[c] for c in columns) for row in comparison.summary.to_pylist()]
+    assert got == [tuple(approx(v) if isinstance(v, float) else v for v in row) for row in expected]
+    assert sum(row[1] for row in expected) == 9 and comparison.summary["maps_not_comparable"].to_pylist() == [0] * len(got)
+    assert comparison.summary["false_matches_b"].to_pylist()[-1] > 0  # label 0 comes last here: the median is a false match
+
+
+def test_new_and_vanished_false_matches_are_the_set_differences(runs: Runs) -> None:
+    joined = joined_runs(runs.output, "run-a", "run-b")
+    t = duckdb.sql(f"SELECT median(s) FROM (SELECT a_sim AS s FROM ({joined}) UNION ALL SELECT b_sim FROM ({joined}))").fetchall()[0][0]
+    comparison = compare_runs(runs.output, "run-a", "run-b", OPTIONS, threshold=t)
+
+    def ids(where: str) -> set[str]:
+        return {row[0] for row in duckdb.sql(f"SELECT pair_id FROM ({joined}) WHERE label = 0 AND {where}").fetchall()}
+
+    view = comparison.view()
+    assert {row["pair_id"] for row in view.new_false_matches} == ids(f"b_sim >= {t} AND a_sim < {t}")
+    assert {row["pair_id"] for row in view.vanished_false_matches} == ids(f"a_sim >= {t} AND b_sim < {t}")
+    label_0 = comparison.summary.filter(pc.equal(comparison.summary["label"], 0)).to_pylist()[0]
+    assert label_0["false_matches_b"] == len(ids(f"b_sim >= {t}"))
+    assert (label_0["new_false_matches"], label_0["vanished_false_matches"]) == (len(view.new_false_matches),
+                                                                                len(view.vanished_false_matches))
+
+
+def test_map_correlations_match_numpy(runs: Runs) -> None:
+    comparison = compare_runs(runs.output, "run-a", "run-b", OPTIONS)
+    pairs = {row["pair_id"]: row for row in comparison.pairs.to_pylist()}
+    maps = duckdb.sql(f"SELECT pair_id, a_mq, b_mq, a_mr, b_mr FROM ({joined_runs(runs.output, 'run-a', 'run-b')})").fetchall()
+    assert len(maps) == len(pairs) == 9
+    for pair_id, a_query, b_query, a_reference, b_reference in maps:
+        for side, a_map, b_map in (("query", a_query, b_query), ("reference", a_reference, b_reference)):
+            expected = np.corrcoef(np.float32(a_map), np.float32(b_map))[0, 1]
+            got = pairs[pair_id][f"map_correlation_{side}"]
+            assert (got is None and math.isnan(expected)) or got == pytest.approx(expected, abs=1e-6), (pair_id, side)
+    moved = [row["map_correlation"] for row in comparison.view().moved]
+    assert moved == sorted(moved) and len(moved) == sum(row["map_correlation"] is not None for row in pairs.values())
+
+
+def test_other_pairs_and_map_shapes_are_counted_not_correlated(runs: Runs) -> None:
+    comparison = compare_runs(runs.output, "run-a", "run-c", OPTIONS)
+    assert comparison.counts() == {"ok in both": 5, "only in A": 4, "only in B": 1, "failed in A or B": 0,
+                                   "with maps not comparable": 5}
+    assert comparison.pairs.filter(comparison.pairs["map_comparable"]).num_rows == 0
+    assert comparison.pairs["map_correlation"].null_count == comparison.pairs.num_rows
+    assert sum(comparison.summary["maps_not_comparable"].to_pylist()) == 5
+    c_only = comparison.pairs.filter(pc.equal(comparison.pairs["pair_id"], "c-only")).to_pylist()[0]
+    assert (c_only["status_a"], c_only["status_b"], c_only["similarity_change"]) == (None, "ok", None)
+
+
+def test_written_tables_read_in_duckdb_and_the_page_has_every_section(runs: Runs) -> None:
+    written = write_comparison(compare_runs(runs.output, "run-a", "run-b", OPTIONS), runs.output, OPTIONS)
+    assert set(written.values()) == {join_uri(comparison_dir(runs.output, "run-a", "run-b"), name)
+                                     for name in ("summary.parquet", "pairs.parquet", "comparison.html")}
+    summary = duckdb.sql(f"SELECT run_a, run_b, threshold, sum(pairs) FROM '{written['summary.parquet']}' GROUP BY ALL")
+    assert summary.fetchall() == [("run-a", "run-b", 0.8, 9)]
+    assert duckdb.sql(f"SELECT count(*), count(map_correlation) FROM '{written['pairs.parquet']}'").fetchall()[0][0] == 9
+    page = Path(written["comparison.html"]).read_text()
+    for section in ('id="comparison"', 'id="by-label"', 'id="moved-maps"', 'id="new-false-matches"',
+                    'id="vanished-false-matches"', "run-a", "run-b"):
+        assert section in page
+    assert ODD_PAIR_ID not in page and "&lt;i&gt;q0&lt;/i&gt;&amp;&quot;g&quot;" in page
+
+
+def test_the_later_runs_report_compares_with_the_earlier_run(runs: Runs, tmp_path: Path) -> None:
+    pages = {run_id: tmp_path / f"{run_id}.html" for run_id in ("run-a", "run-b", "run-c")}
+    for run_id, page in pages.items():
+        write_report(runs.output, run_id, OPTIONS, str(page))
+    later = pages["run-b"].read_text()
+    assert "Compared with run-a" in later and later.index('id="comparison"') < later.index('id="gallery"')
+    assert 'id="comparison"' not in pages["run-a"].read_text()  # no earlier run
+    assert 'id="comparison"' not in pages["run-c"].read_text()  # another manifest
+
+
+def test_cli(runs: Runs, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "run-a", "run-b", "--config", str(runs.config), "--threshold", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "compared run-a (A) with run-b (B)" in out and "false matches >= 0.5" in out
+    assert f"wrote {comparison_dir(runs.output, 'run-a', 'run-b')}/comparison.html" in out
+    assert main(["compare", runs.output, "run-a", "run-b"]) == 0  # OUTPUT instead of --config
+    capsys.readouterr()
+    assert main(["compare", runs.output, "run-a", "nightly-404"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'nightly-404'" in err

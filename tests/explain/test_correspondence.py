@@ -1,0 +1,103 @@
+"""weighting="matched": shared-evidence maps and correspondences against a float64 reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline import SFAM
+from pipeline.explain.correspondence import SHARPNESS, TOP_MATCHES
+
+from reference import CASES, Case, assert_close, assert_maps_close, double_features
+
+
+def reference_matched(case: Case, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """M^x, M^y (P, h, w), C (P, hw, hw) and the pair terms n^x(p) ReLU(C[p, q])^g n^y(q) (P, hw, hw) in
+    float64, each image's J from autograd's Jacobian at its own a."""
+    model, features = double_features(case, x, y)
+    local = []
+    for feats in features:  # (P, K, h, w)
+        jac = torch.stack([torch.autograd.functional.jacobian(lambda a: case.head(model, a[None])[0], row)
+                           for row in feats.mean(dim=(2, 3))])  # (P, D, K)
+        local.append(torch.einsum("pdk,pkhw->phwd", jac, feats).flatten(1, 2))  # (P, hw, D)
+    e_x, e_y = local
+    matches = F.normalize(e_x, dim=2) @ F.normalize(e_y, dim=2).transpose(1, 2)
+    n_x, n_y = e_x.norm(dim=2), e_y.norm(dim=2)
+    m_x = n_x * (matches.clamp_min(0) ** SHARPNESS @ n_y[..., None])[..., 0] / n_y.sum(1, keepdim=True)
+    m_y = n_y * (matches.transpose(1, 2).clamp_min(0) ** SHARPNESS @ n_x[..., None])[..., 0] / n_x.sum(1, keepdim=True)
+    shape = features[0].shape[2:]
+    terms = n_x[:, :, None] * matches.clamp_min(0) ** SHARPNESS * n_y[:, None, :]
+    return m_x.view(-1, *shape), m_y.view(-1, *shape), matches, terms
+
+
+def random_pairs(batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(batch, 3, size, size), torch.randn(batch, 3, size, size)
+
+
+@pytest.mark.parametrize(("name", "fast_path"), [("resnet18", True), ("affine", True), ("affine", False),
+                                                  ("nonaffine", False)])
+def test_matched_maps_match_float64_reference(name: str, fast_path: bool, seed: int) -> None:
+    case = CASES[name]()
+    size = case.input_size if fast_path else 16  # the generic path takes one pass per location: small grids
+    x, y = random_pairs(3, size)
+    result = SFAM(case.model, case.target_layer, "cosine", weighting="matched", fast_path=fast_path).explain(x, y)
+    m_x, m_y, matches, _ = reference_matched(case, x, y)
+    assert_maps_close(result.map_query, m_x, what="map_query")
+    assert_maps_close(result.map_reference, m_y, what="map_reference")
+    assert (result.map_query >= 0).all() and result.map_query.amax() > 0
+
+    found = result.correspondences  # (P, k, 5): x_q, y_q, x_r, y_r, cos
+    width = m_x.shape[-1]
+    assert found.shape == (3, min(TOP_MATCHES, m_x[0].numel()), 5) and found.dtype == torch.float32
+    p = (found[..., 1] - 0.5) * width + (found[..., 0] - 0.5)
+    q = (found[..., 3] - 0.5) * width + (found[..., 2] - 0.5)
+    expected = matches.gather(1, p.long()[..., None].expand(-1, -1, matches.shape[2])).gather(2, q.long()[..., None])
+    assert_close(found[..., 4], expected[..., 0], what="correspondence scores")
+    assert ((found[..., :4] > 0) & (found[..., :4] < m_x.shape[-1])).all()
+
+
+def test_correspondences_are_the_largest_terms(seed: int) -> None:
+    case = CASES["affine"]()
+    x, y = random_pairs(4, case.input_size)
+    result = SFAM(case.model, case.target_layer, weighting="matched").explain(x, y)
+    m_x, _, _, terms = reference_matched(case, x, y)
+    width = m_x.shape[-1]
+    best, partner = terms.max(dim=2)  # (P, hw)
+    chosen = best.topk(TOP_MATCHES, dim=1).indices  # (P, k), strongest first
+    found = result.correspondences
+    assert torch.equal(found[..., 0], chosen % width + 0.5) and torch.equal(found[..., 1], chosen // width + 0.5)
+    q = partner.gather(1, chosen)
+    assert torch.equal(found[..., 2], q % width + 0.5) and torch.equal(found[..., 3], q // width + 0.5)
+
+
+def test_pair_alone_equals_pair_in_batch(seed: int) -> None:
+    case = CASES["resnet18"]()
+    x, y = random_pairs(64, case.input_size)
+    explainer = SFAM(case.model, case.target_layer, weighting="matched")
+    batch = explainer.explain(x, y)
+    alone = explainer.explain(x[17:18], y[17:18])
+    assert_maps_close(alone.map_query, batch.map_query[17:18], what="map_query")
+    assert_maps_close(alone.map_reference, batch.map_reference[17:18], what="map_reference")
+    assert_close(alone.correspondences, batch.correspondences[17:18], what="correspondences")
+
+
+def test_only_matched_has_correspondences_and_unknown_weightings_fail(seed: int) -> None:
+    case = CASES["affine"]()
+    x, y = random_pairs(2, case.input_size)
+    assert SFAM(case.model, case.target_layer).explain(x, y).correspondences is None
+    with pytest.raises(ValueError, match="matched"):
+        SFAM(case.model, case.target_layer, weighting="shared")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_equals_cpu(seed: int) -> None:
+    case = CASES["resnet18"]()
+    x, y = random_pairs(4, case.input_size)
+    cpu = SFAM(case.model, case.target_layer, weighting="matched").explain(x, y)
+    cuda = SFAM(copy.deepcopy(case.model).cuda(), case.target_layer, weighting="matched").explain(x.cuda(), y.cuda())
+    assert cuda.map_query.is_cuda and cuda.correspondences.is_cuda
+    assert_maps_close(cuda.map_query.cpu(), cpu.map_query, what="map_query")
+    assert_close(cuda.correspondences.cpu(), cpu.correspondences, rel=1e-3, what="correspondences")
