@@ -310,6 +310,12 @@ def run_audit(config: JobConfig) -> RunSummary:
         if cause is not error:
             raise cause from error
         raise
+    _finish(config, plan, store, recorder, summary)
+    return summary
+
+
+def _finish(config: JobConfig, plan: Plan, store: ResultsStore, recorder: RunRecorder, summary: RunSummary) -> None:
+    """Decides the attempt's status once, records it, and commits the attempt unless its rows failed."""
     for warning in summary.warnings:
         log.warning("%s", warning)
     reason = failure_reason(summary, plan.manifest.num_rows, config)
@@ -322,11 +328,10 @@ def run_audit(config: JobConfig) -> RunSummary:
         (log.warning if not gate.passed else log.info)("%s", gate.line())
     success = recorder.record("gates_failed" if failed_gates else "succeeded", summary)
     success["gates"] = [g.as_record() for g in gates]
-    write_json(layout.attempt_record, success, config.storage_options)
-    store.commit(layout, success, asdict(summary))
+    write_json(plan.layout.attempt_record, success, config.storage_options)
+    store.commit(plan.layout, success, asdict(summary))
     if failed_gates:
         raise GatesFailed("; ".join(g.line() for g in failed_gates))
-    return summary
 
 
 def _evaluate_gates(config: JobConfig, plan: Plan, store: ResultsStore, started: str) -> list[GateResult]:
