@@ -1,11 +1,15 @@
 """Speed of SFAM against a bare forward pass, pytorch-grad-cam's GradCAM and the whole Ray job.
 
-    python -m jobs.bench_speed [--device cpu|cuda] [--batch 32] [--repeats 3] [--size 224] [--skip-job] [--write]
+    python -m jobs.bench_speed [--archs resnet50 vit_b_16] [--device cpu|cuda] [--batch 32] [--repeats 3]
+                               [--size 224] [--skip-job] [--write]
 
 Every row runs in one process on the same inputs: pairs of a generated retrieval manifest
 (random smooth pictures, each query with its top-k from a gallery), decoded as the job decodes
-them. On a shared, noisy machine the ratios between rows mean more than the absolute numbers.
-`--smoke` is a tiny run for the tests; `--write` puts the table into BENCHMARKS.md (`## Speed`).
+them. Each arch of `--archs` gets the three in-process rows at the explainer's default target
+layer (ResNet: `layer4`, fast path; ViT: the input of the last block, generic path), GradCAM
+with a `reshape_transform` for token layers. On a shared, noisy machine the ratios between
+rows mean more than the absolute numbers. `--smoke` is a tiny run for the tests; `--write`
+puts the table into BENCHMARKS.md (`## Speed`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,12 +35,11 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from pytorch_grad_cam import GradCAM
 from torch import nn
 
-from jobs.benchmark_report import BENCHMARKS, cpu_name, parse_benchmark_args, write_section
+from jobs.bench_common import concept_maps, library_cam, machine, resolve
+from jobs.benchmark_report import BENCHMARKS, parse_benchmark_args, write_section
 from pipeline import SFAM
 from pipeline.config import JobConfig
 from pipeline.io.images import decode_image, resize_for_model, to_model_tensor
@@ -47,16 +49,15 @@ from pipeline.models.spec import ModelSpec
 if TYPE_CHECKING:
     from pipeline.distributed.job import RunSummary
 
-TARGET_LAYER = "layer4"
 METRIC = "cosine"
 EMBEDDING_DIM = 512
 IMAGE_SIZE = (256, 192)  # width, height of the generated pictures
-SMOKE = {"arch": "resnet18", "size": 64, "batch": 4, "repeats": 1, "job_queries": 5, "job_top_k": 2, "job_gallery": 10}
+SMOKE = {"archs": ["resnet18", "timm/vit_tiny_patch16_224"], "size": 64, "batch": 4, "repeats": 1, "job_queries": 5,
+         "job_top_k": 2, "job_gallery": 10}
 
 BARE = "bare forward (inference_mode)"
-SFAM_ROW = "SFAM fast path, both maps per pair"
+SFAM_ROW = "SFAM, both maps per pair"
 GRADCAM = "pytorch-grad-cam GradCAM, both images per pair"
-JOB_SFAM = "in-process SFAM, the job's model"
 JOB = "whole Ray job (decode, explain, PNG, Parquet)"
 FORWARDS = "job forward passes per pair"
 DRIVER_RSS = "job driver peak RSS"
@@ -216,41 +217,52 @@ def bare_forward(model: nn.Module, x: torch.Tensor) -> Work:
     return forward
 
 
-def sfam_explain(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Work:
-    explainer = SFAM(model, TARGET_LAYER, METRIC)
-
+def sfam_explain(explainer: SFAM, x: torch.Tensor, y: torch.Tensor) -> Work:
     def explain() -> None:
         with torch.inference_mode():
             explainer.explain(x, y)
     return explain
 
 
-class SimilarityToConceptTarget:
-    """pytorch-grad-cam's embedding-tutorial target: cosine similarity to a fixed concept embedding."""
-
-    def __init__(self, concept: torch.Tensor) -> None:
-        self.concept = concept
-
-    def __call__(self, output: torch.Tensor) -> torch.Tensor:
-        return F.cosine_similarity(output, self.concept, dim=0)
-
-
-def gradcam_explain(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Work:
-    """Both images of each pair, in two batched GradCAM calls: x given y's embedding, y given x's.
+def gradcam_explain(explainer: SFAM, x: torch.Tensor, y: torch.Tensor) -> Work:
+    """Both images of each pair, in two batched GradCAM calls at the explainer's target layer:
+    x given y's embedding, y given x's.
 
     Generous to the baseline: y's embedding takes one no-grad forward, and x's is the output
     that the first GradCAM call computed anyway (`cam.outputs`), so no image is forwarded twice.
     The GradCAM (its hooks) lives only during a call, so the other rows run on a hook-free model.
     """
+    model = explainer.model
+
     def explain_both() -> None:
-        with GradCAM(model=model, target_layers=[model.get_submodule(TARGET_LAYER)]) as cam:
+        with library_cam(model, explainer) as cam:
             with torch.no_grad():
                 concepts_y = model(y)
-            cam(input_tensor=x, targets=[SimilarityToConceptTarget(c) for c in concepts_y])
-            concepts_x = cam.outputs.detach()
-            cam(input_tensor=y, targets=[SimilarityToConceptTarget(c) for c in concepts_x])
-        model.zero_grad(set_to_none=True)
+            concept_maps(cam, x, concepts_y)
+            concept_maps(cam, y, cam.outputs.detach())
     return explain_both
+
+
+@dataclass(frozen=True)
+class InProcess:
+    """One arch's in-process rows: its explainer (target layer and path known) and the works to time."""
+
+    arch: str
+    explainer: SFAM
+    works: dict[str, Work]
+
+
+def label(row: str, arch: str) -> str:
+    return f"{row} ({arch})"
+
+
+def in_process(arch: str, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, rows: tuple[str, ...]) -> InProcess:
+    """`rows` of BARE, SFAM_ROW and GRADCAM for a randomly initialised `arch`, SFAM at its default target layer."""
+    model = build_model(ModelSpec(arch=arch, embedding_dim=EMBEDDING_DIM, input_size=args.size)).to(x.device)
+    explainer = resolve(SFAM(model, metric=METRIC), x)
+    works = {BARE: lambda: bare_forward(model, x), SFAM_ROW: lambda: sfam_explain(explainer, x, y),
+             GRADCAM: lambda: gradcam_explain(explainer, x, y)}
+    return InProcess(arch, explainer, {label(row, arch): works[row]() for row in rows})
 
 
 # -- the Ray job --------------------------------------------------------------------------------
@@ -285,18 +297,6 @@ def run_job(pairs: Pairs, spec: ModelSpec, batch: int, actors: int) -> JobResult
 # -- report -------------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    cpu = cpu_name()
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, ray {_version('ray')}"
-
-
-def _version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "not installed"
-
-
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
@@ -314,24 +314,44 @@ def rate_row(name: str, rate: Rate, unit: str) -> str:
     return f"| {name} | {number(rate.median)} | {number(rate.low)} – {number(rate.high)} | {unit} |"
 
 
-def ratio_row(name: str, value: float, target: str, met: bool) -> str:
-    return f"| {name} | {value:.2f} | {target} | {'met' if met else 'MISSED'} |"
+def ratio_row(name: str, value: float, target: str, met: bool | None) -> str:
+    verdict = "" if met is None else "met" if met else "MISSED"
+    return f"| {name} | {value:.2f} | {target} | {verdict} |"
 
 
-def table(args: argparse.Namespace, rates: dict[str, Rate], job: JobResult | None) -> str:
-    model = f"{args.arch} at {args.size} px, batch {args.batch}"
+def path_name(explainer: SFAM) -> str:
+    return "fast path" if explainer.is_affine else "generic path"
+
+
+def arch_lines(arch: InProcess, rates: dict[str, Rate]) -> list[str]:
+    layer = f"{arch.arch}; `{arch.explainer.target_layer}`"
+    where = {BARE: arch.arch, SFAM_ROW: f"{layer}, {path_name(arch.explainer)}", GRADCAM: layer}
+    units = {BARE: "images/s", SFAM_ROW: "pairs/s", GRADCAM: "pairs/s"}
+    return [rate_row(f"{row} ({where[row]})", rates[label(row, arch.arch)], units[row])
+            for row in (BARE, SFAM_ROW, GRADCAM) if label(row, arch.arch) in rates]
+
+
+def arch_ratios(arch: InProcess, rates: dict[str, Rate]) -> list[str]:
+    sfam, bare, gradcam = (rates[label(row, arch.arch)].median for row in (SFAM_ROW, BARE, GRADCAM))
+    fast = bool(arch.explainer.is_affine)
+    return [
+        ratio_row(f"SFAM pairs/s ÷ (bare images/s ÷ 2) ({arch.arch})", sfam / (bare / 2),
+                  ">= 0.9" if fast else "none (generic path)", sfam / (bare / 2) >= 0.9 if fast else None),
+        ratio_row(f"SFAM ÷ pytorch-grad-cam ({arch.arch}, pairs/s)", sfam / gradcam, ">= 3", sfam / gradcam >= 3),
+    ]
+
+
+def table(args: argparse.Namespace, archs: list[InProcess], rates: dict[str, Rate], job: JobResult | None) -> str:
+    compared = [arch for arch in archs if label(GRADCAM, arch.arch) in rates]
     lines = [
-        f"| measurement ({model}; median of {args.repeats} interleaved rounds) | median | slowest – fastest | unit |",
+        f"| measurement ({args.size} px, batch {args.batch}; median of {args.repeats} interleaved rounds) "
+        "| median | slowest – fastest | unit |",
         "|---|---|---|---|",
-        rate_row(BARE, rates[BARE], "images/s"),
-        rate_row(SFAM_ROW, rates[SFAM_ROW], "pairs/s"),
-        rate_row(GRADCAM, rates[GRADCAM], "pairs/s"),
+        *(line for arch in archs for line in arch_lines(arch, rates)),
     ]
     if job is not None:
         job_model = f"{job.arch} at {args.size} px"
         summary = job.summary
-        if JOB_SFAM in rates:
-            lines.append(rate_row(f"{JOB_SFAM} ({job_model})", rates[JOB_SFAM], "pairs/s"))
         lines += [
             f"| {JOB} ({job_model}, {summary.pairs} pairs, {job.actors} actor(s), batch {args.batch}) "
             f"| {number(summary.pairs_per_second)} | one run, {summary.wall_seconds:.0f} s | pairs/s |",
@@ -341,17 +361,10 @@ def table(args: argparse.Namespace, rates: dict[str, Rate], job: JobResult | Non
             f"| {WORKERS_RSS} (sum over processes, polled every {job.workers.interval_s} s) "
             f"| {mib(job.workers.peak_total)} | | MiB |",
         ]
-    sfam, bare, gradcam = rates[SFAM_ROW].median, rates[BARE].median, rates[GRADCAM].median
-    lines += [
-        "",
-        "| ratio | value | target | |",
-        "|---|---|---|---|",
-        ratio_row("SFAM pairs/s ÷ (bare images/s ÷ 2)", sfam / (bare / 2), ">= 0.9", sfam / (bare / 2) >= 0.9),
-        ratio_row("SFAM ÷ pytorch-grad-cam (pairs/s)", sfam / gradcam, ">= 3", sfam / gradcam >= 3),
-    ]
+    lines += ["", "| ratio | value | target | |", "|---|---|---|---|",
+              *(line for arch in compared for line in arch_ratios(arch, rates))]
     if job is not None:
-        in_process = rates.get(JOB_SFAM, rates[SFAM_ROW]).median
-        whole = job.summary.pairs_per_second / in_process
+        whole = job.summary.pairs_per_second / rates[label(SFAM_ROW, job.arch)].median
         forwards = job.summary.forward_passes_per_pair
         lines += [
             ratio_row(f"whole job ÷ in-process SFAM ({job.arch}, pairs/s)", whole, ">= 0.6", whole >= 0.6),
@@ -369,21 +382,25 @@ def worker_lines(workers: WorkerMemory) -> list[str]:
     return [f"- `{title[:60]}`: {mib(rss)} MiB" for title, rss in peaks]
 
 
-def section(command: str, args: argparse.Namespace, report: str, job: JobResult | None) -> str:
+def section(command: str, host: str, args: argparse.Namespace, report: str, job: JobResult | None) -> str:
     device = torch.device(args.device)
     parts = [
         "## Speed",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {machine()}, device {device_name(device)}; {dt.date.today().isoformat()}",
+        f"Machine: {host}, device {device_name(device)}; {dt.date.today().isoformat()}",
         "",
         report,
         "",
-        "Random weights; fc replaced by `Linear(K, 512)`; same process and inputs for all rows; after one "
-        "warm-up call each, the in-process rows are timed in interleaved rounds (the job runs first, alone). "
-        "One SFAM call explains B pairs (2B images, both maps). GradCAM: two batched calls per B pairs "
-        "(x given y's embedding, y given x's), y's embedding by a no-grad forward, x's reused from the "
-        "first call; the target is the cosine similarity to the partner's embedding.",
+        "Random weights; the classifier replaced by `Linear(K, 512)`; same process and inputs for all rows; "
+        "after one warm-up call each, the in-process rows are timed in interleaved rounds"
+        + (" (the job runs first, alone)" if job is not None else "")
+        + ". SFAM and GradCAM explain the explainer's default target layer (named in the SFAM rows). One "
+        "SFAM call explains B pairs (2B images, both maps): the fast path forwards them once, the generic path "
+        "forwards them once and backpropagates from the embeddings to the target layer only. GradCAM: two "
+        "batched calls per B pairs (x given y's embedding, y given x's), y's embedding by a no-grad forward, "
+        "x's reused from the first call; the target is the cosine similarity to the partner's embedding; token "
+        "layers reach it through a `reshape_transform` (the class token dropped, the patch tokens as a map).",
     ]
     if job is not None:
         parts += ["", "Ray worker processes (children of the raylet), peak RSS each:", *worker_lines(job.workers)]
@@ -395,12 +412,13 @@ def section(command: str, args: argparse.Namespace, report: str, job: JobResult 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench_speed", description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="resnet50", help="torchvision arch of the in-process rows")
+    parser.add_argument("--archs", nargs="+", default=["resnet50", "vit_b_16"],
+                        help="archs of the in-process rows (torchvision or timm/<name>)")
     parser.add_argument("--batch", type=int, default=32, help="pairs per explain call and per job batch")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds, each row once per round (after one warm-up call each)")
     parser.add_argument("--size", type=int, default=224, help="input size in pixels")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--job-arch", help="arch of the Ray job (default: --arch on CUDA, resnet18 on CPU)")
+    parser.add_argument("--job-arch", help="arch of the Ray job (default: the first of --archs on CUDA, resnet18 on CPU)")
     parser.add_argument("--job-actors", type=int, default=1, help="the job's num_actors")
     parser.add_argument("--job-queries", type=int, default=200)
     parser.add_argument("--job-top-k", type=int, default=10)
@@ -410,7 +428,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.job_gallery < args.job_top_k:
         parser.error("--job-gallery must hold at least --job-top-k images")
     if args.job_arch is None:
-        args.job_arch = args.arch if args.device.startswith("cuda") else "resnet18"
+        args.job_arch = args.archs[0] if args.device.startswith("cuda") else "resnet18"
     return args
 
 
@@ -418,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     torch.set_num_threads(os.cpu_count())
+    host = machine(torch.get_num_threads(), "ray")
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="bench-speed-") as folder:
         pairs = write_pairs(Path(folder), args.job_queries, args.job_top_k, args.job_gallery, np.random.default_rng(0))
@@ -427,17 +446,17 @@ def main(argv: list[str] | None = None) -> int:
         # the job first: its driver's peak RSS is read before the in-process rows allocate anything
         job = None if args.skip_job else run_job(pairs, job_spec, args.batch, args.job_actors)
         x, y = load_inputs(pairs, args.batch, job_spec, device)
-        model = build_model(ModelSpec(arch=args.arch, embedding_dim=EMBEDDING_DIM, input_size=args.size)).to(device)
-        works = {BARE: bare_forward(model, x), SFAM_ROW: sfam_explain(model, x, y), GRADCAM: gradcam_explain(model, x, y)}
-        if job is not None and args.job_arch != args.arch:
-            works[JOB_SFAM] = sfam_explain(build_model(job_spec).to(device), x, y)
-        rates = measure_side_by_side(works, args.batch, args.repeats, device)
-    report = table(args, rates, job)
+        archs = [in_process(arch, args, x, y, (BARE, SFAM_ROW, GRADCAM)) for arch in args.archs]
+        if job is not None and args.job_arch not in args.archs:  # the job's ratio needs its arch's in-process SFAM
+            archs.append(in_process(args.job_arch, args, x, y, (SFAM_ROW,)))
+        rates = measure_side_by_side({name: work for arch in archs for name, work in arch.works.items()},
+                                     args.batch, args.repeats, device)
+    report = table(args, archs, rates, job)
     print(report)
     if job is not None:
         print("\nRay worker processes, peak RSS each:", *worker_lines(job.workers), sep="\n")
     if args.write:
-        write_section(BENCHMARKS, section(shlex.join(["python", "-m", "jobs.bench_speed", *argv]), args, report, job))
+        write_section(BENCHMARKS, section(shlex.join(["python", "-m", "jobs.bench_speed", *argv]), host, args, report, job))
         print(f"\nwrote the ## Speed section of {BENCHMARKS}")
     return 0
 

@@ -1,4 +1,4 @@
-"""The speed benchmark runs end to end (tiny models, a 5 x 2 job on a local Ray) and prints every row."""
+"""The speed benchmark runs end to end (a tiny CNN and a tiny ViT, a 5 x 2 job on a local Ray) and prints every row."""
 
 from __future__ import annotations
 
@@ -6,7 +6,19 @@ from pathlib import Path
 
 import pytest
 
-from jobs.bench_speed import BARE, DRIVER_RSS, FORWARDS, GRADCAM, JOB, SFAM_ROW, WORKER_RSS, WORKERS_RSS, main, write_section
+from jobs.bench_speed import (
+    BARE,
+    DRIVER_RSS,
+    FORWARDS,
+    GRADCAM,
+    JOB,
+    SFAM_ROW,
+    SMOKE,
+    WORKER_RSS,
+    WORKERS_RSS,
+    main,
+    write_section,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -16,8 +28,14 @@ def test_smoke_run_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
     printed = capsys.readouterr().out
     for row in (BARE, SFAM_ROW, GRADCAM, JOB, FORWARDS, DRIVER_RSS, WORKER_RSS, WORKERS_RSS):
         assert f"| {row}" in printed, row
-    for ratio in ("SFAM pairs/s ÷ (bare images/s ÷ 2)", "SFAM ÷ pytorch-grad-cam", "whole job ÷ in-process SFAM",
-                  "job forward passes per pair"):
+    cnn, vit = SMOKE["archs"]
+    assert f"| {SFAM_ROW} ({cnn}; `layer4`, fast path)" in printed
+    assert f"| {SFAM_ROW} ({vit}; `blocks.10`, generic path)" in printed  # the input of the last of 12 blocks
+    assert f"| {GRADCAM} ({vit}; `blocks.10`)" in printed
+    for arch in (cnn, vit):
+        for ratio in (f"SFAM pairs/s ÷ (bare images/s ÷ 2) ({arch})", f"SFAM ÷ pytorch-grad-cam ({arch}, pairs/s)"):
+            assert f"| {ratio}" in printed, ratio
+    for ratio in ("whole job ÷ in-process SFAM", "job forward passes per pair"):
         assert f"| {ratio}" in printed, ratio
 
 

@@ -1,10 +1,16 @@
 """The demo's transformer: a small ViT embedding model trained on the same canvases as the CNN.
 
-Built like the retrieval ViTs in use (CLIP, DINOv2): patch embedding, a class token, pre-norm
-blocks, a final LayerNorm, the class token pooled and a linear projection to the embedding.
-forward() returns the unnormalised embedding, so the explainer needs no `embedding_layer`.
-It is timm's `VisionTransformer`, so `model.num_prefix_tokens` tells the explainer that the
-first token of each block's output is the class token.
+Built like the retrieval ViTs in use (CLIP, DINOv2): 8 x 8 px patches as tokens, a class
+token, pre-norm blocks, a final LayerNorm, the class token pooled and a linear projection to
+the embedding. forward() returns the unnormalised embedding, so the explainer needs no
+`embedding_layer`. It is timm's `VisionTransformer`, so `model.num_prefix_tokens` tells the
+explainer that the first token of each block's output is the class token.
+
+One change from a plain ViT: the patch projection is a small convolutional stem with the
+same 8 px stride (Xiao et al., "Early convolutions help transformers see better", NeurIPS
+2021). With a linear 8 x 8 projection the model stayed near a constant embedding for the few
+hundred steps a 2-core CPU allows (Recall@1 0.18 after 200 steps, mean cosine 0.95 between
+different digits); the blocks, tokens and head are untouched.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from importlib import resources
 
 import safetensors.torch
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from pipeline.demo.model import INPUT_SIZE
 
@@ -21,17 +28,31 @@ WIDTH = 96
 DEPTH = 4
 HEADS = 3
 EMBEDDING_DIM = 64
+STEM = (24, 48)  # channels of the stem's stride-2 convolutions before the stride-2 projection to WIDTH
 GRID_SIDE = INPUT_SIZE // PATCH_SIZE
 TARGET_LAYER = f"blocks.{DEPTH - 2}"  # the input of the last block: what the explainer picks by default
 CHECKPOINT = "demo_vit.safetensors"  # in pipeline/assets
-ARCHITECTURE = (f"timm VisionTransformer: patch {PATCH_SIZE}, width {WIDTH}, {DEPTH} pre-norm blocks of {HEADS} "
-                f"heads, class token, final LayerNorm, class-token pooling, Linear({WIDTH}, {EMBEDDING_DIM}) projection")
+ARCHITECTURE = (f"timm VisionTransformer: {PATCH_SIZE} px patches by a conv stem (conv3x3/2-BN-ReLU {STEM[0]}, "
+                f"{STEM[1]}, conv3x3/2 to {WIDTH}), width {WIDTH}, {DEPTH} pre-norm blocks of {HEADS} heads, class "
+                f"token, final LayerNorm, class-token pooling, Linear({WIDTH}, {EMBEDDING_DIM}) projection")
+
+
+def conv_stem() -> nn.Sequential:
+    """(B, 3, S, S) -> (B, WIDTH, S/8, S/8): stride-2 3x3 convolutions in place of the 8 x 8 patch projection."""
+    layers: list[nn.Module] = []
+    channels = 3
+    for out in STEM:
+        layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+        channels = out
+    return nn.Sequential(*layers, nn.Conv2d(channels, WIDTH, 3, stride=2, padding=1))
 
 
 def build_vit() -> VisionTransformer:
     """A freshly initialised demo ViT: (B, 3, 64, 64) normalised images -> (B, 64) embeddings."""
-    return VisionTransformer(img_size=INPUT_SIZE, patch_size=PATCH_SIZE, embed_dim=WIDTH, depth=DEPTH,
-                             num_heads=HEADS, num_classes=EMBEDDING_DIM, global_pool="token", class_token=True)
+    model = VisionTransformer(img_size=INPUT_SIZE, patch_size=PATCH_SIZE, embed_dim=WIDTH, depth=DEPTH,
+                              num_heads=HEADS, num_classes=EMBEDDING_DIM, global_pool="token", class_token=True)
+    model.patch_embed.proj = conv_stem()
+    return model
 
 
 def demo_vit(pretrained: bool = True) -> VisionTransformer:

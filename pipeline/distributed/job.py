@@ -41,6 +41,7 @@ from pipeline.quality import residual_warning
 from pipeline.run_history import previous_successful_run
 
 log = logging.getLogger("sfam.audit")
+RENDER_CPUS = 0.5  # a render task's share: light under the default policy, and it fits beside the reader on 2 CPUs
 PACKAGES = ("sfam-pipeline", "torch", "torchvision", "ray", "pyarrow", "fsspec", "s3fs", "pydantic", "pillow", "numpy")
 SUMMARY_COLUMNS = ["status", "forward_share", "device", "similarity", "residual_query", "residual_reference"]
 
@@ -56,6 +57,7 @@ class RunSummary:
     pairs_per_second: float
     forward_passes_per_pair: float
     devices: tuple[str, ...]
+    gpus_per_actor: float
     results: str
     png: str | None
     run_record: str
@@ -117,11 +119,12 @@ def _gpus_per_actor(config: JobConfig) -> float:
 
 
 def _cpus_per_actor(config: JobConfig, gpus: float) -> float:
-    """One CPU per GPU actor; CPU actors share what the render tasks leave."""
+    """One CPU per GPU actor; CPU actors share what the manifest reader (one CPU, while it
+    cuts the manifest into blocks) and one render task leave, so that no stage waits for a CPU."""
     if gpus > 0:
         return 1.0
     cpus = ray.cluster_resources().get("CPU", 1)
-    return max(0.25, min(1.0, (cpus - 1) / config.num_actors))
+    return max(0.25, min(1.0, (cpus - 1 - RENDER_CPUS) / config.num_actors))
 
 
 def _cpus_per_fetch(gpus: float, actor_cpus: float) -> float:
@@ -153,10 +156,9 @@ def preflight(config: JobConfig, store: ResultsStore) -> Plan:
     )
 
 
-def build_dataset(config: JobConfig, layout: RunLayout) -> ray.data.Dataset:
-    """The streaming pipeline from the manifest to result rows (not yet executed)."""
+def build_dataset(config: JobConfig, layout: RunLayout, gpus: float) -> ray.data.Dataset:
+    """The streaming pipeline from the manifest to result rows (not yet executed); `gpus` per actor."""
     options = config.storage_options
-    gpus = _gpus_per_actor(config)
     cpus = _cpus_per_actor(config, gpus)
     manifest_fs, manifest_path = arrow_filesystem(config.manifest, options)
     manifest_dir = config.manifest.rsplit("/", 1)[0] if "/" in config.manifest else "."
@@ -176,7 +178,8 @@ def build_dataset(config: JobConfig, layout: RunLayout) -> ray.data.Dataset:
     log.info("explaining with %d actor(s), %g GPU and %g CPU each%s", config.num_actors, gpus, cpus,
              "" if gpus else ", decoding their own batches")
     return dataset.map_batches(
-        RenderResults(layout, config.render_png, config.render_flags, options), batch_size=config.batch_size, batch_format="pyarrow"
+        RenderResults(layout, config.render_png, config.render_flags, options), batch_size=config.batch_size,
+        batch_format="pyarrow", num_cpus=RENDER_CPUS,
     )
 
 
@@ -209,7 +212,8 @@ def _pipeline_error(error: BaseException) -> PipelineError | None:
     return None
 
 
-def summarise(store: ResultsStore, layout: RunLayout, config: JobConfig, started: float) -> RunSummary:
+def summarise(store: ResultsStore, layout: RunLayout, config: JobConfig, started: float,
+              gpus_per_actor: float) -> RunSummary:
     """Counts, speed and warnings of the attempt's staged rows."""
     rows = store.read_staged(layout, SUMMARY_COLUMNS)
     wall = time.time() - started
@@ -222,7 +226,7 @@ def summarise(store: ResultsStore, layout: RunLayout, config: JobConfig, started
         run_id=config.run_id, attempt=layout.attempt, pairs=rows.num_rows, ok=ok, error=rows.num_rows - ok,
         wall_seconds=wall, pairs_per_second=rows.num_rows / wall,
         forward_passes_per_pair=float(np.nansum(ok_rows.column("forward_share").to_numpy(zero_copy_only=False))) / max(ok, 1),
-        devices=tuple(sorted(pc.unique(rows.column("device")).drop_null().to_pylist())),
+        devices=tuple(sorted(pc.unique(rows.column("device")).drop_null().to_pylist())), gpus_per_actor=gpus_per_actor,
         results=redact_uri(layout.results_dir), png=redact_uri(layout.png_dir) if config.render_png != "none" else None,
         run_record=redact_uri(layout.run_record), warnings=(warning,) if warning else (),
     )
@@ -267,7 +271,8 @@ class RunRecorder:
             record["forward_passes_per_pair"] = summary.forward_passes_per_pair
             record["warnings"] = list(summary.warnings)
             record["resources"] = {
-                "num_actors": self.config.num_actors, "devices": list(summary.devices),
+                "num_actors": self.config.num_actors, "gpus_per_actor": summary.gpus_per_actor,
+                "devices": list(summary.devices),
                 "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             }
         return record
@@ -298,8 +303,9 @@ def run_audit(config: JobConfig) -> RunSummary:
     log.info("attempt %s of run %s (committed attempt: %s)", layout.attempt, config.run_id, plan.previous_attempt)
     connect()
     try:
-        _stage(build_dataset(config, layout), config, layout, store)
-        summary = summarise(store, layout, config, started)
+        gpus = _gpus_per_actor(config)
+        _stage(build_dataset(config, layout, gpus), config, layout, store)
+        summary = summarise(store, layout, config, started, gpus)
     except Exception as error:
         cause = _pipeline_error(error) or error
         try:  # best effort: the storage may be what failed

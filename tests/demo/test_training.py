@@ -6,13 +6,7 @@ import torch
 from jobs import train_demo_model
 from pipeline.demo.model import EMBEDDING_LAYER, TARGET_LAYER, DemoEmbeddingNet, demo_model
 
-
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
+pytestmark = pytest.mark.usefixtures("restore_torch_globals")
 
 
 def test_model_structure_after_target_layer_is_pool_flatten_fc():

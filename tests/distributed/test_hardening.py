@@ -26,7 +26,7 @@ HOSTILE_IDS = ["../../escape", "a/b", "nul\x00id", "x" * 300, "Ünïcödé 画�
 
 
 # small batches, so that a fault lands mid-run; hostile rows may fail without failing the run
-HARDENING = {"batch_size": 4, "max_error_fraction": 0.5}
+HARDENING = {"batch_size": 4, "max_error_fraction": 0.5, "render_png": "all"}
 
 
 def explain_actor_pids() -> set[int]:

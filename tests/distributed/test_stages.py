@@ -110,8 +110,8 @@ def test_a_decompression_bomb_fails_its_row_in_bounded_memory(tmp_path, rng) -> 
 
     error, growth_mib = peak_growth(50_000_000)  # the default max_image_pixels
     assert "too many pixels: 12000x12000" in error and growth_mib < 32, growth_mib
-    error, growth_mib = peak_growth(200_000_000)  # the measurement sees a decode when one happens
-    assert error is None and growth_mib > 400, growth_mib
+    error, growth_mib = peak_growth(200_000_000)  # the measurement sees a decode when one happens:
+    assert error is None and growth_mib > 130, growth_mib  # a decode takes hundreds of MiB, a refusal under 32
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

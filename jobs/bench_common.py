@@ -1,0 +1,77 @@
+"""What the speed and quality benchmarks share: the machine line of a report, and pytorch-grad-cam
+run the way its embedding tutorial runs it, on any feature layout the explainer reads.
+
+pytorch-grad-cam expects (B, C, h, w) activations; for a ViT its users write a
+`reshape_transform` from tokens to maps by hand. Here that transform is the explainer's own
+layout adapter (pipeline/explain/layout.py), so both methods read the same patch grid.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pytorch_grad_cam import GradCAM
+from torch import nn
+
+from jobs.benchmark_report import cpu_name
+from pipeline import SFAM
+from pipeline.explain.layout import FeatureLayout
+
+ReshapeTransform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def machine(threads: int, *packages: str) -> str:
+    """CPU, cores, how busy they were when the run began, torch threads and versions."""
+    load = os.getloadavg()[0]
+    versions = ", ".join(f"{package} {_version(package)}" for package in ("torch", *packages))
+    return (f"{cpu_name()}, {os.cpu_count()} cores shared with other work (load average {load:.1f} at the start), "
+            f"{threads} torch threads, {versions}")
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+class CosineToConcept:
+    """pytorch-grad-cam target of its embedding tutorial: cosine of the output to a fixed embedding."""
+
+    def __init__(self, concept: torch.Tensor) -> None:
+        self.concept = concept
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        return F.cosine_similarity(output, self.concept, dim=0)
+
+
+def reshape_transform(layout: FeatureLayout) -> ReshapeTransform | None:
+    """The `reshape_transform` pytorch-grad-cam needs for a layer of this layout (None for maps)."""
+    return None if layout.kind == "nchw" else layout.to_maps
+
+
+def resolve(explainer: SFAM, sample: torch.Tensor) -> SFAM:
+    """The explainer with its target layer and layout chosen on `sample` (the default layer when none was given)."""
+    explainer.features(sample[:1])
+    return explainer
+
+
+@contextmanager
+def library_cam(model: nn.Module, explainer: SFAM) -> Iterator[GradCAM]:
+    """pytorch-grad-cam's GradCAM on the resolved explainer's target layer, hooks and gradients
+    removed on exit so that other measurements run on a hook-free model."""
+    layer = model.get_submodule(explainer.target_layer)
+    with GradCAM(model=model, target_layers=[layer], reshape_transform=reshape_transform(explainer.layout)) as cam:
+        yield cam
+    model.zero_grad(set_to_none=True)
+
+
+def concept_maps(cam: GradCAM, x: torch.Tensor, concepts: torch.Tensor) -> np.ndarray:
+    """(B, H, W) maps of x for the cosine to each image's concept (B, D), min-max scaled by the library."""
+    return cam(input_tensor=x, targets=[CosineToConcept(c) for c in concepts])
