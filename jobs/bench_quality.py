@@ -77,8 +77,9 @@ BLUR_SIGMA = 4.0  # px, the deletion / insertion baseline image
 LOC_THRESHOLDS = (0.2, 0.5)  # top-1 localisation: fraction of the map's maximum
 SMOKE = {"pairs": 16, "subset": 8}
 
-SFAM_WEIGHTINGS = ("cis", "partner")  # one "SFAM (<weighting>)" row each
+SFAM_WEIGHTINGS = ("cis", "partner", "matched")  # one "SFAM (<weighting>)" row each
 SFAM_CIS = "SFAM (cis)"
+SFAM_MATCHED = "SFAM (matched)"
 GRADCAM_LIBRARY = "Grad-CAM (pytorch-grad-cam)"
 GRADCAM_PROJECT = "Grad-CAM (project baseline)"
 MEAN_ACTIVATION = "mean activation"
@@ -449,6 +450,21 @@ def cnn_targets(evaluation: Evaluation) -> list[Target]:
                ">= 0.10", 0.10),
         target(f"{SFAM_CIS} − Grad-CAM, {DELETION}", sfam[DELETION] - gradcam[DELETION], "< 0", 0.0, higher=False),
         target(f"{SFAM_CIS} {RANDOMISATION}", sfam[RANDOMISATION], "<= 0.3", 0.3, higher=False),
+        *matched_targets(evaluation),
+    ]
+
+
+def matched_targets(evaluation: Evaluation) -> list[Target]:
+    """The shared-evidence map's targets: it must tell the shared object, and lose nothing else against cis."""
+    matched, sfam = evaluation.scores[SFAM_MATCHED], evaluation.scores[SFAM_CIS]
+    gradcam = evaluation.scores[GRADCAM_LIBRARY]
+    return [
+        target(f"{SFAM_MATCHED} {SHARED_POINTING}", matched[SHARED_POINTING], ">= 0.90", 0.90),
+        target(f"{SFAM_MATCHED} − Grad-CAM, {SHARED_POINTING}", matched[SHARED_POINTING] - gradcam[SHARED_POINTING],
+               ">= 0.05", 0.05),
+        target(f"{SFAM_MATCHED} {POINTING}", matched[POINTING], ">= 0.95", 0.95),
+        target(f"{SFAM_MATCHED} − {SFAM_CIS}, {DELETION}", matched[DELETION] - sfam[DELETION], "<= 0", 0.0, higher=False),
+        target(f"{SFAM_MATCHED} {RANDOMISATION}", matched[RANDOMISATION], "<= 0.3", 0.3, higher=False),
     ]
 
 

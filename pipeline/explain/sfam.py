@@ -24,11 +24,13 @@ Target layers may output maps, channels-last maps or tokens (layout.py).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.explain.correspondence import local_embeddings, matched_maps, top_correspondences
 from pipeline.explain.head import AffineHead, measure_affine_head, per_image_scale
@@ -288,7 +290,9 @@ class SFAM:
         slots = torch.cat([query_index, reference_index])  # (2P,) query sides, then reference sides
         partners = torch.cat([reference_index, query_index])
         rounds = (slots[:, None] == slots[None, :]).tril(-1).sum(dim=1)  # (2P,) earlier slots, same image
-        with torch.inference_mode(False), torch.enable_grad():
+        # "matched" differentiates twice: fused attention kernels have no second derivative, the math one does
+        attention = sdpa_kernel(SDPBackend.MATH) if self.weighting == "matched" else nullcontext()
+        with torch.inference_mode(False), torch.enable_grad(), attention:
             forward = self._forward(images.clone(), replace=lambda output: output.detach().requires_grad_())
             u = forward.embeddings  # (N, D)
             local = self._local_embeddings(forward) if self.weighting == "matched" else None

@@ -101,3 +101,16 @@ def test_cuda_equals_cpu(seed: int) -> None:
     assert cuda.map_query.is_cuda and cuda.correspondences.is_cuda
     assert_maps_close(cuda.map_query.cpu(), cpu.map_query, what="map_query")
     assert_close(cuda.correspondences.cpu(), cpu.correspondences, rel=1e-3, what="correspondences")
+
+
+def test_matched_on_a_vit_with_fused_attention() -> None:
+    """The generic path differentiates twice; fused attention has no second derivative (math attention does)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32).eval()
+    x, y = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    result = SFAM(model, weighting="matched").explain(x, y)
+    assert result.map_query.shape == (2, 2, 2) and result.correspondences.shape == (2, 4, 5)
+    completeness = result.cis_query.double().sum(dim=1) + result.residual_query - result.similarity
+    assert float(completeness.abs().max()) < 1e-5

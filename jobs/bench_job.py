@@ -1,0 +1,470 @@
+"""The whole job against one process that only decodes, side by side, and where the job's time goes.
+
+    python -m jobs.bench_job [--queries 96] [--top-k 10] [--gallery 480] [--rounds 3] [--smoke] [--write]
+
+One generated audit: 640x480 JPEGs (queries, each with its top-k drawn from a gallery), a tiny
+model (jobs/tiny_model.py, so explaining costs almost nothing) and the default render policy.
+Each round runs a single process that only reads, decodes and resizes both images of each pair
+(what the job's fetch does, without the job), then the whole job (run_audit on a local Ray with
+every core) on the same manifest, so that a shared machine's load hits both alike: the ratio of
+their pairs/s is the target. While the job runs, the CPU time of every process (the driver, Ray's
+own processes, the workers) is sampled; the job's stages are timed again in this process on the
+same batches, and what the job spends beyond them is Ray's overhead. The job's steady state is
+read from its result files: rows and CPU between the first and the last part file written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.bench_common import machine
+from jobs.bench_stages import photo_jpeg
+from jobs.benchmark_report import BENCHMARKS, parse_benchmark_args, write_section
+from jobs.tiny_model import tiny_spec
+from pipeline.config import JobConfig
+from pipeline.io.images import decode_pictures
+from pipeline.io.storage import StorageOptions
+
+if TYPE_CHECKING:
+    from pipeline.distributed.job import RunSummary
+
+SECTION = "## Where the job's time goes"
+SMOKE = {"queries": 4, "top_k": 2, "gallery": 8, "rounds": 1, "batch_size": 2}
+MAX_PIXELS = 50_000_000
+DRIVER, WORKERS, RAY = "driver", "Ray workers running the stages", "Ray's own processes"
+STAGE_NAMES = ("FetchImages", "ExplainPairs", "RenderResults")  # in a worker's process title while it runs one
+TARGET = 1.0  # the job's pairs/s over the decode-only process's
+T = TypeVar("T")
+GPU_BUSY = 0.8
+RESNET50_H100 = 2_700.0  # SFAM pairs/s, resnet50 at 224 px on one H100 (BENCHMARKS.md, Speed)
+GPU_PAIRS_PER_SECOND = {  # model -> (pairs/s, where the figure comes from)
+    "resnet50": (RESNET50_H100, "measured"),
+    "vit_b_16": (RESNET50_H100 * 4.09 / 17.56, "estimated: resnet50's x its FLOPs / vit_b_16's, 4.09 / 17.56 GFLOPs"),
+}
+
+
+# -- inputs -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Audit:
+    """A generated audit: its manifest, and the folder its relative image URIs resolve against."""
+
+    root: Path
+    manifest: Path
+    pairs: int
+
+
+def write_audit(root: Path, queries: int, top_k: int, gallery: int, image_size: tuple[int, int],
+                rng: np.random.Generator) -> Audit:
+    """Query and gallery JPEGs of `image_size` (width, height) and a manifest of each query's top-k."""
+    (root / "img").mkdir(parents=True)
+    for name, count in (("q", queries), ("g", gallery)):
+        for i in range(count):
+            (root / "img" / f"{name}{i}.jpg").write_bytes(photo_jpeg(rng, *image_size))
+    rows = [{"pair_id": f"q{q}/g{g}", "query_uri": f"img/q{q}.jpg", "reference_uri": f"img/g{g}.jpg",
+             "rank": rank, "score": float(1 - rank / (top_k + 1)), "label": int(rng.random() < 0.3)}
+            for q in range(queries)
+            for rank, g in enumerate(rng.choice(gallery, size=top_k, replace=False).tolist(), start=1)]
+    schema = pa.schema([("pair_id", pa.string()), ("query_uri", pa.string()), ("reference_uri", pa.string()),
+                        ("rank", pa.int32()), ("score", pa.float32()), ("label", pa.int8())])
+    manifest = root / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), manifest)
+    return Audit(root, manifest, len(rows))
+
+
+def job_config(audit: Audit, run_id: str, **overrides: object) -> JobConfig:
+    """The job's defaults (batch size, actors, render policy) on the audit, with the tiny model."""
+    return JobConfig.model_validate({"manifest": str(audit.manifest), "output": str(audit.root / "audits"),
+                                     "run_id": run_id, "model": tiny_spec().model_dump(), "max_error_fraction": 0.0,
+                                     **overrides})
+
+
+# -- CPU time and memory of the job's processes ---------------------------------------------------
+
+
+@contextmanager
+def every(interval_s: float, action: Callable[[], None]) -> Iterator[None]:
+    """Runs `action` in a background thread when the block starts, every `interval_s` seconds, and when it ends."""
+    done = threading.Event()
+
+    def repeat() -> None:
+        action()
+        while not done.wait(interval_s):
+            action()
+        action()
+
+    thread = threading.Thread(target=repeat, name="every", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+@dataclass(frozen=True)
+class Sample:
+    """At `at` (time.time()): CPU seconds so far and, when sampled, USS bytes, per process group."""
+
+    at: float
+    cpu: dict[str, float]
+    uss: dict[str, int]
+
+
+@dataclass
+class ProcessMonitor:
+    """Samples, in a background thread, the driver (this process) and every process under it.
+
+    Groups: the driver (less the monitor's own thread), the Ray workers once they run a stage of
+    the job, and Ray's own processes (raylet, GCS, agents, Ray Data's helper actors and tasks,
+    workers before their first stage). The CPU time a process used since the previous sample
+    goes to its group of the moment, so a worker that exits keeps what it was counted.
+    """
+
+    interval_s: float = 0.5
+    uss: bool = False  # memory_full_info reads /proc/PID/smaps: slow, so only where asked
+    samples: list[Sample] = field(default_factory=list)
+    _seen: dict[int, float] = field(default_factory=dict)  # pid -> CPU seconds at the previous sample
+    _cpu: dict[str, float] = field(default_factory=dict)  # group -> CPU seconds
+    _stage_workers: set[int] = field(default_factory=set)
+
+    @contextmanager
+    def watching(self) -> Iterator[ProcessMonitor]:
+        with every(self.interval_s, lambda: self.samples.append(self._sample())):
+            yield self
+
+    def _sample(self) -> Sample:
+        driver = psutil.Process()
+        uss: dict[str, int] = {}
+        for process in [driver, *driver.children(recursive=True)]:
+            try:
+                group = self._group(process, driver)
+                times = process.cpu_times()
+                own = time.thread_time() if process.pid == driver.pid else 0.0
+                seconds = times.user + times.system - own
+                if self.uss:
+                    uss[group] = uss.get(group, 0) + process.memory_full_info().uss
+            except psutil.Error:  # exited meanwhile
+                continue
+            self._cpu[group] = self._cpu.get(group, 0.0) + seconds - self._seen.get(process.pid, 0.0)
+            self._seen[process.pid] = seconds
+        return Sample(time.time(), dict(self._cpu), uss)
+
+    def _group(self, process: psutil.Process, driver: psutil.Process) -> str:
+        if process.pid == driver.pid:
+            return DRIVER
+        title = " ".join(process.cmdline())
+        if any(stage in title for stage in STAGE_NAMES):
+            self._stage_workers.add(process.pid)
+        return WORKERS if process.pid in self._stage_workers else RAY
+
+    def cpu_at(self, moment: float) -> dict[str, float]:
+        """CPU seconds per group at `moment`, interpolated between samples."""
+        times = [s.at for s in self.samples]
+        groups = {group for s in self.samples for group in s.cpu}
+        return {group: float(np.interp(moment, times, [s.cpu.get(group, 0.0) for s in self.samples]))
+                for group in groups}
+
+
+# -- the job --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobRun:
+    """One run of the whole job, its part files' timeline and its processes' CPU time."""
+
+    summary: RunSummary
+    started: float
+    finished: float
+    parts: list[tuple[float, int]]  # (mtime, rows) of each result file, in time order
+    monitor: ProcessMonitor
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.summary.pairs / (self.finished - self.started)
+
+    @property
+    def first_result(self) -> float:
+        """Seconds from the start of run_audit to the first result file."""
+        return self.parts[0][0] - self.started
+
+    @property
+    def steady_rows(self) -> int:
+        """Rows written after the first result file, up to the last."""
+        return sum(rows for _, rows in self.parts[1:])
+
+    @property
+    def steady_seconds(self) -> float:
+        return max(self.parts[-1][0] - self.parts[0][0], 1e-9)
+
+    def steady_cpu(self) -> dict[str, float]:
+        """CPU seconds per process group between the first and the last result file."""
+        first, last = (self.monitor.cpu_at(self.parts[i][0]) for i in (0, -1))
+        return {group: last[group] - first.get(group, 0.0) for group in last}
+
+    def startup_cpu(self) -> float:
+        """CPU seconds of all processes from the start of run_audit to the first result file."""
+        begin, first = self.monitor.cpu_at(self.started), self.monitor.cpu_at(self.parts[0][0])
+        return sum(first[group] - begin.get(group, 0.0) for group in first)
+
+
+def result_parts(output: Path, attempt: str) -> list[tuple[float, int]]:
+    """(mtime, rows) of the attempt's Parquet part files, wherever the store keeps them."""
+    files = sorted(output.rglob(f"part-{attempt}-*.parquet"), key=lambda f: f.stat().st_mtime)
+    return [(f.stat().st_mtime, pq.ParquetFile(f).metadata.num_rows) for f in files]
+
+
+def run_job(config: JobConfig, monitor: ProcessMonitor) -> JobRun:
+    """run_audit on the Ray this process is connected to, watched by `monitor`."""
+    from pipeline.distributed.job import run_audit
+
+    with monitor.watching():
+        started = time.time()
+        summary = run_audit(config)
+        finished = time.time()
+    return JobRun(summary, started, finished, result_parts(Path(config.output), summary.attempt), monitor)
+
+
+@contextmanager
+def local_ray() -> Iterator[None]:
+    """A local Ray on every core, without dashboard, progress bars or worker logs on the console."""
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+# -- in one process -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Throughput:
+    pairs_per_second: float
+    cpu_ms_per_pair: float
+
+
+def decode_only(audit: Audit) -> Throughput:
+    """One process reads, decodes and resizes both images of each pair, as the job's fetch does."""
+    from pipeline.distributed.stages import DISPLAY_SIDE
+
+    rows = pq.read_table(audit.manifest, columns=["query_uri", "reference_uri"]).to_pylist()
+    size = tiny_spec().input_size
+    wall, cpu = time.perf_counter(), time.process_time()
+    for row in rows:
+        for uri in row.values():
+            decode_pictures((audit.root / uri).read_bytes(), uri, MAX_PIXELS, size, DISPLAY_SIDE)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return Throughput(len(rows) / wall, 1000 * cpu / len(rows))
+
+
+DECODE = "decode: decode_pictures of each distinct image of a batch"
+FETCH_REST = "fetch besides decoding: reading the files, Arrow columns"
+EXPLAIN = "explain: ExplainPairs with the tiny model (model tensors, SFAM, result columns)"
+RENDER = "render: RenderResults, default policy (flagged)"
+WRITE = "Parquet write of the result rows (pyarrow, one file per batch)"
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    ms_per_pair: dict[str, float]  # CPU ms per pair of each stage, in pipeline order
+    overlays: int
+    pairs: int
+
+
+def stage_costs(audit: Audit, config: JobConfig, folder: Path) -> StageCosts:
+    """The job's stages on its batches, one after another in this process on one torch thread."""
+    import torch
+
+    from pipeline.distributed.stages import DISPLAY_SIDE, ExplainPairs, FetchImages, RenderResults
+    from pipeline.layout import RunLayout
+    from pipeline.render.selection import select_for_render
+
+    torch.set_num_threads(1)  # as in an actor of the job with one CPU or less
+    options = StorageOptions()
+    fetch = FetchImages(str(audit.root), config.model.input_size, config.max_image_pixels, options)
+    explain = ExplainPairs(config.model, options, "bench")
+    render = RenderResults(RunLayout(str(folder), "bench", "2026-01-01", "bench"), config.render_png, config.render_flags, options)
+    seconds = dict.fromkeys((DECODE, FETCH_REST, EXPLAIN, RENDER, WRITE), 0.0)
+    manifest, overlays = pq.read_table(audit.manifest), 0
+
+    def timed(name: str, work: Callable[..., T], *args: object) -> T:
+        started = time.process_time()
+        result = work(*args)
+        seconds[name] += time.process_time() - started
+        return result
+
+    for offset in range(0, manifest.num_rows, config.batch_size):
+        batch = manifest.slice(offset, config.batch_size)
+        for uri in {*batch.column("query_uri").to_pylist(), *batch.column("reference_uri").to_pylist()}:
+            timed(DECODE, decode_pictures, (audit.root / uri).read_bytes(), uri, MAX_PIXELS,
+                  config.model.input_size, DISPLAY_SIDE)
+        explained = timed(EXPLAIN, explain, timed(FETCH_REST, fetch, batch))
+        overlays += int(select_for_render(explained, config.render_png, config.render_flags).sum())
+        timed(WRITE, pq.write_table, timed(RENDER, render, explained), folder / f"part-{offset}.parquet")
+    seconds[FETCH_REST] -= seconds[DECODE]  # the fetch decoded the same images again
+    return StageCosts({name: 1000 * s / manifest.num_rows for name, s in seconds.items()}, overlays, manifest.num_rows)
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Round:
+    decode: Throughput
+    job: JobRun
+
+    @property
+    def ratio(self) -> float:
+        return self.job.pairs_per_second / self.decode.pairs_per_second
+
+    @property
+    def steady_ratio(self) -> float:
+        return self.job.steady_rows / self.job.steady_seconds / self.decode.pairs_per_second
+
+
+def rounds_table(rounds: list[Round]) -> str:
+    lines = ["| round | decode-only, 1 process | whole job (run_audit) | job ÷ decode-only | job, steady state "
+             "| steady ÷ decode-only | job: first result after | job: CPU until then |",
+             "|---|---|---|---|---|---|---|---|"]
+    for number, r in enumerate(rounds, start=1):
+        job = r.job
+        lines.append(f"| {number} | {r.decode.pairs_per_second:,.0f} pairs/s | {job.pairs_per_second:,.1f} pairs/s "
+                     f"| {r.ratio:.2f} | {job.steady_rows / job.steady_seconds:,.0f} pairs/s | {r.steady_ratio:.2f} "
+                     f"| {job.first_result:.1f} s | {job.startup_cpu():.1f} s |")
+    ratio, steady = (statistics.median(getattr(r, name) for r in rounds) for name in ("ratio", "steady_ratio"))
+    met = "met" if ratio >= TARGET else "MISSED"
+    lines += ["", "| ratio (median over rounds) | value | target | |", "|---|---|---|---|",
+              f"| whole job ÷ decode-only (pairs/s) | {ratio:.2f} | >= {TARGET} | {met} |",
+              f"| job in steady state ÷ decode-only (pairs/s) | {steady:.2f} | >= {TARGET} | "
+              f"{'met' if steady >= TARGET else 'MISSED'} |"]
+    return "\n".join(lines)
+
+
+def steady_ms_per_pair(job: JobRun) -> dict[str, float]:
+    """CPU ms per pair of each process group in the job's steady state."""
+    return {group: 1000 * seconds / max(job.steady_rows, 1) for group, seconds in job.steady_cpu().items()}
+
+
+def ray_overhead(stages: StageCosts, job: JobRun) -> float:
+    """CPU ms per pair that the job spends beyond its stages run in one process."""
+    return sum(steady_ms_per_pair(job).values()) - sum(stages.ms_per_pair.values())
+
+
+def breakdown_table(stages: StageCosts, job: JobRun, batch_size: int) -> str:
+    """CPU ms per pair: each stage in one process, then the job's steady state by process group."""
+    per_pair = steady_ms_per_pair(job)
+    stage_sum, job_sum = sum(stages.ms_per_pair.values()), sum(per_pair.values())
+    lines = ["| where (CPU time per pair) | ms/pair |", "|---|---|"]
+    lines += [f"| {name} | {ms:.2f} |" for name, ms in stages.ms_per_pair.items()]
+    lines += [f"| **the stages in one process** ({stages.overlays} overlays for {stages.pairs} pairs) | **{stage_sum:.2f}** |",
+              f"| **the whole job, steady state, all processes** ({job.steady_rows} pairs in "
+              f"{job.steady_seconds:.1f} s) | **{job_sum:.2f}** |"]
+    lines += [f"| &nbsp;&nbsp;{group} | {per_pair.get(group, 0.0):.2f} |" for group in (WORKERS, DRIVER, RAY)]
+    overhead = ray_overhead(stages, job)
+    lines += [f"| **Ray's overhead: the job less its stages** | **{overhead:.2f}** ({overhead * batch_size:.0f} ms "
+              f"per batch of {batch_size}) |"]
+    return "\n".join(lines)
+
+
+def projection_table(stages: StageCosts, job: JobRun) -> str:
+    """CPU cores that keep a GPU busy, from this run's CPU costs per pair and each model's GPU pairs/s."""
+    cpu = stages.ms_per_pair
+    feeding = cpu[DECODE] + cpu[FETCH_REST] + cpu[RENDER] + cpu[WRITE] + ray_overhead(stages, job)
+    lines = [f"| model at 224 px | GPU pairs/s (H100) | CPU ms per pair: fetch, render, write, Ray | cores for "
+             f"{GPU_BUSY:.0%} busy | explain actors' own CPU ({cpu[EXPLAIN]:.2f} ms per pair at most): cores |",
+             "|---|---|---|---|---|"]
+    for model, (rate, source) in GPU_PAIRS_PER_SECOND.items():
+        busy = GPU_BUSY * rate / 1000
+        lines.append(f"| {model} | {rate:,.0f} ({source}) | {feeding:.2f} | {busy * feeding:.1f} "
+                     f"| {busy * cpu[EXPLAIN]:.1f} |")
+    return "\n".join(lines)
+
+
+def section(command: str, args: argparse.Namespace, audit: Audit, rounds: list[Round], stages: StageCosts,
+            batch_size: int, actors: int) -> str:
+    return "\n".join([
+        SECTION, "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine(1, 'ray')}  ",
+        f"Audit: {audit.pairs} pairs of 640x480 JPEGs ({args.queries} queries x top-{args.top_k} from a gallery of "
+        f"{args.gallery}), tiny model (jobs/tiny_model.py) at 224 px, batch {batch_size}, {actors} actors, "
+        "render policy flagged (the job's defaults)",
+        "", rounds_table(rounds), "",
+        breakdown_table(stages, rounds[-1].job, batch_size), "",
+        projection_table(stages, rounds[-1].job), "",
+        "Each round runs the decode-only process, then the job, on the same files. The whole job's pairs/s "
+        "counts everything from run_audit's start (pre-flight check, Ray Data starting its workers and "
+        "actors, commit); the steady state counts the rows and time between the first and the last "
+        "result file. Stage rows: the job's stage classes run in this process on the job's batches "
+        "(decoding is timed on its own, then subtracted from the fetch); the job's rows: CPU time of "
+        "every process, sampled every 0.5 s, between the first and the last result file of the last round. "
+        "Projection: the CPU work per pair that does not run on the GPU (decoding, the rest of the fetch, "
+        "rendering, writing, Ray's overhead as measured here) at the GPU's pairs/s, times the share of time "
+        "the GPU should be busy; the explain actors' own CPU per pair is at most what the tiny model's "
+        "explanation costs on the CPU here (on a GPU its tensors are made on the GPU).",
+    ]) + "\n"
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench_job", description=__doc__.splitlines()[0])
+    parser.add_argument("--queries", type=int, default=96)
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--gallery", type=int, default=480, help="gallery images the top-k are drawn from")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of decode-only, then the job")
+    parser.add_argument("--batch-size", type=int, default=JobConfig.model_fields["batch_size"].default,
+                        help="the job's batch_size (default: the job's default)")
+    args = parse_benchmark_args(parser, argv, SMOKE, SECTION)
+    if args.gallery < args.top_k:
+        parser.error("--gallery must hold at least --top-k images")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-job-") as folder:
+        audit = write_audit(Path(folder) / "audit", args.queries, args.top_k, args.gallery, (640, 480),
+                            np.random.default_rng(0))
+        config = job_config(audit, "bench-job", batch_size=args.batch_size)
+        stages = stage_costs(audit, config, Path(folder) / "stages")
+        with local_ray():
+            rounds = [Round(decode_only(audit), run_job(config.model_copy(update={"run_id": f"bench-job-{n}"}),
+                                                        ProcessMonitor()))
+                      for n in range(args.rounds)]
+    report = "\n\n".join([rounds_table(rounds), breakdown_table(stages, rounds[-1].job, config.batch_size),
+                          projection_table(stages, rounds[-1].job)])
+    print(report)
+    if args.write:
+        command = shlex.join(["python", "-m", "jobs.bench_job", *argv])
+        write_section(BENCHMARKS, section(command, args, audit, rounds, stages, config.batch_size, config.num_actors))
+        print(f"\nwrote the {SECTION} section of {BENCHMARKS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
