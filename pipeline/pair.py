@@ -6,11 +6,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.io.images import decode_pictures
+from pipeline.explain import SFAMResult
+from pipeline.io.images import Pictures, decode_pictures
 from pipeline.io.storage import StorageOptions, read_bytes, write_bytes
 from pipeline.models.explainer import build_explainer
 from pipeline.models.spec import ModelSpec
 from pipeline.render import render_pair_png
+from pipeline.render.result_row import matches_in_pixels
 from pipeline.schema import TOP_CHANNELS
 
 DISPLAY_SIDE = 512
@@ -24,6 +26,16 @@ class PairExplanation:
     residual_query: float
     residual_reference: float
     png: bytes
+
+
+def _matches_on_display(result: SFAMResult, pictures: list[Pictures]) -> list[tuple[list[float], list[float]]]:
+    """The pair's correspondences (weighting "matched" only) as point pairs on the display pictures."""
+    if result.correspondences is None:
+        return []
+    sizes = [(p.display.shape[1], p.display.shape[0]) for p in pictures]
+    (matches,) = matches_in_pixels(result.correspondences[:1].cpu().numpy(), tuple(result.map_query.shape[1:]),
+                                   sizes[:1], sizes[1:])
+    return [(match["query_xy"], match["reference_xy"]) for match in matches]
 
 
 def explain_pair(query_uri: str, reference_uri: str, spec: ModelSpec, options: StorageOptions,
@@ -41,6 +53,7 @@ def explain_pair(query_uri: str, reference_uri: str, spec: ModelSpec, options: S
         result.map_query[0].cpu().numpy(), result.map_reference[0].cpu().numpy(),
         similarity=similarity, metric=spec.metric,
         title=f"{spec.model_id} · {explainer.target_layer} · {spec.weighting}", top_channels=top,
+        correspondences=_matches_on_display(result, pictures),
     )
     if output is not None:
         write_bytes(output, png, options)

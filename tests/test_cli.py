@@ -29,6 +29,7 @@ def test_explain_writes_a_readable_png(tmp_path: Path, rng) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "cosine similarity:" in done.stdout and "top channels by CIS" in done.stdout
+    assert "target layer: layer4" in done.stdout  # the default layer, said
     picture = np.asarray(Image.open(io.BytesIO(out.read_bytes())).convert("RGB"))
     height, width, _ = picture.shape
     assert height > 256 and width > 256 * (320 / 240 + 160 / 224) * 0.9  # both panels at their aspect ratios
@@ -42,3 +43,19 @@ def test_explain_reports_bad_input_clearly(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "layer5" in done.stderr and "layer4" in done.stderr  # the unknown layer, and a close name
+
+
+def test_explain_draws_the_matches_of_the_matched_map(tmp_path: Path, rng) -> None:
+    picture = smooth_picture(rng, 160, 160)
+    picture.save(tmp_path / "query.png")
+    picture.transpose(Image.FLIP_LEFT_RIGHT).save(tmp_path / "reference.png")
+    common = [*SFAM, "explain", str(tmp_path / "query.png"), str(tmp_path / "reference.png"),
+              "--model", "{arch: resnet18, embedding_dim: 32, input_size: 128}"]
+    pictures = {}
+    for weighting in ("cis", "matched"):
+        out = tmp_path / f"{weighting}.png"
+        done = subprocess.run([*common, "--weighting", weighting, "-o", str(out)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        pictures[weighting] = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    magenta = [(p[..., 0] > 200) & (p[..., 1] < 80) & (p[..., 2] > 200) for p in pictures.values()]
+    assert magenta[1].sum() > 10 * max(magenta[0].sum(), 1)  # the matched overlay draws its correspondences

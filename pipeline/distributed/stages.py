@@ -23,7 +23,7 @@ from pipeline.layout import RunLayout
 from pipeline.localisation import energy_in_box, peak_xy, pointing_hit
 from pipeline.models.explainer import build_explainer, device_label
 from pipeline.models.spec import ModelSpec
-from pipeline.render.result_row import OVERLAY_COLUMNS, render_result_row
+from pipeline.render.result_row import OVERLAY_COLUMNS, matches_in_pixels, render_result_row
 from pipeline.render.selection import FlagRules, RenderPolicy, select_for_render
 from pipeline.schema import BOX_COLUMNS, EXPLAINED_COLUMNS, SIDES, TOP_CHANNELS, result_type
 
@@ -111,18 +111,6 @@ def _with_nulls(values: list, ok_rows: np.ndarray, num_rows: int) -> list:
     return column
 
 
-def _correspondences(matches: np.ndarray, grid: tuple[int, int], query_sizes: list, reference_sizes: list) -> list:
-    """(P, k, 5) matches in feature-grid units (x_q, y_q, x_r, y_r, cos) -> per row, a list of
-    {query_xy, reference_xy, score} in original image pixels."""
-    rows, cols = grid
-    return [
-        [{"query_xy": [float(xq * qw / cols), float(yq * qh / rows)],
-          "reference_xy": [float(xr * rw / cols), float(yr * rh / rows)], "score": float(score)}
-         for xq, yq, xr, yr, score in pair]
-        for pair, (qw, qh), (rw, rh) in zip(matches, query_sizes, reference_sizes)
-    ]
-
-
 class ExplainPairs:
     """One model replica: forwards each distinct image of a batch once and explains its pairs."""
 
@@ -179,7 +167,7 @@ class ExplainPairs:
         }
         sizes = {side: [batch.column(f"_{side}_size")[int(r)].as_py() for r in ok_rows] for side in SIDES}
         if result.correspondences is not None:
-            columns["correspondences"] = _correspondences(result.correspondences.cpu().numpy(), maps["query"].shape[1:],
+            columns["correspondences"] = matches_in_pixels(result.correspondences.cpu().numpy(), maps["query"].shape[1:],
                                                           sizes["query"], sizes["reference"])
         has_boxes = _has_boxes(batch)
         for side in SIDES:

@@ -21,6 +21,18 @@ MIN_PANEL_HEIGHT = 128  # small images are enlarged to this height, to stay read
 MAX_PANEL_HEIGHT = 256
 
 
+def matches_in_pixels(matches: np.ndarray, grid: tuple[int, int], query_sizes: list, reference_sizes: list) -> list:
+    """(P, k, 5) matches in feature-grid units (x_q, y_q, x_r, y_r, cos) -> per pair, a list of
+    {query_xy, reference_xy, score} in the pixels of pictures of the given (width, height) sizes."""
+    rows, cols = grid
+    return [
+        [{"query_xy": [float(xq * qw / cols), float(yq * qh / rows)],
+          "reference_xy": [float(xr * rw / cols), float(yr * rh / rows)], "score": float(score)}
+         for xq, yq, xr, yr, score in pair]
+        for pair, (qw, qh), (rw, rh) in zip(matches, query_sizes, reference_sizes)
+    ]
+
+
 def _box_on_display(box: list[float] | None, size: tuple[int, int], display: np.ndarray) -> list[float] | None:
     """A box in original pixels (x0, y0, x1, y1), scaled to the display picture's pixels."""
     if box is None:
