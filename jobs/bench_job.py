@@ -267,7 +267,7 @@ class Throughput:
 
 def decode_only(audit: Audit) -> Throughput:
     """One process reads, decodes and resizes both images of each pair, as the job's fetch does."""
-    from pipeline.distributed.stages import DISPLAY_SIDE
+    from pipeline.render.result_row import DISPLAY_SIDE
 
     rows = pq.read_table(audit.manifest, columns=["query_uri", "reference_uri"]).to_pylist()
     size = tiny_spec().input_size
@@ -297,8 +297,9 @@ def stage_costs(audit: Audit, config: JobConfig, folder: Path) -> StageCosts:
     """The job's stages on its batches, one after another in this process on one torch thread."""
     import torch
 
-    from pipeline.distributed.stages import DISPLAY_SIDE, ExplainPairs, FetchImages, RenderResults
+    from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults
     from pipeline.layout import RunLayout
+    from pipeline.render.result_row import DISPLAY_SIDE
     from pipeline.render.selection import select_for_render
 
     torch.set_num_threads(1)  # as in an actor of the job with one CPU or less

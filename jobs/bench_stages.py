@@ -25,11 +25,11 @@ from jobs.benchmark_report import BENCHMARKS, cpu_name, parse_benchmark_args, wr
 from pipeline.io.images import decode_image, decode_pictures, display_image, resize_for_model
 from pipeline.render import render_pair_png
 from pipeline.render.overlay import encode_png
+from pipeline.render.result_row import DISPLAY_SIDE
 
 SECTION = "## CPU stages"
 SMOKE = {"pairs": 4, "repeats": 1}
 MAX_PIXELS = 50_000_000
-JOB_DISPLAY_SIDE = 256  # the job's display picture (pipeline.distributed.stages.DISPLAY_SIDE)
 FULL_DECODE = "decode + resize a pair: full decode, then resize_for_model and display_image (before)"
 DRAFT_DECODE = "decode + resize a pair: decode_pictures, JPEG draft mode (now)"
 
@@ -82,11 +82,11 @@ def decode_rows(pairs: list[tuple[bytes, bytes]], model_size: int, repeats: int)
     def full() -> None:
         for data in (image for pair in pairs for image in pair):
             rgb = decode_image(data, "bench.jpg", MAX_PIXELS)
-            resize_for_model(rgb, model_size), display_image(rgb, JOB_DISPLAY_SIDE)
+            resize_for_model(rgb, model_size), display_image(rgb, DISPLAY_SIDE)
 
     def draft() -> None:
         for data in (image for pair in pairs for image in pair):
-            decode_pictures(data, "bench.jpg", MAX_PIXELS, model_size, JOB_DISPLAY_SIDE)
+            decode_pictures(data, "bench.jpg", MAX_PIXELS, model_size, DISPLAY_SIDE)
 
     ms = cpu_ms({FULL_DECODE: full, DRAFT_DECODE: draft}, len(pairs), repeats)
     return [Row(name, value) for name, value in ms.items()]
@@ -108,8 +108,8 @@ class Overlay:
         return f"display side {self.display_side}, {self.map_side}x{self.map_side} maps, panel height {self.panel_height}"
 
 
-OVERLAYS = [Overlay(JOB_DISPLAY_SIDE, 7), Overlay(JOB_DISPLAY_SIDE, 14), Overlay(640, 7), Overlay(640, 14),
-            Overlay(JOB_DISPLAY_SIDE, 7, panel_height=192)]
+OVERLAYS = [Overlay(DISPLAY_SIDE, 7), Overlay(DISPLAY_SIDE, 14), Overlay(640, 7), Overlay(640, 14),
+            Overlay(DISPLAY_SIDE, 7, panel_height=192)]
 
 
 def render_rows(pairs: list[tuple[bytes, bytes]], overlay: Overlay, repeats: int, rng: np.random.Generator) -> list[Row]:

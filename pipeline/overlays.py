@@ -12,10 +12,8 @@ from pipeline.io.images import decode_pictures
 from pipeline.io.storage import StorageOptions, join_uri, read_bytes, resolve_uri
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import read_json
-from pipeline.render.result_row import OVERLAY_COLUMNS, render_result_row
+from pipeline.render.result_row import DISPLAY_SIDE, OVERLAY_COLUMNS, render_result_row
 from pipeline.schema import SIDES
-
-DISPLAY_SIDE = 256  # as the job's overlays
 
 
 class PairNotFound(UserError):

@@ -23,11 +23,10 @@ from pipeline.layout import RunLayout
 from pipeline.localisation import energy_in_box, peak_xy, pointing_hit
 from pipeline.models.explainer import build_explainer, device_label
 from pipeline.models.spec import ModelSpec
-from pipeline.render.result_row import OVERLAY_COLUMNS, matches_in_pixels, render_result_row
+from pipeline.render.result_row import DISPLAY_SIDE, OVERLAY_COLUMNS, matches_in_pixels, render_result_row
 from pipeline.render.selection import FlagRules, RenderPolicy, select_for_render
 from pipeline.schema import BOX_COLUMNS, EXPLAINED_COLUMNS, SIDES, TOP_CHANNELS, result_type
 
-DISPLAY_SIDE = 256  # longest side of the picture kept for the PNG overlay
 BYTES_PER_PIXEL_LIMIT = 4  # a compressed image is never larger than its raw pixels and a margin
 
 

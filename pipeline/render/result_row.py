@@ -17,6 +17,7 @@ from pipeline.schema import SIDES
 # the columns of a row that its overlay is drawn from (the boxes only when the manifest has them)
 OVERLAY_COLUMNS = ("pair_id", "similarity", "metric", "cis_top_channels", "map_shape", "map_query", "map_reference",
                    "query_bbox", "reference_bbox", "correspondences")
+DISPLAY_SIDE = 256  # longest side of the display picture a row's overlay is drawn on (job and sfam render)
 MIN_PANEL_HEIGHT = 128  # small images are enlarged to this height, to stay readable
 MAX_PANEL_HEIGHT = 256
 
