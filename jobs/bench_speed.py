@@ -5,8 +5,8 @@
 
 Every row runs in one process on the same inputs: pairs of a generated retrieval manifest
 (random smooth pictures, each query with its top-k from a gallery), decoded as the job decodes
-them. Each arch of `--archs` gets the three in-process rows at the explainer's default target
-layer (ResNet: `layer4`, fast path; ViT: the input of the last block, generic path), GradCAM
+them. Each arch of `--archs` gets the four in-process rows (bare forward, SFAM with the default
+`cis` weighting, SFAM `matched`, GradCAM) at the explainer's default target layer (ResNet: `layer4`, fast path; ViT: the input of the last block, generic path), GradCAM
 with a `reshape_transform` for token layers. On a shared, noisy machine the ratios between
 rows mean more than the absolute numbers. `--smoke` is a tiny run for the tests; `--write`
 puts the table into BENCHMARKS.md (`## Speed`).
@@ -57,6 +57,7 @@ SMOKE = {"archs": ["resnet18", "timm/vit_tiny_patch16_224"], "size": 64, "batch"
 
 BARE = "bare forward (inference_mode)"
 SFAM_ROW = "SFAM, both maps per pair"
+MATCHED_ROW = "SFAM matched (weighting=\"matched\"), both maps and correspondences per pair"
 GRADCAM = "pytorch-grad-cam GradCAM, both images per pair"
 JOB = "whole Ray job (decode, explain, PNG, Parquet)"
 FORWARDS = "job forward passes per pair"
@@ -257,10 +258,12 @@ def label(row: str, arch: str) -> str:
 
 
 def in_process(arch: str, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, rows: tuple[str, ...]) -> InProcess:
-    """`rows` of BARE, SFAM_ROW and GRADCAM for a randomly initialised `arch`, SFAM at its default target layer."""
+    """`rows` of BARE, SFAM_ROW, MATCHED_ROW and GRADCAM for a randomly initialised `arch`, SFAM at its
+    default target layer."""
     model = build_model(ModelSpec(arch=arch, embedding_dim=EMBEDDING_DIM, input_size=args.size)).to(x.device)
     explainer = resolve(SFAM(model, metric=METRIC), x)
     works = {BARE: lambda: bare_forward(model, x), SFAM_ROW: lambda: sfam_explain(explainer, x, y),
+             MATCHED_ROW: lambda: sfam_explain(resolve(SFAM(model, metric=METRIC, weighting="matched"), x), x, y),
              GRADCAM: lambda: gradcam_explain(explainer, x, y)}
     return InProcess(arch, explainer, {label(row, arch): works[row]() for row in rows})
 
@@ -325,16 +328,19 @@ def path_name(explainer: SFAM) -> str:
 
 def arch_lines(arch: InProcess, rates: dict[str, Rate]) -> list[str]:
     layer = f"{arch.arch}; `{arch.explainer.target_layer}`"
-    where = {BARE: arch.arch, SFAM_ROW: f"{layer}, {path_name(arch.explainer)}", GRADCAM: layer}
-    units = {BARE: "images/s", SFAM_ROW: "pairs/s", GRADCAM: "pairs/s"}
+    sfam = f"{layer}, {path_name(arch.explainer)}"
+    where = {BARE: arch.arch, SFAM_ROW: sfam, MATCHED_ROW: sfam, GRADCAM: layer}
+    units = {BARE: "images/s", SFAM_ROW: "pairs/s", MATCHED_ROW: "pairs/s", GRADCAM: "pairs/s"}
     return [rate_row(f"{row} ({where[row]})", rates[label(row, arch.arch)], units[row])
-            for row in (BARE, SFAM_ROW, GRADCAM) if label(row, arch.arch) in rates]
+            for row in (BARE, SFAM_ROW, MATCHED_ROW, GRADCAM) if label(row, arch.arch) in rates]
 
 
 def arch_ratios(arch: InProcess, rates: dict[str, Rate]) -> list[str]:
-    sfam, bare, gradcam = (rates[label(row, arch.arch)].median for row in (SFAM_ROW, BARE, GRADCAM))
+    sfam, matched, bare, gradcam = (rates[label(row, arch.arch)].median for row in (SFAM_ROW, MATCHED_ROW, BARE, GRADCAM))
     fast = bool(arch.explainer.is_affine)
     return [
+        ratio_row(f"SFAM matched time ÷ SFAM cis time per pair ({arch.arch})", sfam / matched, "<= 1.5",
+                  sfam / matched <= 1.5),
         ratio_row(f"SFAM pairs/s ÷ (bare images/s ÷ 2) ({arch.arch})", sfam / (bare / 2),
                   ">= 0.9" if fast else "none (generic path)", sfam / (bare / 2) >= 0.9 if fast else None),
         ratio_row(f"SFAM ÷ pytorch-grad-cam ({arch.arch}, pairs/s)", sfam / gradcam, ">= 3", sfam / gradcam >= 3),
@@ -397,7 +403,9 @@ def section(command: str, host: str, args: argparse.Namespace, report: str, job:
         + (" (the job runs first, alone)" if job is not None else "")
         + ". SFAM and GradCAM explain the explainer's default target layer (named in the SFAM rows). One "
         "SFAM call explains B pairs (2B images, both maps): the fast path forwards them once, the generic path "
-        "forwards them once and backpropagates from the embeddings to the target layer only. GradCAM: two "
+        "forwards them once and backpropagates from the embeddings to the target layer only; SFAM matched "
+        "adds the local embeddings of both maps and their matching (the shared-evidence map and the top "
+        "correspondences). GradCAM: two "
         "batched calls per B pairs (x given y's embedding, y given x's), y's embedding by a no-grad forward, "
         "x's reused from the first call; the target is the cosine similarity to the partner's embedding; token "
         "layers reach it through a `reshape_transform` (the class token dropped, the patch tokens as a map).",
@@ -446,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         # the job first: its driver's peak RSS is read before the in-process rows allocate anything
         job = None if args.skip_job else run_job(pairs, job_spec, args.batch, args.job_actors)
         x, y = load_inputs(pairs, args.batch, job_spec, device)
-        archs = [in_process(arch, args, x, y, (BARE, SFAM_ROW, GRADCAM)) for arch in args.archs]
+        archs = [in_process(arch, args, x, y, (BARE, SFAM_ROW, MATCHED_ROW, GRADCAM)) for arch in args.archs]
         if job is not None and args.job_arch not in args.archs:  # the job's ratio needs its arch's in-process SFAM
             archs.append(in_process(args.job_arch, args, x, y, (SFAM_ROW,)))
         rates = measure_side_by_side({name: work for arch in archs for name, work in arch.works.items()},

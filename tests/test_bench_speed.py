@@ -12,6 +12,7 @@ from jobs.bench_speed import (
     FORWARDS,
     GRADCAM,
     JOB,
+    MATCHED_ROW,
     SFAM_ROW,
     SMOKE,
     WORKER_RSS,
@@ -26,14 +27,15 @@ pytestmark = pytest.mark.timeout(300)
 def test_smoke_run_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--smoke"]) == 0
     printed = capsys.readouterr().out
-    for row in (BARE, SFAM_ROW, GRADCAM, JOB, FORWARDS, DRIVER_RSS, WORKER_RSS, WORKERS_RSS):
+    for row in (BARE, SFAM_ROW, MATCHED_ROW, GRADCAM, JOB, FORWARDS, DRIVER_RSS, WORKER_RSS, WORKERS_RSS):
         assert f"| {row}" in printed, row
     cnn, vit = SMOKE["archs"]
     assert f"| {SFAM_ROW} ({cnn}; `layer4`, fast path)" in printed
     assert f"| {SFAM_ROW} ({vit}; `blocks.10`, generic path)" in printed  # the input of the last of 12 blocks
     assert f"| {GRADCAM} ({vit}; `blocks.10`)" in printed
     for arch in (cnn, vit):
-        for ratio in (f"SFAM pairs/s ÷ (bare images/s ÷ 2) ({arch})", f"SFAM ÷ pytorch-grad-cam ({arch}, pairs/s)"):
+        for ratio in (f"SFAM pairs/s ÷ (bare images/s ÷ 2) ({arch})", f"SFAM ÷ pytorch-grad-cam ({arch}, pairs/s)",
+                      f"SFAM matched time ÷ SFAM cis time per pair ({arch})"):
             assert f"| {ratio}" in printed, ratio
     for ratio in ("whole job ÷ in-process SFAM", "job forward passes per pair"):
         assert f"| {ratio}" in printed, ratio

@@ -27,7 +27,7 @@ from ray.data.datasource import FilenameProvider
 from pipeline.config import JobConfig
 from pipeline.distributed.cluster import connect
 from pipeline.distributed.iceberg_commit import overwrite_run
-from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults
+from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults, StageChain
 from pipeline.errors import AuditFailed, PipelineError
 from pipeline.gates import GateResult, GatesFailed, check_manifest_supports, evaluate, same_label_similarity
 from pipeline.io.results_store import ResultsStore
@@ -41,7 +41,7 @@ from pipeline.quality import residual_warning
 from pipeline.run_history import previous_successful_run
 
 log = logging.getLogger("sfam.audit")
-RENDER_CPUS = 0.5  # a render task's share: light under the default policy, and it fits beside the reader on 2 CPUs
+RENDER_CPUS = 0.5  # a render task's share beside GPU actors: light under the default policy
 PACKAGES = ("sfam-pipeline", "torch", "torchvision", "ray", "pyarrow", "fsspec", "s3fs", "pydantic", "pillow", "numpy")
 SUMMARY_COLUMNS = ["status", "forward_share", "device", "similarity", "residual_query", "residual_reference"]
 
@@ -119,19 +119,12 @@ def _gpus_per_actor(config: JobConfig) -> float:
 
 
 def _cpus_per_actor(config: JobConfig, gpus: float) -> float:
-    """One CPU per GPU actor; CPU actors share what the manifest reader (one CPU, while it
-    cuts the manifest into blocks) and one render task leave, so that no stage waits for a CPU."""
+    """One CPU per GPU actor; CPU actors share what the manifest reader leaves (one CPU, while
+    it cuts the manifest into blocks), so that no stage waits for a CPU."""
     if gpus > 0:
         return 1.0
     cpus = ray.cluster_resources().get("CPU", 1)
-    return max(0.25, min(1.0, (cpus - 1 - RENDER_CPUS) / config.num_actors))
-
-
-def _cpus_per_fetch(gpus: float, actor_cpus: float) -> float:
-    """A fetch task's CPUs: on GPU actors, decoding runs in CPU tasks beside them (one CPU each);
-    on CPU actors, the actor's own share, which lets Ray fuse the fetch into the actor: each actor
-    decodes its own batches and the pixels never pass through the object store."""
-    return 1.0 if gpus > 0 else actor_cpus
+    return max(0.25, min(1.0, (cpus - 1) / config.num_actors))
 
 
 def preflight(config: JobConfig, store: ResultsStore) -> Plan:
@@ -166,21 +159,21 @@ def build_dataset(config: JobConfig, layout: RunLayout, gpus: float) -> ray.data
     # block), and the pairs of one query stay together, so their images are forwarded once
     dataset = ray.data.read_parquet(manifest_path, filesystem=manifest_fs, partitioning=None)
     dataset = dataset.repartition(target_num_rows_per_block=config.batch_size)
-    dataset = dataset.map_batches(
-        FetchImages(manifest_dir, config.model.input_size, config.max_image_pixels, options),
-        batch_size=config.batch_size, batch_format="pyarrow", num_cpus=_cpus_per_fetch(gpus, cpus),
-    )
-    dataset = dataset.map_batches(
-        ExplainPairs, fn_constructor_kwargs={"model": config.model, "storage_options": options, "attempt": layout.attempt},
-        compute=ActorPoolStrategy(size=config.num_actors), num_gpus=gpus, num_cpus=cpus,
-        batch_size=config.batch_size, batch_format="pyarrow",
-    )
-    log.info("explaining with %d actor(s), %g GPU and %g CPU each%s", config.num_actors, gpus, cpus,
-             "" if gpus else ", decoding their own batches")
-    return dataset.map_batches(
-        RenderResults(layout, config.render_png, config.render_flags, options), batch_size=config.batch_size,
-        batch_format="pyarrow", num_cpus=RENDER_CPUS,
-    )
+    fetch = {"manifest_dir": manifest_dir, "input_size": config.model.input_size,
+             "max_image_pixels": config.max_image_pixels, "storage_options": options}
+    explain = {"model": config.model, "storage_options": options, "attempt": layout.attempt}
+    render = {"layout": layout, "policy": config.render_png, "rules": config.render_flags, "storage_options": options}
+    batches = {"batch_size": config.batch_size, "batch_format": "pyarrow"}
+    actors = {"compute": ActorPoolStrategy(size=config.num_actors), "num_gpus": gpus, "num_cpus": cpus}
+    if gpus:  # the GPU actors only explain; decoding and rendering run in CPU tasks beside them
+        log.info("explaining with %d actor(s), %g GPU and %g CPU each", config.num_actors, gpus, cpus)
+        dataset = dataset.map_batches(FetchImages(**fetch), num_cpus=1, **batches)
+        dataset = dataset.map_batches(ExplainPairs, fn_constructor_kwargs=explain, **actors, **batches)
+        return dataset.map_batches(RenderResults(**render), num_cpus=RENDER_CPUS, **batches)
+    # CPU actors fetch, explain and render their own batches: no pixels pass through the object store
+    log.info("fetching, explaining and rendering in %d actor(s) of %g CPU each", config.num_actors, cpus)
+    stages = [(FetchImages, fetch), (ExplainPairs, explain), (RenderResults, render)]
+    return dataset.map_batches(StageChain, fn_constructor_kwargs={"stages": stages}, **actors, **batches)
 
 
 def _stage(dataset: ray.data.Dataset, config: JobConfig, layout: RunLayout, store: ResultsStore) -> None:

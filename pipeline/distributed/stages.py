@@ -5,12 +5,16 @@ Ray Data runs them (job.py), but none imports Ray, so each can be tested on its 
     FetchImages   CPU task     URIs -> decoded, resized uint8 pixels, or a per-row error
     ExplainPairs  actor        pixels -> similarity, CIS, maps, localisation statistics
     RenderResults CPU task     maps -> PNG overlays; drops the transient pixel columns
+    StageChain    actor        several of them one after another in one process
 
 Pixels travel between stages as raw uint8 bytes in binary columns; columns whose names
 start with "_" are transient and never reach the result table.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -208,3 +212,16 @@ class RenderResults:
         png_uris = [self._render(batch, row) if chosen else None for row, chosen in enumerate(selected.tolist())]
         batch = batch.append_column("png_uri", pa.array(png_uris, pa.string()))
         return batch.drop_columns([name for name in batch.column_names if name.startswith("_")])
+
+
+class StageChain:
+    """Stages built and run one after another in one process, e.g. in each actor of a CPU-only
+    cluster: a batch's pixels then never leave the process that decoded them."""
+
+    def __init__(self, stages: Sequence[tuple[type, dict[str, Any]]]) -> None:
+        self.stages = [stage(**kwargs) for stage, kwargs in stages]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        for stage in self.stages:
+            batch = stage(batch)
+        return batch

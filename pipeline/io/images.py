@@ -108,17 +108,18 @@ def to_model_tensor(
 ) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) `(x / 255 - mean) / std` on `device`.
 
-    The uint8 batch is moved first (4x less traffic); the arithmetic runs in
-    float64 for float64 output and float32 otherwise, then is cast to `dtype`.
+    The uint8 batch is moved and made channels-first first (4x less traffic than float), then
+    converted and normalised in place as `x * (1 / (255 std)) - mean / std`, in float64 for
+    float64 output and float32 otherwise, and cast to `dtype`.
     """
     batch = torch.as_tensor(batch_uint8)
     if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
         raise ValueError(f"expected a (B, H, W, 3) uint8 batch, got {tuple(batch.shape)} {batch.dtype}")
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    x = batch.to(device).permute(0, 3, 1, 2).to(compute) / 255
+    x = batch.to(device).permute(0, 3, 1, 2).contiguous().to(compute)  # (B, 3, H, W)
     mean_t = torch.tensor(mean, dtype=compute, device=x.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=compute, device=x.device).view(1, 3, 1, 1)
-    return ((x - mean_t) / std_t).to(dtype).contiguous()
+    return x.mul_(1 / (255 * std_t)).sub_(mean_t / std_t).to(dtype)
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.distributed.job import RENDER_CPUS, _cpus_per_actor, build_dataset
+from pipeline.distributed.job import _cpus_per_actor, build_dataset
 from pipeline.io.storage import StorageOptions, join_uri
 from pipeline.layout import RunLayout
 
@@ -13,19 +13,20 @@ from audit_data import job_config, write_audit
 pytestmark = pytest.mark.timeout(300)
 
 
-def test_without_a_gpu_each_actor_decodes_its_own_batches(local_ray, tmp_path, rng, capsys) -> None:
+def test_without_a_gpu_each_actor_fetches_explains_and_renders_its_own_batches(local_ray, tmp_path, rng, capsys) -> None:
     root, options = str(tmp_path), StorageOptions()
     manifest, _ = write_audit(root, options, rng)
     config = job_config(root, options, manifest, "plan", num_actors=2)
     build_dataset(config, RunLayout(config.output, "plan", "2026-01-01", "a1"), gpus=0).explain()
     physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
-    assert "ActorPoolMapOperator[MapBatches(FetchImages)->MapBatches(ExplainPairs)]" in physical
-    assert "TaskPoolMapOperator[MapBatches(FetchImages)]" not in physical  # no pixels through the object store
+    assert "ActorPoolMapOperator[MapBatches(StageChain)]" in physical
+    for stage in ("FetchImages", "ExplainPairs", "RenderResults"):  # no pixels through the object store
+        assert stage not in physical
 
 
 @pytest.mark.parametrize("num_actors", [1, 2])
-def test_the_reader_and_a_render_task_fit_beside_the_actors(local_ray, tmp_path, num_actors: int) -> None:
-    """While the manifest reader holds its CPU, a render task still gets one: results are written from the start."""
+def test_the_reader_fits_beside_the_actors(local_ray, tmp_path, num_actors: int) -> None:
+    """While the manifest reader holds its CPU, every actor still gets its share: results are written from the start."""
     config = job_config(str(tmp_path), StorageOptions(), join_uri(str(tmp_path), "pairs.parquet"), "plan",
                         num_actors=num_actors)
-    assert num_actors * _cpus_per_actor(config, gpus=0) + 1 + RENDER_CPUS <= 2
+    assert num_actors * _cpus_per_actor(config, gpus=0) + 1 <= 2
