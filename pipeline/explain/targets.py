@@ -38,7 +38,8 @@ class Output:
 
 
 def module_outputs(model: nn.Module, sample: torch.Tensor) -> list[Output]:
-    """Every named module's tensor output on `sample`, in the order the modules finished."""
+    """Every named module's tensor output on `sample` (Identity modules left out), in the order the
+    modules finished."""
     finished: list[tuple[str, torch.Tensor]] = []
 
     def recorder(name: str) -> Callable:
@@ -48,7 +49,9 @@ def module_outputs(model: nn.Module, sample: torch.Tensor) -> list[Output]:
 
         return hook
 
-    handles = [m.register_forward_hook(recorder(n)) for n, m in model.named_modules() if n]
+    # an Identity (timm's `norm` of a mean-pooled ViT) passes its input on: never a layer to name
+    handles = [m.register_forward_hook(recorder(n)) for n, m in model.named_modules()
+               if n and not isinstance(m, nn.Identity)]
     try:
         with torch.inference_mode():
             model(sample)

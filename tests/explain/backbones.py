@@ -38,10 +38,10 @@ def torchvision_backbone(name: str) -> nn.Module:
     return jittered(model)
 
 
-def timm_vit(name: str, size: int) -> nn.Module:
+def timm_vit(name: str, size: int, **settings: object) -> nn.Module:
     """A small random member of a timm ViT family: 3 blocks of width 64 at `size` px."""
     return jittered(timm.create_model(name, pretrained=False, num_classes=0, img_size=size,
-                                      depth=3, embed_dim=64, num_heads=2))
+                                      depth=3, embed_dim=64, num_heads=2, **settings))
 
 
 @dataclass
@@ -57,6 +57,8 @@ BACKBONES: dict[str, Backbone] = {
     "swin_t": Backbone(lambda: torchvision_backbone("swin_t"), 64, "permute", ("nchw", 0)),
     "clip": Backbone(lambda: timm_vit("vit_base_patch16_clip_224", 64), 64, "blocks.1", ("tokens", 1)),
     "dinov2_reg4": Backbone(lambda: timm_vit("vit_small_patch14_reg4_dinov2", 56), 56, "blocks.1", ("tokens", 5)),
+    # mean pooling, then LayerNorm (fc_norm): timm's `norm` is an Identity, never the name of a target
+    "mean_pooled": Backbone(lambda: timm_vit("vit_medium_patch16_gap_256", 64, fc_norm=True), 64, "blocks", ("tokens", 0)),
 }
 
 
@@ -83,6 +85,11 @@ def _frozen_timm_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def timm_vit_head(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Input of the last block (N, P + h*w, C) -> class-token embedding (N, C), linearised."""
     return _frozen_layer_norm(model.norm, _frozen_timm_block(model.blocks[-1], tokens))[:, 0]
+
+
+def mean_pooled_vit_head(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Output of the blocks (N, h*w, C) -> mean over the tokens -> LayerNorm (deviation held)."""
+    return _frozen_layer_norm(model.fc_norm, tokens.mean(dim=1))
 
 
 def convnext_head(model: nn.Module, features: torch.Tensor) -> torch.Tensor:

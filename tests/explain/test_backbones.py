@@ -15,7 +15,7 @@ from pipeline import SFAM, ExplanationError
 from pipeline.explain.layout import FeatureLayout, detect_layout
 from pipeline.explain.metrics import partner_vector, similarity
 
-from backbones import BACKBONES, convnext_head, swin_head, timm_vit_head, torchvision_backbone
+from backbones import BACKBONES, convnext_head, mean_pooled_vit_head, swin_head, timm_vit_head, torchvision_backbone
 from reference import assert_close, assert_maps_close
 
 METRICS = ["cosine", "dot", "euclidean"]
@@ -60,6 +60,7 @@ REFERENCES = {  # backbone: (layer, linearised head, layout of the layer's outpu
     "swin_t": ("features", swin_head, "nhwc"),
     "clip": ("blocks.1", timm_vit_head, "tokens"),
     "dinov2_reg4": ("blocks.1", timm_vit_head, "tokens"),
+    "mean_pooled": ("blocks", mean_pooled_vit_head, "tokens"),
 }
 
 
@@ -91,7 +92,7 @@ def test_default_target_layer_and_layout(name: str, models: dict, seed: int) -> 
     assert result.cis_query.shape[1] == explainer.features(torch.randn(1, 3, backbone.size, backbone.size))[0].shape[1]
 
 
-@pytest.mark.parametrize("name", ["convnext_tiny", "swin_t"])
+@pytest.mark.parametrize("name", ["convnext_tiny", "swin_t", "mean_pooled"])
 @pytest.mark.parametrize("metric", METRICS)
 def test_layernorm_heads_keep_a_backward_free_fast_path(name: str, metric: str, models: dict, seed: int) -> None:
     """ConvNeXt's GAP -> LayerNorm head is affine once its deviation is held per image: the fast
