@@ -540,9 +540,6 @@ def section(command: str, host: str, args: argparse.Namespace, body: str, second
     ])
 
 
-
-
-
 # every block's output that reaches the class token, and pytorch-grad-cam's ViT tutorial layer (the last block's norm1)
 VIT_SWEEP = (*(f"blocks.{i}" for i in range(vit.DEPTH - 1)), f"blocks.{vit.DEPTH - 1}.norm1")
 SUBJECTS = {

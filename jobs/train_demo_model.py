@@ -104,8 +104,8 @@ RECIPES = {
         build=vit.build_vit,
         checkpoint=vit.CHECKPOINT,
         card="demo_vit.json",
-        config=TrainConfig(steps=250, samples_per_class=4, lr=5e-4, weight_decay=0.05, proxy_weight=1.0,
-                           distill_weight=1.0, grad_clip=1.0),
+        config=TrainConfig(steps=1500, lr=1e-3, weight_decay=0.05, proxy_weight=1.0, distill_weight=1.0,
+                           grad_clip=1.0),
         architecture={
             "class": "timm.models.vision_transformer.VisionTransformer",
             "trunk": vit.ARCHITECTURE,

@@ -51,8 +51,6 @@ def test_short_vit_training_run_writes_safetensors_and_a_card(tmp_path):
     vit.build_vit().load_state_dict(safetensors.torch.load_file(tmp_path / vit.CHECKPOINT))
 
 
-@pytest.mark.xfail(strict=False, reason="the shipped demo ViT is under-trained (see its card and BENCHMARKS.md, "
-                   "Quality): a few hundred steps on a shared 2-core CPU did not lift it off chance; retrain with more steps")
 def test_shipped_vit_retrieves():
     card = json.loads(CARD.read_text())
     assert card["evaluation"]["recall_at_1"] >= 0.8
