@@ -10,8 +10,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.render.html_text import LABEL_NAMES, escaped, finite_number
 from pipeline.render.report_assets import CSS
-from pipeline.render.report_html import _LABEL_NAMES, _e, _num
 
 Row = dict[str, Any]  # one row of the comparison's summary or pairs table (pipeline/comparison.py)
 _CSP = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
@@ -43,12 +43,12 @@ class ComparisonView:
 
 
 def _value(value: object, spec: str = ".3f") -> str:
-    number = _num(value)
+    number = finite_number(value)
     return "—" if number is None else format(number, spec)
 
 
 def _change(value: object) -> str:
-    number = _num(value)
+    number = finite_number(value)
     if number is None:
         return "—"
     direction = "up" if number > 0 else "down" if number < 0 else ""
@@ -57,11 +57,11 @@ def _change(value: object) -> str:
 
 def label_name(label: object) -> str:
     """same, different, unlabelled (labels 1, 0, null); any other label as it is."""
-    return str(_LABEL_NAMES.get(label, label))  # type: ignore[call-overload]
+    return str(LABEL_NAMES.get(label, label))  # type: ignore[call-overload]
 
 
 def _label(value: object) -> str:
-    return _e(label_name(value))
+    return escaped(label_name(value))
 
 
 def _cell(content: str, numeric: bool = True) -> str:
@@ -71,7 +71,7 @@ def _cell(content: str, numeric: bool = True) -> str:
 def _runs(view: ComparisonView) -> str:
     head = "<tr><th></th>" + "".join(f"<th>{name}</th>" for name, _ in _RUN_FIELDS) + "</tr>"
     body = "".join(
-        f"<tr><th>{side}</th>" + "".join(_cell(_e(run.get(key) or "—"), numeric=False) for _, key in _RUN_FIELDS) + "</tr>"
+        f"<tr><th>{side}</th>" + "".join(_cell(escaped(run.get(key) or "—"), numeric=False) for _, key in _RUN_FIELDS) + "</tr>"
         for side, run in zip("AB", view.runs)
     )
     metrics = {run.get("metric") for run in view.runs}
@@ -81,7 +81,7 @@ def _runs(view: ComparisonView) -> str:
 
 
 def _tiles(view: ComparisonView) -> str:
-    return "".join(f'<div class="tile"><div class="v">{value:,}</div><div class="k">pairs {_e(name)}</div></div>'
+    return "".join(f'<div class="tile"><div class="v">{value:,}</div><div class="k">pairs {escaped(name)}</div></div>'
                    for name, value in view.counts.items())
 
 
@@ -105,7 +105,7 @@ def _summary(view: ComparisonView) -> str:
 
 
 Column = tuple[str, Callable[[Row], str]]
-_PAIR_ID: Column = ("pair id", lambda row: _cell(_e(row["pair_id"], 200), numeric=False))
+_PAIR_ID: Column = ("pair id", lambda row: _cell(escaped(row["pair_id"], 200), numeric=False))
 _LABEL: Column = ("label", lambda row: _cell(_label(row["label"]), numeric=False))
 _SIMILARITIES: tuple[Column, ...] = (
     ("similarity A", lambda row: _cell(_value(row["similarity_a"]))),
@@ -127,7 +127,7 @@ def _pairs(rows: Sequence[Row], columns: Sequence[Column], empty: str) -> str:
 
 
 def _lists(view: ComparisonView) -> str:
-    threshold = _e(f"{view.threshold:g}")
+    threshold = escaped(f"{view.threshold:g}")
     false_match = (_PAIR_ID, *_SIMILARITIES)
     lists = (
         ("moved-maps", "Maps that moved most", "lowest correlation between the two runs' maps first (equal map shapes only)",
@@ -146,9 +146,9 @@ def _lists(view: ComparisonView) -> str:
 def comparison_section(view: ComparisonView, heading: str) -> str:
     """The comparison as one `<section id="comparison">` with its own styles (for the run report)."""
     hint = ("per label, over the pairs that are ok in both runs; change is B minus A; "
-            f"false matches: label 0 and similarity at or above {_e(f'{view.threshold:g}')}")
+            f"false matches: label 0 and similarity at or above {escaped(f'{view.threshold:g}')}")
     return (
-        f'<section id="comparison"><style>{_STYLE}</style><h2>{_e(heading)}</h2>{_runs(view)}'
+        f'<section id="comparison"><style>{_STYLE}</style><h2>{escaped(heading)}</h2>{_runs(view)}'
         f'<div class="tiles">{_tiles(view)}</div>'
         f'<div id="by-label"><h3>By label</h3><p class="hint">{hint}</p>{_summary(view)}</div>{_lists(view)}</section>'
     )
@@ -156,7 +156,7 @@ def comparison_section(view: ComparisonView, heading: str) -> str:
 
 def render_comparison(view: ComparisonView) -> str:
     """The comparison of two runs as a page of its own."""
-    run_a, run_b = (_e(run.get("run_id"), 120) for run in view.runs)
+    run_a, run_b = (escaped(run.get("run_id"), 120) for run in view.runs)
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'

@@ -10,20 +10,18 @@ import base64
 import hashlib
 import html
 import json
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.render.histogram import Series, histogram_svg
+from pipeline.render.html_text import LABEL_NAMES, escaped, finite_number
 from pipeline.render.report_assets import CSS, SCRIPT
 
 GALLERY_CAP = 2000
 LOOK_FIRST_CAP = 24
 ERROR_CAP = 1000
-_MAX_TEXT = 300  # longest untrusted string drawn in a card or table cell
 _SAFE_SCHEMES = {"", "http", "https", "file"}
-_LABEL_NAMES = {1: "same", 0: "different", None: "unlabelled"}
 _HEADING_KEYS = ("run_id", "model_id", "metric", "target_layer")
 _SCRIPT_HASH = base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode()
 _CSP = (
@@ -34,22 +32,8 @@ _CSP = (
 Row = dict[str, Any]  # one result row (pipeline/schema.py)
 
 
-def _e(value: object, limit: int = _MAX_TEXT) -> str:
-    text = str(value)
-    return html.escape(text if len(text) <= limit else text[: limit - 1] + "…")
-
-
-def _num(value: object) -> float | None:
-    """A finite float, or None for None, NaN, infinities and non-numbers."""
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _label(row: Row) -> int | None:
-    number = _num(row.get("label"))
+    number = finite_number(row.get("label"))
     return int(number) if number in (0.0, 1.0) else None
 
 
@@ -58,12 +42,12 @@ def _label_key(label: int | None) -> str:
 
 
 def _similarity(row: Row) -> float | None:
-    return _num(row.get("similarity"))
+    return finite_number(row.get("similarity"))
 
 
 def _energy(row: Row) -> float | None:
     """The lower energy-in-box of the two images: how far the map strays from the object."""
-    values = [_num(row.get(f"{side}_energy_in_box")) for side in ("query", "reference")]
+    values = [finite_number(row.get(f"{side}_energy_in_box")) for side in ("query", "reference")]
     known = [v for v in values if v is not None]
     return min(known) if known else None
 
@@ -91,7 +75,7 @@ def _data(value: float | None) -> str:
 
 
 def _hit(value: object) -> str:
-    number = _num(value)
+    number = finite_number(value)
     return "—" if number is None else ("✓" if number else "✗")
 
 
@@ -105,21 +89,21 @@ def _image(href: str | None, pair_id: str) -> str:
 
 def _card(row: Row, href: str | None) -> str:
     """One pair: overlay, similarity, label, status, rank, energy in box; data-* attributes drive the inline JS."""
-    pair_id = _e(row.get("pair_id", ""), 200)
+    pair_id = escaped(row.get("pair_id", ""), 200)
     status = "error" if row.get("status") == "error" else "ok"
     label = _label(row)
-    similarity, rank = _similarity(row), _num(row.get("rank"))
-    energy_q, energy_r = _num(row.get("query_energy_in_box")), _num(row.get("reference_energy_in_box"))
+    similarity, rank = _similarity(row), finite_number(row.get("rank"))
+    energy_q, energy_r = finite_number(row.get("query_energy_in_box")), finite_number(row.get("reference_energy_in_box"))
     details = {
         "rank": _fmt(rank, ".0f"),
-        "score": _fmt(_num(row.get("score")), ".4g"),
+        "score": _fmt(finite_number(row.get("score")), ".4g"),
         "in box": f"q {_fmt(energy_q, '.0%')} · r {_fmt(energy_r, '.0%')}",
         "pointing": f"q {_hit(row.get('query_pointing_hit'))} · r {_hit(row.get('reference_pointing_hit'))}",
     }
-    badges = f'<span class="badge lab-{_label_key(label)}">{_LABEL_NAMES[label]}</span>'
+    badges = f'<span class="badge lab-{_label_key(label)}">{LABEL_NAMES[label]}</span>'
     if status == "error":
         badges += ' <span class="badge err">error</span>'
-    error = f'<p class="error">{_e(row.get("error") or "")}</p>' if status == "error" else ""
+    error = f'<p class="error">{escaped(row.get("error") or "")}</p>' if status == "error" else ""
     return (
         f'<article class="card {status}" data-pair-id="{pair_id}" data-similarity="{_data(similarity)}" '
         f'data-rank="{_data(rank)}" data-energy="{_data(_energy(row))}" data-label="{_label_key(label)}" '
@@ -136,14 +120,14 @@ def _cards(rows: Iterable[Row], png_href: Callable[[Row], str | None]) -> str:
 
 def _summary_value(value: object) -> str:
     if isinstance(value, float):
-        return _e(f"{value:.6g}" if abs(value) < 1e6 else f"{value:.0f}")
+        return escaped(f"{value:.6g}" if abs(value) < 1e6 else f"{value:.0f}")
     if isinstance(value, (Mapping, list, tuple)):
-        return f"<code>{_e(json.dumps(value, default=str, ensure_ascii=False))}</code>"
-    return _e(value)
+        return f"<code>{escaped(json.dumps(value, default=str, ensure_ascii=False))}</code>"
+    return escaped(value)
 
 
 def _summary_table(summary: Mapping[str, Any]) -> str:
-    body = "".join(f"<tr><th>{_e(k, 100)}</th><td>{_summary_value(v)}</td></tr>" for k, v in summary.items())
+    body = "".join(f"<tr><th>{escaped(k, 100)}</th><td>{_summary_value(v)}</td></tr>" for k, v in summary.items())
     return f'<table class="kv">{body}</table>'
 
 
@@ -156,9 +140,9 @@ def _figures(ok: Sequence[Row], errors: Sequence[Row], total: int) -> str:
     for label in (1, 0, None):
         values = _similarities(ok, label)
         if values:
-            name = f"mean similarity, {_LABEL_NAMES[label]} (n={len(values):,})"
+            name = f"mean similarity, {LABEL_NAMES[label]} (n={len(values):,})"
             tiles.append((name, f"{sum(values) / len(values):.3f}"))
-    return "".join(f'<div class="tile"><div class="v">{v}</div><div class="k">{_e(k)}</div></div>' for k, v in tiles)
+    return "".join(f'<div class="tile"><div class="v">{v}</div><div class="k">{escaped(k)}</div></div>' for k, v in tiles)
 
 
 def _histogram(ok: Sequence[Row]) -> str:
@@ -222,8 +206,8 @@ def _errors(errors: Sequence[Row]) -> str:
     if not errors:
         return '<p class="empty">No errors.</p>'
     body = "".join(
-        f"<tr><td>{_e(r.get('pair_id', ''), 200)}</td><td>{_e(r.get('query_uri', ''))}</td>"
-        f"<td>{_e(r.get('reference_uri', ''))}</td><td>{_e(r.get('error') or '', 2000)}</td></tr>"
+        f"<tr><td>{escaped(r.get('pair_id', ''), 200)}</td><td>{escaped(r.get('query_uri', ''))}</td>"
+        f"<td>{escaped(r.get('reference_uri', ''))}</td><td>{escaped(r.get('error') or '', 2000)}</td></tr>"
         for r in errors[:ERROR_CAP]
     )
     note = ""
@@ -241,14 +225,14 @@ def _render_hint(summary: Mapping[str, Any], ok: Sequence[Row], png_href: Callab
     output = summary.get("config", {}).get("output", "OUTPUT")
     command = f"sfam render {output} --run-id {summary.get('run_id', 'RUN_ID')} --pair-id PAIR_ID -o pair.png"
     return (f'<p class="note">{missing:,} pair(s) have no overlay (render_png: '
-            f'{_e(summary.get("config", {}).get("render_png", "?"))}); their maps are in the table. '
-            f'Draw any of them with <code>{_e(command)}</code>.</p>')
+            f'{escaped(summary.get("config", {}).get("render_png", "?"))}); their maps are in the table. '
+            f'Draw any of them with <code>{escaped(command)}</code>.</p>')
 
 
 def _warnings(summary: Mapping[str, Any]) -> str:
     """The run record's warnings (e.g. a residual that is most of the similarity), above everything."""
     warnings = summary.get("warnings") or []
-    items = "".join(f"<li>{_e(w, 2000)}</li>" for w in warnings)
+    items = "".join(f"<li>{escaped(w, 2000)}</li>" for w in warnings)
     return f'<section id="warnings" class="warning"><h2>Warnings</h2><ul>{items}</ul></section>' if items else ""
 
 
@@ -264,14 +248,14 @@ def render_report(
     ok = [r for r in rows if r.get("status") == "ok"]
     errors = [r for r in rows if r.get("status") == "error"]
     heading = " · ".join(
-        [f"{k} {_e(summary[k], 120)}" for k in _HEADING_KEYS if summary.get(k) is not None]
+        [f"{k} {escaped(summary[k], 120)}" for k in _HEADING_KEYS if summary.get(k) is not None]
         + ['<a href="#run">run record</a>']
     )
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
-        f'<title>SFAM audit {_e(summary.get("run_id", ""), 120)}</title><style>{CSS}</style></head><body>'
+        f'<title>SFAM audit {escaped(summary.get("run_id", ""), 120)}</title><style>{CSS}</style></head><body>'
         f'<header><h1>SFAM audit report</h1><p class="sub">{heading}</p></header>'
         f'{_warnings(summary)}<section id="figures"><div class="tiles">{_figures(ok, errors, len(rows))}</div></section>'
         f'<section id="histogram"><h2>Similarity by label</h2>{_histogram(ok)}</section>'

@@ -1,0 +1,24 @@
+"""Untrusted values turned into text for the HTML pages: escaped and bounded, or numbers."""
+
+from __future__ import annotations
+
+import html
+import math
+
+MAX_TEXT = 300  # longest untrusted string drawn in a card or table cell
+LABEL_NAMES = {1: "same", 0: "different", None: "unlabelled"}  # the manifest's label column
+
+
+def escaped(value: object, limit: int = MAX_TEXT) -> str:
+    """`str(value)` HTML-escaped, cut to `limit` characters with an ellipsis."""
+    text = str(value)
+    return html.escape(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def finite_number(value: object) -> float | None:
+    """A finite float, or None for None, NaN, infinities and non-numbers."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
