@@ -30,9 +30,10 @@ HARDENING = {"batch_size": 4, "max_error_fraction": 0.5, "render_png": "all"}
 
 
 def explain_actor_pids() -> set[int]:
+    """The explaining actors' processes: on this CPU-only Ray they run the StageChain of fetch, explain, render."""
     found = set()
     for process in psutil.process_iter(["pid", "cmdline"]):
-        if any("ExplainPairs" in part for part in process.info["cmdline"] or []):
+        if any("StageChain" in part for part in process.info["cmdline"] or []):
             found.add(process.info["pid"])
     return found
 
