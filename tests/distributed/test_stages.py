@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults
+from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults, StageChain
 from pipeline.io.storage import StorageOptions, join_uri
 from pipeline.layout import RunLayout
 from pipeline.models.spec import ModelSpec
@@ -51,6 +51,31 @@ def test_each_distinct_image_is_forwarded_once(tmp_path, rng) -> None:
     assert not [name for name in result.column_names if name.startswith("_")]
     pngs = [uri for uri in result.column("png_uri").to_pylist() if uri]
     assert len(pngs) == 10 and all(uri.startswith(layout.png_dir) for uri in pngs)
+
+
+def test_stage_chain_builds_its_stages_and_runs_them_in_order(tmp_path, rng) -> None:
+    root, options = str(tmp_path), StorageOptions()
+    write_weights(join_uri(root, "model.pt"), options)
+    manifest, _ = write_audit(root, options, rng, queries=2, top_k=3, bad_rows=True)
+    spec = ModelSpec.model_validate(model_config(join_uri(root, "model.pt")))
+    kwargs = [
+        {"manifest_dir": root, "input_size": spec.input_size, "max_image_pixels": 2_000_000, "storage_options": options},
+        {"model": spec, "storage_options": options, "attempt": "a1"},
+        {"layout": RunLayout(str(tmp_path / "out"), "r1", "2026-11-26", "a1"), "policy": "all", "rules": FlagRules(),
+         "storage_options": options},
+    ]
+    stages = list(zip((FetchImages, ExplainPairs, RenderResults), kwargs))
+    batch = pq.read_table(manifest)
+    chained = StageChain(stages)(batch)
+    one_by_one = batch
+    for stage, arguments in stages:
+        one_by_one = stage(**arguments)(one_by_one)
+    assert chained.column_names == one_by_one.column_names
+    assert not [name for name in chained.column_names if name.startswith("_")]
+    for name in ("pair_id", "status", "error", "png_uri"):
+        assert chained.column(name).to_pylist() == one_by_one.column(name).to_pylist(), name
+    similarities = [np.array(table.column("similarity").to_pylist(), dtype=float) for table in (chained, one_by_one)]
+    np.testing.assert_allclose(*similarities, rtol=1e-5)  # NaN (failed rows) in the same places
 
 
 def test_matched_weighting_writes_correspondences_in_image_pixels(tmp_path, rng) -> None:
