@@ -188,6 +188,15 @@ class ProcessMonitor:
         return {group: float(np.interp(moment, times, [s.cpu.get(group, 0.0) for s in self.samples]))
                 for group in groups}
 
+    def cpu_between(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds per group from `start` to `end`."""
+        return less(self.cpu_at(end), self.cpu_at(start))
+
+
+def less(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """a - b per group (a group missing from b counts 0)."""
+    return {group: seconds - b.get(group, 0.0) for group, seconds in a.items()}
+
 
 # -- the job --------------------------------------------------------------------------------------
 
@@ -203,8 +212,13 @@ class JobRun:
     monitor: ProcessMonitor
 
     @property
+    def seconds(self) -> float:
+        """Wall time of run_audit."""
+        return self.finished - self.started
+
+    @property
     def pairs_per_second(self) -> float:
-        return self.summary.pairs / (self.finished - self.started)
+        return self.summary.pairs / self.seconds
 
     @property
     def first_result(self) -> float:
@@ -213,13 +227,11 @@ class JobRun:
 
     def cpu(self) -> dict[str, float]:
         """CPU seconds per process group from the start of run_audit to its return."""
-        begin, end = self.monitor.cpu_at(self.started), self.monitor.cpu_at(self.finished)
-        return {group: end[group] - begin.get(group, 0.0) for group in end}
+        return self.monitor.cpu_between(self.started, self.finished)
 
     def startup_cpu(self) -> float:
         """CPU seconds of all processes from the start of run_audit to the first result file."""
-        begin, first = self.monitor.cpu_at(self.started), self.monitor.cpu_at(self.parts[0][0])
-        return sum(first[group] - begin.get(group, 0.0) for group in first)
+        return sum(self.monitor.cpu_between(self.started, self.parts[0][0]).values())
 
 
 def result_parts(output: Path, attempt: str) -> list[tuple[float, int]]:
@@ -344,8 +356,7 @@ class Round:
 
     @property
     def steady_seconds(self) -> float:
-        full, half = (run.finished - run.started for run in (self.job, self.half_job))
-        return max(full - half, 1e-9)
+        return max(self.job.seconds - self.half_job.seconds, 1e-9)
 
     @property
     def steady_ratio(self) -> float:
@@ -353,8 +364,7 @@ class Round:
 
     def steady_cpu(self) -> dict[str, float]:
         """CPU seconds per process group of the second half: the full run's less the half run's."""
-        full, half = self.job.cpu(), self.half_job.cpu()
-        return {group: full[group] - half.get(group, 0.0) for group in full}
+        return less(self.job.cpu(), self.half_job.cpu())
 
 
 def rounds_table(rounds: list[Round]) -> str:

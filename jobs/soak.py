@@ -87,7 +87,7 @@ def summary_lines(run: JobRun, manifest_rows: int, distinct: int, rows: list[Chu
         f"- rows: {run.summary.pairs:,} result rows, {distinct:,} distinct pair ids, {manifest_rows:,} manifest rows "
         f"({'exact' if run.summary.pairs == distinct == manifest_rows else 'NOT EXACT'}); "
         f"{run.summary.error} error rows",
-        f"- wall: {run.finished - run.started:,.0f} s, {run.pairs_per_second:,.0f} pairs/s; first result file after "
+        f"- wall: {run.seconds:,.0f} s, {run.pairs_per_second:,.0f} pairs/s; first result file after "
         f"{run.first_result:.1f} s",
         f"- seconds per chunk after the first: min {min(steady):.1f}, median {float(np.median(steady)):.1f}, "
         f"max {max(steady):.1f}",
