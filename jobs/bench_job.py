@@ -52,6 +52,7 @@ SMOKE = {"queries": 4, "top_k": 2, "gallery": 8, "rounds": 1, "batch_size": 2}
 MAX_PIXELS = 50_000_000
 DRIVER, WORKERS, RAY = "driver", "Ray workers running the stages", "Ray's own processes"
 STAGE_NAMES = ("FetchImages", "ExplainPairs", "RenderResults", "StageChain", "Write")  # in a worker's process title while it runs one
+RUNNING = ").submit"  # ends an actor's process title while it runs a batch: ray::MapWorker(MapBatches(StageChain)).submit
 TARGET = 1.0  # the job's pairs/s over the decode-only process's
 T = TypeVar("T")
 GPU_BUSY = 0.8
@@ -147,6 +148,7 @@ class ProcessMonitor:
     interval_s: float = 0.5
     uss: bool = False  # memory_full_info reads /proc/PID/smaps: slow, so only where asked
     samples: list[Sample] = field(default_factory=list)
+    first_batch_at: float | None = None  # the first sample that saw an actor run a batch
     _seen: dict[int, float] = field(default_factory=dict)  # pid -> CPU seconds at the previous sample
     _cpu: dict[str, float] = field(default_factory=dict)  # group -> CPU seconds
     _stage_workers: set[int] = field(default_factory=set)
@@ -177,6 +179,8 @@ class ProcessMonitor:
         if process.pid == driver.pid:
             return DRIVER
         title = " ".join(process.cmdline())
+        if self.first_batch_at is None and title.rstrip().endswith(RUNNING):
+            self.first_batch_at = time.time()
         if any(stage in title for stage in STAGE_NAMES):
             self._stage_workers.add(process.pid)
         return WORKERS if process.pid in self._stage_workers else RAY
@@ -224,6 +228,11 @@ class JobRun:
     def first_result(self) -> float:
         """Seconds from the start of run_audit to the first result file."""
         return self.parts[0][0] - self.started
+
+    @property
+    def first_batch(self) -> float:
+        """Seconds from the start of run_audit to the first sample that saw an actor run a batch."""
+        return (self.monitor.first_batch_at or self.parts[0][0]) - self.started
 
     def cpu(self) -> dict[str, float]:
         """CPU seconds per process group from the start of run_audit to its return."""
@@ -291,7 +300,7 @@ DECODE = "decode: decode_pictures of each distinct image of a batch"
 FETCH_REST = "fetch besides decoding: reading the files, Arrow columns"
 EXPLAIN = "explain: ExplainPairs with the tiny model (model tensors, SFAM, result columns)"
 RENDER = "render: RenderResults, default policy (flagged)"
-WRITE = "Parquet write of the result rows (pyarrow, one file per batch)"
+WRITE = "Parquet write of the result rows (pyarrow, files as large as the job's)"
 
 
 @dataclass(frozen=True)
@@ -316,7 +325,7 @@ def stage_costs(audit: Audit, config: JobConfig, folder: Path) -> StageCosts:
     explain = ExplainPairs(config.model, options, "bench")
     render = RenderResults(RunLayout(str(folder), "bench", "2026-01-01", "bench"), config.render_png, config.render_flags, options)
     seconds = dict.fromkeys((DECODE, FETCH_REST, EXPLAIN, RENDER, WRITE), 0.0)
-    manifest, overlays = pq.read_table(audit.manifest), 0
+    manifest, overlays, unwritten = pq.read_table(audit.manifest), 0, []
 
     def timed(name: str, work: Callable[..., T], *args: object) -> T:
         started = time.process_time()
@@ -331,7 +340,10 @@ def stage_costs(audit: Audit, config: JobConfig, folder: Path) -> StageCosts:
                   config.model.input_size, DISPLAY_SIDE)
         explained = timed(EXPLAIN, explain, timed(FETCH_REST, fetch, batch))
         overlays += int(select_for_render(explained, config.render_png, config.render_flags).sum())
-        timed(WRITE, pq.write_table, timed(RENDER, render, explained), folder / f"part-{offset}.parquet")
+        unwritten.append(timed(RENDER, render, explained))
+        if sum(t.num_rows for t in unwritten) >= config.rows_per_file or offset + config.batch_size >= manifest.num_rows:
+            timed(WRITE, pq.write_table, pa.concat_tables(unwritten), folder / f"part-{offset}.parquet")
+            unwritten = []
     seconds[FETCH_REST] -= seconds[DECODE]  # the fetch decoded the same images again
     return StageCosts({name: 1000 * s / manifest.num_rows for name, s in seconds.items()}, overlays, manifest.num_rows)
 
@@ -385,6 +397,18 @@ def rounds_table(rounds: list[Round]) -> str:
     return "\n".join(lines)
 
 
+def startup_table(rounds: list[Round]) -> str:
+    """Where the time before the first result file goes, in each round's full run."""
+    lines = ["| round | pre-flight check (driver) | then Ray Data starts the actors, until one runs a batch "
+             "| then until the first result file | first result after |", "|---|---|---|---|---|"]
+    for number, r in enumerate(rounds, start=1):
+        job = r.job
+        preflight = job.summary.preflight_seconds
+        lines.append(f"| {number} | {preflight:.1f} s | {job.first_batch - preflight:.1f} s "
+                     f"| {job.first_result - job.first_batch:.1f} s | {job.first_result:.1f} s |")
+    return "\n".join(lines)
+
+
 def steady_ms_per_pair(measured: Round) -> dict[str, float]:
     """CPU ms per pair of each process group in the job's steady state."""
     return {group: 1000 * seconds / max(measured.steady_rows, 1) for group, seconds in measured.steady_cpu().items()}
@@ -434,7 +458,7 @@ def section(command: str, args: argparse.Namespace, audit: Audit, rounds: list[R
         f"Audit: {audit.pairs} pairs of 640x480 JPEGs ({args.queries} queries x top-{args.top_k} from a gallery of "
         f"{args.gallery}), tiny model (jobs/tiny_model.py) at 224 px, batch {batch_size}, {actors} actors, "
         "render policy flagged (the job's defaults)",
-        "", rounds_table(rounds), "",
+        "", rounds_table(rounds), "", startup_table(rounds), "",
         breakdown_table(stages, rounds[-1], batch_size), "",
         projection_table(stages, rounds[-1]), "",
         "Each round runs the decode-only process, then the job, then the job on the manifest's first half, on "
@@ -481,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                             run_job(config.model_copy(update={"run_id": f"bench-job-{n}"}), ProcessMonitor()),
                             run_job(half.model_copy(update={"run_id": f"bench-job-half-{n}"}), ProcessMonitor()))
                       for n in range(args.rounds)]
-    report = "\n\n".join([rounds_table(rounds), breakdown_table(stages, rounds[-1], config.batch_size),
+    report = "\n\n".join([rounds_table(rounds), startup_table(rounds), breakdown_table(stages, rounds[-1], config.batch_size),
                           projection_table(stages, rounds[-1])])
     print(report)
     if args.write:

@@ -52,6 +52,7 @@ class JobConfig(BaseModel):
     run_id: str = Field(default_factory=default_run_id)
     model: ModelSpec
     batch_size: int = Field(32, ge=1, le=4096)
+    rows_per_file: int = Field(256, ge=1, le=10_000_000)  # result rows per Parquet file, at least
     num_actors: int = Field(2, ge=1)
     gpus_per_actor: float | None = Field(None, ge=0)
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1)

@@ -19,6 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 import pyarrow.compute as pc
+import pyarrow.fs
 import ray
 import torch
 from ray.data import ActorPoolStrategy
@@ -42,6 +43,8 @@ from pipeline.run_history import previous_successful_run
 
 log = logging.getLogger("sfam.audit")
 RENDER_CPUS = 0.5  # a render task's share beside GPU actors: light under the default policy
+READER_CPUS = 1.0  # Ray Data's manifest reader: its streaming repartition holds one CPU for the whole run
+WRITE_CPUS = 0.25  # a Parquet write task; num_actors of them at most
 PACKAGES = ("sfam-pipeline", "torch", "torchvision", "ray", "pyarrow", "fsspec", "s3fs", "pydantic", "pillow", "numpy")
 SUMMARY_COLUMNS = ["status", "forward_share", "device", "similarity", "residual_query", "residual_reference"]
 
@@ -54,6 +57,7 @@ class RunSummary:
     ok: int
     error: int
     wall_seconds: float
+    preflight_seconds: float  # of wall_seconds: checking before any work started (pre-flight, attempt record)
     pairs_per_second: float
     forward_passes_per_pair: float
     devices: tuple[str, ...]
@@ -66,7 +70,8 @@ class RunSummary:
     def lines(self) -> list[str]:
         return [
             f"run {self.run_id}: {self.pairs} pairs, {self.ok} ok, {self.error} error (attempt {self.attempt})",
-            f"{self.wall_seconds:.1f} s, {self.pairs_per_second:.1f} pairs/s, "
+            f"{self.wall_seconds:.1f} s ({self.preflight_seconds:.1f} s checking before the start), "
+            f"{self.pairs_per_second:.1f} pairs/s, "
             f"{self.forward_passes_per_pair:.2f} forward passes per pair",
             f"explained on: {', '.join(self.devices) or 'nothing'}",
             f"results: {self.results}",
@@ -119,12 +124,12 @@ def _gpus_per_actor(config: JobConfig) -> float:
 
 
 def _cpus_per_actor(config: JobConfig, gpus: float) -> float:
-    """One CPU per GPU actor; CPU actors share what the manifest reader leaves (one CPU, while
-    it cuts the manifest into blocks), so that no stage waits for a CPU."""
+    """One CPU per GPU actor; CPU actors share what the manifest reader and the write tasks leave,
+    so that no stage waits for a CPU: a write task that waits holds every result back."""
     if gpus > 0:
         return 1.0
     cpus = ray.cluster_resources().get("CPU", 1)
-    return max(0.25, min(1.0, (cpus - 1) / config.num_actors))
+    return max(0.25, min(1.0, (cpus - READER_CPUS - WRITE_CPUS * config.num_actors) / config.num_actors))
 
 
 def preflight(config: JobConfig, store: ResultsStore) -> Plan:
@@ -149,6 +154,18 @@ def preflight(config: JobConfig, store: ResultsStore) -> Plan:
     )
 
 
+def _read_manifest(path: str, filesystem: pyarrow.fs.FileSystem) -> ray.data.Dataset:
+    """The manifest's rows, read by Ray Data's V1 Parquet reader: the V2 reader starts 32
+    footer-reading actors for every read, seconds of start-up on a small machine (measured in
+    BENCHMARKS.md, "Where the job's time goes"), where V1 reads the few footers of a manifest itself."""
+    context = ray.data.DataContext.get_current()
+    v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(path, filesystem=filesystem, partitioning=None)
+    finally:
+        context.use_datasource_v2 = v2
+
+
 def build_dataset(config: JobConfig, layout: RunLayout, gpus: float) -> ray.data.Dataset:
     """The streaming pipeline from the manifest to result rows (not yet executed); `gpus` per actor."""
     options = config.storage_options
@@ -157,8 +174,7 @@ def build_dataset(config: JobConfig, layout: RunLayout, gpus: float) -> ray.data
     manifest_dir = config.manifest.rsplit("/", 1)[0] if "/" in config.manifest else "."
     # blocks of one batch of adjacent rows: every actor gets work (a one-file manifest reads as one
     # block), and the pairs of one query stay together, so their images are forwarded once
-    dataset = ray.data.read_parquet(manifest_path, filesystem=manifest_fs, partitioning=None)
-    dataset = dataset.repartition(target_num_rows_per_block=config.batch_size)
+    dataset = _read_manifest(manifest_path, manifest_fs).repartition(target_num_rows_per_block=config.batch_size)
     fetch = {"manifest_dir": manifest_dir, "input_size": config.model.input_size,
              "max_image_pixels": config.max_image_pixels, "storage_options": options}
     explain = {"model": config.model, "storage_options": options, "attempt": layout.attempt}
@@ -184,7 +200,9 @@ def _stage(dataset: ray.data.Dataset, config: JobConfig, layout: RunLayout, stor
     """
     fs, path = store.staging(layout)
     try:
-        dataset.write_parquet(path, filesystem=fs, filename_provider=PartFiles(layout.part_prefix))
+        dataset.write_parquet(path, filesystem=fs, filename_provider=PartFiles(layout.part_prefix),
+                              ray_remote_args={"num_cpus": WRITE_CPUS}, concurrency=config.num_actors,
+                              min_rows_per_file=config.rows_per_file)
     except FileNotFoundError:
         exists(config.manifest, config.storage_options)  # raises StorageUnavailable when unreachable
         raise
@@ -205,9 +223,10 @@ def _pipeline_error(error: BaseException) -> PipelineError | None:
     return None
 
 
-def summarise(store: ResultsStore, layout: RunLayout, config: JobConfig, started: float,
+def summarise(store: ResultsStore, layout: RunLayout, config: JobConfig, started: float, checked: float,
               gpus_per_actor: float) -> RunSummary:
-    """Counts, speed and warnings of the attempt's staged rows."""
+    """Counts, speed and warnings of the attempt's staged rows; `started` and `checked` (time.time()):
+    when run_audit started and when its checks were done."""
     rows = store.read_staged(layout, SUMMARY_COLUMNS)
     wall = time.time() - started
     ok_mask = pc.equal(rows.column("status"), "ok")
@@ -217,7 +236,7 @@ def summarise(store: ResultsStore, layout: RunLayout, config: JobConfig, started
                                  for c in ("similarity", "residual_query", "residual_reference"))) if ok else None
     return RunSummary(
         run_id=config.run_id, attempt=layout.attempt, pairs=rows.num_rows, ok=ok, error=rows.num_rows - ok,
-        wall_seconds=wall, pairs_per_second=rows.num_rows / wall,
+        wall_seconds=wall, preflight_seconds=checked - started, pairs_per_second=rows.num_rows / wall,
         forward_passes_per_pair=float(np.nansum(ok_rows.column("forward_share").to_numpy(zero_copy_only=False))) / max(ok, 1),
         devices=tuple(sorted(pc.unique(rows.column("device")).drop_null().to_pylist())), gpus_per_actor=gpus_per_actor,
         results=redact_uri(layout.results_dir), png=redact_uri(layout.png_dir) if config.render_png != "none" else None,
@@ -260,6 +279,7 @@ class RunRecorder:
             record["counts"] = {"pairs": summary.pairs, "ok": summary.ok, "error": summary.error,
                                 "manifest_rows": self.plan.manifest.num_rows}
             record["timings"] = {**self.base["timings"], "wall_seconds": summary.wall_seconds,
+                                 "preflight_seconds": summary.preflight_seconds,
                                  "pairs_per_second": summary.pairs_per_second}
             record["forward_passes_per_pair"] = summary.forward_passes_per_pair
             record["warnings"] = list(summary.warnings)
@@ -294,11 +314,12 @@ def run_audit(config: JobConfig) -> RunSummary:
     except StorageError as error:
         raise StorageError(config.output, f"output location is not writable: {error.reason}") from error
     log.info("attempt %s of run %s (committed attempt: %s)", layout.attempt, config.run_id, plan.previous_attempt)
+    checked = time.time()
     connect()
     try:
         gpus = _gpus_per_actor(config)
         _stage(build_dataset(config, layout, gpus), config, layout, store)
-        summary = summarise(store, layout, config, started, gpus)
+        summary = summarise(store, layout, config, started, checked, gpus)
     except Exception as error:
         cause = _pipeline_error(error) or error
         try:  # best effort: the storage may be what failed

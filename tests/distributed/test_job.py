@@ -45,9 +45,9 @@ def check_run(config: JobConfig, rows: list[dict], model, root: str) -> None:
     assert record["counts"]["pairs"] == len(rows) and record["weights_sha256"]
     # 3 queries x top-4 in batches of 8: at most 4 + 3 distinct images per batch of 8 pairs
     assert record["forward_passes_per_pair"] < 1.6
-    # one block per batch (not one per manifest file), so that every actor gets work
+    # files of rows_per_file rows, not one per batch
     parts = glob(join_uri(config.output, "results", "run_date=*", f"run_id={config.run_id}", "*.parquet"), options)
-    assert len(parts) == math.ceil(len(rows) / config.batch_size)
+    assert 1 <= len(parts) <= math.ceil(len(rows) / config.rows_per_file)
 
 
 def test_local_folder_run_with_bad_rows(local_ray, tmp_path, rng) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.distributed.job import _cpus_per_actor, build_dataset
+from pipeline.distributed.job import READER_CPUS, WRITE_CPUS, _cpus_per_actor, build_dataset
 from pipeline.io.storage import StorageOptions, join_uri
 from pipeline.layout import RunLayout
 
@@ -25,8 +25,9 @@ def test_without_a_gpu_each_actor_fetches_explains_and_renders_its_own_batches(l
 
 
 @pytest.mark.parametrize("num_actors", [1, 2])
-def test_the_reader_fits_beside_the_actors(local_ray, tmp_path, num_actors: int) -> None:
-    """While the manifest reader holds its CPU, every actor still gets its share: results are written from the start."""
+def test_the_reader_and_the_writers_fit_beside_the_actors(local_ray, tmp_path, num_actors: int) -> None:
+    """While the manifest reader holds its CPU, every actor and every write task still gets its share:
+    results are written from the start, not held until the reader is done."""
     config = job_config(str(tmp_path), StorageOptions(), join_uri(str(tmp_path), "pairs.parquet"), "plan",
                         num_actors=num_actors)
-    assert num_actors * _cpus_per_actor(config, gpus=0) + 1 <= 2
+    assert num_actors * (_cpus_per_actor(config, gpus=0) + WRITE_CPUS) + READER_CPUS <= 2

@@ -81,7 +81,8 @@ def finished_run(tmp_path, rng) -> tuple[Path, Path, list[dict]]:
     root, options = str(tmp_path), StorageOptions()
     write_weights(join_uri(root, "models", "model.pt"), options)
     manifest, rows = write_audit(root, options, rng, queries=12, top_k=6)
-    config = job_config(root, options, manifest, RUN_ID, batch_size=4, max_error_fraction=0.0)
+    # files of one batch: rows are staged while the run goes on, so that a re-run can be killed halfway
+    config = job_config(root, options, manifest, RUN_ID, batch_size=4, rows_per_file=4, max_error_fraction=0.0)
     config_path = tmp_path / "audit.yaml"
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     first = run_job(config_path)
