@@ -93,6 +93,7 @@ SHARED_ENERGY = "shared energy"
 DELETION = "deletion AUC"
 INSERTION = "insertion AUC"
 RANDOMISATION = "randomisation ρ"
+RELIANCE = "model's own reliance on the shared digit"
 RESIDUAL = "SFAM residual share"  # mean |similarity − sum of the CIS| / |similarity|, both sides of each pair
 METRICS = (POINTING, ENERGY, *LOC.values(), SHARED_POINTING, SHARED_ENERGY, DELETION, INSERTION, RANDOMISATION)
 UNIT_INTERVAL = (POINTING, ENERGY, *LOC.values(), SHARED_POINTING, SHARED_ENERGY)  # shares: always in [0, 1]
@@ -306,6 +307,25 @@ def shared_object(maps: dict[str, np.ndarray], shared: list[Box], other: list[Bo
     return scores
 
 
+def model_reliance(model: nn.Module, pairs: Pairs) -> float:
+    """The ceiling of shared-object pointing: the share of pairs whose similarity drops more when
+    the shared digit's box in the query is blurred than when the other digit's box is."""
+    blurred = ndimage.gaussian_filter(pairs.query.astype(np.float32), (0, BLUR_SIGMA, BLUR_SIGMA, 0))
+
+    def occluded(boxes: list[Box]) -> torch.Tensor:
+        images = pairs.query.astype(np.float32)
+        for image, soft, box in zip(images, blurred, boxes):
+            x0, y0, x1, y1 = (int(round(v)) for v in box)
+            image[y0:y1, x0:x1] = soft[y0:y1, x0:x1]
+        return to_tensor(np.clip(np.rint(images), 0, 255).astype(np.uint8))
+
+    with torch.inference_mode():
+        reference, query = embed(model, to_tensor(pairs.reference)), embed(model, to_tensor(pairs.query))
+        drop_shared, drop_other = (((query - embed(model, occluded(boxes))) * reference).sum(dim=1)
+                                   for boxes in (pairs.boxes, pairs.other_boxes))
+    return float((drop_shared > drop_other).float().mean())
+
+
 # -- test 3: faithfulness --------------------------------------------------------------------------
 
 
@@ -422,6 +442,7 @@ class Evaluation:
     subject: Subject
     scores: Scores
     residual_share: float  # SFAM, mean |residual| / |similarity| on the single-object pairs
+    reliance: float  # the model's own reliance on the shared digit (model_reliance), on the shared-object pairs
     agreement: Agreement | None  # only where the project's Grad-CAM applies
     sweep: Sweep | None
 
@@ -488,11 +509,13 @@ def sweep_table(sweep: Sweep, benchmarked: str) -> str:
 
 def report(evaluation: Evaluation) -> str:
     subject, scores = evaluation.subject, evaluation.scores
+    compared = ", ".join(f"{m} {scores[m][SHARED_POINTING]:.3f}" for m in (SFAM_CIS, SFAM_MATCHED, GRADCAM_LIBRARY))
     parts = [
         f"### {subject.title}, target layer `{subject.target_layer}`",
         markdown(["method", *METRICS],
                  [[method, *(f"{scores[method][metric]:.3f}" for metric in METRICS)] for method in subject.methods]),
-        f"{RESIDUAL}: {evaluation.residual_share:.4f}",
+        f"{RESIDUAL}: {evaluation.residual_share:.4f}  \n"
+        f"{RELIANCE}: {evaluation.reliance:.3f} ({SHARED_POINTING} next to it: {compared})",
     ]
     if evaluation.agreement is not None:
         agreement = evaluation.agreement
@@ -534,7 +557,10 @@ def section(command: str, host: str, args: argparse.Namespace, body: str, second
         "tokens as an 8 x 8 map). The project's Grad-CAM baseline reads (B, C, h, w) layers only, so it has "
         "no ViT row. SFAM residual share: mean over the single-object pairs and both of their sides of "
         "|similarity − sum of the CIS| / |similarity|, the share of the similarity the channels leave "
-        "unexplained (target: below 0.10 on the ViT). Target-layer table: single-object pointing and energy of "
+        "unexplained (target: below 0.10 on the ViT). Model's own reliance: the share of shared-object pairs "
+        "whose similarity drops more when the shared digit's box in the query is blurred (the deletion baseline) "
+        "than when the other digit's box is: how often the model itself depends more on the shared digit, the "
+        "ceiling that shared pointing is read against. Target-layer table: single-object pointing and energy of "
         "SFAM (cis) and pytorch-grad-cam at each layer, and SFAM's residual share there, on the first pairs.",
         "",
     ])
@@ -601,7 +627,8 @@ def evaluate(subject: Subject, args: argparse.Namespace) -> Evaluation:
     )
     agreement = gradcam_agreement(single_maps) if GRADCAM_PROJECT in subject.methods else None
     sweep = layer_sweep(model, subject, subset, generator) if subject.sweep else None
-    return Evaluation(subject, scores, residual_share(model, subject, single), agreement, sweep)
+    return Evaluation(subject, scores, residual_share(model, subject, single), model_reliance(model, shared), agreement,
+                      sweep)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,10 +34,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from jobs.bench_quality import (
-    BLUR_SIGMA,
     DELETION,
     POINTING,
     RANDOMISATION,
@@ -52,6 +50,7 @@ from jobs.bench_quality import (
     library_map,
     localisation,
     markdown,
+    model_reliance,
     randomisation,
     shared_object,
     shared_object_pairs,
@@ -165,24 +164,6 @@ def query_maps(model: torch.nn.Module, pairs: Pairs) -> tuple[dict[str, np.ndarr
     return {method: torch.cat(values).float().numpy() for method, values in maps.items()}, per_pair
 
 
-def reliance(model: torch.nn.Module, pairs: Pairs) -> float:
-    """Share of pairs whose similarity drops more when the shared digit's box is blurred than the other's."""
-    blurred = ndimage.gaussian_filter(pairs.query.astype(np.float32), (0, BLUR_SIGMA, BLUR_SIGMA, 0))
-
-    def occluded(boxes: list) -> torch.Tensor:
-        images = pairs.query.astype(np.float32)
-        for image, soft, box in zip(images, blurred, boxes):
-            x0, y0, x1, y1 = (int(round(v)) for v in box)
-            image[y0:y1, x0:x1] = soft[y0:y1, x0:x1]
-        return to_tensor(np.clip(np.rint(images), 0, 255).astype(np.uint8))
-
-    with torch.inference_mode():
-        reference = model(to_tensor(pairs.reference))
-        drop_shared, drop_other = ((model(to_tensor(pairs.query)) - model(occluded(boxes))).mul(reference).sum(dim=1)
-                                   for boxes in (pairs.boxes, pairs.other_boxes))
-    return float((drop_shared > drop_other).float().mean())
-
-
 def study(seed: int, pairs: int, subset: int) -> tuple[Scores, float]:
     rng = np.random.default_rng(seed)
     single, shared = single_object_pairs(rng, pairs), shared_object_pairs(rng, pairs)
@@ -200,7 +181,7 @@ def study(seed: int, pairs: int, subset: int) -> tuple[Scores, float]:
     for method in METHODS:
         scores[method][SINGLE_POINTING] = scores[method][POINTING]
         scores[method][MS] = 1000 * seconds[method]
-    return scores, reliance(model, shared)
+    return scores, model_reliance(model, shared)
 
 
 def winner(scores: Scores) -> str:
