@@ -153,7 +153,9 @@ def train(recipe: Recipe, cfg: TrainConfig) -> tuple[nn.Module, list[float]]:
     teacher = model.demo_model() if cfg.distill_weight else None
     opt = torch.optim.AdamW(parameters + ([proxies] if proxies is not None else []), lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    # a 10 % warm-up, at least 2 steps: OneCycleLR divides by zero when a phase has no length
+    warmup = min(0.5, max(0.1, 2 / cfg.steps))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=warmup)
     losses: list[float] = []
     for step in range(1, cfg.steps + 1):
         x, y = _batch(rng, cfg)
@@ -280,6 +282,8 @@ def parse_args(argv: list[str] | None) -> tuple[Recipe, TrainConfig, Path]:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"default: {defaults}")
     args = parser.parse_args(argv)
     recipe = RECIPES[args.model]
+    if args.steps is not None and args.steps < 3:
+        parser.error("--steps must be at least 3 (a warm-up and an annealing phase)")
     given = {name: getattr(args, name) for name in overrides if getattr(args, name) is not None}
     return recipe, replace(recipe.config, **given), args.out_dir
 
