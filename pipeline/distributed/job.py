@@ -70,7 +70,7 @@ class RunSummary:
     def lines(self) -> list[str]:
         return [
             f"run {self.run_id}: {self.pairs} pairs, {self.ok} ok, {self.error} error (attempt {self.attempt})",
-            f"{self.wall_seconds:.1f} s ({self.preflight_seconds:.1f} s checking before the start), "
+            f"{self.wall_seconds:.1f} s ({self.preflight_seconds:.2f} s checking before the start), "
             f"{self.pairs_per_second:.1f} pairs/s, "
             f"{self.forward_passes_per_pair:.2f} forward passes per pair",
             f"explained on: {', '.join(self.devices) or 'nothing'}",
@@ -157,13 +157,15 @@ def preflight(config: JobConfig, store: ResultsStore) -> Plan:
 def _read_manifest(path: str, filesystem: pyarrow.fs.FileSystem) -> ray.data.Dataset:
     """The manifest's rows, read by Ray Data's V1 Parquet reader: the V2 reader starts 32
     footer-reading actors for every read, seconds of start-up on a small machine (measured in
-    BENCHMARKS.md, "Where the job's time goes"), where V1 reads the few footers of a manifest itself."""
+    BENCHMARKS.md, "Where the job's time goes"), where V1 reads the few footers of a manifest itself.
+    V1 samples the files for their size as the dataset is made; its progress bar is left out."""
     context = ray.data.DataContext.get_current()
-    v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    saved = context.use_datasource_v2, context.enable_progress_bars
+    context.use_datasource_v2 = context.enable_progress_bars = False
     try:
         return ray.data.read_parquet(path, filesystem=filesystem, partitioning=None)
     finally:
-        context.use_datasource_v2 = v2
+        context.use_datasource_v2, context.enable_progress_bars = saved
 
 
 def build_dataset(config: JobConfig, layout: RunLayout, gpus: float) -> ray.data.Dataset:
