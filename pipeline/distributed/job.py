@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs
 import ray
@@ -225,11 +226,17 @@ def _pipeline_error(error: BaseException) -> PipelineError | None:
     return None
 
 
-def summarise(store: ResultsStore, layout: RunLayout, config: JobConfig, started: float, checked: float,
+def _staged_columns(config: JobConfig, plan: Plan) -> list[str]:
+    """The staged columns that the summary and the gates read, once, when the pipeline has run."""
+    gated = config.gates.enabled
+    return [*SUMMARY_COLUMNS, *(["label"] if gated and "label" in plan.manifest.schema.names else []),
+            *(["query_pointing_hit"] if gated and plan.manifest.has_boxes else [])]
+
+
+def summarise(rows: pa.Table, layout: RunLayout, config: JobConfig, started: float, checked: float,
               gpus_per_actor: float) -> RunSummary:
-    """Counts, speed and warnings of the attempt's staged rows; `started` and `checked` (time.time()):
-    when run_audit started and when its checks were done."""
-    rows = store.read_staged(layout, SUMMARY_COLUMNS)
+    """Counts, speed and warnings of the attempt's staged rows (at least SUMMARY_COLUMNS);
+    `started` and `checked` (time.time()): when run_audit started and when its checks were done."""
     wall = time.time() - started
     ok_mask = pc.equal(rows.column("status"), "ok")
     ok_rows = rows.filter(ok_mask)
@@ -321,7 +328,8 @@ def run_audit(config: JobConfig) -> RunSummary:
     try:
         gpus = _gpus_per_actor(config)
         _stage(build_dataset(config, layout, gpus), config, layout, store)
-        summary = summarise(store, layout, config, started, checked, gpus)
+        staged = store.read_staged(layout, _staged_columns(config, plan))
+        summary = summarise(staged, layout, config, started, checked, gpus)
     except Exception as error:
         cause = _pipeline_error(error) or error
         try:  # best effort: the storage may be what failed
@@ -332,11 +340,12 @@ def run_audit(config: JobConfig) -> RunSummary:
         if cause is not error:
             raise cause from error
         raise
-    _finish(config, plan, store, recorder, summary)
+    _finish(config, plan, store, recorder, summary, staged)
     return summary
 
 
-def _finish(config: JobConfig, plan: Plan, store: ResultsStore, recorder: RunRecorder, summary: RunSummary) -> None:
+def _finish(config: JobConfig, plan: Plan, store: ResultsStore, recorder: RunRecorder, summary: RunSummary,
+            staged: pa.Table) -> None:
     """Decides the attempt's status once, records it, and commits the attempt unless its rows failed."""
     for warning in summary.warnings:
         log.warning("%s", warning)
@@ -344,7 +353,7 @@ def _finish(config: JobConfig, plan: Plan, store: ResultsStore, recorder: RunRec
     if reason is not None:
         recorder.failed(reason, summary)
         raise AuditFailed(reason)
-    gates = _evaluate_gates(config, plan, store, recorder.base["timings"]["started"])
+    gates = _evaluate_gates(config, store, staged, recorder.base["timings"]["started"])
     failed_gates = [g for g in gates if not g.passed]
     for gate in gates:
         (log.warning if not gate.passed else log.info)("%s", gate.line())
@@ -356,13 +365,10 @@ def _finish(config: JobConfig, plan: Plan, store: ResultsStore, recorder: RunRec
         raise GatesFailed("; ".join(g.line() for g in failed_gates))
 
 
-def _evaluate_gates(config: JobConfig, plan: Plan, store: ResultsStore, started: str) -> list[GateResult]:
-    """The config's gates on the attempt's staged rows; the similarity drop against the previous run."""
+def _evaluate_gates(config: JobConfig, store: ResultsStore, staged: pa.Table, started: str) -> list[GateResult]:
+    """The config's gates on the attempt's staged rows (_staged_columns); the similarity drop against the previous run."""
     if not config.gates.enabled:
         return []
-    has = set(plan.manifest.schema.names)
-    columns = ["status", "similarity", "residual_query", "residual_reference", *(["label"] if "label" in has else []),
-               *(["query_pointing_hit"] if plan.manifest.has_boxes else [])]
     previous_similarity = None
     if config.gates.max_similarity_drop is not None:
         previous = previous_successful_run(config.output, redact_uri(config.manifest), config.run_id, started,
@@ -371,4 +377,4 @@ def _evaluate_gates(config: JobConfig, plan: Plan, store: ResultsStore, started:
             rows = store.read(run_id=previous["run_id"], columns=["status", "label", "similarity"])
             previous_similarity = same_label_similarity(rows)
             log.info("similarity drop measured against run %s", previous["run_id"])
-    return evaluate(config.gates, store.read_staged(plan.layout, columns), previous_similarity)
+    return evaluate(config.gates, staged, previous_similarity)
