@@ -274,6 +274,16 @@ def test_wrong_target_layer(local_audit: Path, s3_secret) -> None:
     assert snapshot(local_audit.parent) == before  # nothing written
 
 
+def test_ray_address_where_no_ray_answers(local_audit: Path, s3_secret) -> None:
+    """RAY_ADDRESS naming a head that is not there: one line at once, and the attempt is recorded as failed."""
+    address = f"127.0.0.1:{_free_port()}"
+    done = run("RAY_ADDRESS with no Ray there", [*JOB, "--config", str(local_audit), "--set", "run_id=no-ray"],
+               env=base_env(RAY_ADDRESS=address))
+    assert_mistake(done, address, "RAY_ADDRESS", secrets=(s3_secret,))
+    attempts = (local_audit.parent / "audits" / "runs" / "no-ray" / "attempts").glob("*/run.json")
+    assert [yaml.safe_load(record.read_text())["status"] for record in attempts] == ["failed"]
+
+
 def test_wrong_target_layer_with_debug_shows_the_traceback(local_audit: Path, s3_secret) -> None:
     done = run("12 --debug target_layer=layer5",
                [*SFAM, "audit", "--debug", "--config", str(local_audit), "--set", "model.target_layer=layer5"])

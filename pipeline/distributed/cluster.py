@@ -2,16 +2,50 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import ray
 
+from pipeline.errors import UserError
+
+PROBE_SECONDS = 5.0  # how long RAY_ADDRESS's head may take to accept a connection
+
+
+class ClusterUnavailable(UserError):
+    """The Ray cluster that RAY_ADDRESS or this machine's last `ray start` names cannot be reached."""
+
 
 def connect() -> None:
-    """Joins the cluster of `ray job submit` (or RAY_ADDRESS), else starts a local Ray; once per process."""
-    if not ray.is_initialized():
+    """Joins the cluster of `ray job submit` (or RAY_ADDRESS, or one started with `ray start` on this
+    machine), else starts a local Ray; once per process. A cluster that cannot be reached is one
+    ClusterUnavailable, at once where RAY_ADDRESS names a head that refuses connections."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS", "")
+    _probe(address)
+    try:
         ray.init(log_to_driver=True)
+    except ConnectionError as error:
+        raise ClusterUnavailable(_advice(address or "this machine's default address", error)) from error
+
+
+def _probe(address: str) -> None:
+    """Raises ClusterUnavailable when RAY_ADDRESS is host:port and nothing accepts a connection there."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # unset, "auto" or "local": Ray decides
+    try:
+        socket.create_connection((host, int(port)), timeout=PROBE_SECONDS).close()
+    except OSError as error:
+        raise ClusterUnavailable(_advice(address, error)) from error
+
+
+def _advice(address: str, error: BaseException) -> str:
+    return (f"cannot reach the Ray cluster at {address} ({error}): unset RAY_ADDRESS to run on a local Ray, "
+            "or run `ray stop` if a Ray started on this machine has died")
 
 
 @contextmanager

@@ -39,6 +39,7 @@ from pipeline.io.tables import arrow_filesystem, write_json
 from pipeline.layout import RunLayout, new_attempt_id
 from pipeline.manifest import ManifestInfo, validate_manifest
 from pipeline.models.explainer import build_explainer
+from pipeline.models.loading import RANDOM_INIT_SEED
 from pipeline.quality import residual_warning
 from pipeline.run_history import previous_successful_run
 
@@ -144,6 +145,9 @@ def preflight(config: JobConfig, store: ResultsStore) -> Plan:
         manifest = validate_manifest(manifest_file)
     log.info("manifest %s: %d pairs, boxes: %s", redact_uri(config.manifest), manifest.num_rows, manifest.has_boxes)
     check_manifest_supports(config.gates, manifest.schema.names)
+    if not config.model.weights and not config.model.is_factory:
+        log.warning("model %s has no weights: explaining its random initialisation (seed %d), the same in every "
+                    "replica and run; set model.weights for a trained model", config.model.model_id, RANDOM_INIT_SEED)
     explainer = build_explainer(config.model, options, device=torch.device("cpu"))  # GPUs belong to the actors
     explainer.trial()
     log.info("model %s checked: target layer %s", config.model.model_id, explainer.target_layer)
@@ -324,13 +328,13 @@ def run_audit(config: JobConfig) -> RunSummary:
         raise StorageError(config.output, f"output location is not writable: {error.reason}") from error
     log.info("attempt %s of run %s (committed attempt: %s)", layout.attempt, config.run_id, plan.previous_attempt)
     checked = time.time()
-    connect()
     try:
+        connect()
         gpus = _gpus_per_actor(config)
         _stage(build_dataset(config, layout, gpus), config, layout, store)
         staged = store.read_staged(layout, _staged_columns(config, plan))
         summary = summarise(staged, layout, config, started, checked, gpus)
-    except Exception as error:
+    except BaseException as error:  # interrupted too: the attempt must not stay "running"
         cause = _pipeline_error(error) or error
         try:  # best effort: the storage may be what failed
             recorder.failed(f"{type(cause).__name__}: {cause}")
