@@ -23,6 +23,7 @@ from pipeline.models.spec import ModelSpec
 _HEAD_ATTRIBUTES = ("fc", "classifier", "heads", "head")
 _TRUST_HINT = "set `trust_checkpoint: true` to allow it, only for a file you trust"
 _SHOWN = 5
+RANDOM_INIT_SEED = 0  # the initialisation of a model built without weights
 # torch.load(weights_only=True) names the class it refused in this form, e.g. "GLOBAL torch.nn...Linear".
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 _UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error: (.+)")
@@ -33,7 +34,8 @@ class ModelLoadError(UserError):
 
 
 def build_model(spec: ModelSpec, storage_options: StorageOptions | None = None) -> nn.Module:
-    """The model of `spec`, weights loaded, in eval mode.
+    """The model of `spec`, weights loaded, in eval mode; without weights, the architecture's
+    random initialisation seeded with RANDOM_INIT_SEED, so that every replica and run is the same.
 
     With `trust_checkpoint`, a checkpoint that holds a whole model (a pickled
     `nn.Module` or a TorchScript archive) is used as the model itself; `arch`
@@ -43,10 +45,12 @@ def build_model(spec: ModelSpec, storage_options: StorageOptions | None = None) 
     if isinstance(checkpoint, nn.Module):
         model = checkpoint
     else:
-        if spec.is_factory:
-            model = _factory_model(spec.arch)
-        else:
-            model = _timm_model(spec) if spec.timm_name is not None else _torchvision_model(spec)
+        with torch.random.fork_rng(devices=[]):  # without weights: the same model in every replica and run
+            torch.manual_seed(RANDOM_INIT_SEED)
+            if spec.is_factory:
+                model = _factory_model(spec.arch)
+            else:
+                model = _timm_model(spec) if spec.timm_name is not None else _torchvision_model(spec)
         if checkpoint is not None:
             _load_state_dict(model, _unwrap_state_dict(checkpoint, spec.weights), spec.weights)
     for name, what in ((spec.target_layer, "target_layer"), (spec.embedding_layer, "embedding_layer")):
@@ -149,6 +153,8 @@ def _load_checkpoint(spec: ModelSpec, storage_options: StorageOptions | None) ->
             raise ModelLoadError(f"weights {uri} are not a readable safetensors file: {_short_reason(e)}") from e
     if uri.endswith(".safetensors"):
         raise ModelLoadError(f"weights {uri} are named .safetensors but do not start with a safetensors header")
+    if not zipfile.is_zipfile(io.BytesIO(data)) and not data.startswith(b"\x80"):  # torch.save: a zip, or a pickle
+        raise ModelLoadError(f"weights {uri} are neither a torch.save checkpoint nor a safetensors file")
     torchscript = _is_torchscript(data)
     if torchscript and not spec.trust_checkpoint:
         raise ModelLoadError(f"weights {uri} are a TorchScript archive, which runs code; {_TRUST_HINT}")

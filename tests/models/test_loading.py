@@ -36,6 +36,16 @@ def test_embedding_head(resnet18_64: nn.Module, rng: np.random.Generator) -> Non
     assert resnet18_64(images(rng, batch=3)).shape == (3, 64)
 
 
+def test_without_weights_every_build_is_the_same_model(resnet18_64: nn.Module) -> None:
+    """Replicas (one per actor) and re-runs explain the same random initialisation; the caller's RNG is untouched."""
+    state = torch.random.get_rng_state()
+    again = build_model(ModelSpec(arch="resnet18", embedding_dim=64))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for (name, first), (_, second) in zip(resnet18_64.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(first, second), name
+    assert resnet18_64.fc.weight.std() > 0  # initialised, not zeros
+
+
 @torch.no_grad()
 def test_no_embedding_dim_returns_pooled_features(rng: np.random.Generator) -> None:
     model = build_model(ModelSpec(arch="resnet18"))
@@ -126,7 +136,8 @@ def test_mismatched_state_dict_lists_keys(resnet18_64: nn.Module, tmp_path) -> N
 
 @pytest.mark.parametrize(
     ("payload", "reason"),
-    [(b"not a checkpoint at all", "not a readable torch checkpoint"), (saved({"epoch": 3}), "not a state_dict")],
+    [(b"not a checkpoint at all", "neither a torch.save checkpoint nor a safetensors file"),
+     (b"\x80\x02 a truncated pickle", "not a readable torch checkpoint"), (saved({"epoch": 3}), "not a state_dict")],
 )
 def test_checkpoint_that_is_not_a_state_dict(payload: bytes, reason: str, tmp_path) -> None:
     path = tmp_path / "odd.pt"
