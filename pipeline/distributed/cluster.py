@@ -35,8 +35,8 @@ def connect() -> None:
 def _probe(address: str) -> None:
     """Raises ClusterUnavailable when RAY_ADDRESS is host:port and nothing accepts a connection there."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        return  # unset, "auto" or "local": Ray decides
+    if not host or "/" in host or not port.isdigit():
+        return  # unset, "auto", "local" or an http:// address: Ray decides
     try:
         socket.create_connection((host, int(port)), timeout=PROBE_SECONDS).close()
     except OSError as error:
