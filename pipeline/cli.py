@@ -58,7 +58,8 @@ def explain_command(args: argparse.Namespace) -> int:
     for channel, query, reference in explanation.top_channels:
         print(f"  {channel:5d}: {query:+.4f} {reference:+.4f}")
     print(f"residual: query {explanation.residual_query:+.4f}, reference {explanation.residual_reference:+.4f}")
-    warning = residual_warning([explanation.similarity], [explanation.residual_query], [explanation.residual_reference])
+    warning = residual_warning([explanation.similarity], [explanation.residual_query], [explanation.residual_reference],
+                               spec.metric)
     if warning:
         _warn(warning)
     print(f"wrote {args.output}")

@@ -25,8 +25,15 @@ def residual_share(similarity: np.ndarray, residual_query: np.ndarray, residual_
         return np.where(similarity > MIN_SIMILARITY, residual / similarity, np.nan)
 
 
-def residual_warning(similarity: np.ndarray, residual_query: np.ndarray, residual_reference: np.ndarray) -> str | None:
-    """A one-line warning when the residual is most of the similarity for a pair or the run."""
+def residual_warning(similarity: np.ndarray, residual_query: np.ndarray, residual_reference: np.ndarray,
+                     metric: str) -> str | None:
+    """A one-line warning when the residual is most of the similarity for a pair or the run.
+
+    None for "euclidean": its residual holds -1/2 |u^y|^2 by construction (docs/method.md), so
+    its share says nothing of the target layer.
+    """
+    if metric == "euclidean":
+        return None
     share = residual_share(similarity, residual_query, residual_reference)
     measured = share[~np.isnan(share)]
     if measured.size == 0:

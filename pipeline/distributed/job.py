@@ -246,7 +246,8 @@ def summarise(rows: pa.Table, layout: RunLayout, config: JobConfig, started: flo
     ok_rows = rows.filter(ok_mask)
     ok = ok_rows.num_rows
     warning = residual_warning(*(ok_rows.column(c).to_numpy(zero_copy_only=False)
-                                 for c in ("similarity", "residual_query", "residual_reference"))) if ok else None
+                                 for c in ("similarity", "residual_query", "residual_reference")),
+                               config.model.metric) if ok else None
     return RunSummary(
         run_id=config.run_id, attempt=layout.attempt, pairs=rows.num_rows, ok=ok, error=rows.num_rows - ok,
         wall_seconds=wall, preflight_seconds=checked - started, pairs_per_second=rows.num_rows / wall,

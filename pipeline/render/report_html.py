@@ -230,8 +230,12 @@ def _render_hint(summary: Mapping[str, Any], ok: Sequence[Row], png_href: Callab
 
 
 def _warnings(summary: Mapping[str, Any]) -> str:
-    """The run record's warnings (e.g. a residual that is most of the similarity), above everything."""
-    warnings = summary.get("warnings") or []
+    """The run record's warnings (e.g. a residual that is most of the similarity), above everything;
+    first, when the run failed, that it did and why."""
+    warnings = list(summary.get("warnings") or [])
+    if summary.get("status") == "failed":
+        warnings.insert(0, f"This run failed and committed nothing ({summary.get('reason') or 'no reason recorded'}): "
+                           "the rows below are its attempt's, outside the result table.")
     items = "".join(f"<li>{escaped(w, 2000)}</li>" for w in warnings)
     return f'<section id="warnings" class="warning"><h2>Warnings</h2><ul>{items}</ul></section>' if items else ""
 

@@ -183,6 +183,16 @@ def test_large_runs_are_capped() -> None:
     assert f"first {GALLERY_CAP:,} of {GALLERY_CAP + 500:,} pairs" in "".join(page.text)
 
 
+def test_a_failed_run_says_so_first() -> None:
+    reason = "3 of 9 pairs failed, more than max_error_fraction"
+    markup = render_report({**SUMMARY, "status": "failed", "reason": reason, "warnings": ["a residual"]}, ROWS,
+                           png_href=_href)
+    warnings = markup.split('<section id="warnings"', 1)[1].split("</section>", 1)[0]
+    assert warnings.index("This run failed and committed nothing") < warnings.index("a residual")
+    assert reason in warnings
+    assert "This run failed" not in render_report({**SUMMARY, "status": "succeeded"}, ROWS, png_href=_href)
+
+
 def test_empty_run() -> None:
     page = Page(render_report({}, [], png_href=_href))
     assert not page.cards["gallery"]

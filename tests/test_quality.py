@@ -1,0 +1,22 @@
+"""When the job and `sfam explain` warn that the residual carries most of the similarity."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.quality import residual_warning
+
+
+def test_warns_when_the_residual_is_most_of_the_similarity(rng: np.random.Generator) -> None:
+    similarity = rng.uniform(0.5, 1.0, 50)
+    large = similarity * rng.uniform(0.6, 0.9, 50)
+    warning = residual_warning(similarity, large, -large, "cosine")
+    assert warning is not None and "for 50 of 50 pair(s)" in warning
+    assert residual_warning(similarity, large / 10, large / 10, "cosine") is None
+
+
+def test_no_warning_for_euclidean_whose_residual_holds_the_partner_norm(rng: np.random.Generator) -> None:
+    similarity = -rng.uniform(0.5, 1.0, 50)
+    norm_term = -0.5 * rng.uniform(5.0, 10.0, 50)  # -1/2 |u^y|^2: large by construction
+    assert residual_warning(similarity, norm_term, norm_term, "euclidean") is None
+    assert residual_warning(similarity, norm_term, norm_term, "dot") is not None
