@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import difflib
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,14 +106,31 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
         try:
             data = _load_yaml(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as error:
-            raise ConfigError(f"cannot read config {path}: {error}") from error
+            reason = " ".join(str(error).split())  # YAML errors span lines: one line for the command line
+            raise ConfigError(f"cannot read config {path}: {reason}") from error
         if not isinstance(data, dict):
             raise ConfigError(f"config {path} must be a mapping of keys to values")
     try:
         return JobConfig.model_validate(apply_overrides(data, list(overrides)))
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        problems = "; ".join(_problem(e) for e in error.errors())
         raise ConfigError(f"invalid config: {problems}") from error
+
+
+def _problem(error: Mapping[str, Any]) -> str:
+    """One validation error as `key: message`; an unknown key names the closest known one."""
+    *parents, name = error["loc"] or ("",)
+    text = f"{'.'.join(map(str, error['loc']))}: {error['msg']}"
+    if error["type"] != "extra_forbidden":
+        return text
+    model: Any = JobConfig
+    for parent in parents:  # the model that holds the unknown key
+        annotation = model.model_fields[parent].annotation if parent in getattr(model, "model_fields", {}) else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if model is None:
+            return text
+    close = difflib.get_close_matches(str(name), list(model.model_fields), n=1)
+    return f"{text} (did you mean {'.'.join(map(str, [*parents, close[0]]))}?)" if close else text
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -26,6 +26,8 @@ def test_yaml_with_overrides(tmp_path) -> None:
 
 @pytest.mark.parametrize(("override", "message"), [
     ("model.colour=red", "model.colour"),
+    ("render_pngs=all", r"render_pngs: .* \(did you mean render_png\?\)"),
+    ("model.weigths=m.pt", r"\(did you mean model.weights\?\)"),
     ("storage_options.aws_secret_access_key=abc", "aws_secret_access_key"),
     ("bogus=1", "bogus"),
     ("model.metric=manhattan", "model.metric"),
@@ -60,3 +62,11 @@ def test_render_policy(tmp_path) -> None:
 def test_unreadable_config(tmp_path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "nowhere.yaml")
+
+
+def test_broken_yaml_is_one_line(tmp_path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("manifest: [a\nmodel: {arch: x\n")
+    with pytest.raises(ConfigError, match="cannot read config") as info:
+        load_config(path)
+    assert "\n" not in str(info.value) and "line 1" in str(info.value)

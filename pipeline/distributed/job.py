@@ -16,6 +16,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -141,8 +142,13 @@ def preflight(config: JobConfig, store: ResultsStore) -> Plan:
     and one trial explanation of random pictures on the driver's CPU.
     """
     options = config.storage_options
-    with open_input(config.manifest, options) as manifest_file:
-        manifest = validate_manifest(manifest_file)
+    try:
+        with open_input(config.manifest, options) as manifest_file:
+            manifest = validate_manifest(manifest_file)
+    except StorageError as error:  # name the key, and where a relative path led
+        shown = config.manifest if "://" in config.manifest or Path(config.manifest).is_absolute() else (
+            f"{config.manifest} (from the current directory: {Path(config.manifest).resolve()})")
+        raise type(error)(f"manifest {shown}", error.reason) from error
     log.info("manifest %s: %d pairs, boxes: %s", redact_uri(config.manifest), manifest.num_rows, manifest.has_boxes)
     check_manifest_supports(config.gates, manifest.schema.names)
     if not config.model.weights and not config.model.is_factory:
