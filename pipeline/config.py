@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import difflib
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, did_you_mean
 from pipeline.gates import Gates
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.storage import StorageOptions
@@ -129,8 +128,7 @@ def _problem(error: Mapping[str, Any]) -> str:
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
         if model is None:
             return text
-    close = difflib.get_close_matches(str(name), list(model.model_fields), n=1)
-    return f"{text} (did you mean {'.'.join(map(str, [*parents, close[0]]))}?)" if close else text
+    return text + did_you_mean(str(name), model.model_fields, n=1, prefix="".join(f"{p}." for p in parents))
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

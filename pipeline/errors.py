@@ -12,6 +12,9 @@ The command line prints each as one line, `<prefix>: <message>`, without a trace
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 EXIT_OK = 0
 EXIT_AUDIT_FAILED = 1
 EXIT_USER_ERROR = 2
@@ -36,3 +39,12 @@ class AuditFailed(PipelineError):
 
     exit_code = EXIT_AUDIT_FAILED
     prefix = "audit failed"
+
+
+def did_you_mean(name: str, candidates: Iterable[str], n: int = 5, cutoff: float = 0.6, prefix: str = "") -> str:
+    """"; did you mean: a, b?" with up to n candidates close to `name` (each shown after `prefix`), or "".
+
+    For the end of an error message about a name that does not exist.
+    """
+    close = difflib.get_close_matches(name, list(candidates), n=n, cutoff=cutoff)
+    return f"; did you mean: {', '.join(prefix + c for c in close)}?" if close else ""

@@ -26,8 +26,8 @@ def test_yaml_with_overrides(tmp_path) -> None:
 
 @pytest.mark.parametrize(("override", "message"), [
     ("model.colour=red", "model.colour"),
-    ("render_pngs=all", r"render_pngs: .* \(did you mean render_png\?\)"),
-    ("model.weigths=m.pt", r"\(did you mean model.weights\?\)"),
+    ("render_pngs=all", r"render_pngs: .*; did you mean: render_png\?"),
+    ("model.weigths=m.pt", r"; did you mean: model.weights\?"),
     ("storage_options.aws_secret_access_key=abc", "aws_secret_access_key"),
     ("bogus=1", "bogus"),
     ("model.metric=manhattan", "model.metric"),

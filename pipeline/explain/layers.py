@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, did_you_mean
 
 
 class ExplanationError(UserError, ValueError):
@@ -21,8 +20,7 @@ def find_module(model: nn.Module, name: str, argument: str = "target_layer") -> 
     modules = dict(model.named_modules())
     if name in modules:
         return modules[name]
-    close = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.5)
-    hint = f"; did you mean: {', '.join(close)}?" if close else ""
+    hint = did_you_mean(name, [n for n in modules if n], cutoff=0.5)
     raise ExplanationError(f"{argument} {name!r} is not a module of the model ({type(model).__name__}){hint}")
 
 

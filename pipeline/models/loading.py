@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import io
 import re
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import safetensors.torch
 import timm
@@ -15,7 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, did_you_mean
 from pipeline.explain.layers import ExplanationError, find_module
 from pipeline.io.storage import StorageError, StorageOptions, read_bytes
 from pipeline.models.spec import ModelSpec
@@ -70,7 +69,7 @@ def resolve_layer_name(model: nn.Module, name: str, what: str = "target_layer") 
 def _torchvision_model(spec: ModelSpec) -> nn.Module:
     names = torchvision.models.list_models(module=torchvision.models)
     if spec.arch not in names:
-        raise ModelLoadError(f"unknown torchvision arch {spec.arch!r}{_suggest(spec.arch, names)}")
+        raise ModelLoadError(f"unknown torchvision arch {spec.arch!r}{did_you_mean(spec.arch, names)}")
     model = torchvision.models.get_model(spec.arch, weights=None)
     _replace_classifier(model, spec.embedding_dim, spec.arch)
     return model
@@ -82,7 +81,7 @@ def _timm_model(spec: ModelSpec) -> nn.Module:
     input size (ViTs) are built for spec.input_size."""
     name = spec.timm_name
     if not timm.is_model(name):
-        raise ModelLoadError(f"unknown timm arch {name!r}{_suggest(name, timm.list_models())}")
+        raise ModelLoadError(f"unknown timm arch {name!r}{did_you_mean(name, timm.list_models())}")
     options = {"pretrained": False, "num_classes": spec.embedding_dim or 0}
     try:
         try:
@@ -129,7 +128,7 @@ def _factory_model(path: str) -> nn.Module:
     if not callable(factory):
         public = [n for n in dir(module) if not n.startswith("_")]
         raise ModelLoadError(
-            f"arch {path!r}: module {module_name!r} has no callable {attribute!r}{_suggest(attribute, public)}"
+            f"arch {path!r}: module {module_name!r} has no callable {attribute!r}{did_you_mean(attribute, public)}"
         )
     try:
         model = factory()
@@ -240,8 +239,3 @@ def _short_reason(error: Exception) -> str:
     detail = _UNPICKLER_DETAIL.search(text)
     lines = text.strip().splitlines()
     return detail[1] if detail else lines[0] if lines else type(error).__name__
-
-
-def _suggest(name: str, candidates: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=_SHOWN, cutoff=0.6)
-    return f"; did you mean: {', '.join(close)}?" if close else ""
