@@ -307,17 +307,23 @@ def shared_object(maps: dict[str, np.ndarray], shared: list[Box], other: list[Bo
     return scores
 
 
+def blurred(images: np.ndarray) -> np.ndarray:
+    """(N, S, S, 3) uint8 images blurred with BLUR_SIGMA: the baseline of deletion, insertion and occlusion."""
+    soft = ndimage.gaussian_filter(images.astype(np.float32), (0, BLUR_SIGMA, BLUR_SIGMA, 0))
+    return np.clip(np.rint(soft), 0, 255).astype(np.uint8)
+
+
 def model_reliance(model: nn.Module, pairs: Pairs) -> float:
     """The ceiling of shared-object pointing: the share of pairs whose similarity drops more when
     the shared digit's box in the query is blurred than when the other digit's box is."""
-    blurred = ndimage.gaussian_filter(pairs.query.astype(np.float32), (0, BLUR_SIGMA, BLUR_SIGMA, 0))
+    soft = blurred(pairs.query)
 
     def occluded(boxes: list[Box]) -> torch.Tensor:
-        images = pairs.query.astype(np.float32)
-        for image, soft, box in zip(images, blurred, boxes):
+        images = pairs.query.copy()
+        for image, blur, box in zip(images, soft, boxes):
             x0, y0, x1, y1 = (int(round(v)) for v in box)
-            image[y0:y1, x0:x1] = soft[y0:y1, x0:x1]
-        return to_tensor(np.clip(np.rint(images), 0, 255).astype(np.uint8))
+            image[y0:y1, x0:x1] = blur[y0:y1, x0:x1]
+        return to_tensor(images)
 
     with torch.inference_mode():
         reference, query = embed(model, to_tensor(pairs.reference)), embed(model, to_tensor(pairs.query))
@@ -363,8 +369,7 @@ def similarity_curves(model: nn.Module, x: torch.Tensor, blurred: torch.Tensor, 
 
 def faithfulness(model: nn.Module, maps: dict[str, np.ndarray], pairs: Pairs, rng: np.random.Generator) -> Scores:
     """Deletion and insertion AUC of the similarity curves, each divided by its pair's original similarity."""
-    blurred_images = np.rint(ndimage.gaussian_filter(pairs.query.astype(np.float32), (0, BLUR_SIGMA, BLUR_SIGMA, 0)))
-    x, blurred = to_tensor(pairs.query), to_tensor(np.clip(blurred_images, 0, 255).astype(np.uint8))
+    x, baseline = to_tensor(pairs.query), to_tensor(blurred(pairs.query))
     with torch.inference_mode():
         concepts = embed(model, to_tensor(pairs.reference))
         original = (embed(model, x) * concepts).sum(dim=1, keepdim=True)
@@ -373,7 +378,7 @@ def faithfulness(model: nn.Module, maps: dict[str, np.ndarray], pairs: Pairs, rn
         ranks = torch.from_numpy(relevance_ranks(method_maps, rng))
         areas = {}
         for column, insertion in ((DELETION, False), (INSERTION, True)):
-            curves = similarity_curves(model, x, blurred, concepts, ranks, insertion)
+            curves = similarity_curves(model, x, baseline, concepts, ranks, insertion)
             areas[column] = float(np.trapezoid((curves / original).numpy(), FRACTIONS, axis=1).mean())
         scores[method] = areas
     return scores
