@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import platform
 import resource
 import time
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +34,7 @@ from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults
 from pipeline.errors import AuditFailed, PipelineError
 from pipeline.gates import GateResult, GatesFailed, check_manifest_supports, evaluate, same_label_similarity
 from pipeline.io.results_store import ResultsStore
-from pipeline.io.storage import StorageError, exists, open_input, redact_uri, sha256_of
+from pipeline.io.storage import StorageError, exists, open_input, redact_uri, resolve_uri, sha256_of
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import arrow_filesystem, write_json
 from pipeline.layout import RunLayout, new_attempt_id
@@ -146,8 +146,8 @@ def preflight(config: JobConfig, store: ResultsStore) -> Plan:
         with open_input(config.manifest, options) as manifest_file:
             manifest = validate_manifest(manifest_file)
     except StorageError as error:  # name the key, and where a relative path led
-        shown = config.manifest if "://" in config.manifest or Path(config.manifest).is_absolute() else (
-            f"{config.manifest} (from the current directory: {Path(config.manifest).resolve()})")
+        resolved = resolve_uri(config.manifest, os.getcwd())
+        shown = config.manifest if resolved == config.manifest else f"{config.manifest} (from the current directory: {resolved})"
         raise type(error)(f"manifest {shown}", error.reason) from error
     log.info("manifest %s: %d pairs, boxes: %s", redact_uri(config.manifest), manifest.num_rows, manifest.has_boxes)
     check_manifest_supports(config.gates, manifest.schema.names)
