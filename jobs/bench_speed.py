@@ -6,7 +6,7 @@
 Every row runs in one process on the same inputs: pairs of a generated retrieval manifest
 (random smooth pictures, each query with its top-k from a gallery), decoded as the job decodes
 them. Each arch of `--archs` gets the four in-process rows (bare forward, SFAM with the default
-`cis` weighting, SFAM `matched`, GradCAM) at the explainer's default target layer (ResNet: `layer4`, fast path; ViT: the input of the last block, generic path), GradCAM
+`cis` weighting, SFAM `matched`, GradCAM) at the explainer's default target layer (ResNet: `layer4`, fast path; class-token ViT: the tokens entering the first block, generic path), GradCAM
 with a `reshape_transform` for token layers. On a shared, noisy machine the ratios between
 rows mean more than the absolute numbers. `--smoke` is a tiny run for the tests; `--write`
 puts the table into BENCHMARKS.md (`## Speed`).

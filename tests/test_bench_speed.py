@@ -31,8 +31,8 @@ def test_smoke_run_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
         assert f"| {row}" in printed, row
     cnn, vit = SMOKE["archs"]
     assert f"| {SFAM_ROW} ({cnn}; `layer4`, fast path)" in printed
-    assert f"| {SFAM_ROW} ({vit}; `blocks.10`, generic path)" in printed  # the input of the last of 12 blocks
-    assert f"| {GRADCAM} ({vit}; `blocks.10`)" in printed
+    assert f"| {SFAM_ROW} ({vit}; `pos_drop`, generic path)" in printed  # the tokens entering the first block
+    assert f"| {GRADCAM} ({vit}; `pos_drop`)" in printed
     for arch in (cnn, vit):
         for ratio in (f"SFAM pairs/s ÷ (bare images/s ÷ 2) ({arch})", f"SFAM ÷ pytorch-grad-cam ({arch}, pairs/s)",
                       f"SFAM matched time ÷ SFAM cis time per pair ({arch})"):

@@ -32,7 +32,7 @@ HEADS = 3
 EMBEDDING_DIM = 64
 STEM = (24, 48)  # channels of the stem's stride-2 convolutions before the stride-2 projection to WIDTH
 GRID_SIDE = INPUT_SIZE // PATCH_SIZE
-TARGET_LAYER = f"blocks.{DEPTH - 2}"  # the input of the last block: what the explainer picks by default
+TARGET_LAYER = "pos_drop"  # the tokens entering the first block: what the explainer picks by default
 CHECKPOINT = "demo_vit.safetensors"  # in pipeline/assets
 ARCHITECTURE = (f"timm VisionTransformer: {PATCH_SIZE} px patches by a conv stem (conv3x3/2-BN-ReLU {STEM[0]}, "
                 f"{STEM[1]}, conv3x3/2 to {WIDTH}), width {WIDTH}, {DEPTH} pre-norm blocks of {HEADS} heads, class "

@@ -10,6 +10,11 @@ u^x = J^x a^x + c^x, given its partner y:
     CIS^{x|y} = a^x * w^{x|y}          sum_k CIS_k + residual = s(x, y)
     SFAM^x    = ReLU(sum_k CIS_k / sum_k |CIS_k| * A^x_k)      weighting="cis"
     map^x     = sum_k w_k A^x_k                                 weighting="partner"
+
+When the head does not pool first (class-token attention), a channel's weight differs between
+locations: W_kp = h*w * d(u . v)/dA_kp replaces w_k (its mean over p), so the maps read
+ReLU(sum_k a_k W_kp A_kp / sum_k |CIS_k|) and sum_k W_kp A_kp; with W_kp = w_k these are the
+formulas above.
     M^x       = shared evidence from correspondences of the local embeddings J^x A^x(:, p)
                 with y's (correspondence.py)                    weighting="matched"
 
@@ -71,7 +76,7 @@ class _Attribution:
     """One side of P pairs: what the channels of one image contribute given its partner."""
 
     similarity: torch.Tensor  # (P,) float64
-    weights: torch.Tensor  # (P, K) float64, w
+    weights: torch.Tensor  # (P, K, h, w) float64, W = h*w * d(u . v)/dA; (P, K, 1, 1): w, the same at every location
     cis: torch.Tensor  # (P, K) float64
     residual: torch.Tensor  # (P,) float64
 
@@ -92,8 +97,8 @@ class SFAM:
     Args:
         model: maps images (B, 3, H, W) to embeddings (B, D). Put in eval mode.
         target_layer: name in `model.named_modules()` of the features to explain; by default the
-            last module whose feature grid influences the embedding (for class-token ViTs the
-            input of the last block). Chosen at the first explanation; read it back here.
+            last module whose feature grid influences the embedding; for class-token ViTs the
+            tokens entering the first block (targets.py). Chosen at the first explanation; read it back here.
         metric: "cosine", "dot" or "euclidean" on the embeddings.
         embedding_layer: name of the module whose output is the unnormalised embedding, for
             models that L2-normalise inside `forward()`; by default the model's output.
@@ -271,6 +276,7 @@ class SFAM:
             v = partner_vector(self.metric, u[x], u[y])  # (P, D)
             weights = (v @ head.jacobian) * forward.scale[x, None]  # (P, K)
             cis = pooled[x] * weights
+            weights = weights[:, :, None, None]  # the head pools first: one weight per channel
             residual = (v * head.bias).sum(dim=1) + offset(self.metric, u[y])
             return _Attribution(similarity(self.metric, u[x], u[y]), weights, cis, residual)
 
@@ -308,7 +314,7 @@ class SFAM:
                 gradients[chosen] = gradient[slots[chosen]]
         features = forward.maps.detach()[slots]  # (2P, K, h, w)
         dsim = self._layout.to_maps(gradients).double()  # (2P, K, h, w): d(u . v)/dA
-        weights = dsim.sum(dim=(2, 3))  # (2P, K): h*w * mean_ij d/dA
+        weights = dsim * self._layout.grid  # (2P, K, h, w): W, = w at every location when the head pools first
         cis = (features.double() * dsim).sum(dim=(2, 3))  # = a * w when the head pools first
         u64, v64 = u.detach().double(), v.double()
         s = similarity(self.metric, u64[query_index], u64[reference_index])
@@ -389,10 +395,10 @@ class SFAM:
         )
 
     def _map(self, features: torch.Tensor, side: _Attribution) -> torch.Tensor:
-        """(P, K, h, w) features and per-pair channel weights -> (P, h, w) float32 maps."""
-        if self.weighting == "cis":
-            weights = side.cis / side.cis.abs().sum(dim=1, keepdim=True).clamp_min(1e-30)
-        else:
-            weights = side.weights
-        maps = torch.einsum("pk,pkhw->phw", weights.float(), features.float())
-        return maps.relu() if self.weighting == "cis" else maps
+        """(P, K, h, w) features and the pairs' channel weights W -> (P, h, w) float32 maps."""
+        features = features.float()
+        if self.weighting == "partner":
+            return (side.weights.float() * features).sum(dim=1)  # sum_k W_kp A_kp
+        pooled = features.mean(dim=(2, 3), keepdim=True)  # (P, K, 1, 1) a
+        scale = side.cis.abs().sum(dim=1).clamp_min(1e-30).float()[:, None, None]
+        return ((pooled * side.weights.float() * features).sum(dim=1) / scale).relu()  # CIS_k A_kp when W = w

@@ -31,12 +31,12 @@ def test_class_token_vit_with_final_norm_and_projection():
     assert z.shape == (2, vit.EMBEDDING_DIM) and not torch.allclose(z.norm(dim=1), torch.ones(2))
 
 
-def test_explainer_defaults_to_the_input_of_the_last_block():
+def test_explainer_defaults_to_the_tokens_entering_the_first_block():
     torch.manual_seed(0)
     x, y = torch.randn(2, 3, vit.INPUT_SIZE, vit.INPUT_SIZE), torch.randn(2, 3, vit.INPUT_SIZE, vit.INPUT_SIZE)
     explainer = SFAM(vit.demo_vit())
     result = explainer.explain(x, y)
-    assert explainer.target_layer == vit.TARGET_LAYER == f"blocks.{vit.DEPTH - 2}"
+    assert explainer.target_layer == vit.TARGET_LAYER == "pos_drop"
     assert result.map_query.shape == (2, vit.GRID_SIDE, vit.GRID_SIDE)
     torch.testing.assert_close(result.cis_query.sum(dim=1) + result.residual_query, result.similarity)
 

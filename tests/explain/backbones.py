@@ -55,8 +55,8 @@ class Backbone:
 BACKBONES: dict[str, Backbone] = {
     "convnext_tiny": Backbone(lambda: torchvision_backbone("convnext_tiny"), 64, "features", ("nchw", 0)),
     "swin_t": Backbone(lambda: torchvision_backbone("swin_t"), 64, "permute", ("nchw", 0)),
-    "clip": Backbone(lambda: timm_vit("vit_base_patch16_clip_224", 64), 64, "blocks.1", ("tokens", 1)),
-    "dinov2_reg4": Backbone(lambda: timm_vit("vit_small_patch14_reg4_dinov2", 56), 56, "blocks.1", ("tokens", 5)),
+    "clip": Backbone(lambda: timm_vit("vit_base_patch16_clip_224", 64), 64, "pos_drop", ("tokens", 1)),
+    "dinov2_reg4": Backbone(lambda: timm_vit("vit_small_patch14_reg4_dinov2", 56), 56, "pos_drop", ("tokens", 5)),
     # mean pooling, then LayerNorm (fc_norm): timm's `norm` is an Identity, never the name of a target
     "mean_pooled": Backbone(lambda: timm_vit("vit_medium_patch16_gap_256", 64, fc_norm=True), 64, "blocks", ("tokens", 0)),
 }
@@ -85,6 +85,16 @@ def _frozen_timm_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def timm_vit_head(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Input of the last block (N, P + h*w, C) -> class-token embedding (N, C), linearised."""
     return _frozen_layer_norm(model.norm, _frozen_timm_block(model.blocks[-1], tokens))[:, 0]
+
+
+def timm_vit_entry_head(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens entering the first block, `pos_drop` (N, P + h*w, C) -> class-token embedding (N, C):
+    CLIP's pre-norm (a LayerNorm, deviation held; an Identity elsewhere) and every block, linearised."""
+    if isinstance(model.norm_pre, nn.LayerNorm):
+        tokens = _frozen_layer_norm(model.norm_pre, tokens)
+    for block in model.blocks:
+        tokens = _frozen_timm_block(block, tokens)
+    return _frozen_layer_norm(model.norm, tokens)[:, 0]
 
 
 def mean_pooled_vit_head(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -71,7 +71,7 @@ CASES: dict[str, Callable[[], Case]] = {
 @dataclass
 class Reference:
     similarity: torch.Tensor
-    weights: torch.Tensor  # (P, K)
+    weights: torch.Tensor  # (P, K), or (P, K, h, w) when a channel's weight differs between locations
     cis: torch.Tensor  # (P, K)
     residual: torch.Tensor  # (P,)
     map_cis: torch.Tensor  # (P, h, w)

@@ -15,8 +15,16 @@ from pipeline import SFAM, ExplanationError
 from pipeline.explain.layout import FeatureLayout, detect_layout
 from pipeline.explain.metrics import partner_vector, similarity
 
-from backbones import BACKBONES, convnext_head, mean_pooled_vit_head, swin_head, timm_vit_head, torchvision_backbone
-from reference import assert_close, assert_maps_close
+from backbones import (
+    BACKBONES,
+    convnext_head,
+    mean_pooled_vit_head,
+    swin_head,
+    timm_vit_entry_head,
+    timm_vit_head,
+    torchvision_backbone,
+)
+from reference import Reference, assert_close, assert_maps_close
 
 METRICS = ["cosine", "dot", "euclidean"]
 
@@ -35,9 +43,10 @@ def pairs(batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 def reference_cis(
     model: nn.Module, layer: str, head: Callable[[nn.Module, torch.Tensor], torch.Tensor],
     to_maps: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, metric: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(similarity, CIS of x given y, residual) in float64: the layer's output z, the linearised
-    head written by hand, CIS_k = sum over the patch grid of z * d(u . v)/dz."""
+) -> Reference:
+    """x's explanation given y in float64: the layer's output z, the linearised head written by
+    hand, CIS_k = sum over the patch grid of z * d(u . v)/dz, and the maps from each channel's
+    weight at each location, W_kp = h*w * d(u . v)/dz_kp (docs/method.md, Maps)."""
     model = copy.deepcopy(model).double()
     seen: list[torch.Tensor] = []
     handle = model.get_submodule(layer).register_forward_hook(lambda _m, _i, out: seen.append(out))
@@ -50,34 +59,47 @@ def reference_cis(
         u_y = head(model, seen[1])
     v = partner_vector(metric, u_x.detach(), u_y)
     (gradient,) = torch.autograd.grad((u_x * v).sum(), z_x)
-    cis = (to_maps(z_x.detach()) * to_maps(gradient)).sum(dim=(2, 3))
+    features, dsim = to_maps(z_x.detach()), to_maps(gradient)  # (P, K, h, w)
+    cis = (features * dsim).sum(dim=(2, 3))
+    weights = dsim * dsim[0, 0].numel()
     s = similarity(metric, u_x.detach(), u_y)
-    return s, cis, s - cis.sum(dim=1)
+    a = features.mean(dim=(2, 3), keepdim=True)
+    map_cis = (a * weights * features).sum(1) / cis.abs().sum(1)[:, None, None]
+    return Reference(s, weights, cis, s - cis.sum(dim=1), map_cis.clamp_min(0), (weights * features).sum(1))
 
 
 REFERENCES = {  # backbone: (layer, linearised head, layout of the layer's output)
-    "convnext_tiny": ("features", convnext_head, "nchw"),
-    "swin_t": ("features", swin_head, "nhwc"),
-    "clip": ("blocks.1", timm_vit_head, "tokens"),
-    "dinov2_reg4": ("blocks.1", timm_vit_head, "tokens"),
-    "mean_pooled": ("blocks", mean_pooled_vit_head, "tokens"),
+    ("convnext_tiny", "features"): (convnext_head, "nchw"),
+    ("swin_t", "features"): (swin_head, "nhwc"),
+    ("clip", "pos_drop"): (timm_vit_entry_head, "tokens"),  # the default: through CLIP's pre-norm and every block
+    ("clip", "blocks.1"): (timm_vit_head, "tokens"),  # the input of the last block
+    ("dinov2_reg4", "pos_drop"): (timm_vit_entry_head, "tokens"),
+    ("dinov2_reg4", "blocks.1"): (timm_vit_head, "tokens"),
+    ("mean_pooled", "blocks"): (mean_pooled_vit_head, "tokens"),
 }
 
 
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("name", list(REFERENCES))
-def test_matches_linearised_float64_reference(name: str, metric: str, models: dict, seed: int) -> None:
-    layer, head, kind = REFERENCES[name]
+@pytest.mark.parametrize(("name", "layer"), list(REFERENCES))
+def test_matches_linearised_float64_reference(name: str, layer: str, metric: str, models: dict, seed: int) -> None:
+    head, kind = REFERENCES[name, layer]
     model, size = models[name], BACKBONES[name].size
     x, y = pairs(3, size)
     explainer = SFAM(model, layer, metric, feature_layout=kind)
     result = explainer.explain(x, y)
-    s, cis, residual = reference_cis(model, layer, head, explainer.layout.to_maps, x, y, metric)
+    expected = reference_cis(model, layer, head, explainer.layout.to_maps, x, y, metric)
+    s = expected.similarity
     assert_close(result.similarity, s, rel=1e-4, what="similarity")
-    assert_close(result.cis_query, cis, rel=1e-3, what="cis_query")
-    assert_close(result.residual_query, residual, rel=1e-4, what="residual", scale=s.abs().max())
+    assert_close(result.cis_query, expected.cis, rel=1e-3, what="cis_query")
+    assert_close(result.residual_query, expected.residual, rel=1e-4, what="residual", scale=s.abs().max())
     total = result.cis_query.double().sum(1) + result.residual_query.double()
     assert_close(total, result.similarity, rel=1e-5, what="completeness", scale=1.0)
+    assert_maps_close(result.map_query, expected.map_cis, rel=1e-3, what="map_query (cis)")
+    partner = SFAM(model, layer, metric, feature_layout=kind, weighting="partner").explain(x, y)
+    assert_close(partner.map_query, expected.map_partner, rel=1e-3, what="map_query (partner)")
+    # the partner map spreads exactly the CIS over the grid, whether or not the head pools first
+    assert_close(partner.map_query.double().mean(dim=(1, 2)), expected.cis.sum(1), rel=1e-3, what="map mean",
+                 scale=expected.cis.abs().sum(1).max())
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))
@@ -146,7 +168,7 @@ def test_l2_normalised_output_still_refused_with_a_layer_after_the_target(seed: 
 def test_target_without_influence_names_a_better_layer(name: str, models: dict, seed: int) -> None:
     """The last block's patch tokens (and the final norm's) never reach the class token."""
     for layer in ("blocks.2", "norm"):
-        with pytest.raises(ExplanationError, match=r"no influence.*target_layer='blocks\.1'"):
+        with pytest.raises(ExplanationError, match=r"no influence.*target_layer='pos_drop'"):
             SFAM(models[name], layer).explain(*pairs(1, BACKBONES[name].size))
 
 
@@ -175,20 +197,20 @@ def vit_b_16() -> nn.Module:
 
 
 def test_torchvision_vit_b_16(vit_b_16: nn.Module, seed: int) -> None:
-    """At its required 224 px: default target is the last block's input, tokens with a class
+    """At its required 224 px: default target is the tokens entering the first block, with a class
     token on a 14x14 grid, the job's repeated images work and CIS + residual = similarity."""
     images = torch.randn(3, 3, 224, 224)
     query, reference = torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2])
     explainer = SFAM(vit_b_16)
     result = explainer.explain_pairs(images, query, reference)
-    assert explainer.target_layer == "encoder.layers.encoder_layer_10"
+    assert explainer.target_layer == "encoder.dropout"
     assert explainer.layout == FeatureLayout("tokens", 14, 14, prefix=1)
     assert result.cis_query.shape == (3, 768) and result.map_query.shape == (3, 14, 14)
     assert_close(result.cis_query.double().sum(1) + result.residual_query.double(), result.similarity,
                  rel=1e-5, scale=1.0)
     alone = explainer.explain(images[2:3], images[1:2])  # pair 2 seen from the other side
     assert_close(alone.cis_query[0], result.cis_reference[2], rel=1e-4, what="cis")
-    with pytest.raises(ExplanationError, match="encoder_layer_10"):
+    with pytest.raises(ExplanationError, match="encoder.dropout"):
         SFAM(vit_b_16, "encoder.ln").explain(images[:1], images[1:2])
 
 
