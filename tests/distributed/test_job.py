@@ -60,8 +60,9 @@ def test_local_folder_run_with_bad_rows(local_ray, tmp_path, rng) -> None:
     check_run(config, rows, model, root)
     table = HiveParquetStore(config.output, options).read(run_id="local-1")
     errors = dict(zip(table.column("pair_id").to_pylist(), table.column("error").to_pylist()))
-    assert "not found" in errors["bad/missing"]
-    assert "corrupt" in errors["bad/corrupt"] or "unrecognised" in errors["bad/corrupt"]
+    # each names the image as the manifest has it; a missing one also where the relative path led
+    assert errors["bad/missing"] == f"reference: img/nowhere.png: not found (at {join_uri(root, 'img', 'nowhere.png')})"
+    assert errors["bad/corrupt"].startswith("reference: img/corrupt.jpg: ") and "corrupt" in errors["bad/corrupt"]
     assert "too many pixels" in errors["bad/bomb"]
     assert exists(join_uri(config.output, "runs", "local-1", "_SUCCESS"), options)
 
