@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import UserError, did_you_mean
 from pipeline.gates import Gates
@@ -77,6 +77,13 @@ class JobConfig(BaseModel):
             raise ValueError("run_id may hold letters, digits, '.', '_' and '-' (at most 128), starting with a letter or digit")
         return value
 
+    @model_validator(mode="after")
+    def _residual_gate_has_meaning(self) -> JobConfig:
+        if self.gates.max_residual_share is not None and self.model.metric == "euclidean":
+            raise ValueError("gates.max_residual_share does not apply to metric euclidean, whose residual holds "
+                             "-1/2 |u^y|^2 by construction (docs/method.md): remove the gate or use cosine or dot")
+        return self
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'model.metric=dot' -> (['model', 'metric'], 'dot'); the value is read as YAML."""
@@ -119,7 +126,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
 def _problem(error: Mapping[str, Any]) -> str:
     """One validation error as `key: message`; an unknown key names the closest known one."""
     *parents, name = error["loc"] or ("",)
-    text = f"{'.'.join(map(str, error['loc']))}: {error['msg']}"
+    # a validator's own ValueError without pydantic's "Value error, "; a whole-config check has no key
+    message = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
+    text = f"{'.'.join(map(str, error['loc']))}: {message}" if error["loc"] else message
     if error["type"] != "extra_forbidden":
         return text
     model: Any = JobConfig

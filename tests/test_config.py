@@ -70,3 +70,12 @@ def test_broken_yaml_is_one_line(tmp_path) -> None:
     with pytest.raises(ConfigError, match="cannot read config") as info:
         load_config(path)
     assert "\n" not in str(info.value) and "line 1" in str(info.value)
+
+
+def test_residual_gate_refused_for_euclidean(tmp_path) -> None:
+    """A Euclidean residual holds -1/2 |u^y|^2 by construction: a gate on its share would fail every run."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text(BASE)
+    assert load_config(path, ["gates.max_residual_share=0.2"]).gates.max_residual_share == 0.2
+    with pytest.raises(ConfigError, match=r"gates.max_residual_share does not apply to metric euclidean"):
+        load_config(path, ["gates.max_residual_share=0.2", "model.metric=euclidean"])
