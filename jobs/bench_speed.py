@@ -1,12 +1,12 @@
 """Speed of SFAM against a bare forward pass, pytorch-grad-cam's GradCAM and the whole Ray job.
 
     python -m jobs.bench_speed [--archs resnet50 vit_b_16] [--device cpu|cuda] [--batch 32] [--repeats 3]
-                               [--size 224] [--skip-job] [--write]
+                               [--size 224] [--target-layer ARCH=LAYER ...] [--skip-job] [--write]
 
 Every row runs in one process on the same inputs: pairs of a generated retrieval manifest
 (random smooth pictures, each query with its top-k from a gallery), decoded as the job decodes
 them. Each arch of `--archs` gets the four in-process rows (bare forward, SFAM with the default
-`cis` weighting, SFAM `matched`, GradCAM) at the explainer's default target layer (ResNet: `layer4`, fast path; class-token ViT: the tokens entering the first block, generic path), GradCAM
+`cis` weighting, SFAM `matched`, GradCAM) at the explainer's default target layer (ResNet: `layer4`, fast path; class-token ViT: the tokens entering the first block, generic path) or the one `--target-layer` names, GradCAM
 with a `reshape_transform` for token layers. On a shared, noisy machine the ratios between
 rows mean more than the absolute numbers. `--smoke` is a tiny run for the tests; `--write`
 puts the table into BENCHMARKS.md (`## Speed`).
@@ -259,11 +259,12 @@ def label(row: str, arch: str) -> str:
 
 def in_process(arch: str, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, rows: tuple[str, ...]) -> InProcess:
     """`rows` of BARE, SFAM_ROW, MATCHED_ROW and GRADCAM for a randomly initialised `arch`, SFAM at its
-    default target layer."""
+    default target layer or the one --target-layer names for it."""
     model = build_model(ModelSpec(arch=arch, embedding_dim=EMBEDDING_DIM, input_size=args.size)).to(x.device)
-    explainer = resolve(SFAM(model, metric=METRIC), x)
+    layer = args.target_layers.get(arch)
+    explainer = resolve(SFAM(model, layer, metric=METRIC), x)
     works = {BARE: lambda: bare_forward(model, x), SFAM_ROW: lambda: sfam_explain(explainer, x, y),
-             MATCHED_ROW: lambda: sfam_explain(resolve(SFAM(model, metric=METRIC, weighting="matched"), x), x, y),
+             MATCHED_ROW: lambda: sfam_explain(resolve(SFAM(model, layer, metric=METRIC, weighting="matched"), x), x, y),
              GRADCAM: lambda: gradcam_explain(explainer, x, y)}
     return InProcess(arch, explainer, {label(row, arch): works[row]() for row in rows})
 
@@ -401,7 +402,8 @@ def section(command: str, host: str, args: argparse.Namespace, report: str, job:
         "Random weights; the classifier replaced by `Linear(K, 512)`; same process and inputs for all rows; "
         "after one warm-up call each, the in-process rows are timed in interleaved rounds"
         + (" (the job runs first, alone)" if job is not None else "")
-        + ". SFAM and GradCAM explain the explainer's default target layer (named in the SFAM rows). One "
+        + ". SFAM and GradCAM explain the explainer's default target layer, or the one `--target-layer` names "
+        "(named in the rows). One "
         "SFAM call explains B pairs (2B images, both maps): the fast path forwards them once, the generic path "
         "forwards them once and backpropagates from the embeddings to the target layer only; SFAM matched "
         "adds the local embeddings of both maps and their matching (the shared-evidence map and the top "
@@ -431,8 +433,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--job-queries", type=int, default=200)
     parser.add_argument("--job-top-k", type=int, default=10)
     parser.add_argument("--job-gallery", type=int, default=400, help="gallery images the top-k are drawn from")
+    parser.add_argument("--target-layer", action="append", default=[], metavar="ARCH=LAYER",
+                        help="explain this layer of ARCH instead of the explainer's default (repeatable)")
     parser.add_argument("--skip-job", action="store_true", help="only the in-process rows")
     args = parse_benchmark_args(parser, argv, SMOKE, "## Speed")
+    if any("=" not in item for item in args.target_layer):
+        parser.error("--target-layer takes ARCH=LAYER, e.g. vit_b_16=encoder.layers.encoder_layer_10")
+    args.target_layers = dict(item.split("=", 1) for item in args.target_layer)
     if args.job_gallery < args.job_top_k:
         parser.error("--job-gallery must hold at least --job-top-k images")
     if args.job_arch is None:

@@ -48,3 +48,13 @@ def test_write_section_replaces_only_the_speed_section(tmp_path: Path) -> None:
     path.write_text(path.read_text() + "\n## Quality\n\nkept\n")
     write_section(path, "## Speed\n\nsecond\n")
     assert path.read_text() == "# Benchmarks\n\n## Speed\n\nsecond\n\n## Quality\n\nkept\n"
+
+
+def test_target_layer_names_the_layer_of_one_arch(capsys: pytest.CaptureFixture[str]) -> None:
+    """--target-layer ARCH=LAYER: e.g. a ViT's last block input, to time the faster layer beside the default."""
+    vit = SMOKE["archs"][1]
+    assert main(["--smoke", "--skip-job", "--archs", vit, "--target-layer", f"{vit}=blocks.10"]) == 0
+    printed = capsys.readouterr().out
+    assert f"| {SFAM_ROW} ({vit}; `blocks.10`, generic path)" in printed and f"| {GRADCAM} ({vit}; `blocks.10`)" in printed
+    with pytest.raises(SystemExit):
+        main(["--smoke", "--target-layer", "blocks.10"])

@@ -13,8 +13,9 @@ u^x = J^x a^x + c^x, given its partner y:
 
 When the head does not pool first (class-token attention), a channel's weight differs between
 locations: W_kp = h*w * d(u . v)/dA_kp replaces w_k (its mean over p), so the maps read
-ReLU(sum_k a_k W_kp A_kp / sum_k |CIS_k|) and sum_k W_kp A_kp; with W_kp = w_k these are the
-formulas above.
+ReLU(sum_k |a_k| W_kp A_kp / sum_k |CIS_k|) and sum_k W_kp A_kp. With W_kp = w_k and a >= 0
+(post-ReLU features) these are the formulas above; |a_k| keeps the sign of a signed channel's
+mean (ViT tokens) from flipping its evidence.
     M^x       = shared evidence from correspondences of the local embeddings J^x A^x(:, p)
                 with y's (correspondence.py)                    weighting="matched"
 
@@ -399,6 +400,6 @@ class SFAM:
         features = features.float()
         if self.weighting == "partner":
             return (side.weights.float() * features).sum(dim=1)  # sum_k W_kp A_kp
-        pooled = features.mean(dim=(2, 3), keepdim=True)  # (P, K, 1, 1) a
+        emphasis = features.mean(dim=(2, 3), keepdim=True).abs()  # (P, K, 1, 1) |a|
         scale = side.cis.abs().sum(dim=1).clamp_min(1e-30).float()[:, None, None]
-        return ((pooled * side.weights.float() * features).sum(dim=1) / scale).relu()  # CIS_k A_kp when W = w
+        return ((emphasis * side.weights.float() * features).sum(dim=1) / scale).relu()  # CIS_k A_kp when W = w, a >= 0

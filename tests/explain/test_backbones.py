@@ -63,8 +63,8 @@ def reference_cis(
     cis = (features * dsim).sum(dim=(2, 3))
     weights = dsim * dsim[0, 0].numel()
     s = similarity(metric, u_x.detach(), u_y)
-    a = features.mean(dim=(2, 3), keepdim=True)
-    map_cis = (a * weights * features).sum(1) / cis.abs().sum(1)[:, None, None]
+    emphasis = features.mean(dim=(2, 3), keepdim=True).abs()
+    map_cis = (emphasis * weights * features).sum(1) / cis.abs().sum(1)[:, None, None]
     return Reference(s, weights, cis, s - cis.sum(dim=1), map_cis.clamp_min(0), (weights * features).sum(1))
 
 
