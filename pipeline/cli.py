@@ -52,7 +52,7 @@ def explain_command(args: argparse.Namespace) -> int:
                "weighting": args.weighting, "feature_layout": args.feature_layout, "prefix_tokens": args.prefix_tokens}
     spec = spec.model_copy(update={k: v for k, v in changes.items() if v is not None})
     explanation = explain_pair(args.query, args.reference, spec, options, max_pixels, output=args.output)
-    print(f"target layer: {explanation.target_layer}")
+    print(f"target layer: {explanation.target_layer} ({spec.weighting} map)")
     print(f"{spec.metric} similarity: {explanation.similarity:.4f}")
     print("top channels by CIS (channel: query CIS, reference CIS):")
     for channel, query, reference in explanation.top_channels:

@@ -381,3 +381,16 @@ def test_explain_with_a_corrupt_image(tmp_path: Path, s3_secret) -> None:
                                             "{arch: resnet18, embedding_dim: 16, input_size: 64}", "-o", str(out)])
     assert_mistake(done, "corrupt.jpg", secrets=(s3_secret,))
     assert not out.exists()
+
+
+def test_explain_a_vit_at_a_size_it_was_not_built_for(tmp_path: Path, s3_secret) -> None:
+    """torchvision's ViTs run at 224 px only: the model's own check becomes one line naming input_size."""
+    pictures = []
+    for seed in (4, 5):
+        pictures.append(tmp_path / f"{seed}.png")
+        pictures[-1].write_bytes(png_bytes(np.random.default_rng(seed), 64, 64))
+    out = tmp_path / "pair.png"
+    done = run("11 explain vit_b_16 at 64 px", [*SFAM, "explain", *map(str, pictures), "--model",
+                                                "{arch: vit_b_16, input_size: 64}", "-o", str(out)])
+    assert_mistake(done, "vit_b_16", "model.input_size", "224", secrets=(s3_secret,))
+    assert not out.exists()

@@ -50,8 +50,9 @@ def _advice(address: str, error: BaseException) -> str:
 
 @contextmanager
 def local_cluster() -> Iterator[None]:
-    """A local Ray without its dashboard for the length of the block (the demo's)."""
-    ray.init(ignore_reinit_error=True, include_dashboard=False)
+    """A new local Ray without its dashboard for the length of the block (the demo's); never the
+    cluster that RAY_ADDRESS or an earlier `ray start` on this machine names, which may have died."""
+    ray.init(address="local", ignore_reinit_error=True, include_dashboard=False)
     try:
         yield
     finally:

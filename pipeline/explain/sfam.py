@@ -132,8 +132,12 @@ class SFAM:
         self.weighting = weighting
         self.target_layer = target_layer
         self.embedding_layer = embedding_layer
+        own_prefix = getattr(model, "num_prefix_tokens", None)  # timm's class / register tokens
+        if prefix_tokens is not None and own_prefix is not None and prefix_tokens != own_prefix:
+            raise ExplanationError(f"prefix_tokens={prefix_tokens} contradicts the model's own num_prefix_tokens="
+                                   f"{own_prefix}: leave prefix_tokens unset for this model")
         self._layout_settings = {"layout": check_layout(feature_layout), "prefix_tokens": prefix_tokens,
-                                 "prefix_hint": getattr(model, "num_prefix_tokens", None)}
+                                 "prefix_hint": own_prefix}
         self._target = find_module(model, target_layer) if target_layer is not None else None
         self._embedding = (
             find_module(model, embedding_layer, "embedding_layer") if embedding_layer is not None else None
@@ -244,8 +248,12 @@ class SFAM:
         with mode, hooked_output(self._target, enter_head) as seen:
             embeddings = self._embed(images)
         if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
+            shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
+            if self.embedding_layer is not None:
+                raise ExplanationError(f"embedding_layer={self.embedding_layer!r} outputs {shape}, not a (B, D) "
+                                       "embedding: name the module that outputs the pooled embedding")
             raise ExplanationError(
-                "the model's output is not a (B, D) embedding tensor; pass embedding_layer= "
+                f"the model's output is {shape}, not a (B, D) embedding tensor; pass embedding_layer= "
                 "to name the module that outputs it"
             )
         if not seen:

@@ -149,7 +149,7 @@ def _load_checkpoint(spec: ModelSpec, storage_options: StorageOptions | None) ->
         try:
             return safetensors.torch.load(data)
         except Exception as e:
-            raise ModelLoadError(f"weights {uri} are not a readable safetensors file: {_short_reason(e)}") from e
+            raise ModelLoadError(f"weights {uri} are not a readable safetensors file: {short_reason(e)}") from e
     if uri.endswith(".safetensors"):
         raise ModelLoadError(f"weights {uri} are named .safetensors but do not start with a safetensors header")
     if not zipfile.is_zipfile(io.BytesIO(data)) and not data.startswith(b"\x80"):  # torch.save: a zip, or a pickle
@@ -168,7 +168,7 @@ def _load_checkpoint(spec: ModelSpec, storage_options: StorageOptions | None) ->
                 f"weights {uri} are not a plain state_dict: they hold pickled Python objects "
                 f"({unsafe[1]}), such as a whole nn.Module; {_TRUST_HINT}"
             ) from e
-        raise ModelLoadError(f"weights {uri} are not a readable torch checkpoint: {_short_reason(e)}") from e
+        raise ModelLoadError(f"weights {uri} are not a readable torch checkpoint: {short_reason(e)}") from e
 
 
 def _is_safetensors(data: bytes) -> bool:
@@ -233,8 +233,8 @@ def _head_hint(unexpected: list[str], state_dict: Mapping[str, torch.Tensor]) ->
             f"set `embedding_dim: {out_features}` to load it as the embedding head")
 
 
-def _short_reason(error: Exception) -> str:
-    """The informative line of torch.load's (often very long) error message."""
+def short_reason(error: Exception) -> str:
+    """The informative line of an error's (often very long) message, e.g. torch.load's."""
     text = str(error)
     detail = _UNPICKLER_DETAIL.search(text)
     lines = text.strip().splitlines()

@@ -246,6 +246,18 @@ def test_layout_settings_and_errors() -> None:
         SFAM(nn.Identity(), feature_layout="nwhc")
 
 
+@pytest.mark.parametrize("name", ["clip", "dinov2_reg4"])
+def test_settings_that_contradict_the_model_are_refused(name: str, models: dict, seed: int) -> None:
+    """A wrong prefix_tokens would move the default layer onto the patch embedding; an embedding_layer
+    that outputs tokens is named with its shape."""
+    model = models[name]
+    with pytest.raises(ExplanationError, match=f"prefix_tokens=0 contradicts the model's own num_prefix_tokens="
+                                               f"{model.num_prefix_tokens}"):
+        SFAM(model, prefix_tokens=0)
+    with pytest.raises(ExplanationError, match=r"embedding_layer='norm' outputs \(\d+, \d+, 64\), not a \(B, D\)"):
+        SFAM(model, embedding_layer="norm").explain(*pairs(1, BACKBONES[name].size))
+
+
 def test_channels_last_target_explicit(models: dict, seed: int) -> None:
     """Swin's `features` output (N, h, w, C) is detected as channels-last and explained there."""
     explainer = SFAM(models["swin_t"], "features")
