@@ -206,19 +206,19 @@ def _unwrap_state_dict(checkpoint: object, uri: str) -> Mapping[str, torch.Tenso
 def _load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], uri: str) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in state_dict.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
+    unexpected = sorted(k for k in state_dict if k not in expected)
+    mismatched = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]  # model order
+    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched]
     problems = [
         f"{label} ({len(items)}): {', '.join(items[:_SHOWN])}{', ...' if len(items) > _SHOWN else ''}"
         for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
         if items
     ]
     if problems:
-        raise ModelLoadError(f"weights {uri} do not match the model: " + "; ".join(problems) + _head_hint(unexpected, state_dict))
+        size_hint = (". A position embedding of another length: the checkpoint was made for another input size; "
+                     "set model.input_size to it") if any("pos_embed" in k for k in mismatched) else ""
+        raise ModelLoadError(f"weights {uri} do not match the model: " + "; ".join(problems)
+                             + _head_hint(unexpected, state_dict) + size_hint)
     model.load_state_dict(state_dict, strict=True)
 
 

@@ -134,6 +134,16 @@ def test_mismatched_state_dict_lists_keys(resnet18_64: nn.Module, tmp_path) -> N
     assert "fc.weight: checkpoint (64, 512) vs model (32, 512)" in message
 
 
+def test_checkpoint_for_another_input_size_says_so(tmp_path) -> None:
+    """A ViT's position embedding has one entry per patch: its length gives the input size away."""
+    spec = ModelSpec(arch="timm/vit_tiny_patch16_224", input_size=64)
+    path = tmp_path / "vit64.pt"
+    path.write_bytes(saved(build_model(spec).state_dict()))
+    with pytest.raises(ModelLoadError, match=r"pos_embed: checkpoint \(1, 17, 192\) vs model \(1, 37, 192\).*"
+                                             r"another input size; set model.input_size"):
+        build_model(spec.model_copy(update={"input_size": 96, "weights": str(path)}))
+
+
 @pytest.mark.parametrize(
     ("payload", "reason"),
     [(b"not a checkpoint at all", "neither a torch.save checkpoint nor a safetensors file"),
