@@ -124,7 +124,9 @@ def default_target_layer(
         skipped.append(output.names[0])
     raise ExplanationError(
         "no module of the model outputs a feature grid that influences the embedding "
-        "((N, C, h, w), (N, h, w, C) or tokens (N, P + h*w, C)); pass target_layer="
+        "((N, C, h, w), (N, h, w, C) or tokens (N, P + h*w, C)); pass target_layer=, or, when the embedding "
+        "does not depend on the picture at all (a zero-initialised head, such as torchvision's ViT heads "
+        "built without weights), load the model's weights"
     )
 
 

@@ -272,3 +272,12 @@ def test_low_precision(model_dtype: torch.dtype, input_dtype: torch.dtype, seed:
     assert_close(low.similarity, exact.similarity, rel=5e-2, what="similarity")
     correlation = torch.corrcoef(torch.stack([low.cis_query.cpu().flatten(), exact.cis_query.flatten()]))
     assert correlation[0, 1] > 0.95
+
+
+def test_embedding_that_ignores_the_picture_is_named(seed: int) -> None:
+    """A zero-initialised head (torchvision's ViT heads without weights) leaves no layer with influence."""
+    head = nn.Linear(8, 4)
+    nn.init.zeros_(head.weight)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head).eval()
+    with pytest.raises(ExplanationError, match="does not depend on the picture.*load the model's weights"):
+        SFAM(model).explain(torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16))
