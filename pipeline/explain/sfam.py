@@ -51,6 +51,14 @@ WEIGHTINGS: tuple[str, ...] = ("cis", "partner", "matched")
 Replace = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _start_graph(output: torch.Tensor) -> torch.Tensor:
+    """The target layer's output as the leaf of the autograd graph: the layers before it ran
+    without one (no activations kept for gradients nobody asks for), the head runs with one.
+    The caller's torch.no_grad() restores its mode when the forward is done."""
+    torch.set_grad_enabled(True)
+    return output.detach().requires_grad_()
+
+
 @dataclass(frozen=True)
 class SFAMResult:
     """Explanations of P pairs (query x, reference y). Tensors are float32 on the input device."""
@@ -307,8 +315,8 @@ class SFAM:
         rounds = (slots[:, None] == slots[None, :]).tril(-1).sum(dim=1)  # (2P,) earlier slots, same image
         # "matched" differentiates twice: fused attention kernels have no second derivative, the math one does
         attention = sdpa_kernel(SDPBackend.MATH) if self.weighting == "matched" else nullcontext()
-        with torch.inference_mode(False), torch.enable_grad(), attention:
-            forward = self._forward(images.clone(), replace=lambda output: output.detach().requires_grad_())
+        with torch.inference_mode(False), torch.no_grad(), attention:
+            forward = self._forward(images.clone(), replace=_start_graph)
             u = forward.embeddings  # (N, D)
             local = self._local_embeddings(forward) if self.weighting == "matched" else None
             v = partner_vector(self.metric, u.detach()[slots], u.detach()[partners])  # (2P, D)

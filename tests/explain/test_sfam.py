@@ -281,3 +281,18 @@ def test_embedding_that_ignores_the_picture_is_named(seed: int) -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head).eval()
     with pytest.raises(ExplanationError, match="does not depend on the picture.*load the model's weights"):
         SFAM(model).explain(torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16))
+
+
+def test_generic_path_keeps_no_graph_before_the_target_layer(seed: int) -> None:
+    """Activations before the target layer are not kept for gradients nobody asks for (memory)."""
+    model = resnet18_embedding()
+    seen: dict[str, bool] = {}
+
+    def recorder(where: str):  # the last forward is the explanation's
+        return lambda _module, _inputs, output: seen.update({where: output.requires_grad})
+
+    model.layer3.register_forward_hook(recorder("before"))
+    model.fc.register_forward_hook(recorder("after"))
+    result = SFAM(model, "layer4", fast_path=False).explain(torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64))
+    assert seen == {"before": False, "after": True} and torch.is_grad_enabled()
+    assert_close(result.cis_query.double().sum(1) + result.residual_query.double(), result.similarity, rel=1e-5, scale=1.0)
