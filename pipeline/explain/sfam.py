@@ -10,14 +10,14 @@ u^x = J^x a^x + c^x, given its partner y:
     CIS^{x|y} = a^x * w^{x|y}          sum_k CIS_k + residual = s(x, y)
     SFAM^x    = ReLU(sum_k CIS_k / sum_k |CIS_k| * A^x_k)      weighting="cis"
     map^x     = sum_k w_k A^x_k                                 weighting="partner"
+    M^x       = shared evidence from correspondences of the local embeddings J^x A^x(:, p)
+                with y's (correspondence.py)                    weighting="matched"
 
 When the head does not pool first (class-token attention), a channel's weight differs between
 locations: W_kp = h*w * d(u . v)/dA_kp replaces w_k (its mean over p), so the maps read
 ReLU(sum_k |a_k| W_kp A_kp / sum_k |CIS_k|) and sum_k W_kp A_kp. With W_kp = w_k and a >= 0
 (post-ReLU features) these are the formulas above; |a_k| keeps the sign of a signed channel's
 mean (ViT tokens) from flipping its evidence.
-    M^x       = shared evidence from correspondences of the local embeddings J^x A^x(:, p)
-                with y's (correspondence.py)                    weighting="matched"
 
 Fast path: when the head is affine (with a pooled LayerNorm's deviation held per image),
 J and c are measured once (head.py) and an explanation costs one forward pass per distinct
