@@ -9,8 +9,8 @@ the similarity on the demo ViT). So with class-token pooling the default is the 
 entering the first block: the first module whose output holds the prefix tokens before the
 patch grid (timm: `pos_drop`; torchvision: `encoder.dropout`), after the position embedding.
 There the class token is still the model's constant, and the patch tokens carry the rest
-(residual 0.12 on the demo ViT, and maps that localise better; docs/method.md). The patch
-embedding itself, before the class token joins, is never the default.
+(residual share 0.13 on the demo ViT, and maps that localise better; docs/method.md). The
+patch embedding itself, before the class token joins, is never the default.
 """
 
 from __future__ import annotations
