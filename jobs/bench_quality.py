@@ -607,7 +607,7 @@ def merge(*parts: Scores) -> Scores:
 
 
 def layer_sweep(model: nn.Module, subject: Subject, pairs: Pairs, generator: torch.Generator) -> Sweep:
-    """SFAM (cis) and pytorch-grad-cam localisation, and SFAM's residual, at each layer of the sweep."""
+    """SWEEP_METHODS' localisation, and SFAM's residual, at each layer of the sweep."""
     at = {layer: replace(subject, target_layer=layer) for layer in subject.sweep}
     return Sweep(
         {layer: localisation(query_maps(model, s, pairs, generator, SWEEP_METHODS), pairs.boxes)

@@ -261,7 +261,7 @@ def in_process(arch: str, args: argparse.Namespace, x: torch.Tensor, y: torch.Te
     """`rows` of BARE, SFAM_ROW, MATCHED_ROW and GRADCAM for a randomly initialised `arch`, SFAM at its
     default target layer or the one --target-layer names for it."""
     model = build_model(ModelSpec(arch=arch, embedding_dim=EMBEDDING_DIM, input_size=args.size)).to(x.device)
-    layer = args.target_layers.get(arch)
+    layer = dict(args.target_layer).get(arch)
     explainer = resolve(SFAM(model, layer, metric=METRIC), x)
     works = {BARE: lambda: bare_forward(model, x), SFAM_ROW: lambda: sfam_explain(explainer, x, y),
              MATCHED_ROW: lambda: sfam_explain(resolve(SFAM(model, layer, metric=METRIC, weighting="matched"), x), x, y),
@@ -420,6 +420,14 @@ def section(command: str, host: str, args: argparse.Namespace, report: str, job:
 # -- main ---------------------------------------------------------------------------------------
 
 
+def arch_layer(text: str) -> tuple[str, str]:
+    """--target-layer's ARCH=LAYER -> (arch, layer)."""
+    arch, equals, layer = text.partition("=")
+    if not (arch and equals and layer):
+        raise argparse.ArgumentTypeError("takes ARCH=LAYER, e.g. vit_b_16=encoder.layers.encoder_layer_10")
+    return arch, layer
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench_speed", description=__doc__.splitlines()[0])
     parser.add_argument("--archs", nargs="+", default=["resnet50", "vit_b_16"],
@@ -433,13 +441,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--job-queries", type=int, default=200)
     parser.add_argument("--job-top-k", type=int, default=10)
     parser.add_argument("--job-gallery", type=int, default=400, help="gallery images the top-k are drawn from")
-    parser.add_argument("--target-layer", action="append", default=[], metavar="ARCH=LAYER",
+    parser.add_argument("--target-layer", action="append", default=[], type=arch_layer, metavar="ARCH=LAYER",
                         help="explain this layer of ARCH instead of the explainer's default (repeatable)")
     parser.add_argument("--skip-job", action="store_true", help="only the in-process rows")
     args = parse_benchmark_args(parser, argv, SMOKE, "## Speed")
-    if any("=" not in item for item in args.target_layer):
-        parser.error("--target-layer takes ARCH=LAYER, e.g. vit_b_16=encoder.layers.encoder_layer_10")
-    args.target_layers = dict(item.split("=", 1) for item in args.target_layer)
     if args.job_gallery < args.job_top_k:
         parser.error("--job-gallery must hold at least --job-top-k images")
     if args.job_arch is None:

@@ -51,14 +51,14 @@ class FetchImages:
     def _decode(self, uri: str) -> Pictures:
         """The pictures of the manifest's `uri`; an error names `uri` as the manifest has it, and
         where a relative one led."""
+        location = resolve_uri(uri, self.manifest_dir)
         try:
-            data = read_bytes(resolve_uri(uri, self.manifest_dir), self.storage_options,
+            data = read_bytes(location, self.storage_options,
                               max_bytes=BYTES_PER_PIXEL_LIMIT * self.max_image_pixels + (1 << 20))
         except StorageUnavailable:
             raise
         except StorageError as error:
-            led_to = StorageError(uri, "").uri != error.uri
-            raise StorageError(uri, f"{error.reason} (at {error.uri})" if led_to else error.reason) from error
+            raise StorageError(uri, f"{error.reason} (at {error.uri})" if location != uri else error.reason) from error
         return decode_pictures(data, uri, self.max_image_pixels, self.input_size, DISPLAY_SIDE)
 
     def _decode_all(self, uris: set[str]) -> tuple[dict[str, Pictures], dict[str, str]]:
