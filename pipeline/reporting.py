@@ -27,7 +27,6 @@ REPORT_COLUMNS = (
     "pair_id", "query_uri", "reference_uri", "label", "rank", "score", "similarity", "status", "error",
     "query_energy_in_box", "reference_energy_in_box", "query_pointing_hit", "reference_pointing_hit", "png_uri",
 )
-_COMPARISON_BEFORE = '<section id="gallery">'  # where the comparison section goes in the page
 
 
 def _path_part(uri: str) -> str:
@@ -62,18 +61,17 @@ class _OverlayLinks:
         return _relative(copy, self.report_dir)
 
 
-def _with_comparison(page: str, output: str, record: dict, options: StorageOptions, table: TableConfig | None) -> str:
-    """The page with a "Compared with RUN" section when an earlier run of the same manifest succeeded.
+def _comparison(output: str, record: dict, options: StorageOptions, table: TableConfig | None) -> str:
+    """A "Compared with RUN" section when an earlier run of the same manifest succeeded, else "".
 
     False matches are counted at the run's own `render_flags.false_match_similarity`."""
     config = record["config"]
     previous = previous_successful_run(output, config["manifest"], record["run_id"], record["timings"]["started"], options)
     if previous is None:
-        return page
+        return ""
     threshold = config.get("render_flags", {}).get("false_match_similarity", DEFAULT_THRESHOLD)
     comparison = compare_runs(output, previous["run_id"], record["run_id"], options, threshold, table)
-    section = comparison_section(comparison.view(), f"Compared with {previous['run_id']}")
-    return page.replace(_COMPARISON_BEFORE, section + _COMPARISON_BEFORE, 1)
+    return comparison_section(comparison.view(), f"Compared with {previous['run_id']}")
 
 
 def write_report(output: str, run_id: str, options: StorageOptions, destination: str | None = None,
@@ -97,8 +95,7 @@ def write_report(output: str, run_id: str, options: StorageOptions, destination:
     page = render_report(
         {**summary, "model_id": summary.get("model_id"), "metric": summary.get("config", {}).get("model", {}).get("metric")},
         rows, png_href=_OverlayLinks(destination, options),
+        comparison=_comparison(output, summary, options, table) if committed else "",
     )
-    if committed:
-        page = _with_comparison(page, output, summary, options, table)
     write_bytes(destination, page.encode(), options)
     return destination

@@ -241,12 +241,13 @@ def _warnings(summary: Mapping[str, Any]) -> str:
 
 
 def render_report(
-    summary: Mapping[str, Any], rows: Sequence[Row], *, png_href: Callable[[Row], str | None]
+    summary: Mapping[str, Any], rows: Sequence[Row], *, png_href: Callable[[Row], str | None], comparison: str = ""
 ) -> str:
     """The HTML report of one run.
 
     `summary` is the run record (shown as a key/value table), `rows` the result rows
-    as dicts, and `png_href(row)` the relative link to a row's overlay PNG or None.
+    as dicts, `png_href(row)` the relative link to a row's overlay PNG or None, and
+    `comparison` a section comparing the run with an earlier one (placed before the gallery).
     """
     rows = list(rows)
     ok = [r for r in rows if r.get("status") == "ok"]
@@ -264,7 +265,7 @@ def render_report(
         f'{_warnings(summary)}<section id="figures"><div class="tiles">{_figures(ok, errors, len(rows))}</div></section>'
         f'<section id="histogram"><h2>Similarity by label</h2>{_histogram(ok)}</section>'
         f'<section id="look-first"><h2>Look first</h2>{_look_first(ok, png_href)}</section>'
-        f'<section id="gallery"><h2>All pairs</h2>{_render_hint(summary, ok, png_href)}{_gallery(rows, png_href)}</section>'
+        f'{comparison}<section id="gallery"><h2>All pairs</h2>{_render_hint(summary, ok, png_href)}{_gallery(rows, png_href)}</section>'
         f'<section id="errors"><h2>Errors ({len(errors):,})</h2>{_errors(errors)}</section>'
         f'<section id="run"><h2>Run record</h2>{_summary_table(summary)}</section>'
         f"<script>{SCRIPT}</script></body></html>"
