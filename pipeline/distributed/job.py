@@ -34,7 +34,7 @@ from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults
 from pipeline.errors import AuditFailed, PipelineError
 from pipeline.gates import GateResult, GatesFailed, check_manifest_supports, evaluate, same_label_similarity
 from pipeline.io.results_store import ResultsStore
-from pipeline.io.storage import StorageError, exists, open_input, redact_uri, resolve_uri, sha256_of
+from pipeline.io.storage import StorageError, as_given, exists, open_input, redact_uri, resolve_uri, sha256_of
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import arrow_filesystem, write_json
 from pipeline.layout import RunLayout, new_attempt_id
@@ -146,9 +146,7 @@ def preflight(config: JobConfig, store: ResultsStore) -> Plan:
         with open_input(config.manifest, options) as manifest_file:
             manifest = validate_manifest(manifest_file)
     except StorageError as error:  # name the key, and where a relative path led
-        resolved = resolve_uri(config.manifest, os.getcwd())
-        shown = config.manifest if resolved == config.manifest else f"{config.manifest} (from the current directory: {resolved})"
-        raise type(error)(f"manifest {shown}", error.reason) from error
+        raise as_given(error, config.manifest, resolve_uri(config.manifest, os.getcwd()), f"manifest {config.manifest}") from error
     log.info("manifest %s: %d pairs, boxes: %s", redact_uri(config.manifest), manifest.num_rows, manifest.has_boxes)
     check_manifest_supports(config.gates, manifest.schema.names)
     if not config.model.weights and not config.model.is_factory:

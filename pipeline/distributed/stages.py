@@ -22,7 +22,15 @@ import pyarrow.compute as pc
 
 from pipeline.explain import SFAMResult
 from pipeline.io.images import ImageDecodeError, Pictures, decode_pictures
-from pipeline.io.storage import StorageError, StorageOptions, StorageUnavailable, read_bytes, resolve_uri, write_bytes
+from pipeline.io.storage import (
+    StorageError,
+    StorageOptions,
+    StorageUnavailable,
+    as_given,
+    read_bytes,
+    resolve_uri,
+    write_bytes,
+)
 from pipeline.layout import RunLayout
 from pipeline.localisation import energy_in_box, peak_xy, pointing_hit
 from pipeline.models.explainer import build_explainer, device_label
@@ -58,7 +66,7 @@ class FetchImages:
         except StorageUnavailable:
             raise
         except StorageError as error:
-            raise StorageError(uri, f"{error.reason} (at {error.uri})" if location != uri else error.reason) from error
+            raise as_given(error, uri, location) from error
         return decode_pictures(data, uri, self.max_image_pixels, self.input_size, DISPLAY_SIDE)
 
     def _decode_all(self, uris: set[str]) -> tuple[dict[str, Pictures], dict[str, str]]:

@@ -213,6 +213,13 @@ def resolve_uri(uri: str, base_dir: str) -> str:
     return f"{scheme}{sep}{joined}"
 
 
+def as_given(error: StorageError, given: str, location: str, subject: str | None = None) -> StorageError:
+    """`error`, met at `location`, restated for `given`, the path as the user wrote it (named
+    `subject`, by default the path itself), with where a relative path led."""
+    reason = error.reason if location == given else f"{error.reason} (at {location})"
+    return type(error)(subject or given, reason)
+
+
 def redact_uri(text: str) -> str:
     """`text` with the `user:password@` part of any URL in it replaced by `***@` (for logs and errors)."""
     return _USERINFO.sub(r"\1***@", text)
