@@ -60,8 +60,6 @@ EXPLAINED_COLUMNS = (
     "map_query", "map_reference", "map_shape", "query_peak_xy", "reference_peak_xy", "correspondences",
     "forward_share",
 )
-# the same value on every row of a run
-RUN_CONSTANT_COLUMNS = ("attempt", "model_id", "metric", "weighting", "target_layer", "device")
 
 
 def reserved_names() -> frozenset[str]:
