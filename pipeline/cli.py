@@ -17,20 +17,29 @@ from dataclasses import dataclass
 
 import yaml
 
-from pipeline.config import ConfigError, add_config_arguments, load_config
+from pipeline.config import ConfigError, add_config_arguments, load_config, load_yaml, one_line, validated
 from pipeline.errors import EXIT_OK, PipelineError
 from pipeline.io.iceberg_store import TableConfig
-from pipeline.io.storage import StorageOptions
+from pipeline.io.storage import StorageOptions, redact_uri
 from pipeline.models.spec import ModelSpec
 
 
 def _model_spec(text: str) -> ModelSpec:
     """`--model resnet18` or an inline mapping: `--model '{arch: resnet18, embedding_dim: 64}'`."""
-    value = yaml.safe_load(text)
     try:
-        return ModelSpec.model_validate(value if isinstance(value, dict) else {"arch": text})
-    except ValueError as error:
-        raise ConfigError(f"--model {text!r}: {error}") from error
+        value = load_yaml(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--model {text!r}: not YAML: {one_line(error)}") from error
+    return validated(ModelSpec, value if isinstance(value, dict) else {"arch": text}, f"--model {text!r}")
+
+
+def _refuse_ignored(args: argparse.Namespace) -> None:
+    """--set only changes a --config; with --config, its storage options replace --endpoint-url."""
+    if args.config and args.endpoint_url:
+        raise ConfigError("--endpoint-url: with --config, set storage_options.endpoint_url in the config "
+                          "(or --set storage_options.endpoint_url=URL)")
+    if not args.config and args.overrides:
+        raise ConfigError(f"--set {args.overrides[0]!r}: --set changes the file given with --config, and there is none")
 
 
 def _warn(message: str) -> None:
@@ -41,6 +50,7 @@ def explain_command(args: argparse.Namespace) -> int:
     from pipeline.pair import explain_pair  # torch and torchvision load only for the commands that need them
     from pipeline.quality import residual_warning
 
+    _refuse_ignored(args)
     if args.config:
         config = load_config(args.config, args.overrides)
         spec, options, max_pixels = config.model, config.storage_options, config.max_image_pixels
@@ -50,7 +60,8 @@ def explain_command(args: argparse.Namespace) -> int:
         spec, options, max_pixels = _model_spec(args.model), StorageOptions(endpoint_url=args.endpoint_url), MAX_IMAGE_PIXELS
     changes = {"metric": args.metric, "target_layer": args.target_layer, "embedding_layer": args.embedding_layer,
                "weighting": args.weighting, "feature_layout": args.feature_layout, "prefix_tokens": args.prefix_tokens}
-    spec = spec.model_copy(update={k: v for k, v in changes.items() if v is not None})
+    spec = validated(ModelSpec, {**spec.model_dump(), **{k: v for k, v in changes.items() if v is not None}},
+                     "sfam explain")
     explanation = explain_pair(args.query, args.reference, spec, options, max_pixels, output=args.output)
     print(f"target layer: {explanation.target_layer} ({spec.weighting} map)")
     print(f"{spec.metric} similarity: {explanation.similarity:.4f}")
@@ -76,8 +87,13 @@ def audit_command(args: argparse.Namespace) -> int:
 
 
 def demo_command(args: argparse.Namespace) -> int:
+    from pipeline.demo.audit import GALLERY_SIZE
     from pipeline.demo.job import run_demo
 
+    if args.queries < 1:
+        raise ConfigError(f"--queries {args.queries}: at least 1")
+    if not 1 <= args.top_k <= GALLERY_SIZE:
+        raise ConfigError(f"--top-k {args.top_k}: from 1 to {GALLERY_SIZE} (the demo gallery's images)")
     return run_demo(args.output, queries=args.queries, top_k=args.top_k)
 
 
@@ -92,6 +108,7 @@ class _Audit:
 
 def _audit(args: argparse.Namespace) -> _Audit:
     """From --config, or from OUTPUT and --endpoint-url (a Hive table)."""
+    _refuse_ignored(args)
     if args.config:
         config = load_config(args.config, args.overrides)
         return _Audit(args.output_root or config.output, config.storage_options, config.table)
@@ -206,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as error:
         if args.debug:
             traceback.print_exc()
-        print(f"{error.prefix}: {error}", file=sys.stderr)
+        print(f"{error.prefix}: {redact_uri(str(error))}", file=sys.stderr)
         return error.exit_code
 
 

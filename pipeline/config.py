@@ -7,7 +7,7 @@ import datetime as dt
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,6 +21,7 @@ from pipeline.render.selection import FlagRules, RenderPolicy
 
 MAX_IMAGE_PIXELS = 50_000_000  # larger images fail their row (decompression bombs)
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+Model = TypeVar("Model", bound=BaseModel)
 
 
 class ConfigError(UserError):
@@ -37,7 +38,8 @@ _PlainLoader.yaml_implicit_resolvers = {
 }
 
 
-def _load_yaml(text: str) -> Any:
+def load_yaml(text: str) -> Any:
+    """YAML as the config reads it (_PlainLoader)."""
     return yaml.load(text, Loader=_PlainLoader)
 
 
@@ -90,7 +92,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. model.metric=dot")
-    return key.strip().split("."), _load_yaml(value) if value.strip() else None
+    try:
+        return key.strip().split("."), load_yaml(value) if value.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {text!r}: the value is not YAML: {one_line(error)}") from error
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -110,20 +115,28 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
     data: dict = {}
     if path is not None:
         try:
-            data = _load_yaml(Path(path).read_text()) or {}
+            data = load_yaml(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as error:
-            reason = " ".join(str(error).split())  # YAML errors span lines: one line for the command line
-            raise ConfigError(f"cannot read config {path}: {reason}") from error
+            raise ConfigError(f"cannot read config {path}: {one_line(error)}") from error
         if not isinstance(data, dict):
             raise ConfigError(f"config {path} must be a mapping of keys to values")
+    return validated(JobConfig, apply_overrides(data, list(overrides)), "invalid config")
+
+
+def one_line(error: Exception) -> str:
+    """The error's message on one line (YAML errors span several)."""
+    return " ".join(str(error).split())
+
+
+def validated(schema: type[Model], data: Any, what: str) -> Model:
+    """`schema` validated from `data`, or a ConfigError `what: key: problem; ...` on one line."""
     try:
-        return JobConfig.model_validate(apply_overrides(data, list(overrides)))
+        return schema.model_validate(data)
     except ValidationError as error:
-        problems = "; ".join(_problem(e) for e in error.errors())
-        raise ConfigError(f"invalid config: {problems}") from error
+        raise ConfigError(f"{what}: {'; '.join(_problem(e, schema) for e in error.errors())}") from error
 
 
-def _problem(error: Mapping[str, Any]) -> str:
+def _problem(error: Mapping[str, Any], schema: type[BaseModel]) -> str:
     """One validation error as `key: message`; an unknown key names the closest known one."""
     *parents, name = error["loc"] or ("",)
     # a validator's own ValueError without pydantic's "Value error, "; a whole-config check has no key
@@ -131,7 +144,7 @@ def _problem(error: Mapping[str, Any]) -> str:
     text = f"{'.'.join(map(str, error['loc']))}: {message}" if error["loc"] else message
     if error["type"] != "extra_forbidden":
         return text
-    model: Any = JobConfig
+    model: Any = schema
     for parent in parents:  # the model that holds the unknown key
         annotation = model.model_fields[parent].annotation if parent in getattr(model, "model_fields", {}) else None
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None

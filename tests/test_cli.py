@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
+
+from pipeline.cli import main
 
 SFAM = [sys.executable, "-m", "pipeline.cli"]
 
@@ -59,3 +62,22 @@ def test_explain_draws_the_matches_of_the_matched_map(tmp_path: Path, rng) -> No
         pictures[weighting] = np.asarray(Image.open(out).convert("RGB")).astype(int)
     magenta = [(p[..., 0] > 200) & (p[..., 1] < 80) & (p[..., 2] > 200) for p in pictures.values()]
     assert magenta[0].sum() == 0 and magenta[1].sum() > 200  # the matched overlay draws its correspondences
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["explain", "q.png", "r.png", "--model", "{arch: resnet18", "-o", "x.png"], "--model '{arch: resnet18': not YAML"),
+    (["explain", "q.png", "r.png", "--model", "{arch: resnet18, embeding_dim: 8}", "-o", "x.png"],
+     "embeding_dim: Extra inputs are not permitted; did you mean: embedding_dim?"),
+    (["explain", "q.png", "r.png", "--model", "resnet18", "--prefix-tokens", "-1", "-o", "x.png"], "prefix_tokens"),
+    (["explain", "q.png", "r.png", "--model", "resnet18", "--set", "model.metric=dot", "-o", "x.png"], "--set"),
+    (["explain", "q.png", "r.png", "--config", "a.yaml", "--endpoint-url", "http://h", "-o", "x.png"], "--endpoint-url"),
+    (["report", "out", "--run-id", "r", "--set", "run_id=x"], "--set"),
+    (["compare", "--config", "a.yaml", "--endpoint-url", "http://h", "a", "b"], "--endpoint-url"),
+    (["demo", "--top-k", "81"], "--top-k 81: from 1 to 80"),
+    (["demo", "--queries", "0"], "--queries 0"),
+])
+def test_argument_mistakes_are_one_line(argv: list[str], named: str, capsys) -> None:
+    """Found before anything is read or built: one line naming the argument, exit 2."""
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], lines

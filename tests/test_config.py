@@ -33,6 +33,7 @@ def test_yaml_with_overrides(tmp_path) -> None:
     ("model.metric=manhattan", "model.metric"),
     ("run_id=../../etc", "run_id"),
     ("batch_size", "KEY=VALUE"),
+    ("run_id=[a", r"^--set 'run_id=\[a': the value is not YAML: [^\n]+$"),
 ])
 def test_bad_overrides_are_errors(tmp_path, override: str, message: str) -> None:
     path = tmp_path / "cfg.yaml"

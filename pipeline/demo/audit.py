@@ -20,6 +20,7 @@ from pipeline.demo.model import EMBEDDING_LAYER, INPUT_SIZE, MEAN, STD, TARGET_L
 from pipeline.io.images import to_model_tensor
 
 DEMO_SEED = 20261126  # used nowhere else: not in training, not in the benchmarks
+GALLERY_SIZE = 80
 MODEL_SPEC = {
     "arch": "pipeline.demo.model:demo_model", "embedding_layer": EMBEDDING_LAYER, "target_layer": TARGET_LAYER,
     "metric": "cosine", "input_size": INPUT_SIZE, "mean": list(MEAN), "std": list(STD),
@@ -35,7 +36,7 @@ def _save(folder: Path, prefix: str, images: np.ndarray) -> list[str]:
     return names
 
 
-def build_demo_audit(folder: Path, queries: int, top_k: int, gallery: int = 80) -> Path:
+def build_demo_audit(folder: Path, queries: int, top_k: int, gallery: int = GALLERY_SIZE) -> Path:
     """Writes images under folder/images and the manifest folder/pairs.parquet; returns its path."""
     rng = np.random.default_rng(DEMO_SEED)
     gallery_images, gallery_labels, gallery_boxes = make_dataset(rng, gallery, split="test")

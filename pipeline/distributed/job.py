@@ -34,7 +34,16 @@ from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults
 from pipeline.errors import AuditFailed, PipelineError
 from pipeline.gates import GateResult, GatesFailed, check_manifest_supports, evaluate, same_label_similarity
 from pipeline.io.results_store import ResultsStore
-from pipeline.io.storage import StorageError, as_given, exists, open_input, redact_uri, resolve_uri, sha256_of
+from pipeline.io.storage import (
+    StorageError,
+    as_given,
+    exists,
+    open_input,
+    redact_all,
+    redact_uri,
+    resolve_uri,
+    sha256_of,
+)
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import arrow_filesystem, write_json
 from pipeline.layout import RunLayout, new_attempt_id
@@ -280,19 +289,16 @@ class RunRecorder:
 
     def __init__(self, config: JobConfig, plan: Plan, started: float) -> None:
         self.config, self.plan = config, plan
-        config_json = config.model_dump(mode="json")
-        config_json["manifest"] = redact_uri(config.manifest)
-        config_json["output"] = redact_uri(config.output)
         self.base = {
             "run_id": config.run_id, "attempt": plan.layout.attempt, "run_date": plan.layout.run_date,
-            "config": config_json, "model_id": config.model.model_id, "target_layer": plan.target_layer,
+            "config": redact_all(config.model_dump(mode="json")), "model_id": config.model.model_id, "target_layer": plan.target_layer,
             "weights_sha256": plan.weights_sha256, "versions": _versions(),
             "previous_attempt": plan.previous_attempt,
             "timings": {"started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat()},
         }
 
     def record(self, status: str, summary: RunSummary | None = None, reason: str | None = None) -> dict:
-        record = {**self.base, "status": status, "reason": reason}
+        record = {**self.base, "status": status, "reason": None if reason is None else redact_uri(reason)}
         if summary is not None:
             record["counts"] = {"pairs": summary.pairs, "ok": summary.ok, "error": summary.error,
                                 "manifest_rows": self.plan.manifest.num_rows}

@@ -13,7 +13,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import fsspec
 from fsspec.utils import get_protocol
@@ -223,6 +223,17 @@ def as_given(error: StorageError, given: str, location: str, subject: str | None
 def redact_uri(text: str) -> str:
     """`text` with the `user:password@` part of any URL in it replaced by `***@` (for logs and errors)."""
     return _USERINFO.sub(r"\1***@", text)
+
+
+def redact_all(value: Any) -> Any:
+    """`value` (JSON-like: dicts, lists, strings) with redact_uri applied to every string in it."""
+    if isinstance(value, str):
+        return redact_uri(value)
+    if isinstance(value, dict):
+        return {key: redact_all(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_all(item) for item in value]
+    return value
 
 
 @contextmanager

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from pipeline.distributed.job import run_audit
+from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.results_store import HiveParquetStore
 from pipeline.io.storage import StorageOptions, exists, join_uri, read_bytes
 from pipeline.layout import RunLayout
@@ -81,7 +82,8 @@ def test_hostile_pair_ids_and_credentials_stay_out(local_ray, s3_bucket, s3_secr
     write_weights(join_uri(root, "models", "model.pt"), options)
     manifest, rows = write_audit(root, options, rng, queries=2, top_k=3, pair_ids=HOSTILE_IDS)
     config = job_config(root, options, manifest, "hostile", **HARDENING)
-    run_audit(config)
+    given = config.model_copy(update={"table": TableConfig(catalog={"uri": f"postgresql://auditor:{s3_secret}@db/c"})})
+    run_audit(given)  # a password in a URI of the config stays out of the run's record
     table = HiveParquetStore(config.output, options).read(run_id="hostile")
     assert sorted(table.column("pair_id").to_pylist()) == sorted(HOSTILE_IDS)  # preserved as given
     layout = RunLayout(config.output, "hostile", "unused", "unused")
@@ -94,7 +96,7 @@ def test_hostile_pair_ids_and_credentials_stay_out(local_ray, s3_bucket, s3_secr
     record = read_bytes(layout.run_record, options).decode()
     assert "<script>alert(1)</script>" not in report and "&lt;script&gt;alert(1)&lt;/script&gt;" in report
     logs = "\n".join(r.getMessage() for r in caplog.records)
-    assert "run_id" in record and logs  # the searched texts are not empty
+    assert "run_id" in record and "postgresql://***@db/c" in record and logs  # the searched texts are not empty
     for text in (report, record, logs, json.dumps(config.model_dump(mode="json"))):
         assert s3_secret not in text and os.environ["AWS_ACCESS_KEY_ID"] not in text
 
