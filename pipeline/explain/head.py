@@ -30,6 +30,12 @@ class AffineHead:
         """u = (J a) * scale + c for pooled features (N, K) and scale = 1 / sigma (N,) -> (N, D)."""
         return (pooled.double() @ self.jacobian.T) * scale[:, None] + self.bias
 
+    def explains(self, features: torch.Tensor, embeddings: torch.Tensor, scale: torch.Tensor) -> bool:
+        """Whether u == J GAP(A) / sigma + c for the model's A (N, K, h, w), u (N, D) and 1 / sigma (N,)."""
+        predicted = self(features.double().mean(dim=(2, 3)), scale.to(features.device))
+        error = (predicted - embeddings.double()).norm(dim=1) / embeddings.double().norm(dim=1).clamp_min(1e-12)
+        return bool(error.max() <= relative_tolerance(features.dtype))
+
     def to(self, device: torch.device) -> AffineHead:
         return AffineHead(self.jacobian.to(device), self.bias.to(device))
 
@@ -73,6 +79,4 @@ def measure_affine_head(
         return None
     responses = torch.cat(outputs).double()  # (K + 1, D)
     head = AffineHead(jacobian=(responses[1:] - responses[:1]).T.contiguous(), bias=responses[0])
-    predicted = head(features.double().mean(dim=(2, 3)), scale.to(features.device))
-    error = (predicted - embeddings.double()).norm(dim=1) / embeddings.double().norm(dim=1).clamp_min(1e-12)
-    return head if bool(error.max() <= relative_tolerance(features.dtype)) else None
+    return head if head.explains(features, embeddings, scale) else None

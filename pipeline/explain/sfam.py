@@ -188,7 +188,9 @@ class SFAM:
             with torch.inference_mode():
                 forward = self._forward(images)
                 head = self._measure_head(images[:1], forward)
-                if head is not None and forward.scale is not None:
+                # checked on every batch: a head that is affine only piecewise takes the generic path where it is not
+                if head is not None and forward.scale is not None and head.explains(forward.maps, forward.embeddings,
+                                                                                    forward.scale):
                     return self._explain_affine(head, forward, query_index, reference_index)
         return self._explain_generic(images, query_index, reference_index)
 

@@ -77,6 +77,23 @@ def test_nonaffine_head_takes_generic_path(seed: int) -> None:
     assert explainer.is_affine is False
 
 
+def test_head_affine_only_near_the_first_batch_is_checked_on_every_batch(seed: int) -> None:
+    """Linear-ReLU-Linear with every unit active on the first batch looks affine there; a batch
+    that turns units off must not be explained with the first batch's J."""
+    hidden = nn.Linear(8, 16)
+    nn.init.constant_(hidden.bias, 3.0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), hidden, nn.ReLU(), nn.Linear(16, 6))
+    fast, generic = SFAM(model, "0"), SFAM(model, "0", fast_path=False)
+    x, y = random_pairs(3, 16)
+    fast.explain(0.01 * x, 0.01 * y)  # all hidden units on: measured affine
+    assert fast.is_affine is True
+    x, y = (50 * torch.randn(3, 3, 1, 1) + torch.randn(3, 3, 16, 16) for _ in range(2))  # bright: some units off
+    a, b = fast.explain(x, y), generic.explain(x, y)
+    assert (hidden(F.adaptive_avg_pool2d(model[0](x), 1).flatten(1)) < 0).any()  # the premise
+    for field in ("cis_query", "cis_reference", "residual_query"):
+        assert_close(getattr(a, field), getattr(b, field), rel=1e-4, what=field, scale=b.similarity.abs().max())
+
+
 def count_saved_tensors(run) -> int:
     saved = 0
 
