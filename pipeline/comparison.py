@@ -180,9 +180,9 @@ def _run_info(record: dict) -> dict[str, Any]:
             "metric": record.get("config", {}).get("model", {}).get("metric"), "started": record["timings"]["started"]}
 
 
-def _run_rows(store: ResultsStore, run_id: str, columns: set[str]) -> pa.Table:
+def _run_rows(store: ResultsStore, run_id: str) -> pa.Table:
     """The run's committed rows, with null columns for the optional columns it lacks."""
-    table = store.read(run_id=run_id, columns=[c for c in _READ if c in columns])
+    table = store.read(run_id=run_id, columns=list(_READ))
     for name in _READ:
         if name not in table.column_names:
             table = table.append_column(name, pa.nulls(table.num_rows, _OPTIONAL.get(name) or result_type(name)))
@@ -303,8 +303,7 @@ def compare_runs(output: str, run_a: str, run_b: str, options: StorageOptions,
     """Compares the committed rows of two runs under one output root (in its Hive or Iceberg table)."""
     store = open_results_store(output, options, table)
     records = [run_record(store, run_id) for run_id in (run_a, run_b)]
-    columns = store.column_names()
-    pairs = pair_changes(_run_rows(store, run_a, columns), _run_rows(store, run_b, columns), threshold)
+    pairs = pair_changes(_run_rows(store, run_a), _run_rows(store, run_b), threshold)
     return Comparison(runs=(_run_info(records[0]), _run_info(records[1])), threshold=threshold, pairs=pairs,
                       summary=label_summary(pairs, run_a, run_b, threshold))
 

@@ -53,7 +53,7 @@ class Gates(BaseModel):
         """Manifest columns the enabled gates need, and the gate that needs each."""
         needed = {}
         if self.min_same_label_pointing is not None:
-            needed |= {"label": "min_same_label_pointing", "query_bbox": "min_same_label_pointing"}
+            needed |= dict.fromkeys(("label", "query_bbox", "reference_bbox"), "min_same_label_pointing")
         if self.max_false_match_rate is not None:
             needed.setdefault("label", "max_false_match_rate")
         if self.max_similarity_drop is not None:
@@ -94,7 +94,9 @@ def _column(rows: pa.Table, name: str) -> np.ndarray:
 
 
 def same_label_similarity(rows: pa.Table) -> float | None:
-    """Mean similarity of the ok label-1 pairs of a run's rows."""
+    """Mean similarity of the ok label-1 pairs of a run's rows; None for a run without labels."""
+    if "label" not in rows.column_names:
+        return None
     same = rows.filter(pc.and_(pc.equal(rows.column("status"), "ok"), pc.equal(rows.column("label"), 1)))
     return _mean(_column(same, "similarity")) if same.num_rows else None
 

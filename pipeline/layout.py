@@ -90,7 +90,12 @@ class RunLayout:
     @property
     def part_prefix(self) -> str:
         """File names of the attempt's parts start with this, wherever they are."""
-        return f"part-{self.attempt}-"
+        return part_prefix(self.attempt)
+
+
+def part_prefix(attempt: str) -> str:
+    """File names of an attempt's result parts start with this."""
+    return f"part-{attempt}-"
 
 
 def new_attempt_id() -> str:

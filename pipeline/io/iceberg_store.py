@@ -18,6 +18,7 @@ half-precision floats: the maps are stored as list<float32>.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -59,7 +60,7 @@ def catalog_properties(table: TableConfig, output: str, options: StorageOptions)
         if "://" in output and not output.startswith("file://"):
             raise UserError(f"table.catalog: an embedded SQLite catalog needs a local output, not {output}; "
                             "give table.catalog (a SQLite uri on local disk with a warehouse, or a REST / Glue catalog)")
-        root = output.removeprefix("file://")
+        root = os.path.abspath(output.removeprefix("file://"))
         properties = {"type": "sql", "uri": f"sqlite:///{join_uri(root, 'iceberg', 'catalog.db')}",
                       "warehouse": f"file://{join_uri(root, 'iceberg', 'warehouse')}"}
     if options.endpoint_url:
@@ -114,19 +115,15 @@ class IcebergStore(ResultsStore):
             raise UserError(f"the Iceberg table {self.identifier} was opened to read, not to commit")
         self.overwrite_run(self, layout)
 
-    def column_names(self) -> set[str]:
-        return {field.name for field in self._table().schema().fields}
+    def read(self, run_id: str, columns: list[str] | None = None, pair_ids: list[str] | None = None) -> pa.Table:
+        from pyiceberg.expressions import And, EqualTo, In
 
-    def read(self, run_id: str | None = None, columns: list[str] | None = None,
-             pair_ids: list[str] | None = None) -> pa.Table:
-        from pyiceberg.expressions import AlwaysTrue, And, EqualTo, In
-
-        where: Any = AlwaysTrue()
-        if run_id is not None:
-            where = EqualTo("run_id", run_id)
+        table = self._table()
+        where: Any = EqualTo("run_id", run_id)
         if pair_ids is not None:
             where = And(where, In("pair_id", pair_ids))
-        return self._table().scan(row_filter=where, selected_fields=tuple(columns) if columns else ("*",)).to_arrow()
+        present = ("*",) if columns is None else tuple(c for c in columns if c in table.schema().column_names)
+        return table.scan(row_filter=where, selected_fields=present).to_arrow()
 
     def _table(self) -> Any:
         from pyiceberg.exceptions import NoSuchTableError

@@ -27,14 +27,28 @@ the old files are deleted by the next attempt.
 from __future__ import annotations
 
 import json
+import logging
 
 import pyarrow as pa
 import pyarrow.dataset as pds
 import pyarrow.fs as pafs
 
-from pipeline.io.storage import StorageError, StorageOptions, exists, glob, join_uri, move, read_bytes, remove_tree
+from pipeline.io.storage import (
+    StorageError,
+    StorageOptions,
+    exists,
+    filesystem,
+    glob,
+    join_uri,
+    move,
+    read_bytes,
+    remove_tree,
+)
 from pipeline.io.tables import arrow_filesystem, write_json
-from pipeline.layout import RunLayout
+from pipeline.layout import RunLayout, part_prefix
+from pipeline.schema import PARTITION_COLUMNS
+
+log = logging.getLogger("sfam.results")
 
 
 class ResultsStore:
@@ -73,19 +87,20 @@ class ResultsStore:
         remove_tree(layout.png_dir, self.options)
 
     def commit(self, layout: RunLayout, run_record: dict, success: dict) -> None:
-        """Makes the attempt's rows the run's rows, then writes run.json and _SUCCESS."""
+        """Makes the attempt's rows the run's rows, then writes run.json and _SUCCESS. Once
+        _SUCCESS is written the run is committed: what the clean-up leaves, the next attempt deletes."""
         self._publish(layout)
         write_json(layout.run_record, run_record, self.options)
         write_json(layout.success_marker, success, self.options)
-        self._remove_other_attempts(layout)
+        try:
+            self._remove_other_attempts(layout)
+        except StorageError as error:
+            log.warning("run %s is committed; other attempts' files stay until its next attempt: %s",
+                        layout.run_id, error)
 
-    def read(self, run_id: str | None = None, columns: list[str] | None = None,
-             pair_ids: list[str] | None = None) -> pa.Table:
-        """The table's rows, with run_id and run_date; for a run_id, its committed rows only."""
-        raise NotImplementedError
-
-    def column_names(self) -> set[str]:
-        """The table's columns (runs may lack optional ones: label, the box columns)."""
+    def read(self, run_id: str, columns: list[str] | None = None, pair_ids: list[str] | None = None) -> pa.Table:
+        """A committed run's rows, with run_id and run_date. Of `columns`, those the run has: runs
+        may lack optional ones (label, the box columns, the manifest's own)."""
         raise NotImplementedError
 
     def _publish(self, layout: RunLayout) -> None:
@@ -109,19 +124,29 @@ class HiveParquetStore(ResultsStore):
         super().__init__(output, options)
         self.root = join_uri(output, "results")
 
-    def column_names(self) -> set[str]:
-        return set(self._dataset().schema.names)
-
-    def _dataset(self) -> pds.Dataset:
-        fs, path = arrow_filesystem(self.root, self.options)
-        try:
-            return pds.dataset(path.rstrip("/"), filesystem=fs, format="parquet", partitioning="hive")
-        except FileNotFoundError as error:
-            raise StorageError(self.root, "no result table here (no run has succeeded under this output)") from error
+    def _run_dataset(self, run_id: str) -> pds.Dataset:
+        """The committed attempt's parts of the run, over their unified schema: the table's first
+        file says nothing about this run's columns."""
+        attempt = self.committed_attempt(run_id)
+        if attempt is None:
+            raise StorageError(join_uri(self.output, "runs", run_id), "no committed rows: the run has not succeeded")
+        pattern = join_uri(self.root, "run_date=*", f"run_id={run_id}", f"{part_prefix(attempt)}*.parquet")
+        parts = [filesystem(uri, self.options)[1] for uri in glob(pattern, self.options)]
+        if not parts:
+            raise StorageError(pattern, f"no result files of attempt {attempt}, which runs/{run_id}/_SUCCESS names")
+        fs, root = arrow_filesystem(self.root, self.options)
+        files = pds.dataset(parts, filesystem=fs, format="parquet")
+        schema = pa.unify_schemas([part.physical_schema for part in files.get_fragments()] + [PARTITION_COLUMNS],
+                                  promote_options="permissive")
+        return pds.dataset(parts, schema=schema, filesystem=fs, format="parquet", partition_base_dir=root.rstrip("/"),
+                           partitioning=pds.partitioning(PARTITION_COLUMNS, flavor="hive"))
 
     def _publish(self, layout: RunLayout) -> None:
         """Step 2: the staged parts move into the run's partition."""
-        for part in glob(join_uri(layout.staged_results_dir, "*.parquet"), self.options):
+        parts = glob(join_uri(layout.staged_results_dir, "*.parquet"), self.options)
+        if not parts:  # counted moments ago: another attempt's clean-up took them
+            raise StorageError(layout.staged_results_dir, "the attempt's staged rows are gone; nothing was committed")
+        for part in parts:
             move(part, join_uri(layout.results_dir, part.rsplit("/", 1)[1]), self.options)
 
     def _remove_other_attempts(self, layout: RunLayout) -> None:
@@ -132,16 +157,8 @@ class HiveParquetStore(ResultsStore):
                 remove_tree(part, self.options)
         super()._remove_other_attempts(layout)
 
-    def read(self, run_id: str | None = None, columns: list[str] | None = None,
-             pair_ids: list[str] | None = None) -> pa.Table:
-        """The table's rows, with the partition columns; for a run_id, its committed rows only."""
-        dataset = self._dataset()
-        where = None
-        if run_id is not None:
-            where = pds.field("run_id") == run_id
-            attempt = self.committed_attempt(run_id)
-            if attempt is not None:  # only the committed attempt's rows, also while a re-run commits
-                where = where & (pds.field("attempt") == attempt)
-        if pair_ids is not None:
-            where = pds.field("pair_id").isin(pair_ids) if where is None else where & pds.field("pair_id").isin(pair_ids)
-        return dataset.to_table(columns=columns, filter=where)
+    def read(self, run_id: str, columns: list[str] | None = None, pair_ids: list[str] | None = None) -> pa.Table:
+        dataset = self._run_dataset(run_id)
+        present = None if columns is None else [c for c in columns if c in dataset.schema.names]
+        where = None if pair_ids is None else pds.field("pair_id").isin(pair_ids)
+        return dataset.to_table(columns=present, filter=where)

@@ -1,0 +1,49 @@
+"""HiveParquetStore.read: a committed run's rows with that run's own columns, whatever other runs hold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.io.results_store import HiveParquetStore
+from pipeline.io.storage import StorageError, StorageOptions
+from pipeline.io.tables import write_json
+from pipeline.layout import RunLayout
+
+OPTIONS = StorageOptions()
+
+
+def write_part(output: Path, run_id: str, run_date: str, attempt: str, rows: dict[str, list], commit: bool) -> None:
+    """One part file of the attempt in the table; _SUCCESS names the attempt when `commit`."""
+    layout = RunLayout(str(output), run_id, run_date, attempt)
+    folder = Path(layout.results_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"attempt": [attempt] * len(rows["pair_id"]), **rows}), folder / f"{layout.part_prefix}0.parquet")
+    if commit:
+        write_json(layout.success_marker, {"attempt": attempt}, OPTIONS)
+
+
+def test_a_run_reads_its_own_columns(tmp_path: Path) -> None:
+    # the oldest run (the table's first file) has no label, and its passed-through `team` is a number
+    write_part(tmp_path, "old", "2026-01-01", "a1", {"pair_id": ["p"], "similarity": [0.5], "team": [7]}, commit=True)
+    write_part(tmp_path, "new", "2026-02-01", "b1", {"pair_id": ["p", "q"], "similarity": [0.9, 0.1],
+                                                      "label": [1, 0], "team": ["search", None]}, commit=True)
+    write_part(tmp_path, "new", "2026-02-02", "b2", {"pair_id": ["x"], "similarity": [0.0], "label": [0],
+                                                      "team": ["ads"]}, commit=False)  # a re-run still going
+    store = HiveParquetStore(str(tmp_path), OPTIONS)
+    new = store.read("new", columns=["pair_id", "label", "team", "run_id", "run_date", "query_bbox"])
+    assert new.column_names == ["pair_id", "label", "team", "run_id", "run_date"]  # no query_bbox in this run
+    assert new.to_pydict() == {"pair_id": ["p", "q"], "label": [1, 0], "team": ["search", None],
+                               "run_id": ["new", "new"], "run_date": ["2026-02-01"] * 2}
+    assert store.read("new", pair_ids=["q"]).column("similarity").to_pylist() == [0.1]
+    old = store.read("old", columns=["pair_id", "label", "team"])
+    assert old.to_pydict() == {"pair_id": ["p"], "team": [7]}
+
+
+def test_a_run_that_never_committed_has_no_rows(tmp_path: Path) -> None:
+    write_part(tmp_path, "going", "2026-02-02", "c1", {"pair_id": ["x"], "similarity": [0.0]}, commit=False)
+    with pytest.raises(StorageError, match="runs/going: no committed rows"):
+        HiveParquetStore(str(tmp_path), OPTIONS).read("going")
