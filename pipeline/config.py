@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.errors import UserError, did_you_mean
 from pipeline.gates import Gates
 from pipeline.io.iceberg_store import TableConfig
-from pipeline.io.storage import StorageOptions
+from pipeline.io.storage import StorageOptions, resolve_uri
 from pipeline.models.spec import ModelSpec
 from pipeline.render.selection import FlagRules, RenderPolicy
 
@@ -72,12 +73,25 @@ class JobConfig(BaseModel):
         """The earlier boolean form: true renders all pairs, false none."""
         return {True: "all", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
+    @field_validator("manifest", "output")
+    @classmethod
+    def _from_current_directory(cls, value: str) -> str:
+        return resolve_uri(value, os.getcwd())
+
     @field_validator("run_id")
     @classmethod
     def _safe_run_id(cls, value: str) -> str:
         if not RUN_ID_PATTERN.match(value):
             raise ValueError("run_id may hold letters, digits, '.', '_' and '-' (at most 128), starting with a letter or digit")
         return value
+
+    @model_validator(mode="after")
+    def _weights_from_current_directory(self) -> JobConfig:
+        """Relative local paths (manifest, output, weights) are read from the current directory: made
+        absolute here, where the config is read, they lead every Ray worker to the same files."""
+        if self.model.weights:
+            self.model = self.model.model_copy(update={"weights": resolve_uri(self.model.weights, os.getcwd())})
+        return self
 
     @model_validator(mode="after")
     def _residual_gate_has_meaning(self) -> JobConfig:

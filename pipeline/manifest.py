@@ -72,6 +72,9 @@ def validate_manifest(source: BinaryIO | str) -> ManifestInfo:
     if parquet.metadata.num_rows == 0:
         raise ManifestError("manifest has no rows")
     boxes = [name for name in BOX_COLUMNS if name in schema.names]
+    if len(boxes) == 1:
+        raise ManifestError(f"manifest has {boxes[0]!r} but not {(set(BOX_COLUMNS) - set(boxes)).pop()!r}: "
+                            "the localisation columns need both boxes of each pair (or neither column)")
     seen: set[str] = set()
     first_row = 0
     for batch in parquet.iter_batches(columns=[*REQUIRED, *boxes], batch_size=65_536):

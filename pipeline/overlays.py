@@ -30,7 +30,7 @@ def render_pair_of_run(output: str, run_id: str, pair_id: str, options: StorageO
         reason = rows[0].get("error") if rows else "no such pair_id in the run"
         raise PairNotFound(f"pair {pair_id[:200]!r} of run {run_id!r}: {reason}")
     row = rows[0]
-    manifest_dir = record["config"]["manifest"].rsplit("/", 1)[0]
+    manifest_dir = record["config"]["manifest"].rsplit("/", 1)[0]  # absolute or a URI (JobConfig)
     model_size = int(record["config"]["model"]["input_size"])
     max_pixels = int(record["config"]["max_image_pixels"])
     displays, sizes = {}, {}

@@ -15,6 +15,7 @@ import posixpath
 
 from pipeline.comparison import DEFAULT_THRESHOLD, compare_runs
 from pipeline.io.iceberg_store import TableConfig
+from pipeline.io.results_store import ResultsStore
 from pipeline.io.storage import StorageError, StorageOptions, exists, join_uri, read_bytes, write_bytes
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import read_json
@@ -74,6 +75,15 @@ def _comparison(output: str, record: dict, options: StorageOptions, table: Table
     return comparison_section(comparison.view(), f"Compared with {previous['run_id']}")
 
 
+def _failed_rows(store: ResultsStore, layout: RunLayout, options: StorageOptions) -> list[dict]:
+    """A failed attempt's rows, which stay with it outside the table: none when it failed before
+    staging them or they were discarded (an error, not bad rows, ended it)."""
+    if not exists(layout.staged_results_dir, options):
+        return []
+    staged = store.read_staged(layout)
+    return staged.select([c for c in REPORT_COLUMNS if c in staged.column_names]).to_pylist()
+
+
 def write_report(output: str, run_id: str, options: StorageOptions, destination: str | None = None,
                  table: TableConfig | None = None) -> str:
     """Writes the report (default {output}/reports/{run_id}.html) and returns where.
@@ -88,10 +98,9 @@ def write_report(output: str, run_id: str, options: StorageOptions, destination:
     store = open_results_store(output, options, table)
     committed = store.committed_attempt(run_id) is not None  # succeeded, or finished and broke a gate
     if committed:
-        results = store.read(run_id=run_id)
-    else:  # a failed run's rows stay with its attempt, outside the table
-        results = store.read_staged(RunLayout(output, run_id, summary["run_date"], summary["attempt"]))
-    rows = results.select([c for c in REPORT_COLUMNS if c in results.column_names]).to_pylist()
+        rows = store.read(run_id=run_id, columns=list(REPORT_COLUMNS)).to_pylist()
+    else:
+        rows = _failed_rows(store, RunLayout(output, run_id, summary["run_date"], summary["attempt"]), options)
     page = render_report(
         {**summary, "model_id": summary.get("model_id"), "metric": summary.get("config", {}).get("model", {}).get("metric")},
         rows, png_href=_OverlayLinks(destination, options),

@@ -264,10 +264,10 @@ def test_no_credentials(s3_audit, tmp_path: Path, s3_secret) -> None:
 
 
 def test_relative_manifest_that_is_not_there(local_audit: Path, s3_secret) -> None:
-    """A relative manifest path is read from the current directory: the message says where it led."""
+    """A relative manifest path is read from the current directory: the message names where it led."""
     before = snapshot(local_audit.parent)
     done = run("manifest relative, missing", [*JOB, "--config", str(local_audit), "--set", "manifest=no/pairs.parquet"])
-    assert_mistake(done, "manifest no/pairs.parquet", f"(at {ROOT / 'no' / 'pairs.parquet'})", secrets=(s3_secret,))
+    assert_mistake(done, f"manifest {ROOT / 'no' / 'pairs.parquet'}: not found", secrets=(s3_secret,))
     assert_before_ray(done)
     assert snapshot(local_audit.parent) == before
 

@@ -32,6 +32,8 @@ BAD = {
     "mistyped box": (pa.table({**good(), "query_bbox": ["a", "b", "c"], "reference_bbox": ["a", "b", "c"]}), "'query_bbox'"),
     "box of 3": (pa.table({**good(), "query_bbox": pa.array([[0.0, 0, 1, 1], [0.0, 1, 2], None], pa.list_(pa.float32())),
                            "reference_bbox": pa.array([None] * 3, pa.list_(pa.float32()))}), "row 1"),
+    "one box column": (pa.table({**good(), "query_bbox": pa.array([[0.0, 0, 1, 1]] * 3, pa.list_(pa.float32()))}),
+                       "has 'query_bbox' but not 'reference_bbox'"),
     "duplicate pair_id": (pa.table({**good(), "pair_id": ["a", "b", "a"]}), "'a' appears more than once"),
     "null pair_id": (pa.table({**good(), "pair_id": ["a", None, "c"]}), "'pair_id' is null or empty at row 1"),
     "null uri": (pa.table({**good(), "reference_uri": ["x", "y", None]}), "'reference_uri' is null or empty at row 2"),

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import platform
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
@@ -31,21 +30,19 @@ from pipeline.config import JobConfig
 from pipeline.distributed.cluster import connect
 from pipeline.distributed.iceberg_commit import overwrite_run
 from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults, StageChain
-from pipeline.errors import AuditFailed, PipelineError
+from pipeline.errors import AuditFailed, PipelineError, UserError
 from pipeline.gates import GateResult, GatesFailed, check_manifest_supports, evaluate, same_label_similarity
 from pipeline.io.results_store import ResultsStore
 from pipeline.io.storage import (
     StorageError,
-    as_given,
     exists,
     open_input,
     redact_all,
     redact_uri,
-    resolve_uri,
     sha256_of,
 )
 from pipeline.io.stores import open_results_store
-from pipeline.io.tables import arrow_filesystem, write_json
+from pipeline.io.tables import arrow_filesystem, read_json, write_json
 from pipeline.layout import RunLayout, new_attempt_id
 from pipeline.manifest import ManifestInfo, validate_manifest
 from pipeline.models.explainer import build_explainer
@@ -154,8 +151,8 @@ def preflight(config: JobConfig, store: ResultsStore) -> Plan:
     try:
         with open_input(config.manifest, options) as manifest_file:
             manifest = validate_manifest(manifest_file)
-    except StorageError as error:  # name the key, and where a relative path led
-        raise as_given(error, config.manifest, resolve_uri(config.manifest, os.getcwd()), f"manifest {config.manifest}") from error
+    except StorageError as error:  # name the key
+        raise type(error)(f"manifest {config.manifest}", error.reason) from error
     log.info("manifest %s: %d pairs, boxes: %s", redact_uri(config.manifest), manifest.num_rows, manifest.has_boxes)
     check_manifest_supports(config.gates, manifest.schema.names)
     if not config.model.weights and not config.model.is_factory:
@@ -191,7 +188,7 @@ def build_dataset(config: JobConfig, layout: RunLayout, gpus: float) -> ray.data
     options = config.storage_options
     cpus = _cpus_per_actor(config, gpus)
     manifest_fs, manifest_path = arrow_filesystem(config.manifest, options)
-    manifest_dir = config.manifest.rsplit("/", 1)[0] if "/" in config.manifest else "."
+    manifest_dir = config.manifest.rsplit("/", 1)[0]  # config.manifest is absolute or a URI
     # blocks of one batch of adjacent rows: every actor gets work (a one-file manifest reads as one
     # block), and the pairs of one query stay together, so their images are forwarded once
     dataset = _read_manifest(manifest_path, manifest_fs).repartition(target_num_rows_per_block=config.batch_size)
@@ -287,11 +284,12 @@ class RunRecorder:
     """Writes run.json for an attempt: its own record always, the run's record when it commits or
     when the run_id has no committed attempt to keep."""
 
-    def __init__(self, config: JobConfig, plan: Plan, started: float) -> None:
-        self.config, self.plan = config, plan
+    def __init__(self, config: JobConfig, plan: Plan, store: ResultsStore, started: float) -> None:
+        self.config, self.plan, self.store = config, plan, store
         self.base = {
             "run_id": config.run_id, "attempt": plan.layout.attempt, "run_date": plan.layout.run_date,
-            "config": redact_all(config.model_dump(mode="json")), "model_id": config.model.model_id, "target_layer": plan.target_layer,
+            "config": redact_all(config.model_dump(mode="json")),
+            "model_id": config.model.model_id, "target_layer": plan.target_layer,
             "weights_sha256": plan.weights_sha256, "versions": _versions(),
             "previous_attempt": plan.previous_attempt,
             "timings": {"started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat()},
@@ -319,11 +317,16 @@ class RunRecorder:
         write_json(self.plan.layout.attempt_record, self.record("running"), self.config.storage_options)
 
     def failed(self, reason: str, summary: RunSummary | None = None) -> None:
+        """The attempt's record says it failed; the run's record is the committed attempt's, if any."""
         record = self.record("failed", summary, reason)
-        options = self.config.storage_options
-        write_json(self.plan.layout.attempt_record, record, options)
-        if self.plan.previous_attempt is None:  # nothing committed to keep: the run's record says it failed
-            write_json(self.plan.layout.run_record, record, options)
+        options, layout = self.config.storage_options, self.plan.layout
+        write_json(layout.attempt_record, record, options)
+        committed = self.store.committed_attempt(self.config.run_id)  # now: another attempt may have committed
+        if committed is None:  # nothing committed to keep: the run's record says it failed
+            write_json(layout.run_record, record, options)
+        elif read_json(layout.run_record, options).get("attempt") != committed:  # a commit cut short replaced it
+            kept = replace(layout, attempt=committed).attempt_record  # the same record, written first
+            write_json(layout.run_record, read_json(kept, options), options)
 
 
 def run_audit(config: JobConfig) -> RunSummary:
@@ -332,7 +335,7 @@ def run_audit(config: JobConfig) -> RunSummary:
     store = open_results_store(config.output, config.storage_options, config.table, overwrite_run)
     plan = preflight(config, store)
     layout = plan.layout
-    recorder = RunRecorder(config, plan, started)
+    recorder = RunRecorder(config, plan, store, started)
     try:
         recorder.started()
     except StorageError as error:
@@ -345,6 +348,9 @@ def run_audit(config: JobConfig) -> RunSummary:
         _stage(build_dataset(config, layout, gpus), config, layout, store)
         staged = store.read_staged(layout, _staged_columns(config, plan))
         summary = summarise(staged, layout, config, started, checked, gpus)
+        _finish(config, plan, store, recorder, summary, staged)
+    except (AuditFailed, GatesFailed):  # recorded: the rows failed (kept to look at), or committed and broke a gate
+        raise
     except BaseException as error:  # interrupted too: the attempt must not stay "running"
         cause = _pipeline_error(error) or error
         try:  # best effort: the storage may be what failed
@@ -355,7 +361,6 @@ def run_audit(config: JobConfig) -> RunSummary:
         if cause is not error:
             raise cause from error
         raise
-    _finish(config, plan, store, recorder, summary, staged)
     return summary
 
 
@@ -374,6 +379,10 @@ def _finish(config: JobConfig, plan: Plan, store: ResultsStore, recorder: RunRec
         (log.warning if not gate.passed else log.info)("%s", gate.line())
     success = recorder.record("gates_failed" if failed_gates else "succeeded", summary)
     success["gates"] = [g.as_record() for g in gates]
+    committed = store.committed_attempt(config.run_id)
+    if committed != plan.previous_attempt:  # another attempt of the run_id committed while this one ran
+        raise UserError(f"run {config.run_id}: attempt {committed} committed while attempt {plan.layout.attempt} "
+                        "ran; this attempt does not replace it (run again to)")
     write_json(plan.layout.attempt_record, success, config.storage_options)
     store.commit(plan.layout, success, asdict(summary))
     if failed_gates:

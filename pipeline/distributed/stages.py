@@ -101,10 +101,11 @@ class FetchImages:
 
 
 def _binary_column(arrays: list[np.ndarray]) -> pa.Array:
-    """Each array's raw bytes as one binary value, copied once into one buffer."""
-    offsets = np.cumsum([0, *(a.nbytes for a in arrays)], dtype=np.int32)
+    """Each array's raw bytes as one binary value, copied once into one buffer (64-bit offsets:
+    a batch of large pictures may pass 2 GiB)."""
+    offsets = np.cumsum([0, *(a.nbytes for a in arrays)], dtype=np.int64)
     data = np.concatenate([a.ravel() for a in arrays]) if arrays else np.empty(0, np.uint8)
-    return pa.Array.from_buffers(pa.binary(), len(arrays), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    return pa.Array.from_buffers(pa.large_binary(), len(arrays), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
 def _picture_columns(pictures: list[Pictures]) -> pa.Table:

@@ -140,6 +140,8 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) ->
 
 
 def exists(uri: str, options: StorageOptions | None = None) -> bool:
+    """Whether the object or folder exists. Not retried: a first look that fails at once on an
+    unreachable endpoint (callers use it to fail fast, before any work)."""
     fs, path = filesystem(uri, options)
     with _storage_errors(uri):
         fs.invalidate_cache(path)  # another writer may have changed it since we last listed
@@ -185,13 +187,17 @@ def move(source: str, destination: str, options: StorageOptions | None = None) -
 
 
 def sha256_of(uri: str, options: StorageOptions | None = None, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of the object, read in chunks."""
+    """Hex SHA-256 of the object, read in chunks; retries like read_bytes."""
     fs, path = filesystem(uri, options)
-    digest = hashlib.sha256()
-    with _storage_errors(uri), fs.open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+
+    def digest() -> str:
+        hashed = hashlib.sha256()
+        with _storage_errors(uri), fs.open(path, "rb") as f:
+            while chunk := f.read(chunk_size):
+                hashed.update(chunk)
+        return hashed.hexdigest()
+
+    return _retrying(digest)
 
 
 def join_uri(base: str, *parts: str) -> str:
@@ -213,11 +219,11 @@ def resolve_uri(uri: str, base_dir: str) -> str:
     return f"{scheme}{sep}{joined}"
 
 
-def as_given(error: StorageError, given: str, location: str, subject: str | None = None) -> StorageError:
-    """`error`, met at `location`, restated for `given`, the path as the user wrote it (named
-    `subject`, by default the path itself), with where a relative path led."""
+def as_given(error: StorageError, given: str, location: str) -> StorageError:
+    """`error`, met at `location`, restated for `given`, the path as the manifest has it, with
+    where a relative path led."""
     reason = error.reason if location == given else f"{error.reason} (at {location})"
-    return type(error)(subject or given, reason)
+    return type(error)(given, reason)
 
 
 def redact_uri(text: str) -> str:

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from pipeline.distributed.job import run_audit
+from pipeline.errors import UserError
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.results_store import HiveParquetStore
 from pipeline.io.storage import StorageOptions, exists, join_uri, read_bytes
@@ -156,3 +157,37 @@ def test_s3_outage_mid_run_fails_cleanly_and_rerun_completes(new_driver, rng) ->
         assert exists(layout.success_marker, options)
     finally:
         servers[-1].stop()
+
+
+def test_an_attempt_that_another_commits_under_does_not_replace_it(local_ray, tmp_path, rng, monkeypatch) -> None:
+    """Two attempts of one run_id overlap (a manual re-run beside a scheduled retry): the one that
+    finishes second fails and leaves the first one's committed run exactly as it was."""
+    from pipeline.distributed import job
+
+    root, options = str(tmp_path), StorageOptions()
+    write_weights(join_uri(root, "models", "model.pt"), options)
+    manifest, rows = write_audit(root, options, rng, queries=2, top_k=3)
+    config = job_config(root, options, manifest, "overlap", render_png="none")
+    run_audit(config)  # the run's first attempt
+    checked = job.preflight
+
+    def preflight_then_another_attempt_commits(*args):
+        plan = checked(*args)
+        monkeypatch.setattr(job, "preflight", checked)
+        run_audit(config)  # runs and commits while this attempt is under way
+        attempts.append(plan.layout)
+        return plan
+
+    attempts: list[RunLayout] = []
+
+    monkeypatch.setattr(job, "preflight", preflight_then_another_attempt_commits)
+    layout = RunLayout(config.output, "overlap", "unused", "unused")
+    with pytest.raises(UserError, match="committed while attempt"):
+        run_audit(config)
+    assert json.loads(read_bytes(attempts[0].attempt_record, options))["status"] == "failed"
+    committed = json.loads(read_bytes(layout.success_marker, options))["attempt"]
+    record = json.loads(read_bytes(layout.run_record, options))
+    assert record["attempt"] == committed and record["status"] == "succeeded"
+    table = HiveParquetStore(config.output, options).read(run_id="overlap")
+    assert sorted(table.column("pair_id").to_pylist()) == sorted(r["pair_id"] for r in rows)
+    assert set(table.column("attempt").to_pylist()) == {committed}

@@ -14,7 +14,7 @@ from pipeline.config import JobConfig
 from pipeline.distributed.job import run_audit
 from pipeline.errors import AuditFailed
 from pipeline.io.results_store import HiveParquetStore
-from pipeline.io.storage import StorageOptions, exists, glob, join_uri, read_bytes
+from pipeline.io.storage import StorageOptions, exists, glob, join_uri, read_bytes, remove_tree
 from pipeline.io.tables import read_json
 from pipeline.layout import RunLayout
 from pipeline.overlays import PairNotFound, render_pair_of_run
@@ -77,6 +77,26 @@ def test_local_folder_run_with_bad_rows(local_ray, tmp_path, rng) -> None:
         render_pair_of_run(config.output, "local-1", "bad/missing", options)
 
 
+def test_relative_paths_lead_every_worker_to_the_same_files(local_ray, tmp_path, rng, monkeypatch) -> None:
+    """Relative manifest, output and weights are read from the driver's current directory, which
+    is not the Ray workers' (they started elsewhere, with the module's Ray)."""
+    options = StorageOptions()
+    root = str(tmp_path / "audit")
+    write_weights(join_uri(root, "models", "model.pt"), options)
+    manifest, rows = write_audit(root, options, rng, queries=1, top_k=3)
+    monkeypatch.chdir(tmp_path)
+    given = job_config(root, options, manifest, "relative").model_dump()
+    config = JobConfig.model_validate({
+        **given, "manifest": manifest.removeprefix(f"{tmp_path}/"), "output": "audit/audits",
+        "model": {**given["model"], "weights": "audit/models/model.pt"}})
+    assert (config.manifest, config.model.weights) == (manifest, join_uri(root, "models", "model.pt"))
+    summary = run_audit(config)
+    assert (summary.pairs, summary.error) == (len(rows), 0)
+    monkeypatch.chdir(tmp_path / "audit")  # elsewhere: the run is found where it was written
+    png = render_pair_of_run(config.output, "relative", rows[0]["pair_id"], options)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_s3_run_and_rerun_has_no_duplicates(local_ray, s3_bucket, rng, tmp_path) -> None:
     bucket, options = s3_bucket
     root = f"s3://{bucket}/audit"
@@ -106,5 +126,12 @@ def test_too_many_bad_rows_fail_without_success_marker(local_ray, tmp_path, rng)
     with pytest.raises(AuditFailed, match="3 of 5 pairs failed"):
         run_audit(config)
     layout = RunLayout(config.output, "failing", "unused", "unused")
-    assert read_json(layout.run_record, options)["status"] == "failed"
+    record = read_json(layout.run_record, options)
+    assert record["status"] == "failed"
     assert not exists(layout.success_marker, options)
+    report = read_bytes(write_report(config.output, "failing", options), options).decode()
+    assert "This run failed" in report and report.count('<article class="card ') >= 5  # its 5 rows (some twice), kept
+    # an attempt that an error ended has no rows left: its report says why, with none
+    remove_tree(RunLayout(config.output, "failing", record["run_date"], record["attempt"]).staged_results_dir, options)
+    report = read_bytes(write_report(config.output, "failing", options), options).decode()
+    assert "This run failed" in report and '<article class="card ' not in report
