@@ -56,7 +56,7 @@ RUNNING = ").submit"  # ends an actor's process title while it runs a batch: ray
 TARGET = 1.0  # the job's pairs/s over the decode-only process's
 T = TypeVar("T")
 GPU_BUSY = 0.8
-RESNET50_H100 = 2_700.0  # SFAM pairs/s, resnet50 at 224 px on one H100 (BENCHMARKS.md, Speed)
+RESNET50_H100 = 2_700.0  # SFAM pairs/s, resnet50 at 224 px on one H100 (BENCHMARKS.md, Speed: the H100 note)
 GPU_PAIRS_PER_SECOND = {  # model -> (pairs/s, where the figure comes from)
     "resnet50": (RESNET50_H100, "measured"),
     "vit_b_16": (RESNET50_H100 * 4.09 / 17.56, "estimated: resnet50's x its FLOPs / vit_b_16's, 4.09 / 17.56 GFLOPs"),
