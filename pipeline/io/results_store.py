@@ -26,7 +26,6 @@ the old files are deleted by the next attempt.
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pyarrow as pa
@@ -41,10 +40,9 @@ from pipeline.io.storage import (
     glob,
     join_uri,
     move,
-    read_bytes,
     remove_tree,
 )
-from pipeline.io.tables import arrow_filesystem, write_json
+from pipeline.io.tables import arrow_filesystem, read_json, write_json
 from pipeline.layout import RunLayout, part_prefix
 from pipeline.schema import PARTITION_COLUMNS
 
@@ -79,7 +77,7 @@ class ResultsStore:
         marker = join_uri(self.output, "runs", run_id, "_SUCCESS")
         if not exists(marker, self.options):
             return None
-        return json.loads(read_bytes(marker, self.options)).get("attempt")
+        return read_json(marker, self.options).get("attempt")
 
     def discard(self, layout: RunLayout) -> None:
         """Deletes a failed attempt's staged rows and overlays; its run record stays."""

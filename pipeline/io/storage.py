@@ -8,8 +8,10 @@ default chain (for S3: env variables, shared config files, instance roles).
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
 import re
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -129,12 +131,19 @@ def open_input(uri: str, options: StorageOptions | None = None) -> BinaryIO:
 
 
 def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
-    """Create or replace the object (local parent folders are created); retries like read_bytes."""
+    """Create or replace the object, whole or not at all (local parent folders are created);
+    retries like read_bytes. A local file is written beside and renamed into place, as an
+    object store's PUT replaces an object: a crash never leaves half a record."""
     fs, path = filesystem(uri, options)
+    local = get_protocol(uri) in _LOCAL_PROTOCOLS
 
     def write() -> None:
-        with _storage_errors(uri), fs.open(path, "wb") as f:
-            f.write(data)
+        written = f"{path}.partial-{secrets.token_hex(4)}" if local else path
+        with _storage_errors(uri):
+            with fs.open(written, "wb") as f:
+                f.write(data)
+            if local:
+                os.replace(written, path)
 
     _retrying(write)
 

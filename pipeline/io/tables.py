@@ -6,7 +6,7 @@ import json
 
 import pyarrow.fs as pafs
 
-from pipeline.io.storage import StorageOptions, filesystem, read_bytes, write_bytes
+from pipeline.io.storage import StorageError, StorageOptions, filesystem, read_bytes, write_bytes
 
 
 def arrow_filesystem(uri: str, options: StorageOptions) -> tuple[pafs.FileSystem, str]:
@@ -20,4 +20,8 @@ def write_json(uri: str, record: dict, options: StorageOptions) -> None:
 
 
 def read_json(uri: str, options: StorageOptions) -> dict:
-    return json.loads(read_bytes(uri, options))
+    """The JSON object at `uri`; one that is not JSON is a StorageError naming it."""
+    try:
+        return json.loads(read_bytes(uri, options))
+    except ValueError as error:
+        raise StorageError(uri, f"not a valid JSON record ({error}); remove or repair it") from error

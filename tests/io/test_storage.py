@@ -20,6 +20,7 @@ from pipeline.io.storage import (
     sha256_of,
     write_bytes,
 )
+from pipeline.io.tables import read_json
 
 
 @pytest.fixture(params=["local", "file-uri", "s3"])
@@ -54,6 +55,25 @@ def test_overwrite_is_visible(root, rng: np.random.Generator) -> None:
     assert read_bytes(uri, options) == first
     write_bytes(uri, second, options)
     assert read_bytes(uri, options) == second
+
+
+@pytest.mark.parametrize("scheme", ["", "file://"])
+def test_local_write_replaces_the_file_whole(tmp_path, scheme: str, rng: np.random.Generator) -> None:
+    """Written beside and renamed into place: a reader that opened the old file reads all of it,
+    never a truncated or half-written one, and nothing else is left in the folder."""
+    uri = f"{scheme}{tmp_path}/run.json"
+    old, new = rng.bytes(100_000), rng.bytes(50_000)
+    write_bytes(uri, old)
+    with open(tmp_path / "run.json", "rb") as reader:
+        write_bytes(uri, new)
+        assert reader.read() == old
+    assert read_bytes(uri) == new and [p.name for p in tmp_path.iterdir()] == ["run.json"]
+
+
+def test_record_that_is_not_json_names_the_file(tmp_path) -> None:
+    (tmp_path / "_SUCCESS").write_bytes(b'{"attempt": "a1"')  # cut short
+    with pytest.raises(StorageError, match=r"_SUCCESS: not a valid JSON record"):
+        read_json(str(tmp_path / "_SUCCESS"), StorageOptions())
 
 
 def test_missing_object_names_uri(root) -> None:
