@@ -14,6 +14,7 @@ import logging
 import sys
 import traceback
 from dataclasses import dataclass
+from typing import get_args
 
 import yaml
 
@@ -21,7 +22,7 @@ from pipeline.config import ConfigError, add_config_arguments, load_config, load
 from pipeline.errors import EXIT_OK, PipelineError
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.storage import StorageOptions, redact_uri
-from pipeline.models.spec import ModelSpec
+from pipeline.models.spec import LayoutName, Metric, ModelSpec, Weighting
 
 
 def _model_spec(text: str) -> ModelSpec:
@@ -174,11 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--config", help="job config YAML; its model section and storage options are used")
     explain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     explain.add_argument("-o", "--output", required=True, help="PNG to write (path or URI)")
-    explain.add_argument("--metric", choices=["cosine", "dot", "euclidean"])
-    explain.add_argument("--weighting", choices=["cis", "partner", "matched"], help="map weighting (default: the spec's, cis)")
+    explain.add_argument("--metric", choices=get_args(Metric))
+    explain.add_argument("--weighting", choices=get_args(Weighting), help="map weighting (default: the spec's, cis)")
     explain.add_argument("--target-layer")
     explain.add_argument("--embedding-layer")
-    explain.add_argument("--feature-layout", choices=["auto", "nchw", "nhwc", "tokens"],
+    explain.add_argument("--feature-layout", choices=get_args(LayoutName),
                          help="how the target layer holds its grid (default: auto, detected)")
     explain.add_argument("--prefix-tokens", type=int, help="class / register tokens before the patch tokens")
     explain.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// URIs")

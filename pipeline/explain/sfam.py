@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -47,7 +47,7 @@ from pipeline.explain.metrics import Metric, check_metric, offset, partner_vecto
 from pipeline.explain.targets import default_target_layer, influences, suggest_embedding_layer
 
 Weighting = Literal["cis", "partner", "matched"]
-WEIGHTINGS: tuple[str, ...] = ("cis", "partner", "matched")
+WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 Replace = Callable[[torch.Tensor], torch.Tensor]
 
 

@@ -10,9 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, PositiveFloat, m
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# the names pipeline.explain takes, repeated here so that the config needs no torch (a test checks they agree)
 Metric = Literal["cosine", "dot", "euclidean"]
 Weighting = Literal["cis", "partner", "matched"]
-FeatureLayout = Literal["auto", "nchw", "nhwc", "tokens"]
+LayoutName = Literal["auto", "nchw", "nhwc", "tokens"]
 
 TIMM_PREFIX = "timm/"
 _FACTORY_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -44,7 +45,7 @@ class ModelSpec(BaseModel):
     target_layer: str | None = None
     metric: Metric = "cosine"
     weighting: Weighting = "cis"
-    feature_layout: FeatureLayout = "auto"
+    feature_layout: LayoutName = "auto"
     prefix_tokens: int | None = Field(default=None, ge=0)
     input_size: int = Field(default=224, ge=16)
     mean: tuple[FiniteFloat, FiniteFloat, FiniteFloat] = IMAGENET_MEAN
