@@ -93,6 +93,23 @@ class JobConfig(BaseModel):
             self.model = self.model.model_copy(update={"weights": resolve_uri(self.model.weights, os.getcwd())})
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_false_match_threshold(cls, data: Any) -> Any:
+        """The gate and the render flags count false matches at one similarity: set it in either."""
+        if not isinstance(data, dict):
+            return data
+        sections = {name: data.get(name) or {} for name in ("gates", "render_flags")}
+        given = {section.get("false_match_similarity") for section in sections.values() if isinstance(section, dict)} - {None}
+        if len(given) > 1:
+            raise ValueError("gates.false_match_similarity and render_flags.false_match_similarity differ: "
+                             "false matches are counted at one similarity, set it once")
+        if not given:
+            return data
+        threshold = given.pop()
+        return {**data, **{name: {**section, "false_match_similarity": threshold}
+                           for name, section in sections.items() if isinstance(section, dict)}}
+
     @model_validator(mode="after")
     def _residual_gate_has_meaning(self) -> JobConfig:
         if self.gates.max_residual_share is not None and self.model.metric == "euclidean":

@@ -80,3 +80,14 @@ def test_residual_gate_refused_for_euclidean(tmp_path) -> None:
     assert load_config(path, ["gates.max_residual_share=0.2"]).gates.max_residual_share == 0.2
     with pytest.raises(ConfigError, match=r"gates.max_residual_share does not apply to metric euclidean"):
         load_config(path, ["gates.max_residual_share=0.2", "model.metric=euclidean"])
+
+
+def test_one_false_match_threshold(tmp_path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(BASE)
+    for key in ("gates", "render_flags"):  # set in either, it is both
+        config = load_config(path, [f"{key}.false_match_similarity=0.6"])
+        assert config.gates.false_match_similarity == config.render_flags.false_match_similarity == 0.6
+    assert load_config(path).gates.false_match_similarity == 0.8
+    with pytest.raises(ConfigError, match="differ"):
+        load_config(path, ["gates.false_match_similarity=0.6", "render_flags.false_match_similarity=0.7"])
