@@ -47,6 +47,7 @@ from pipeline.layout import RunLayout, new_attempt_id
 from pipeline.manifest import ManifestInfo, validate_manifest
 from pipeline.models.explainer import build_explainer
 from pipeline.models.loading import RANDOM_INIT_SEED
+from pipeline.models.spec import ModelSpec
 from pipeline.quality import residual_warning
 from pipeline.run_history import previous_successful_run
 
@@ -97,7 +98,7 @@ class Plan:
     manifest: ManifestInfo
     layout: RunLayout
     target_layer: str
-    weights_sha256: str | None
+    model: ModelSpec  # the config's, its weights pinned to the SHA-256 of the file that was checked
     previous_attempt: str | None
 
 
@@ -158,15 +159,15 @@ def preflight(config: JobConfig, store: ResultsStore) -> Plan:
     if not config.model.weights and not config.model.is_factory:
         log.warning("model %s has no weights: explaining its random initialisation (seed %d), the same in every "
                     "replica and run; set model.weights for a trained model", config.model.model_id, RANDOM_INIT_SEED)
-    explainer = build_explainer(config.model, options, device=torch.device("cpu"))  # GPUs belong to the actors
+    model = config.model
+    if model.weights and not model.weights_sha256:  # every replica must load the file checked here
+        model = model.model_copy(update={"weights_sha256": sha256_of(model.weights, options)})
+    explainer = build_explainer(model, options, device=torch.device("cpu"))  # GPUs belong to the actors
     explainer.trial()
-    log.info("model %s checked: target layer %s", config.model.model_id, explainer.target_layer)
+    log.info("model %s checked: target layer %s", model.model_id, explainer.target_layer)
     layout = RunLayout(config.output, config.run_id, dt.datetime.now(dt.timezone.utc).date().isoformat(), new_attempt_id())
-    return Plan(
-        manifest=manifest, layout=layout, target_layer=str(explainer.target_layer),
-        weights_sha256=sha256_of(config.model.weights, options) if config.model.weights else None,
-        previous_attempt=store.committed_attempt(config.run_id),
-    )
+    return Plan(manifest=manifest, layout=layout, target_layer=str(explainer.target_layer), model=model,
+                previous_attempt=store.committed_attempt(config.run_id))
 
 
 def _read_manifest(path: str, filesystem: pyarrow.fs.FileSystem) -> ray.data.Dataset:
@@ -290,7 +291,7 @@ class RunRecorder:
             "run_id": config.run_id, "attempt": plan.layout.attempt, "run_date": plan.layout.run_date,
             "config": redact_all(config.model_dump(mode="json")),
             "model_id": config.model.model_id, "target_layer": plan.target_layer,
-            "weights_sha256": plan.weights_sha256, "versions": _versions(),
+            "weights_sha256": plan.model.weights_sha256, "versions": _versions(),
             "previous_attempt": plan.previous_attempt,
             "timings": {"started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat()},
         }
@@ -334,6 +335,7 @@ def run_audit(config: JobConfig) -> RunSummary:
     started = time.time()
     store = open_results_store(config.output, config.storage_options, config.table, overwrite_run)
     plan = preflight(config, store)
+    config = config.model_copy(update={"model": plan.model})  # the replicas load the weights that were checked
     layout = plan.layout
     recorder = RunRecorder(config, plan, store, started)
     try:

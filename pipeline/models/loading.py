@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import io
 import re
@@ -145,6 +146,10 @@ def _load_checkpoint(spec: ModelSpec, storage_options: StorageOptions | None) ->
         data = read_bytes(uri, storage_options)
     except StorageError as e:
         raise ModelLoadError(f"cannot read weights {e}") from e
+    digest = hashlib.sha256(data).hexdigest()
+    if spec.weights_sha256 is not None and digest != spec.weights_sha256:
+        raise ModelLoadError(f"weights {uri} have SHA-256 {digest}, not weights_sha256 {spec.weights_sha256}: "
+                             "the file changed, or the pin is wrong")
     if _is_safetensors(data):
         try:
             return safetensors.torch.load(data)

@@ -28,7 +28,8 @@ class ModelSpec(BaseModel):
     arguments that returns an `nn.Module`. For torchvision and timm archs the
     classifier is replaced by `Linear(K, embedding_dim)`, or removed (the model
     outputs its pooled features) when `embedding_dim` is null; factory models are
-    used as they are. `weights` is a torch state_dict or a `.safetensors` file.
+    used as they are. `weights` is a torch state_dict or a `.safetensors` file;
+    `weights_sha256` pins it (the job pins it for its replicas, to the file it checked).
 
     `feature_layout` says how the target layer's output holds its grid: `auto`
     (detected from the input size), `nchw`, `nhwc` (channels last) or `tokens`
@@ -40,6 +41,7 @@ class ModelSpec(BaseModel):
 
     arch: str = Field(min_length=1)
     weights: str | None = None
+    weights_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")  # when given, other weights are refused
     embedding_dim: int | None = Field(default=None, ge=1)
     embedding_layer: str | None = None
     target_layer: str | None = None

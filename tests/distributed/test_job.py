@@ -42,7 +42,9 @@ def check_run(config: JobConfig, rows: list[dict], model, root: str) -> None:
         if config.render_png == "all" or png is not None:
             assert read_bytes(png, options)[:8] == b"\x89PNG\r\n\x1a\n"
     record = read_json(join_uri(config.output, "runs", config.run_id, "run.json"), options)
-    assert record["counts"]["pairs"] == len(rows) and record["weights_sha256"]
+    # the replicas were pinned to the weights that were checked and recorded
+    assert record["weights_sha256"] and record["config"]["model"]["weights_sha256"] == record["weights_sha256"]
+    assert record["counts"]["pairs"] == len(rows)
     # 3 queries x top-4 in batches of 8: at most 4 + 3 distinct images per batch of 8 pairs
     assert record["forward_passes_per_pair"] < 1.6
     # files of rows_per_file rows, not one per batch
