@@ -1,5 +1,6 @@
-"""What the speed and quality benchmarks share: the machine line of a report, and pytorch-grad-cam
-run the way its embedding tutorial runs it, on any feature layout the explainer reads.
+"""What the benchmarks share: the machine line of a report, a generated audit (images and a
+top-k manifest), a local Ray, and pytorch-grad-cam run the way its embedding tutorial runs it, on
+any feature layout the explainer reads.
 
 pytorch-grad-cam expects (B, C, h, w) activations; for a ViT its users write a
 `reshape_transform` from tokens to maps by hand. Here that transform is the explainer's own
@@ -12,8 +13,11 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from pytorch_grad_cam import GradCAM
@@ -24,6 +28,41 @@ from pipeline import SFAM
 from pipeline.explain.layout import FeatureLayout
 
 ReshapeTransform = Callable[[torch.Tensor], torch.Tensor]
+MANIFEST_SCHEMA = pa.schema([("pair_id", pa.string()), ("query_uri", pa.string()), ("reference_uri", pa.string()),
+                             ("rank", pa.int32()), ("score", pa.float32()), ("label", pa.int8())])
+
+
+def write_top_k_audit(root: Path, queries: int, top_k: int, gallery: int, rng: np.random.Generator,
+                      image: Callable[[], bytes], extension: str) -> list[dict]:
+    """Query and gallery images under root/img (each `image()`), and root/pairs.parquet: each
+    query's top-k, drawn from the gallery, with a label that is 1 for 30 % of pairs. Returns the rows."""
+    (root / "img").mkdir(parents=True)
+    for name, count in (("q", queries), ("g", gallery)):
+        for i in range(count):
+            (root / "img" / f"{name}{i}.{extension}").write_bytes(image())
+    rows = [{"pair_id": f"q{q}/g{g}", "query_uri": f"img/q{q}.{extension}", "reference_uri": f"img/g{g}.{extension}",
+             "rank": rank, "score": float(1 - rank / (top_k + 1)), "label": int(rng.random() < 0.3)}
+            for q in range(queries)
+            for rank, g in enumerate(rng.choice(gallery, size=top_k, replace=False).tolist(), start=1)]
+    write_manifest(root / "pairs.parquet", rows)
+    return rows
+
+
+def write_manifest(path: Path, rows: list[dict]) -> None:
+    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), path)
+
+
+@contextmanager
+def local_ray() -> Iterator[None]:
+    """A local Ray on every core, without dashboard, progress bars or worker logs on the console."""
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def machine(threads: int, *packages: str) -> str:

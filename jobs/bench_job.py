@@ -18,7 +18,6 @@ commit cancel out).
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import statistics
 import sys
@@ -36,7 +35,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.bench_common import machine
+from jobs.bench_common import local_ray, machine, write_manifest, write_top_k_audit
 from jobs.bench_stages import photo_jpeg
 from jobs.benchmark_report import BENCHMARKS, parse_benchmark_args, write_section
 from jobs.tiny_model import tiny_spec
@@ -78,22 +77,11 @@ class Audit:
 
 def write_audit(root: Path, queries: int, top_k: int, gallery: int, image_size: tuple[int, int],
                 rng: np.random.Generator) -> Audit:
-    """Query and gallery JPEGs of `image_size` (width, height) and a manifest of each query's top-k."""
-    (root / "img").mkdir(parents=True)
-    for name, count in (("q", queries), ("g", gallery)):
-        for i in range(count):
-            (root / "img" / f"{name}{i}.jpg").write_bytes(photo_jpeg(rng, *image_size))
-    rows = [{"pair_id": f"q{q}/g{g}", "query_uri": f"img/q{q}.jpg", "reference_uri": f"img/g{g}.jpg",
-             "rank": rank, "score": float(1 - rank / (top_k + 1)), "label": int(rng.random() < 0.3)}
-            for q in range(queries)
-            for rank, g in enumerate(rng.choice(gallery, size=top_k, replace=False).tolist(), start=1)]
-    schema = pa.schema([("pair_id", pa.string()), ("query_uri", pa.string()), ("reference_uri", pa.string()),
-                        ("rank", pa.int32()), ("score", pa.float32()), ("label", pa.int8())])
-    manifest = root / "pairs.parquet"
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), manifest)
+    """Query and gallery JPEGs of `image_size` (width, height), a manifest of each query's top-k and its first half."""
+    rows = write_top_k_audit(root, queries, top_k, gallery, rng, lambda: photo_jpeg(rng, *image_size), "jpg")
     half_manifest = root / "half.parquet"
-    pq.write_table(pa.Table.from_pylist(rows[: len(rows) // 2], schema=schema), half_manifest)
-    return Audit(root, manifest, len(rows), half_manifest)
+    write_manifest(half_manifest, rows[: len(rows) // 2])
+    return Audit(root, root / "pairs.parquet", len(rows), half_manifest)
 
 
 def job_config(audit: Audit, run_id: str, **overrides: object) -> JobConfig:
@@ -258,19 +246,6 @@ def run_job(config: JobConfig, monitor: ProcessMonitor) -> JobRun:
         summary = run_audit(config)
         finished = time.time()
     return JobRun(summary, started, finished, result_parts(Path(config.output), summary.attempt), monitor)
-
-
-@contextmanager
-def local_ray() -> Iterator[None]:
-    """A local Ray on every core, without dashboard, progress bars or worker logs on the console."""
-    import ray
-
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 # -- in one process -------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import io
 import os
 import resource
 import shlex
@@ -25,20 +26,18 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import psutil
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch import nn
 
-from jobs.bench_common import concept_maps, library_cam, machine, resolve
+from jobs.bench_common import concept_maps, library_cam, local_ray, machine, resolve, write_top_k_audit
 from jobs.benchmark_report import BENCHMARKS, parse_benchmark_args, write_section
 from pipeline import SFAM
 from pipeline.config import JobConfig
@@ -154,21 +153,14 @@ def smooth_picture(rng: np.random.Generator, width: int, height: int) -> Image.I
 
 def write_pairs(root: Path, queries: int, top_k: int, gallery: int, rng: np.random.Generator) -> Pairs:
     """Query and gallery PNGs, and a manifest of each query's top-k drawn from the gallery."""
-    (root / "img").mkdir(parents=True)
-    for name, count in (("q", queries), ("g", gallery)):
-        for i in range(count):
-            smooth_picture(rng, *IMAGE_SIZE).save(root / "img" / f"{name}{i}.png")
-    rows = []
-    for q in range(queries):
-        scores = np.sort(rng.random(top_k))[::-1]
-        for rank, (g, score) in enumerate(zip(rng.choice(gallery, size=top_k, replace=False), scores), start=1):
-            rows.append({"pair_id": f"q{q}/g{g}", "query_uri": f"img/q{q}.png", "reference_uri": f"img/g{g}.png",
-                         "rank": rank, "score": float(score), "label": int(rng.random() < 0.3)})
-    schema = pa.schema([("pair_id", pa.string()), ("query_uri", pa.string()), ("reference_uri", pa.string()),
-                        ("rank", pa.int32()), ("score", pa.float32()), ("label", pa.int8())])
-    manifest = root / "pairs.parquet"
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), manifest)
-    return Pairs(root, manifest, rows)
+
+    def png() -> bytes:
+        buffer = io.BytesIO()
+        smooth_picture(rng, *IMAGE_SIZE).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    rows = write_top_k_audit(root, queries, top_k, gallery, rng, png, "png")
+    return Pairs(root, root / "pairs.parquet", rows)
 
 
 def load_inputs(pairs: Pairs, batch: int, spec: ModelSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,16 +276,8 @@ def run_job(pairs: Pairs, spec: ModelSpec, batch: int, actors: int) -> JobResult
 
     config = JobConfig(manifest=str(pairs.manifest), output=str(pairs.root / "audits"), run_id="bench-speed",
                        model=spec, batch_size=batch, num_actors=actors, max_error_fraction=0.0)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    try:
-        with WorkerMemory().watching() as workers:
-            summary = run_audit(config)
-    finally:
-        if started_here:
-            ray.shutdown()
+    with nullcontext() if ray.is_initialized() else local_ray(), WorkerMemory().watching() as workers:
+        summary = run_audit(config)
     driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     return JobResult(summary, spec.arch, actors, driver_peak, workers)
 

@@ -23,8 +23,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.bench_common import machine
-from jobs.bench_job import DRIVER, RAY, WORKERS, JobRun, ProcessMonitor, job_config, local_ray, run_job, write_audit
+from jobs.bench_common import local_ray, machine
+from jobs.bench_job import DRIVER, RAY, WORKERS, JobRun, ProcessMonitor, job_config, run_job, write_audit
 from jobs.benchmark_report import BENCHMARKS, parse_benchmark_args, write_section
 from jobs.tiny_model import tiny_spec
 
