@@ -35,11 +35,10 @@ def _box_mask(shape: tuple[int, int], box: Box, scale: float) -> np.ndarray:
 
 
 def peak_xy(saliency: np.ndarray, image_size: tuple[int, int]) -> tuple[float, float]:
-    """Image-pixel (x, y) of the centre of the map's maximum cell."""
-    rows, cols = saliency.shape
-    row, col = np.unravel_index(int(np.argmax(saliency)), saliency.shape)
-    width, height = image_size
-    return float((col + 0.5) * width / cols), float((row + 0.5) * height / rows)
+    """Image-pixel (x, y) of the upsampled map's maximum: the point the pointing game tests."""
+    grid, scale = _grid(saliency, image_size)
+    row, col = np.unravel_index(int(np.argmax(grid)), grid.shape)
+    return float((col + 0.5) * scale), float((row + 0.5) * scale)
 
 
 def energy_in_box(saliency: np.ndarray, box: Box, image_size: tuple[int, int]) -> float:
@@ -50,7 +49,7 @@ def energy_in_box(saliency: np.ndarray, box: Box, image_size: tuple[int, int]) -
 
 
 def pointing_hit(saliency: np.ndarray, box: Box, image_size: tuple[int, int]) -> bool:
-    """Whether the upsampled map's maximum falls inside the box (the pointing game)."""
-    grid, scale = _grid(saliency, image_size)
-    row, col = np.unravel_index(int(np.argmax(grid)), grid.shape)
-    return bool(_box_mask(grid.shape, box, scale)[row, col])
+    """Whether the map's maximum (peak_xy) falls inside the box (the pointing game)."""
+    x, y = peak_xy(saliency, image_size)
+    x0, y0, x1, y1 = box
+    return bool(x0 <= x <= x1 and y0 <= y <= y1)

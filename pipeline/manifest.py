@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import BinaryIO
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -59,6 +60,12 @@ def _check_boxes(batch: pa.RecordBatch, name: str, first_row: int) -> None:
     if pc.any(bad).as_py():
         row = first_row + pc.index(bad, True).as_py()
         raise ManifestError(f"manifest column {name!r} row {row}: a box has 4 numbers (x0, y0, x1, y1)")
+    corners = pc.list_flatten(boxes).to_numpy(zero_copy_only=False).reshape(-1, 4)  # the non-null boxes, in order
+    inverted = (corners[:, 2] < corners[:, 0]) | (corners[:, 3] < corners[:, 1])
+    if inverted.any():
+        row = first_row + np.flatnonzero(pc.is_valid(boxes).to_numpy(zero_copy_only=False))[np.argmax(inverted)]
+        raise ManifestError(f"manifest column {name!r} row {row}: box {corners[np.argmax(inverted)].tolist()} has x1 < x0 "
+                            "or y1 < y0; boxes are (x0, y0, x1, y1), top-left and bottom-right corners")
 
 
 def validate_manifest(source: BinaryIO | str) -> ManifestInfo:
@@ -68,9 +75,9 @@ def validate_manifest(source: BinaryIO | str) -> ManifestInfo:
     except (pa.ArrowInvalid, OSError) as error:
         raise ManifestError(f"manifest is not a readable Parquet file: {error}") from error
     schema = parquet.schema_arrow
-    _check_types(schema)
-    if parquet.metadata.num_rows == 0:
+    if parquet.metadata.num_rows == 0:  # first: an empty file's columns may have no types at all
         raise ManifestError("manifest has no rows")
+    _check_types(schema)
     boxes = [name for name in BOX_COLUMNS if name in schema.names]
     if len(boxes) == 1:
         raise ManifestError(f"manifest has {boxes[0]!r} but not {(set(BOX_COLUMNS) - set(boxes)).pop()!r}: "
