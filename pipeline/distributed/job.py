@@ -345,6 +345,7 @@ def run_audit(config: JobConfig) -> RunSummary:
     log.info("attempt %s of run %s (committed attempt: %s)", layout.attempt, config.run_id, plan.previous_attempt)
     checked = time.time()
     try:
+        store.prepare()
         connect()
         gpus = _gpus_per_actor(config)
         _stage(build_dataset(config, layout, gpus), config, layout, store)

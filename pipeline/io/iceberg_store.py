@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from pipeline.errors import UserError
 from pipeline.io.results_store import ResultsStore
-from pipeline.io.storage import StorageOptions, join_uri
+from pipeline.io.storage import StorageOptions, join_uri, redact_uri
 from pipeline.layout import RunLayout
 
 CATALOG_NAME = "sfam"
@@ -95,9 +95,20 @@ class IcebergStore(ResultsStore):
         self.overwrite_run = overwrite_run
 
     def catalog(self) -> Any:
+        """The catalog; a SQLite catalog on local disk gets its folder. Failing: a UserError naming it."""
         from pyiceberg.catalog import load_catalog  # loads only where the Iceberg table is used
 
-        return load_catalog(CATALOG_NAME, **self.properties)
+        uri = self.properties.get("uri", "")
+        try:
+            if uri.startswith("sqlite:///"):
+                os.makedirs(os.path.dirname(uri.removeprefix("sqlite:///")) or ".", exist_ok=True)
+            return load_catalog(CATALOG_NAME, **self.properties)
+        except Exception as error:
+            raise UserError(f"table.catalog: cannot open the Iceberg catalog at {redact_uri(uri) or 'its uri'}: "
+                            f"{type(error).__name__}: {' '.join(str(error).split())[:300]}") from error
+
+    def prepare(self) -> None:
+        self.catalog()
 
     def create_table_for(self, schema: pa.Schema) -> None:
         """Creates the namespace and the table (partitioned by run_id) when they do not exist yet."""

@@ -56,6 +56,9 @@ class ResultsStore:
         self.output = output
         self.options = options
 
+    def prepare(self) -> None:
+        """Opens what a commit will need (a catalog), before the attempt's work starts."""
+
     def staging(self, layout: RunLayout) -> tuple[pafs.FileSystem, str]:
         """Where the attempt's part files are written (a pyarrow filesystem and a path)."""
         return arrow_filesystem(layout.staged_results_dir, self.options)

@@ -16,7 +16,7 @@ import pytest
 from pipeline.config import JobConfig
 from pipeline.distributed.job import run_audit
 from pipeline.errors import UserError
-from pipeline.io.iceberg_store import TableConfig, catalog_properties
+from pipeline.io.iceberg_store import IcebergStore, TableConfig, catalog_properties
 from pipeline.io.storage import StorageOptions, join_uri
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import read_json
@@ -94,3 +94,16 @@ def test_catalog_defaults_and_refusals() -> None:
     remote = catalog_properties(TableConfig(format="iceberg", catalog={"type": "rest", "uri": "http://catalog"}),
                                 "s3://b/a", StorageOptions(endpoint_url="http://minio:9000", region="eu-west-1"))
     assert remote == {"type": "rest", "uri": "http://catalog", "s3.endpoint": "http://minio:9000", "s3.region": "eu-west-1"}
+
+
+def test_embedded_catalog_opens_on_a_fresh_output(tmp_path, monkeypatch) -> None:
+    """The default catalog of a local output that does not exist yet: made when opened, absolute
+    for a relative output; a catalog that cannot be opened is one line naming it."""
+    monkeypatch.chdir(tmp_path)
+    store = IcebergStore("fresh/audits", StorageOptions(), TableConfig(format="iceberg"))
+    assert store.properties["uri"] == f"sqlite:///{tmp_path}/fresh/audits/iceberg/catalog.db"
+    store.prepare()
+    assert (tmp_path / "fresh" / "audits" / "iceberg" / "catalog.db").is_file()
+    (tmp_path / "blocked").write_text("a file where the catalog's folder would be")
+    with pytest.raises(UserError, match=r"table.catalog: cannot open the Iceberg catalog at sqlite:///.*blocked"):
+        IcebergStore(str(tmp_path / "blocked"), StorageOptions(), TableConfig(format="iceberg")).prepare()
