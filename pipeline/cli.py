@@ -19,7 +19,7 @@ from typing import get_args
 import yaml
 
 from pipeline.config import ConfigError, add_config_arguments, load_config, load_yaml, one_line, validated
-from pipeline.errors import EXIT_OK, PipelineError
+from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, PipelineError
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.storage import StorageOptions, redact_uri
 from pipeline.models.spec import LayoutName, Metric, ModelSpec, Weighting
@@ -226,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{error.prefix}: {redact_uri(str(error))}", file=sys.stderr)
         return error.exit_code
+    except KeyboardInterrupt:  # Ctrl-C: an audit's attempt is recorded as failed on the way out
+        if args.debug:
+            traceback.print_exc()
+        print("interrupted: an audit's attempt is recorded as failed; a committed run stays as it was", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Every error the pipeline raises on purpose derives from :class:`PipelineError`:
     AuditFailed    the job ran, but its result is not acceptable (too many bad rows). Exit 1.
     GatesFailed    the run finished and committed, but broke a quality gate (gates.py). Exit 3.
 
+Ctrl-C (KeyboardInterrupt) is exit 130.
+
 The command line prints each as one line, `<prefix>: <message>`, without a traceback.
 """
 
@@ -19,6 +21,7 @@ EXIT_OK = 0
 EXIT_AUDIT_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_GATES_FAILED = 3
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), the shell's convention
 
 
 class PipelineError(Exception):

@@ -358,9 +358,13 @@ def run_audit(config: JobConfig) -> RunSummary:
         cause = _pipeline_error(error) or error
         try:  # best effort: the storage may be what failed
             recorder.failed(f"{type(cause).__name__}: {cause}")
-            store.discard(layout)
         except StorageError as storage_error:
             log.warning("could not record the failure of attempt %s: %s", layout.attempt, storage_error)
+        try:  # a replica still writing when the driver stops may leave files behind
+            store.discard(layout)
+        except StorageError as storage_error:
+            log.warning("attempt %s is recorded as failed; some of its files stay until the run_id's next successful "
+                        "attempt deletes them: %s", layout.attempt, storage_error)
         if cause is not error:
             raise cause from error
         raise

@@ -61,17 +61,21 @@ class ModelExplainer:
         return self.explain_pairs(pixels, [0], [1])
 
 
-def _check_input_size(model: torch.nn.Module, spec: ModelSpec, device: torch.device) -> None:
-    """One forward of a random picture at input_size: a model built for another size (a torchvision
-    ViT at anything but 224 px) is named here, not as a traceback of the first explanation."""
+def _check_model_runs(model: torch.nn.Module, spec: ModelSpec, device: torch.device) -> None:
+    """One forward of a random picture at input_size. A model built for another size (a torchvision
+    ViT at anything but 224 px), or whose weights give no finite embedding (a broken checkpoint),
+    is named here, not as a traceback or a misleading layer error of the first explanation."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     picture = torch.rand(1, 3, spec.input_size, spec.input_size, generator=torch.Generator().manual_seed(0))
     try:
         with torch.inference_mode():
-            model(picture.to(device, dtype))
+            embedding = model(picture.to(device, dtype))
     except Exception as error:  # the model's own check, in whatever form it raises
         raise ModelLoadError(f"model {spec.model_id} does not run on {spec.input_size} x {spec.input_size} px pictures "
                              f"(model.input_size): {short_reason(error)}") from error
+    if isinstance(embedding, torch.Tensor) and not bool(torch.isfinite(embedding).all()):
+        raise ModelLoadError(f"model {spec.model_id}: the embedding of a check picture is not finite (NaN or inf); "
+                             f"check the weights{f' {spec.weights}' if spec.weights else ''}")
 
 
 def build_explainer(spec: ModelSpec, storage_options: StorageOptions | None = None,
@@ -79,7 +83,7 @@ def build_explainer(spec: ModelSpec, storage_options: StorageOptions | None = No
     """The spec's model with its weights on `device` (default: pick_device()) and its explainer."""
     device = device or pick_device()
     model = build_model(spec, storage_options).to(device)
-    _check_input_size(model, spec, device)
+    _check_model_runs(model, spec, device)
     sfam = SFAM(model, spec.target_layer, spec.metric, embedding_layer=spec.embedding_layer, weighting=spec.weighting,
                 feature_layout=spec.feature_layout, prefix_tokens=spec.prefix_tokens)
     return ModelExplainer(spec, sfam, device)

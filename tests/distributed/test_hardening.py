@@ -6,11 +6,15 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from pipeline.distributed.job import run_audit
 from pipeline.errors import UserError
@@ -23,6 +27,7 @@ from pipeline.reporting import write_report
 from audit_data import job_config, write_audit, write_weights
 
 pytestmark = pytest.mark.timeout(400)
+ROOT = Path(__file__).resolve().parents[2]
 
 HOSTILE_IDS = ["../../escape", "a/b", "nul\x00id", "x" * 300, "Ünïcödé 画像 🙂", "<script>alert(1)</script>"]
 
@@ -191,3 +196,29 @@ def test_an_attempt_that_another_commits_under_does_not_replace_it(local_ray, tm
     table = HiveParquetStore(config.output, options).read(run_id="overlap")
     assert sorted(table.column("pair_id").to_pylist()) == sorted(r["pair_id"] for r in rows)
     assert set(table.column("attempt").to_pylist()) == {committed}
+
+
+def test_ctrl_c_is_one_line_exit_130_and_a_failed_attempt(tmp_path, rng) -> None:
+    """SIGINT to `python -m jobs.audit` while it works: the attempt is recorded as failed, and the
+    command line says so in one line, exit 130, without a traceback."""
+    root, options = str(tmp_path), StorageOptions()
+    write_weights(join_uri(root, "models", "model.pt"), options)
+    manifest, _ = write_audit(root, options, rng, queries=16, top_k=6)
+    config = tmp_path / "audit.yaml"
+    config.write_text(yaml.safe_dump(job_config(root, options, manifest, "interrupted", **HARDENING).model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    process = subprocess.Popen([sys.executable, "-m", "jobs.audit", "--config", str(config)], cwd=ROOT, env=env,
+                               stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in process.stderr:  # until the actors work
+        seen.append(line)
+        if "fetching, explaining and rendering" in line:
+            break
+    time.sleep(3)
+    process.send_signal(signal.SIGINT)
+    rest = process.communicate(timeout=180)[1]
+    stderr = "".join(seen) + rest
+    assert process.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: ") and "Traceback" not in stderr, stderr[-3000:]
+    records = (tmp_path / "audits" / "runs" / "interrupted" / "attempts").glob("*/run.json")
+    assert [json.loads(r.read_text())["status"] for r in records] == ["failed"]
