@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 
+import fsspec.implementations.local
 import pyarrow.fs as pafs
 
 from pipeline.io.storage import StorageError, StorageOptions, filesystem, read_bytes, write_bytes
 
 
 def arrow_filesystem(uri: str, options: StorageOptions) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem over fsspec's for `uri` (what Ray's readers and writers take), and the path."""
+    """A pyarrow filesystem for `uri` (what Ray's readers and writers take), and the path: Arrow's
+    own for local files, fsspec's (with the storage options) for the rest."""
     fs, path = filesystem(uri, options)
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        return pafs.LocalFileSystem(), path
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.compute as pc
@@ -77,6 +79,10 @@ def test_local_folder_run_with_bad_rows(local_ray, tmp_path, rng) -> None:
     assert Image.open(io.BytesIO(png)).size[0] > 256 and png[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(PairNotFound, match="bad/missing"):
         render_pair_of_run(config.output, "local-1", "bad/missing", options)
+    for _ in range(3):  # the command exits 2, also right after reading the table (it aborted in Arrow's threads)
+        done = subprocess.run([sys.executable, "-m", "pipeline.cli", "render", config.output, "--run-id", "local-1",
+                               "--pair-id", "bad/missing", "-o", str(tmp_path / "x.png")], capture_output=True, text=True)
+        assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: pair 'bad/missing'"), done.stderr
 
 
 def test_relative_paths_lead_every_worker_to_the_same_files(local_ray, tmp_path, rng, monkeypatch) -> None:
