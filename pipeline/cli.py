@@ -128,10 +128,11 @@ def report_command(args: argparse.Namespace) -> int:
 
 
 def compare_command(args: argparse.Namespace) -> int:
-    from pipeline.comparison import DEFAULT_THRESHOLD, compare_runs, write_comparison
+    from pipeline.comparison import compare_runs, write_comparison
+    from pipeline.render.selection import FALSE_MATCH_SIMILARITY
 
     audit = _audit(args)
-    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    threshold = FALSE_MATCH_SIMILARITY if args.threshold is None else args.threshold
     comparison = compare_runs(audit.output, args.run_a, args.run_b, audit.options, threshold, audit.table)
     print("\n".join(comparison.lines()))
     for path in write_comparison(comparison, audit.output, audit.options).values():

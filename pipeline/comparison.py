@@ -64,10 +64,10 @@ from pipeline.io.results_store import ResultsStore
 from pipeline.io.storage import StorageOptions, exists, join_uri, write_bytes
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import read_json
-from pipeline.render.comparison_html import ComparisonView, label_name, render_comparison
+from pipeline.render.comparison_html import METRICS_DIFFER, ComparisonView, label_name, render_comparison
+from pipeline.render.selection import FALSE_MATCH_SIMILARITY
 from pipeline.schema import result_type
 
-DEFAULT_THRESHOLD = 0.8
 CHUNK_ROWS = 65536  # pairs whose maps are correlated at once
 LISTED = 20  # pairs shown per list (moved maps, new and vanished false matches)
 FIGURES = {"mean_similarity": "similarity", "pointing_hit_rate": "query_pointing_hit", "energy_in_box": "energy_in_box"}
@@ -92,7 +92,7 @@ SUMMARY_SCHEMA = pa.schema(
 class Comparison:
     """Two runs compared: `pairs` and `summary` are the tables of the module docstring."""
 
-    runs: tuple[dict[str, Any], dict[str, Any]]  # A, B: run_id, model_id, target_layer, started, metric
+    runs: tuple[dict[str, Any], dict[str, Any]]  # A, B: run_id, model_id, weights, target_layer, metric, started
     threshold: float
     pairs: pa.Table
     summary: pa.Table
@@ -130,6 +130,7 @@ class Comparison:
         run_a, run_b = self.run_ids
         counts = ", ".join(f"{value} {name}" for name, value in self.counts().items())
         lines = [f"compared {run_a} (A) with {run_b} (B); pairs: {counts}",
+                 *([f"warning: {METRICS_DIFFER}"] if len({run["metric"] for run in self.runs}) > 1 else []),
                  f"{'label':<11}{'pairs':>6}  {'similarity A -> B':<27}{'pointing A -> B':<25}"
                  f"{'in box A -> B':<25}{'map corr':>8}  false matches >= {self.threshold:g} (new, vanished)"]
         for row in self.summary.to_pylist():
@@ -176,8 +177,12 @@ def run_record(store: ResultsStore, run_id: str) -> dict:
 
 def _run_info(record: dict) -> dict[str, Any]:
     """What the page and the text say about a run."""
-    return {"run_id": record["run_id"], "model_id": record.get("model_id"), "target_layer": record.get("target_layer"),
-            "metric": record.get("config", {}).get("model", {}).get("metric"), "started": record["timings"]["started"]}
+    model = record.get("config", {}).get("model", {})
+    weights, digest = model.get("weights"), record.get("weights_sha256")
+    if weights:  # two checkpoints of one architecture differ here only
+        weights = weights.rsplit("/", 1)[-1] + (f" (sha256 {digest[:12]})" if digest else "")
+    return {"run_id": record["run_id"], "model_id": record.get("model_id"), "weights": weights,
+            "target_layer": record.get("target_layer"), "metric": model.get("metric"), "started": record["timings"]["started"]}
 
 
 def _run_rows(store: ResultsStore, run_id: str) -> pa.Table:
@@ -299,7 +304,7 @@ def label_summary(pairs: pa.Table, run_a: str, run_b: str, threshold: float) -> 
 
 
 def compare_runs(output: str, run_a: str, run_b: str, options: StorageOptions,
-                 threshold: float = DEFAULT_THRESHOLD, table: TableConfig | None = None) -> Comparison:
+                 threshold: float = FALSE_MATCH_SIMILARITY, table: TableConfig | None = None) -> Comparison:
     """Compares the committed rows of two runs under one output root (in its Hive or Iceberg table)."""
     store = open_results_store(output, options, table)
     records = [run_record(store, run_id) for run_id in (run_a, run_b)]

@@ -18,7 +18,7 @@ from pipeline.gates import Gates
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.storage import StorageOptions, resolve_uri
 from pipeline.models.spec import ModelSpec
-from pipeline.render.selection import FlagRules, RenderPolicy
+from pipeline.render.selection import FALSE_MATCH_SIMILARITY, FlagRules, RenderPolicy
 
 MAX_IMAGE_PIXELS = 50_000_000  # larger images fail their row (decompression bombs)
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -96,11 +96,13 @@ class JobConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _one_false_match_threshold(cls, data: Any) -> Any:
-        """The gate and the render flags count false matches at one similarity: set it in either."""
+        """The gate and the render flags count false matches at one similarity: set it in either
+        (a config written out in full holds both, one of them at the default)."""
         if not isinstance(data, dict):
             return data
         sections = {name: data.get(name) or {} for name in ("gates", "render_flags")}
-        given = {section.get("false_match_similarity") for section in sections.values() if isinstance(section, dict)} - {None}
+        given = {section.get("false_match_similarity") for section in sections.values()
+                 if isinstance(section, dict)} - {None, FALSE_MATCH_SIMILARITY}
         if len(given) > 1:
             raise ValueError("gates.false_match_similarity and render_flags.false_match_similarity differ: "
                              "false matches are counted at one similarity, set it once")

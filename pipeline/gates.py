@@ -9,13 +9,17 @@ Gates (each off while its threshold is null):
     min_same_label_pointing  share of label-1 pairs whose query map peaks inside the query box
     max_false_match_rate     share of label-0 pairs with similarity >= false_match_similarity
     max_residual_share       median over pairs of mean(|residual|) / |similarity| (quality.py)
-    max_similarity_drop      mean similarity of label-1 pairs: previous successful run of the
-                             same manifest minus this run
+    max_similarity_drop      mean similarity of label-1 pairs: the baseline run minus this run.
+                             The baseline is the latest earlier successful run with the same
+                             metric, of the same manifest (`similarity_baseline: same_manifest`)
+                             or of any (`previous_run`: a scheduled audit of a new manifest each
+                             night); without one the gate is not measured (n/a, and it says why)
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import EXIT_GATES_FAILED, PipelineError, UserError
 from pipeline.quality import residual_share
+from pipeline.render.selection import FALSE_MATCH_SIMILARITY
 
 
 class GatesFailed(PipelineError):
@@ -40,9 +45,10 @@ class Gates(BaseModel):
 
     min_same_label_pointing: float | None = Field(None, ge=0, le=1)
     max_false_match_rate: float | None = Field(None, ge=0, le=1)
-    false_match_similarity: float = 0.8
+    false_match_similarity: float = FALSE_MATCH_SIMILARITY
     max_residual_share: float | None = Field(None, ge=0)
     max_similarity_drop: float | None = None
+    similarity_baseline: Literal["same_manifest", "previous_run"] = "same_manifest"
 
     @property
     def enabled(self) -> bool:
@@ -64,14 +70,15 @@ class Gates(BaseModel):
 @dataclass(frozen=True)
 class GateResult:
     name: str
-    value: float | None  # None: nothing to measure (no pairs of that kind)
+    value: float | None  # None: nothing to measure (no pairs of that kind, no baseline run)
     threshold: float
     passed: bool
+    note: str | None = None  # what the value was measured against, or why it was not
 
     def line(self) -> str:
         value = "n/a" if self.value is None else f"{self.value:.4g}"
         verdict = "passed" if self.passed else "FAILED"
-        return f"gate {self.name}: {value} (threshold {self.threshold:g}) {verdict}"
+        return f"gate {self.name}: {value} (threshold {self.threshold:g}) {verdict}" + (f"; {self.note}" if self.note else "")
 
     def as_record(self) -> dict:
         return asdict(self)
@@ -101,17 +108,26 @@ def same_label_similarity(rows: pa.Table) -> float | None:
     return _mean(_column(same, "similarity")) if same.num_rows else None
 
 
-def evaluate(gates: Gates, rows: pa.Table, previous_same_label_similarity: float | None) -> list[GateResult]:
+@dataclass(frozen=True)
+class Baseline:
+    """The run max_similarity_drop compares with, or why there is none."""
+
+    run_id: str | None
+    same_label_similarity: float | None
+    note: str
+
+
+def evaluate(gates: Gates, rows: pa.Table, baseline: Baseline | None) -> list[GateResult]:
     """The enabled gates on a run's rows; a gate with nothing to measure passes (value None)."""
     ok = rows.filter(pc.equal(rows.column("status"), "ok"))
     has_label = "label" in ok.column_names
     results = []
 
-    def add(name: str, value: float | None, threshold: float | None, higher_is_better: bool) -> None:
+    def add(name: str, value: float | None, threshold: float | None, higher_is_better: bool, note: str | None = None) -> None:
         if threshold is None:
             return
         passed = value is None or (value >= threshold if higher_is_better else value <= threshold)
-        results.append(GateResult(name, value, threshold, passed))
+        results.append(GateResult(name, value, threshold, passed, note))
 
     if has_label:
         same = ok.filter(pc.equal(ok.column("label"), 1))
@@ -122,8 +138,9 @@ def evaluate(gates: Gates, rows: pa.Table, previous_same_label_similarity: float
         add("max_false_match_rate", float(false_matches.mean()) if different.num_rows else None,
             gates.max_false_match_rate, False)
         current = same_label_similarity(rows)
-        drop = None if current is None or previous_same_label_similarity is None else previous_same_label_similarity - current
-        add("max_similarity_drop", drop, gates.max_similarity_drop, False)
+        previous = None if baseline is None else baseline.same_label_similarity
+        drop = None if current is None or previous is None else previous - current
+        add("max_similarity_drop", drop, gates.max_similarity_drop, False, None if baseline is None else baseline.note)
     share = residual_share(*(_column(ok, c) for c in ("similarity", "residual_query", "residual_reference")))
     measured = share[~np.isnan(share)]
     add("max_residual_share", float(np.median(measured)) if measured.size else None, gates.max_residual_share, False)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import posixpath
 
-from pipeline.comparison import DEFAULT_THRESHOLD, compare_runs
+from pipeline.comparison import compare_runs
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.results_store import ResultsStore
 from pipeline.io.storage import StorageError, StorageOptions, exists, join_uri, read_bytes, write_bytes
@@ -22,6 +22,7 @@ from pipeline.io.tables import read_json
 from pipeline.layout import RunLayout, safe_name
 from pipeline.render import render_report
 from pipeline.render.comparison_html import comparison_section
+from pipeline.render.selection import FALSE_MATCH_SIMILARITY
 from pipeline.run_history import previous_successful_run
 
 REPORT_COLUMNS = (
@@ -67,10 +68,11 @@ def _comparison(output: str, record: dict, options: StorageOptions, table: Table
 
     False matches are counted at the run's own `render_flags.false_match_similarity`."""
     config = record["config"]
-    previous = previous_successful_run(output, config["manifest"], record["run_id"], record["timings"]["started"], options)
+    previous = previous_successful_run(output, record["run_id"], record["timings"]["started"], options,
+                                       manifest=config["manifest"])
     if previous is None:
         return ""
-    threshold = config.get("render_flags", {}).get("false_match_similarity", DEFAULT_THRESHOLD)
+    threshold = config.get("render_flags", {}).get("false_match_similarity", FALSE_MATCH_SIMILARITY)
     comparison = compare_runs(output, previous["run_id"], record["run_id"], options, threshold, table)
     return comparison_section(comparison.view(), f"Compared with {previous['run_id']}")
 

@@ -6,9 +6,10 @@ from pipeline.io.storage import StorageError, StorageOptions, glob, join_uri
 from pipeline.io.tables import read_json
 
 
-def previous_successful_run(output: str, manifest: str, run_id: str, started_before: str,
-                            options: StorageOptions) -> dict | None:
-    """The run record of the latest successful run of `manifest` that started before `started_before`.
+def previous_successful_run(output: str, run_id: str, started_before: str, options: StorageOptions,
+                            manifest: str | None = None, metric: str | None = None) -> dict | None:
+    """The run record of the latest successful run that started before `started_before`, of
+    `manifest` and with `metric` where given.
 
     `run_id` itself is skipped (a re-run compares with another run, not with its own past).
     Manifests are compared as recorded (credentials redacted); times are ISO-8601 UTC strings.
@@ -19,9 +20,10 @@ def previous_successful_run(output: str, manifest: str, run_id: str, started_bef
             record = read_json(uri, options)
         except (StorageError, ValueError):
             continue  # a record being written, or not ours
+        config = record.get("config", {})
         started = record.get("timings", {}).get("started", "")
         if (record.get("run_id") != run_id and record.get("status") in ("succeeded", "gates_failed")
-                and record.get("config", {}).get("manifest") == manifest and started < started_before
-                and (latest is None or started > latest["timings"]["started"])):
+                and manifest in (None, config.get("manifest")) and metric in (None, config.get("model", {}).get("metric"))
+                and started < started_before and (latest is None or started > latest["timings"]["started"])):
             latest = record
     return latest

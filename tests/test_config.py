@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from pipeline.config import ConfigError, load_config
 
@@ -91,3 +92,6 @@ def test_one_false_match_threshold(tmp_path) -> None:
     assert load_config(path).gates.false_match_similarity == 0.8
     with pytest.raises(ConfigError, match="differ"):
         load_config(path, ["gates.false_match_similarity=0.6", "render_flags.false_match_similarity=0.7"])
+    path.write_text(yaml.safe_dump(load_config(path).model_dump(mode="json")))  # written out in full: both keys
+    config = load_config(path, ["gates.false_match_similarity=0.6"])
+    assert config.gates.false_match_similarity == config.render_flags.false_match_similarity == 0.6

@@ -31,7 +31,7 @@ from pipeline.distributed.cluster import connect
 from pipeline.distributed.iceberg_commit import overwrite_run
 from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults, StageChain
 from pipeline.errors import AuditFailed, PipelineError, UserError
-from pipeline.gates import GateResult, GatesFailed, check_manifest_supports, evaluate, same_label_similarity
+from pipeline.gates import Baseline, GateResult, GatesFailed, check_manifest_supports, evaluate, same_label_similarity
 from pipeline.io.results_store import ResultsStore
 from pipeline.io.storage import (
     StorageError,
@@ -383,7 +383,7 @@ def _finish(config: JobConfig, plan: Plan, store: ResultsStore, recorder: RunRec
     gates = _evaluate_gates(config, store, staged, recorder.base["timings"]["started"])
     failed_gates = [g for g in gates if not g.passed]
     for gate in gates:
-        (log.warning if not gate.passed else log.info)("%s", gate.line())
+        (log.warning if not gate.passed or gate.value is None else log.info)("%s", gate.line())
     success = recorder.record("gates_failed" if failed_gates else "succeeded", summary)
     success["gates"] = [g.as_record() for g in gates]
     committed = store.committed_attempt(config.run_id)
@@ -397,15 +397,21 @@ def _finish(config: JobConfig, plan: Plan, store: ResultsStore, recorder: RunRec
 
 
 def _evaluate_gates(config: JobConfig, store: ResultsStore, staged: pa.Table, started: str) -> list[GateResult]:
-    """The config's gates on the attempt's staged rows (_staged_columns); the similarity drop against the previous run."""
+    """The config's gates on the attempt's staged rows (_staged_columns); the similarity drop against the baseline run."""
     if not config.gates.enabled:
         return []
-    previous_similarity = None
-    if config.gates.max_similarity_drop is not None:
-        previous = previous_successful_run(config.output, redact_uri(config.manifest), config.run_id, started,
-                                           config.storage_options)
-        if previous is not None:
-            rows = store.read(run_id=previous["run_id"], columns=["status", "label", "similarity"])
-            previous_similarity = same_label_similarity(rows)
-            log.info("similarity drop measured against run %s", previous["run_id"])
-    return evaluate(config.gates, staged, previous_similarity)
+    return evaluate(config.gates, staged, _baseline(config, store, started) if config.gates.max_similarity_drop is not None
+                    else None)
+
+
+def _baseline(config: JobConfig, store: ResultsStore, started: str) -> Baseline:
+    """The run max_similarity_drop compares with (gates.similarity_baseline), always one with the same metric."""
+    metric = config.model.metric
+    same_manifest = config.gates.similarity_baseline == "same_manifest"
+    previous = previous_successful_run(config.output, config.run_id, started, config.storage_options, metric=metric,
+                                       manifest=redact_uri(config.manifest) if same_manifest else None)
+    if previous is None:
+        wanted = "of this manifest" if same_manifest else "under this output"
+        return Baseline(None, None, f"no earlier successful run {wanted} with metric {metric} to compare with")
+    rows = store.read(run_id=previous["run_id"], columns=["status", "label", "similarity"])
+    return Baseline(previous["run_id"], same_label_similarity(rows), f"against run {previous['run_id']}")

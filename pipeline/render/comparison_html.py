@@ -21,8 +21,9 @@ _STYLE = (  # up and down say the direction, not whether it is better: a false m
     "#comparison .up { color: #1f5fa8; } #comparison .down { color: #b35900; }"
     "#comparison .warning { background: #fff4e5; border-left: 4px solid #e67e22; padding: 4px 14px; }"
 )
-_RUN_FIELDS = (("run id", "run_id"), ("model", "model_id"), ("target layer", "target_layer"), ("metric", "metric"),
-               ("started", "started"))
+_RUN_FIELDS = (("run id", "run_id"), ("model", "model_id"), ("weights", "weights"), ("target layer", "target_layer"),
+               ("metric", "metric"), ("started", "started"))
+METRICS_DIFFER = "The runs use different metrics: their similarities and the threshold are in different units."
 _FIGURES = (("mean similarity", "mean_similarity"), ("pointing hit rate", "pointing_hit_rate"),
             ("energy in box", "energy_in_box"))
 _COUNTS = (("maps not<br>comparable", "maps_not_comparable"), ("false<br>matches A", "false_matches_a"),
@@ -33,7 +34,7 @@ _COUNTS = (("maps not<br>comparable", "maps_not_comparable"), ("false<br>matches
 class ComparisonView:
     """What the HTML shows; pipeline/comparison.py builds it (`Comparison.view()`)."""
 
-    runs: tuple[Mapping[str, Any], Mapping[str, Any]]  # A, B: run_id, model_id, target_layer, metric, started
+    runs: tuple[Mapping[str, Any], Mapping[str, Any]]  # A, B: run_id, model_id, weights, target_layer, metric, started
     threshold: float
     counts: Mapping[str, int]
     summary: Sequence[Row]  # one row per label
@@ -75,8 +76,7 @@ def _runs(view: ComparisonView) -> str:
         for side, run in zip("AB", view.runs)
     )
     metrics = {run.get("metric") for run in view.runs}
-    warning = ('<p class="warning">The runs use different metrics: their similarities and the threshold '
-               "are in different units.</p>" if len(metrics) > 1 else "")
+    warning = f'<p class="warning">{METRICS_DIFFER}</p>' if len(metrics) > 1 else ""
     return f"<table>{head}{body}</table>{warning}"
 
 

@@ -46,6 +46,7 @@ RENDER_POLICIES: tuple[str, ...] = get_args(RenderPolicy)
 
 # The reasons a row is flagged, in priority order (lower first); NOT_FLAGGED sorts last.
 FALSE_MATCH, POINTING_MISS, WEAK_MATCH, SAMPLE, NOT_FLAGGED = range(5)
+FALSE_MATCH_SIMILARITY = 0.8  # the default threshold of a false match (label 0), also the gates' (config.py)
 POINTING_COLUMNS = ("query_pointing_hit", "reference_pointing_hit")
 
 
@@ -53,7 +54,7 @@ POINTING_COLUMNS = ("query_pointing_hit", "reference_pointing_hit")
 class FlagRules:
     """Thresholds of the `flagged` policy (see the module docstring)."""
 
-    false_match_similarity: float = 0.8
+    false_match_similarity: float = FALSE_MATCH_SIMILARITY
     weak_match_similarity: float = 0.3
     sample_rate: float = 0.005
     max_fraction: float = 0.05

@@ -52,6 +52,19 @@ def test_gates_pass_then_fail_with_exit_3(local_ray, tmp_path, rng, capsys) -> N
     pointing = duckdb.sql(f"SELECT avg(query_pointing_hit::DOUBLE) FROM {table} "
                           f"WHERE run_id = 'week-2' AND status = 'ok' AND label = 1").fetchall()[0][0]
     assert values["min_same_label_pointing"][0] == pytest.approx(pointing)
+    notes = {g["name"]: g["note"] for g in second["gates"]}
+    assert notes["max_similarity_drop"] == "against run week-1"
+
+    # a scheduled audit of a new manifest each night: compared with the previous run, of the same metric only
+    nightly = str(tmp_path / "2026-11-27.parquet")
+    duckdb.sql(f"COPY (SELECT * FROM '{manifest}') TO '{nightly}'")
+    for run_id, metric, against in (("night-1", "cosine", "against run week-2"),
+                                     ("night-2", "dot", "no earlier successful run under this output with metric dot to compare with")):
+        main(["audit", "--config", str(path), "--set", f"run_id={run_id}", "--set", f"manifest={nightly}",
+              "--set", f"model.metric={metric}", "--set", "gates.similarity_baseline=previous_run"])
+        record = read_json(join_uri(config.output, "runs", run_id, "run.json"), options)
+        drop = next(g for g in record["gates"] if g["name"] == "max_similarity_drop")
+        assert drop["note"] == against and (drop["value"] is None) == (metric == "dot")
 
 
 def test_gates_need_their_columns_before_any_work() -> None:
