@@ -53,6 +53,16 @@ def _check_types(schema: pa.Schema) -> None:
         raise ManifestError(f"manifest column(s) {', '.join(reserved)} collide with result columns; rename them")
 
 
+def _check_labels(labels: pa.Array, first_row: int) -> None:
+    """1 (the pair shows the same thing), 0 (it does not) or null (not known): a -1/+1 encoding
+    would silently drop every negative pair out of the false-match figures."""
+    bad = pc.and_(pc.is_valid(labels), pc.invert(pc.is_in(labels, pa.array([0, 1], labels.type))))
+    if pc.any(bad).as_py():
+        row = pc.index(bad, True).as_py()
+        raise ManifestError(f"manifest column 'label' row {first_row + row}: {labels[row].as_py()} is not 0, 1 or null "
+                            "(1: the pair shows the same thing, 0: it does not)")
+
+
 def _check_boxes(batch: pa.RecordBatch, name: str, first_row: int) -> None:
     boxes = batch.column(name)
     lengths = pc.list_value_length(boxes)
@@ -82,9 +92,10 @@ def validate_manifest(source: BinaryIO | str) -> ManifestInfo:
     if len(boxes) == 1:
         raise ManifestError(f"manifest has {boxes[0]!r} but not {(set(BOX_COLUMNS) - set(boxes)).pop()!r}: "
                             "the localisation columns need both boxes of each pair (or neither column)")
+    labels = ["label"] if "label" in schema.names else []
     seen: set[str] = set()
     first_row = 0
-    for batch in parquet.iter_batches(columns=[*REQUIRED, *boxes], batch_size=65_536):
+    for batch in parquet.iter_batches(columns=[*REQUIRED, *labels, *boxes], batch_size=65_536):
         for name in REQUIRED:
             column = batch.column(name)
             empty = pc.or_kleene(pc.is_null(column), pc.equal(pc.utf8_length(column), 0))
@@ -95,6 +106,8 @@ def validate_manifest(source: BinaryIO | str) -> ManifestInfo:
             if pair_id in seen:
                 raise ManifestError(f"manifest pair_id {pair_id[:80]!r} appears more than once; pair ids must be unique")
             seen.add(pair_id)
+        if labels:
+            _check_labels(batch.column("label"), first_row)
         for name in boxes:
             _check_boxes(batch, name, first_row)
         first_row += batch.num_rows

@@ -37,6 +37,8 @@ BAD = {
                      r"'query_bbox' row 2: box \[5.0, 5.0, 1.0, 9.0\] has x1 < x0"),
     "empty with boxes": (pa.table({**{k: pa.array([], pa.string()) for k in good()}, "query_bbox": pa.nulls(0),
                                    "reference_bbox": pa.nulls(0)}), "no rows"),
+    "label of -1/+1": (pa.table({**good(), "label": pa.array([1, None, -1], pa.int8())}),
+                       "'label' row 2: -1 is not 0, 1 or null"),
     "one box column": (pa.table({**good(), "query_bbox": pa.array([[0.0, 0, 1, 1]] * 3, pa.list_(pa.float32()))}),
                        "has 'query_bbox' but not 'reference_bbox'"),
     "duplicate pair_id": (pa.table({**good(), "pair_id": ["a", "b", "a"]}), "'a' appears more than once"),
