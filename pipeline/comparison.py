@@ -3,8 +3,11 @@
 Pairs are matched by `pair_id`; the two runs may use different models (model v7 against
 v8: that is the point) and different manifests. Only committed rows are compared
 (`ResultsStore.read(run_id=...)`), so both runs must have committed (`runs/ID/_SUCCESS`). The figures of
-a label are taken over the pairs that are `ok` in both runs, so that a change is the
-change of the same pairs. The label of a pair is B's (A's where B has none).
+a label are taken over the pairs that are `ok` in both runs and show the same images in both
+(query and reference URIs, resolved against each run's manifest folder), so that a change is the
+change of the same pairs: a pair_id that names other images in B (a rank-shaped id such as
+`q17/g3` in a new night's manifest) is counted, not compared. The label of a pair is B's (A's
+where B has none).
 
 Written next to the runs, under `{output}/comparisons/{A}__{B}/`:
 
@@ -12,13 +15,13 @@ Written next to the runs, under `{output}/comparisons/{A}__{B}/`:
     pairs.parquet      one row per pair_id of either run
     comparison.html    both, for people (pipeline/render/comparison_html.py)
 
-`summary.parquet` (over the pairs ok in both runs; `_a` is run A's figure, `_b` run B's,
+`summary.parquet` (over the pairs ok in both runs on the same images; `_a` is run A's figure, `_b` run B's,
 `_change` is B's minus A's):
 
     run_a, run_b                       string    the run ids
     threshold                          float64   the false-match similarity threshold (the metric's units)
     label                              int64     1 same, 0 different, null unlabelled
-    pairs                              int64     pairs of this label ok in both runs
+    pairs                              int64     pairs of this label ok in both runs on the same images
     mean_similarity_a, _b, _change     float64   mean similarity
     pointing_hit_rate_a, _b, _change   float64   share of query_pointing_hit (null without boxes)
     energy_in_box_a, _b, _change       float64   mean of energy_in_box (see below; null without boxes)
@@ -33,10 +36,11 @@ Written next to the runs, under `{output}/comparisons/{A}__{B}/`:
     pair_id                            string
     label                              int64     B's label, else A's
     status_a, status_b                 string    `ok`, `error`, or null: not in that run
+    same_images                        bool      the same query and reference images in both runs (null unless in both)
     similarity_a, _b, _change          float64
     query_pointing_hit_a, _b           bool
     energy_in_box_a, _b                float64   mean of query_energy_in_box and reference_energy_in_box
-    map_comparable                     bool      ok in both runs with equal map_shape (null unless ok in both)
+    map_comparable                     bool      equal map_shape (null unless ok in both on the same images)
     map_correlation_query              float64   Pearson correlation of A's and B's map_query
     map_correlation_reference          float64   the same for map_reference
     map_correlation                    float64   the mean of the two: low = the maps moved
@@ -61,7 +65,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import UserError
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.results_store import ResultsStore
-from pipeline.io.storage import StorageOptions, exists, join_uri, write_bytes
+from pipeline.io.storage import StorageOptions, exists, join_uri, resolve_uri, write_bytes
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import read_json
 from pipeline.render.comparison_html import METRICS_DIFFER, ComparisonView, label_name, render_comparison
@@ -71,11 +75,11 @@ from pipeline.schema import result_type
 CHUNK_ROWS = 65536  # pairs whose maps are correlated at once
 LISTED = 20  # pairs shown per list (moved maps, new and vanished false matches)
 FIGURES = {"mean_similarity": "similarity", "pointing_hit_rate": "query_pointing_hit", "energy_in_box": "energy_in_box"}
-_READ = ("pair_id", "label", "status", "similarity", "query_pointing_hit", "query_energy_in_box",
-         "reference_energy_in_box", "map_shape", "map_query", "map_reference")
+_READ = ("pair_id", "query_uri", "reference_uri", "label", "status", "similarity", "query_pointing_hit",
+         "query_energy_in_box", "reference_energy_in_box", "map_shape", "map_query", "map_reference")
 _OPTIONAL = {"label": pa.int64()}  # the manifest may have no labels; the box columns come from result_type
 PAIR_COLUMNS = (
-    "pair_id", "label", "status_a", "status_b", "similarity_a", "similarity_b", "similarity_change",
+    "pair_id", "label", "status_a", "status_b", "same_images", "similarity_a", "similarity_b", "similarity_change",
     "query_pointing_hit_a", "query_pointing_hit_b", "energy_in_box_a", "energy_in_box_b", "map_comparable",
     "map_correlation_query", "map_correlation_reference", "map_correlation", "false_match_a", "false_match_b",
 )
@@ -104,18 +108,20 @@ class Comparison:
     def counts(self) -> dict[str, int]:
         status_a, status_b = self.pairs["status_a"], self.pairs["status_b"]
         in_a, in_b = pc.is_valid(status_a), pc.is_valid(status_b)
-        ok = _ok_in_both(self.pairs)
+        same = pc.fill_null(self.pairs["same_images"], False)
+        compared = _compared(self.pairs)
         return {
-            "ok in both": _count(ok),
+            "ok in both": _count(compared),
             "only in A": _count(pc.and_not(in_a, in_b)),
             "only in B": _count(pc.and_not(in_b, in_a)),
-            "failed in A or B": _count(pc.and_not(pc.and_(in_a, in_b), ok)),
+            "with other images in B": _count(pc.and_not(pc.and_(in_a, in_b), same)),
+            "failed in A or B": _count(pc.and_not(same, compared)),
             "with maps not comparable": _count(pc.invert(pc.fill_null(self.pairs["map_comparable"], True))),
         }
 
     def view(self, listed: int = LISTED) -> ComparisonView:
         """What the HTML shows: the summary, and the first `listed` pairs of each list."""
-        both = self.pairs.filter(_ok_in_both(self.pairs))
+        both = self.pairs.filter(_compared(self.pairs))
         moved = both.filter(pc.is_valid(both["map_correlation"])).sort_by("map_correlation")
         new = both.filter(pc.and_not(both["false_match_b"], both["false_match_a"])).sort_by([("similarity_b", "descending")])
         vanished = both.filter(pc.and_not(both["false_match_a"], both["false_match_b"])).sort_by([("similarity_a", "descending")])
@@ -160,8 +166,9 @@ def _ok(status: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.fill_null(pc.equal(status, "ok"), False)
 
 
-def _ok_in_both(pairs: pa.Table) -> pa.ChunkedArray:
-    return pc.and_(_ok(pairs["status_a"]), _ok(pairs["status_b"]))
+def _compared(pairs: pa.Table) -> pa.ChunkedArray:
+    """The pairs the figures are taken over: ok in both runs, on the same images."""
+    return pc.and_(pc.and_(_ok(pairs["status_a"]), _ok(pairs["status_b"])), pc.fill_null(pairs["same_images"], False))
 
 
 def run_record(store: ResultsStore, run_id: str) -> dict:
@@ -185,9 +192,14 @@ def _run_info(record: dict) -> dict[str, Any]:
             "target_layer": record.get("target_layer"), "metric": model.get("metric"), "started": record["timings"]["started"]}
 
 
-def _run_rows(store: ResultsStore, run_id: str) -> pa.Table:
-    """The run's committed rows, with null columns for the optional columns it lacks."""
-    table = store.read(run_id=run_id, columns=list(_READ))
+def _run_rows(store: ResultsStore, record: dict) -> pa.Table:
+    """The run's committed rows, with null columns for the optional columns it lacks, and its
+    image URIs resolved against its manifest's folder."""
+    table = store.read(run_id=record["run_id"], columns=list(_READ))
+    folder = record["config"]["manifest"].rsplit("/", 1)[0]
+    for name in ("query_uri", "reference_uri"):
+        resolved = pa.array([resolve_uri(uri, folder) for uri in table[name].to_pylist()], pa.string())
+        table = table.set_column(table.schema.get_field_index(name), name, resolved)
     for name in _READ:
         if name not in table.column_names:
             table = table.append_column(name, pa.nulls(table.num_rows, _OPTIONAL.get(name) or result_type(name)))
@@ -253,12 +265,14 @@ def pair_changes(a: pa.Table, b: pa.Table, threshold: float) -> pa.Table:
     """The pairs table of the module docstring, from the two runs' rows."""
     ids, a, b = _aligned(a, b)
     label = pc.coalesce(b["label"], a["label"])
-    both = pc.and_(_ok(a["status"]), _ok(b["status"]))
+    same_images = pc.and_(pc.equal(a["query_uri"], b["query_uri"]), pc.equal(a["reference_uri"], b["reference_uri"]))
+    both = pc.and_(pc.and_(_ok(a["status"]), _ok(b["status"])), pc.fill_null(same_images, False))
     comparable = pc.if_else(both, pc.fill_null(_same_shape(a["map_shape"], b["map_shape"]), False), None)
     mask = pc.fill_null(comparable, False).to_numpy(zero_copy_only=False)
     correlation = {side: _map_correlation(a[f"map_{side}"], b[f"map_{side}"], mask) for side in ("query", "reference")}
     columns = {
-        "pair_id": ids, "label": label, **_side(a, "a", label, threshold), **_side(b, "b", label, threshold),
+        "pair_id": ids, "label": label, "same_images": same_images,
+        **_side(a, "a", label, threshold), **_side(b, "b", label, threshold),
         "map_comparable": comparable, "map_correlation_query": correlation["query"],
         "map_correlation_reference": correlation["reference"],
         "map_correlation": pc.divide(pc.add(correlation["query"], correlation["reference"]), 2.0),
@@ -295,7 +309,7 @@ def _label_order(labels: Iterable[int | None]) -> list[int | None]:
 
 def label_summary(pairs: pa.Table, run_a: str, run_b: str, threshold: float) -> pa.Table:
     """The summary table of the module docstring, from the pairs table."""
-    both = pairs.filter(_ok_in_both(pairs))
+    both = pairs.filter(_compared(pairs))
     rows = []
     for label in _label_order(pc.unique(both["label"]).to_pylist()):
         chosen = both.filter(pc.is_null(both["label"]) if label is None else pc.equal(both["label"], label))
@@ -308,7 +322,7 @@ def compare_runs(output: str, run_a: str, run_b: str, options: StorageOptions,
     """Compares the committed rows of two runs under one output root (in its Hive or Iceberg table)."""
     store = open_results_store(output, options, table)
     records = [run_record(store, run_id) for run_id in (run_a, run_b)]
-    pairs = pair_changes(_run_rows(store, run_a), _run_rows(store, run_b), threshold)
+    pairs = pair_changes(*(_run_rows(store, record) for record in records), threshold)
     return Comparison(runs=(_run_info(records[0]), _run_info(records[1])), threshold=threshold, pairs=pairs,
                       summary=label_summary(pairs, run_a, run_b, threshold))
 

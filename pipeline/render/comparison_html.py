@@ -87,7 +87,7 @@ def _tiles(view: ComparisonView) -> str:
 
 def _summary(view: ComparisonView) -> str:
     if not view.summary:
-        return '<p class="empty">No pair is ok in both runs.</p>'
+        return '<p class="empty">No pair is ok in both runs on the same images.</p>'
     head = ('<tr><th rowspan="2">label</th><th rowspan="2">pairs</th>'
             + "".join(f'<th colspan="3">{name}</th>' for name, _ in _FIGURES)
             + '<th rowspan="2">mean map<br>correlation</th>'
@@ -145,7 +145,7 @@ def _lists(view: ComparisonView) -> str:
 
 def comparison_section(view: ComparisonView, heading: str) -> str:
     """The comparison as one `<section id="comparison">` with its own styles (for the run report)."""
-    hint = ("per label, over the pairs that are ok in both runs; change is B minus A; "
+    hint = ("per label, over the pairs that are ok in both runs on the same images; change is B minus A; "
             f"false matches: label 0 and similarity at or above {escaped(f'{view.threshold:g}')}")
     return (
         f'<section id="comparison"><style>{_STYLE}</style><h2>{escaped(heading)}</h2>{_runs(view)}'
