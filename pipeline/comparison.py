@@ -19,6 +19,7 @@ Written next to the runs, under `{output}/comparisons/{A}__{B}/`:
 `_change` is B's minus A's):
 
     run_a, run_b                       string    the run ids
+    attempt_a, attempt_b               string    their committed attempts (a re-run of a run_id replaces it)
     threshold                          float64   the false-match similarity threshold (the metric's units)
     label                              int64     1 same, 0 different, null unlabelled
     pairs                              int64     pairs of this label ok in both runs on the same images
@@ -84,7 +85,8 @@ PAIR_COLUMNS = (
     "map_correlation_query", "map_correlation_reference", "map_correlation", "false_match_a", "false_match_b",
 )
 SUMMARY_SCHEMA = pa.schema(
-    [("run_a", pa.string()), ("run_b", pa.string()), ("threshold", pa.float64()), ("label", pa.int64()), ("pairs", pa.int64())]
+    [("run_a", pa.string()), ("run_b", pa.string()), ("attempt_a", pa.string()), ("attempt_b", pa.string()),
+     ("threshold", pa.float64()), ("label", pa.int64()), ("pairs", pa.int64())]
     + [(f"{name}_{suffix}", pa.float64()) for name in FIGURES for suffix in ("a", "b", "change")]
     + [("mean_map_correlation", pa.float64())]
     + [(name, pa.int64()) for name in ("maps_not_comparable", "false_matches_a", "false_matches_b",
@@ -307,13 +309,15 @@ def _label_order(labels: Iterable[int | None]) -> list[int | None]:
     return sorted(labels, key=lambda label: (label is None, -(label or 0)))
 
 
-def label_summary(pairs: pa.Table, run_a: str, run_b: str, threshold: float) -> pa.Table:
-    """The summary table of the module docstring, from the pairs table."""
+def label_summary(pairs: pa.Table, records: tuple[dict, dict], threshold: float) -> pa.Table:
+    """The summary table of the module docstring, from the pairs table and the two runs' records."""
     both = pairs.filter(_compared(pairs))
+    a, b = records
+    runs = {"run_a": a["run_id"], "run_b": b["run_id"], "attempt_a": a["attempt"], "attempt_b": b["attempt"]}
     rows = []
     for label in _label_order(pc.unique(both["label"]).to_pylist()):
         chosen = both.filter(pc.is_null(both["label"]) if label is None else pc.equal(both["label"], label))
-        rows.append({"run_a": run_a, "run_b": run_b, "threshold": threshold, "label": label, **_label_summary(chosen)})
+        rows.append({**runs, "threshold": threshold, "label": label, **_label_summary(chosen)})
     return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
 
 
@@ -324,7 +328,7 @@ def compare_runs(output: str, run_a: str, run_b: str, options: StorageOptions,
     records = [run_record(store, run_id) for run_id in (run_a, run_b)]
     pairs = pair_changes(*(_run_rows(store, record) for record in records), threshold)
     return Comparison(runs=(_run_info(records[0]), _run_info(records[1])), threshold=threshold, pairs=pairs,
-                      summary=label_summary(pairs, run_a, run_b, threshold))
+                      summary=label_summary(pairs, (records[0], records[1]), threshold))
 
 
 def comparison_dir(output: str, run_a: str, run_b: str) -> str:

@@ -5,6 +5,7 @@
     {output}/runs/ID/run.json, {output}/runs/ID/_SUCCESS                   the committed attempt
     {output}/runs/ID/attempts/ATTEMPT/run.json                             every attempt's record
     {output}/runs/ID/attempts/ATTEMPT/results/part-*.parquet               rows while staged
+    {output}/reports/ID.html (and ID_overlays/ for overlays copied beside it)  `sfam report`'s default
 
 Each execution of a run_id is an attempt with its own id; `_SUCCESS` names the attempt
 whose rows are the run's rows (see pipeline/io/results_store.py for the commit).
@@ -64,6 +65,11 @@ class RunLayout:
         return join_uri(self.png_dir, name[-2:], f"{name}.png")
 
     @property
+    def report(self) -> str:
+        """Where `sfam report` writes the run's report by default; a commit deletes a stale one."""
+        return default_report(self.output, self.run_id)
+
+    @property
     def run_dir(self) -> str:
         return join_uri(self.output, "runs", self.run_id)
 
@@ -96,6 +102,15 @@ class RunLayout:
 def part_prefix(attempt: str) -> str:
     """File names of an attempt's result parts start with this."""
     return f"part-{attempt}-"
+
+
+def default_report(output: str, run_id: str) -> str:
+    return join_uri(output, "reports", f"{run_id}.html")
+
+
+def overlay_copies(report: str) -> str:
+    """The folder beside a report that holds the overlays copied from another filesystem."""
+    return report.rsplit(".", 1)[0] + "_overlays"
 
 
 def new_attempt_id() -> str:

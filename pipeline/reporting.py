@@ -19,7 +19,7 @@ from pipeline.io.results_store import ResultsStore
 from pipeline.io.storage import StorageError, StorageOptions, exists, join_uri, read_bytes, write_bytes
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import read_json
-from pipeline.layout import RunLayout, safe_name
+from pipeline.layout import RunLayout, default_report, overlay_copies, safe_name
 from pipeline.render import render_report
 from pipeline.render.comparison_html import comparison_section
 from pipeline.render.selection import FALSE_MATCH_SIMILARITY
@@ -48,7 +48,7 @@ class _OverlayLinks:
 
     def __init__(self, report: str, options: StorageOptions) -> None:
         self.report_dir = report.rsplit("/", 1)[0] if "/" in report else "."
-        self.copies = report.rsplit(".", 1)[0] + "_overlays"
+        self.copies = overlay_copies(report)
         self.options = options
 
     def __call__(self, row: dict) -> str | None:
@@ -92,7 +92,7 @@ def write_report(output: str, run_id: str, options: StorageOptions, destination:
 
     table: the result table's format (the config's `table`); by default the Hive table.
     """
-    destination = destination or join_uri(output, "reports", f"{run_id}.html")
+    destination = destination or default_report(output, run_id)
     record = join_uri(output, "runs", run_id, "run.json")
     if not exists(record, options):  # one quick look first: a wrong output or endpoint fails here, at once
         raise StorageError(record, f"no run record: is run_id {run_id!r} under output {output}?")

@@ -16,7 +16,8 @@ How a Hive re-run is committed, and what readers see:
    A reader that keeps rows whose `attempt` is the one `_SUCCESS` names (the `done`
    view of docs/cluster.md) switches from the old rows to the new ones at this write,
    and never sees a mix.
-4. Every other attempt's parts and overlays of this run_id are deleted.
+4. Every other attempt's parts and overlays of this run_id are deleted, and so is the run's
+   default report (reports/ID.html), which showed the replaced attempt.
 
 An attempt interrupted before step 3 leaves the previous run as it was (its rows,
 overlays, run.json and _SUCCESS) plus its own leftovers, which the next attempt of the
@@ -43,7 +44,7 @@ from pipeline.io.storage import (
     remove_tree,
 )
 from pipeline.io.tables import arrow_filesystem, read_json, write_json
-from pipeline.layout import RunLayout, part_prefix
+from pipeline.layout import RunLayout, overlay_copies, part_prefix
 from pipeline.schema import PARTITION_COLUMNS
 
 log = logging.getLogger("sfam.results")
@@ -109,7 +110,10 @@ class ResultsStore:
         raise NotImplementedError
 
     def _remove_other_attempts(self, layout: RunLayout) -> None:
-        """Deletes the staged rows and overlays of every attempt of the run but this one."""
+        """Deletes the staged rows and overlays of every attempt of the run but this one, and the
+        run's default report, which shows a replaced attempt (`sfam report` writes the new one)."""
+        remove_tree(layout.report, self.options)
+        remove_tree(overlay_copies(layout.report), self.options)
         for folder in glob(join_uri(layout.png_root, "attempt=*"), self.options):
             if folder.rstrip("/").rsplit("/", 1)[1] != f"attempt={layout.attempt}":
                 remove_tree(folder, self.options)

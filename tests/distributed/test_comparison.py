@@ -6,6 +6,7 @@ against numpy over their stored maps.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,8 +167,10 @@ def test_written_tables_read_in_duckdb_and_the_page_has_every_section(runs: Runs
     written = write_comparison(compare_runs(runs.output, "run-a", "run-b", OPTIONS), runs.output, OPTIONS)
     assert set(written.values()) == {join_uri(comparison_dir(runs.output, "run-a", "run-b"), name)
                                      for name in ("summary.parquet", "pairs.parquet", "comparison.html")}
-    summary = duckdb.sql(f"SELECT run_a, run_b, threshold, sum(pairs) FROM '{written['summary.parquet']}' GROUP BY ALL")
-    assert summary.fetchall() == [("run-a", "run-b", 0.8, 9)]
+    summary = duckdb.sql(f"SELECT run_a, run_b, attempt_a, attempt_b, threshold, sum(pairs) "
+                         f"FROM '{written['summary.parquet']}' GROUP BY ALL")
+    attempts = [json.loads((Path(runs.output) / "runs" / run / "_SUCCESS").read_text())["attempt"] for run in ("run-a", "run-b")]
+    assert summary.fetchall() == [("run-a", "run-b", *attempts, 0.8, 9)]  # which attempts it describes
     assert duckdb.sql(f"SELECT count(*), count(map_correlation) FROM '{written['pairs.parquet']}'").fetchall()[0][0] == 9
     page = Path(written["comparison.html"]).read_text()
     for section in ('id="comparison"', 'id="by-label"', 'id="moved-maps"', 'id="new-false-matches"',

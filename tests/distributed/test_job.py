@@ -113,7 +113,9 @@ def test_s3_run_and_rerun_has_no_duplicates(local_ray, s3_bucket, rng, tmp_path)
     config = job_config(root, options, manifest, "nightly-1", render_png=True)
     run_audit(config)
     check_run(config, rows, model, root)
+    stale = write_report(config.output, "nightly-1", options)  # at its default place, beside the run
     run_audit(config)  # the same run_id again
+    assert not exists(stale, options)  # it showed the replaced attempt's overlays
     table = HiveParquetStore(config.output, options).read(run_id="nightly-1")
     assert table.num_rows == len(rows)
     assert len(set(table.column("pair_id").to_pylist())) == len(rows)
