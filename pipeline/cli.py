@@ -163,10 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit_root = argparse.ArgumentParser(add_help=False)  # which audit, and how to reach it
     audit_root.add_argument("output_root", metavar="OUTPUT", nargs="?", help="the audit's output root (default: the config's)")
     audit_root.add_argument("--config", help="job config YAML: its output and storage options are used")
-    audit_root.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    audit_root.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a value of --config, e.g. --set table.format=iceberg (repeatable)")
     audit_root.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// URIs (without --config)")
     finished_run = argparse.ArgumentParser(add_help=False, parents=[audit_root])  # which run of that audit
-    finished_run.add_argument("--run-id", required=True)
+    finished_run.add_argument("--run-id", required=True, help="the run (its run_id)")
 
     explain = commands.add_parser("explain", parents=[common], help="explain one image pair and write its overlay PNG")
     explain.add_argument("query", help="query image (path or fsspec URI)")
@@ -174,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = explain.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="torchvision arch, package.module:factory, or an inline YAML ModelSpec")
     source.add_argument("--config", help="job config YAML; its model section and storage options are used")
-    explain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    explain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a value of --config, e.g. --set model.metric=dot (repeatable)")
     explain.add_argument("-o", "--output", required=True, help="PNG to write (path or URI)")
     explain.add_argument("--metric", choices=get_args(Metric))
     explain.add_argument("--weighting", choices=get_args(Weighting), help="map weighting (default: the spec's, cis)")
@@ -191,9 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.set_defaults(handler=audit_command)
 
     demo = commands.add_parser("demo", parents=[common], help="build the demo data and run the audit job on it")
-    demo.add_argument("--output", default="demo-output")
-    demo.add_argument("--queries", type=int, default=30)
-    demo.add_argument("--top-k", type=int, default=10)
+    demo.add_argument("--output", default="demo-output", help="folder for the demo's data and audit (default: %(default)s)")
+    demo.add_argument("--queries", type=int, default=30, help="query images (default: %(default)s)")
+    demo.add_argument("--top-k", type=int, default=10, help="results per query, at most 80 (default: %(default)s)")
     demo.set_defaults(handler=demo_command)
 
     report = commands.add_parser("report", parents=[common, finished_run], help="write a run's static HTML report")
@@ -201,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=report_command)
 
     compare = commands.add_parser("compare", parents=[common, audit_root],
-                                  help="compare two finished runs pair by pair; writes OUTPUT/comparisons/A__B/")
+                                  help="compare two finished runs pair by pair; writes OUTPUT/comparisons/A/B/")
     compare.add_argument("run_a", metavar="RUN_A", help="the earlier run")
     compare.add_argument("run_b", metavar="RUN_B", help="the later run")
     compare.add_argument("--threshold", type=float,
@@ -210,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     render = commands.add_parser("render", parents=[common, finished_run],
                                  help="draw the overlay of any pair of a finished run, from the result table")
-    render.add_argument("--pair-id", required=True)
+    render.add_argument("--pair-id", required=True, help="the pair (its pair_id in the manifest)")
     render.add_argument("-o", "--out", required=True, help="PNG to write (path or URI), or - for the standard output")
     render.set_defaults(handler=render_command)
     return parser

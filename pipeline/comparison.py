@@ -9,7 +9,7 @@ change of the same pairs: a pair_id that names other images in B (a rank-shaped 
 `q17/g3` in a new night's manifest) is counted, not compared. The label of a pair is B's (A's
 where B has none).
 
-Written next to the runs, under `{output}/comparisons/{A}__{B}/`:
+Written next to the runs, under `{output}/comparisons/{A}/{B}/` (a folder per run id: run ids may hold `_`):
 
     summary.parquet    one row per label (1 same, 0 different, null unlabelled)
     pairs.parquet      one row per pair_id of either run
@@ -332,7 +332,7 @@ def compare_runs(output: str, run_a: str, run_b: str, options: StorageOptions,
 
 
 def comparison_dir(output: str, run_a: str, run_b: str) -> str:
-    return join_uri(output, "comparisons", f"{run_a}__{run_b}")
+    return join_uri(output, "comparisons", run_a, run_b)
 
 
 def _write_parquet(uri: str, table: pa.Table, options: StorageOptions) -> None:
