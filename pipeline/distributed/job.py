@@ -33,14 +33,7 @@ from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults
 from pipeline.errors import AuditFailed, PipelineError, UserError
 from pipeline.gates import Baseline, GateResult, GatesFailed, check_manifest_supports, evaluate, same_label_similarity
 from pipeline.io.results_store import ResultsStore
-from pipeline.io.storage import (
-    StorageError,
-    exists,
-    open_input,
-    redact_all,
-    redact_uri,
-    sha256_of,
-)
+from pipeline.io.storage import StorageError, exists, open_input, redact_all, redact_uri, sha256_of
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import arrow_filesystem, read_json, write_json
 from pipeline.layout import RunLayout, new_attempt_id
@@ -389,7 +382,7 @@ def _finish(config: JobConfig, plan: Plan, store: ResultsStore, recorder: RunRec
     committed = store.committed_attempt(config.run_id)
     if committed != plan.previous_attempt:  # another attempt of the run_id committed while this one ran
         raise UserError(f"run {config.run_id}: attempt {committed} committed while attempt {plan.layout.attempt} "
-                        "ran; this attempt does not replace it (run again to)")
+                        "ran, which therefore does not replace it; run the audit again to")
     write_json(plan.layout.attempt_record, success, config.storage_options)
     store.commit(plan.layout, success, asdict(summary))
     if failed_gates:
@@ -400,8 +393,8 @@ def _evaluate_gates(config: JobConfig, store: ResultsStore, staged: pa.Table, st
     """The config's gates on the attempt's staged rows (_staged_columns); the similarity drop against the baseline run."""
     if not config.gates.enabled:
         return []
-    return evaluate(config.gates, staged, _baseline(config, store, started) if config.gates.max_similarity_drop is not None
-                    else None)
+    baseline = None if config.gates.max_similarity_drop is None else _baseline(config, store, started)
+    return evaluate(config.gates, staged, baseline)
 
 
 def _baseline(config: JobConfig, store: ResultsStore, started: str) -> Baseline:

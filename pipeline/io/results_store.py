@@ -33,16 +33,7 @@ import pyarrow as pa
 import pyarrow.dataset as pds
 import pyarrow.fs as pafs
 
-from pipeline.io.storage import (
-    StorageError,
-    StorageOptions,
-    exists,
-    filesystem,
-    glob,
-    join_uri,
-    move,
-    remove_tree,
-)
+from pipeline.io.storage import StorageError, StorageOptions, exists, filesystem, glob, join_uri, move, remove_tree
 from pipeline.io.tables import arrow_filesystem, read_json, write_json
 from pipeline.layout import RunLayout, overlay_copies, part_prefix
 from pipeline.schema import PARTITION_COLUMNS
