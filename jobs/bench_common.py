@@ -54,10 +54,11 @@ def write_manifest(path: Path, rows: list[dict]) -> None:
 
 @contextmanager
 def local_ray() -> Iterator[None]:
-    """A local Ray on every core, without dashboard, progress bars or worker logs on the console."""
+    """A new local Ray on every core, without dashboard, progress bars or worker logs on the console
+    (never a cluster that `ray start` left on this machine)."""
     import ray
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield
