@@ -7,6 +7,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import duckdb
@@ -32,6 +33,9 @@ def ray(*args: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "ray"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+AGENT_WAITS = 6
+
+
 @pytest.mark.timeout(600)
 def test_ray_job_submit_over_s3_then_duckdb(s3_bucket, rng, tmp_path) -> None:
     bucket, options = s3_bucket
@@ -55,9 +59,13 @@ def test_ray_job_submit_over_s3_then_duckdb(s3_bucket, rng, tmp_path) -> None:
                   "--disable-usage-stats", env=env, timeout=180)
     try:
         assert started.returncode == 0, started.stdout + started.stderr
-        submitted = ray("job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", ".", "--",
-                        "python", "-m", "jobs.audit", "--config", str(config_path), env=env, timeout=480)
-        log = submitted.stdout + submitted.stderr
+        for _ in range(AGENT_WAITS):  # a new head's job agent may not be up yet: Ray says to try again later
+            submitted = ray("job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", ".", "--",
+                            "python", "-m", "jobs.audit", "--config", str(config_path), env=env, timeout=480)
+            log = submitted.stdout + submitted.stderr
+            if "No available agent to submit job" not in log:
+                break
+            time.sleep(10)
         assert submitted.returncode == 0, log[-5000:]
         assert "run submitted-1: 20 pairs, 20 ok, 0 error" in log
     finally:
