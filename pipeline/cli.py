@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from dataclasses import dataclass
@@ -43,6 +44,12 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
         raise ConfigError(f"--set {args.overrides[0]!r}: --set changes the file given with --config, and there is none")
 
 
+def _refuse_folder(output: str, flag: str) -> None:
+    """A PNG to write that names a local folder is refused before any work, not after it."""
+    if "://" not in output and os.path.isdir(output):
+        raise ConfigError(f"{flag} {output}: is a folder; name the PNG to write, e.g. {os.path.join(output, 'pair.png')}")
+
+
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
@@ -52,6 +59,7 @@ def explain_command(args: argparse.Namespace) -> int:
     from pipeline.quality import residual_warning
 
     _refuse_ignored(args)
+    _refuse_folder(args.output, "-o")
     if args.config:
         config = load_config(args.config, args.overrides)
         spec, options, max_pixels = config.model, config.storage_options, config.max_image_pixels
@@ -129,11 +137,9 @@ def report_command(args: argparse.Namespace) -> int:
 
 def compare_command(args: argparse.Namespace) -> int:
     from pipeline.comparison import compare_runs, write_comparison
-    from pipeline.render.selection import FALSE_MATCH_SIMILARITY
 
     audit = _audit(args)
-    threshold = FALSE_MATCH_SIMILARITY if args.threshold is None else args.threshold
-    comparison = compare_runs(audit.output, args.run_a, args.run_b, audit.options, threshold, audit.table)
+    comparison = compare_runs(audit.output, args.run_a, args.run_b, audit.options, args.threshold, audit.table)
     print("\n".join(comparison.lines()))
     for path in write_comparison(comparison, audit.output, audit.options).values():
         print(f"wrote {path}")
@@ -144,6 +150,7 @@ def render_command(args: argparse.Namespace) -> int:
     from pipeline.overlays import render_pair_of_run
 
     audit = _audit(args)
+    _refuse_folder(args.out, "-o")
     png = render_pair_of_run(audit.output, args.run_id, args.pair_id, audit.options, audit.table)
     if args.out == "-":
         sys.stdout.buffer.write(png)
@@ -207,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_a", metavar="RUN_A", help="the earlier run")
     compare.add_argument("run_b", metavar="RUN_B", help="the later run")
     compare.add_argument("--threshold", type=float,
-                         help="false match: label 0 and similarity at or above this (the metric's units; default 0.8)")
+                         help="false match: label 0 and similarity at or above this (the metric's units; default: "
+                              "RUN_B's gates.false_match_similarity)")
     compare.set_defaults(handler=compare_command)
 
     render = commands.add_parser("render", parents=[common, finished_run],

@@ -322,10 +322,15 @@ def label_summary(pairs: pa.Table, records: tuple[dict, dict], threshold: float)
 
 
 def compare_runs(output: str, run_a: str, run_b: str, options: StorageOptions,
-                 threshold: float = FALSE_MATCH_SIMILARITY, table: TableConfig | None = None) -> Comparison:
-    """Compares the committed rows of two runs under one output root (in its Hive or Iceberg table)."""
+                 threshold: float | None = None, table: TableConfig | None = None) -> Comparison:
+    """Compares the committed rows of two runs under one output root (in its Hive or Iceberg table).
+
+    threshold: a false match's similarity; by default run B's own (its config's gates.false_match_similarity).
+    """
     store = open_results_store(output, options, table)
     records = [run_record(store, run_id) for run_id in (run_a, run_b)]
+    if threshold is None:
+        threshold = records[1]["config"].get("gates", {}).get("false_match_similarity", FALSE_MATCH_SIMILARITY)
     pairs = pair_changes(*(_run_rows(store, record) for record in records), threshold)
     return Comparison(runs=(_run_info(records[0]), _run_info(records[1])), threshold=threshold, pairs=pairs,
                       summary=label_summary(pairs, (records[0], records[1]), threshold))

@@ -22,7 +22,6 @@ from pipeline.io.tables import read_json
 from pipeline.layout import RunLayout, default_report, overlay_copies, safe_name
 from pipeline.render import render_report
 from pipeline.render.comparison_html import comparison_section
-from pipeline.render.selection import FALSE_MATCH_SIMILARITY
 from pipeline.run_history import previous_successful_run
 
 REPORT_COLUMNS = (
@@ -66,14 +65,13 @@ class _OverlayLinks:
 def _comparison(output: str, record: dict, options: StorageOptions, table: TableConfig | None) -> str:
     """A "Compared with RUN" section when an earlier run of the same manifest succeeded, else "".
 
-    False matches are counted at the run's own `render_flags.false_match_similarity`."""
+    False matches are counted at the run's own false-match similarity (compare_runs' default)."""
     config = record["config"]
     previous = previous_successful_run(output, record["run_id"], record["timings"]["started"], options,
                                        manifest=config["manifest"])
     if previous is None:
         return ""
-    threshold = config.get("render_flags", {}).get("false_match_similarity", FALSE_MATCH_SIMILARITY)
-    comparison = compare_runs(output, previous["run_id"], record["run_id"], options, threshold, table)
+    comparison = compare_runs(output, previous["run_id"], record["run_id"], options, table=table)
     return comparison_section(comparison.view(), f"Compared with {previous['run_id']}")
 
 

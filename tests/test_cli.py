@@ -75,6 +75,8 @@ def test_explain_draws_the_matches_of_the_matched_map(tmp_path: Path, rng) -> No
     (["compare", "--config", "a.yaml", "--endpoint-url", "http://h", "a", "b"], "--endpoint-url"),
     (["demo", "--top-k", "81"], "--top-k 81: from 1 to 80"),
     (["demo", "--queries", "0"], "--queries 0"),
+    (["explain", "q.png", "r.png", "--model", "resnet18", "-o", "."], "-o .: is a folder"),
+    (["render", "out", "--run-id", "r", "--pair-id", "p", "-o", "."], "-o .: is a folder"),
 ])
 def test_argument_mistakes_are_one_line(argv: list[str], named: str, capsys) -> None:
     """Found before anything is read or built: one line naming the argument, exit 2."""

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
+from pipeline.comparison import compare_runs
 from pipeline.errors import EXIT_GATES_FAILED, UserError
 from pipeline.gates import Gates, check_manifest_supports
 from pipeline.io.storage import StorageOptions, exists, join_uri
@@ -54,6 +55,8 @@ def test_gates_pass_then_fail_with_exit_3(local_ray, tmp_path, rng, capsys) -> N
     assert values["min_same_label_pointing"][0] == pytest.approx(pointing)
     notes = {g["name"]: g["note"] for g in second["gates"]}
     assert notes["max_similarity_drop"] == "against run week-1"
+    # compared later, false matches are counted at the later run's own threshold, as its gate counted them
+    assert compare_runs(config.output, "week-1", "week-2", options).threshold == -1.0
 
     # a scheduled audit of a new manifest each night: compared with the previous run, of the same metric only
     nightly = str(tmp_path / "2026-11-27.parquet")
