@@ -63,7 +63,8 @@ def _check_labels(labels: pa.Array, first_row: int) -> None:
                             "(1: the pair shows the same thing, 0: it does not)")
 
 
-def _check_boxes(batch: pa.RecordBatch, name: str, first_row: int) -> None:
+def _check_boxes(batch: pa.RecordBatch, name: str, first_row: int) -> float:
+    """Checks the batch's boxes of column `name`; returns their largest coordinate (-inf without any)."""
     boxes = batch.column(name)
     lengths = pc.list_value_length(boxes)
     bad = pc.and_(pc.is_valid(boxes), pc.not_equal(lengths, 4))
@@ -76,6 +77,7 @@ def _check_boxes(batch: pa.RecordBatch, name: str, first_row: int) -> None:
         row = first_row + np.flatnonzero(pc.is_valid(boxes).to_numpy(zero_copy_only=False))[np.argmax(inverted)]
         raise ManifestError(f"manifest column {name!r} row {row}: box {corners[np.argmax(inverted)].tolist()} has x1 < x0 "
                             "or y1 < y0; boxes are (x0, y0, x1, y1), top-left and bottom-right corners")
+    return float(corners.max()) if corners.size else -np.inf
 
 
 def validate_manifest(source: BinaryIO | str) -> ManifestInfo:
@@ -94,6 +96,7 @@ def validate_manifest(source: BinaryIO | str) -> ManifestInfo:
                             "the localisation columns need both boxes of each pair (or neither column)")
     labels = ["label"] if "label" in schema.names else []
     seen: set[str] = set()
+    largest: dict[str, float] = {}  # each box column's largest coordinate
     first_row = 0
     for batch in parquet.iter_batches(columns=[*REQUIRED, *labels, *boxes], batch_size=65_536):
         for name in REQUIRED:
@@ -109,6 +112,10 @@ def validate_manifest(source: BinaryIO | str) -> ManifestInfo:
         if labels:
             _check_labels(batch.column("label"), first_row)
         for name in boxes:
-            _check_boxes(batch, name, first_row)
+            largest[name] = max(largest.get(name, -np.inf), _check_boxes(batch, name, first_row))
         first_row += batch.num_rows
+    for name, coordinate in largest.items():
+        if 0 <= coordinate <= 1:  # a pixel box this small would cover one pixel at most, in every row
+            raise ManifestError(f"manifest column {name!r}: every box lies within [0, 1], as normalised boxes do; "
+                                "boxes are in pixels of the original image")
     return ManifestInfo(num_rows=parquet.metadata.num_rows, schema=schema, has_boxes=len(boxes) == 2)

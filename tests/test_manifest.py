@@ -35,6 +35,9 @@ BAD = {
     "inverted box": (pa.table({**good(), "query_bbox": pa.array([[0.0, 0, 1, 1], None, [5.0, 5, 1, 9]], pa.list_(pa.float32())),
                                "reference_bbox": pa.array([[0.0, 0, 1, 1]] * 3, pa.list_(pa.float32()))}),
                      r"'query_bbox' row 2: box \[5.0, 5.0, 1.0, 9.0\] has x1 < x0"),
+    "normalised boxes": (pa.table({**good(), "query_bbox": pa.array([[0.1, 0.2, 0.5, 0.9], None, [0.0, 0, 1, 1]], pa.list_(pa.float32())),
+                                   "reference_bbox": pa.array([[0.0, 0, 8, 8]] * 3, pa.list_(pa.float32()))}),
+                         r"'query_bbox': every box lies within \[0, 1\]"),
     "empty with boxes": (pa.table({**{k: pa.array([], pa.string()) for k in good()}, "query_bbox": pa.nulls(0),
                                    "reference_bbox": pa.nulls(0)}), "no rows"),
     "label of -1/+1": (pa.table({**good(), "label": pa.array([1, None, -1], pa.int8())}),
@@ -63,8 +66,8 @@ def test_not_parquet() -> None:
 
 def test_good_manifest_passes_with_extra_columns() -> None:
     table = pa.table({**good(5), "label": pa.array([1, 0, 1, 0, 1], pa.int8()), "team": ["a"] * 5,
-                      "query_bbox": pa.array([[0.0, 0, 1, 1]] * 5, pa.list_(pa.float32())),
-                      "reference_bbox": pa.array([[0.0, 0, 1, 1]] * 5, pa.list_(pa.float32()))})
+                      "query_bbox": pa.array([[0.0, 0, 10, 10]] * 5, pa.list_(pa.float32())),
+                      "reference_bbox": pa.array([[0.0, 0, 10, 10]] * 5, pa.list_(pa.float32()))})
     info = validate_manifest(parquet(table))
     assert info.num_rows == 5 and info.has_boxes
 
