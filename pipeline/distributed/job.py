@@ -33,7 +33,7 @@ from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults
 from pipeline.errors import AuditFailed, PipelineError, UserError
 from pipeline.gates import Baseline, GateResult, GatesFailed, check_manifest_supports, evaluate, same_label_similarity
 from pipeline.io.results_store import ResultsStore
-from pipeline.io.storage import StorageError, exists, open_input, redact_all, redact_uri, sha256_of
+from pipeline.io.storage import StorageError, exists, open_input, redact_all, redact_uri
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import arrow_filesystem, read_json, write_json
 from pipeline.layout import RunLayout, new_attempt_id
@@ -91,7 +91,7 @@ class Plan:
     manifest: ManifestInfo
     layout: RunLayout
     target_layer: str
-    model: ModelSpec  # the config's, its weights pinned to the SHA-256 of the file that was checked
+    model: ModelSpec  # the config's, its weights pinned to the SHA-256 of the file that was checked (every replica's)
     previous_attempt: str | None
 
 
@@ -152,14 +152,11 @@ def preflight(config: JobConfig, store: ResultsStore) -> Plan:
     if not config.model.weights and not config.model.is_factory:
         log.warning("model %s has no weights: explaining its random initialisation (seed %d), the same in every "
                     "replica and run; set model.weights for a trained model", config.model.model_id, RANDOM_INIT_SEED)
-    model = config.model
-    if model.weights and not model.weights_sha256:  # every replica must load the file checked here
-        model = model.model_copy(update={"weights_sha256": sha256_of(model.weights, options)})
-    explainer = build_explainer(model, options, device=torch.device("cpu"))  # GPUs belong to the actors
+    explainer = build_explainer(config.model, options, device=torch.device("cpu"))  # GPUs belong to the actors
     explainer.trial()
-    log.info("model %s checked: target layer %s", model.model_id, explainer.target_layer)
+    log.info("model %s checked: target layer %s", config.model.model_id, explainer.target_layer)
     layout = RunLayout(config.output, config.run_id, dt.datetime.now(dt.timezone.utc).date().isoformat(), new_attempt_id())
-    return Plan(manifest=manifest, layout=layout, target_layer=str(explainer.target_layer), model=model,
+    return Plan(manifest=manifest, layout=layout, target_layer=str(explainer.target_layer), model=explainer.spec,
                 previous_attempt=store.committed_attempt(config.run_id))
 
 

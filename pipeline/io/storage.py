@@ -7,7 +7,6 @@ default chain (for S3: env variables, shared config files, instance roles).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import re
@@ -193,20 +192,6 @@ def move(source: str, destination: str, options: StorageOptions | None = None) -
             fs.mv(source_path, destination_path)
 
     _retrying(mv)
-
-
-def sha256_of(uri: str, options: StorageOptions | None = None, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of the object, read in chunks; retries like read_bytes."""
-    fs, path = filesystem(uri, options)
-
-    def digest() -> str:
-        hashed = hashlib.sha256()
-        with _storage_errors(uri), fs.open(path, "rb") as f:
-            while chunk := f.read(chunk_size):
-                hashed.update(chunk)
-        return hashed.hexdigest()
-
-    return _retrying(digest)
 
 
 def join_uri(base: str, *parts: str) -> str:

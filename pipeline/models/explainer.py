@@ -13,7 +13,7 @@ import torch
 from pipeline.explain import SFAM, SFAMResult
 from pipeline.io.images import to_model_tensor
 from pipeline.io.storage import StorageOptions
-from pipeline.models.loading import ModelLoadError, build_model, short_reason
+from pipeline.models.loading import ModelLoadError, load_model, short_reason
 from pipeline.models.spec import ModelSpec
 
 
@@ -80,9 +80,11 @@ def _check_model_runs(model: torch.nn.Module, spec: ModelSpec, device: torch.dev
 
 def build_explainer(spec: ModelSpec, storage_options: StorageOptions | None = None,
                     device: torch.device | None = None) -> ModelExplainer:
-    """The spec's model with its weights on `device` (default: pick_device()) and its explainer."""
+    """The spec's model with its weights on `device` (default: pick_device()) and its explainer,
+    whose spec pins the weights it loaded (`weights_sha256`)."""
     device = device or pick_device()
-    model = build_model(spec, storage_options).to(device)
+    model, spec = load_model(spec, storage_options)
+    model = model.to(device)
     _check_model_runs(model, spec, device)
     sfam = SFAM(model, spec.target_layer, spec.metric, embedding_layer=spec.embedding_layer, weighting=spec.weighting,
                 feature_layout=spec.feature_layout, prefix_tokens=spec.prefix_tokens)

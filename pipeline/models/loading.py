@@ -41,7 +41,13 @@ def build_model(spec: ModelSpec, storage_options: StorageOptions | None = None) 
     `nn.Module` or a TorchScript archive) is used as the model itself; `arch`
     and `embedding_dim` then only label it.
     """
-    checkpoint = _load_checkpoint(spec, storage_options) if spec.weights else None
+    return load_model(spec, storage_options)[0]
+
+
+def load_model(spec: ModelSpec, storage_options: StorageOptions | None = None) -> tuple[nn.Module, ModelSpec]:
+    """build_model's model, and `spec` with `weights_sha256` the SHA-256 of the weights it loaded
+    (so that other replicas can be held to the same file)."""
+    checkpoint, digest = _load_checkpoint(spec, storage_options) if spec.weights else (None, None)
     if isinstance(checkpoint, nn.Module):
         model = checkpoint
     else:
@@ -56,7 +62,7 @@ def build_model(spec: ModelSpec, storage_options: StorageOptions | None = None) 
     for name, what in ((spec.target_layer, "target_layer"), (spec.embedding_layer, "embedding_layer")):
         if name is not None:
             resolve_layer_name(model, name, what)
-    return model.eval()
+    return model.eval(), spec.model_copy(update={"weights_sha256": digest})
 
 
 def resolve_layer_name(model: nn.Module, name: str, what: str = "target_layer") -> nn.Module:
@@ -140,7 +146,8 @@ def _factory_model(path: str) -> nn.Module:
     return model
 
 
-def _load_checkpoint(spec: ModelSpec, storage_options: StorageOptions | None) -> object:
+def _load_checkpoint(spec: ModelSpec, storage_options: StorageOptions | None) -> tuple[object, str]:
+    """The checkpoint at `spec.weights` (a state_dict, or a whole model when trusted) and its bytes' SHA-256."""
     uri = spec.weights
     try:
         data = read_bytes(uri, storage_options)
@@ -152,7 +159,7 @@ def _load_checkpoint(spec: ModelSpec, storage_options: StorageOptions | None) ->
                              "the file changed, or the pin is wrong")
     if _is_safetensors(data):
         try:
-            return safetensors.torch.load(data)
+            return safetensors.torch.load(data), digest
         except Exception as e:
             raise ModelLoadError(f"weights {uri} are not a readable safetensors file: {short_reason(e)}") from e
     if uri.endswith(".safetensors"):
@@ -164,8 +171,8 @@ def _load_checkpoint(spec: ModelSpec, storage_options: StorageOptions | None) ->
         raise ModelLoadError(f"weights {uri} are a TorchScript archive, which runs code; {_TRUST_HINT}")
     try:
         if torchscript:
-            return torch.jit.load(io.BytesIO(data), map_location="cpu")
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=not spec.trust_checkpoint)
+            return torch.jit.load(io.BytesIO(data), map_location="cpu"), digest
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=not spec.trust_checkpoint), digest
     except Exception as e:
         unsafe = _UNSAFE_GLOBAL.search(str(e))
         if unsafe and not spec.trust_checkpoint:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
@@ -9,7 +10,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from pipeline.io.storage import write_bytes
-from pipeline.models.loading import ModelLoadError, build_model, resolve_layer_name
+from pipeline.models.loading import ModelLoadError, build_model, load_model, resolve_layer_name
 from pipeline.models.spec import ModelSpec
 
 
@@ -118,6 +119,19 @@ def test_torchscript_needs_trust(rng: np.random.Generator, tmp_path) -> None:
     x = images(rng)
     with torch.no_grad():
         assert torch.equal(trusted(x), small(x))
+
+
+def test_weights_are_pinned_to_what_was_loaded(resnet18_64: nn.Module, tmp_path) -> None:
+    data = saved(resnet18_64.state_dict())
+    path = tmp_path / "model.pt"
+    path.write_bytes(data)
+    spec = ModelSpec(arch="resnet18", embedding_dim=64, weights=str(path))
+    _, pinned = load_model(spec)
+    assert pinned == spec.model_copy(update={"weights_sha256": hashlib.sha256(data).hexdigest()})
+    build_model(pinned)
+    path.write_bytes(saved({k: v + 1 for k, v in resnet18_64.state_dict().items()}))  # replaced after the check
+    with pytest.raises(ModelLoadError, match=f"model.pt have SHA-256 [0-9a-f]{{64}}, not weights_sha256 {pinned.weights_sha256}"):
+        build_model(pinned)
 
 
 def test_mismatched_state_dict_lists_keys(resnet18_64: nn.Module, tmp_path) -> None:
