@@ -170,7 +170,11 @@ def _ok(status: pa.ChunkedArray) -> pa.ChunkedArray:
 
 def _compared(pairs: pa.Table) -> pa.ChunkedArray:
     """The pairs the figures are taken over: ok in both runs, on the same images."""
-    return pc.and_(pc.and_(_ok(pairs["status_a"]), _ok(pairs["status_b"])), pc.fill_null(pairs["same_images"], False))
+    return _ok_on_same_images(pairs["status_a"], pairs["status_b"], pairs["same_images"])
+
+
+def _ok_on_same_images(status_a: pa.ChunkedArray, status_b: pa.ChunkedArray, same_images: pa.ChunkedArray) -> pa.ChunkedArray:
+    return pc.and_(pc.and_(_ok(status_a), _ok(status_b)), pc.fill_null(same_images, False))
 
 
 def run_record(store: ResultsStore, run_id: str) -> dict:
@@ -268,7 +272,7 @@ def pair_changes(a: pa.Table, b: pa.Table, threshold: float) -> pa.Table:
     ids, a, b = _aligned(a, b)
     label = pc.coalesce(b["label"], a["label"])
     same_images = pc.and_(pc.equal(a["query_uri"], b["query_uri"]), pc.equal(a["reference_uri"], b["reference_uri"]))
-    both = pc.and_(pc.and_(_ok(a["status"]), _ok(b["status"])), pc.fill_null(same_images, False))
+    both = _ok_on_same_images(a["status"], b["status"], same_images)
     comparable = pc.if_else(both, pc.fill_null(_same_shape(a["map_shape"], b["map_shape"]), False), None)
     mask = pc.fill_null(comparable, False).to_numpy(zero_copy_only=False)
     correlation = {side: _map_correlation(a[f"map_{side}"], b[f"map_{side}"], mask) for side in ("query", "reference")}

@@ -73,11 +73,6 @@ class JobConfig(BaseModel):
         """The earlier boolean form: true renders all pairs, false none."""
         return {True: "all", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
-    @field_validator("manifest", "output")
-    @classmethod
-    def _from_current_directory(cls, value: str) -> str:
-        return resolve_uri(value, os.getcwd())
-
     @field_validator("run_id")
     @classmethod
     def _safe_run_id(cls, value: str) -> str:
@@ -86,11 +81,13 @@ class JobConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _weights_from_current_directory(self) -> JobConfig:
+    def _paths_from_current_directory(self) -> JobConfig:
         """Relative local paths (manifest, output, weights) are read from the current directory: made
         absolute here, where the config is read, they lead every Ray worker to the same files."""
+        here = os.getcwd()
+        self.manifest, self.output = resolve_uri(self.manifest, here), resolve_uri(self.output, here)
         if self.model.weights:
-            self.model = self.model.model_copy(update={"weights": resolve_uri(self.model.weights, os.getcwd())})
+            self.model = self.model.model_copy(update={"weights": resolve_uri(self.model.weights, here)})
         return self
 
     @model_validator(mode="before")

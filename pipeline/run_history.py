@@ -18,7 +18,7 @@ def previous_successful_run(output: str, run_id: str, started_before: str, optio
     for uri in glob(join_uri(output, "runs", "*", "run.json"), options):
         try:
             record = read_json(uri, options)
-        except (StorageError, ValueError):
+        except StorageError:
             continue  # a record being written, or not ours
         config = record.get("config", {})
         started = record.get("timings", {}).get("started", "")

@@ -133,7 +133,8 @@ class IcebergStore(ResultsStore):
         where: Any = EqualTo("run_id", run_id)
         if pair_ids is not None:
             where = And(where, In("pair_id", pair_ids))
-        present = ("*",) if columns is None else tuple(c for c in columns if c in table.schema().column_names)
+        names = set(table.schema().column_names)
+        present = ("*",) if columns is None else tuple(c for c in columns if c in names)
         return table.scan(row_filter=where, selected_fields=present).to_arrow()
 
     def _table(self) -> Any:

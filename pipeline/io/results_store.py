@@ -155,6 +155,7 @@ class HiveParquetStore(ResultsStore):
 
     def read(self, run_id: str, columns: list[str] | None = None, pair_ids: list[str] | None = None) -> pa.Table:
         dataset = self._run_dataset(run_id)
-        present = None if columns is None else [c for c in columns if c in dataset.schema.names]
+        names = set(dataset.schema.names)
+        present = None if columns is None else [c for c in columns if c in names]
         where = None if pair_ids is None else pds.field("pair_id").isin(pair_ids)
         return dataset.to_table(columns=present, filter=where)
