@@ -1,13 +1,16 @@
 """The whole job against one process that only decodes, side by side, and where the job's time goes.
 
-    python -m jobs.bench_job [--queries 96] [--top-k 10] [--gallery 480] [--rounds 3] [--smoke] [--write]
+    python -m jobs.bench_job [--queries 96] [--top-k 10] [--gallery 480] [--rounds 3] [--arch ARCH]
+                             [--timed-pairs N] [--smoke] [--write]
 
 One generated audit: 640x480 JPEGs (queries, each with its top-k drawn from a gallery), a tiny
-model (jobs/tiny_model.py, so explaining costs almost nothing) and the default render policy.
-Each round runs a single process that only reads, decodes and resizes both images of each pair
-(what the job's fetch does, without the job), then the whole job (run_audit on a local Ray with
-every core) on the same manifest, so that a shared machine's load hits both alike: the ratio of
-their pairs/s is the target. While the job runs, the CPU time of every process (the driver, Ray's
+model (jobs/tiny_model.py, so explaining costs almost nothing; `--arch` names another) and the
+default render policy. Each round runs a single process that only reads, decodes and resizes both
+images of each pair (what the job's fetch does, without the job), the job's explain stage alone
+in this process on the same batches (on a GPU where there is one), then the whole job (run_audit
+on a local Ray with every core and GPU) on the same manifest, so that a shared machine's load hits
+them alike: the job's pairs/s over decode-only's is the target on a CPU, over explain-only's on a
+GPU. While the job runs, the CPU time of every process (the driver, Ray's
 own processes, the workers) is sampled; the job's stages are timed again in this process on the
 same batches, and what the job spends beyond them is Ray's overhead. The job's steady state is
 its marginal rate: each round also runs the job on the first half of the manifest, and the
@@ -42,9 +45,11 @@ from jobs.tiny_model import tiny_spec
 from pipeline.config import JobConfig
 from pipeline.io.images import decode_pictures
 from pipeline.io.storage import StorageOptions
+from pipeline.models.spec import ModelSpec
 
 if TYPE_CHECKING:
     from pipeline.distributed.job import RunSummary
+    from pipeline.distributed.stages import ExplainPairs
 
 SECTION = "## Where the job's time goes"
 SMOKE = {"queries": 4, "top_k": 2, "gallery": 8, "rounds": 1, "batch_size": 2}
@@ -53,6 +58,7 @@ DRIVER, WORKERS, RAY = "driver", "Ray workers running the stages", "Ray's own pr
 STAGE_NAMES = ("FetchImages", "ExplainPairs", "RenderResults", "StageChain", "Write")  # in a worker's process title while it runs one
 RUNNING = ").submit"  # ends an actor's process title while it runs a batch: ray::MapWorker(MapBatches(StageChain)).submit
 TARGET = 1.0  # the job's pairs/s over the decode-only process's
+GPU_TARGET = 0.8  # on a GPU: the job's steady pairs/s over the explain stage's alone in one process
 T = TypeVar("T")
 GPU_BUSY = 0.8
 RESNET50_H100 = 2_700.0  # SFAM pairs/s, resnet50 at 224 px on one H100 (BENCHMARKS.md, Speed: the H100 note)
@@ -84,11 +90,24 @@ def write_audit(root: Path, queries: int, top_k: int, gallery: int, image_size: 
     return Audit(root, root / "pairs.parquet", len(rows), half_manifest)
 
 
-def job_config(audit: Audit, run_id: str, **overrides: object) -> JobConfig:
-    """The job's defaults (batch size, actors, render policy) on the audit, with the tiny model."""
+def job_config(audit: Audit, run_id: str, model: ModelSpec, **overrides: object) -> JobConfig:
+    """The job's defaults (batch size, actors, render policy) on the audit, explaining with `model`."""
     return JobConfig.model_validate({"manifest": str(audit.manifest), "output": str(audit.root / "audits"),
-                                     "run_id": run_id, "model": tiny_spec().model_dump(), "max_error_fraction": 0.0,
+                                     "run_id": run_id, "model": model.model_dump(), "max_error_fraction": 0.0,
                                      **overrides})
+
+
+def model_spec(arch: str | None) -> ModelSpec:
+    """The tiny model, or `arch` (torchvision or timm/<name>) with random weights and a 512-d head, at 224 px."""
+    return tiny_spec() if arch is None else ModelSpec(arch=arch, embedding_dim=512, input_size=224)
+
+
+def gpu_share(config: JobConfig) -> str:
+    return "" if config.gpus_per_actor is None else f" of {config.gpus_per_actor:g} GPU each"
+
+
+def model_name(spec: ModelSpec) -> str:
+    return "tiny model (jobs/tiny_model.py)" if spec.arch == tiny_spec().arch else f"{spec.arch}, random weights"
 
 
 # -- CPU time and memory of the job's processes ---------------------------------------------------
@@ -251,12 +270,12 @@ def run_job(config: JobConfig, monitor: ProcessMonitor) -> JobRun:
 # -- in one process -------------------------------------------------------------------------------
 
 
-def decode_only(audit: Audit) -> float:
-    """Pairs/s of one process that reads, decodes and resizes both images of each pair, as the job's fetch does."""
+def decode_only(audit: Audit, size: int, pairs: int | None) -> float:
+    """Pairs/s of one process that reads, decodes and resizes both images of each of the manifest's
+    first `pairs` pairs (all by default), as the job's fetch does."""
     from pipeline.render.result_row import DISPLAY_SIDE
 
-    rows = pq.read_table(audit.manifest, columns=["query_uri", "reference_uri"]).to_pylist()
-    size = tiny_spec().input_size
+    rows = pq.read_table(audit.manifest, columns=["query_uri", "reference_uri"]).slice(0, pairs).to_pylist()
     started = time.perf_counter()
     for row in rows:
         for uri in row.values():
@@ -266,7 +285,7 @@ def decode_only(audit: Audit) -> float:
 
 DECODE = "decode: decode_pictures of each distinct image of a batch"
 FETCH_REST = "fetch besides decoding: reading the files, Arrow columns"
-EXPLAIN = "explain: ExplainPairs with the tiny model (model tensors, SFAM, result columns)"
+EXPLAIN = "explain: ExplainPairs (model tensors, SFAM, result columns)"
 RENDER = "render: RenderResults, default policy (flagged)"
 WRITE = "Parquet write of the result rows (pyarrow, files as large as the job's)"
 
@@ -278,8 +297,9 @@ class StageCosts:
     pairs: int
 
 
-def stage_costs(audit: Audit, config: JobConfig, folder: Path) -> StageCosts:
-    """The job's stages on its batches, one after another in this process on one torch thread."""
+def stage_costs(audit: Audit, config: JobConfig, folder: Path, pairs: int | None) -> StageCosts:
+    """The job's stages on its batches of the manifest's first `pairs` pairs (all by default), one
+    after another in this process on one torch thread."""
     import torch
 
     from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults
@@ -293,7 +313,7 @@ def stage_costs(audit: Audit, config: JobConfig, folder: Path) -> StageCosts:
     explain = ExplainPairs(config.model, options, "bench")
     render = RenderResults(RunLayout(str(folder), "bench", "2026-01-01", "bench"), config.render_png, config.render_flags, options)
     seconds = dict.fromkeys((DECODE, FETCH_REST, EXPLAIN, RENDER, WRITE), 0.0)
-    manifest, overlays, unwritten = pq.read_table(audit.manifest), 0, []
+    manifest, overlays, unwritten = pq.read_table(audit.manifest).slice(0, pairs), 0, []
 
     def timed(name: str, work: Callable[..., T], *args: object) -> T:
         started = time.process_time()
@@ -316,12 +336,51 @@ def stage_costs(audit: Audit, config: JobConfig, folder: Path) -> StageCosts:
     return StageCosts({name: 1000 * s / manifest.num_rows for name, s in seconds.items()}, overlays, manifest.num_rows)
 
 
+@dataclass(frozen=True)
+class ExplainOnly:
+    """The job's explain stage alone in this process, on the device an actor would use, on batches
+    fetched beforehand: what the job's pairs/s is compared with on a GPU."""
+
+    explain: ExplainPairs
+    batches: list[pa.Table]  # fetched: pixels in the transient columns
+
+    @classmethod
+    def prepare(cls, audit: Audit, config: JobConfig, pairs: int | None) -> ExplainOnly:
+        from pipeline.distributed.stages import ExplainPairs, FetchImages
+
+        options = StorageOptions()
+        fetch = FetchImages(str(audit.root), config.model.input_size, config.max_image_pixels, options)
+        manifest = pq.read_table(audit.manifest).slice(0, pairs)
+        batches = [fetch(manifest.slice(offset, config.batch_size)) for offset in range(0, manifest.num_rows, config.batch_size)]
+        return cls(ExplainPairs(config.model, options, "bench"), batches)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.explain.explainer.device.type == "cuda"
+
+    def pairs_per_second(self) -> float:
+        import torch
+
+        def synchronize() -> None:
+            if self.on_gpu:
+                torch.cuda.synchronize(self.explain.explainer.device)
+
+        self.explain(self.batches[0])  # warm-up
+        synchronize()
+        started = time.perf_counter()
+        for batch in self.batches:
+            self.explain(batch)
+        synchronize()
+        return sum(batch.num_rows for batch in self.batches) / (time.perf_counter() - started)
+
+
 # -- report ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Round:
     decode: float  # pairs/s of decode_only
+    explain: float  # pairs/s of ExplainOnly
     job: JobRun
     half_job: JobRun  # the same job on the first half of the manifest
 
@@ -339,29 +398,56 @@ class Round:
         return max(self.job.seconds - self.half_job.seconds, 1e-9)
 
     @property
+    def steady_rate(self) -> float:
+        return self.steady_rows / self.steady_seconds
+
+    @property
     def steady_ratio(self) -> float:
-        return self.steady_rows / self.steady_seconds / self.decode
+        return self.steady_rate / self.decode
+
+    @property
+    def steady_explain_ratio(self) -> float:
+        return self.steady_rate / self.explain
 
     def steady_cpu(self) -> dict[str, float]:
         """CPU seconds per process group of the second half: the full run's less the half run's."""
         return less(self.job.cpu(), self.half_job.cpu())
 
+    @property
+    def steady_cores(self) -> float:
+        """CPU cores that all the job's processes kept busy in its steady state."""
+        return sum(self.steady_cpu().values()) / self.steady_seconds
 
-def rounds_table(rounds: list[Round]) -> str:
-    lines = ["| round | decode-only, 1 process | whole job (run_audit) | job ÷ decode-only | job, steady state "
-             "| steady ÷ decode-only | job: first result after | job: CPU until then |",
+
+def verdict(value: float, target: float | None) -> str:
+    return "" if target is None else "met" if value >= target else "MISSED"
+
+
+def rounds_table(rounds: list[Round], on_gpu: bool) -> str:
+    """Per round: the in-process rows, the whole job and its steady state; then the ratios' medians,
+    with the target of a CPU-only node (decode-only) or of a GPU node (explain-only)."""
+    explain_where = "GPU" if on_gpu else "CPU"
+    lines = [f"| round | decode-only, 1 process | explain-only, 1 process ({explain_where}) | whole job (run_audit) "
+             "| job, steady state | steady: CPU cores busy | job: first result after | job: CPU until then |",
              "|---|---|---|---|---|---|---|---|"]
     for number, r in enumerate(rounds, start=1):
         job = r.job
-        lines.append(f"| {number} | {r.decode:,.0f} pairs/s | {job.pairs_per_second:,.1f} pairs/s "
-                     f"| {r.ratio:.2f} | {r.steady_rows / r.steady_seconds:,.0f} pairs/s | {r.steady_ratio:.2f} "
+        lines.append(f"| {number} | {r.decode:,.0f} pairs/s | {r.explain:,.0f} pairs/s | {job.pairs_per_second:,.1f} pairs/s "
+                     f"| {r.steady_rate:,.0f} pairs/s | {r.steady_cores:.1f} "
                      f"| {job.first_result:.1f} s | {job.startup_cpu():.1f} s |")
-    ratio, steady = (statistics.median(getattr(r, name) for r in rounds) for name in ("ratio", "steady_ratio"))
-    met = "met" if ratio >= TARGET else "MISSED"
-    lines += ["", "| ratio (median over rounds) | value | target | |", "|---|---|---|---|",
-              f"| whole job ÷ decode-only (pairs/s) | {ratio:.2f} | >= {TARGET} | {met} |",
-              f"| job in steady state ÷ decode-only (pairs/s) | {steady:.2f} | >= {TARGET} | "
-              f"{'met' if steady >= TARGET else 'MISSED'} |"]
+
+    def median(name: str) -> float:
+        return statistics.median(getattr(r, name) for r in rounds)
+
+    decode_target, explain_target = (None, GPU_TARGET) if on_gpu else (TARGET, None)
+    whole_explain = statistics.median(r.job.pairs_per_second / r.explain for r in rounds)
+    ratios = [("whole job ÷ decode-only", median("ratio"), decode_target),
+              ("job in steady state ÷ decode-only", median("steady_ratio"), decode_target),
+              ("whole job ÷ explain-only", whole_explain, None),
+              ("job in steady state ÷ explain-only", median("steady_explain_ratio"), explain_target)]
+    lines += ["", "| ratio (median over rounds, pairs/s) | value | target | |", "|---|---|---|---|"]
+    lines += [f"| {name} | {value:.2f} | {'' if target is None else f'>= {target}'} | {verdict(value, target)} |"
+              for name, value, target in ratios]
     return "\n".join(lines)
 
 
@@ -418,19 +504,23 @@ def projection_table(stages: StageCosts, measured: Round) -> str:
 
 
 def section(command: str, args: argparse.Namespace, audit: Audit, rounds: list[Round], stages: StageCosts,
-            batch_size: int, actors: int) -> str:
+            config: JobConfig, on_gpu: bool) -> str:
     return "\n".join([
         SECTION, "",
         f"Command: `{command}`  ",
         f"Machine: {machine(1, 'ray')}  ",
         f"Audit: {audit.pairs} pairs of 640x480 JPEGs ({args.queries} queries x top-{args.top_k} from a gallery of "
-        f"{args.gallery}), tiny model (jobs/tiny_model.py) at 224 px, batch {batch_size}, {actors} actors, "
-        "render policy flagged (the job's defaults)",
-        "", rounds_table(rounds), "", startup_table(rounds), "",
-        breakdown_table(stages, rounds[-1], batch_size), "",
+        f"{args.gallery}), {model_name(config.model)} at {config.model.input_size} px, batch {config.batch_size}, "
+        f"{config.num_actors} actors{gpu_share(config)}, render policy {config.render_png} (the job's defaults)",
+        "", rounds_table(rounds, on_gpu), "", startup_table(rounds), "",
+        breakdown_table(stages, rounds[-1], config.batch_size), "",
         projection_table(stages, rounds[-1]), "",
-        "Each round runs the decode-only process, then the job, then the job on the manifest's first half, on "
-        "the same files. The whole job's pairs/s counts everything from run_audit's start (pre-flight check, "
+        "Each round runs the decode-only process, the explain stage alone (ExplainPairs on the batches the job's "
+        "fetch makes, fetched beforehand), then the job, then the job on the manifest's first half, on "
+        "the same files"
+        + (f"; the in-process rows and the stage rows time the manifest's first {args.timed_pairs} pairs"
+           if args.timed_pairs else "")
+        + ". The whole job's pairs/s counts everything from run_audit's start (pre-flight check, "
         "Ray Data starting its workers and actors, commit); the steady state is the marginal rate: the second "
         "half's pairs over the full run's time less the half run's. Stage rows: the job's stage classes run in this process on the job's batches "
         "(decoding is timed on its own, then subtracted from the fetch); the job's rows: CPU time of "
@@ -453,6 +543,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of decode-only, the job, the job on half the manifest")
     parser.add_argument("--batch-size", type=int, default=JobConfig.model_fields["batch_size"].default,
                         help="the job's batch_size (default: the job's default)")
+    parser.add_argument("--arch", help="the job's model: a torchvision or timm/<name> arch, random weights, 512-d "
+                        "embedding (default: the tiny model)")
+    parser.add_argument("--timed-pairs", type=int, help="pairs that the in-process and stage rows time (default: all)")
+    parser.add_argument("--num-actors", type=int, default=JobConfig.model_fields["num_actors"].default,
+                        help="the job's num_actors (default: the job's default)")
+    parser.add_argument("--gpus-per-actor", type=float, help="the job's gpus_per_actor (default: one where there are GPUs)")
     args = parse_benchmark_args(parser, argv, SMOKE, SECTION)
     if args.gallery < args.top_k:
         parser.error("--gallery must hold at least --top-k images")
@@ -465,20 +561,22 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-job-") as folder:
         audit = write_audit(Path(folder) / "audit", args.queries, args.top_k, args.gallery, (640, 480),
                             np.random.default_rng(0))
-        config = job_config(audit, "bench-job", batch_size=args.batch_size)
-        stages = stage_costs(audit, config, Path(folder) / "stages")
+        config = job_config(audit, "bench-job", model_spec(args.arch), batch_size=args.batch_size,
+                            num_actors=args.num_actors, gpus_per_actor=args.gpus_per_actor)
+        stages = stage_costs(audit, config, Path(folder) / "stages", args.timed_pairs)
+        explain_only = ExplainOnly.prepare(audit, config, args.timed_pairs)
         half = config.model_copy(update={"manifest": str(audit.half_manifest)})
         with local_ray():
-            rounds = [Round(decode_only(audit),
+            rounds = [Round(decode_only(audit, config.model.input_size, args.timed_pairs), explain_only.pairs_per_second(),
                             run_job(config.model_copy(update={"run_id": f"bench-job-{n}"}), ProcessMonitor()),
                             run_job(half.model_copy(update={"run_id": f"bench-job-half-{n}"}), ProcessMonitor()))
                       for n in range(args.rounds)]
-    report = "\n\n".join([rounds_table(rounds), startup_table(rounds), breakdown_table(stages, rounds[-1], config.batch_size),
-                          projection_table(stages, rounds[-1])])
+    report = "\n\n".join([rounds_table(rounds, explain_only.on_gpu), startup_table(rounds),
+                          breakdown_table(stages, rounds[-1], config.batch_size), projection_table(stages, rounds[-1])])
     print(report)
     if args.write:
         command = shlex.join(["python", "-m", "jobs.bench_job", *argv])
-        write_section(BENCHMARKS, section(command, args, audit, rounds, stages, config.batch_size, config.num_actors))
+        write_section(BENCHMARKS, section(command, args, audit, rounds, stages, config, explain_only.on_gpu))
         print(f"\nwrote the {SECTION} section of {BENCHMARKS}")
     return 0
 

@@ -1,9 +1,11 @@
 """CPU stages of the job, side by side: decoding JPEG pairs (full vs draft) and rendering PNG overlays.
 
-    python -m jobs.bench_stages [--smoke] [--write]
+    python -m jobs.bench_stages [--pairs 24] [--repeats 5] [--stages decode render] [--smoke] [--write]
 
 Everything runs in this process on one core, on generated 640x480 JPEGs (smooth colours, solid
 shapes, sensor noise). Times are CPU time (`time.process_time`), median of interleaved rounds.
+Where there is a GPU, decoding on it with nvJPEG is timed too (wall and CPU time per pair), next
+to decode_pictures on one core.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torchvision
 from PIL import Image, ImageDraw
+from torch.nn import functional as F
 
 from jobs.benchmark_report import BENCHMARKS, cpu_name, parse_benchmark_args, write_section
 from pipeline.io.images import decode_image, decode_pictures, display_image, resize_for_model
@@ -32,6 +37,8 @@ SMOKE = {"pairs": 4, "repeats": 1}
 MAX_PIXELS = 50_000_000
 FULL_DECODE = "decode + resize a pair: full decode, then resize_for_model and display_image (before)"
 DRAFT_DECODE = "decode + resize a pair: decode_pictures, JPEG draft mode (now)"
+NVJPEG_DECODE = ("decode + resize a pair on the GPU: nvJPEG (torchvision.io.decode_jpeg, device cuda, all pairs in one "
+                 "call), antialiased resize there, both pictures back to the host")
 
 Work = Callable[[], object]
 
@@ -92,6 +99,51 @@ def decode_rows(pairs: list[tuple[bytes, bytes]], model_size: int, repeats: int)
     return [Row(name, value) for name, value in ms.items()]
 
 
+@dataclass(frozen=True)
+class GpuRow:
+    name: str
+    wall_ms: float  # median wall ms per pair
+    cpu_ms: float  # median CPU ms per pair
+
+
+def nvjpeg_pictures(datas: list[torch.Tensor], model_size: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """decode_pictures' two pictures of each JPEG, decoded and resized on the GPU, as uint8 (3, h, w) on the host."""
+    pictures = []
+    for image in torchvision.io.decode_jpeg(datas, device=device):  # (3, H, W) uint8 each
+        height, width = image.shape[1:]
+        scale = min(1.0, DISPLAY_SIDE / max(height, width))
+        pixels = image.unsqueeze(0).float()
+        sizes = ((model_size, model_size), (round(height * scale), round(width * scale)))
+        model_input, display = (F.interpolate(pixels, size=size, mode="bilinear", antialias=True)
+                                .round_().clamp_(0, 255).to(torch.uint8)[0] for size in sizes)
+        pictures.append((model_input.cpu(), display.cpu()))
+    return pictures
+
+
+def gpu_decode_rows(pairs: list[tuple[bytes, bytes]], model_size: int, repeats: int, device: torch.device) -> list[GpuRow]:
+    """nvJPEG next to decode_pictures on one core, in wall and CPU time per pair (interleaved rounds)."""
+    datas = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for pair in pairs for data in pair]
+    works = {
+        NVJPEG_DECODE: lambda: nvjpeg_pictures(datas, model_size, device),
+        DRAFT_DECODE: lambda: [decode_pictures(data, "bench.jpg", MAX_PIXELS, model_size, DISPLAY_SIDE)
+                               for pair in pairs for data in pair],
+    }
+    for work in works.values():
+        work()
+    wall: dict[str, list[float]] = {name: [] for name in works}
+    cpu: dict[str, list[float]] = {name: [] for name in works}
+    for _ in range(repeats):
+        for name, work in works.items():
+            torch.cuda.synchronize(device)
+            started, started_cpu = time.perf_counter(), time.process_time()
+            work()
+            torch.cuda.synchronize(device)
+            wall[name].append(time.perf_counter() - started)
+            cpu[name].append(time.process_time() - started_cpu)
+    return [GpuRow(name, 1000 * statistics.median(wall[name]) / len(pairs), 1000 * statistics.median(cpu[name]) / len(pairs))
+            for name in works]
+
+
 def pillow_png(canvas: np.ndarray, **options: object) -> bytes:
     out = io.BytesIO()
     Image.fromarray(canvas).save(out, format="PNG", **options)
@@ -143,12 +195,16 @@ def pairs_per_second(rows: list[Row]) -> list[str]:
             for row in rows]
 
 
-def table(decode: list[Row], renders: dict[Overlay, list[Row]]) -> str:
+def table(decode: list[Row], renders: dict[Overlay, list[Row]], gpu_decode: list[GpuRow]) -> str:
     lines = ["| measurement (per pair or per overlay) | CPU ms | KiB |", "|---|---|---|"]
     lines += [f"| {row.name} | {row.ms:.2f} | |" for row in decode]
     for overlay, rows in renders.items():
         lines += [f"| {row.name}; {overlay} | {row.ms:.2f} | {row.kb:,.0f} |" for row in rows]
-    lines += ["", "| throughput (1 core) | value | unit |", "|---|---|---|", *pairs_per_second(decode)]
+    if decode:
+        lines += ["", "| throughput (1 core) | value | unit |", "|---|---|---|", *pairs_per_second(decode)]
+    if gpu_decode:
+        lines += ["", f"| on {torch.cuda.get_device_name()} (per pair) | wall ms | CPU ms | pairs/s |", "|---|---|---|---|"]
+        lines += [f"| {row.name} | {row.wall_ms:.2f} | {row.cpu_ms:.2f} | {1000 / row.wall_ms:,.0f} |" for row in gpu_decode]
     return "\n".join(lines)
 
 
@@ -160,7 +216,9 @@ def section(command: str, args: argparse.Namespace, report: str) -> str:
         f"model input {args.size} px; median of {args.repeats} interleaved rounds",
         "", report, "",
         "Encoder rows encode the same canvases that render_pair_png drew; Pillow at its default level "
-        "is what render_pair_png used before it wrote its PNGs with encode_png.",
+        "is what render_pair_png used before it wrote its PNGs with encode_png."
+        + (" GPU rows: wall time with the GPU synchronised; decode_pictures there runs on one of the node's "
+           "cores, so the node's cores multiply its pairs/s." if torch.cuda.is_available() else ""),
     ]) + "\n"
 
 
@@ -169,6 +227,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, default=24, help="distinct JPEG pairs, each decoded and rendered per round")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up call each)")
     parser.add_argument("--size", type=int, default=224, help="model input size in pixels")
+    parser.add_argument("--stages", nargs="+", choices=["decode", "render"], default=["decode", "render"],
+                        help="which rows: decoding (and nvJPEG where there is a GPU), rendering")
     return parse_benchmark_args(parser, argv, SMOKE, SECTION)
 
 
@@ -177,9 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rng = np.random.default_rng(0)
     pairs = [(photo_jpeg(rng, 640, 480), photo_jpeg(rng, 640, 480)) for _ in range(args.pairs)]
-    decode = decode_rows(pairs, args.size, args.repeats)
-    renders = {overlay: render_rows(pairs, overlay, args.repeats, rng) for overlay in OVERLAYS}
-    report = table(decode, renders)
+    decoding, rendering = "decode" in args.stages, "render" in args.stages
+    decode = decode_rows(pairs, args.size, args.repeats) if decoding else []
+    renders = {overlay: render_rows(pairs, overlay, args.repeats, rng) for overlay in OVERLAYS} if rendering else {}
+    on_gpu = decoding and torch.cuda.is_available()
+    gpu_decode = gpu_decode_rows(pairs, args.size, args.repeats, torch.device("cuda")) if on_gpu else []
+    report = table(decode, renders, gpu_decode)
     print(report)
     if args.write:
         write_section(BENCHMARKS, section(shlex.join(["python", "-m", "jobs.bench_stages", *argv]), args, report))

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="soak-") as folder:
         audit = write_audit(Path(folder) / "audit", args.pairs // TOP_K, TOP_K, args.gallery, (side, side),
                             np.random.default_rng(0))
-        config = job_config(audit, "soak", render_png="none", model=tiny_spec(side).model_dump())
+        config = job_config(audit, "soak", tiny_spec(side), render_png="none")
         with local_ray():
             run = run_job(config, ProcessMonitor(interval_s=args.interval, uss=True))
         distinct = distinct_pairs(Path(config.output), run.summary.attempt)
