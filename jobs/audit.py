@@ -4,7 +4,7 @@
 
 Connects to the Ray cluster it runs in (`ray job submit`, or RAY_ADDRESS), or starts a
 local one. Exit status: 0 done, 1 the audit failed (too many bad rows), 2 a user mistake,
-3 the run committed but broke a quality gate, 130 interrupted.
+3 the run committed but broke a quality gate, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import traceback
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import get_args
 import yaml
 
 from pipeline.config import ConfigError, add_config_arguments, load_config, load_yaml, one_line, validated
-from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, PipelineError
+from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, PipelineError, Terminated
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.storage import StorageOptions, redact_uri
 from pipeline.models.spec import LayoutName, Metric, ModelSpec, Weighting
@@ -230,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     """Runs one command; returns its exit status (errors.py says which status means what)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.handler(args)
     except PipelineError as error:
@@ -237,11 +239,17 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{error.prefix}: {redact_uri(str(error))}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:  # Ctrl-C: an audit's attempt is recorded as failed on the way out
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: an audit's attempt is recorded as failed on the way out
         if args.debug:
             traceback.print_exc()
-        print("interrupted: an audit's attempt is recorded as failed; a committed run stays as it was", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        terminated = isinstance(stop, Terminated)
+        lead = "terminated: SIGTERM stopped it; " if terminated else "interrupted: "
+        print(f"{lead}an audit's attempt is recorded as failed; a committed run stays as it was", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated("stopped by SIGTERM")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ Every error the pipeline raises on purpose derives from :class:`PipelineError`:
     AuditFailed    the job ran, but its result is not acceptable (too many bad rows). Exit 1.
     GatesFailed    the run finished and committed, but broke a quality gate (gates.py). Exit 3.
 
-Ctrl-C (KeyboardInterrupt) is exit 130.
+Ctrl-C (KeyboardInterrupt) is exit 130; SIGTERM (a scheduler or Kubernetes stopping the job,
+raised as :class:`Terminated` by the command line) is exit 143.
 
 The command line prints each as one line, `<prefix>: <message>`, without a traceback.
 """
@@ -22,6 +23,12 @@ EXIT_AUDIT_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_GATES_FAILED = 3
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), the shell's convention
+EXIT_TERMINATED = 143  # SIGTERM: 128 + 15, as a shell reports a process the signal ended
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: it stops the work by the paths Ctrl-C takes (an audit's
+    attempt is recorded as failed), and the command line exits 143."""
 
 
 class PipelineError(Exception):

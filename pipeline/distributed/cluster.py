@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import ray
 
@@ -27,7 +30,7 @@ def connect() -> None:
     address = os.environ.get("RAY_ADDRESS", "")
     _probe(address)
     try:
-        ray.init(log_to_driver=True)
+        _init(log_to_driver=True)
     except ConnectionError as error:
         raise ClusterUnavailable(_advice(address or "this machine's default address", error)) from error
 
@@ -52,8 +55,18 @@ def _advice(address: str, error: BaseException) -> str:
 def local_cluster() -> Iterator[None]:
     """A new local Ray without its dashboard for the length of the block (the demo's); never the
     cluster that RAY_ADDRESS or an earlier `ray start` on this machine names, which may have died."""
-    ray.init(address="local", ignore_reinit_error=True, include_dashboard=False)
+    _init(address="local", ignore_reinit_error=True, include_dashboard=False)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _init(**options: Any) -> None:
+    """ray.init, keeping this process's SIGTERM handling: Ray's driver replaces it with a crash
+    report and an abort (exit 134), so a scheduler stopping the job would read as a crash."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if in_main_thread else None
+    ray.init(**options)
+    if in_main_thread:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)

@@ -198,9 +198,12 @@ def test_an_attempt_that_another_commits_under_does_not_replace_it(local_ray, tm
     assert set(table.column("attempt").to_pylist()) == {committed}
 
 
-def test_ctrl_c_is_one_line_exit_130_and_a_failed_attempt(tmp_path, rng) -> None:
-    """SIGINT to `python -m jobs.audit` while it works: the attempt is recorded as failed, and the
-    command line says so in one line, exit 130, without a traceback."""
+@pytest.mark.parametrize(("sent", "status", "first_word"), [(signal.SIGINT, 130, "interrupted"),
+                                                          (signal.SIGTERM, 143, "terminated")])
+def test_a_stop_signal_is_one_line_and_a_failed_attempt(tmp_path, rng, sent, status, first_word) -> None:
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler or Kubernetes stopping it) to `python -m jobs.audit`
+    while it works: the attempt is recorded as failed, and the command line says so in one line,
+    exit 130 or 143 (128 + the signal), without a traceback or a crash report."""
     root, options = str(tmp_path), StorageOptions()
     write_weights(join_uri(root, "models", "model.pt"), options)
     manifest, _ = write_audit(root, options, rng, queries=16, top_k=6)
@@ -215,10 +218,11 @@ def test_ctrl_c_is_one_line_exit_130_and_a_failed_attempt(tmp_path, rng) -> None
         if "fetching, explaining and rendering" in line:
             break
     time.sleep(3)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sent)
     rest = process.communicate(timeout=180)[1]
     stderr = "".join(seen) + rest
-    assert process.returncode == 130, stderr[-3000:]
-    assert stderr.strip().splitlines()[-1].startswith("interrupted: ") and "Traceback" not in stderr, stderr[-3000:]
+    assert process.returncode == status, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith(f"{first_word}: "), stderr[-3000:]
+    assert "Traceback" not in stderr and "SIGTERM received" not in stderr, stderr[-3000:]
     records = (tmp_path / "audits" / "runs" / "interrupted" / "attempts").glob("*/run.json")
     assert [json.loads(r.read_text())["status"] for r in records] == ["failed"]
