@@ -21,7 +21,7 @@ from typing import get_args
 import yaml
 
 from pipeline.config import ConfigError, add_config_arguments, load_config, load_yaml, one_line, validated
-from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, PipelineError, Terminated
+from pipeline.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, PipelineError, Terminated
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.storage import StorageOptions, redact_uri
 from pipeline.models.spec import LayoutName, Metric, ModelSpec, Weighting
@@ -141,9 +141,8 @@ def compare_command(args: argparse.Namespace) -> int:
 
     audit = _audit(args)
     comparison = compare_runs(audit.output, args.run_a, args.run_b, audit.options, args.threshold, audit.table)
-    print("\n".join(comparison.lines()))
-    for path in write_comparison(comparison, audit.output, audit.options).values():
-        print(f"wrote {path}")
+    written = write_comparison(comparison, audit.output, audit.options).values()  # before printing: `| head` may stop it
+    print("\n".join([*comparison.lines(), *(f"wrote {path}" for path in written)]))
     return EXIT_OK
 
 
@@ -246,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         lead = "terminated: SIGTERM stopped it; " if terminated else "interrupted: "
         print(f"{lead}an audit's attempt is recorded as failed; a committed run stays as it was", file=sys.stderr)
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    except BrokenPipeError:  # whoever read the output stopped early (`| head`): quietly, as a SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return EXIT_BROKEN_PIPE
 
 
 def _terminate(signum: int, frame: object) -> None:

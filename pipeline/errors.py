@@ -8,7 +8,8 @@ Every error the pipeline raises on purpose derives from :class:`PipelineError`:
     GatesFailed    the run finished and committed, but broke a quality gate (gates.py). Exit 3.
 
 Ctrl-C (KeyboardInterrupt) is exit 130; SIGTERM (a scheduler or Kubernetes stopping the job,
-raised as :class:`Terminated` by the command line) is exit 143.
+raised as :class:`Terminated` by the command line) is exit 143. A reader of the standard output
+that goes away early (`sfam render -o - | head -c 8`) is exit 141, without a message.
 
 The command line prints each as one line, `<prefix>: <message>`, without a traceback.
 """
@@ -24,6 +25,7 @@ EXIT_USER_ERROR = 2
 EXIT_GATES_FAILED = 3
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), the shell's convention
 EXIT_TERMINATED = 143  # SIGTERM: 128 + 15, as a shell reports a process the signal ended
+EXIT_BROKEN_PIPE = 141  # the reader of the standard output went away (`| head`): 128 + SIGPIPE
 
 
 class Terminated(KeyboardInterrupt):
