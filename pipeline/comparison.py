@@ -69,7 +69,7 @@ from pipeline.io.results_store import ResultsStore
 from pipeline.io.storage import StorageOptions, exists, join_uri, resolve_uri, write_bytes
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import read_json
-from pipeline.render.comparison_html import METRICS_DIFFER, ComparisonView, label_name, render_comparison
+from pipeline.render.comparison_html import METRICS_DIFFER, MOVED_BELOW, ComparisonView, label_name, render_comparison
 from pipeline.render.selection import FALSE_MATCH_SIMILARITY
 from pipeline.schema import result_type
 
@@ -124,7 +124,7 @@ class Comparison:
     def view(self, listed: int = LISTED) -> ComparisonView:
         """What the HTML shows: the summary, and the first `listed` pairs of each list."""
         both = self.pairs.filter(_compared(self.pairs))
-        moved = both.filter(pc.is_valid(both["map_correlation"])).sort_by("map_correlation")
+        moved = both.filter(pc.less(both["map_correlation"], MOVED_BELOW)).sort_by("map_correlation")
         new = both.filter(pc.and_not(both["false_match_b"], both["false_match_a"])).sort_by([("similarity_b", "descending")])
         vanished = both.filter(pc.and_not(both["false_match_a"], both["false_match_b"])).sort_by([("similarity_a", "descending")])
         return ComparisonView(

@@ -23,6 +23,7 @@ _STYLE = (  # up and down say the direction, not whether it is better: a false m
 )
 _RUN_FIELDS = (("run id", "run_id"), ("model", "model_id"), ("weights", "weights"), ("target layer", "target_layer"),
                ("metric", "metric"), ("started", "started"))
+MOVED_BELOW = 0.99  # a pair's maps moved when they correlate below this (the same maps, stored as float16, correlate above)
 METRICS_DIFFER = "The runs use different metrics: their similarities and the threshold are in different units."
 _FIGURES = (("mean similarity", "mean_similarity"), ("pointing hit rate", "pointing_hit_rate"),
             ("energy in box", "energy_in_box"))
@@ -38,7 +39,7 @@ class ComparisonView:
     threshold: float
     counts: Mapping[str, int]
     summary: Sequence[Row]  # one row per label
-    moved: Sequence[Row]  # pairs, lowest map correlation first
+    moved: Sequence[Row]  # pairs whose maps correlate below MOVED_BELOW, lowest first
     new_false_matches: Sequence[Row]
     vanished_false_matches: Sequence[Row]
 
@@ -130,8 +131,10 @@ def _lists(view: ComparisonView) -> str:
     threshold = escaped(f"{view.threshold:g}")
     false_match = (_PAIR_ID, *_SIMILARITIES)
     lists = (
-        ("moved-maps", "Maps that moved most", "lowest correlation between the two runs' maps first (equal map shapes only)",
-         _pairs(view.moved, (_PAIR_ID, _LABEL, *_CORRELATIONS, *_SIMILARITIES), "no pair has maps to compare")),
+        ("moved-maps", "Maps that moved most",
+         f"correlation between the two runs' maps below {MOVED_BELOW:g}, lowest first (equal map shapes only)",
+         _pairs(view.moved, (_PAIR_ID, _LABEL, *_CORRELATIONS, *_SIMILARITIES),
+                f"no map moved: every pair's maps correlate at or above {MOVED_BELOW:g}, or none can be compared")),
         ("new-false-matches", "New false matches",
          f"different-label pairs at or above similarity {threshold} in B but not in A, most similar first",
          _pairs(view.new_false_matches, false_match, "no new false matches")),
