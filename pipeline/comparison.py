@@ -7,7 +7,7 @@ a label are taken over the pairs that are `ok` in both runs and show the same im
 (query and reference URIs, resolved against each run's manifest folder), so that a change is the
 change of the same pairs: a pair_id that names other images in B (a rank-shaped id such as
 `q17/g3` in a new night's manifest) is counted, not compared. The label of a pair is B's (A's
-where B has none).
+where B has none), in both runs' figures; a pair whose label B changed is counted as relabelled.
 
 Written next to the runs, under `{output}/comparisons/{A}/{B}/` (a folder per run id: run ids may hold `_`):
 
@@ -36,6 +36,7 @@ Written next to the runs, under `{output}/comparisons/{A}/{B}/` (a folder per ru
 
     pair_id                            string
     label                              int64     B's label, else A's
+    relabelled                         bool      A and B label the pair differently (null unless both label it)
     status_a, status_b                 string    `ok`, `error`, or null: not in that run
     same_images                        bool      the same query and reference images in both runs (null unless in both)
     similarity_a, _b, _change          float64
@@ -80,7 +81,7 @@ _READ = ("pair_id", "query_uri", "reference_uri", "label", "status", "similarity
          "query_energy_in_box", "reference_energy_in_box", "map_shape", "map_query", "map_reference")
 _OPTIONAL = {"label": pa.int64()}  # the manifest may have no labels; the box columns come from result_type
 PAIR_COLUMNS = (
-    "pair_id", "label", "status_a", "status_b", "same_images", "similarity_a", "similarity_b", "similarity_change",
+    "pair_id", "label", "relabelled", "status_a", "status_b", "same_images", "similarity_a", "similarity_b", "similarity_change",
     "query_pointing_hit_a", "query_pointing_hit_b", "energy_in_box_a", "energy_in_box_b", "map_comparable",
     "map_correlation_query", "map_correlation_reference", "map_correlation", "false_match_a", "false_match_b",
 )
@@ -117,6 +118,7 @@ class Comparison:
             "only in A": _count(pc.and_not(in_a, in_b)),
             "only in B": _count(pc.and_not(in_b, in_a)),
             "with other images in B": _count(pc.and_not(pc.and_(in_a, in_b), same)),
+            "relabelled in B": _count(self.pairs["relabelled"]),
             "failed in A or B": _count(pc.and_not(same, compared)),
             "with maps not comparable": _count(pc.invert(pc.fill_null(self.pairs["map_comparable"], True))),
         }
@@ -277,7 +279,7 @@ def pair_changes(a: pa.Table, b: pa.Table, threshold: float) -> pa.Table:
     mask = pc.fill_null(comparable, False).to_numpy(zero_copy_only=False)
     correlation = {side: _map_correlation(a[f"map_{side}"], b[f"map_{side}"], mask) for side in ("query", "reference")}
     columns = {
-        "pair_id": ids, "label": label, "same_images": same_images,
+        "pair_id": ids, "label": label, "relabelled": pc.not_equal(a["label"], b["label"]), "same_images": same_images,
         **_side(a, "a", label, threshold), **_side(b, "b", label, threshold),
         "map_comparable": comparable, "map_correlation_query": correlation["query"],
         "map_correlation_reference": correlation["reference"],

@@ -62,12 +62,15 @@ def runs(local_ray: None, tmp_path_factory: pytest.TempPathFactory) -> Runs:
     duckdb.sql(f"COPY (SELECT * REPLACE (CASE WHEN pair_id = '{rows[5]['pair_id']}' THEN 'c-only' ELSE pair_id END AS pair_id) "
                f"FROM '{manifest}' LIMIT 6) TO '{subset}'")
     configs["run-c"] = configs["run-c"].model_copy(update={"manifest": subset})
-    # run D: A's pair ids, the first three naming other reference images (a rank-shaped id in a new manifest)
+    # run D: A's pair ids, the first three naming other reference images (a rank-shaped id in a new
+    # manifest), the next two relabelled (a label corrected between the nights)
     shifted = pq.read_table(manifest)
-    references = shifted["reference_uri"].to_pylist()
+    references, labels = shifted["reference_uri"].to_pylist(), shifted["label"].to_pylist()
     references[:3] = references[1:3] + references[:1]
-    pq.write_table(shifted.set_column(shifted.schema.get_field_index("reference_uri"), "reference_uri",
-                                      pa.array(references)), join_uri(root, "shifted.parquet"))
+    labels[3:5] = [1 - label for label in labels[3:5]]
+    shifted = shifted.set_column(shifted.schema.get_field_index("reference_uri"), "reference_uri", pa.array(references))
+    shifted = shifted.set_column(shifted.schema.get_field_index("label"), "label", pa.array(labels, shifted.schema.field("label").type))
+    pq.write_table(shifted, join_uri(root, "shifted.parquet"))
     configs["run-d"] = configs["run-a"].model_copy(update={"manifest": join_uri(root, "shifted.parquet"), "run_id": "run-d"})
     for config in configs.values():
         run_audit(config)
@@ -144,6 +147,7 @@ def test_map_correlations_match_numpy(runs: Runs) -> None:
 def test_other_pairs_and_map_shapes_are_counted_not_correlated(runs: Runs) -> None:
     comparison = compare_runs(runs.output, "run-a", "run-c", OPTIONS)
     assert comparison.counts() == {"ok in both": 5, "only in A": 4, "only in B": 1, "with other images in B": 0,
+                                   "relabelled in B": 0,
                                    "failed in A or B": 0, "with maps not comparable": 5}
     assert comparison.pairs.filter(comparison.pairs["map_comparable"]).num_rows == 0
     assert comparison.pairs["map_correlation"].null_count == comparison.pairs.num_rows
@@ -158,6 +162,8 @@ def test_a_pair_id_that_names_other_images_is_counted_not_compared(runs: Runs) -
     d = {r["pair_id"]: r["reference_uri"] for r in pq.read_table(runs.root / "shifted.parquet").to_pylist()}
     changed = {pair_id for pair_id in a if a[pair_id] != d[pair_id]}
     assert changed and comparison.counts()["with other images in B"] == len(changed)
+    relabelled = [row["pair_id"] for row in comparison.pairs.to_pylist() if row["relabelled"]]
+    assert comparison.counts()["relabelled in B"] == len(relabelled) == 2 and not changed & set(relabelled)
     assert comparison.counts()["ok in both"] == len(a) - len(changed)  # the same model: every other pair is ok
     same = dict(zip(comparison.pairs["pair_id"].to_pylist(), comparison.pairs["same_images"].to_pylist()))
     assert {pair_id for pair_id, flag in same.items() if flag is False} == changed
