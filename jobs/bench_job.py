@@ -102,8 +102,8 @@ def model_spec(arch: str | None) -> ModelSpec:
     return tiny_spec() if arch is None else ModelSpec(arch=arch, embedding_dim=512, input_size=224)
 
 
-def gpu_share(config: JobConfig) -> str:
-    return "" if config.gpus_per_actor is None else f" of {config.gpus_per_actor:g} GPU each"
+def gpu_share(summary: RunSummary) -> str:
+    return f" of {summary.gpus_per_actor:g} GPU each" if summary.gpus_per_actor else ""
 
 
 def model_name(spec: ModelSpec) -> str:
@@ -511,7 +511,7 @@ def section(command: str, args: argparse.Namespace, audit: Audit, rounds: list[R
         f"Machine: {machine(1, 'ray')}  ",
         f"Audit: {audit.pairs} pairs of 640x480 JPEGs ({args.queries} queries x top-{args.top_k} from a gallery of "
         f"{args.gallery}), {model_name(config.model)} at {config.model.input_size} px, batch {config.batch_size}, "
-        f"{config.num_actors} actors{gpu_share(config)}, render policy {config.render_png} (the job's defaults)",
+        f"{rounds[-1].job.summary.num_actors} actors{gpu_share(rounds[-1].job.summary)}, render policy {config.render_png} (the job's defaults)",
         "", rounds_table(rounds, on_gpu), "", startup_table(rounds), "",
         breakdown_table(stages, rounds[-1], config.batch_size), "",
         projection_table(stages, rounds[-1]), "",
@@ -546,8 +546,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--arch", help="the job's model: a torchvision or timm/<name> arch, random weights, 512-d "
                         "embedding (default: the tiny model)")
     parser.add_argument("--timed-pairs", type=int, help="pairs that the in-process and stage rows time (default: all)")
-    parser.add_argument("--num-actors", type=int, default=JobConfig.model_fields["num_actors"].default,
-                        help="the job's num_actors (default: the job's default)")
+    parser.add_argument("--num-actors", type=int, help="the job's num_actors (default: the job's default)")
     parser.add_argument("--gpus-per-actor", type=float, help="the job's gpus_per_actor (default: one where there are GPUs)")
     args = parse_benchmark_args(parser, argv, SMOKE, SECTION)
     if args.gallery < args.top_k:

@@ -48,6 +48,7 @@ log = logging.getLogger("sfam.audit")
 RENDER_CPUS = 0.5  # a render task's share beside GPU actors: light under the default policy
 READER_CPUS = 1.0  # Ray Data's manifest reader: its streaming repartition holds one CPU for the whole run
 WRITE_CPUS = 0.25  # a Parquet write task; num_actors of them at most
+CPU_ACTORS = 2  # num_actors by default where the cluster has no GPU
 PACKAGES = ("sfam-pipeline", "torch", "torchvision", "ray", "pyarrow", "fsspec", "s3fs", "pydantic", "pillow", "numpy")
 SUMMARY_COLUMNS = ["status", "forward_share", "device", "similarity", "residual_query", "residual_reference"]
 
@@ -64,6 +65,7 @@ class RunSummary:
     pairs_per_second: float
     forward_passes_per_pair: float
     devices: tuple[str, ...]
+    num_actors: int
     gpus_per_actor: float
     results: str
     png: str | None
@@ -117,13 +119,23 @@ def _versions() -> dict[str, str | None]:
 
 
 def _gpus_per_actor(config: JobConfig) -> float:
+    """config.gpus_per_actor, or by default 1 where the cluster has a GPU now, else 0."""
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    gpus = config.gpus_per_actor if config.gpus_per_actor is not None else float(cluster_gpus >= 1)
+    return config.gpus_per_actor if config.gpus_per_actor is not None else float(cluster_gpus >= 1)
+
+
+def _num_actors(config: JobConfig, gpus: float) -> int:
+    """config.num_actors, or by default as many actors of `gpus` GPUs as the cluster has GPUs for
+    now (at least one), and CPU_ACTORS without GPUs. Warns when the actors asked for need more
+    GPUs than the cluster has."""
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    if config.num_actors is None:
+        return max(1, int(cluster_gpus // gpus)) if gpus > 0 else CPU_ACTORS
     if gpus > 0 and config.num_actors * gpus > cluster_gpus:
         log.warning("%d actors x %g GPU each, but the cluster has %g GPU(s) now: the actors beyond that wait for "
                     "GPUs an autoscaler may add; num_actors = the number of GPUs runs without waiting",
                     config.num_actors, gpus, cluster_gpus)
-    return gpus
+    return config.num_actors
 
 
 def _cpus_per_actor(config: JobConfig, gpus: float) -> float:
@@ -253,7 +265,8 @@ def summarise(rows: pa.Table, layout: RunLayout, config: JobConfig, started: flo
         run_id=config.run_id, attempt=layout.attempt, pairs=rows.num_rows, ok=ok, error=rows.num_rows - ok,
         wall_seconds=wall, preflight_seconds=checked - started, pairs_per_second=rows.num_rows / wall,
         forward_passes_per_pair=float(np.nansum(ok_rows.column("forward_share").to_numpy(zero_copy_only=False))) / max(ok, 1),
-        devices=tuple(sorted(pc.unique(rows.column("device")).drop_null().to_pylist())), gpus_per_actor=gpus_per_actor,
+        devices=tuple(sorted(pc.unique(rows.column("device")).drop_null().to_pylist())), num_actors=config.num_actors,
+        gpus_per_actor=gpus_per_actor,
         results=redact_uri(layout.results_dir), png=redact_uri(layout.png_dir) if config.render_png != "none" else None,
         run_record=redact_uri(layout.run_record), warnings=(warning,) if warning else (),
     )
@@ -297,7 +310,7 @@ class RunRecorder:
             record["forward_passes_per_pair"] = summary.forward_passes_per_pair
             record["warnings"] = list(summary.warnings)
             record["resources"] = {
-                "num_actors": self.config.num_actors, "gpus_per_actor": summary.gpus_per_actor,
+                "num_actors": summary.num_actors, "gpus_per_actor": summary.gpus_per_actor,
                 "devices": list(summary.devices),
                 "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             }
@@ -338,6 +351,7 @@ def run_audit(config: JobConfig) -> RunSummary:
         store.prepare()
         connect()
         gpus = _gpus_per_actor(config)
+        config = config.model_copy(update={"num_actors": _num_actors(config, gpus)})
         _stage(build_dataset(config, layout, gpus), config, layout, store)
         staged = store.read_staged(layout, _staged_columns(config, plan))
         summary = summarise(staged, layout, config, started, checked, gpus)

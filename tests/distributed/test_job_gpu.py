@@ -7,6 +7,7 @@ CUDA is present, Ray finds the real GPUs and the model must run on them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -34,13 +35,15 @@ def cluster_gpus() -> Iterator[int]:
         ray.shutdown()
 
 
-def test_one_gpu_per_actor_when_the_cluster_has_gpus(cluster_gpus, tmp_path, rng) -> None:
+def test_one_gpu_per_actor_when_the_cluster_has_gpus(cluster_gpus, tmp_path, rng, caplog) -> None:
     root, options = str(tmp_path), StorageOptions()
     model = write_weights(join_uri(root, "models", "model.pt"), options)
     manifest, rows = write_audit(root, options, rng, queries=4, top_k=6)
     # one actor more than there are GPUs: it waits for a GPU, the others do the work
     config = job_config(root, options, manifest, "gpu", num_actors=cluster_gpus + 1, render_png=False)
-    summary = run_audit(config)
+    with caplog.at_level(logging.WARNING, logger="sfam.audit"):
+        summary = run_audit(config)
+    assert [r for r in caplog.records if "wait for GPUs" in r.getMessage()]
 
     record = read_json(join_uri(config.output, "runs", "gpu", "run.json"), options)
     assert record["resources"]["gpus_per_actor"] == 1
@@ -56,3 +59,17 @@ def test_one_gpu_per_actor_when_the_cluster_has_gpus(cluster_gpus, tmp_path, rng
     expected = expected_similarities(model, rows, root, options)  # in this process, on the CPU
     for pair_id, similarity in zip(table.column("pair_id").to_pylist(), table.column("similarity").to_pylist()):
         assert abs(similarity - expected[pair_id]) < 1e-3, pair_id
+
+
+def test_one_actor_per_gpu_by_default(cluster_gpus, tmp_path, rng, caplog) -> None:
+    """num_actors unset: as many actors as the cluster has GPUs, so none waits for a GPU."""
+    root, options = str(tmp_path), StorageOptions()
+    write_weights(join_uri(root, "models", "model.pt"), options)
+    manifest, rows = write_audit(root, options, rng, queries=2, top_k=3)
+    config = job_config(root, options, manifest, "gpu-default", num_actors=None, render_png=False)
+    with caplog.at_level(logging.WARNING, logger="sfam.audit"):
+        summary = run_audit(config)
+    assert (summary.num_actors, summary.ok) == (cluster_gpus, len(rows))
+    record = read_json(join_uri(config.output, "runs", "gpu-default", "run.json"), options)
+    assert record["resources"]["num_actors"] == cluster_gpus and record["config"]["num_actors"] is None
+    assert not [r for r in caplog.records if "wait for GPUs" in r.getMessage()]
