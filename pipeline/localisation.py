@@ -34,6 +34,13 @@ def _box_mask(shape: tuple[int, int], box: Box, scale: float) -> np.ndarray:
     return ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
 
 
+def box_in_image(box: Box, image_size: tuple[int, int]) -> bool:
+    """Whether the box covers any of the image (width, height); one wholly outside it locates nothing."""
+    width, height = image_size
+    x0, y0, x1, y1 = box
+    return x0 < width and y0 < height and x1 > 0 and y1 > 0
+
+
 def peak_xy(saliency: np.ndarray, image_size: tuple[int, int]) -> tuple[float, float]:
     """Image-pixel (x, y) of the upsampled map's maximum: the point the pointing game tests."""
     grid, scale = _grid(saliency, image_size)

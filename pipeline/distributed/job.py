@@ -43,6 +43,7 @@ from pipeline.models.loading import RANDOM_INIT_SEED
 from pipeline.models.spec import ModelSpec
 from pipeline.quality import residual_warning
 from pipeline.run_history import previous_successful_run
+from pipeline.schema import SIDES
 
 log = logging.getLogger("sfam.audit")
 RENDER_CPUS = 0.5  # a render task's share beside GPU actors: light under the default policy
@@ -246,7 +247,8 @@ def _pipeline_error(error: BaseException) -> PipelineError | None:
 def _staged_columns(config: JobConfig, plan: Plan) -> list[str]:
     """The staged columns that the summary and the gates read, once, when the pipeline has run."""
     gated = config.gates.enabled
-    return [*SUMMARY_COLUMNS, *(["label"] if gated and "label" in plan.manifest.schema.names else []),
+    boxes = [f"{side}_{name}" for side in SIDES for name in ("bbox", "energy_in_box")] if plan.manifest.has_boxes else []
+    return [*SUMMARY_COLUMNS, *boxes, *(["label"] if gated and "label" in plan.manifest.schema.names else []),
             *(["query_pointing_hit"] if gated and plan.manifest.has_boxes else [])]
 
 
@@ -258,9 +260,10 @@ def summarise(rows: pa.Table, layout: RunLayout, config: JobConfig, started: flo
     ok_mask = pc.equal(rows.column("status"), "ok")
     ok_rows = rows.filter(ok_mask)
     ok = ok_rows.num_rows
-    warning = residual_warning(*(ok_rows.column(c).to_numpy(zero_copy_only=False)
-                                 for c in ("similarity", "residual_query", "residual_reference")),
-                               config.model.metric) if ok else None
+    residual = residual_warning(*(ok_rows.column(c).to_numpy(zero_copy_only=False)
+                                  for c in ("similarity", "residual_query", "residual_reference")),
+                                config.model.metric) if ok else None
+    warnings = tuple(warning for warning in (residual, _boxes_outside_warning(ok_rows)) if warning)
     return RunSummary(
         run_id=config.run_id, attempt=layout.attempt, pairs=rows.num_rows, ok=ok, error=rows.num_rows - ok,
         wall_seconds=wall, preflight_seconds=checked - started, pairs_per_second=rows.num_rows / wall,
@@ -268,8 +271,20 @@ def summarise(rows: pa.Table, layout: RunLayout, config: JobConfig, started: flo
         devices=tuple(sorted(pc.unique(rows.column("device")).drop_null().to_pylist())), num_actors=config.num_actors,
         gpus_per_actor=gpus_per_actor,
         results=redact_uri(layout.results_dir), png=redact_uri(layout.png_dir) if config.render_png != "none" else None,
-        run_record=redact_uri(layout.run_record), warnings=(warning,) if warning else (),
+        run_record=redact_uri(layout.run_record), warnings=warnings,
     )
+
+
+def _boxes_outside_warning(ok_rows: pa.Table) -> str | None:
+    """How many ok rows have a box wholly outside their image (their localisation is null), or None."""
+    outside = {side: int(pc.sum(pc.and_(pc.is_valid(ok_rows[f"{side}_bbox"]),
+                                        pc.is_null(ok_rows[f"{side}_energy_in_box"]))).as_py() or 0)
+               for side in SIDES if f"{side}_bbox" in ok_rows.column_names}
+    if not any(outside.values()):
+        return None
+    counts = ", ".join(f"{count} {side}" for side, count in outside.items())
+    return (f"boxes wholly outside their image ({counts}, of {ok_rows.num_rows} ok pairs): their energy_in_box and "
+            "pointing_hit are null; a box is (x0, y0, x1, y1) in the pixels of the image as stored, before any resize")
 
 
 def failure_reason(summary: RunSummary, manifest_rows: int, config: JobConfig) -> str | None:

@@ -32,7 +32,7 @@ from pipeline.io.storage import (
     write_bytes,
 )
 from pipeline.layout import RunLayout
-from pipeline.localisation import energy_in_box, peak_xy, pointing_hit
+from pipeline.localisation import box_in_image, energy_in_box, peak_xy, pointing_hit
 from pipeline.models.explainer import build_explainer, device_label
 from pipeline.models.spec import ModelSpec
 from pipeline.render.result_row import DISPLAY_SIDE, OVERLAY_COLUMNS, matches_in_pixels, render_result_row
@@ -194,12 +194,12 @@ class ExplainPairs:
             columns[f"cis_{side}"] = list(cis[side])
             columns[f"map_{side}"] = list(maps[side].reshape(len(ok_rows), -1).astype(np.float16))
             columns[f"{side}_peak_xy"] = [list(peak_xy(m, tuple(s))) for m, s in zip(maps[side], sizes[side])]
-            if has_boxes:
+            if has_boxes:  # a box wholly outside its image locates nothing: null, as a missing box
                 boxes = [batch.column(f"{side}_bbox")[int(r)].as_py() for r in ok_rows]
-                columns[f"{side}_energy_in_box"] = [
-                    energy_in_box(m, b, tuple(s)) if b else None for m, b, s in zip(maps[side], boxes, sizes[side])]
-                columns[f"{side}_pointing_hit"] = [
-                    pointing_hit(m, b, tuple(s)) if b else None for m, b, s in zip(maps[side], boxes, sizes[side])]
+                located = [(m, b, tuple(s)) if b and box_in_image(b, tuple(s)) else None
+                           for m, b, s in zip(maps[side], boxes, sizes[side])]
+                columns[f"{side}_energy_in_box"] = [energy_in_box(*args) if args else None for args in located]
+                columns[f"{side}_pointing_hit"] = [pointing_hit(*args) if args else None for args in located]
         return columns
 
 

@@ -9,7 +9,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -153,3 +155,26 @@ def test_too_many_bad_rows_fail_without_success_marker(local_ray, tmp_path, rng)
     remove_tree(RunLayout(config.output, "failing", record["run_date"], record["attempt"]).staged_results_dir, options)
     report = read_bytes(write_report(config.output, "failing", options), options).decode()
     assert "This run failed" in report and '<article class="card ' not in report
+
+
+def test_a_box_wholly_outside_its_image_has_no_localisation_and_is_named(local_ray, tmp_path, rng) -> None:
+    """Boxes in other pixels (of a resized copy, say) would score as misses: they are null and warned of."""
+    root, options = str(tmp_path), StorageOptions()
+    write_weights(join_uri(root, "models", "model.pt"), options)
+    manifest, rows = write_audit(root, options, rng, queries=1, top_k=4)
+    table = pq.read_table(manifest)
+    boxes = table.column("query_bbox").to_pylist()
+    boxes[1] = [5000.0, 5000.0, 5100.0, 5100.0]
+    pq.write_table(table.set_column(table.schema.get_field_index("query_bbox"), "query_bbox",
+                                    pa.array(boxes, table.schema.field("query_bbox").type)), manifest)
+    config = job_config(root, options, manifest, "boxes", render_png="none")
+    summary = run_audit(config)
+    results = {r["pair_id"]: r for r in HiveParquetStore(config.output, options).read(run_id="boxes").to_pylist()}
+    outside = results[rows[1]["pair_id"]]
+    assert (outside["query_energy_in_box"], outside["query_pointing_hit"]) == (None, None)
+    assert outside["reference_energy_in_box"] is not None and outside["status"] == "ok"
+    assert all(results[r["pair_id"]]["query_energy_in_box"] is not None for r in rows if r is not rows[1])
+    warning = f"boxes wholly outside their image (1 query, 0 reference, of {len(rows)} ok pairs)"
+    assert [w for w in summary.warnings if w.startswith(warning)], summary.warnings
+    record = read_json(join_uri(config.output, "runs", "boxes", "run.json"), options)
+    assert [w for w in record["warnings"] if w.startswith(warning)]
