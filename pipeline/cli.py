@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import select
 import signal
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
 from typing import get_args
@@ -230,9 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     """Runs one command; returns its exit status (errors.py says which status means what)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, _terminate)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    handler = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
-        return args.handler(args)
+        status = args.handler(args)
+        sys.stdout.flush()  # here, not at exit: a reader that has gone (`| head`) is seen below
+        return status
     except PipelineError as error:
         if args.debug:
             traceback.print_exc()
@@ -245,9 +250,25 @@ def main(argv: list[str] | None = None) -> int:
         lead = "terminated: SIGTERM stopped it; " if terminated else "interrupted: "
         print(f"{lead}an audit's attempt is recorded as failed; a committed run stays as it was", file=sys.stderr)
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
-    except BrokenPipeError:  # whoever read the output stopped early (`| head`): quietly, as a SIGPIPE would
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise
+        # whoever read the output stopped early (`| head`): quietly, as a SIGPIPE would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return EXIT_BROKEN_PIPE
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
+
+
+def _stdout_gone() -> bool:
+    """Whether nobody reads the standard output any more (the write end of a pipe whose reader has gone)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError):  # no file descriptor to poll
+        return False
 
 
 def _terminate(signum: int, frame: object) -> None:

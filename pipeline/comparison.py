@@ -36,7 +36,8 @@ Written next to the runs, under `{output}/comparisons/{A}/{B}/` (a folder per ru
 
     pair_id                            string
     label                              int64     B's label, else A's
-    relabelled                         bool      A and B label the pair differently (null unless both label it)
+    relabelled                         bool      A and B label the same images differently (null unless both
+                                                 label the pair and it shows the same images in both)
     status_a, status_b                 string    `ok`, `error`, or null: not in that run
     same_images                        bool      the same query and reference images in both runs (null unless in both)
     similarity_a, _b, _change          float64
@@ -279,7 +280,8 @@ def pair_changes(a: pa.Table, b: pa.Table, threshold: float) -> pa.Table:
     mask = pc.fill_null(comparable, False).to_numpy(zero_copy_only=False)
     correlation = {side: _map_correlation(a[f"map_{side}"], b[f"map_{side}"], mask) for side in ("query", "reference")}
     columns = {
-        "pair_id": ids, "label": label, "relabelled": pc.not_equal(a["label"], b["label"]), "same_images": same_images,
+        "pair_id": ids, "label": label, "relabelled": pc.if_else(same_images, pc.not_equal(a["label"], b["label"]), None),
+        "same_images": same_images,
         **_side(a, "a", label, threshold), **_side(b, "b", label, threshold),
         "map_comparable": comparable, "map_correlation_query": correlation["query"],
         "map_correlation_reference": correlation["reference"],

@@ -57,7 +57,7 @@ class JobConfig(BaseModel):
     model: ModelSpec
     batch_size: int = Field(32, ge=1, le=4096)
     rows_per_file: int = Field(256, ge=1, le=10_000_000)  # result rows per Parquet file, at least
-    num_actors: int | None = Field(None, ge=1)  # None: one per GPU the cluster has at the start, else CPU_ACTORS
+    num_actors: int | None = Field(None, ge=1)  # None: the cluster's GPUs / gpus_per_actor at the start, else 2
     gpus_per_actor: float | None = Field(None, ge=0)
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1)
     max_error_fraction: float = Field(0.01, ge=0, le=1)

@@ -67,6 +67,8 @@ def _init(**options: Any) -> None:
     report and an abort (exit 134), so a scheduler stopping the job would read as a crash."""
     in_main_thread = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGTERM) if in_main_thread else None
-    ray.init(**options)
-    if in_main_thread:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
+    try:
+        ray.init(**options)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)

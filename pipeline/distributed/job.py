@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import platform
 import resource
 import time
@@ -79,7 +80,7 @@ class RunSummary:
             f"{self.wall_seconds:.1f} s ({self.preflight_seconds:.2f} s checking before the start), "
             f"{self.pairs_per_second:.1f} pairs/s, "
             f"{self.forward_passes_per_pair:.2f} forward passes per pair",
-            f"explained on: {', '.join(self.devices) or 'nothing'}",
+            f"explained on: {', '.join(self.devices) or 'nothing'} ({self.num_actors} actor(s))",
             f"results: {self.results}",
             *([f"overlays: {self.png}"] if self.png else []),
             f"run record: {self.run_record}",
@@ -126,17 +127,18 @@ def _gpus_per_actor(config: JobConfig) -> float:
 
 
 def _num_actors(config: JobConfig, gpus: float) -> int:
-    """config.num_actors, or by default as many actors of `gpus` GPUs as the cluster has GPUs for
-    now (at least one), and CPU_ACTORS without GPUs. Warns when the actors asked for need more
-    GPUs than the cluster has."""
+    """config.num_actors, or by default as many actors of `gpus` GPUs each as the cluster has GPUs
+    for now (at least one), and CPU_ACTORS without GPUs. Warns when the actors need more GPUs than
+    the cluster has (they wait for them)."""
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    if config.num_actors is None:
-        return max(1, int(cluster_gpus // gpus)) if gpus > 0 else CPU_ACTORS
-    if gpus > 0 and config.num_actors * gpus > cluster_gpus:
-        log.warning("%d actors x %g GPU each, but the cluster has %g GPU(s) now: the actors beyond that wait for "
-                    "GPUs an autoscaler may add; num_actors = the number of GPUs runs without waiting",
-                    config.num_actors, gpus, cluster_gpus)
-    return config.num_actors
+    actors = config.num_actors
+    if actors is None:
+        actors = max(1, math.floor(cluster_gpus / gpus + 1e-9)) if gpus > 0 else CPU_ACTORS
+    if gpus > 0 and actors * gpus > cluster_gpus:
+        log.warning("%d actor(s) x %g GPU each, but the cluster has %g GPU(s) now: the actors beyond that wait for "
+                    "GPUs an autoscaler may add; num_actors x gpus_per_actor within the GPUs runs without waiting",
+                    actors, gpus, cluster_gpus)
+    return actors
 
 
 def _cpus_per_actor(config: JobConfig, gpus: float) -> float:

@@ -63,11 +63,13 @@ def runs(local_ray: None, tmp_path_factory: pytest.TempPathFactory) -> Runs:
                f"FROM '{manifest}' LIMIT 6) TO '{subset}'")
     configs["run-c"] = configs["run-c"].model_copy(update={"manifest": subset})
     # run D: A's pair ids, the first three naming other reference images (a rank-shaped id in a new
-    # manifest), the next two relabelled (a label corrected between the nights)
+    # manifest; the first also relabelled, as other images would be), the next two relabelled (a label
+    # corrected between the nights)
     shifted = pq.read_table(manifest)
     references, labels = shifted["reference_uri"].to_pylist(), shifted["label"].to_pylist()
     references[:3] = references[1:3] + references[:1]
     labels[3:5] = [1 - label for label in labels[3:5]]
+    labels[0] = 1 - labels[0]
     shifted = shifted.set_column(shifted.schema.get_field_index("reference_uri"), "reference_uri", pa.array(references))
     shifted = shifted.set_column(shifted.schema.get_field_index("label"), "label", pa.array(labels, shifted.schema.field("label").type))
     pq.write_table(shifted, join_uri(root, "shifted.parquet"))

@@ -86,13 +86,17 @@ def test_local_folder_run_with_bad_rows(local_ray, tmp_path, rng) -> None:
         done = subprocess.run([sys.executable, "-m", "pipeline.cli", "render", config.output, "--run-id", "local-1",
                                "--pair-id", "bad/missing", "-o", str(tmp_path / "x.png")], capture_output=True, text=True)
         assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: pair 'bad/missing'"), done.stderr
-    # to the standard output, whose reader has gone (`| head -c 8` that finished): quietly, exit 141 as a SIGPIPE
-    read_end, write_end = os.pipe()
-    os.close(read_end)
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "render", config.output, "--run-id", "local-1",
-                           "--pair-id", left_out[0], "-o", "-"], stdout=write_end, stderr=subprocess.PIPE, text=True)
-    os.close(write_end)
-    assert done.returncode == 141 and "Traceback" not in done.stderr and "Broken pipe" not in done.stderr, done.stderr
+    # a standard output whose reader has gone (`| head -c 8` that finished), for a large output (the PNG) and
+    # a small one that stays in Python's buffer until the end: quietly, exit 141 as a SIGPIPE
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    for command in (["render", config.output, "--run-id", "local-1", "--pair-id", left_out[0], "-o", "-"],
+                    ["report", config.output, "--run-id", "local-1", "--out", str(tmp_path / "report.html")]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        done = subprocess.run([sys.executable, "-m", "pipeline.cli", *command], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, env=env)
+        os.close(write_end)
+        assert done.returncode == 141 and "Traceback" not in done.stderr and "Broken pipe" not in done.stderr, done.stderr
 
 
 def test_relative_paths_lead_every_worker_to_the_same_files(local_ray, tmp_path, rng, monkeypatch) -> None:

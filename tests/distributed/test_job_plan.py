@@ -1,10 +1,14 @@
-"""How the job asks Ray for CPUs on a CPU-only cluster (the local Ray of these tests: 2 CPUs)."""
+"""How the job asks Ray for CPUs on a CPU-only cluster (the local Ray of these tests: 2 CPUs), and
+how many actors it starts for the GPUs a cluster has."""
 
 from __future__ import annotations
 
-import pytest
+import logging
 
-from pipeline.distributed.job import READER_CPUS, WRITE_CPUS, _cpus_per_actor, build_dataset
+import pytest
+import ray
+
+from pipeline.distributed.job import CPU_ACTORS, READER_CPUS, WRITE_CPUS, _cpus_per_actor, _num_actors, build_dataset
 from pipeline.io.storage import StorageOptions, join_uri
 from pipeline.layout import RunLayout
 
@@ -31,3 +35,24 @@ def test_the_reader_and_the_writers_fit_beside_the_actors(local_ray, tmp_path, n
     config = job_config(str(tmp_path), StorageOptions(), join_uri(str(tmp_path), "pairs.parquet"), "plan",
                         num_actors=num_actors)
     assert num_actors * (_cpus_per_actor(config, gpus=0) + WRITE_CPUS) + READER_CPUS <= 2
+
+
+@pytest.mark.parametrize(("cluster_gpus", "gpus_per_actor", "num_actors", "actors", "waits"), [
+    (0, 0.0, None, CPU_ACTORS, False),  # no GPU: CPU actors
+    (1, 1.0, None, 1, False),  # one per GPU by default
+    (4, 1.0, None, 4, False),
+    (1, 0.2, None, 5, False),  # fractional shares: 1 / 0.2 is 5, not 1 // 0.2 = 4
+    (1, 0.1, None, 10, False),
+    (0, 1.0, None, 1, True),  # GPUs asked for where the cluster has none yet (an autoscaler's): one waits
+    (1, 2.0, None, 1, True),
+    (1, 1.0, 2, 2, True),  # more than the GPUs: the extra one waits
+    (2, 1.0, 2, 2, False),
+])
+def test_actors_for_the_gpus_the_cluster_has(monkeypatch, caplog, cluster_gpus, gpus_per_actor, num_actors, actors,
+                                             waits) -> None:
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": float(cluster_gpus)})
+    config = job_config("/tmp/x", StorageOptions(), "/tmp/x/pairs.parquet", "plan", num_actors=num_actors,
+                        gpus_per_actor=gpus_per_actor)
+    with caplog.at_level(logging.WARNING, logger="sfam.audit"):
+        assert _num_actors(config, gpus_per_actor) == actors
+    assert any("wait for GPUs" in record.getMessage() for record in caplog.records) == waits
