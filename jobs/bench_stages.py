@@ -229,7 +229,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=224, help="model input size in pixels")
     parser.add_argument("--stages", nargs="+", choices=["decode", "render"], default=["decode", "render"],
                         help="which rows: decoding (and nvJPEG where there is a GPU), rendering")
-    return parse_benchmark_args(parser, argv, SMOKE, SECTION)
+    args = parse_benchmark_args(parser, argv, SMOKE, SECTION)
+    if args.write and set(args.stages) != {"decode", "render"}:
+        parser.error("--write replaces the whole section: it needs every stage (leave --stages out)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
