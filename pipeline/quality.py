@@ -11,11 +11,8 @@ import numpy as np
 MOSTLY_RESIDUAL = 0.5  # a pair whose residual exceeds this share of its similarity explains little
 MIN_SIMILARITY = 1e-3  # below this |similarity|, the share is not measured (nothing to explain)
 LIKELY_CAUSE = (
-    "the target layer's channels carry little of the similarity: part of it reaches the embedding "
-    "around the layer's grid (a class token's own state, when the layer is inside a class-token ViT: "
-    "the default layer, the tokens entering the first block, leaves the least there), the layer may "
-    "barely feed the embedding, or the head normalises its input (L2) in a way the attribution cannot "
-    "see through; see docs/method.md"
+    "the target layer's channels carry little of it (a class token's own state inside a ViT, a layer that "
+    "barely feeds the embedding, or an L2 normalisation inside the head); docs/method.md, Limits, says what to try"
 )
 
 
