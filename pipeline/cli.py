@@ -28,6 +28,8 @@ from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.storage import StorageOptions, redact_uri
 from pipeline.models.spec import LayoutName, Metric, ModelSpec, Weighting
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # the command stops, an audit's attempt is recorded as failed
+
 
 def _model_spec(text: str) -> ModelSpec:
     """`--model resnet18` or an inline mapping: `--model '{arch: resnet18, embedding_dim: 64}'`."""
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     in_main_thread = threading.current_thread() is threading.main_thread()
-    handler = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    handlers = {number: signal.signal(number, _stop) for number in STOP_SIGNALS} if in_main_thread else {}
     try:
         status = args.handler(args)
         sys.stdout.flush()  # here, not at exit: a reader that has gone (`| head`) is seen below
@@ -246,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: an audit's attempt is recorded as failed on the way out
         if args.debug:
             traceback.print_exc()
+        _shut_down_ray()
         terminated = isinstance(stop, Terminated)
         lead = "terminated: SIGTERM stopped it; " if terminated else "interrupted: "
         print(f"{lead}an audit's attempt is recorded as failed; a committed run stays as it was", file=sys.stderr)
@@ -257,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return EXIT_BROKEN_PIPE
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
+        for number, handler in handlers.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
 
 
 def _stdout_gone() -> bool:
@@ -271,8 +274,20 @@ def _stdout_gone() -> bool:
         return False
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated("stopped by SIGTERM")
+def _stop(signum: int, frame: object) -> None:
+    """Ctrl-C or SIGTERM: stops the command; a second one is ignored, so that it cannot cut short
+    the clean-up the first started (recording the attempt as failed, stopping Ray's processes)."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    raise Terminated("stopped by SIGTERM") if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+def _shut_down_ray() -> None:
+    """Stops this process's Ray now, as the stop signals are ignored, rather than at exit, where a
+    second Ctrl-C would interrupt it (a traceback, and Ray's agents left running)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -69,6 +69,10 @@ def _init(**options: Any) -> None:
     handler = signal.getsignal(signal.SIGTERM) if in_main_thread else None
     try:
         ray.init(**options)
+    except SystemExit as stop:  # SIGTERM while ray.init ran, by Ray's handler: handled as the process would
+        if stop.code == signal.SIGTERM and callable(handler):
+            handler(signal.SIGTERM, None)
+        raise
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)

@@ -31,7 +31,7 @@ from pipeline.config import JobConfig
 from pipeline.distributed.cluster import connect
 from pipeline.distributed.iceberg_commit import overwrite_run
 from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults, StageChain
-from pipeline.errors import AuditFailed, PipelineError, UserError
+from pipeline.errors import AuditFailed, PipelineError, Terminated, UserError
 from pipeline.gates import Baseline, GateResult, GatesFailed, check_manifest_supports, evaluate, same_label_similarity
 from pipeline.io.results_store import ResultsStore
 from pipeline.io.storage import StorageError, exists, open_input, redact_all, redact_uri
@@ -378,7 +378,7 @@ def run_audit(config: JobConfig) -> RunSummary:
     except BaseException as error:  # interrupted too: the attempt must not stay "running"
         cause = _pipeline_error(error) or error
         try:  # best effort: the storage may be what failed
-            recorder.failed(f"{type(cause).__name__}: {cause}")
+            recorder.failed(_failure_reason(cause))
         except StorageError as storage_error:
             log.warning("could not record the failure of attempt %s: %s", layout.attempt, storage_error)
         try:  # a replica still writing when the driver stops may leave files behind
@@ -390,6 +390,13 @@ def run_audit(config: JobConfig) -> RunSummary:
             raise cause from error
         raise
     return summary
+
+
+def _failure_reason(cause: BaseException) -> str:
+    """The failed attempt's reason: what stopped it, as its record says it."""
+    if isinstance(cause, KeyboardInterrupt) and not isinstance(cause, Terminated):
+        return "interrupted (Ctrl-C)"
+    return f"{type(cause).__name__}: {cause}"
 
 
 def _finish(config: JobConfig, plan: Plan, store: ResultsStore, recorder: RunRecorder, summary: RunSummary,
@@ -410,7 +417,8 @@ def _finish(config: JobConfig, plan: Plan, store: ResultsStore, recorder: RunRec
     committed = store.committed_attempt(config.run_id)
     if committed != plan.previous_attempt:  # another attempt of the run_id committed while this one ran
         raise UserError(f"run {config.run_id}: attempt {committed} committed while attempt {plan.layout.attempt} "
-                        "ran, which therefore does not replace it; run the audit again to")
+                        "ran, so this attempt leaves that run as it is; run the audit again, once no other attempt "
+                        "of the run_id runs, to replace it")
     write_json(plan.layout.attempt_record, success, config.storage_options)
     store.commit(plan.layout, success, asdict(summary))
     if failed_gates:

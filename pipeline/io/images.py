@@ -145,7 +145,7 @@ def _open(data: bytes, uri: str, max_pixels: int) -> Image.Image:
     img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     width, height = img.size
     if width * height > max_pixels:
-        raise ImageDecodeError(uri, f"too many pixels: {width}x{height} exceeds max_pixels={max_pixels}")
+        raise ImageDecodeError(uri, f"too many pixels: {width}x{height} exceeds max_image_pixels={max_pixels}")
     return img
 
 

@@ -222,11 +222,14 @@ def _render_hint(summary: Mapping[str, Any], ok: Sequence[Row], png_href: Callab
     missing = sum(1 for row in ok if not png_href(row))
     if not missing:
         return ""
+    policy = escaped(summary.get("config", {}).get("render_png", "?"))
+    if summary.get("status") == "failed":  # its rows are not in the table, which sfam render reads
+        return (f'<p class="note">{missing:,} pair(s) have no overlay (render_png: {policy}); sfam render draws '
+                'pairs of a committed run, so draw them once a re-run of this run_id has succeeded.</p>')
     output = summary.get("config", {}).get("output", "OUTPUT")
     command = f"sfam render {output} --run-id {summary.get('run_id', 'RUN_ID')} --pair-id PAIR_ID -o pair.png"
-    return (f'<p class="note">{missing:,} pair(s) have no overlay (render_png: '
-            f'{escaped(summary.get("config", {}).get("render_png", "?"))}); their maps are in the table. '
-            f'Draw any of them with <code>{escaped(command)}</code>.</p>')
+    return (f'<p class="note">{missing:,} pair(s) have no overlay (render_png: {policy}); their maps are in the '
+            f'table. Draw any of them with <code>{escaped(command)}</code>.</p>')
 
 
 def _warnings(summary: Mapping[str, Any]) -> str:

@@ -198,12 +198,21 @@ def test_an_attempt_that_another_commits_under_does_not_replace_it(local_ray, tm
     assert set(table.column("attempt").to_pylist()) == {committed}
 
 
-@pytest.mark.parametrize(("sent", "status", "first_word"), [(signal.SIGINT, 130, "interrupted"),
-                                                          (signal.SIGTERM, 143, "terminated")])
-def test_a_stop_signal_is_one_line_and_a_failed_attempt(tmp_path, rng, sent, status, first_word) -> None:
+WORKING = ("fetching, explaining and rendering", 3.0)  # (a line of the log, then seconds): the actors work
+STARTING = ("sfam.audit: attempt ", 0.5)  # the driver is connecting to Ray (ray.init)
+
+
+@pytest.mark.parametrize(("sent", "times", "when", "status", "reason"), [
+    (signal.SIGINT, 1, WORKING, 130, "interrupted (Ctrl-C)"),
+    (signal.SIGINT, 2, WORKING, 130, "interrupted (Ctrl-C)"),  # an impatient second Ctrl-C
+    (signal.SIGTERM, 1, WORKING, 143, "Terminated: stopped by SIGTERM"),
+    (signal.SIGTERM, 1, STARTING, 143, "Terminated: stopped by SIGTERM"),
+])
+def test_a_stop_signal_is_one_line_and_a_failed_attempt(tmp_path, rng, sent, times, when, status, reason) -> None:
     """SIGINT (Ctrl-C) or SIGTERM (a scheduler or Kubernetes stopping it) to `python -m jobs.audit`
-    while it works: the attempt is recorded as failed, and the command line says so in one line,
-    exit 130 or 143 (128 + the signal), without a traceback or a crash report."""
+    while it works or while it starts Ray: the attempt is recorded as failed, and the command line
+    says so in one line, exit 130 or 143 (128 + the signal), without a traceback or a crash report,
+    also when a second Ctrl-C follows the first while the attempt is recorded and Ray stops."""
     root, options = str(tmp_path), StorageOptions()
     write_weights(join_uri(root, "models", "model.pt"), options)
     manifest, _ = write_audit(root, options, rng, queries=16, top_k=6)
@@ -213,16 +222,19 @@ def test_a_stop_signal_is_one_line_and_a_failed_attempt(tmp_path, rng, sent, sta
     process = subprocess.Popen([sys.executable, "-m", "jobs.audit", "--config", str(config)], cwd=ROOT, env=env,
                                stderr=subprocess.PIPE, text=True)
     seen = []
-    for line in process.stderr:  # until the actors work
+    line_seen, seconds = when
+    for line in process.stderr:
         seen.append(line)
-        if "fetching, explaining and rendering" in line:
+        if line_seen in line:
             break
-    time.sleep(3)
-    process.send_signal(sent)
+    time.sleep(seconds)
+    for _ in range(times):
+        process.send_signal(sent)
+        time.sleep(0.3)
     rest = process.communicate(timeout=180)[1]
     stderr = "".join(seen) + rest
     assert process.returncode == status, stderr[-3000:]
-    assert stderr.strip().splitlines()[-1].startswith(f"{first_word}: "), stderr[-3000:]
-    assert "Traceback" not in stderr and "SIGTERM received" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("terminated: " if sent == signal.SIGTERM else "interrupted: ")
+    assert not [text for text in ("Traceback", "SIGTERM received", "Exception ignored") if text in stderr], stderr[-3000:]
     records = (tmp_path / "audits" / "runs" / "interrupted" / "attempts").glob("*/run.json")
-    assert [json.loads(r.read_text())["status"] for r in records] == ["failed"]
+    assert [(json.loads(r.read_text())["status"], json.loads(r.read_text())["reason"]) for r in records] == [("failed", reason)]

@@ -196,7 +196,7 @@ def test_pixel_limit_is_inclusive(decode: Decode, rng: np.random.Generator) -> N
     data = encode(Image.fromarray(rgb), "PNG")
     pixels = rgb.shape[0] * rgb.shape[1]
     assert decode(data, "mem://ok.png", pixels).shape == rgb.shape
-    with pytest.raises(ImageDecodeError, match=f"max_pixels={pixels - 1}"):
+    with pytest.raises(ImageDecodeError, match=f"max_image_pixels={pixels - 1}"):
         decode(data, "mem://big.png", pixels - 1)
 
 

@@ -191,6 +191,9 @@ def test_a_failed_run_says_so_first() -> None:
     assert warnings.index("This run failed and committed nothing") < warnings.index("a residual")
     assert reason in warnings
     assert "This run failed" not in render_report({**SUMMARY, "status": "succeeded"}, ROWS, png_href=_href)
+    # no overlay drawn: sfam render reads committed runs only, so the page does not offer its command
+    assert "--pair-id PAIR_ID" not in render_report({**SUMMARY, "status": "failed"}, ROWS, png_href=lambda row: None)
+    assert "--pair-id PAIR_ID" in render_report({**SUMMARY, "status": "succeeded"}, ROWS, png_href=lambda row: None)
 
 
 def test_empty_run() -> None:
