@@ -49,10 +49,19 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
         raise ConfigError(f"--set {args.overrides[0]!r}: --set changes the file given with --config, and there is none")
 
 
-def _refuse_folder(output: str, flag: str) -> None:
-    """A PNG to write that names a local folder is refused before any work, not after it."""
+def _check_output(output: str, flag: str, example: str, stdout: bool = False) -> None:
+    """The file a command writes, checked before any work: not a folder, named with `example`'s
+    suffix (what is written), and `-` (the standard output) only where the command writes there."""
+    suffix = os.path.splitext(example)[1]
+    if output == "-" and not stdout:
+        raise ConfigError(f"{flag} -: this command writes a {suffix} file, not to the standard output; name it, "
+                          f"e.g. {example}")
+    if output == "-":
+        return
     if "://" not in output and os.path.isdir(output):
-        raise ConfigError(f"{flag} {output}: is a folder; name the PNG to write, e.g. {os.path.join(output, 'pair.png')}")
+        raise ConfigError(f"{flag} {output}: is a folder; name the {suffix} file to write, e.g. {os.path.join(output, example)}")
+    if not output.lower().endswith(suffix):
+        raise ConfigError(f"{flag} {output}: the file written is a {suffix} file; name it so, e.g. {example}")
 
 
 def _warn(message: str) -> None:
@@ -64,7 +73,7 @@ def explain_command(args: argparse.Namespace) -> int:
     from pipeline.quality import residual_warning
 
     _refuse_ignored(args)
-    _refuse_folder(args.output, "-o")
+    _check_output(args.output, "-o", "pair.png")
     if args.config:
         config = load_config(args.config, args.overrides)
         spec, options, max_pixels = config.model, config.storage_options, config.max_image_pixels
@@ -135,6 +144,8 @@ def report_command(args: argparse.Namespace) -> int:
     from pipeline.reporting import write_report
 
     audit = _audit(args)
+    if args.out is not None:
+        _check_output(args.out, "-o", "report.html")
     path = write_report(audit.output, args.run_id, audit.options, args.out, audit.table)
     print(f"wrote {path}")
     return EXIT_OK
@@ -154,7 +165,7 @@ def render_command(args: argparse.Namespace) -> int:
     from pipeline.overlays import render_pair_of_run
 
     audit = _audit(args)
-    _refuse_folder(args.out, "-o")
+    _check_output(args.out, "-o", "pair.png", stdout=True)
     png = render_pair_of_run(audit.output, args.run_id, args.pair_id, audit.options, audit.table)
     if args.out == "-":
         sys.stdout.buffer.write(png)

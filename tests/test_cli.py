@@ -77,6 +77,11 @@ def test_explain_draws_the_matches_of_the_matched_map(tmp_path: Path, rng) -> No
     (["demo", "--queries", "0"], "--queries 0"),
     (["explain", "q.png", "r.png", "--model", "resnet18", "-o", "."], "-o .: is a folder"),
     (["render", "out", "--run-id", "r", "--pair-id", "p", "-o", "."], "-o .: is a folder"),
+    (["explain", "q.png", "r.png", "--model", "resnet18", "-o", "-"], "-o -: this command writes a .png file"),
+    (["explain", "q.png", "r.png", "--model", "resnet18", "-o", "e9.jpg"], "-o e9.jpg: the file written is a .png file"),
+    (["render", "out", "--run-id", "r", "--pair-id", "p", "-o", "p.jpg"], "-o p.jpg: the file written is a .png file"),
+    (["report", "out", "--run-id", "r", "-o", "-"], "-o -: this command writes a .html file"),
+    (["report", "out", "--run-id", "r", "-o", "r.png"], "-o r.png: the file written is a .html file"),
 ])
 def test_argument_mistakes_are_one_line(argv: list[str], named: str, capsys) -> None:
     """Found before anything is read or built: one line naming the argument, exit 2."""
