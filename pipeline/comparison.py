@@ -100,7 +100,7 @@ SUMMARY_SCHEMA = pa.schema(
 class Comparison:
     """Two runs compared: `pairs` and `summary` are the tables of the module docstring."""
 
-    runs: tuple[dict[str, Any], dict[str, Any]]  # A, B: run_id, model_id, weights, target_layer, metric, started
+    runs: tuple[dict[str, Any], dict[str, Any]]  # A, B: _run_info's
     threshold: float
     pairs: pa.Table
     summary: pa.Table
@@ -198,7 +198,8 @@ def _run_info(record: dict) -> dict[str, Any]:
     if weights:  # two checkpoints of one architecture differ here only
         weights = weights.rsplit("/", 1)[-1] + (f" (sha256 {digest[:12]})" if digest else "")
     return {"run_id": record["run_id"], "model_id": record.get("model_id"), "weights": weights,
-            "target_layer": record.get("target_layer"), "metric": model.get("metric"), "started": record["timings"]["started"]}
+            "target_layer": record.get("target_layer"), "metric": model.get("metric"), "weighting": model.get("weighting"),
+            "input_size": model.get("input_size"), "started": record["timings"]["started"]}
 
 
 def _run_rows(store: ResultsStore, record: dict) -> pa.Table:

@@ -22,7 +22,7 @@ _STYLE = (  # up and down say the direction, not whether it is better: a false m
     "#comparison .warning { background: #fff4e5; border-left: 4px solid #e67e22; padding: 4px 14px; }"
 )
 _RUN_FIELDS = (("run id", "run_id"), ("model", "model_id"), ("weights", "weights"), ("target layer", "target_layer"),
-               ("metric", "metric"), ("started", "started"))
+               ("metric", "metric"), ("weighting", "weighting"), ("input size", "input_size"), ("started", "started"))
 MOVED_BELOW = 0.99  # a pair's maps moved when they correlate below this (the same maps, stored as float16, correlate above)
 METRICS_DIFFER = "The runs use different metrics: their similarities and the threshold are in different units."
 _FIGURES = (("mean similarity", "mean_similarity"), ("pointing hit rate", "pointing_hit_rate"),
@@ -35,7 +35,7 @@ _COUNTS = (("maps not<br>comparable", "maps_not_comparable"), ("false<br>matches
 class ComparisonView:
     """What the HTML shows; pipeline/comparison.py builds it (`Comparison.view()`)."""
 
-    runs: tuple[Mapping[str, Any], Mapping[str, Any]]  # A, B: run_id, model_id, weights, target_layer, metric, started
+    runs: tuple[Mapping[str, Any], Mapping[str, Any]]  # A, B: run_id, model_id, weights, target_layer, metric, weighting, input_size, started
     threshold: float
     counts: Mapping[str, int]
     summary: Sequence[Row]  # one row per label

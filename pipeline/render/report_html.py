@@ -22,7 +22,7 @@ GALLERY_CAP = 2000
 LOOK_FIRST_CAP = 24
 ERROR_CAP = 1000
 _SAFE_SCHEMES = {"", "http", "https", "file"}
-_HEADING_KEYS = ("run_id", "model_id", "metric", "target_layer")
+_HEADING_KEYS = ("run_id", "model_id", "metric", "weighting", "target_layer")  # of the run record, or its config's model
 _SCRIPT_HASH = base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode()
 _CSP = (
     "default-src 'none'; img-src 'self' data: file: http: https:; style-src 'unsafe-inline'; "
@@ -30,6 +30,12 @@ _CSP = (
 )
 
 Row = dict[str, Any]  # one result row (pipeline/schema.py)
+
+
+def _heading_values(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """What the page's heading says of the run: the record's keys, else its config's model's."""
+    model = summary.get("config", {}).get("model", {})
+    return {key: summary.get(key, model.get(key)) for key in _HEADING_KEYS}
 
 
 def _label(row: Row) -> int | None:
@@ -256,7 +262,7 @@ def render_report(
     ok = [r for r in rows if r.get("status") == "ok"]
     errors = [r for r in rows if r.get("status") == "error"]
     heading = " · ".join(
-        [f"{k} {escaped(summary[k], 120)}" for k in _HEADING_KEYS if summary.get(k) is not None]
+        [f"{k} {escaped(value, 120)}" for k, value in _heading_values(summary).items() if value is not None]
         + ['<a href="#run">run record</a>']
     )
     return (

@@ -184,6 +184,7 @@ def test_written_tables_read_in_duckdb_and_the_page_has_every_section(runs: Runs
     assert summary.fetchall() == [("run-a", "run-b", *attempts, 0.8, 9)]  # which attempts it describes
     assert duckdb.sql(f"SELECT count(*), count(map_correlation) FROM '{written['pairs.parquet']}'").fetchall()[0][0] == 9
     page = Path(written["comparison.html"]).read_text()
+    assert "<th>weighting</th>" in page and "<th>input size</th>" in page  # what changed between the runs, if it did
     for section in ('id="comparison"', 'id="by-label"', 'id="moved-maps"', 'id="new-false-matches"',
                     'id="vanished-false-matches"', "run-a", "run-b", "model-a.pt (sha256 ", "model-b.pt (sha256 "):
         assert section in page  # the weights tell two checkpoints of one architecture apart

@@ -196,6 +196,13 @@ def test_a_failed_run_says_so_first() -> None:
     assert "--pair-id PAIR_ID" in render_report({**SUMMARY, "status": "succeeded"}, ROWS, png_href=lambda row: None)
 
 
+def test_the_heading_names_the_runs_metric_and_weighting() -> None:
+    record = {**{k: v for k, v in SUMMARY.items() if k != "metric"},  # run.json keeps them in its config
+              "config": {"model": {"metric": "dot", "weighting": "matched"}}}
+    heading = render_report(record, ROWS, png_href=_href).split('<p class="sub">', 1)[1].split("</p>", 1)[0]
+    assert "metric dot" in heading and "weighting matched" in heading
+
+
 def test_empty_run() -> None:
     page = Page(render_report({}, [], png_href=_href))
     assert not page.cards["gallery"]
