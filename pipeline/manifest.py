@@ -42,7 +42,10 @@ def _check_types(schema: pa.Schema) -> None:
     expectations = {"label": pa.types.is_integer, "rank": pa.types.is_integer, "score": pa.types.is_floating}
     for name, is_expected in expectations.items():
         if name in schema.names and not is_expected(schema.field(name).type):
-            raise ManifestError(f"manifest column {name!r} has type {schema.field(name).type}, expected {is_expected.__name__[3:]}")
+            hint = ("; pandas stores integers with nulls as floats: write the column as df['label'].astype('Int8')"
+                    if name == "label" and pa.types.is_floating(schema.field(name).type) else "")
+            raise ManifestError(f"manifest column {name!r} has type {schema.field(name).type}, expected "
+                                f"{is_expected.__name__[3:]}{hint}")
     for name in BOX_COLUMNS:
         if name in schema.names:
             kind = schema.field(name).type
