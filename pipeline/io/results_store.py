@@ -74,6 +74,14 @@ class ResultsStore:
             return None
         return read_json(marker, self.options).get("attempt")
 
+    def _table_format(self, run_id: str) -> str | None:
+        """The table format the run's record names, or None where it cannot be read."""
+        try:
+            record = read_json(join_uri(self.output, "runs", run_id, "run.json"), self.options)
+        except StorageError:
+            return None
+        return (record.get("config", {}).get("table") or {}).get("format")
+
     def discard(self, layout: RunLayout) -> None:
         """Deletes a failed attempt's staged rows and overlays; its run record stays."""
         remove_tree(layout.staged_results_dir, self.options)
@@ -129,6 +137,9 @@ class HiveParquetStore(ResultsStore):
         pattern = join_uri(self.root, "run_date=*", f"run_id={run_id}", f"{part_prefix(attempt)}*.parquet")
         parts = [filesystem(uri, self.options)[1] for uri in glob(pattern, self.options)]
         if not parts:
+            if self._table_format(run_id) == "iceberg":  # read as Hive because no config named the catalog
+                raise StorageError(join_uri(self.output, "runs", run_id), "the run's rows are in an Iceberg table (its "
+                                   "run.json says table.format: iceberg); pass the job's config with --config")
             raise StorageError(pattern, f"no result files of attempt {attempt}, which runs/{run_id}/_SUCCESS names")
         fs, root = arrow_filesystem(self.root, self.options)
         files = pds.dataset(parts, filesystem=fs, format="parquet")

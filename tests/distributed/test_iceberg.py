@@ -17,7 +17,8 @@ from pipeline.config import JobConfig
 from pipeline.distributed.job import run_audit
 from pipeline.errors import UserError
 from pipeline.io.iceberg_store import IcebergStore, TableConfig, catalog_properties
-from pipeline.io.storage import StorageOptions, join_uri
+from pipeline.io.results_store import HiveParquetStore
+from pipeline.io.storage import StorageError, StorageOptions, join_uri
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import read_json
 from pipeline.reporting import write_report
@@ -44,6 +45,8 @@ def test_iceberg_runs_reruns_and_a_reader_that_never_sees_a_mix(local_ray, s3_bu
     run_audit(iceberg_config(root, options, manifest, "nightly-2", catalog_db))
     store = open_results_store(first.output, options, first.table)
     assert store.read(run_id="nightly-1").num_rows == len(rows) == store.read(run_id="nightly-2").num_rows
+    with pytest.raises(StorageError, match="in an Iceberg table .* pass the job's config with --config"):
+        HiveParquetStore(first.output, options).read(run_id="nightly-1")  # `sfam compare OUTPUT ...` without --config
     old_attempt = read_json(join_uri(first.output, "runs", "nightly-1", "_SUCCESS"), options)["attempt"]
 
     # the manifest gains a column; the re-run of nightly-1 must evolve the schema, not split the table
