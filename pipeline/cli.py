@@ -69,7 +69,8 @@ def _warn(message: str) -> None:
 
 
 def explain_command(args: argparse.Namespace) -> int:
-    from pipeline.pair import explain_pair  # torch and torchvision load only for the commands that need them
+    from pipeline.models.loading import random_weights_warning  # torch loads only for the commands that need it
+    from pipeline.pair import explain_pair
     from pipeline.quality import residual_warning
 
     _refuse_ignored(args)
@@ -85,6 +86,9 @@ def explain_command(args: argparse.Namespace) -> int:
                "weighting": args.weighting, "feature_layout": args.feature_layout, "prefix_tokens": args.prefix_tokens}
     spec = validated(ModelSpec, {**spec.model_dump(), **{k: v for k, v in changes.items() if v is not None}},
                      "sfam explain")
+    random_weights = random_weights_warning(spec)
+    if random_weights:
+        _warn(random_weights)
     explanation = explain_pair(args.query, args.reference, spec, options, max_pixels, output=args.output)
     print(f"target layer: {explanation.target_layer} ({spec.weighting} map)")
     print(f"{spec.metric} similarity: {explanation.similarity:.4f}")

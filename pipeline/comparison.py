@@ -142,12 +142,12 @@ class Comparison:
         counts = ", ".join(f"{value} {name}" for name, value in self.counts().items())
         lines = [f"compared {run_a} (A) with {run_b} (B); pairs: {counts}",
                  *([f"warning: {METRICS_DIFFER}"] if len({run["metric"] for run in self.runs}) > 1 else []),
-                 f"{'label':<11}{'pairs':>6}  {'similarity A -> B':<27}{'pointing A -> B':<25}"
-                 f"{'in box A -> B':<25}{'map corr':>8}  false matches >= {self.threshold:g} (new, vanished)"]
-        for row in self.summary.to_pylist():
-            figures = "".join(f"{_arrow(row, name):<25}" for name in ("pointing_hit_rate", "energy_in_box"))
+                 f"{'label':<11}{'pairs':>6}  {'similarity A -> B':<25}  {'pointing A -> B':<23}  "
+                 f"{'in box A -> B':<23}  {'map corr':>8}  false matches >= {self.threshold:g} (new, vanished)"]
+        for row in self.summary.to_pylist():  # two spaces between columns, also when a value is wider than its column
+            figures = "".join(f"{_arrow(row, name):<23}  " for name in ("pointing_hit_rate", "energy_in_box"))
             lines.append(
-                f"{label_name(row['label']):<11}{row['pairs']:>6}  {_arrow(row, 'mean_similarity'):<27}{figures}"
+                f"{label_name(row['label']):<11}{row['pairs']:>6}  {_arrow(row, 'mean_similarity'):<25}  {figures}"
                 f"{_fmt(row['mean_map_correlation']):>8}  {row['false_matches_a']} -> {row['false_matches_b']} "
                 f"({row['new_false_matches']}, {row['vanished_false_matches']})"
             )

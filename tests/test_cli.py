@@ -33,6 +33,7 @@ def test_explain_writes_a_readable_png(tmp_path: Path, rng) -> None:
     assert done.returncode == 0, done.stderr
     assert "cosine similarity:" in done.stdout and "top channels by CIS" in done.stdout
     assert "target layer: layer4 (cis map)" in done.stdout  # the default layer and the weighting, said
+    assert "warning: model resnet18+fc32 has no weights: explaining its random initialisation" in done.stderr
     picture = np.asarray(Image.open(io.BytesIO(out.read_bytes())).convert("RGB"))
     height, width, _ = picture.shape
     assert height > 256 and width > 256 * (320 / 240 + 160 / 224) * 0.9  # both panels at their aspect ratios

@@ -40,7 +40,7 @@ from pipeline.io.tables import arrow_filesystem, read_json, write_json
 from pipeline.layout import RunLayout, new_attempt_id
 from pipeline.manifest import ManifestInfo, validate_manifest
 from pipeline.models.explainer import build_explainer
-from pipeline.models.loading import RANDOM_INIT_SEED
+from pipeline.models.loading import random_weights_warning
 from pipeline.models.spec import ModelSpec
 from pipeline.quality import residual_warning
 from pipeline.run_history import previous_successful_run
@@ -164,9 +164,9 @@ def preflight(config: JobConfig, store: ResultsStore) -> Plan:
         raise type(error)(f"manifest {config.manifest}", error.reason) from error
     log.info("manifest %s: %d pairs, boxes: %s", redact_uri(config.manifest), manifest.num_rows, manifest.has_boxes)
     check_manifest_supports(config.gates, manifest.schema.names)
-    if not config.model.weights and not config.model.is_factory:
-        log.warning("model %s has no weights: explaining its random initialisation (seed %d), the same in every "
-                    "replica and run; set model.weights for a trained model", config.model.model_id, RANDOM_INIT_SEED)
+    random_weights = random_weights_warning(config.model)
+    if random_weights:
+        log.warning("%s", random_weights)
     explainer = build_explainer(config.model, options, device=torch.device("cpu"))  # GPUs belong to the actors
     explainer.trial()
     log.info("model %s checked: target layer %s", config.model.model_id, explainer.target_layer)
