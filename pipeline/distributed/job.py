@@ -318,10 +318,12 @@ class RunRecorder:
 
     def record(self, status: str, summary: RunSummary | None = None, reason: str | None = None) -> dict:
         record = {**self.base, "status": status, "reason": None if reason is None else redact_uri(reason)}
+        if status != "running":  # when it ended, also for an attempt stopped before it had a summary
+            record["timings"] = {**self.base["timings"], "finished": dt.datetime.now(dt.timezone.utc).isoformat()}
         if summary is not None:
             record["counts"] = {"pairs": summary.pairs, "ok": summary.ok, "error": summary.error,
                                 "manifest_rows": self.plan.manifest.num_rows}
-            record["timings"] = {**self.base["timings"], "wall_seconds": summary.wall_seconds,
+            record["timings"] = {**record["timings"], "wall_seconds": summary.wall_seconds,
                                  "preflight_seconds": summary.preflight_seconds,
                                  "pairs_per_second": summary.pairs_per_second}
             record["forward_passes_per_pair"] = summary.forward_passes_per_pair

@@ -18,6 +18,7 @@ _CSP = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-act
 _STYLE = (  # up and down say the direction, not whether it is better: a false match gaining similarity is worse
     "#comparison td.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }"
     "#comparison th, #by-label td { white-space: nowrap; } #by-label th, #by-label td { padding: 4px 6px; }"
+    "#by-label { overflow-x: auto; }"  # a wide table scrolls inside the page, not past its edge
     "#comparison .up { color: #1f5fa8; } #comparison .down { color: #b35900; }"
     "#comparison .warning { background: #fff4e5; border-left: 4px solid #e67e22; padding: 4px 14px; }"
 )

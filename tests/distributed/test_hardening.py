@@ -237,4 +237,6 @@ def test_a_stop_signal_is_one_line_and_a_failed_attempt(tmp_path, rng, sent, tim
     assert stderr.strip().splitlines()[-1].startswith("terminated: " if sent == signal.SIGTERM else "interrupted: ")
     assert not [text for text in ("Traceback", "SIGTERM received", "Exception ignored") if text in stderr], stderr[-3000:]
     records = (tmp_path / "audits" / "runs" / "interrupted" / "attempts").glob("*/run.json")
-    assert [(json.loads(r.read_text())["status"], json.loads(r.read_text())["reason"]) for r in records] == [("failed", reason)]
+    recorded = [json.loads(r.read_text()) for r in records]
+    assert [(r["status"], r["reason"]) for r in recorded] == [("failed", reason)]
+    assert recorded[0]["timings"]["finished"] > recorded[0]["timings"]["started"]  # when it was stopped
