@@ -71,9 +71,9 @@ from pipeline.io.results_store import ResultsStore
 from pipeline.io.storage import StorageOptions, exists, join_uri, resolve_uri, write_bytes
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import read_json
-from pipeline.render.comparison_html import METRICS_DIFFER, MOVED_BELOW, ComparisonView, label_name, render_comparison
-from pipeline.render.selection import FALSE_MATCH_SIMILARITY
+from pipeline.render.comparison_html import METRICS_DIFFER, ComparisonView, label_name, render_comparison
 from pipeline.schema import result_type
+from pipeline.thresholds import FALSE_MATCH_SIMILARITY, MOVED_BELOW
 
 CHUNK_ROWS = 65536  # pairs whose maps are correlated at once
 LISTED = 20  # pairs shown per list (moved maps, new and vanished false matches)

@@ -18,7 +18,8 @@ from pipeline.gates import Gates
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.storage import StorageOptions, resolve_uri
 from pipeline.models.spec import ModelSpec
-from pipeline.render.selection import FALSE_MATCH_SIMILARITY, FlagRules, RenderPolicy
+from pipeline.render.selection import FlagRules, RenderPolicy
+from pipeline.thresholds import FALSE_MATCH_SIMILARITY
 
 MAX_IMAGE_PIXELS = 50_000_000  # larger images fail their row (decompression bombs)
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

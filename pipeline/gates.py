@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import EXIT_GATES_FAILED, PipelineError, UserError
 from pipeline.quality import residual_share
-from pipeline.render.selection import FALSE_MATCH_SIMILARITY
+from pipeline.thresholds import FALSE_MATCH_SIMILARITY
 
 
 class GatesFailed(PipelineError):

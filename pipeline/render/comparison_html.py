@@ -12,6 +12,7 @@ from typing import Any
 
 from pipeline.render.html_text import LABEL_NAMES, escaped, finite_number
 from pipeline.render.report_assets import CSS
+from pipeline.thresholds import MOVED_BELOW
 
 Row = dict[str, Any]  # one row of the comparison's summary or pairs table (pipeline/comparison.py)
 _CSP = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
@@ -24,7 +25,6 @@ _STYLE = (  # up and down say the direction, not whether it is better: a false m
 )
 _RUN_FIELDS = (("run id", "run_id"), ("model", "model_id"), ("weights", "weights"), ("target layer", "target_layer"),
                ("metric", "metric"), ("weighting", "weighting"), ("input size", "input_size"), ("started", "started"))
-MOVED_BELOW = 0.99  # a pair's maps moved when they correlate below this (the same maps, stored as float16, correlate above)
 METRICS_DIFFER = "The runs use different metrics: their similarities and the threshold are in different units."
 _FIGURES = (("mean similarity", "mean_similarity"), ("pointing hit rate", "pointing_hit_rate"),
             ("energy in box", "energy_in_box"))

@@ -41,12 +41,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.thresholds import FALSE_MATCH_SIMILARITY
+
 RenderPolicy = Literal["all", "flagged", "none"]
 RENDER_POLICIES: tuple[str, ...] = get_args(RenderPolicy)
 
 # The reasons a row is flagged, in priority order (lower first); NOT_FLAGGED sorts last.
 FALSE_MATCH, POINTING_MISS, WEAK_MATCH, SAMPLE, NOT_FLAGGED = range(5)
-FALSE_MATCH_SIMILARITY = 0.8  # the default threshold of a false match (label 0), also the gates' (config.py)
 POINTING_COLUMNS = ("query_pointing_hit", "reference_pointing_hit")
 
 

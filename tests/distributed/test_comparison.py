@@ -24,8 +24,8 @@ from pipeline.cli import main
 from pipeline.comparison import compare_runs, comparison_dir, write_comparison
 from pipeline.distributed.job import run_audit
 from pipeline.io.storage import StorageOptions, join_uri
-from pipeline.render.comparison_html import MOVED_BELOW
 from pipeline.reporting import write_report
+from pipeline.thresholds import MOVED_BELOW
 
 from audit_data import job_config, model_config, write_audit, write_weights
 
