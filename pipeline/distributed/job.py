@@ -215,8 +215,9 @@ def build_dataset(config: JobConfig, layout: RunLayout, gpus: float) -> ray.data
     return dataset.map_batches(StageChain, fn_constructor_kwargs={"stages": stages}, **actors, **batches)
 
 
-def _stage(dataset: ray.data.Dataset, config: JobConfig, layout: RunLayout, store: ResultsStore) -> None:
-    """Runs the pipeline into the attempt's staging folder.
+def _stage(dataset: ray.data.Dataset, config: JobConfig, layout: RunLayout, store: ResultsStore, pairs: int) -> None:
+    """Runs the pipeline over the manifest's `pairs` into the attempt's staging folder, with a write
+    task per actor at most, and no more than there are batches (Ray Data warns of idle ones).
 
     s3fs reports an endpoint that went down while Ray lists or reads the manifest as a
     missing file; the manifest was read moments before, so that is checked and said.
@@ -224,7 +225,8 @@ def _stage(dataset: ray.data.Dataset, config: JobConfig, layout: RunLayout, stor
     fs, path = store.staging(layout)
     try:
         dataset.write_parquet(path, filesystem=fs, filename_provider=PartFiles(layout.part_prefix),
-                              ray_remote_args={"num_cpus": WRITE_CPUS}, concurrency=config.num_actors,
+                              ray_remote_args={"num_cpus": WRITE_CPUS},
+                              concurrency=max(1, min(config.num_actors, math.ceil(pairs / config.batch_size))),
                               min_rows_per_file=config.rows_per_file)
     except FileNotFoundError:
         exists(config.manifest, config.storage_options)  # raises StorageUnavailable when unreachable
@@ -371,7 +373,7 @@ def run_audit(config: JobConfig) -> RunSummary:
         connect()
         gpus = _gpus_per_actor(config)
         config = config.model_copy(update={"num_actors": _num_actors(config, gpus)})
-        _stage(build_dataset(config, layout, gpus), config, layout, store)
+        _stage(build_dataset(config, layout, gpus), config, layout, store, plan.manifest.num_rows)
         staged = store.read_staged(layout, _staged_columns(config, plan))
         summary = summarise(staged, layout, config, started, checked, gpus)
         _finish(config, plan, store, recorder, summary, staged)
