@@ -10,6 +10,7 @@ layout adapter (pipeline/explain/layout.py), so both methods read the same patch
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -28,6 +29,7 @@ from pipeline import SFAM
 from pipeline.explain.layout import FeatureLayout
 
 ReshapeTransform = Callable[[torch.Tensor], torch.Tensor]
+Work = Callable[[], object]
 MANIFEST_SCHEMA = pa.schema([("pair_id", pa.string()), ("query_uri", pa.string()), ("reference_uri", pa.string()),
                              ("rank", pa.int32()), ("score", pa.float32()), ("label", pa.int8())])
 
@@ -46,6 +48,32 @@ def write_top_k_audit(root: Path, queries: int, top_k: int, gallery: int, rng: n
             for rank, g in enumerate(rng.choice(gallery, size=top_k, replace=False).tolist(), start=1)]
     write_manifest(root / "pairs.parquet", rows)
     return rows
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work (CUDA runs asynchronously), so that a clock read after it counts it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_seconds(works: dict[str, Work], repeats: int,
+                        device: torch.device = torch.device("cpu")) -> dict[str, list[tuple[float, float]]]:
+    """One warm-up call of each work, then `repeats` rounds that call each work once: per work, the
+    (wall, CPU) seconds of each round, `device` synchronised around every call.
+
+    Interleaving the works makes slow changes in a shared machine's load hit them all alike.
+    """
+    for work in works.values():
+        work()
+    seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in works}
+    for _ in range(repeats):
+        for name, work in works.items():
+            synchronize(device)
+            wall, cpu = time.perf_counter(), time.process_time()
+            work()
+            synchronize(device)
+            seconds[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return seconds
 
 
 def write_manifest(path: Path, rows: list[dict]) -> None:

@@ -37,8 +37,9 @@ import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
-from jobs.bench_common import local_ray, machine, write_manifest, write_top_k_audit
+from jobs.bench_common import local_ray, machine, synchronize, write_manifest, write_top_k_audit
 from jobs.bench_stages import photo_jpeg
 from jobs.benchmark_report import BENCHMARKS, parse_benchmark_args, write_section
 from jobs.tiny_model import tiny_spec
@@ -300,8 +301,6 @@ class StageCosts:
 def stage_costs(audit: Audit, config: JobConfig, folder: Path, pairs: int | None) -> StageCosts:
     """The job's stages on its batches of the manifest's first `pairs` pairs (all by default), one
     after another in this process on one torch thread."""
-    import torch
-
     from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults
     from pipeline.layout import RunLayout
     from pipeline.render.result_row import DISPLAY_SIDE
@@ -359,18 +358,13 @@ class ExplainOnly:
         return self.explain.explainer.device.type == "cuda"
 
     def pairs_per_second(self) -> float:
-        import torch
-
-        def synchronize() -> None:
-            if self.on_gpu:
-                torch.cuda.synchronize(self.explain.explainer.device)
-
+        device = self.explain.explainer.device
         self.explain(self.batches[0])  # warm-up
-        synchronize()
+        synchronize(device)
         started = time.perf_counter()
         for batch in self.batches:
             self.explain(batch)
-        synchronize()
+        synchronize(device)
         return sum(batch.num_rows for batch in self.batches) / (time.perf_counter() - started)
 
 
@@ -408,8 +402,6 @@ class Round:
     @property
     def gpus_used(self) -> float:
         """GPUs the job's actors held (at least 1): explain-only runs on one, the job on them all."""
-        import torch
-
         summary = self.job.summary
         return max(1.0, min(summary.num_actors * summary.gpus_per_actor, float(torch.cuda.device_count())))
 
@@ -564,7 +556,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parse_benchmark_args(parser, argv, SMOKE, SECTION)
     if args.gallery < args.top_k:
         parser.error("--gallery must hold at least --top-k images")
-    if args.gpus_per_actor == 0 and torch_sees_a_gpu():
+    if args.gpus_per_actor == 0 and torch.cuda.is_available():
         parser.error("--gpus-per-actor 0 on a machine with a GPU: explain-only would run on the GPU, the job on CPUs")
     return args
 
@@ -574,12 +566,6 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value}: at least 1")
     return value
-
-
-def torch_sees_a_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,8 +24,7 @@ import statistics
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-from jobs.bench_common import concept_maps, library_cam, local_ray, machine, resolve, write_top_k_audit
+from jobs.bench_common import (
+    Work,
+    concept_maps,
+    interleaved_seconds,
+    library_cam,
+    local_ray,
+    machine,
+    resolve,
+    write_top_k_audit,
+)
 from jobs.benchmark_report import BENCHMARKS, parse_benchmark_args, write_section
 from pipeline import SFAM
 from pipeline.config import JobConfig
@@ -176,31 +184,14 @@ def load_inputs(pairs: Pairs, batch: int, spec: ModelSpec, device: torch.device)
 # -- in-process rows ----------------------------------------------------------------------------
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-Work = Callable[[], object]
-
-
 def measure_side_by_side(works: dict[str, Work], items: int, repeats: int, device: torch.device) -> dict[str, Rate]:
-    """One warm-up call of each work, then `repeats` rounds that time each work once.
-
-    Interleaving the rows makes slow changes in a shared machine's load hit them all alike.
-    Each call handles `items` items (images or pairs).
-    """
-    for work in works.values():
-        work()
-    seconds: dict[str, list[float]] = {name: [] for name in works}
-    for _ in range(repeats):
-        for name, work in works.items():
-            synchronize(device)
-            started = time.perf_counter()
-            work()
-            synchronize(device)
-            seconds[name].append(time.perf_counter() - started)
-    return {name: Rate(items / statistics.median(s), items / max(s), items / min(s)) for name, s in seconds.items()}
+    """Each work's rate over interleaved rounds (bench_common.interleaved_seconds, wall time); each
+    call handles `items` items (images or pairs)."""
+    rates = {}
+    for name, rounds in interleaved_seconds(works, repeats, device).items():
+        seconds = [wall for wall, _ in rounds]
+        rates[name] = Rate(items / statistics.median(seconds), items / max(seconds), items / min(seconds))
+    return rates
 
 
 def bare_forward(model: nn.Module, x: torch.Tensor) -> Work:

@@ -15,7 +15,6 @@ import io
 import shlex
 import statistics
 import sys
-import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torchvision
 from PIL import Image, ImageDraw
 from torch.nn import functional as F
 
+from jobs.bench_common import Work, interleaved_seconds
 from jobs.benchmark_report import BENCHMARKS, cpu_name, parse_benchmark_args, write_section
 from pipeline.io.images import decode_image, decode_pictures, display_image, resize_for_model
 from pipeline.render import render_pair_png
@@ -39,8 +39,6 @@ FULL_DECODE = "decode + resize a pair: full decode, then resize_for_model and di
 DRAFT_DECODE = "decode + resize a pair: decode_pictures, JPEG draft mode (now)"
 NVJPEG_DECODE = ("decode + resize a pair on the GPU: nvJPEG (torchvision.io.decode_jpeg, device cuda, all pairs in one "
                  "call), antialiased resize there, both pictures back to the host")
-
-Work = Callable[[], object]
 
 
 @dataclass(frozen=True)
@@ -72,17 +70,16 @@ def saliency_map(rng: np.random.Generator, side: int) -> np.ndarray:
     return blobs + 0.1 * rng.random((side, side))
 
 
+def median_ms(works: dict[str, Work], items: int, repeats: int,
+              device: torch.device = torch.device("cpu")) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) ms per item of each work, over `repeats` interleaved rounds after a warm-up call."""
+    return {name: tuple(1000 * statistics.median(clock) / items for clock in zip(*rounds))
+            for name, rounds in interleaved_seconds(works, repeats, device).items()}
+
+
 def cpu_ms(works: dict[str, Work], items: int, repeats: int) -> dict[str, float]:
-    """Median CPU ms per item of each work, over `repeats` interleaved rounds after a warm-up call."""
-    for work in works.values():
-        work()
-    seconds: dict[str, list[float]] = {name: [] for name in works}
-    for _ in range(repeats):
-        for name, work in works.items():
-            started = time.process_time()
-            work()
-            seconds[name].append(time.process_time() - started)
-    return {name: 1000 * statistics.median(s) / items for name, s in seconds.items()}
+    """Median CPU ms per item of each work (median_ms's CPU time)."""
+    return {name: cpu for name, (_, cpu) in median_ms(works, items, repeats).items()}
 
 
 def decode_rows(pairs: list[tuple[bytes, bytes]], model_size: int, repeats: int) -> list[Row]:
@@ -128,20 +125,7 @@ def gpu_decode_rows(pairs: list[tuple[bytes, bytes]], model_size: int, repeats: 
         DRAFT_DECODE: lambda: [decode_pictures(data, "bench.jpg", MAX_PIXELS, model_size, DISPLAY_SIDE)
                                for pair in pairs for data in pair],
     }
-    for work in works.values():
-        work()
-    wall: dict[str, list[float]] = {name: [] for name in works}
-    cpu: dict[str, list[float]] = {name: [] for name in works}
-    for _ in range(repeats):
-        for name, work in works.items():
-            torch.cuda.synchronize(device)
-            started, started_cpu = time.perf_counter(), time.process_time()
-            work()
-            torch.cuda.synchronize(device)
-            wall[name].append(time.perf_counter() - started)
-            cpu[name].append(time.process_time() - started_cpu)
-    return [GpuRow(name, 1000 * statistics.median(wall[name]) / len(pairs), 1000 * statistics.median(cpu[name]) / len(pairs))
-            for name in works]
+    return [GpuRow(name, wall, cpu) for name, (wall, cpu) in median_ms(works, len(pairs), repeats, device).items()]
 
 
 def pillow_png(canvas: np.ndarray, **options: object) -> bytes:
