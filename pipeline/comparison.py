@@ -71,6 +71,7 @@ from pipeline.io.results_store import ResultsStore
 from pipeline.io.storage import StorageOptions, exists, join_uri, resolve_uri, write_bytes
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import read_json
+from pipeline.layout import run_record_uri
 from pipeline.render.comparison_html import METRICS_DIFFER, ComparisonView, label_name, render_comparison
 from pipeline.schema import result_type
 from pipeline.thresholds import FALSE_MATCH_SIMILARITY, MOVED_BELOW
@@ -182,7 +183,7 @@ def _ok_on_same_images(status_a: pa.ChunkedArray, status_b: pa.ChunkedArray, sam
 
 def run_record(store: ResultsStore, run_id: str) -> dict:
     """The run's record; a run that is not there, or has no committed rows, is the user's mistake."""
-    uri = join_uri(store.output, "runs", run_id, "run.json")
+    uri = run_record_uri(store.output, run_id)
     if not exists(uri, store.options):
         raise UserError(f"run {run_id!r}: no run record under {store.output}")
     if store.committed_attempt(run_id) is None:

@@ -75,11 +75,11 @@ class RunLayout:
 
     @property
     def run_record(self) -> str:
-        return join_uri(self.run_dir, "run.json")
+        return run_record_uri(self.output, self.run_id)
 
     @property
     def success_marker(self) -> str:
-        return join_uri(self.run_dir, "_SUCCESS")
+        return success_marker_uri(self.output, self.run_id)
 
     @property
     def attempt_dir(self) -> str:
@@ -102,6 +102,16 @@ class RunLayout:
 def part_prefix(attempt: str) -> str:
     """File names of an attempt's result parts start with this."""
     return f"part-{attempt}-"
+
+
+def run_record_uri(output: str, run_id: str) -> str:
+    """The run's record (run.json): its committed attempt's, or its latest failure's."""
+    return join_uri(output, "runs", run_id, "run.json")
+
+
+def success_marker_uri(output: str, run_id: str) -> str:
+    """`_SUCCESS`, which names the run's committed attempt."""
+    return join_uri(output, "runs", run_id, "_SUCCESS")
 
 
 def default_report(output: str, run_id: str) -> str:

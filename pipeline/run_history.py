@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pipeline.io.storage import StorageError, StorageOptions, glob, join_uri
+from pipeline.io.storage import StorageError, StorageOptions, glob
 from pipeline.io.tables import read_json
+from pipeline.layout import run_record_uri
 
 
 def previous_successful_run(output: str, run_id: str, started_before: str, options: StorageOptions,
@@ -15,7 +16,7 @@ def previous_successful_run(output: str, run_id: str, started_before: str, optio
     Manifests are compared as recorded (credentials redacted); times are ISO-8601 UTC strings.
     """
     latest: dict | None = None
-    for uri in glob(join_uri(output, "runs", "*", "run.json"), options):
+    for uri in glob(run_record_uri(output, "*"), options):
         try:
             record = read_json(uri, options)
         except StorageError:

@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 
 from pipeline.io.storage import StorageError, StorageOptions, exists, filesystem, glob, join_uri, move, remove_tree
 from pipeline.io.tables import arrow_filesystem, read_json, write_json
-from pipeline.layout import RunLayout, overlay_copies, part_prefix
+from pipeline.layout import RunLayout, overlay_copies, part_prefix, run_record_uri, success_marker_uri
 from pipeline.schema import PARTITION_COLUMNS
 
 log = logging.getLogger("sfam.results")
@@ -69,18 +69,10 @@ class ResultsStore:
 
     def committed_attempt(self, run_id: str) -> str | None:
         """The attempt that `_SUCCESS` names, or None when the run never succeeded."""
-        marker = join_uri(self.output, "runs", run_id, "_SUCCESS")
+        marker = success_marker_uri(self.output, run_id)
         if not exists(marker, self.options):
             return None
         return read_json(marker, self.options).get("attempt")
-
-    def _table_format(self, run_id: str) -> str | None:
-        """The table format the run's record names, or None where it cannot be read."""
-        try:
-            record = read_json(join_uri(self.output, "runs", run_id, "run.json"), self.options)
-        except StorageError:
-            return None
-        return (record.get("config", {}).get("table") or {}).get("format")
 
     def discard(self, layout: RunLayout) -> None:
         """Deletes a failed attempt's staged rows and overlays; its run record stays."""
@@ -163,6 +155,14 @@ class HiveParquetStore(ResultsStore):
             if not part.rsplit("/", 1)[1].startswith(layout.part_prefix):
                 remove_tree(part, self.options)
         super()._remove_other_attempts(layout)
+
+    def _table_format(self, run_id: str) -> str | None:
+        """The table format the run's record names, or None where it cannot be read."""
+        try:
+            record = read_json(run_record_uri(self.output, run_id), self.options)
+        except StorageError:
+            return None
+        return (record.get("config", {}).get("table") or {}).get("format")
 
     def read(self, run_id: str, columns: list[str] | None = None, pair_ids: list[str] | None = None) -> pa.Table:
         dataset = self._run_dataset(run_id)
