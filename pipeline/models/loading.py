@@ -24,6 +24,13 @@ _HEAD_ATTRIBUTES = ("fc", "classifier", "heads", "head")
 _TRUST_HINT = "set `trust_checkpoint: true` to allow it, only for a file you trust"
 _SHOWN = 5
 RANDOM_INIT_SEED = 0  # the initialisation of a model built without weights
+# torch.load(weights_only=True) names the class it refused in this form, e.g. "GLOBAL torch.nn...Linear".
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+_UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error: (.+)")
+
+
+class ModelLoadError(UserError):
+    """The model of a ModelSpec could not be built or its weights not loaded."""
 
 
 def random_weights_warning(spec: ModelSpec) -> str | None:
@@ -32,13 +39,6 @@ def random_weights_warning(spec: ModelSpec) -> str | None:
         return None
     return (f"model {spec.model_id} has no weights: explaining its random initialisation (seed {RANDOM_INIT_SEED}), "
             "the same in every replica and run; give the model its weights (model.weights) for a trained model")
-# torch.load(weights_only=True) names the class it refused in this form, e.g. "GLOBAL torch.nn...Linear".
-_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
-_UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error: (.+)")
-
-
-class ModelLoadError(UserError):
-    """The model of a ModelSpec could not be built or its weights not loaded."""
 
 
 def build_model(spec: ModelSpec, storage_options: StorageOptions | None = None) -> nn.Module:
