@@ -36,7 +36,7 @@ _COUNTS = (("maps not<br>comparable", "maps_not_comparable"), ("false<br>matches
 class ComparisonView:
     """What the HTML shows; pipeline/comparison.py builds it (`Comparison.view()`)."""
 
-    runs: tuple[Mapping[str, Any], Mapping[str, Any]]  # A, B: run_id, model_id, weights, target_layer, metric, weighting, input_size, started
+    runs: tuple[Mapping[str, Any], Mapping[str, Any]]  # A, B: what pipeline/comparison.py's _run_info says of each
     threshold: float
     counts: Mapping[str, int]
     summary: Sequence[Row]  # one row per label
