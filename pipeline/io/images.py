@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
+from torch.nn import functional as F
 
 from pipeline.errors import UserError
 
@@ -24,6 +25,15 @@ _EXIF_TRANSPOSE = {  # EXIF orientation -> the transposition that shows the pict
     6: Image.Transpose.ROTATE_270,
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
+}
+_TRANSPOSE_VIEWS = {  # Pillow's transpositions as views of (h, w, 3) arrays
+    Image.Transpose.FLIP_LEFT_RIGHT: lambda a: a[:, ::-1],
+    Image.Transpose.ROTATE_180: lambda a: a[::-1, ::-1],
+    Image.Transpose.FLIP_TOP_BOTTOM: lambda a: a[::-1],
+    Image.Transpose.TRANSPOSE: lambda a: a.transpose(1, 0, 2),
+    Image.Transpose.ROTATE_270: lambda a: a.transpose(1, 0, 2)[:, ::-1],  # 90 degrees clockwise
+    Image.Transpose.TRANSVERSE: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    Image.Transpose.ROTATE_90: lambda a: a.transpose(1, 0, 2)[::-1],  # 90 degrees counter-clockwise
 }
 _SWAPS_AXES = (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90)
 
@@ -56,7 +66,7 @@ def decode_image(data: bytes, uri: str, max_pixels: int) -> np.ndarray:
     with _decode_errors(uri):
         img = _open(data, uri, max_pixels)
         img.load()
-        return np.array(_orient(_to_rgb(img), _transpose_method(img)))
+        return _orient(np.array(_to_rgb(img)), _transpose_method(img))
 
 
 def decode_pictures(data: bytes, uri: str, max_pixels: int, model_size: int, max_side: int) -> Pictures:
@@ -76,18 +86,18 @@ def decode_pictures(data: bytes, uri: str, max_pixels: int, model_size: int, max
         box = drafted[1] if drafted else None  # the whole picture in drafted pixels (whose count rounds up)
         img.load()
         method = _transpose_method(img)
-        rgb = _to_rgb(img)
+        rgb = np.array(_to_rgb(img))  # (h, w, 3) drafted pixels
         display = rgb if display_size == stored_size else _resize(rgb, display_size, box)
         return Pictures(
-            model_input=np.array(_orient(_resize(rgb, (model_size, model_size), box), method)),
-            display=np.array(_orient(display, method)),
+            model_input=_orient(_resize(rgb, (model_size, model_size), box), method),
+            display=_orient(display, method),
             size=_oriented_size(stored_size, method),
         )
 
 
 def resize_for_model(rgb: np.ndarray, size: int) -> np.ndarray:
     """Resize to (size, size, 3) without cropping, so boxes map linearly (antialiased bilinear)."""
-    return np.array(_resize(Image.fromarray(rgb), (size, size)))
+    return _resize(rgb, (size, size))
 
 
 def display_image(rgb: np.ndarray, max_side: int) -> np.ndarray:
@@ -96,7 +106,7 @@ def display_image(rgb: np.ndarray, max_side: int) -> np.ndarray:
     size = _display_size((width, height), max_side)
     if size == (width, height):
         return rgb
-    return np.array(_resize(Image.fromarray(rgb), size))
+    return _resize(rgb, size)
 
 
 def to_model_tensor(
@@ -163,8 +173,9 @@ def _transpose_method(img: Image.Image) -> Image.Transpose | None:
     return _EXIF_TRANSPOSE.get(img.getexif().get(ExifTags.Base.Orientation, 1))
 
 
-def _orient(img: Image.Image, method: Image.Transpose | None) -> Image.Image:
-    return img if method is None else img.transpose(method)
+def _orient(rgb: np.ndarray, method: Image.Transpose | None) -> np.ndarray:
+    """(h, w, 3) stored pixels -> upright pixels, as Pillow's `transpose(method)` moves them."""
+    return rgb if method is None else np.ascontiguousarray(_TRANSPOSE_VIEWS[method](rgb))
 
 
 def _oriented_size(size: tuple[int, int], method: Image.Transpose | None) -> tuple[int, int]:
@@ -177,9 +188,21 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         img = Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8), "L")
     if img.has_transparency_data:
         img = Image.alpha_composite(Image.new("RGBA", img.size, _WHITE), img.convert("RGBA"))
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _resize(img: Image.Image, size: tuple[int, int], box: tuple[float, ...] | None = None) -> Image.Image:
-    """Antialiased bilinear resize of `box` (default: the whole image) to `size`."""
-    return img.resize(size, Image.Resampling.BILINEAR, box=box)
+def _resize(rgb: np.ndarray, size: tuple[int, int], box: tuple[float, ...] | None = None) -> np.ndarray:
+    """Antialiased bilinear resize of `box` (default: the whole picture) of (h, w, 3) uint8 pixels to
+    `size` (width, height).
+
+    torch's uint8 kernel computes Pillow's BILINEAR resize (measured: equal on pictures, 1 or 2
+    levels apart where noise makes rounding differ) in about 0.55 of its time with the copy back
+    to (h, w, 3); Pillow keeps the boxes that end inside a pixel, which a JPEG drafted from a
+    size its scale does not divide has.
+    """
+    height, width = rgb.shape[:2]
+    if box is not None and tuple(box) != (0, 0, width, height):
+        return np.array(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR, box=box))
+    pixels = torch.from_numpy(np.require(rgb, np.uint8, "CW")).permute(2, 0, 1)[None]  # (1, 3, h, w), channels last in memory
+    resized = F.interpolate(pixels, size=(size[1], size[0]), mode="bilinear", antialias=True)
+    return resized[0].permute(1, 2, 0).contiguous().numpy()  # (height, width, 3); torch copies faster than numpy
