@@ -7,6 +7,7 @@ resized to a square, without cropping), so a map cell maps linearly to image pix
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -43,20 +44,50 @@ def box_in_image(box: Box, image_size: tuple[int, int]) -> bool:
 
 def peak_xy(saliency: np.ndarray, image_size: tuple[int, int]) -> tuple[float, float]:
     """Image-pixel (x, y) of the upsampled map's maximum: the point the pointing game tests."""
-    grid, scale = _grid(saliency, image_size)
-    row, col = np.unravel_index(int(np.argmax(grid)), grid.shape)
-    return float((col + 0.5) * scale), float((row + 0.5) * scale)
+    return _peak(*_grid(saliency, image_size))
 
 
 def energy_in_box(saliency: np.ndarray, box: Box, image_size: tuple[int, int]) -> float:
     """Share of the map's positive mass inside the box; NaN when the map has none."""
-    grid, scale = _grid(np.maximum(saliency, 0), image_size)
-    total = float(grid.sum())
-    return float(grid[_box_mask(grid.shape, box, scale)].sum()) / total if total > 0 else float("nan")
+    return _energy(*_grid(np.maximum(saliency, 0), image_size), box)
 
 
 def pointing_hit(saliency: np.ndarray, box: Box, image_size: tuple[int, int]) -> bool:
     """Whether the map's maximum (peak_xy) falls inside the box (the pointing game)."""
-    x, y = peak_xy(saliency, image_size)
+    return _inside(peak_xy(saliency, image_size), box)
+
+
+@dataclass(frozen=True)
+class Localisation:
+    """peak_xy, and energy_in_box and pointing_hit against a box (None without one), of one map."""
+
+    peak_xy: tuple[float, float]
+    energy_in_box: float | None = None
+    pointing_hit: bool | None = None
+
+
+def localise(saliency: np.ndarray, image_size: tuple[int, int], box: Box | None = None) -> Localisation:
+    """The three statistics above from one upsampling of the map (two when it has negative values)."""
+    grid, scale = _grid(saliency, image_size)
+    peak = _peak(grid, scale)
+    if box is None:
+        return Localisation(peak)
+    positive = grid if saliency.min() >= 0 else _grid(np.maximum(saliency, 0), image_size)[0]
+    return Localisation(peak, _energy(positive, scale, box), _inside(peak, box))
+
+
+def _peak(grid: np.ndarray, scale: float) -> tuple[float, float]:
+    row, col = np.unravel_index(int(np.argmax(grid)), grid.shape)
+    return float((col + 0.5) * scale), float((row + 0.5) * scale)
+
+
+def _energy(positive_grid: np.ndarray, scale: float, box: Box) -> float:
+    total = float(positive_grid.sum())
+    inside = positive_grid[_box_mask(positive_grid.shape, box, scale)]
+    return float(inside.sum()) / total if total > 0 else float("nan")
+
+
+def _inside(point: tuple[float, float], box: Box) -> bool:
+    x, y = point
     x0, y0, x1, y1 = box
     return bool(x0 <= x <= x1 and y0 <= y <= y1)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.localisation import energy_in_box, peak_xy, pointing_hit, upsample
+from pipeline.localisation import Localisation, energy_in_box, localise, peak_xy, pointing_hit, upsample
 
 
 def test_peak_xy_lies_in_the_maximum_cell(rng) -> None:
@@ -65,3 +65,17 @@ def test_non_square_images_map_linearly(rng) -> None:
     x, y = peak_xy(saliency, (1000, 200))
     assert 750 - 1000 / 128 <= x <= 1000 and 50 - 1000 / 128 <= y <= 100 + 1000 / 128
     assert pointing_hit(saliency, (760.0, 50.0, 1000.0, 100.0), (1000, 200))
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_localise_gives_the_three_statistics_at_once(signed: bool, rng) -> None:
+    for _ in range(50):
+        saliency = rng.normal(size=(7, 9)) if signed else rng.random((7, 9))
+        image = (int(rng.integers(50, 900)), int(rng.integers(50, 900)))
+        xs, ys = sorted(rng.uniform(0, image[0], 2)), sorted(rng.uniform(0, image[1], 2))
+        box = (xs[0], ys[0], xs[1], ys[1])
+        found = localise(saliency, image, box)
+        assert found.peak_xy == peak_xy(saliency, image)
+        assert found.energy_in_box == pytest.approx(energy_in_box(saliency, box, image), rel=1e-6, nan_ok=True)
+        assert found.pointing_hit == pointing_hit(saliency, box, image)
+        assert localise(saliency, image) == Localisation(peak_xy(saliency, image))

@@ -32,7 +32,7 @@ from pipeline.io.storage import (
     write_bytes,
 )
 from pipeline.layout import RunLayout
-from pipeline.localisation import box_in_image, energy_in_box, peak_xy, pointing_hit
+from pipeline.localisation import box_in_image, localise
 from pipeline.models.explainer import build_explainer, device_label
 from pipeline.models.spec import ModelSpec
 from pipeline.render.result_row import DISPLAY_SIDE, OVERLAY_COLUMNS, matches_in_pixels, render_result_row
@@ -167,8 +167,8 @@ class ExplainPairs:
                     sources.append((side, row))
                 slots[side].append(slot_of_uri[uris[row]])
         size = self.explainer.spec.input_size
-        pixels = np.stack([  # (N, S, S, 3), N distinct images
-            np.frombuffer(batch.column(f"_{side}_pixels")[row].as_py(), np.uint8).reshape(size, size, 3)
+        pixels = np.stack([  # (N, S, S, 3), N distinct images, read in place from the Arrow buffers
+            np.frombuffer(batch.column(f"_{side}_pixels")[row].as_buffer(), np.uint8).reshape(size, size, 3)
             for side, row in sources
         ])
         result = self.explainer.explain_pairs(pixels, slots["query"], slots["reference"])
@@ -193,13 +193,14 @@ class ExplainPairs:
         for side in SIDES:
             columns[f"cis_{side}"] = list(cis[side])
             columns[f"map_{side}"] = list(maps[side].reshape(len(ok_rows), -1).astype(np.float16))
-            columns[f"{side}_peak_xy"] = [list(peak_xy(m, tuple(s))) for m, s in zip(maps[side], sizes[side])]
-            if has_boxes:  # a box wholly outside its image locates nothing: null, as a missing box
-                boxes = [batch.column(f"{side}_bbox")[int(r)].as_py() for r in ok_rows]
-                located = [(m, b, tuple(s)) if b and box_in_image(b, tuple(s)) else None
-                           for m, b, s in zip(maps[side], boxes, sizes[side])]
-                columns[f"{side}_energy_in_box"] = [energy_in_box(*args) if args else None for args in located]
-                columns[f"{side}_pointing_hit"] = [pointing_hit(*args) if args else None for args in located]
+            boxes = batch.column(f"{side}_bbox").take(pa.array(ok_rows)).to_pylist() if has_boxes else [None] * len(ok_rows)
+            # a box wholly outside its image locates nothing: null, as a missing box
+            located = [localise(m, tuple(s), b if b and box_in_image(b, tuple(s)) else None)
+                       for m, b, s in zip(maps[side], boxes, sizes[side])]
+            columns[f"{side}_peak_xy"] = [list(found.peak_xy) for found in located]
+            if has_boxes:
+                columns[f"{side}_energy_in_box"] = [found.energy_in_box for found in located]
+                columns[f"{side}_pointing_hit"] = [found.pointing_hit for found in located]
         return columns
 
 
@@ -216,7 +217,7 @@ class RenderResults:
         displays, sizes = {}, {}
         for side in SIDES:
             height, width = batch.column(f"_{side}_display_shape")[row].as_py()
-            displays[side] = np.frombuffer(batch.column(f"_{side}_display")[row].as_py(), np.uint8).reshape(height, width, 3)
+            displays[side] = np.frombuffer(batch.column(f"_{side}_display")[row].as_buffer(), np.uint8).reshape(height, width, 3)
             sizes[side] = tuple(batch.column(f"_{side}_size")[row].as_py())
         columns = [c for c in OVERLAY_COLUMNS if c in batch.column_names]
         values = {name: batch.column(name)[row].as_py() for name in columns}

@@ -77,7 +77,8 @@ class SFAMResult:
 
     def top_channels(self, k: int) -> torch.Tensor:
         """(P, k) the pair's channels by shared evidence: largest CIS_query + CIS_reference first."""
-        return torch.argsort(self.cis_query + self.cis_reference, dim=1, descending=True)[:, :k]
+        shared = self.cis_query + self.cis_reference
+        return shared.topk(min(k, shared.shape[1]), dim=1).indices
 
 
 @dataclass(frozen=True)
