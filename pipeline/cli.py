@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import select
 import signal
@@ -38,6 +39,17 @@ def _model_spec(text: str) -> ModelSpec:
     except yaml.YAMLError as error:
         raise ConfigError(f"--model {text!r}: not YAML: {one_line(error)}") from error
     return validated(ModelSpec, value if isinstance(value, dict) else {"arch": text}, f"--model {text!r}")
+
+
+def _finite_number(text: str) -> float:
+    """A float flag that must be a number: argparse turns the refusal into a one-line usage error, exit 2."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def _refuse_ignored(args: argparse.Namespace) -> None:
@@ -232,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="compare two finished runs pair by pair; writes OUTPUT/comparisons/A/B/")
     compare.add_argument("run_a", metavar="RUN_A", help="the earlier run")
     compare.add_argument("run_b", metavar="RUN_B", help="the later run")
-    compare.add_argument("--threshold", type=float,
+    compare.add_argument("--threshold", type=_finite_number,
                          help="false match: label 0 and similarity at or above this (the metric's units; default: "
                               "RUN_B's gates.false_match_similarity)")
     compare.set_defaults(handler=compare_command)

@@ -89,3 +89,12 @@ def test_argument_mistakes_are_one_line(argv: list[str], named: str, capsys) -> 
     assert main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], lines
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0.8x"])
+def test_compare_threshold_must_be_a_finite_number(value: str, capsys) -> None:
+    """nan compares false with every similarity: it counted no false match at all, silently."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["compare", "out", "a", "b", "--threshold", value])
+    assert stopped.value.code == 2
+    assert f"argument --threshold: '{value}' is not a finite number" in capsys.readouterr().err

@@ -40,6 +40,7 @@ def _probe(address: str) -> None:
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or "/" in host or not port.isdigit():
         return  # unset, "auto", "local" or an http:// address: Ray decides
+    host = host.removeprefix("[").removesuffix("]")  # an IPv6 address is written [::1]:6379
     try:
         socket.create_connection((host, int(port)), timeout=PROBE_SECONDS).close()
     except OSError as error:

@@ -31,7 +31,7 @@ from pipeline.config import JobConfig
 from pipeline.distributed.cluster import connect
 from pipeline.distributed.iceberg_commit import overwrite_run
 from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults, StageChain
-from pipeline.errors import AuditFailed, PipelineError, Terminated, UserError
+from pipeline.errors import AuditFailed, PipelineError, Terminated
 from pipeline.gates import Baseline, GateResult, GatesFailed, check_manifest_supports, evaluate, same_label_similarity
 from pipeline.io.results_store import ResultsStore
 from pipeline.io.storage import StorageError, exists, open_input, redact_all, redact_uri
@@ -234,7 +234,10 @@ def _stage(dataset: ray.data.Dataset, config: JobConfig, layout: RunLayout, stor
 
 
 def _pipeline_error(error: BaseException) -> PipelineError | None:
-    """The project's error behind Ray's wrappers (task errors, user-code exceptions), if any."""
+    """The project's error behind Ray's wrappers (task errors, user-code exceptions), if any; never
+    for an interruption, nor for an error raised while one of the project's was being handled."""
+    if isinstance(error, KeyboardInterrupt):
+        return None
     seen: set[int] = set()
     stack: list[BaseException | None] = [error]
     while stack:
@@ -244,7 +247,7 @@ def _pipeline_error(error: BaseException) -> PipelineError | None:
         seen.add(id(current))
         if isinstance(current, PipelineError):
             return current
-        stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
+        stack.extend([current.__cause__, getattr(current, "cause", None)])
     return None
 
 
@@ -380,6 +383,10 @@ def run_audit(config: JobConfig) -> RunSummary:
     except (AuditFailed, GatesFailed):  # recorded: the rows failed (kept to look at), or committed and broke a gate
         raise
     except BaseException as error:  # interrupted too: the attempt must not stay "running"
+        if _committed(store, layout):  # stopped in the clean-up after the commit: the run is this attempt's
+            log.warning("attempt %s of run %s is committed; its clean-up of earlier attempts was cut short, and the "
+                        "run's next attempt finishes it", layout.attempt, config.run_id)
+            raise
         cause = _pipeline_error(error) or error
         try:  # best effort: the storage may be what failed
             recorder.failed(_failure_reason(cause))
@@ -394,6 +401,14 @@ def run_audit(config: JobConfig) -> RunSummary:
             raise cause from error
         raise
     return summary
+
+
+def _committed(store: ResultsStore, layout: RunLayout) -> bool:
+    """Whether `_SUCCESS` names the attempt (False where that cannot be read)."""
+    try:
+        return store.committed_attempt(layout.run_id) == layout.attempt
+    except StorageError:
+        return False
 
 
 def _failure_reason(cause: BaseException) -> str:
@@ -418,13 +433,9 @@ def _finish(config: JobConfig, plan: Plan, store: ResultsStore, recorder: RunRec
         (log.warning if not gate.passed or gate.value is None else log.info)("%s", gate.line())
     success = recorder.record("gates_failed" if failed_gates else "succeeded", summary)
     success["gates"] = [g.as_record() for g in gates]
-    committed = store.committed_attempt(config.run_id)
-    if committed != plan.previous_attempt:  # another attempt of the run_id committed while this one ran
-        raise UserError(f"run {config.run_id}: attempt {committed} committed while attempt {plan.layout.attempt} "
-                        "ran, so this attempt leaves that run as it is; run the audit again, once no other attempt "
-                        "of the run_id runs, to replace it")
+    store.check_still_committed(plan.layout, plan.previous_attempt)
     write_json(plan.layout.attempt_record, success, config.storage_options)
-    store.commit(plan.layout, success, asdict(summary))
+    store.commit(plan.layout, success, asdict(summary), plan.previous_attempt)
     if failed_gates:
         raise GatesFailed("; ".join(g.line() for g in failed_gates))
 

@@ -16,13 +16,19 @@ How a Hive re-run is committed, and what readers see:
    A reader that keeps rows whose `attempt` is the one `_SUCCESS` names (the `done`
    view of docs/cluster.md) switches from the old rows to the new ones at this write,
    and never sees a mix.
-4. Every other attempt's parts and overlays of this run_id are deleted, and so is the run's
-   default report (reports/ID.html), which showed the replaced attempt.
+4. The parts and overlays of the run_id's attempts that started before this one are deleted,
+   and so is the run's default report (reports/ID.html), which showed the replaced attempt.
 
 An attempt interrupted before step 3 leaves the previous run as it was (its rows,
 overlays, run.json and _SUCCESS) plus its own leftovers, which the next attempt of the
 run_id deletes in its step 4; interrupted between 3 and 4, the new run is committed and
 the old files are deleted by the next attempt.
+
+Two attempts of one run_id that finish together: each checks `_SUCCESS` before it commits and
+again after step 2, and an attempt whose run another attempt committed in the meantime stops
+there (ConcurrentCommit), its parts left for a later commit to delete; step 4 runs only while
+`_SUCCESS` names the attempt, and never deletes a later attempt's files. There is no lock: two
+commits within the same few milliseconds can still both write `_SUCCESS`; the later write wins.
 """
 
 from __future__ import annotations
@@ -33,12 +39,22 @@ import pyarrow as pa
 import pyarrow.dataset as pds
 import pyarrow.fs as pafs
 
+from pipeline.errors import UserError
 from pipeline.io.storage import StorageError, StorageOptions, exists, filesystem, glob, join_uri, move, remove_tree
 from pipeline.io.tables import arrow_filesystem, read_json, write_json
 from pipeline.layout import RunLayout, overlay_copies, part_prefix, run_record_uri, success_marker_uri
 from pipeline.schema import PARTITION_COLUMNS
 
 log = logging.getLogger("sfam.results")
+
+
+class ConcurrentCommit(UserError):
+    """Another attempt of the run_id committed, or its committed run was removed, while this one ran."""
+
+    def __init__(self, run_id: str, attempt: str, committed: str | None) -> None:
+        what = f"attempt {committed} committed" if committed else "its committed run was removed"
+        super().__init__(f"run {run_id}: {what} while attempt {attempt} ran, so this attempt leaves the run as it is; "
+                         "run the audit again, once no other attempt of the run_id runs, to replace it")
 
 
 class ResultsStore:
@@ -79,14 +95,23 @@ class ResultsStore:
         remove_tree(layout.staged_results_dir, self.options)
         remove_tree(layout.png_dir, self.options)
 
-    def commit(self, layout: RunLayout, run_record: dict, success: dict) -> None:
-        """Makes the attempt's rows the run's rows, then writes run.json and _SUCCESS. Once
-        _SUCCESS is written the run is committed: what the clean-up leaves, the next attempt deletes."""
+    def check_still_committed(self, layout: RunLayout, previous_attempt: str | None) -> None:
+        """Raises ConcurrentCommit unless `_SUCCESS` still names the attempt the run had when this one started."""
+        committed = self.committed_attempt(layout.run_id)
+        if committed != previous_attempt:
+            raise ConcurrentCommit(layout.run_id, layout.attempt, committed)
+
+    def commit(self, layout: RunLayout, run_record: dict, success: dict, previous_attempt: str | None) -> None:
+        """Makes the attempt's rows the run's rows, then writes run.json and _SUCCESS, unless another
+        attempt committed meanwhile. Once _SUCCESS is written the run is committed: what the
+        clean-up leaves, the next attempt deletes."""
         self._publish(layout)
+        self.check_still_committed(layout, previous_attempt)
         write_json(layout.run_record, run_record, self.options)
         write_json(layout.success_marker, success, self.options)
         try:
-            self._remove_other_attempts(layout)
+            if self.committed_attempt(layout.run_id) == layout.attempt:  # a later attempt's commit cleans up itself
+                self._remove_other_attempts(layout)
         except StorageError as error:
             log.warning("run %s is committed; other attempts' files stay until its next attempt: %s",
                         layout.run_id, error)
@@ -101,15 +126,16 @@ class ResultsStore:
         raise NotImplementedError
 
     def _remove_other_attempts(self, layout: RunLayout) -> None:
-        """Deletes the staged rows and overlays of every attempt of the run but this one, and the
-        run's default report, which shows a replaced attempt (`sfam report` writes the new one)."""
+        """Deletes the staged rows and overlays of the run's attempts that started before this one
+        (attempt ids sort by start time), and the run's default report, which shows a replaced
+        attempt (`sfam report` writes the new one)."""
         remove_tree(layout.report, self.options)
         remove_tree(overlay_copies(layout.report), self.options)
         for folder in glob(join_uri(layout.png_root, "attempt=*"), self.options):
-            if folder.rstrip("/").rsplit("/", 1)[1] != f"attempt={layout.attempt}":
+            if folder.rstrip("/").rsplit("/", 1)[1].removeprefix("attempt=") < layout.attempt:
                 remove_tree(folder, self.options)
         for folder in glob(join_uri(layout.run_dir, "attempts", "*", "results"), self.options):
-            if folder.rstrip("/").rsplit("/", 2)[1] != layout.attempt:
+            if folder.rstrip("/").rsplit("/", 2)[1] < layout.attempt:
                 remove_tree(folder, self.options)
 
 
@@ -149,10 +175,10 @@ class HiveParquetStore(ResultsStore):
             move(part, join_uri(layout.results_dir, part.rsplit("/", 1)[1]), self.options)
 
     def _remove_other_attempts(self, layout: RunLayout) -> None:
-        """Step 4, also the other attempts' rows in the table."""
+        """Step 4, also the earlier attempts' rows in the table."""
         pattern = join_uri(self.root, "run_date=*", f"run_id={layout.run_id}", "*.parquet")
         for part in glob(pattern, self.options):
-            if not part.rsplit("/", 1)[1].startswith(layout.part_prefix):
+            if part.rsplit("/", 1)[1] < layout.part_prefix:  # part-ATTEMPT-...: sorts before ours when ATTEMPT does
                 remove_tree(part, self.options)
         super()._remove_other_attempts(layout)
 

@@ -139,10 +139,14 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) ->
     def write() -> None:
         written = f"{path}.partial-{secrets.token_hex(4)}" if local else path
         with _storage_errors(uri):
-            with fs.open(written, "wb") as f:
-                f.write(data)
-            if local:
-                os.replace(written, path)
+            try:
+                with fs.open(written, "wb") as f:
+                    f.write(data)
+                if local:
+                    os.replace(written, path)
+            finally:
+                if local and os.path.lexists(written):  # the write or the rename failed, or was interrupted
+                    os.remove(written)
 
     _retrying(write)
 

@@ -23,3 +23,21 @@ def test_local_cluster_ignores_a_dead_ray_address() -> None:
                           env={**os.environ, "RAY_ADDRESS": address})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[-1] == "42"
+
+
+def test_the_probe_reaches_an_ipv6_address_in_brackets() -> None:
+    """RAY_ADDRESS=[::1]:PORT is how Ray writes an IPv6 head; the probe connects to ::1, not to "[::1]"."""
+    from pipeline.distributed.cluster import ClusterUnavailable, _probe
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as server:
+        try:
+            server.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback on this machine")
+        server.listen()
+        port = server.getsockname()[1]
+        _probe(f"[::1]:{port}")  # listening: no error
+    with pytest.raises(ClusterUnavailable, match=r"\[::1\]"):
+        _probe(f"[::1]:{port}")  # closed now

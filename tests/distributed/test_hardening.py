@@ -10,17 +10,18 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
 import pytest
 import yaml
 
-from pipeline.distributed.job import run_audit
-from pipeline.errors import UserError
+from pipeline.distributed.job import _pipeline_error, run_audit
+from pipeline.errors import Terminated, UserError
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.results_store import HiveParquetStore
-from pipeline.io.storage import StorageOptions, exists, join_uri, read_bytes
+from pipeline.io.storage import StorageOptions, StorageUnavailable, exists, join_uri, read_bytes
 from pipeline.layout import RunLayout
 from pipeline.reporting import write_report
 
@@ -196,6 +197,48 @@ def test_an_attempt_that_another_commits_under_does_not_replace_it(local_ray, tm
     table = HiveParquetStore(config.output, options).read(run_id="overlap")
     assert sorted(table.column("pair_id").to_pylist()) == sorted(r["pair_id"] for r in rows)
     assert set(table.column("attempt").to_pylist()) == {committed}
+
+
+def test_a_stop_in_the_clean_up_after_the_commit_keeps_the_committed_attempt(local_ray, tmp_path, rng,
+                                                                          monkeypatch) -> None:
+    """Ctrl-C while a re-run deletes the replaced attempt's files, after its _SUCCESS: the re-run
+    is the run. Its record stays "succeeded" and its overlays stay; before, the interruption
+    recorded it as failed and deleted the overlays that its committed rows link to."""
+    root, options = str(tmp_path), StorageOptions()
+    write_weights(join_uri(root, "models", "model.pt"), options)
+    manifest, rows = write_audit(root, options, rng, queries=2, top_k=2)
+    config = job_config(root, options, manifest, "stopped-late", render_png="all")
+    run_audit(config)
+
+    def interrupted(*_args) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(HiveParquetStore, "_remove_other_attempts", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(config)
+    layout = RunLayout(config.output, "stopped-late", "unused", "unused")
+    committed = json.loads(read_bytes(layout.success_marker, options))["attempt"]
+    assert json.loads(read_bytes(layout.run_record, options))["attempt"] == committed
+    assert json.loads(read_bytes(replace(layout, attempt=committed).attempt_record, options))["status"] == "succeeded"
+    table = HiveParquetStore(config.output, options).read(run_id="stopped-late")
+    assert set(table.column("attempt").to_pylist()) == {committed} and table.num_rows == len(rows)
+    assert all(exists(uri, options) for uri in table.column("png_uri").to_pylist())
+
+
+def test_an_interruption_is_never_taken_for_the_error_it_interrupted() -> None:
+    """Ctrl-C during a storage retry's back-off (inside `except StorageUnavailable`) stays an
+    interruption (exit 130 / 143), and a bug raised while a user error was handled stays a bug."""
+    for raised in (KeyboardInterrupt(), Terminated("stopped by SIGTERM"), TypeError("a bug")):
+        try:
+            try:
+                raise StorageUnavailable("s3://bucket/key", "endpoint unreachable")
+            except StorageUnavailable:
+                raise raised  # noqa: B904 - what a handler's own failure looks like
+        except BaseException as error:
+            assert _pipeline_error(error) is None
+    wrapped = RuntimeError("a Ray task failed")
+    wrapped.__cause__ = StorageUnavailable("s3://bucket/key", "endpoint unreachable")
+    assert _pipeline_error(wrapped) is wrapped.__cause__
 
 
 WORKING = ("fetching, explaining and rendering", 3.0)  # (a line of the log, then seconds): the actors work

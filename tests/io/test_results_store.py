@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.io.results_store import HiveParquetStore
+from pipeline.io.results_store import ConcurrentCommit, HiveParquetStore
 from pipeline.io.storage import StorageError, StorageOptions
 from pipeline.io.tables import write_json
 from pipeline.layout import RunLayout
@@ -47,3 +47,44 @@ def test_a_run_that_never_committed_has_no_rows(tmp_path: Path) -> None:
     write_part(tmp_path, "going", "2026-02-02", "c1", {"pair_id": ["x"], "similarity": [0.0]}, commit=False)
     with pytest.raises(StorageError, match="runs/going: no committed rows"):
         HiveParquetStore(str(tmp_path), OPTIONS).read("going")
+
+
+def stage(output: Path, attempt: str, pair_ids: list[str]) -> RunLayout:
+    """An attempt of run "r" with its rows staged and one overlay written, as the job leaves them before its commit."""
+    layout = RunLayout(str(output), "r", "2026-03-01", attempt)
+    staged = Path(layout.staged_results_dir)
+    staged.mkdir(parents=True)
+    pq.write_table(pa.table({"attempt": [attempt] * len(pair_ids), "pair_id": pair_ids}),
+                   staged / f"{layout.part_prefix}0.parquet")
+    Path(layout.png_dir).mkdir(parents=True)
+    (Path(layout.png_dir) / "p.png").write_bytes(b"png")
+    return layout
+
+
+def commit(store: HiveParquetStore, layout: RunLayout, previous: str | None) -> None:
+    store.commit(layout, {"attempt": layout.attempt}, {"attempt": layout.attempt}, previous)
+
+
+# attempt ids sort by start time (layout.new_attempt_id)
+EARLIER, LATER = "20260301T100000Z-aaaaaa", "20260301T100500Z-bbbbbb"
+
+
+@pytest.mark.parametrize("first", [EARLIER, LATER])
+def test_two_attempts_finishing_together_leave_the_first_commit_whole(tmp_path: Path, first: str) -> None:
+    """Both attempts started when the run had no commit; the one that commits second stops at its
+    re-check, after its rows moved into the table, and the first one's run reads whole."""
+    store = HiveParquetStore(str(tmp_path), OPTIONS)
+    layouts = {EARLIER: stage(tmp_path, EARLIER, ["a", "b"]), LATER: stage(tmp_path, LATER, ["c"])}
+    second = LATER if first == EARLIER else EARLIER
+    commit(store, layouts[first], previous=None)
+    if second == LATER:  # the earlier attempt's clean-up leaves a later attempt's files alone
+        assert Path(layouts[LATER].staged_results_dir).exists() and Path(layouts[LATER].png_dir).exists()
+        with pytest.raises(ConcurrentCommit, match=f"run r: attempt {first} committed while attempt {second} ran"):
+            commit(store, layouts[second], previous=None)
+    else:  # the later attempt's clean-up deleted the earlier one's staged rows
+        with pytest.raises(StorageError, match="staged rows are gone"):
+            commit(store, layouts[second], previous=None)
+    assert store.committed_attempt("r") == first
+    expected = ["a", "b"] if first == EARLIER else ["c"]
+    assert sorted(store.read("r").column("pair_id").to_pylist()) == expected
+    assert (Path(layouts[first].png_dir) / "p.png").exists()

@@ -67,6 +67,13 @@ def test_local_write_replaces_the_file_whole(tmp_path, scheme: str, rng: np.rand
     assert read_bytes(uri) == new and [p.name for p in tmp_path.iterdir()] == ["run.json"]
 
 
+def test_a_failed_local_write_leaves_nothing_beside_its_target(tmp_path, rng: np.random.Generator) -> None:
+    (tmp_path / "taken.png").mkdir()  # the rename into place fails: a folder has the name
+    with pytest.raises(StorageError, match="taken.png"):
+        write_bytes(f"{tmp_path}/taken.png", rng.bytes(1000))
+    assert [p.name for p in tmp_path.iterdir()] == ["taken.png"] and not any((tmp_path / "taken.png").iterdir())
+
+
 def test_record_that_is_not_json_names_the_file(tmp_path) -> None:
     (tmp_path / "_SUCCESS").write_bytes(b'{"attempt": "a1"')  # cut short
     with pytest.raises(StorageError, match=r"_SUCCESS: not a valid JSON record"):
