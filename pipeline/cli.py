@@ -23,7 +23,16 @@ from typing import get_args
 
 import yaml
 
-from pipeline.config import ConfigError, add_config_arguments, load_config, load_yaml, one_line, validated
+from pipeline.config import (
+    RUN_ID_PATTERN,
+    RUN_ID_RULE,
+    ConfigError,
+    add_config_arguments,
+    load_config,
+    load_yaml,
+    one_line,
+    validated,
+)
 from pipeline.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, PipelineError, Terminated
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.storage import StorageOptions, redact_uri
@@ -50,6 +59,13 @@ def _finite_number(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
+
+
+def _run_id(text: str) -> str:
+    """A run id as the job names runs; a path in its place (`../x`) would read or write outside the run's folders."""
+    if not RUN_ID_PATTERN.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: {RUN_ID_RULE}")
+    return text
 
 
 def _refuse_ignored(args: argparse.Namespace) -> None:
@@ -205,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="override a value of --config, e.g. --set table.format=iceberg (repeatable)")
     audit_root.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// URIs (without --config)")
     finished_run = argparse.ArgumentParser(add_help=False, parents=[audit_root])  # which run of that audit
-    finished_run.add_argument("--run-id", required=True, help="the run (its run_id)")
+    finished_run.add_argument("--run-id", required=True, type=_run_id, help="the run (its run_id)")
 
     explain = commands.add_parser("explain", parents=[common], help="explain one image pair and write its overlay PNG")
     explain.add_argument("query", help="query image (path or fsspec URI)")
@@ -242,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser("compare", parents=[common, audit_root],
                                   help="compare two finished runs pair by pair; writes OUTPUT/comparisons/A/B/")
-    compare.add_argument("run_a", metavar="RUN_A", help="the earlier run")
-    compare.add_argument("run_b", metavar="RUN_B", help="the later run")
+    compare.add_argument("run_a", metavar="RUN_A", type=_run_id, help="the earlier run")
+    compare.add_argument("run_b", metavar="RUN_B", type=_run_id, help="the later run")
     compare.add_argument("--threshold", type=_finite_number,
                          help="false match: label 0 and similarity at or above this (the metric's units; default: "
                               "RUN_B's gates.false_match_similarity)")

@@ -294,7 +294,10 @@ def pair_changes(a: pa.Table, b: pa.Table, threshold: float) -> pa.Table:
 
 
 def _mean(column: pa.ChunkedArray) -> float | None:
-    return pc.mean(pc.cast(column, pa.float64())).as_py()
+    """The mean of the values, nulls and NaN (energy in the box of a map without positive mass) left
+    out, as the gates leave them out; None without any."""
+    values = pc.cast(column, pa.float64())
+    return pc.mean(pc.filter(values, pc.invert(pc.is_nan(values)))).as_py()
 
 
 def _label_summary(rows: pa.Table) -> dict[str, Any]:

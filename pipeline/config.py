@@ -23,6 +23,7 @@ from pipeline.thresholds import FALSE_MATCH_SIMILARITY
 
 MAX_IMAGE_PIXELS = 50_000_000  # larger images fail their row (decompression bombs)
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RUN_ID_RULE = "run_id may hold letters, digits, '.', '_' and '-' (at most 128), starting with a letter or digit"
 Model = TypeVar("Model", bound=BaseModel)
 
 
@@ -78,7 +79,7 @@ class JobConfig(BaseModel):
     @classmethod
     def _safe_run_id(cls, value: str) -> str:
         if not RUN_ID_PATTERN.match(value):
-            raise ValueError("run_id may hold letters, digits, '.', '_' and '-' (at most 128), starting with a letter or digit")
+            raise ValueError(RUN_ID_RULE)
         return value
 
     @model_validator(mode="after")

@@ -98,3 +98,12 @@ def test_compare_threshold_must_be_a_finite_number(value: str, capsys) -> None:
         main(["compare", "out", "a", "b", "--threshold", value])
     assert stopped.value.code == 2
     assert f"argument --threshold: '{value}' is not a finite number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["report", "out", "--run-id", "../x"], ["render", "out", "--run-id", "a/../../b", "--pair-id", "p"],
+                                  ["compare", "out", "a", "../b"]])
+def test_run_ids_that_are_paths_are_refused(argv: list[str], capsys) -> None:
+    """A run id names folders (runs/ID, reports/ID.html): one that is a path would reach outside them."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2 and "run_id may hold letters, digits" in capsys.readouterr().err

@@ -25,7 +25,7 @@ from pipeline.errors import UserError
 _S3_PROTOCOLS = ("s3", "s3a")
 _LOCAL_PROTOCOLS = ("file", "local")
 T = TypeVar("T")
-_USERINFO = re.compile(r"(://)[^/@\s]+@")
+_USERINFO = re.compile(r"(://)[^/\s]*@")  # up to the last @ of the authority: a password may hold @
 
 
 class StorageError(UserError):

@@ -211,3 +211,11 @@ def test_cli(runs: Runs, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compare", runs.output, "run-a", "nightly-404"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'nightly-404'" in err
+
+
+def test_means_leave_out_nan_as_the_gates_do() -> None:
+    """energy_in_box is NaN for a map without positive mass: one such pair made a label's mean NaN."""
+    from pipeline.comparison import _mean
+
+    assert _mean(pa.chunked_array([[0.2, float("nan"), None], [0.4]])) == pytest.approx(0.3)
+    assert _mean(pa.chunked_array([[float("nan"), None]])) is None

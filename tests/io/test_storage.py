@@ -131,6 +131,7 @@ def test_options_have_no_credential_fields() -> None:
 
 def test_redact_uri() -> None:
     assert redact_uri("https://alice:s3cr3t@host:9000/b/x.jpg") == "https://***@host:9000/b/x.jpg"
+    assert redact_uri("postgresql://alice:p@ss@host/db") == "postgresql://***@host/db"  # an @ in the password
     assert redact_uri("s3://bucket/alice@home.jpg") == "s3://bucket/alice@home.jpg"
 
 
