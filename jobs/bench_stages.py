@@ -222,6 +222,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    torch.set_num_threads(1)  # one core, as in the job's tasks (Ray gives each OMP_NUM_THREADS=1)
     rng = np.random.default_rng(0)
     pairs = [(photo_jpeg(rng, 640, 480), photo_jpeg(rng, 640, 480)) for _ in range(args.pairs)]
     decoding, rendering = "decode" in args.stages, "render" in args.stages
