@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,37 @@ def test_each_distinct_image_is_forwarded_once(tmp_path, rng) -> None:
     assert not [name for name in result.column_names if name.startswith("_")]
     pngs = [uri for uri in result.column("png_uri").to_pylist() if uri]
     assert len(pngs) == 10 and all(uri.startswith(layout.png_dir) for uri in pngs)
+
+
+def test_fetch_reads_a_batchs_objects_at_once(tmp_path, rng, monkeypatch) -> None:
+    """An object store answers each read after its latency: the fetch keeps several reads in
+    flight (counted, not timed), and every image still lands in its own rows."""
+    from pipeline.distributed import stages
+
+    root, options = str(tmp_path), StorageOptions()
+    manifest, rows = write_audit(root, options, rng, queries=2, top_k=5, bad_rows=True)
+    in_flight, most = [0], [0]
+    lock = threading.Lock()
+    read = stages.read_bytes
+
+    def slow_read(*args, **kwargs) -> bytes:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        try:
+            time.sleep(0.05)
+            return read(*args, **kwargs)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(stages, "read_bytes", slow_read)
+    table = pq.read_table(manifest)
+    fetched = FetchImages(root, 32, 2_000_000, options)(table)
+    monkeypatch.setattr(stages, "read_bytes", read)
+    alone = FetchImages(root, 32, 2_000_000, options)(table)
+    assert most[0] > 1
+    assert fetched.to_pydict() == alone.to_pydict() and fetched.column("status").to_pylist().count("error") == 3
 
 
 def test_stage_chain_builds_its_stages_and_runs_them_in_order(tmp_path, rng) -> None:
