@@ -21,16 +21,21 @@ def upsample(saliency: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(Image.fromarray(saliency.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
 
 
-def _grid(saliency: np.ndarray, image_size: tuple[int, int]) -> tuple[np.ndarray, float]:
-    """The map upsampled to the image's aspect ratio, and the image-pixels-per-cell scale."""
+Scale = tuple[float, float]  # image pixels per grid cell, (x, y)
+
+
+def _grid(saliency: np.ndarray, image_size: tuple[int, int]) -> tuple[np.ndarray, Scale]:
+    """The map upsampled to the image's aspect ratio (at most GRID_SIDE cells a side, at least
+    one), and the image pixels per cell along x and y."""
     width, height = image_size
-    scale = max(width, height) / GRID_SIDE
-    return upsample(saliency, max(1, round(width / scale)), max(1, round(height / scale))), scale
+    side = max(width, height) / GRID_SIDE
+    cols, rows = max(1, round(width / side)), max(1, round(height / side))
+    return upsample(saliency, cols, rows), (width / cols, height / rows)
 
 
-def _box_mask(shape: tuple[int, int], box: Box, scale: float) -> np.ndarray:
+def _box_mask(shape: tuple[int, int], box: Box, scale: Scale) -> np.ndarray:
     rows, cols = shape
-    ys, xs = (np.arange(rows) + 0.5) * scale, (np.arange(cols) + 0.5) * scale  # cell centres in pixels
+    xs, ys = (np.arange(cols) + 0.5) * scale[0], (np.arange(rows) + 0.5) * scale[1]  # cell centres in pixels
     x0, y0, x1, y1 = box
     return ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
 
@@ -59,15 +64,18 @@ def pointing_hit(saliency: np.ndarray, box: Box, image_size: tuple[int, int]) ->
 
 @dataclass(frozen=True)
 class Localisation:
-    """peak_xy, and energy_in_box and pointing_hit against a box (None without one), of one map."""
+    """peak_xy, and energy_in_box and pointing_hit against a box (None without one), of one map.
+    A map without positive evidence (all zero, or nowhere above zero) locates nothing: all None."""
 
-    peak_xy: tuple[float, float]
+    peak_xy: tuple[float, float] | None = None
     energy_in_box: float | None = None
     pointing_hit: bool | None = None
 
 
 def localise(saliency: np.ndarray, image_size: tuple[int, int], box: Box | None = None) -> Localisation:
     """The three statistics above from one upsampling of the map (two when it has negative values)."""
+    if not bool((saliency > 0).any()):  # its maximum would be an arbitrary cell, and its energy 0 / 0
+        return Localisation()
     grid, scale = _grid(saliency, image_size)
     peak = _peak(grid, scale)
     if box is None:
@@ -76,12 +84,12 @@ def localise(saliency: np.ndarray, image_size: tuple[int, int], box: Box | None 
     return Localisation(peak, _energy(positive, scale, box), _inside(peak, box))
 
 
-def _peak(grid: np.ndarray, scale: float) -> tuple[float, float]:
+def _peak(grid: np.ndarray, scale: Scale) -> tuple[float, float]:
     row, col = np.unravel_index(int(np.argmax(grid)), grid.shape)
-    return float((col + 0.5) * scale), float((row + 0.5) * scale)
+    return float((col + 0.5) * scale[0]), float((row + 0.5) * scale[1])
 
 
-def _energy(positive_grid: np.ndarray, scale: float, box: Box) -> float:
+def _energy(positive_grid: np.ndarray, scale: Scale, box: Box) -> float:
     total = float(positive_grid.sum())
     inside = positive_grid[_box_mask(positive_grid.shape, box, scale)]
     return float(inside.sum()) / total if total > 0 else float("nan")

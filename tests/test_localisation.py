@@ -79,3 +79,20 @@ def test_localise_gives_the_three_statistics_at_once(signed: bool, rng) -> None:
         assert found.energy_in_box == pytest.approx(energy_in_box(saliency, box, image), rel=1e-6, nan_ok=True)
         assert found.pointing_hit == pointing_hit(saliency, box, image)
         assert localise(saliency, image) == Localisation(peak_xy(saliency, image))
+
+
+@pytest.mark.parametrize("saliency", [np.zeros((7, 7)), -np.ones((7, 7)) * np.arange(1, 8)])
+def test_a_map_without_positive_evidence_locates_nothing(saliency: np.ndarray) -> None:
+    """All zero (a `cis` map of a pair the channels oppose) or nowhere positive: its maximum was an
+    arbitrary cell (the top-left one), which counted as a pointing hit whenever a box covered it."""
+    assert localise(saliency, (640, 480), (0.0, 0.0, 100.0, 100.0)) == Localisation()
+
+
+def test_peaks_stay_inside_images_of_extreme_aspect(rng) -> None:
+    """A 5000 x 3 image has a one-cell-high grid: its y scale is its own, not the x axis's."""
+    for width, height in [(5000, 3), (3, 5000), (1000, 7)]:
+        saliency = rng.random((7, 7)) + 0.1
+        x, y = localise(saliency, (width, height)).peak_xy
+        assert 0 <= x <= width and 0 <= y <= height, (width, height, x, y)
+        whole = (0.0, 0.0, float(width), float(height))
+        assert localise(saliency, (width, height), whole).energy_in_box == pytest.approx(1.0)

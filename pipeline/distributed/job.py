@@ -52,7 +52,8 @@ READER_CPUS = 1.0  # Ray Data's manifest reader: its streaming repartition holds
 WRITE_CPUS = 0.25  # a Parquet write task; num_actors of them at most
 CPU_ACTORS = 2  # num_actors by default where the cluster has no GPU
 PACKAGES = ("sfam-pipeline", "torch", "torchvision", "ray", "pyarrow", "fsspec", "s3fs", "pydantic", "pillow", "numpy")
-SUMMARY_COLUMNS = ["status", "forward_share", "device", "similarity", "residual_query", "residual_reference"]
+SUMMARY_COLUMNS = ["status", "forward_share", "device", "similarity", "residual_query", "residual_reference",
+                   "query_peak_xy", "reference_peak_xy"]
 
 
 @dataclass(frozen=True)
@@ -270,7 +271,8 @@ def summarise(rows: pa.Table, layout: RunLayout, config: JobConfig, started: flo
     residual = residual_warning(*(ok_rows.column(c).to_numpy(zero_copy_only=False)
                                   for c in ("similarity", "residual_query", "residual_reference")),
                                 config.model.metric) if ok else None
-    warnings = tuple(warning for warning in (residual, _boxes_outside_warning(ok_rows)) if warning)
+    warnings = tuple(warning for warning in (residual, _empty_maps_warning(ok_rows), _boxes_outside_warning(ok_rows))
+                     if warning)
     return RunSummary(
         run_id=config.run_id, attempt=layout.attempt, pairs=rows.num_rows, ok=ok, error=rows.num_rows - ok,
         wall_seconds=wall, preflight_seconds=checked - started, pairs_per_second=rows.num_rows / wall,
@@ -282,9 +284,19 @@ def summarise(rows: pa.Table, layout: RunLayout, config: JobConfig, started: flo
     )
 
 
+def _empty_maps_warning(ok_rows: pa.Table) -> str | None:
+    """How many ok rows have a map without positive evidence (nothing to locate), or None."""
+    empty = {side: ok_rows[f"{side}_peak_xy"].null_count for side in SIDES}
+    if not any(empty.values()):
+        return None
+    counts = ", ".join(f"{count} {side}" for side, count in empty.items())
+    return (f"maps without positive evidence ({counts}, of {ok_rows.num_rows} ok pairs; typically pairs of low or "
+            "negative similarity): their peak_xy, energy_in_box and pointing_hit are null")
+
+
 def _boxes_outside_warning(ok_rows: pa.Table) -> str | None:
     """How many ok rows have a box wholly outside their image (their localisation is null), or None."""
-    outside = {side: int(pc.sum(pc.and_(pc.is_valid(ok_rows[f"{side}_bbox"]),
+    outside = {side: int(pc.sum(pc.and_(pc.and_(pc.is_valid(ok_rows[f"{side}_bbox"]), pc.is_valid(ok_rows[f"{side}_peak_xy"])),
                                         pc.is_null(ok_rows[f"{side}_energy_in_box"]))).as_py() or 0)
                for side in SIDES if f"{side}_bbox" in ok_rows.column_names}
     if not any(outside.values()):

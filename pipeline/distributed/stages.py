@@ -204,7 +204,7 @@ class ExplainPairs:
             # a box wholly outside its image locates nothing: null, as a missing box
             located = [localise(m, tuple(s), b if b and box_in_image(b, tuple(s)) else None)
                        for m, b, s in zip(maps[side], boxes, sizes[side])]
-            columns[f"{side}_peak_xy"] = [list(found.peak_xy) for found in located]
+            columns[f"{side}_peak_xy"] = [None if found.peak_xy is None else list(found.peak_xy) for found in located]
             if has_boxes:
                 columns[f"{side}_energy_in_box"] = [found.energy_in_box for found in located]
                 columns[f"{side}_pointing_hit"] = [found.pointing_hit for found in located]

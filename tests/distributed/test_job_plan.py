@@ -5,10 +5,20 @@ from __future__ import annotations
 
 import logging
 
+import pyarrow as pa
 import pytest
 import ray
 
-from pipeline.distributed.job import CPU_ACTORS, READER_CPUS, WRITE_CPUS, _cpus_per_actor, _num_actors, build_dataset
+from pipeline.distributed.job import (
+    CPU_ACTORS,
+    READER_CPUS,
+    WRITE_CPUS,
+    _boxes_outside_warning,
+    _cpus_per_actor,
+    _empty_maps_warning,
+    _num_actors,
+    build_dataset,
+)
 from pipeline.io.storage import StorageOptions, join_uri
 from pipeline.layout import RunLayout
 
@@ -56,3 +66,16 @@ def test_actors_for_the_gpus_the_cluster_has(monkeypatch, caplog, cluster_gpus, 
     with caplog.at_level(logging.WARNING, logger="sfam.audit"):
         assert _num_actors(config, gpus_per_actor) == actors
     assert any("wait for GPUs" in record.getMessage() for record in caplog.records) == waits
+
+
+def test_empty_maps_and_boxes_outside_are_told_apart() -> None:
+    """Both leave energy_in_box null; only a map that has a peak had a box to miss."""
+    point, box = [3.0, 4.0], [0.0, 0.0, 10.0, 10.0]
+    rows = pa.table({
+        "query_peak_xy": [point, None, point, point], "reference_peak_xy": [point, point, None, point],
+        "query_bbox": [box, box, box, None], "reference_bbox": [box, box, box, box],
+        "query_energy_in_box": [0.5, None, None, None], "reference_energy_in_box": [0.5, 0.4, None, 0.2],
+    })
+    assert _empty_maps_warning(rows).startswith("maps without positive evidence (1 query, 1 reference, of 4 ok pairs")
+    assert _boxes_outside_warning(rows).startswith("boxes wholly outside their image (1 query, 0 reference, of 4 ok pairs)")
+    assert _empty_maps_warning(rows.slice(0, 1)) is None and _boxes_outside_warning(rows.slice(0, 1)) is None
