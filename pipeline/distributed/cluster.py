@@ -52,6 +52,13 @@ def _advice(address: str, error: BaseException) -> str:
             "or run `ray stop` if a Ray started on this machine has died")
 
 
+def started_here() -> bool:
+    """Whether this process started the Ray it is connected to (a local Ray, not a cluster): no
+    autoscaler adds nodes to it, so resources it lacks never come."""
+    node = getattr(ray._private.worker, "_global_node", None)  # Ray's own record of the node this driver runs
+    return bool(ray.is_initialized() and getattr(node, "head", False))
+
+
 @contextmanager
 def local_cluster() -> Iterator[None]:
     """A new local Ray without its dashboard for the length of the block (the demo's); never the

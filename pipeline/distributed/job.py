@@ -28,10 +28,10 @@ from ray.data import ActorPoolStrategy
 from ray.data.datasource import FilenameProvider
 
 from pipeline.config import JobConfig
-from pipeline.distributed.cluster import connect
+from pipeline.distributed.cluster import connect, started_here
 from pipeline.distributed.iceberg_commit import overwrite_run
 from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults, StageChain
-from pipeline.errors import AuditFailed, PipelineError, Terminated
+from pipeline.errors import AuditFailed, PipelineError, Terminated, UserError
 from pipeline.gates import Baseline, GateResult, GatesFailed, check_manifest_supports, evaluate, same_label_similarity
 from pipeline.io.results_store import ResultsStore
 from pipeline.io.storage import StorageError, exists, open_input, redact_all, redact_uri
@@ -135,6 +135,10 @@ def _num_actors(config: JobConfig, gpus: float) -> int:
     actors = config.num_actors
     if actors is None:
         actors = max(1, math.floor(cluster_gpus / gpus + 1e-9)) if gpus > 0 else CPU_ACTORS
+    if gpus > cluster_gpus and started_here():
+        raise UserError(f"gpus_per_actor={gpus:g}, but this machine has {cluster_gpus:g} GPU(s), and the local Ray the "
+                        "job started cannot gain any: leave gpus_per_actor out (or 0) to explain on the CPU, or run "
+                        "where there are GPUs (a GPU node, or `ray job submit` to a cluster that has or adds them)")
     if gpus > 0 and actors * gpus > cluster_gpus:
         log.warning("%d actor(s) x %g GPU each, but the cluster has %g GPU(s) now: the actors beyond that wait for "
                     "GPUs an autoscaler may add; num_actors x gpus_per_actor within the GPUs runs without waiting",

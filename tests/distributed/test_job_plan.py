@@ -19,6 +19,7 @@ from pipeline.distributed.job import (
     _num_actors,
     build_dataset,
 )
+from pipeline.errors import UserError
 from pipeline.io.storage import StorageOptions, join_uri
 from pipeline.layout import RunLayout
 
@@ -60,7 +61,10 @@ def test_the_reader_and_the_writers_fit_beside_the_actors(local_ray, tmp_path, n
 ])
 def test_actors_for_the_gpus_the_cluster_has(monkeypatch, caplog, cluster_gpus, gpus_per_actor, num_actors, actors,
                                              waits) -> None:
+    from pipeline.distributed import job
+
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": float(cluster_gpus)})
+    monkeypatch.setattr(job, "started_here", lambda: False)  # a cluster, whose autoscaler may add GPUs
     config = job_config("/tmp/x", StorageOptions(), "/tmp/x/pairs.parquet", "plan", num_actors=num_actors,
                         gpus_per_actor=gpus_per_actor)
     with caplog.at_level(logging.WARNING, logger="sfam.audit"):
@@ -79,3 +83,16 @@ def test_empty_maps_and_boxes_outside_are_told_apart() -> None:
     assert _empty_maps_warning(rows).startswith("maps without positive evidence (1 query, 1 reference, of 4 ok pairs")
     assert _boxes_outside_warning(rows).startswith("boxes wholly outside their image (1 query, 0 reference, of 4 ok pairs)")
     assert _empty_maps_warning(rows.slice(0, 1)) is None and _boxes_outside_warning(rows.slice(0, 1)) is None
+
+
+@pytest.mark.parametrize(("cluster_gpus", "gpus_per_actor"), [(0, 1.0), (1, 2.0)])
+def test_gpus_a_local_ray_cannot_have_are_refused(local_ray, monkeypatch, cluster_gpus, gpus_per_actor) -> None:
+    """Where the job started its own Ray, no autoscaler adds the GPUs that no actor fits in: the
+    job waited for them forever; it now stops with one line naming gpus_per_actor."""
+    from pipeline.distributed import job
+
+    assert job.started_here()  # the fixture's ray.init started a local Ray in this process
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": float(cluster_gpus)})
+    config = job_config("/tmp/x", StorageOptions(), "/tmp/x/pairs.parquet", "plan", gpus_per_actor=gpus_per_actor)
+    with pytest.raises(UserError, match=f"gpus_per_actor={gpus_per_actor:g}, but this machine has {cluster_gpus} GPU"):
+        _num_actors(config, gpus_per_actor)
