@@ -45,9 +45,9 @@ def build_model(spec: ModelSpec, storage_options: StorageOptions | None = None) 
     """The model of `spec`, weights loaded, in eval mode; without weights, the architecture's
     random initialisation seeded with RANDOM_INIT_SEED, so that every replica and run is the same.
 
-    With `trust_checkpoint`, a checkpoint that holds a whole model (a pickled
-    `nn.Module` or a TorchScript archive) is used as the model itself; `arch`
-    and `embedding_dim` then only label it.
+    With `trust_checkpoint`, a checkpoint that holds a whole model (a pickled `nn.Module`) is
+    used as the model itself, when its layers are those of `arch` and `embedding_dim`, which
+    name it in the results.
     """
     return load_model(spec, storage_options)[0]
 
@@ -56,21 +56,36 @@ def load_model(spec: ModelSpec, storage_options: StorageOptions | None = None) -
     """build_model's model, and `spec` with `weights_sha256` the SHA-256 of the weights it loaded
     (so that other replicas can be held to the same file)."""
     checkpoint, digest = _load_checkpoint(spec, storage_options) if spec.weights else (None, None)
+    with torch.random.fork_rng(devices=[]):  # without weights: the same model in every replica and run
+        torch.manual_seed(RANDOM_INIT_SEED)
+        if spec.is_factory:
+            model = _factory_model(spec.arch)
+        else:
+            model = _timm_model(spec) if spec.timm_name is not None else _torchvision_model(spec)
     if isinstance(checkpoint, nn.Module):
+        _check_whole_model(checkpoint, model, spec)
         model = checkpoint
-    else:
-        with torch.random.fork_rng(devices=[]):  # without weights: the same model in every replica and run
-            torch.manual_seed(RANDOM_INIT_SEED)
-            if spec.is_factory:
-                model = _factory_model(spec.arch)
-            else:
-                model = _timm_model(spec) if spec.timm_name is not None else _torchvision_model(spec)
-        if checkpoint is not None:
-            _load_state_dict(model, _unwrap_state_dict(checkpoint, spec.weights), spec.weights)
+    elif checkpoint is not None:
+        _load_state_dict(model, _unwrap_state_dict(checkpoint, spec.weights), spec.weights)
     for name, what in ((spec.target_layer, "target_layer"), (spec.embedding_layer, "embedding_layer")):
         if name is not None:
             resolve_layer_name(model, name, what)
     return model.eval(), spec.model_copy(update={"weights_sha256": digest})
+
+
+def _check_whole_model(whole: nn.Module, built: nn.Module, spec: ModelSpec) -> None:
+    """Refuses a pickled whole model whose parameters and buffers (names and shapes) are not those
+    of the model `spec` builds: the results would name a model that did not run."""
+    expected = {name: tuple(t.shape) for name, t in built.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in whole.state_dict().items()}
+    differing = [name for name in {**expected, **found} if expected.get(name) != found.get(name)]
+    if differing:
+        raise ModelLoadError(
+            f"weights {spec.weights} hold a whole {type(whole).__name__} whose layers are not those of arch "
+            f"{spec.arch!r} with embedding_dim {spec.embedding_dim} ({len(differing)} differ, e.g. {differing[0]}: "
+            f"{found.get(differing[0], 'absent')} here, {expected.get(differing[0], 'absent')} in the arch): set "
+            "model.arch and model.embedding_dim to the model it is, which the results name"
+        )
 
 
 def resolve_layer_name(model: nn.Module, name: str, what: str = "target_layer") -> nn.Module:
@@ -174,12 +189,11 @@ def _load_checkpoint(spec: ModelSpec, storage_options: StorageOptions | None) ->
         raise ModelLoadError(f"weights {uri} are named .safetensors but do not start with a safetensors header")
     if not zipfile.is_zipfile(io.BytesIO(data)) and not data.startswith(b"\x80"):  # torch.save: a zip, or a pickle
         raise ModelLoadError(f"weights {uri} are neither a torch.save checkpoint nor a safetensors file")
-    torchscript = _is_torchscript(data)
-    if torchscript and not spec.trust_checkpoint:
-        raise ModelLoadError(f"weights {uri} are a TorchScript archive, which runs code; {_TRUST_HINT}")
+    if _is_torchscript(data):
+        raise ModelLoadError(f"weights {uri} are a TorchScript archive: explaining hooks into the model's layers, "
+                             "which TorchScript modules do not run; save the model's state_dict instead "
+                             "(torch.save(model.state_dict(), path)) and name its arch")
     try:
-        if torchscript:
-            return torch.jit.load(io.BytesIO(data), map_location="cpu"), digest
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=not spec.trust_checkpoint), digest
     except Exception as e:
         unsafe = _UNSAFE_GLOBAL.search(str(e))
