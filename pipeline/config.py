@@ -75,6 +75,14 @@ class JobConfig(BaseModel):
         """The earlier boolean form: true renders all pairs, false none."""
         return {True: "all", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
+    @field_validator("run_id", mode="before")
+    @classmethod
+    def _quoted_run_id(cls, value: Any) -> Any:
+        """A YAML file's `run_id: 20261126` is a number to YAML, whose own text is lost (007 is 7)."""
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            raise ValueError(f"YAML reads {value!r} as a number: quote the run_id ('{value}') to keep it as written")
+        return value
+
     @field_validator("run_id")
     @classmethod
     def _safe_run_id(cls, value: str) -> str:
@@ -120,10 +128,13 @@ class JobConfig(BaseModel):
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """'model.metric=dot' -> (['model', 'metric'], 'dot'); the value is read as YAML."""
+    """'model.metric=dot' -> (['model', 'metric'], 'dot'); the value is read as YAML, but a run_id
+    is always the text as given (`run_id=20261126` is not a number, `run_id=007` keeps its zeros)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. model.metric=dot")
+    if key.strip() == "run_id":
+        return ["run_id"], value.strip()
     try:
         return key.strip().split("."), load_yaml(value) if value.strip() else None
     except yaml.YAMLError as error:

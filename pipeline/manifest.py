@@ -75,9 +75,15 @@ def _check_boxes(batch: pa.RecordBatch, name: str, first_row: int) -> float:
         row = first_row + pc.index(bad, True).as_py()
         raise ManifestError(f"manifest column {name!r} row {row}: a box has 4 numbers (x0, y0, x1, y1)")
     corners = pc.list_flatten(boxes).to_numpy(zero_copy_only=False).reshape(-1, 4)  # the non-null boxes, in order
+    rows = first_row + np.flatnonzero(pc.is_valid(boxes).to_numpy(zero_copy_only=False))  # their rows
+    unknown = ~np.isfinite(corners.astype(np.float64)).all(axis=1)  # a null corner reads as NaN
+    if unknown.any():
+        raise ManifestError(f"manifest column {name!r} row {rows[np.argmax(unknown)]}: box "
+                            f"{corners[np.argmax(unknown)].tolist()} has a coordinate that is not a number; "
+                            "a row without a box has null for the whole box")
     inverted = (corners[:, 2] < corners[:, 0]) | (corners[:, 3] < corners[:, 1])
     if inverted.any():
-        row = first_row + np.flatnonzero(pc.is_valid(boxes).to_numpy(zero_copy_only=False))[np.argmax(inverted)]
+        row = rows[np.argmax(inverted)]
         raise ManifestError(f"manifest column {name!r} row {row}: box {corners[np.argmax(inverted)].tolist()} has x1 < x0 "
                             "or y1 < y0; boxes are (x0, y0, x1, y1), top-left and bottom-right corners")
     return float(corners.max()) if corners.size else -np.inf

@@ -34,7 +34,8 @@ def test_yaml_with_overrides(tmp_path) -> None:
     ("model.metric=manhattan", "model.metric"),
     ("run_id=../../etc", "run_id"),
     ("batch_size", "KEY=VALUE"),
-    ("run_id=[a", r"^--set 'run_id=\[a': the value is not YAML: [^\n]+$"),
+    ("model.arch=[a", r"^--set 'model.arch=\[a': the value is not YAML: [^\n]+$"),
+    ("run_id=[a", "run_id: run_id may hold letters"),
 ])
 def test_bad_overrides_are_errors(tmp_path, override: str, message: str) -> None:
     path = tmp_path / "cfg.yaml"
@@ -95,3 +96,16 @@ def test_one_false_match_threshold(tmp_path) -> None:
     path.write_text(yaml.safe_dump(load_config(path).model_dump(mode="json")))  # written out in full: both keys
     config = load_config(path, ["gates.false_match_similarity=0.6"])
     assert config.gates.false_match_similarity == config.render_flags.false_match_similarity == 0.6
+
+
+def test_a_run_id_that_looks_like_a_number(tmp_path) -> None:
+    """A nightly id such as 20261126 was 'Input should be a valid string'."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text(BASE)
+    assert load_config(path, ["run_id=20261126"]).run_id == "20261126"
+    assert load_config(path, ["run_id=007"]).run_id == "007"  # YAML would read 7
+    path.write_text(BASE + "run_id: 20261126\n")
+    with pytest.raises(ConfigError, match=r"run_id: YAML reads 20261126 as a number: quote the run_id \('20261126'\)"):
+        load_config(path)
+    path.write_text(BASE + "run_id: '007'\n")
+    assert load_config(path).run_id == "007"
