@@ -75,7 +75,7 @@ def measure_affine_head(
             run_head(chunk[:, :, None, None].expand(-1, -1, height, width))
             for chunk in probes.split(PROBE_CHUNK)
         ]
-    except RuntimeError:  # the head does not take a batch of constant maps: not a pooled head
+    except Exception:  # the head does not take a batch of constant maps (its own checks may raise anything)
         return None
     responses = torch.cat(outputs).double()  # (K + 1, D)
     head = AffineHead(jacobian=(responses[1:] - responses[:1]).T.contiguous(), bias=responses[0])

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.explain.correspondence import local_embeddings, matched_maps, top_correspondences
-from pipeline.explain.head import AffineHead, measure_affine_head, per_image_scale
+from pipeline.explain.head import AffineHead, measure_affine_head, per_image_scale, relative_tolerance
 from pipeline.explain.layers import ExplanationError, find_module, hooked_output
 from pipeline.explain.layout import FeatureLayout, LayoutName, check_layout, detect_layout
 from pipeline.explain.linearise import Linearised
@@ -183,6 +183,8 @@ class SFAM:
             raise ExplanationError(f"images must be a float tensor (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         if query_index.shape != reference_index.shape or query_index.dim() != 1:
             raise ExplanationError("query_index and reference_index must be 1-D and of equal length")
+        if not bool(torch.isfinite(images).all()):
+            raise ExplanationError("images hold NaN or infinite values: nothing about them can be explained")
         images = images.to(self._parameter_dtype())
         self._resolve_target(images[:1])
         if not self._head_measured or self._head is not None:
@@ -223,6 +225,9 @@ class SFAM:
             self._embed(sample)
         if not seen:
             raise ExplanationError(f"target_layer={self.target_layer!r} did not run in the forward pass")
+        if len(seen) > 1:  # its gradient would be its last use's only: the others' share would land in the residual
+            raise ExplanationError(f"target_layer={self.target_layer!r} runs {len(seen)} times per forward pass (its "
+                                   "weights are shared); name a layer that runs once")
         layout = detect_layout(seen[-1].shape, tuple(sample.shape[-2:]), **settings)
         if given and not influences(lambda replace: self._embed_with(self._target, replace, sample), layout):
             better = default_target_layer(
@@ -235,12 +240,23 @@ class SFAM:
         self._layout = layout
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
-        """The embedding: the model's output, or embedding_layer's output."""
+        """The embedding (B, D): the model's output, or embedding_layer's output."""
         if self._embedding is None:
-            return self.model(images)
-        with hooked_output(self._embedding) as seen:
-            self.model(images)
-        return seen[-1]
+            embeddings = self.model(images)
+        else:
+            with hooked_output(self._embedding) as seen:
+                self.model(images)
+            embeddings = seen[-1]
+        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
+            shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
+            if self.embedding_layer is not None:
+                raise ExplanationError(f"embedding_layer={self.embedding_layer!r} outputs {shape}, not a (B, D) "
+                                       "embedding: name the module that outputs the pooled embedding")
+            raise ExplanationError(
+                f"the model's output is {shape}, not a (B, D) embedding tensor; pass embedding_layer= "
+                "to name the module that outputs it"
+            )
+        return embeddings
 
     def _embed_with(self, module: nn.Module, replace: Replace | None, sample: torch.Tensor) -> torch.Tensor:
         """The embedding of `sample` with `module`'s output passed through `replace`."""
@@ -258,15 +274,6 @@ class SFAM:
 
         with mode, hooked_output(self._target, enter_head) as seen:
             embeddings = self._embed(images)
-        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
-            shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
-            if self.embedding_layer is not None:
-                raise ExplanationError(f"embedding_layer={self.embedding_layer!r} outputs {shape}, not a (B, D) "
-                                       "embedding: name the module that outputs the pooled embedding")
-            raise ExplanationError(
-                f"the model's output is {shape}, not a (B, D) embedding tensor; pass embedding_layer= "
-                "to name the module that outputs it"
-            )
         if not seen:
             raise ExplanationError(f"target_layer={self.target_layer!r} did not run in the forward pass")
         output = seen[-1]
@@ -322,7 +329,9 @@ class SFAM:
             forward = self._forward(images.clone(), replace=_start_graph)
             u = forward.embeddings  # (N, D)
             local = self._local_embeddings(forward) if self.weighting == "matched" else None
-            v = partner_vector(self.metric, u.detach()[slots], u.detach()[partners])  # (2P, D)
+            u64 = u.detach().double()
+            v64 = partner_vector(self.metric, u64[slots], u64[partners])  # (2P, D) float64, as the similarity
+            v = v64.to(u.dtype)  # the backward's seed
             gradients = torch.empty((2 * pairs, *forward.output.shape[1:]), dtype=forward.output.dtype,
                                     device=forward.output.device)
             last = int(rounds.max())
@@ -336,7 +345,6 @@ class SFAM:
         dsim = self._layout.to_maps(gradients).double()  # (2P, K, h, w): d(u . v)/dA
         weights = dsim * self._layout.grid  # (2P, K, h, w): W, = w at every location when the head pools first
         cis = (features.double() * dsim).sum(dim=(2, 3))  # = a * w when the head pools first
-        u64, v64 = u.detach().double(), v.double()
         s = similarity(self.metric, u64[query_index], u64[reference_index])
         residual = (u64[slots] * v64).sum(dim=1) - cis.sum(dim=1) + offset(self.metric, u64[partners])
         self._check_not_scale_invariant(images[:1], u64, s, cis)
@@ -368,7 +376,7 @@ class SFAM:
         """
         if self._embedding is not None:
             return
-        unit_norm = bool(((u.norm(dim=1) - 1).abs() < 1e-4).all())
+        unit_norm = bool(((u.norm(dim=1) - 1).abs() < relative_tolerance(self._parameter_dtype())).all())
         # a scale-invariant output cancels its contributions down to rounding (at most 1.1e-5 of
         # their total magnitude in float32, 150 random models); other models' single pairs did
         # not cancel below 2.6e-3 of it (150 random pairs on a random tanh head)

@@ -313,3 +313,88 @@ def test_generic_path_keeps_no_graph_before_the_target_layer(seed: int) -> None:
     result = SFAM(model, "layer4", fast_path=False).explain(torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64))
     assert seen == {"before": False, "after": True} and torch.is_grad_enabled()
     assert_close(result.cis_query.double().sum(1) + result.residual_query.double(), result.similarity, rel=1e-5, scale=1.0)
+
+
+class SharedBlockNet(nn.Module):
+    """One block applied twice (weight sharing): h1 = block(stem(x)), h2 = block(h1), u = fc(GAP(h1 + h2))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.fc = nn.Linear(8, 4, bias=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        first = self.block(F.relu(self.stem(images)))
+        return self.fc((first + self.block(first)).mean(dim=(2, 3)))
+
+
+def test_a_target_layer_that_runs_twice_is_refused(seed: int) -> None:
+    """Only its last use got a gradient: the first use's share went to the residual, silently."""
+    with pytest.raises(ExplanationError, match="target_layer='block' runs 2 times per forward pass"):
+        SFAM(SharedBlockNet().eval(), "block", metric="dot").explain(*random_pairs(2, 16))
+
+
+class TupleNet(SmallNet):
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u = super().forward(images)
+        return u, u.norm(dim=1)
+
+
+@pytest.mark.parametrize("target_layer", [None, "features"])
+def test_a_model_that_returns_a_tuple_is_told_to_name_its_embedding(target_layer: str | None, seed: int) -> None:
+    """The hint was never reached: choosing the target layer raised AttributeError on the tuple first."""
+    model = TupleNet(nn.Linear(16, 4)).eval()
+    with pytest.raises(ExplanationError, match="the model's output is tuple, not a .* pass embedding_layer="):
+        SFAM(model, target_layer).explain(*random_pairs(2, 32))
+    SFAM(model, target_layer, embedding_layer="head").explain(*random_pairs(2, 32))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_images_that_are_not_finite_are_refused(bad: float, seed: int) -> None:
+    """A NaN image read as 'no layer influences the embedding', and turned the fast path off for good."""
+    explainer = SFAM(SmallNet(nn.Linear(16, 4)).eval())
+    x, y = random_pairs(2, 32)
+    x[1, 0, 3, 3] = bad
+    with pytest.raises(ExplanationError, match="images hold NaN or infinite values"):
+        explainer.explain(x, y)
+    explainer.explain(*random_pairs(2, 32))
+    assert explainer.is_affine is True
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_normalising_model_in_16_bits_is_refused(dtype: torch.dtype, seed: int) -> None:
+    """Its norms are 1 only to the dtype's precision (0.998 in bfloat16): the float32 test let it through."""
+    model = NormalisedNet().eval().to(dtype)
+    with pytest.raises(ExplanationError, match="embedding_layer='fc'"):
+        SFAM(model, "features").explain(*(images.to(dtype) for images in random_pairs(4, 32)))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_generic_path_completeness_in_bfloat16(metric: str, seed: int) -> None:
+    """sum(CIS) + residual = similarity to float32 rounding: the partner vector is float64, as the similarity."""
+    head = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8))
+    explainer = SFAM(SmallNet(head).eval().to(torch.bfloat16), "features", metric=metric, fast_path=False)
+    result = explainer.explain(*(images.to(torch.bfloat16) for images in random_pairs(4, 32)))
+    for cis, residual in ((result.cis_query, result.residual_query), (result.cis_reference, result.residual_reference)):
+        error = (cis.double().sum(dim=1) + residual.double() - result.similarity.double()).abs()
+        scale = cis.double().abs().sum(dim=1) + residual.double().abs() + result.similarity.double().abs()
+        assert (error <= 1e-6 * scale).all(), (error / scale).max()  # float32 rounding of the stored terms
+
+
+class AssertingHead(nn.Module):
+    """A head whose own check refuses a batch of another size than the trunk's (as user code may)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        assert pooled.shape[0] in (1, 2), "batch changed"
+        return self.fc(pooled)
+
+
+def test_a_head_whose_probe_raises_anything_takes_the_generic_path(seed: int) -> None:
+    explainer = SFAM(SmallNet(AssertingHead()).eval(), "features")
+    result = explainer.explain(*random_pairs(1, 32))
+    assert explainer.is_affine is False and torch.isfinite(result.similarity).all()
