@@ -283,9 +283,16 @@ def summarise(rows: pa.Table, layout: RunLayout, config: JobConfig, started: flo
         forward_passes_per_pair=float(np.nansum(ok_rows.column("forward_share").to_numpy(zero_copy_only=False))) / max(ok, 1),
         devices=tuple(sorted(pc.unique(rows.column("device")).drop_null().to_pylist())), num_actors=config.num_actors,
         gpus_per_actor=gpus_per_actor,
-        results=redact_uri(layout.results_dir), png=redact_uri(layout.png_dir) if config.render_png != "none" else None,
+        results=_results_location(config, layout), png=redact_uri(layout.png_dir) if config.render_png != "none" else None,
         run_record=redact_uri(layout.run_record), warnings=warnings,
     )
+
+
+def _results_location(config: JobConfig, layout: RunLayout) -> str:
+    """Where the run's rows are: its Hive partition, or the Iceberg table (rows with run_id = ID)."""
+    if config.table.format == "iceberg":
+        return f"Iceberg table {config.table.identifier}, run_id = {config.run_id}"
+    return redact_uri(layout.results_dir)
 
 
 def _empty_maps_warning(ok_rows: pa.Table) -> str | None:

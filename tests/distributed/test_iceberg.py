@@ -41,7 +41,9 @@ def test_iceberg_runs_reruns_and_a_reader_that_never_sees_a_mix(local_ray, s3_bu
     manifest, rows = write_audit(root, options, rng, queries=4, top_k=4)
     catalog_db = str(tmp_path / "catalog.db")
     first = iceberg_config(root, options, manifest, "nightly-1", catalog_db)
-    run_audit(first)
+    summary = run_audit(first)
+    assert summary.results == "Iceberg table audits.results, run_id = nightly-1"  # not a Hive folder that is never made
+    assert read_json(join_uri(first.output, "runs", "nightly-1", "_SUCCESS"), options)["results"] == summary.results
     run_audit(iceberg_config(root, options, manifest, "nightly-2", catalog_db))
     store = open_results_store(first.output, options, first.table)
     assert store.read(run_id="nightly-1").num_rows == len(rows) == store.read(run_id="nightly-2").num_rows
