@@ -75,6 +75,12 @@ class JobConfig(BaseModel):
         """The earlier boolean form: true renders all pairs, false none."""
         return {True: "all", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_short_form(cls, value: Any) -> Any:
+        """`model: resnet18` is `model: {arch: resnet18}`, as `sfam explain --model resnet18` is."""
+        return {"arch": value} if isinstance(value, str) else value
+
     @field_validator("run_id", mode="before")
     @classmethod
     def _quoted_run_id(cls, value: Any) -> Any:

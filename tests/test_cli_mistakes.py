@@ -272,6 +272,21 @@ def test_relative_manifest_that_is_not_there(local_audit: Path, s3_secret) -> No
     assert snapshot(local_audit.parent) == before
 
 
+def test_manifest_whose_images_are_relative_to_another_folder(local_audit: Path, tmp_path: Path, s3_secret) -> None:
+    """Relative image URIs are read from the manifest's folder: a manifest moved away from its images
+    failed every row after the whole run (exit 1); it is now one line before Ray starts."""
+    config = yaml.safe_load(local_audit.read_text())
+    moved = tmp_path / "elsewhere" / "pairs.parquet"
+    moved.parent.mkdir()
+    moved.write_bytes(Path(config["manifest"]).read_bytes())
+    before = snapshot(local_audit.parent)
+    done = run("manifest away from its images", [*JOB, "--config", str(local_audit), "--set", f"manifest={moved}"])
+    assert_mistake(done, "none of the manifest's first", f"looked for at {tmp_path / 'elsewhere'}",
+                   "relative URIs are read from the manifest's folder", secrets=(s3_secret,))
+    assert_before_ray(done)
+    assert snapshot(local_audit.parent) == before
+
+
 # 6-8: the model
 
 

@@ -109,3 +109,10 @@ def test_a_run_id_that_looks_like_a_number(tmp_path) -> None:
         load_config(path)
     path.write_text(BASE + "run_id: '007'\n")
     assert load_config(path).run_id == "007"
+
+
+def test_model_short_form(tmp_path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("manifest: m.parquet\noutput: out\nmodel: timm/convnext_tiny\n")
+    assert load_config(path).model.arch == "timm/convnext_tiny"
+    assert load_config(path, ["model=resnet18"]).model.arch == "resnet18"

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs
+import pyarrow.parquet as pq
 import ray
 import torch
 from ray.data import ActorPoolStrategy
@@ -34,11 +35,11 @@ from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults
 from pipeline.errors import AuditFailed, PipelineError, Terminated, UserError
 from pipeline.gates import Baseline, GateResult, GatesFailed, check_manifest_supports, evaluate, same_label_similarity
 from pipeline.io.results_store import ResultsStore
-from pipeline.io.storage import StorageError, exists, open_input, redact_all, redact_uri
+from pipeline.io.storage import StorageError, exists, open_input, redact_all, redact_uri, resolve_uri
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import arrow_filesystem, read_json, write_json
 from pipeline.layout import RunLayout, new_attempt_id
-from pipeline.manifest import ManifestInfo, validate_manifest
+from pipeline.manifest import ManifestError, ManifestInfo, validate_manifest
 from pipeline.models.explainer import build_explainer
 from pipeline.models.loading import random_weights_warning
 from pipeline.models.spec import ModelSpec
@@ -51,6 +52,8 @@ RENDER_CPUS = 0.5  # a render task's share beside GPU actors: light under the de
 READER_CPUS = 1.0  # Ray Data's manifest reader: its streaming repartition holds one CPU for the whole run
 WRITE_CPUS = 0.25  # a Parquet write task; num_actors of them at most
 CPU_ACTORS = 2  # num_actors by default where the cluster has no GPU
+IMAGES_PROBED = 8  # the manifest's first images, of which at least one must exist before the job starts
+SIDE_URIS = ("query_uri", "reference_uri")
 PACKAGES = ("sfam-pipeline", "torch", "torchvision", "ray", "pyarrow", "fsspec", "s3fs", "pydantic", "pillow", "numpy")
 SUMMARY_COLUMNS = ["status", "forward_share", "device", "similarity", "residual_query", "residual_reference",
                    "query_peak_xy", "reference_peak_xy"]
@@ -168,6 +171,7 @@ def preflight(config: JobConfig, store: ResultsStore) -> Plan:
     except StorageError as error:  # name the key
         raise type(error)(f"manifest {config.manifest}", error.reason) from error
     log.info("manifest %s: %d pairs, boxes: %s", redact_uri(config.manifest), manifest.num_rows, manifest.has_boxes)
+    _check_some_images_exist(config)
     check_manifest_supports(config.gates, manifest.schema.names)
     random_weights = random_weights_warning(config.model)
     if random_weights:
@@ -178,6 +182,24 @@ def preflight(config: JobConfig, store: ResultsStore) -> Plan:
     layout = RunLayout(config.output, config.run_id, dt.datetime.now(dt.timezone.utc).date().isoformat(), new_attempt_id())
     return Plan(manifest=manifest, layout=layout, target_layer=str(explainer.target_layer), model=explainer.spec,
                 previous_attempt=store.committed_attempt(config.run_id))
+
+
+def _manifest_dir(config: JobConfig) -> str:
+    """The folder that the manifest's relative URIs are read from (config.manifest is absolute or a URI)."""
+    return config.manifest.rsplit("/", 1)[0]
+
+
+def _check_some_images_exist(config: JobConfig) -> None:
+    """Refuses a manifest none of whose first IMAGES_PROBED images exists: a path mistake (URIs
+    relative to another folder than the manifest's), which would fail every row after the whole run.
+    One missing image among others fails only its rows."""
+    with open_input(config.manifest, config.storage_options) as manifest_file:
+        first = next(pq.ParquetFile(manifest_file).iter_batches(batch_size=IMAGES_PROBED, columns=list(SIDE_URIS)))
+    uris = list(dict.fromkeys(uri for column in SIDE_URIS for uri in first.column(column).to_pylist()))[:IMAGES_PROBED]
+    locations = [resolve_uri(uri, _manifest_dir(config)) for uri in uris]
+    if not any(exists(location, config.storage_options) for location in locations):
+        raise ManifestError(f"none of the manifest's first {len(uris)} images exists, e.g. {uris[0]!r}, looked for at "
+                            f"{redact_uri(locations[0])}: relative URIs are read from the manifest's folder")
 
 
 def _read_manifest(path: str, filesystem: pyarrow.fs.FileSystem) -> ray.data.Dataset:
@@ -199,7 +221,7 @@ def build_dataset(config: JobConfig, layout: RunLayout, gpus: float) -> ray.data
     options = config.storage_options
     cpus = _cpus_per_actor(config, gpus)
     manifest_fs, manifest_path = arrow_filesystem(config.manifest, options)
-    manifest_dir = config.manifest.rsplit("/", 1)[0]  # config.manifest is absolute or a URI
+    manifest_dir = _manifest_dir(config)
     # blocks of one batch of adjacent rows: every actor gets work (a one-file manifest reads as one
     # block), and the pairs of one query stay together, so their images are forwarded once
     dataset = _read_manifest(manifest_path, manifest_fs).repartition(target_num_rows_per_block=config.batch_size)

@@ -228,7 +228,10 @@ class SFAM:
         if len(seen) > 1:  # its gradient would be its last use's only: the others' share would land in the residual
             raise ExplanationError(f"target_layer={self.target_layer!r} runs {len(seen)} times per forward pass (its "
                                    "weights are shared); name a layer that runs once")
-        layout = detect_layout(seen[-1].shape, tuple(sample.shape[-2:]), **settings)
+        try:
+            layout = detect_layout(seen[-1].shape, tuple(sample.shape[-2:]), **settings)
+        except ExplanationError as error:  # named: the layer may be the default or the one given
+            raise ExplanationError(f"target_layer={self.target_layer!r}: {error}") from error
         if given and not influences(lambda replace: self._embed_with(self._target, replace, sample), layout):
             better = default_target_layer(
                 self.model, sample, lambda module, replace: self._embed_with(module, replace, sample), **settings

@@ -398,3 +398,8 @@ def test_a_head_whose_probe_raises_anything_takes_the_generic_path(seed: int) ->
     explainer = SFAM(SmallNet(AssertingHead()).eval(), "features")
     result = explainer.explain(*random_pairs(1, 32))
     assert explainer.is_affine is False and torch.isfinite(result.similarity).all()
+
+
+def test_a_target_layer_without_a_grid_is_named(seed: int) -> None:
+    with pytest.raises(ExplanationError, match=r"target_layer='head': a \(1, 4\) output is not a feature map"):
+        SFAM(SmallNet(nn.Linear(16, 4)).eval(), "head").explain(*random_pairs(1, 32))
