@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pipeline.io.storage import StorageError, StorageOptions, glob
 from pipeline.io.tables import read_json
-from pipeline.layout import run_record_uri
+from pipeline.layout import run_record_uri, success_marker_uri
 
 
 def previous_successful_run(output: str, run_id: str, started_before: str, options: StorageOptions,
@@ -15,7 +15,7 @@ def previous_successful_run(output: str, run_id: str, started_before: str, optio
     `run_id` itself is skipped (a re-run compares with another run, not with its own past).
     Manifests are compared as recorded (credentials redacted); times are ISO-8601 UTC strings.
     """
-    latest: dict | None = None
+    candidates = []
     for uri in glob(run_record_uri(output, "*"), options):
         try:
             record = read_json(uri, options)
@@ -25,6 +25,15 @@ def previous_successful_run(output: str, run_id: str, started_before: str, optio
         started = record.get("timings", {}).get("started", "")
         if (record.get("run_id") != run_id and record.get("status") in ("succeeded", "gates_failed")
                 and manifest in (None, config.get("manifest")) and metric in (None, config.get("model", {}).get("metric"))
-                and started < started_before and (latest is None or started > latest["timings"]["started"])):
-            latest = record
-    return latest
+                and started < started_before):
+            candidates.append(record)
+    # latest first; a record written just before a kill, without the _SUCCESS that commits it, has no rows to read
+    return next((record for record in sorted(candidates, key=lambda r: r["timings"]["started"], reverse=True)
+                 if _committed_attempt(output, record["run_id"], options) == record.get("attempt")), None)
+
+
+def _committed_attempt(output: str, run_id: str, options: StorageOptions) -> str | None:
+    try:
+        return read_json(success_marker_uri(output, run_id), options).get("attempt")
+    except StorageError:
+        return None

@@ -81,7 +81,11 @@ class ResultsStore:
 
     def _staged(self, layout: RunLayout) -> pds.Dataset:
         fs, path = self.staging(layout)
-        return pds.dataset(path.rstrip("/"), filesystem=fs, format="parquet")
+        try:
+            return pds.dataset(path.rstrip("/"), filesystem=fs, format="parquet")
+        except FileNotFoundError as error:  # the job wrote them: a later attempt's commit deleted them since
+            raise StorageError(layout.staged_results_dir, "the attempt's staged rows are gone: another attempt of the "
+                               "run_id committed while this one ran; nothing of this attempt was committed") from error
 
     def committed_attempt(self, run_id: str) -> str | None:
         """The attempt that `_SUCCESS` names, or None when the run never succeeded."""

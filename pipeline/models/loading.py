@@ -263,8 +263,10 @@ def _head_hint(unexpected: list[str], state_dict: Mapping[str, torch.Tensor]) ->
     if len(heads) != 1 or len(unexpected) > 2 or state_dict[heads[0]].dim() != 2:
         return ""
     out_features = state_dict[heads[0]].shape[0]
+    prefix = heads[0].rsplit(".", 1)[0]
     return (f". The checkpoint has a head ({heads[0]}: {tuple(state_dict[heads[0]].shape)}); "
-            f"set `embedding_dim: {out_features}` to load it as the embedding head")
+            f"set `embedding_dim: {out_features}` to load it as the embedding head (a projection), or, for the "
+            f"pooled features under a classifier, save the checkpoint without its {prefix}.* keys")
 
 
 def short_reason(error: Exception) -> str:

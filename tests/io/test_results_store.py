@@ -88,3 +88,10 @@ def test_two_attempts_finishing_together_leave_the_first_commit_whole(tmp_path: 
     expected = ["a", "b"] if first == EARLIER else ["c"]
     assert sorted(store.read("r").column("pair_id").to_pylist()) == expected
     assert (Path(layouts[first].png_dir) / "p.png").exists()
+
+
+def test_staged_rows_deleted_by_a_later_commit_are_named(tmp_path: Path) -> None:
+    """A later attempt's clean-up took an earlier, still running attempt's staged rows: one line, not a traceback."""
+    layout = RunLayout(str(tmp_path), "r", "2026-03-01", EARLIER)
+    with pytest.raises(StorageError, match="staged rows are gone: another attempt of the run_id committed"):
+        HiveParquetStore(str(tmp_path), OPTIONS).read_staged(layout)

@@ -1,0 +1,35 @@
+"""Which earlier run the similarity gate compares with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.io.storage import StorageOptions
+from pipeline.io.tables import write_json
+from pipeline.layout import run_record_uri, success_marker_uri
+from pipeline.run_history import previous_successful_run
+
+OPTIONS = StorageOptions()
+
+
+def record(output: Path, run_id: str, started: str, status: str = "succeeded", committed: bool = True) -> None:
+    attempt = f"{run_id}-a1"
+    write_json(run_record_uri(str(output), run_id), {"run_id": run_id, "attempt": attempt, "status": status,
+                                                    "timings": {"started": started},
+                                                    "config": {"manifest": "m.parquet", "model": {"metric": "cosine"}}},
+               OPTIONS)
+    if committed:
+        write_json(success_marker_uri(str(output), run_id), {"attempt": attempt}, OPTIONS)
+
+
+def test_the_latest_committed_run_before_this_one(tmp_path: Path) -> None:
+    record(tmp_path, "mon", "2026-11-23T02:00:00Z")
+    record(tmp_path, "tue", "2026-11-24T02:00:00Z", status="failed", committed=False)
+    record(tmp_path, "wed", "2026-11-25T02:00:00Z", status="gates_failed")
+    # a record written as succeeded just before a kill, without the _SUCCESS that commits it: no rows to read
+    record(tmp_path, "thu", "2026-11-26T02:00:00Z", committed=False)
+    found = previous_successful_run(str(tmp_path), "fri", "2026-11-27T02:00:00Z", OPTIONS, metric="cosine")
+    assert found is not None and found["run_id"] == "wed"
+    assert previous_successful_run(str(tmp_path), "fri", "2026-11-24T00:00:00Z", OPTIONS)["run_id"] == "mon"
+    assert previous_successful_run(str(tmp_path), "fri", "2026-11-27T02:00:00Z", OPTIONS, metric="dot") is None
+    assert previous_successful_run(str(tmp_path), "wed", "2026-11-25T03:00:00Z", OPTIONS)["run_id"] == "mon"  # not itself
