@@ -98,6 +98,11 @@ class StorageOptions(BaseModel):
         return {}
 
 
+def is_local(uri: str) -> bool:
+    """Whether `uri` is a file on this machine's filesystem (a path or file://)."""
+    return get_protocol(uri) in _LOCAL_PROTOCOLS
+
+
 def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem that holds `uri` and the path of `uri` inside it."""
     options = options or StorageOptions()
@@ -134,7 +139,7 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) ->
     retries like read_bytes. A local file is written beside and renamed into place, as an
     object store's PUT replaces an object: a crash never leaves half a record."""
     fs, path = filesystem(uri, options)
-    local = get_protocol(uri) in _LOCAL_PROTOCOLS
+    local = is_local(uri)
 
     def write() -> None:
         written = f"{path}.partial-{secrets.token_hex(4)}" if local else path

@@ -55,12 +55,13 @@ def test_each_distinct_image_is_forwarded_once(tmp_path, rng) -> None:
     assert len(pngs) == 10 and all(uri.startswith(layout.png_dir) for uri in pngs)
 
 
-def test_fetch_reads_a_batchs_objects_at_once(tmp_path, rng, monkeypatch) -> None:
+def test_fetch_reads_a_batchs_objects_at_once(s3_bucket, rng, monkeypatch) -> None:
     """An object store answers each read after its latency: the fetch keeps several reads in
     flight (counted, not timed), and every image still lands in its own rows."""
     from pipeline.distributed import stages
 
-    root, options = str(tmp_path), StorageOptions()
+    bucket, options = s3_bucket
+    root = f"s3://{bucket}/audit"
     manifest, rows = write_audit(root, options, rng, queries=2, top_k=5, bad_rows=True)
     in_flight, most = [0], [0]
     lock = threading.Lock()
@@ -78,7 +79,7 @@ def test_fetch_reads_a_batchs_objects_at_once(tmp_path, rng, monkeypatch) -> Non
                 in_flight[0] -= 1
 
     monkeypatch.setattr(stages, "read_bytes", slow_read)
-    table = pq.read_table(manifest)
+    table = manifest_table(rows)
     fetched = FetchImages(root, 32, 2_000_000, options)(table)
     monkeypatch.setattr(stages, "read_bytes", read)
     alone = FetchImages(root, 32, 2_000_000, options)(table)
