@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pipeline.io.results_store import ResultsStore
 from pipeline.io.storage import StorageError, StorageOptions, glob
 from pipeline.io.tables import read_json
-from pipeline.layout import run_record_uri, success_marker_uri
+from pipeline.layout import run_record_uri
 
 
 def previous_successful_run(output: str, run_id: str, started_before: str, options: StorageOptions,
@@ -28,12 +29,6 @@ def previous_successful_run(output: str, run_id: str, started_before: str, optio
                 and started < started_before):
             candidates.append(record)
     # latest first; a record written just before a kill, without the _SUCCESS that commits it, has no rows to read
+    store = ResultsStore(output, options)
     return next((record for record in sorted(candidates, key=lambda r: r["timings"]["started"], reverse=True)
-                 if _committed_attempt(output, record["run_id"], options) == record.get("attempt")), None)
-
-
-def _committed_attempt(output: str, run_id: str, options: StorageOptions) -> str | None:
-    try:
-        return read_json(success_marker_uri(output, run_id), options).get("attempt")
-    except StorageError:
-        return None
+                 if store.is_committed(record["run_id"], record.get("attempt"))), None)

@@ -428,7 +428,7 @@ def run_audit(config: JobConfig) -> RunSummary:
     except (AuditFailed, GatesFailed):  # recorded: the rows failed (kept to look at), or committed and broke a gate
         raise
     except BaseException as error:  # interrupted too: the attempt must not stay "running"
-        if _committed(store, layout):  # stopped in the clean-up after the commit: the run is this attempt's
+        if store.is_committed(config.run_id, layout.attempt):  # stopped in the clean-up after the commit: the run is this attempt's
             log.warning("attempt %s of run %s is committed; its clean-up of earlier attempts was cut short, and the "
                         "run's next attempt finishes it", layout.attempt, config.run_id)
             raise
@@ -446,14 +446,6 @@ def run_audit(config: JobConfig) -> RunSummary:
             raise cause from error
         raise
     return summary
-
-
-def _committed(store: ResultsStore, layout: RunLayout) -> bool:
-    """Whether `_SUCCESS` names the attempt (False where that cannot be read)."""
-    try:
-        return store.committed_attempt(layout.run_id) == layout.attempt
-    except StorageError:
-        return False
 
 
 def _failure_reason(cause: BaseException) -> str:

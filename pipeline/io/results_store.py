@@ -94,6 +94,13 @@ class ResultsStore:
             return None
         return read_json(marker, self.options).get("attempt")
 
+    def is_committed(self, run_id: str, attempt: str | None) -> bool:
+        """Whether `_SUCCESS` names `attempt` (False where it cannot be read)."""
+        try:
+            return self.committed_attempt(run_id) == attempt
+        except StorageError:
+            return False
+
     def discard(self, layout: RunLayout) -> None:
         """Deletes a failed attempt's staged rows and overlays; its run record stays."""
         remove_tree(layout.staged_results_dir, self.options)
