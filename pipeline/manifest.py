@@ -19,6 +19,7 @@ from pipeline.schema import reserved_names
 
 REQUIRED = ("pair_id", "query_uri", "reference_uri")
 BOX_COLUMNS = ("query_bbox", "reference_bbox")
+FIRST_IMAGES = 8  # distinct image URIs of the first rows kept in ManifestInfo
 
 
 class ManifestError(UserError):
@@ -30,6 +31,7 @@ class ManifestInfo:
     num_rows: int
     schema: pa.Schema
     has_boxes: bool
+    first_images: tuple[str, ...]  # the first FIRST_IMAGES distinct URIs of the first rows, queries first, as given
 
 
 def _check_types(schema: pa.Schema) -> None:
@@ -107,6 +109,7 @@ def validate_manifest(source: BinaryIO | str) -> ManifestInfo:
     seen: set[str] = set()
     largest: dict[str, float] = {}  # each box column's largest coordinate
     first_row = 0
+    first_images: tuple[str, ...] = ()
     for batch in parquet.iter_batches(columns=[*REQUIRED, *labels, *boxes], batch_size=65_536):
         for name in REQUIRED:
             column = batch.column(name)
@@ -122,9 +125,14 @@ def validate_manifest(source: BinaryIO | str) -> ManifestInfo:
             _check_labels(batch.column("label"), first_row)
         for name in boxes:
             largest[name] = max(largest.get(name, -np.inf), _check_boxes(batch, name, first_row))
+        if first_row == 0:
+            head = batch.slice(0, FIRST_IMAGES)
+            uris = [*head.column("query_uri").to_pylist(), *head.column("reference_uri").to_pylist()]
+            first_images = tuple(dict.fromkeys(uris))[:FIRST_IMAGES]
         first_row += batch.num_rows
     for name, coordinate in largest.items():
         if 0 <= coordinate <= 1:  # a pixel box this small would cover one pixel at most, in every row
             raise ManifestError(f"manifest column {name!r}: every box lies within [0, 1], as normalised boxes do; "
                                 "boxes are in pixels of the original image")
-    return ManifestInfo(num_rows=parquet.metadata.num_rows, schema=schema, has_boxes=len(boxes) == 2)
+    return ManifestInfo(num_rows=parquet.metadata.num_rows, schema=schema, has_boxes=len(boxes) == 2,
+                        first_images=first_images)

@@ -80,6 +80,10 @@ def test_good_manifest_passes_with_extra_columns() -> None:
                       "reference_bbox": pa.array([[0.0, 0, 10, 10]] * 5, pa.list_(pa.float32()))})
     info = validate_manifest(parquet(table))
     assert info.num_rows == 5 and info.has_boxes
+    # the images the job looks for before it starts: distinct, queries first, at most 8
+    assert info.first_images == ("q0.png", "q1.png", "q2.png", "q3.png", "q4.png", "r0.png", "r1.png", "r2.png")
+    shared = validate_manifest(parquet(pa.table({**good(3), "query_uri": ["q.png"] * 3})))
+    assert shared.first_images == ("q.png", "r0.png", "r1.png", "r2.png")
 
 
 def test_job_rejects_bad_manifest_before_any_work(tmp_path) -> None:

@@ -22,7 +22,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs
-import pyarrow.parquet as pq
 import ray
 import torch
 from ray.data import ActorPoolStrategy
@@ -52,8 +51,6 @@ RENDER_CPUS = 0.5  # a render task's share beside GPU actors: light under the de
 READER_CPUS = 1.0  # Ray Data's manifest reader: its streaming repartition holds one CPU for the whole run
 WRITE_CPUS = 0.25  # a Parquet write task; num_actors of them at most
 CPU_ACTORS = 2  # num_actors by default where the cluster has no GPU
-IMAGES_PROBED = 8  # the manifest's first images, of which at least one must exist before the job starts
-SIDE_URIS = ("query_uri", "reference_uri")
 PACKAGES = ("sfam-pipeline", "torch", "torchvision", "ray", "pyarrow", "fsspec", "s3fs", "pydantic", "pillow", "numpy")
 SUMMARY_COLUMNS = ["status", "forward_share", "device", "similarity", "residual_query", "residual_reference",
                    "query_peak_xy", "reference_peak_xy"]
@@ -171,7 +168,7 @@ def preflight(config: JobConfig, store: ResultsStore) -> Plan:
     except StorageError as error:  # name the key
         raise type(error)(f"manifest {config.manifest}", error.reason) from error
     log.info("manifest %s: %d pairs, boxes: %s", redact_uri(config.manifest), manifest.num_rows, manifest.has_boxes)
-    _check_some_images_exist(config)
+    _check_some_images_exist(config, manifest.first_images)
     check_manifest_supports(config.gates, manifest.schema.names)
     random_weights = random_weights_warning(config.model)
     if random_weights:
@@ -189,13 +186,10 @@ def _manifest_dir(config: JobConfig) -> str:
     return config.manifest.rsplit("/", 1)[0]
 
 
-def _check_some_images_exist(config: JobConfig) -> None:
-    """Refuses a manifest none of whose first IMAGES_PROBED images exists: a path mistake (URIs
-    relative to another folder than the manifest's), which would fail every row after the whole run.
-    One missing image among others fails only its rows."""
-    with open_input(config.manifest, config.storage_options) as manifest_file:
-        first = next(pq.ParquetFile(manifest_file).iter_batches(batch_size=IMAGES_PROBED, columns=list(SIDE_URIS)))
-    uris = list(dict.fromkeys(uri for column in SIDE_URIS for uri in first.column(column).to_pylist()))[:IMAGES_PROBED]
+def _check_some_images_exist(config: JobConfig, uris: tuple[str, ...]) -> None:
+    """Refuses a manifest none of whose first images (`uris`, ManifestInfo.first_images) exists: a
+    path mistake (URIs relative to another folder than the manifest's), which would fail every row
+    after the whole run. One missing image among others fails only its rows."""
     locations = [resolve_uri(uri, _manifest_dir(config)) for uri in uris]
     if not any(exists(location, config.storage_options) for location in locations):
         raise ManifestError(f"none of the manifest's first {len(uris)} images exists, e.g. {uris[0]!r}, looked for at "
