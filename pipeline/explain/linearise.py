@@ -3,16 +3,21 @@
 Gradient x activation through a LayerNorm of the target features sums to zero (LayerNorm is
 scale invariant), so every CIS would vanish. As in conservative propagation (Ali et al.,
 ICML 2022) and AttnLRP (Achtibat et al., ICML 2024), the head is linearised with, per image,
-- each LayerNorm's standard deviation held constant (its mean stays: that part is linear),
+- each normalisation's deviation held constant: LayerNorm, GroupNorm, InstanceNorm (with the
+  image's own statistics), RMSNorm, and any reciprocal square root (how hand-written RMSNorms,
+  timm's among them, divide by theirs); a mean that is subtracted stays, it is linear,
 - each attention's softmax weights held constant (queries and keys detached, values not),
-- each GELU / SiLU gate held constant (x * Phi(x) with Phi(x) fixed: the identity rule).
-With these held, every LayerNorm / attention / MLP is affine in its input, the values stay
+- each gate held constant, the identity rule: GELU = x * Phi(x), SiLU = x * sigmoid(x),
+  hard swish = x * hardsigmoid(x) and Mish = x * tanh(softplus(x)) with the right-hand factor
+  fixed, and every sigmoid or hard sigmoid (QuickGELU's x * sigmoid(1.702 x), the gates of
+  squeeze-and-excitation blocks).
+With these held, every normalisation / attention / MLP is affine in its input, the values stay
 exactly the model's, and gradient x activation sums to u . v minus the biases' share.
 
 Only operations after the target layer are changed: `Linearised.active` is switched on by
-the target layer's hook. The mode also records the held LayerNorm deviations, which the
-fast path needs (a pooled-LayerNorm + Linear head is affine in GAP(A) up to one 1/sigma
-per image), and with `unit_statistics` replaces them by 1, which is how that head is probed.
+the target layer's hook. The mode also records the held deviations, which the fast path needs
+(a pooled-LayerNorm + Linear head is affine in GAP(A) up to one 1/sigma per image), and with
+`unit_statistics` replaces them by 1, which is how that head is probed.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 _SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax)
+_SIGMOID = (torch.sigmoid, torch.Tensor.sigmoid, F.hardsigmoid)
+_RSQRT = (torch.rsqrt, torch.Tensor.rsqrt)
+_ATTENTION = (F.scaled_dot_product_attention, F.multi_head_attention_forward)  # (query, key, value, ...)
 
 
 class Linearised(TorchFunctionMode):
@@ -33,7 +41,7 @@ class Linearised(TorchFunctionMode):
         super().__init__()
         self.active = False
         self.unit_statistics = unit_statistics
-        self.deviations: list[torch.Tensor] = []  # each held LayerNorm's sigma, (B, ..., 1)
+        self.deviations: list[torch.Tensor] = []  # each held normalisation's sigma, e.g. (B, ..., 1)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -41,33 +49,94 @@ class Linearised(TorchFunctionMode):
             return func(*args, **kwargs)
         if func is F.layer_norm:
             return self._layer_norm(*args, **kwargs)
-        if func in _SOFTMAX:
+        if func is F.group_norm:
+            return self._group_norm(*args, **kwargs)
+        if func is F.instance_norm:
+            return self._instance_norm(*args, **kwargs)
+        if func is F.rms_norm:
+            return self._rms_norm(*args, **kwargs)
+        if func in _RSQRT:
+            return 1 / self._held(1 / func(*args, **kwargs))
+        if func in _SOFTMAX or func in _SIGMOID:
             return func(*args, **kwargs).detach()
-        if func is F.scaled_dot_product_attention or func is F.multi_head_attention_forward:
-            query, key, *rest = args
-            return func(query.detach(), key.detach(), *rest, **kwargs)
+        if func in _ATTENTION:
+            return _attention(func, args, kwargs)
         if func is F.gelu:
             return _gelu(*args, **kwargs)
         if func is F.silu:
             return args[0] * torch.sigmoid(args[0]).detach()
+        if func is F.hardswish:
+            return args[0] * F.hardsigmoid(args[0]).detach()
+        if func is F.mish:
+            return args[0] * torch.tanh(F.softplus(args[0])).detach()
         return func(*args, **kwargs)
+
+    def _held(self, deviation: torch.Tensor) -> torch.Tensor:
+        """A normalisation's deviation, held: detached, recorded, and 1 when probing."""
+        held = torch.ones_like(deviation) if self.unit_statistics else deviation.detach()
+        self.deviations.append(held)
+        return held
+
+    def _standardise(self, x: torch.Tensor, dims: tuple[int, ...], eps: float, centre: bool = True) -> torch.Tensor:
+        """x (minus its mean over `dims` where `centre`) over its held deviation over `dims`."""
+        centred = x - x.mean(dim=dims, keepdim=True) if centre else x
+        variance = centred.float().pow(2).mean(dim=dims, keepdim=True)
+        return centred / self._held((variance + eps).sqrt().to(x.dtype))
 
     def _layer_norm(
         self, x: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor | None = None,
         bias: torch.Tensor | None = None, eps: float = 1e-5,
     ) -> torch.Tensor:
-        dims = tuple(range(-len(normalized_shape), 0))
-        centred = x - x.mean(dim=dims, keepdim=True)
-        if self.unit_statistics:
-            deviation = torch.ones_like(centred[(..., *([slice(0, 1)] * len(dims)))])
+        out = self._standardise(x, tuple(range(-len(normalized_shape), 0)), eps)
+        return _affine(out, weight, bias)
+
+    def _rms_norm(
+        self, x: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor | None = None, eps: float | None = None,
+    ) -> torch.Tensor:
+        eps = torch.finfo(x.dtype).eps if eps is None else eps
+        return _affine(self._standardise(x, tuple(range(-len(normalized_shape), 0)), eps, centre=False), weight, None)
+
+    def _group_norm(
+        self, x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None, eps: float = 1e-5,
+    ) -> torch.Tensor:
+        """x (N, C, *): statistics over each group of C / num_groups channels and all positions."""
+        grouped = self._standardise(x.reshape(x.shape[0], num_groups, -1), (2,), eps).reshape(x.shape)
+        return _affine(grouped, *_per_channel(x, weight, bias))
+
+    def _instance_norm(
+        self, x: torch.Tensor, running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, use_input_stats: bool = True,
+        momentum: float = 0.1, eps: float = 1e-5,
+    ) -> torch.Tensor:
+        """x (N, C, *): with running statistics it is affine already; with the image's own, a
+        GroupNorm of one channel per group."""
+        if not use_input_stats:
+            return F.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+        return self._group_norm(x, x.shape[1], weight, bias, eps)
+
+
+def _affine(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    out = x * weight if weight is not None else x
+    return out + bias if bias is not None else out
+
+
+def _per_channel(x: torch.Tensor, *parameters: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """(C,) parameters shaped to broadcast over x (N, C, *)."""
+    shape = (-1, *[1] * (x.dim() - 2))
+    return [None if p is None else p.view(shape) for p in parameters]
+
+
+def _attention(func, args: tuple, kwargs: dict) -> torch.Tensor:
+    """`func` with its queries and keys detached, passed by position or by name, so its
+    softmax weights are constants."""
+    args, kwargs = list(args), dict(kwargs)
+    for position, name in enumerate(("query", "key")):
+        if position < len(args):
+            args[position] = args[position].detach()
         else:
-            variance = centred.float().pow(2).mean(dim=dims, keepdim=True)
-            deviation = (variance + eps).sqrt().to(x.dtype).detach()
-        self.deviations.append(deviation)
-        out = centred / deviation
-        if weight is not None:
-            out = out * weight
-        return out + bias if bias is not None else out
+            kwargs[name] = kwargs[name].detach()
+    return func(*args, **kwargs)
 
 
 def _gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
