@@ -207,6 +207,8 @@ def _run_rows(store: ResultsStore, record: dict) -> pa.Table:
     """The run's committed rows, with null columns for the optional columns it lacks, and its
     image URIs resolved against its manifest's folder."""
     table = store.read(run_id=record["run_id"], columns=list(_READ))
+    # a manifest may hold large_string ids: one type for both runs, which _aligned concatenates
+    table = table.set_column(table.schema.get_field_index("pair_id"), "pair_id", pc.cast(table["pair_id"], pa.string()))
     folder = record["config"]["manifest"].rsplit("/", 1)[0]
     for name in ("query_uri", "reference_uri"):
         resolved = pa.array([resolve_uri(uri, folder) for uri in table[name].to_pylist()], pa.string())

@@ -10,8 +10,10 @@ to the report, into `{report name}_overlays/`, so that the page shows them offli
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
+from urllib.parse import quote
 
 from pipeline.comparison import compare_runs
 from pipeline.io.iceberg_store import TableConfig
@@ -23,6 +25,8 @@ from pipeline.layout import RunLayout, default_report, overlay_copies, run_recor
 from pipeline.render import render_report
 from pipeline.render.comparison_html import comparison_section
 from pipeline.run_history import previous_successful_run
+
+log = logging.getLogger(__name__)
 
 REPORT_COLUMNS = (
     "pair_id", "query_uri", "reference_uri", "label", "rank", "score", "similarity", "status", "error",
@@ -43,23 +47,33 @@ def _relative(target: str, start_dir: str) -> str | None:
 
 
 class _OverlayLinks:
-    """Relative links to overlays, copying those on another filesystem next to the report."""
+    """Relative links (URL-encoded) to overlays; those on another filesystem are copied next to
+    the report, each once and only when the page shows it. An overlay that cannot be copied
+    is shown as missing."""
 
     def __init__(self, report: str, options: StorageOptions) -> None:
         self.report_dir = report.rsplit("/", 1)[0] if "/" in report else "."
         self.copies = overlay_copies(report)
         self.options = options
+        self.links: dict[str, str | None] = {}  # png_uri -> link
 
     def __call__(self, row: dict) -> str | None:
         uri = row.get("png_uri")
         if not uri:
             return None
-        link = _relative(uri, self.report_dir)
-        if link is not None:
-            return link
-        copy = join_uri(self.copies, f"{safe_name(str(row['pair_id']))}.png")
-        write_bytes(copy, read_bytes(uri, self.options), self.options)
-        return _relative(copy, self.report_dir)
+        if uri not in self.links:
+            link = _relative(uri, self.report_dir)
+            self.links[uri] = quote(link) if link is not None else self._copy(uri, str(row["pair_id"]))
+        return self.links[uri]
+
+    def _copy(self, uri: str, pair_id: str) -> str | None:
+        copy = join_uri(self.copies, f"{safe_name(pair_id)}.png")
+        try:
+            write_bytes(copy, read_bytes(uri, self.options), self.options)
+        except StorageError as error:
+            log.warning("overlay of pair %r not shown: %s", pair_id[:80], error)
+            return None
+        return quote(_relative(copy, self.report_dir))
 
 
 def _comparison(output: str, record: dict, options: StorageOptions, table: TableConfig | None) -> str:
@@ -68,7 +82,7 @@ def _comparison(output: str, record: dict, options: StorageOptions, table: Table
     False matches are counted at the run's own false-match similarity (compare_runs' default)."""
     config = record["config"]
     previous = previous_successful_run(output, record["run_id"], record["timings"]["started"], options,
-                                       manifest=config["manifest"])
+                                       manifest=config["manifest"], table=table)
     if previous is None:
         return ""
     comparison = compare_runs(output, previous["run_id"], record["run_id"], options, table=table)
@@ -80,8 +94,8 @@ def _failed_rows(store: ResultsStore, layout: RunLayout, options: StorageOptions
     staging them or they were discarded (an error, not bad rows, ended it)."""
     if not exists(layout.staged_results_dir, options):
         return []
-    staged = store.read_staged(layout)
-    return staged.select([c for c in REPORT_COLUMNS if c in staged.column_names]).to_pylist()
+    names = store.staged_schema(layout).names
+    return store.read_staged(layout, columns=[c for c in REPORT_COLUMNS if c in names]).to_pylist()
 
 
 def write_report(output: str, run_id: str, options: StorageOptions, destination: str | None = None,

@@ -2,31 +2,43 @@
 
 from __future__ import annotations
 
+from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.results_store import ResultsStore
 from pipeline.io.storage import StorageError, StorageOptions, glob
 from pipeline.io.tables import read_json
 from pipeline.layout import run_record_uri
 
 
+def _table_of(config: dict) -> tuple[str, str | None]:
+    """(format, Iceberg identifier) of a recorded config's `table` section; Hive by default."""
+    table = config.get("table") or {}
+    fmt = table.get("format", "hive")
+    return fmt, table.get("identifier", TableConfig().identifier) if fmt == "iceberg" else None
+
+
 def previous_successful_run(output: str, run_id: str, started_before: str, options: StorageOptions,
-                            manifest: str | None = None, metric: str | None = None) -> dict | None:
+                            manifest: str | None = None, metric: str | None = None,
+                            table: TableConfig | None = None) -> dict | None:
     """The run record of the latest successful run that started before `started_before`, of
-    `manifest` and with `metric` where given.
+    `manifest` and with `metric` where given, whose rows are in `table` (default: the Hive table).
 
     `run_id` itself is skipped (a re-run compares with another run, not with its own past).
     Manifests are compared as recorded (credentials redacted); times are ISO-8601 UTC strings.
     """
+    wanted_table = _table_of({"table": (table or TableConfig()).model_dump()})
     candidates = []
-    for uri in glob(run_record_uri(output, "*"), options):
+    for uri in glob(run_record_uri(output, "*"), options, under=output):
         try:
             record = read_json(uri, options)
         except StorageError:
             continue  # a record being written, or not ours
+        if not isinstance(record, dict):
+            continue  # not a run record
         config = record.get("config", {})
         started = record.get("timings", {}).get("started", "")
         if (record.get("run_id") != run_id and record.get("status") in ("succeeded", "gates_failed")
                 and manifest in (None, config.get("manifest")) and metric in (None, config.get("model", {}).get("metric"))
-                and started < started_before):
+                and _table_of(config) == wanted_table and started < started_before):
             candidates.append(record)
     # latest first; a record written just before a kill, without the _SUCCESS that commits it, has no rows to read
     store = ResultsStore(output, options)

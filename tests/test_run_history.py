@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.storage import StorageOptions
 from pipeline.io.tables import write_json
 from pipeline.layout import run_record_uri, success_marker_uri
@@ -12,12 +13,12 @@ from pipeline.run_history import previous_successful_run
 OPTIONS = StorageOptions()
 
 
-def record(output: Path, run_id: str, started: str, status: str = "succeeded", committed: bool = True) -> None:
+def record(output: Path, run_id: str, started: str, status: str = "succeeded", committed: bool = True,
+           table: dict | None = None) -> None:
     attempt = f"{run_id}-a1"
+    config = {"manifest": "m.parquet", "model": {"metric": "cosine"}, **({"table": table} if table else {})}
     write_json(run_record_uri(str(output), run_id), {"run_id": run_id, "attempt": attempt, "status": status,
-                                                    "timings": {"started": started},
-                                                    "config": {"manifest": "m.parquet", "model": {"metric": "cosine"}}},
-               OPTIONS)
+                                                    "timings": {"started": started}, "config": config}, OPTIONS)
     if committed:
         write_json(success_marker_uri(str(output), run_id), {"attempt": attempt}, OPTIONS)
 
@@ -33,3 +34,16 @@ def test_the_latest_committed_run_before_this_one(tmp_path: Path) -> None:
     assert previous_successful_run(str(tmp_path), "fri", "2026-11-24T00:00:00Z", OPTIONS)["run_id"] == "mon"
     assert previous_successful_run(str(tmp_path), "fri", "2026-11-27T02:00:00Z", OPTIONS, metric="dot") is None
     assert previous_successful_run(str(tmp_path), "wed", "2026-11-25T03:00:00Z", OPTIONS)["run_id"] == "mon"  # not itself
+
+
+def test_only_runs_in_the_same_table_and_records_that_are_records(tmp_path: Path) -> None:
+    """A Hive-era run has no rows in the Iceberg table that a later config names, and the reverse."""
+    record(tmp_path, "hive", "2026-11-23T02:00:00Z")
+    record(tmp_path, "iceberg", "2026-11-24T02:00:00Z", table={"format": "iceberg", "identifier": "audits.results"})
+    record(tmp_path, "other-table", "2026-11-25T02:00:00Z", table={"format": "iceberg", "identifier": "audits.other"})
+    write_json(run_record_uri(str(tmp_path), "not-a-record"), ["a", "list"], OPTIONS)
+    now = "2026-11-27T02:00:00Z"
+    assert previous_successful_run(str(tmp_path), "fri", now, OPTIONS)["run_id"] == "hive"
+    found = previous_successful_run(str(tmp_path), "fri", now, OPTIONS,
+                                    table=TableConfig(format="iceberg", identifier="audits.results"))
+    assert found["run_id"] == "iceberg"

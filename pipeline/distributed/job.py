@@ -484,7 +484,7 @@ def _baseline(config: JobConfig, store: ResultsStore, started: str) -> Baseline:
     metric = config.model.metric
     same_manifest = config.gates.similarity_baseline == "same_manifest"
     previous = previous_successful_run(config.output, config.run_id, started, config.storage_options, metric=metric,
-                                       manifest=redact_uri(config.manifest) if same_manifest else None)
+                                       manifest=redact_uri(config.manifest) if same_manifest else None, table=config.table)
     if previous is None:
         wanted = "of this manifest" if same_manifest else "under this output"
         return Baseline(None, None, f"no earlier successful run {wanted} with metric {metric} to compare with")

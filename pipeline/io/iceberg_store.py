@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from pipeline.errors import UserError
 from pipeline.io.results_store import ResultsStore
-from pipeline.io.storage import StorageOptions, join_uri, redact_uri
+from pipeline.io.storage import StorageError, StorageOptions, join_uri, redact_uri
 from pipeline.layout import RunLayout
 
 CATALOG_NAME = "sfam"
@@ -135,7 +135,12 @@ class IcebergStore(ResultsStore):
             where = And(where, In("pair_id", pair_ids))
         names = set(table.schema().column_names)
         present = ("*",) if columns is None else tuple(c for c in columns if c in names)
-        return table.scan(row_filter=where, selected_fields=present).to_arrow()
+        rows = table.scan(row_filter=where, selected_fields=present).to_arrow()
+        if rows.num_rows == 0 and pair_ids is None:  # a committed run has rows: they are elsewhere
+            kept = ("the run's record says table.format: hive: read it without the config's table section"
+                    if self._table_format(run_id) != "iceberg" else "no committed attempt wrote them")
+            raise StorageError(join_uri(self.output, "runs", run_id), f"no rows in the Iceberg table {self.identifier}; {kept}")
+        return rows
 
     def _table(self) -> Any:
         from pyiceberg.exceptions import NoSuchTableError

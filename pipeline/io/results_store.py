@@ -34,6 +34,8 @@ commits within the same few milliseconds can still both write `_SUCCESS`; the la
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pyarrow as pa
 import pyarrow.dataset as pds
@@ -142,12 +144,20 @@ class ResultsStore:
         attempt (`sfam report` writes the new one)."""
         remove_tree(layout.report, self.options)
         remove_tree(overlay_copies(layout.report), self.options)
-        for folder in glob(join_uri(layout.png_root, "attempt=*"), self.options):
+        for folder in glob(join_uri(layout.png_root, "attempt=*"), self.options, under=layout.png_root):
             if folder.rstrip("/").rsplit("/", 1)[1].removeprefix("attempt=") < layout.attempt:
                 remove_tree(folder, self.options)
-        for folder in glob(join_uri(layout.run_dir, "attempts", "*", "results"), self.options):
+        for folder in glob(join_uri(layout.run_dir, "attempts", "*", "results"), self.options, under=layout.run_dir):
             if folder.rstrip("/").rsplit("/", 2)[1] < layout.attempt:
                 remove_tree(folder, self.options)
+
+    def _table_format(self, run_id: str) -> str | None:
+        """The table format the run's record names, or None where it cannot be read."""
+        try:
+            record = read_json(run_record_uri(self.output, run_id), self.options)
+        except StorageError:
+            return None
+        return (record.get("config", {}).get("table") or {}).get("format")
 
 
 class HiveParquetStore(ResultsStore):
@@ -164,22 +174,23 @@ class HiveParquetStore(ResultsStore):
         if attempt is None:
             raise StorageError(join_uri(self.output, "runs", run_id), "no committed rows: the run has not succeeded")
         pattern = join_uri(self.root, "run_date=*", f"run_id={run_id}", f"{part_prefix(attempt)}*.parquet")
-        parts = [filesystem(uri, self.options)[1] for uri in glob(pattern, self.options)]
+        parts = [filesystem(uri, self.options)[1] for uri in glob(pattern, self.options, under=self.root)]
         if not parts:
             if self._table_format(run_id) == "iceberg":  # read as Hive because no config named the catalog
                 raise StorageError(join_uri(self.output, "runs", run_id), "the run's rows are in an Iceberg table (its "
                                    "run.json says table.format: iceberg); pass the job's config with --config")
             raise StorageError(pattern, f"no result files of attempt {attempt}, which runs/{run_id}/_SUCCESS names")
         fs, root = arrow_filesystem(self.root, self.options)
-        files = pds.dataset(parts, filesystem=fs, format="parquet")
-        schema = pa.unify_schemas([part.physical_schema for part in files.get_fragments()] + [PARTITION_COLUMNS],
-                                  promote_options="permissive")
+        with _damaged_files_named(pattern):
+            files = pds.dataset(parts, filesystem=fs, format="parquet")
+            schema = pa.unify_schemas([part.physical_schema for part in files.get_fragments()] + [PARTITION_COLUMNS],
+                                      promote_options="permissive")
         return pds.dataset(parts, schema=schema, filesystem=fs, format="parquet", partition_base_dir=root.rstrip("/"),
                            partitioning=pds.partitioning(PARTITION_COLUMNS, flavor="hive"))
 
     def _publish(self, layout: RunLayout) -> None:
         """Step 2: the staged parts move into the run's partition."""
-        parts = glob(join_uri(layout.staged_results_dir, "*.parquet"), self.options)
+        parts = glob(join_uri(layout.staged_results_dir, "*.parquet"), self.options, under=layout.staged_results_dir)
         if not parts:  # counted moments ago: another attempt's clean-up took them
             raise StorageError(layout.staged_results_dir, "the attempt's staged rows are gone; nothing was committed")
         for part in parts:
@@ -188,22 +199,25 @@ class HiveParquetStore(ResultsStore):
     def _remove_other_attempts(self, layout: RunLayout) -> None:
         """Step 4, also the earlier attempts' rows in the table."""
         pattern = join_uri(self.root, "run_date=*", f"run_id={layout.run_id}", "*.parquet")
-        for part in glob(pattern, self.options):
+        for part in glob(pattern, self.options, under=self.root):
             if part.rsplit("/", 1)[1] < layout.part_prefix:  # part-ATTEMPT-...: sorts before ours when ATTEMPT does
                 remove_tree(part, self.options)
         super()._remove_other_attempts(layout)
-
-    def _table_format(self, run_id: str) -> str | None:
-        """The table format the run's record names, or None where it cannot be read."""
-        try:
-            record = read_json(run_record_uri(self.output, run_id), self.options)
-        except StorageError:
-            return None
-        return (record.get("config", {}).get("table") or {}).get("format")
 
     def read(self, run_id: str, columns: list[str] | None = None, pair_ids: list[str] | None = None) -> pa.Table:
         dataset = self._run_dataset(run_id)
         names = set(dataset.schema.names)
         present = None if columns is None else [c for c in columns if c in names]
         where = None if pair_ids is None else pds.field("pair_id").isin(pair_ids)
-        return dataset.to_table(columns=present, filter=where)
+        with _damaged_files_named(join_uri(self.output, "runs", run_id)):
+            return dataset.to_table(columns=present, filter=where)
+
+
+@contextmanager
+def _damaged_files_named(where: str) -> Iterator[None]:
+    """Arrow's error on a result file that is not valid Parquet (truncated, overwritten) as a
+    StorageError: one line that names the run, not a traceback."""
+    try:
+        yield
+    except pa.ArrowInvalid as error:
+        raise StorageError(where, f"a result file is damaged: {error}") from error

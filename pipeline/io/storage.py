@@ -178,9 +178,17 @@ def remove_tree(uri: str, options: StorageOptions | None = None) -> None:
     _retrying(remove)
 
 
-def glob(pattern: str, options: StorageOptions | None = None) -> list[str]:
-    """URIs (with the pattern's scheme) of the objects and folders matching a glob pattern."""
+def glob(pattern: str, options: StorageOptions | None = None, *, under: str) -> list[str]:
+    """URIs (with the pattern's scheme) of the objects and folders matching a glob pattern.
+
+    under: the start of `pattern` that is a folder taken as it is written, such as an output
+        root whose name holds [, ] , * or ?: these are escaped, the rest of `pattern` is a glob.
+    """
+    if not pattern.startswith(under):
+        raise ValueError(f"pattern {pattern!r} does not start with {under!r}")
     fs, path = filesystem(pattern, options)
+    literal_length = len(filesystem(under, options)[1])  # the folder's part of the path, as fsspec has it
+    path = re.sub(r"([\[\]*?])", r"[\1]", path[:literal_length]) + path[literal_length:]
     scheme = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
 
     def find() -> list[str]:

@@ -223,17 +223,21 @@ def _errors(errors: Sequence[Row]) -> str:
     return f'{note}<table class="errors">{head}{body}</table>'
 
 
-def _render_hint(summary: Mapping[str, Any], ok: Sequence[Row], png_href: Callable[[Row], str | None]) -> str:
+def _render_hint(summary: Mapping[str, Any], ok: Sequence[Row]) -> str:
     """How to draw the overlays the run's render policy left out."""
-    missing = sum(1 for row in ok if not png_href(row))
+    missing = sum(1 for row in ok if not row.get("png_uri"))
     if not missing:
         return ""
     policy = escaped(summary.get("config", {}).get("render_png", "?"))
     if summary.get("status") == "failed":  # its rows are not in the table, which sfam render reads
         return (f'<p class="note">{missing:,} pair(s) have no overlay (render_png: {policy}); sfam render draws '
                 'pairs of a committed run, so draw them once a re-run of this run_id has succeeded.</p>')
-    output = summary.get("config", {}).get("output", "OUTPUT")
-    command = f"sfam render {output} --run-id {summary.get('run_id', 'RUN_ID')} --pair-id PAIR_ID -o pair.png"
+    config = summary.get("config", {})
+    # an Iceberg table or an S3 endpoint is named by the job's config, not by the output root
+    needs_config = (config.get("table") or {}).get("format") == "iceberg" or bool(
+        (config.get("storage_options") or {}).get("endpoint_url"))
+    source = "--config JOB_CONFIG.yaml" if needs_config else config.get("output", "OUTPUT")
+    command = f"sfam render {source} --run-id {summary.get('run_id', 'RUN_ID')} --pair-id PAIR_ID -o pair.png"
     return (f'<p class="note">{missing:,} pair(s) have no overlay (render_png: {policy}); their maps are in the '
             f'table. Draw any of them with <code>{escaped(command)}</code>.</p>')
 
@@ -245,6 +249,10 @@ def _warnings(summary: Mapping[str, Any]) -> str:
     if summary.get("status") == "failed":
         warnings.insert(0, f"This run failed and committed nothing ({summary.get('reason') or 'no reason recorded'}): "
                            "the rows below are its attempt's, outside the result table.")
+    if summary.get("status") == "gates_failed":
+        broken = [g.get("name", "?") for g in summary.get("gates") or [] if not g.get("passed", True)]
+        warnings.insert(0, f"This run broke its quality gate(s) {', '.join(broken) or '(not recorded)'}: its rows are "
+                           "committed, but the audit did not pass. The gates are in the run record below.")
     items = "".join(f"<li>{escaped(w, 2000)}</li>" for w in warnings)
     return f'<section id="warnings" class="warning"><h2>Warnings</h2><ul>{items}</ul></section>' if items else ""
 
@@ -274,7 +282,7 @@ def render_report(
         f'{_warnings(summary)}<section id="figures"><div class="tiles">{_figures(ok, errors, len(rows))}</div></section>'
         f'<section id="histogram"><h2>Similarity by label</h2>{_histogram(ok)}</section>'
         f'<section id="look-first"><h2>Look first</h2>{_look_first(ok, png_href)}</section>'
-        f'{comparison}<section id="gallery"><h2>All pairs</h2>{_render_hint(summary, ok, png_href)}{_gallery(rows, png_href)}</section>'
+        f'{comparison}<section id="gallery"><h2>All pairs</h2>{_render_hint(summary, ok)}{_gallery(rows, png_href)}</section>'
         f'<section id="errors"><h2>Errors ({len(errors):,})</h2>{_errors(errors)}</section>'
         f'<section id="run"><h2>Run record</h2>{_summary_table(summary)}</section>'
         f"<script>{SCRIPT}</script></body></html>"

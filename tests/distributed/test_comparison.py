@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +129,20 @@ def test_new_and_vanished_false_matches_are_the_set_differences(runs: Runs) -> N
     assert label_0["false_matches_b"] == len(ids(f"b_sim >= {t}"))
     assert (label_0["new_false_matches"], label_0["vanished_false_matches"]) == (len(view.new_false_matches),
                                                                                 len(view.vanished_false_matches))
+
+
+def test_runs_whose_pair_ids_have_other_string_types_compare(runs: Runs, tmp_path: Path) -> None:
+    """A manifest written with large_string ids (pandas with pyarrow strings, Spark) passes them
+    through to its run's rows; the run before it had plain strings."""
+    output = tmp_path / "audits"
+    shutil.copytree(runs.output, output)
+    for part in (output / "results").glob("run_date=*/run_id=run-b/*.parquet"):
+        table = pq.read_table(part)
+        pq.write_table(table.set_column(table.schema.get_field_index("pair_id"), "pair_id",
+                                        pc.cast(table["pair_id"], pa.large_string())), part)
+    comparison = compare_runs(str(output), "run-a", "run-b", OPTIONS)
+    expected = compare_runs(runs.output, "run-a", "run-b", OPTIONS)
+    assert comparison.pairs.to_pylist() == expected.pairs.to_pylist()
 
 
 def test_map_correlations_match_numpy(runs: Runs) -> None:

@@ -20,7 +20,7 @@ from pipeline.io.iceberg_store import IcebergStore, TableConfig, catalog_propert
 from pipeline.io.results_store import HiveParquetStore
 from pipeline.io.storage import StorageError, StorageOptions, join_uri
 from pipeline.io.stores import open_results_store
-from pipeline.io.tables import read_json
+from pipeline.io.tables import read_json, write_json
 from pipeline.reporting import write_report
 
 from audit_data import job_config, manifest_table, write_audit, write_table, write_weights
@@ -49,6 +49,13 @@ def test_iceberg_runs_reruns_and_a_reader_that_never_sees_a_mix(local_ray, s3_bu
     assert store.read(run_id="nightly-1").num_rows == len(rows) == store.read(run_id="nightly-2").num_rows
     with pytest.raises(StorageError, match="in an Iceberg table .* pass the job's config with --config"):
         HiveParquetStore(first.output, options).read(run_id="nightly-1")  # `sfam compare OUTPUT ...` without --config
+    # and the reverse: a run of the Hive era, read through a config that names the Iceberg table
+    hive_era = {"run_id": "hive-era", "attempt": "a1", "status": "succeeded", "config": {"table": {"format": "hive"}}}
+    write_json(join_uri(first.output, "runs", "hive-era", "run.json"), hive_era, options)
+    write_json(join_uri(first.output, "runs", "hive-era", "_SUCCESS"), {"attempt": "a1"}, options)
+    with pytest.raises(StorageError, match="runs/hive-era: no rows in the Iceberg table audits.results; the run's record "
+                                           "says table.format: hive"):
+        store.read(run_id="hive-era")
     old_attempt = read_json(join_uri(first.output, "runs", "nightly-1", "_SUCCESS"), options)["attempt"]
 
     # the manifest gains a column; the re-run of nightly-1 must evolve the schema, not split the table

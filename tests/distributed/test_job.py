@@ -54,7 +54,8 @@ def check_run(config: JobConfig, rows: list[dict], model, root: str) -> None:
     # 3 queries x top-4 in batches of 8: at most 4 + 3 distinct images per batch of 8 pairs
     assert record["forward_passes_per_pair"] < 1.6
     # files of rows_per_file rows, not one per batch
-    parts = glob(join_uri(config.output, "results", "run_date=*", f"run_id={config.run_id}", "*.parquet"), options)
+    parts = glob(join_uri(config.output, "results", "run_date=*", f"run_id={config.run_id}", "*.parquet"), options,
+                 under=config.output)
     assert 1 <= len(parts) <= math.ceil(len(rows) / config.rows_per_file)
 
 

@@ -49,6 +49,14 @@ def test_a_run_that_never_committed_has_no_rows(tmp_path: Path) -> None:
         HiveParquetStore(str(tmp_path), OPTIONS).read("going")
 
 
+def test_a_damaged_result_file_is_named_not_a_traceback(tmp_path: Path) -> None:
+    write_part(tmp_path, "run", "2026-02-02", "c1", {"pair_id": ["x", "y"], "similarity": [0.0, 1.0]}, commit=True)
+    (part,) = Path(RunLayout(str(tmp_path), "run", "2026-02-02", "c1").results_dir).glob("*.parquet")
+    part.write_bytes(part.read_bytes()[:-20])  # truncated: no footer
+    with pytest.raises(StorageError, match=r"result file is damaged: .*Parquet"):
+        HiveParquetStore(str(tmp_path), OPTIONS).read("run")
+
+
 def stage(output: Path, attempt: str, pair_ids: list[str]) -> RunLayout:
     """An attempt of run "r" with its rows staged and one overlay written, as the job leaves them before its commit."""
     layout = RunLayout(str(output), "r", "2026-03-01", attempt)
@@ -95,3 +103,15 @@ def test_staged_rows_deleted_by_a_later_commit_are_named(tmp_path: Path) -> None
     layout = RunLayout(str(tmp_path), "r", "2026-03-01", EARLIER)
     with pytest.raises(StorageError, match="staged rows are gone: another attempt of the run_id committed"):
         HiveParquetStore(str(tmp_path), OPTIONS).read_staged(layout)
+
+
+def test_an_output_root_whose_name_is_a_glob_pattern(tmp_path: Path) -> None:
+    """Brackets, stars and question marks in the output root are the folder's name, not a pattern:
+    the commit finds the staged rows and the earlier attempt's files, the reader finds the run."""
+    output = tmp_path / "audits [prod]*?"
+    store = HiveParquetStore(str(output), OPTIONS)
+    commit(store, stage(output, EARLIER, ["a"]), previous=None)
+    commit(store, stage(output, LATER, ["b", "c"]), previous=EARLIER)
+    assert sorted(store.read("r").column("pair_id").to_pylist()) == ["b", "c"]
+    assert [p.name for p in (output / "results").rglob("*.parquet")] == [f"part-{LATER}-0.parquet"]
+    assert not Path(RunLayout(str(output), "r", "2026-03-01", EARLIER).png_dir).exists()

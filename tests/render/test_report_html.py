@@ -192,8 +192,28 @@ def test_a_failed_run_says_so_first() -> None:
     assert reason in warnings
     assert "This run failed" not in render_report({**SUMMARY, "status": "succeeded"}, ROWS, png_href=_href)
     # no overlay drawn: sfam render reads committed runs only, so the page does not offer its command
-    assert "--pair-id PAIR_ID" not in render_report({**SUMMARY, "status": "failed"}, ROWS, png_href=lambda row: None)
-    assert "--pair-id PAIR_ID" in render_report({**SUMMARY, "status": "succeeded"}, ROWS, png_href=lambda row: None)
+    undrawn = [{**row, "png_uri": None} for row in ROWS]
+    assert "--pair-id PAIR_ID" not in render_report({**SUMMARY, "status": "failed"}, undrawn, png_href=_href)
+    assert "--pair-id PAIR_ID" in render_report({**SUMMARY, "status": "succeeded"}, undrawn, png_href=_href)
+
+
+def test_a_run_that_broke_a_gate_says_so_first() -> None:
+    gates = [{"name": "min_same_label_pointing", "passed": False}, {"name": "max_false_match_rate", "passed": True}]
+    markup = render_report({**SUMMARY, "status": "gates_failed", "gates": gates, "warnings": ["a residual"]}, ROWS,
+                           png_href=_href)
+    warnings = markup.split('<section id="warnings"', 1)[1].split("</section>", 1)[0]
+    assert warnings.index("broke its quality gate(s) min_same_label_pointing:") < warnings.index("a residual")
+    assert "max_false_match_rate" not in warnings
+
+
+def test_the_render_command_names_the_config_where_the_output_root_is_not_enough() -> None:
+    undrawn = [{**row, "png_uri": None} for row in ROWS]
+    configs = {"hive": {"output": "/audits"}, "iceberg": {"output": "/audits", "table": {"format": "iceberg"}},
+               "s3": {"output": "s3://b/a", "storage_options": {"endpoint_url": "http://minio:9000"}}}
+    pages = {name: render_report({**SUMMARY, "status": "succeeded", "config": config}, undrawn, png_href=_href)
+             for name, config in configs.items()}
+    assert f"sfam render /audits --run-id {SUMMARY['run_id']}" in pages["hive"]
+    assert all(f"sfam render --config JOB_CONFIG.yaml --run-id {SUMMARY['run_id']}" in pages[name] for name in ("iceberg", "s3"))
 
 
 def test_the_heading_names_the_runs_metric_and_weighting() -> None:
