@@ -114,10 +114,10 @@ def explain_command(args: argparse.Namespace) -> int:
                "weighting": args.weighting, "feature_layout": args.feature_layout, "prefix_tokens": args.prefix_tokens}
     spec = validated(ModelSpec, {**spec.model_dump(), **{k: v for k, v in changes.items() if v is not None}},
                      "sfam explain")
-    random_weights = random_weights_warning(spec)
+    explanation = explain_pair(args.query, args.reference, spec, options, max_pixels, output=args.output)
+    random_weights = random_weights_warning(spec)  # once the model is known to build: not before an error
     if random_weights:
         _warn(random_weights)
-    explanation = explain_pair(args.query, args.reference, spec, options, max_pixels, output=args.output)
     print(f"target layer: {explanation.target_layer} ({spec.weighting} map)")
     print(f"{spec.metric} similarity: {explanation.similarity:.4f}")
     print("top channels by CIS (channel: query CIS, reference CIS):")

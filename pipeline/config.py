@@ -101,7 +101,8 @@ class JobConfig(BaseModel):
         """Relative local paths (manifest, output, weights) are read from the current directory: made
         absolute here, where the config is read, they lead every Ray worker to the same files."""
         here = os.getcwd()
-        self.manifest, self.output = resolve_uri(self.manifest, here), resolve_uri(self.output, here)
+        # a folder manifest written with a trailing slash is the same manifest (its URIs' folder, the gate's baseline)
+        self.manifest, self.output = resolve_uri(self.manifest, here).rstrip("/"), resolve_uri(self.output, here)
         if self.model.weights:
             self.model = self.model.model_copy(update={"weights": resolve_uri(self.model.weights, here)})
         return self

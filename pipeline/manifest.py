@@ -1,20 +1,22 @@
-"""Validation of the input manifest (columns: README, Manifest), before any work starts.
+"""The input manifest (columns: README, Manifest): found, and validated before any work starts.
 
-Streams the manifest's key columns batch by batch, so its size is bounded only by the set of
-pair ids kept to find duplicates.
+A manifest is one Parquet file or a folder of them, as Spark, Athena or Trino write a table.
+Validation streams the key columns batch by batch, so a manifest's size is bounded only by the
+set of pair ids kept to find duplicates.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow.dataset as pds
 
 from pipeline.errors import UserError
+from pipeline.io.storage import StorageOptions, is_folder
+from pipeline.io.tables import arrow_filesystem
 from pipeline.schema import reserved_names
 
 REQUIRED = ("pair_id", "query_uri", "reference_uri")
@@ -32,6 +34,23 @@ class ManifestInfo:
     schema: pa.Schema
     has_boxes: bool
     first_images: tuple[str, ...]  # the first FIRST_IMAGES distinct URIs of the first rows, queries first, as given
+    files: tuple[str, ...]  # its Parquet files' paths in their filesystem, in row order
+
+
+def open_manifest(uri: str, options: StorageOptions) -> pds.Dataset:
+    """The manifest at `uri`: one Parquet file, or a folder of them (in subfolders too), read in
+    the order of their names. Names that start with _ or . are not data (Spark's _SUCCESS, .crc
+    checksums, _temporary/); other files must be Parquet, whatever they are called (Athena's
+    have no extension). StorageError when `uri` is not there."""
+    folder = is_folder(uri, options)  # and StorageError first when it is not there
+    fs, path = arrow_filesystem(uri, options)
+    try:
+        found = pds.dataset(path, filesystem=fs, format="parquet")  # a folder: its files, _ and . skipped
+        if folder and not found.files:
+            raise ManifestError(f"manifest folder {uri} holds no files (names starting with _ or . are skipped)")
+        return pds.dataset(sorted(found.files), filesystem=fs, format="parquet")
+    except (pa.ArrowInvalid, OSError) as error:
+        raise ManifestError(f"manifest is not readable Parquet: {error}") from error
 
 
 def _check_types(schema: pa.Schema) -> None:
@@ -91,14 +110,19 @@ def _check_boxes(batch: pa.RecordBatch, name: str, first_row: int) -> float:
     return float(corners.max()) if corners.size else -np.inf
 
 
-def validate_manifest(source: BinaryIO | str) -> ManifestInfo:
-    """Checks columns, types, pair_id uniqueness and null URIs; raises ManifestError."""
+def validate_manifest(manifest: pds.Dataset) -> ManifestInfo:
+    """Checks columns, types, pair_id uniqueness and null URIs of an opened manifest
+    (open_manifest); raises ManifestError."""
     try:
-        parquet = pq.ParquetFile(source)
-    except (pa.ArrowInvalid, OSError) as error:
-        raise ManifestError(f"manifest is not a readable Parquet file: {error}") from error
-    schema = parquet.schema_arrow
-    if parquet.metadata.num_rows == 0:  # first: an empty file's columns may have no types at all
+        return _validate(manifest)
+    except (pa.ArrowInvalid, OSError) as error:  # a damaged file, or files whose columns disagree
+        raise ManifestError(f"manifest is not readable Parquet: {error}") from error
+
+
+def _validate(manifest: pds.Dataset) -> ManifestInfo:
+    schema = manifest.schema
+    num_rows = manifest.count_rows()  # from the files' footers
+    if num_rows == 0:  # first: an empty file's columns may have no types at all
         raise ManifestError("manifest has no rows")
     _check_types(schema)
     boxes = [name for name in BOX_COLUMNS if name in schema.names]
@@ -110,7 +134,9 @@ def validate_manifest(source: BinaryIO | str) -> ManifestInfo:
     largest: dict[str, float] = {}  # each box column's largest coordinate
     first_row = 0
     first_images: tuple[str, ...] = ()
-    for batch in parquet.iter_batches(columns=[*REQUIRED, *labels, *boxes], batch_size=65_536):
+    for batch in manifest.to_batches(columns=[*REQUIRED, *labels, *boxes], batch_size=65_536):
+        if batch.num_rows == 0:
+            continue
         for name in REQUIRED:
             column = batch.column(name)
             empty = pc.or_kleene(pc.is_null(column), pc.equal(pc.utf8_length(column), 0))
@@ -134,5 +160,5 @@ def validate_manifest(source: BinaryIO | str) -> ManifestInfo:
         if 0 <= coordinate <= 1:  # a pixel box this small would cover one pixel at most, in every row
             raise ManifestError(f"manifest column {name!r}: every box lies within [0, 1], as normalised boxes do; "
                                 "boxes are in pixels of the original image")
-    return ManifestInfo(num_rows=parquet.metadata.num_rows, schema=schema, has_boxes=len(boxes) == 2,
-                        first_images=first_images)
+    return ManifestInfo(num_rows=num_rows, schema=schema, has_boxes=len(boxes) == 2, first_images=first_images,
+                        files=tuple(manifest.files))

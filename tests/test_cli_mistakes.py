@@ -418,3 +418,14 @@ def test_explain_a_vit_at_a_size_it_was_not_built_for(tmp_path: Path, s3_secret)
                                                 "{arch: vit_b_16, input_size: 64}", "-o", str(out)])
     assert_mistake(done, "vit_b_16", "model.input_size", "224", secrets=(s3_secret,))
     assert not out.exists()
+
+
+def test_explain_with_an_arch_that_does_not_exist(tmp_path: Path, s3_secret) -> None:
+    """Only the error: the warning that a model without weights explains its random initialisation
+    comes once the model is known to build."""
+    picture = tmp_path / "a.png"
+    picture.write_bytes(png_bytes(np.random.default_rng(6), 64, 64))
+    done = run("11 explain unknown arch", [*SFAM, "explain", str(picture), str(picture), "--model",
+                                           "{arch: timm/efficientnet_b00, input_size: 64}", "-o", str(tmp_path / "p.png")])
+    assert_mistake(done, "efficientnet_b00", secrets=(s3_secret,))
+    assert done.stderr.strip().count("\n") == 0, done.stderr

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-import io
 import re
+from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import JobConfig
 from pipeline.distributed.job import run_audit
-from pipeline.manifest import ManifestError, validate_manifest
+from pipeline.io.storage import StorageError, StorageOptions
+from pipeline.manifest import ManifestError, open_manifest, validate_manifest
+
+OPTIONS = StorageOptions()
 
 
-def parquet(table: pa.Table) -> io.BytesIO:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    buffer.seek(0)
-    return buffer
+def parquet(table: pa.Table, folder: Path) -> pds.Dataset:
+    path = folder / "pairs.parquet"
+    pq.write_table(table, path)
+    return open_manifest(str(path), OPTIONS)
 
 
 def good(n: int = 3) -> dict:
@@ -63,26 +66,60 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_manifest_is_rejected(case: str) -> None:
+def test_bad_manifest_is_rejected(case: str, tmp_path: Path) -> None:
     table, message = BAD[case]
     with pytest.raises(ManifestError, match=re.escape(message)):
-        validate_manifest(parquet(table))
+        validate_manifest(parquet(table, tmp_path))
 
 
-def test_not_parquet() -> None:
-    with pytest.raises(ManifestError, match="not a readable Parquet"):
-        validate_manifest(io.BytesIO(b"pair_id,query_uri\n1,2\n"))
+def test_not_parquet_or_not_there(tmp_path: Path) -> None:
+    (tmp_path / "pairs.csv").write_text("pair_id,query_uri\n1,2\n")
+    with pytest.raises(ManifestError, match="not readable Parquet"):
+        open_manifest(str(tmp_path / "pairs.csv"), OPTIONS)
+    with pytest.raises(StorageError, match="nowhere.parquet: not found"):
+        open_manifest(str(tmp_path / "nowhere.parquet"), OPTIONS)
 
 
-def test_good_manifest_passes_with_extra_columns() -> None:
+def spark_folder(folder: Path, parts: list[pa.Table]) -> Path:
+    """A table as Spark writes it: part files, a _SUCCESS marker and .crc checksums; the second
+    part without an extension, as Athena names its files."""
+    folder.mkdir()
+    for index, part in enumerate(parts):
+        name = f"part-{index:05d}-c0ffee.snappy.parquet" if index == 0 else f"part-{index:05d}-c0ffee"
+        pq.write_table(part, folder / name)
+        (folder / f".{name}.crc").write_bytes(b"crc")
+    (folder / "_SUCCESS").write_bytes(b"")
+    return folder
+
+
+def test_a_folder_of_parquet_files_is_one_manifest(tmp_path: Path) -> None:
+    first, second = pa.table(good(3)), pa.table({k: [f"b-{v}" for v in values] for k, values in good(4).items()})
+    folder = spark_folder(tmp_path / "pairs.parquet", [first, second])
+    info = validate_manifest(open_manifest(str(folder), OPTIONS))
+    assert info.num_rows == 7 and [Path(f).name for f in info.files] == ["part-00000-c0ffee.snappy.parquet",
+                                                                          "part-00001-c0ffee"]
+    assert info.first_images == ("q0.png", "q1.png", "q2.png", "r0.png", "r1.png", "r2.png")  # the first file's
+
+    repeated = spark_folder(tmp_path / "repeated", [first, pa.table(good(2))])
+    with pytest.raises(ManifestError, match="'p0' appears more than once"):  # across the files
+        validate_manifest(open_manifest(str(repeated), OPTIONS))
+    markers_only = spark_folder(tmp_path / "markers-only", [])
+    with pytest.raises(ManifestError, match="holds no files"):
+        open_manifest(str(markers_only), OPTIONS)
+    (folder / "notes.txt").write_text("not a part")
+    with pytest.raises(ManifestError, match="not readable Parquet"):
+        validate_manifest(open_manifest(str(folder), OPTIONS))
+
+
+def test_good_manifest_passes_with_extra_columns(tmp_path: Path) -> None:
     table = pa.table({**good(5), "label": pa.array([1, 0, 1, 0, 1], pa.int8()), "team": ["a"] * 5,
                       "query_bbox": pa.array([[0.0, 0, 10, 10]] * 5, pa.list_(pa.float32())),
                       "reference_bbox": pa.array([[0.0, 0, 10, 10]] * 5, pa.list_(pa.float32()))})
-    info = validate_manifest(parquet(table))
+    info = validate_manifest(parquet(table, tmp_path))
     assert info.num_rows == 5 and info.has_boxes
     # the images the job looks for before it starts: distinct, queries first, at most 8
     assert info.first_images == ("q0.png", "q1.png", "q2.png", "q3.png", "q4.png", "r0.png", "r1.png", "r2.png")
-    shared = validate_manifest(parquet(pa.table({**good(3), "query_uri": ["q.png"] * 3})))
+    shared = validate_manifest(parquet(pa.table({**good(3), "query_uri": ["q.png"] * 3}), tmp_path))
     assert shared.first_images == ("q.png", "r0.png", "r1.png", "r2.png")
 
 

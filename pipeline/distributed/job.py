@@ -15,6 +15,7 @@ import math
 import platform
 import resource
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 
@@ -34,11 +35,11 @@ from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults
 from pipeline.errors import AuditFailed, PipelineError, Terminated, UserError
 from pipeline.gates import Baseline, GateResult, GatesFailed, check_manifest_supports, evaluate, same_label_similarity
 from pipeline.io.results_store import ResultsStore
-from pipeline.io.storage import StorageError, exists, open_input, redact_all, redact_uri, resolve_uri
+from pipeline.io.storage import StorageError, exists, redact_all, redact_uri, resolve_uri
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import arrow_filesystem, read_json, write_json
 from pipeline.layout import RunLayout, new_attempt_id
-from pipeline.manifest import ManifestError, ManifestInfo, validate_manifest
+from pipeline.manifest import ManifestError, ManifestInfo, open_manifest, validate_manifest
 from pipeline.models.explainer import build_explainer
 from pipeline.models.loading import random_weights_warning
 from pipeline.models.spec import ModelSpec
@@ -163,18 +164,17 @@ def preflight(config: JobConfig, store: ResultsStore) -> Plan:
     """
     options = config.storage_options
     try:
-        with open_input(config.manifest, options) as manifest_file:
-            manifest = validate_manifest(manifest_file)
+        manifest = validate_manifest(open_manifest(config.manifest, options))
     except StorageError as error:  # name the key
         raise type(error)(f"manifest {config.manifest}", error.reason) from error
     log.info("manifest %s: %d pairs, boxes: %s", redact_uri(config.manifest), manifest.num_rows, manifest.has_boxes)
     _check_some_images_exist(config, manifest.first_images)
     check_manifest_supports(config.gates, manifest.schema.names)
-    random_weights = random_weights_warning(config.model)
-    if random_weights:
-        log.warning("%s", random_weights)
     explainer = build_explainer(config.model, options, device=torch.device("cpu"))  # GPUs belong to the actors
     explainer.trial()
+    random_weights = random_weights_warning(config.model)  # once the model is known to build: not before an error
+    if random_weights:
+        log.warning("%s", random_weights)
     log.info("model %s checked: target layer %s", config.model.model_id, explainer.target_layer)
     layout = RunLayout(config.output, config.run_id, dt.datetime.now(dt.timezone.utc).date().isoformat(), new_attempt_id())
     return Plan(manifest=manifest, layout=layout, target_layer=str(explainer.target_layer), model=explainer.spec,
@@ -182,7 +182,8 @@ def preflight(config: JobConfig, store: ResultsStore) -> Plan:
 
 
 def _manifest_dir(config: JobConfig) -> str:
-    """The folder that the manifest's relative URIs are read from (config.manifest is absolute or a URI)."""
+    """The folder that the manifest's relative URIs are read from (config.manifest is absolute or a
+    URI): the one that holds the manifest, whether that is a file or a folder of them."""
     return config.manifest.rsplit("/", 1)[0]
 
 
@@ -196,29 +197,30 @@ def _check_some_images_exist(config: JobConfig, uris: tuple[str, ...]) -> None:
                             f"{redact_uri(locations[0])}: relative URIs are read from the manifest's folder")
 
 
-def _read_manifest(path: str, filesystem: pyarrow.fs.FileSystem) -> ray.data.Dataset:
-    """The manifest's rows, read by Ray Data's V1 Parquet reader: the V2 reader starts 32
-    footer-reading actors for every read, seconds of start-up on a small machine (measured in
-    BENCHMARKS.md, "Where the job's time goes"), where V1 reads the few footers of a manifest itself.
-    V1 samples the files for their size as the dataset is made; its progress bar is left out."""
+def _read_manifest(files: Sequence[str], filesystem: pyarrow.fs.FileSystem) -> ray.data.Dataset:
+    """The rows of the manifest's files (ManifestInfo.files, validated: whatever their names end
+    with), read by Ray Data's V1 Parquet reader: the V2 reader starts 32 footer-reading actors for
+    every read, seconds of start-up on a small machine (measured in BENCHMARKS.md, "Where the job's
+    time goes"), where V1 reads the few footers of a manifest itself. V1 samples the files for their
+    size as the dataset is made; its progress bar is left out."""
     context = ray.data.DataContext.get_current()
     saved = context.use_datasource_v2, context.enable_progress_bars
     context.use_datasource_v2 = context.enable_progress_bars = False
     try:
-        return ray.data.read_parquet(path, filesystem=filesystem, partitioning=None)
+        return ray.data.read_parquet(list(files), filesystem=filesystem, partitioning=None, file_extensions=None)
     finally:
         context.use_datasource_v2, context.enable_progress_bars = saved
 
 
-def build_dataset(config: JobConfig, layout: RunLayout, gpus: float) -> ray.data.Dataset:
+def build_dataset(config: JobConfig, layout: RunLayout, gpus: float, manifest: ManifestInfo) -> ray.data.Dataset:
     """The streaming pipeline from the manifest to result rows (not yet executed); `gpus` per actor."""
     options = config.storage_options
     cpus = _cpus_per_actor(config, gpus)
-    manifest_fs, manifest_path = arrow_filesystem(config.manifest, options)
+    manifest_fs = arrow_filesystem(config.manifest, options)[0]
     manifest_dir = _manifest_dir(config)
     # blocks of one batch of adjacent rows: every actor gets work (a one-file manifest reads as one
     # block), and the pairs of one query stay together, so their images are forwarded once
-    dataset = _read_manifest(manifest_path, manifest_fs).repartition(target_num_rows_per_block=config.batch_size)
+    dataset = _read_manifest(manifest.files, manifest_fs).repartition(target_num_rows_per_block=config.batch_size)
     fetch = {"manifest_dir": manifest_dir, "input_size": config.model.input_size,
              "max_image_pixels": config.max_image_pixels, "storage_options": options}
     explain = {"model": config.model, "storage_options": options, "attempt": layout.attempt}
@@ -415,7 +417,7 @@ def run_audit(config: JobConfig) -> RunSummary:
         connect()
         gpus = _gpus_per_actor(config)
         config = config.model_copy(update={"num_actors": _num_actors(config, gpus)})
-        _stage(build_dataset(config, layout, gpus), config, layout, store, plan.manifest.num_rows)
+        _stage(build_dataset(config, layout, gpus, plan.manifest), config, layout, store, plan.manifest.num_rows)
         staged = store.read_staged(layout, _staged_columns(config, plan))
         summary = summarise(staged, layout, config, started, checked, gpus)
         _finish(config, plan, store, recorder, summary, staged)

@@ -14,7 +14,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.utils import get_protocol
@@ -127,13 +127,6 @@ def read_bytes(uri: str, options: StorageOptions | None = None, max_bytes: int |
     return data
 
 
-def open_input(uri: str, options: StorageOptions | None = None) -> BinaryIO:
-    """A seekable binary file for `uri` (for pyarrow.parquet.ParquetFile); errors name the URI."""
-    fs, path = filesystem(uri, options)
-    with _storage_errors(uri):
-        return fs.open(path, "rb")
-
-
 def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
     """Create or replace the object, whole or not at all (local parent folders are created);
     retries like read_bytes. A local file is written beside and renamed into place, as an
@@ -163,6 +156,15 @@ def exists(uri: str, options: StorageOptions | None = None) -> bool:
     with _storage_errors(uri):
         fs.invalidate_cache(path)  # another writer may have changed it since we last listed
         return fs.exists(path)
+
+
+def is_folder(uri: str, options: StorageOptions | None = None) -> bool:
+    """Whether `uri` is a folder (a prefix with objects below it, on object stores) rather
+    than an object; StorageError when it is neither."""
+    fs, path = filesystem(uri, options)
+    with _storage_errors(uri):
+        fs.invalidate_cache(path)
+        return fs.info(path)["type"] == "directory"
 
 
 def remove_tree(uri: str, options: StorageOptions | None = None) -> None:

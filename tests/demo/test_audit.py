@@ -7,12 +7,13 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.demo.audit import build_demo_audit
-from pipeline.manifest import validate_manifest
+from pipeline.io.storage import StorageOptions
+from pipeline.manifest import open_manifest, validate_manifest
 
 
 def test_demo_manifest_passes_validation_and_boxes_lie_inside(tmp_path) -> None:
     manifest = build_demo_audit(tmp_path, queries=12, top_k=4, gallery=60)
-    info = validate_manifest(str(manifest))
+    info = validate_manifest(open_manifest(str(manifest), StorageOptions()))
     assert info.num_rows == 48 and info.has_boxes
     rows = pq.read_table(manifest).to_pylist()
     assert {r["rank"] for r in rows} == {1, 2, 3, 4}

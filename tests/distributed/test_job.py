@@ -20,13 +20,13 @@ from pipeline.config import JobConfig
 from pipeline.distributed.job import run_audit
 from pipeline.errors import AuditFailed
 from pipeline.io.results_store import HiveParquetStore
-from pipeline.io.storage import StorageOptions, exists, glob, join_uri, read_bytes, remove_tree
+from pipeline.io.storage import StorageOptions, exists, glob, join_uri, read_bytes, remove_tree, write_bytes
 from pipeline.io.tables import read_json
 from pipeline.layout import RunLayout
 from pipeline.overlays import PairNotFound, render_pair_of_run
 from pipeline.reporting import write_report
 
-from audit_data import expected_similarities, job_config, write_audit, write_weights
+from audit_data import expected_similarities, job_config, manifest_table, write_audit, write_table, write_weights
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -142,6 +142,24 @@ def test_s3_run_and_rerun_has_no_duplicates(local_ray, s3_bucket, rng, tmp_path)
     copies = sorted((tmp_path / "report_overlays").glob("*.png"))
     assert len(copies) == len(rows) and all(c.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for c in copies)
     assert f'src="report_overlays/{copies[0].name}"' in local.read_text()
+
+
+def test_a_folder_manifest_on_s3(local_ray, s3_bucket, rng) -> None:
+    """A manifest written as Spark or Athena write a table: part files (one without an extension)
+    beside a _SUCCESS marker; relative URIs are read from the folder that holds it."""
+    bucket, options = s3_bucket
+    root = f"s3://{bucket}/folder-audit"
+    write_weights(join_uri(root, "models", "model.pt"), options)
+    _, rows = write_audit(root, options, rng, queries=2, top_k=3)
+    folder = join_uri(root, "pairs-export")
+    table = manifest_table(rows)
+    write_table(join_uri(folder, "part-00000.snappy.parquet"), table.slice(0, 4), options)
+    write_table(join_uri(folder, "20261127_120000_00001_abcde"), table.slice(4), options)
+    write_bytes(join_uri(folder, "_SUCCESS"), b"", options)
+    summary = run_audit(job_config(root, options, folder, "folder", render_png=False))
+    assert (summary.pairs, summary.error) == (len(rows), 0)
+    read = HiveParquetStore(join_uri(root, "audits"), options).read(run_id="folder", columns=["pair_id"])
+    assert sorted(read.column("pair_id").to_pylist()) == sorted(row["pair_id"] for row in rows)
 
 
 def test_too_many_bad_rows_fail_without_success_marker(local_ray, tmp_path, rng) -> None:

@@ -22,6 +22,7 @@ from pipeline.distributed.job import (
 from pipeline.errors import UserError
 from pipeline.io.storage import StorageOptions, join_uri
 from pipeline.layout import RunLayout
+from pipeline.manifest import open_manifest, validate_manifest
 
 from audit_data import job_config, write_audit
 
@@ -32,7 +33,8 @@ def test_without_a_gpu_each_actor_fetches_explains_and_renders_its_own_batches(l
     root, options = str(tmp_path), StorageOptions()
     manifest, _ = write_audit(root, options, rng)
     config = job_config(root, options, manifest, "plan", num_actors=2)
-    build_dataset(config, RunLayout(config.output, "plan", "2026-01-01", "a1"), gpus=0).explain()
+    info = validate_manifest(open_manifest(manifest, options))
+    build_dataset(config, RunLayout(config.output, "plan", "2026-01-01", "a1"), gpus=0, manifest=info).explain()
     physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "ActorPoolMapOperator[MapBatches(StageChain)]" in physical
     for stage in ("FetchImages", "ExplainPairs", "RenderResults"):  # no pixels through the object store
