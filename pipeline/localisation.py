@@ -48,8 +48,13 @@ def box_in_image(box: Box, image_size: tuple[int, int]) -> bool:
 
 
 def peak_xy(saliency: np.ndarray, image_size: tuple[int, int]) -> tuple[float, float]:
-    """Image-pixel (x, y) of the upsampled map's maximum: the point the pointing game tests."""
-    return _peak(*_grid(saliency, image_size))
+    """Image-pixel (x, y) of the map's maximum, the point the pointing game tests: the centre of
+    its largest cell, where the bilinearly upsampled map peaks too. (Not the upsampled map's
+    first maximal pixel: by an image's top or left edge that map is flat from the cell's centre
+    outwards, and its first pixel lies on the edge, outside a box a cell's width away.)"""
+    height, width = saliency.shape
+    row, col = np.unravel_index(int(np.argmax(saliency)), saliency.shape)
+    return float((col + 0.5) * image_size[0] / width), float((row + 0.5) * image_size[1] / height)
 
 
 def energy_in_box(saliency: np.ndarray, box: Box, image_size: tuple[int, int]) -> float:
@@ -73,20 +78,13 @@ class Localisation:
 
 
 def localise(saliency: np.ndarray, image_size: tuple[int, int], box: Box | None = None) -> Localisation:
-    """The three statistics above from one upsampling of the map (two when it has negative values)."""
+    """The three statistics above, with one upsampling of the map."""
     if not bool((saliency > 0).any()):  # its maximum would be an arbitrary cell, and its energy 0 / 0
         return Localisation()
-    grid, scale = _grid(saliency, image_size)
-    peak = _peak(grid, scale)
+    peak = peak_xy(saliency, image_size)
     if box is None:
         return Localisation(peak)
-    positive = grid if saliency.min() >= 0 else _grid(np.maximum(saliency, 0), image_size)[0]
-    return Localisation(peak, _energy(positive, scale, box), _inside(peak, box))
-
-
-def _peak(grid: np.ndarray, scale: Scale) -> tuple[float, float]:
-    row, col = np.unravel_index(int(np.argmax(grid)), grid.shape)
-    return float((col + 0.5) * scale[0]), float((row + 0.5) * scale[1])
+    return Localisation(peak, _energy(*_grid(np.maximum(saliency, 0), image_size), box), _inside(peak, box))
 
 
 def _energy(positive_grid: np.ndarray, scale: Scale, box: Box) -> float:
