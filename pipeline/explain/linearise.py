@@ -9,8 +9,9 @@ ICML 2022) and AttnLRP (Achtibat et al., ICML 2024), the head is linearised with
 - each attention's softmax weights held constant (queries and keys detached, values not),
 - each gate held constant, the identity rule: GELU = x * Phi(x), SiLU = x * sigmoid(x),
   hard swish = x * hardsigmoid(x) and Mish = x * tanh(softplus(x)) with the right-hand factor
-  fixed, and every sigmoid or hard sigmoid (QuickGELU's x * sigmoid(1.702 x), the gates of
-  squeeze-and-excitation blocks).
+  fixed, and a sigmoid or hard sigmoid where it multiplies something (QuickGELU's
+  x * sigmoid(1.702 x), the gates of squeeze-and-excitation blocks): its output, reshaped or
+  not, is held in that product; a sigmoid used otherwise keeps its gradient.
 With these held, every normalisation / attention / MLP is affine in its input, the values stay
 exactly the model's, and gradient x activation sums to u . v minus the biases' share.
 
@@ -23,6 +24,7 @@ the target layer's hook. The mode also records the held deviations, which the fa
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,10 @@ from torch.overrides import TorchFunctionMode
 
 _SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax)
 _SIGMOID = (torch.sigmoid, torch.Tensor.sigmoid, F.hardsigmoid)
+_RESHAPES = (torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.unsqueeze, torch.unsqueeze,
+             torch.Tensor.expand, torch.Tensor.expand_as, torch.Tensor.flatten, torch.flatten, torch.Tensor.__getitem__)
+_PRODUCTS = (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__)
+_IN_PLACE_PRODUCTS = (torch.Tensor.mul_, torch.Tensor.__imul__)  # the first factor is written to: never held
 _RSQRT = (torch.rsqrt, torch.Tensor.rsqrt)
 _ATTENTION = (F.scaled_dot_product_attention, F.multi_head_attention_forward)  # (query, key, value, ...)
 
@@ -42,6 +48,7 @@ class Linearised(TorchFunctionMode):
         self.active = False
         self.unit_statistics = unit_statistics
         self.deviations: list[torch.Tensor] = []  # each held normalisation's sigma, e.g. (B, ..., 1)
+        self._gates: dict[int, weakref.ref] = {}  # id -> the sigmoid outputs (and their reshapes) seen
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -57,8 +64,14 @@ class Linearised(TorchFunctionMode):
             return self._rms_norm(*args, **kwargs)
         if func in _RSQRT:
             return 1 / self._held(1 / func(*args, **kwargs))
-        if func in _SOFTMAX or func in _SIGMOID:
+        if func in _SOFTMAX:
             return func(*args, **kwargs).detach()
+        if func in _SIGMOID or (func in _RESHAPES and self._is_gate(args[0])):
+            return self._gate(func(*args, **kwargs))
+        if func in _PRODUCTS or func in _IN_PLACE_PRODUCTS:
+            first = 1 if func in _IN_PLACE_PRODUCTS else 0
+            args = tuple(a.detach() if i >= first and self._is_gate(a) else a for i, a in enumerate(args))
+            return func(*args, **kwargs)
         if func in _ATTENTION:
             return _attention(func, args, kwargs)
         if func is F.gelu:
@@ -70,6 +83,14 @@ class Linearised(TorchFunctionMode):
         if func is F.mish:
             return args[0] * torch.tanh(F.softplus(args[0])).detach()
         return func(*args, **kwargs)
+
+    def _gate(self, output: torch.Tensor) -> torch.Tensor:
+        self._gates[id(output)] = weakref.ref(output)
+        return output
+
+    def _is_gate(self, value: object) -> bool:
+        seen = self._gates.get(id(value))
+        return seen is not None and seen() is value
 
     def _held(self, deviation: torch.Tensor) -> torch.Tensor:
         """A normalisation's deviation, held: detached, recorded, and 1 when probing."""
@@ -93,7 +114,7 @@ class Linearised(TorchFunctionMode):
     def _rms_norm(
         self, x: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor | None = None, eps: float | None = None,
     ) -> torch.Tensor:
-        eps = torch.finfo(x.dtype).eps if eps is None else eps
+        eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps if eps is None else eps  # as F.rms_norm
         return _affine(self._standardise(x, tuple(range(-len(normalized_shape), 0)), eps, centre=False), weight, None)
 
     def _group_norm(

@@ -101,6 +101,14 @@ class _Forward:
     scale: torch.Tensor | None  # (N,) float64 1 / sigma of the head's LayerNorm (ones without); None: several
 
 
+def _own_prefix_tokens(model: nn.Module) -> int | None:
+    """timm's count of class / register tokens (`num_prefix_tokens`), of the model or of the ViT
+    it wraps; None where no module has one, or where they disagree."""
+    counts = {module.num_prefix_tokens for module in model.modules()
+              if isinstance(getattr(module, "num_prefix_tokens", None), int)}
+    return counts.pop() if len(counts) == 1 else None
+
+
 class SFAM:
     """Explains why `model` finds images similar.
 
@@ -141,7 +149,7 @@ class SFAM:
         self.weighting = weighting
         self.target_layer = target_layer
         self.embedding_layer = embedding_layer
-        own_prefix = getattr(model, "num_prefix_tokens", None)  # timm's class / register tokens
+        own_prefix = _own_prefix_tokens(model)
         if prefix_tokens is not None and own_prefix is not None and prefix_tokens != own_prefix:
             raise ExplanationError(f"prefix_tokens={prefix_tokens} contradicts the model's own num_prefix_tokens="
                                    f"{own_prefix}: leave prefix_tokens unset for this model")
@@ -190,6 +198,7 @@ class SFAM:
         if not self._head_measured or self._head is not None:
             with torch.inference_mode():
                 forward = self._forward(images)
+                self._check_not_scale_invariant(images[:1], forward.embeddings.double())
                 head = self._measure_head(images[:1], forward)
                 # checked on every batch: a head that is affine only piecewise takes the generic path where it is not
                 if head is not None and forward.scale is not None and head.explains(forward.maps, forward.embeddings,
@@ -350,7 +359,7 @@ class SFAM:
         cis = (features.double() * dsim).sum(dim=(2, 3))  # = a * w when the head pools first
         s = similarity(self.metric, u64[query_index], u64[reference_index])
         residual = (u64[slots] * v64).sum(dim=1) - cis.sum(dim=1) + offset(self.metric, u64[partners])
-        self._check_not_scale_invariant(images[:1], u64, s, cis)
+        self._check_not_scale_invariant(images[:1], u64, cis[:pairs])
         sides = [_Attribution(s, weights[half], cis[half], residual[half]) for half in (slice(0, pairs), slice(pairs, None))]
         index = torch.arange(2 * pairs, device=features.device)
         return self._result(features, None if local is None else local[slots], index[:pairs], index[pairs:], *sides)
@@ -372,8 +381,10 @@ class SFAM:
 
     # -- shared ---------------------------------------------------------------------------
 
-    def _check_not_scale_invariant(self, sample: torch.Tensor, u: torch.Tensor, s: torch.Tensor, cis: torch.Tensor) -> None:
-        """Refuses to explain an L2-normalised output, whose attributions sum to about zero.
+    def _check_not_scale_invariant(self, sample: torch.Tensor, u: torch.Tensor, cis: torch.Tensor | None = None) -> None:
+        """Refuses to explain an L2-normalised output, whose attributions sum to about zero: an
+        output of unit norm, or (the generic path's `cis` (P, K) of the pairs' query sides)
+        contributions that cancel. Both paths check it, whatever the normalisation is written with.
 
         A LayerNorm at the end is not such a case: its deviation is held (linearise.py).
         """
@@ -383,9 +394,10 @@ class SFAM:
         # a scale-invariant output cancels its contributions down to rounding (at most 1.1e-5 of
         # their total magnitude in float32, 150 random models); other models' single pairs did
         # not cancel below 2.6e-3 of it (150 random pairs on a random tanh head)
-        pairs = s.shape[0]
-        total, magnitude = cis[:pairs].sum(dim=1), cis[:pairs].abs().sum(dim=1)
-        no_completeness = bool(((total.abs() <= 1e-4 * magnitude) & (magnitude > 0)).all())
+        no_completeness = False
+        if cis is not None:
+            total, magnitude = cis.sum(dim=1), cis.abs().sum(dim=1)
+            no_completeness = bool(((total.abs() <= 1e-4 * magnitude) & (magnitude > 0)).all())
         if unit_norm or no_completeness:
             layer = suggest_embedding_layer(self.model, sample, self.target_layer)
             hint = f" (probably embedding_layer={layer!r})" if layer else ""

@@ -111,8 +111,16 @@ def default_target_layer(
     returns its embedding. settings: feature_layout / prefix_tokens, as detect_layout takes them.
     """
     modules = dict(model.named_modules())
-    grids = [(output, layout) for output in module_outputs(model, sample)
+    outputs = module_outputs(model, sample)
+    grids = [(output, layout) for output in outputs
              if (layout := feature_layout_of(output.tensor, sample, **settings)) is not None]
+    prefix = settings.get("prefix_tokens")
+    has_tokens = any(output.tensor.dim() == 3 for output in outputs)
+    if prefix is not None and has_tokens and all(layout.kind != "tokens" for _, layout in grids):
+        raise ExplanationError(  # else the default would move to a grid of another kind, the patch embedding
+            f"prefix_tokens={prefix}, but none of the model's token outputs has that many tokens before a patch grid "
+            "of the input: set prefix_tokens to the model's count of class / register tokens, or leave it unset "
+            "to detect it")
     skipped: list[str] = []  # blocks without influence: nothing inside them is tried
     for output, layout in reversed(grids):
         if any(name.startswith(f"{block}.") for block in skipped for name in output.names):

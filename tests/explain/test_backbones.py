@@ -258,6 +258,31 @@ def test_settings_that_contradict_the_model_are_refused(name: str, models: dict,
         SFAM(model, embedding_layer="norm").explain(*pairs(1, BACKBONES[name].size))
 
 
+class Wrapped(nn.Module):
+    """A timm ViT inside a user's own module, with a projection head."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit, self.proj = vit, nn.Linear(64, 16)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.vit(images))
+
+
+def test_wrong_prefix_tokens_are_refused_not_worked_around(models: dict, vit_b_16: nn.Module, seed: int) -> None:
+    """A wrapped timm ViT keeps its num_prefix_tokens below the top; a ViT without one (torchvision's)
+    with a count that fits none of its token outputs: both refused, where the default target layer
+    used to move silently to the patch embedding."""
+    wrapped = Wrapped(models["dinov2_reg4"]).eval()
+    with pytest.raises(ExplanationError, match="prefix_tokens=1 contradicts the model's own num_prefix_tokens=5"):
+        SFAM(wrapped, prefix_tokens=1)
+    assert SFAM(wrapped).explain(*pairs(1, 56)).map_query.shape == (1, 4, 4)
+    with pytest.raises(ExplanationError, match=r"prefix_tokens=0, but none of the model's token outputs"):
+        SFAM(vit_b_16, prefix_tokens=0).explain(*pairs(1, 224))
+    # a model without token outputs: a prefix_tokens from a shared config changes nothing
+    assert SFAM(models["swin_t"], prefix_tokens=0).explain(*pairs(1, 64)).map_query.shape == (1, 2, 2)
+
+
 def test_channels_last_target_explicit(models: dict, seed: int) -> None:
     """Swin's `features` output (N, h, w, C) is detected as channels-last and explained there."""
     explainer = SFAM(models["swin_t"], "features")

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from timm.layers import GroupNormAct, QuickGELU, RmsNorm, SqueezeExcite, StdConv2d
 from torch import nn
 
-from pipeline import SFAM
+from pipeline import SFAM, ExplanationError
+from pipeline.explain.linearise import Linearised
 from pipeline.explain.metrics import similarity
 
-from reference import assert_close
+from reference import SmallNet, assert_close
 
 
 class ChannelsLast(nn.Module):
@@ -126,3 +127,39 @@ def test_timm_backbones_leave_no_residual_without_constants(name: str, seed: int
     settings, target_layer, size = TIMM[name]
     model = timm.create_model(name, pretrained=False, num_classes=0, **settings)
     assert_complete(without_constants(model), target_layer, size, "cosine")
+
+
+def test_a_sigmoid_that_gates_nothing_keeps_its_gradient(seed: int) -> None:
+    """Only a sigmoid that multiplies something is held; one on the output used to leave the
+    embedding without any gradient (a crash)."""
+    model = SmallNet(nn.Sequential(nn.Linear(16, 8), nn.Sigmoid())).eval()  # a sigmoid that squashes the embedding
+    x, y = torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16)
+    result = SFAM(model, "features", metric="dot", fast_path=False).explain(x, y)
+    assert result.cis_query.abs().sum() > 0
+    with torch.no_grad():
+        assert_close(result.similarity, similarity("dot", model(x).double(), model(y).double()), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rms_norm_without_eps_keeps_its_values_in_16_bits(dtype: torch.dtype, seed: int) -> None:
+    """F.rms_norm's default eps is float32's machine epsilon for 16-bit inputs, not theirs (1e-3 in
+    float16 outweighs the mean square of small features)."""
+    x = (torch.randn(4, 8) * 1e-2).to(dtype)
+    with Linearised() as mode:
+        mode.active = True
+        held = F.rms_norm(x, [8])
+    assert_close(held, F.rms_norm(x, [8]), rel=2e-2)
+
+
+class RsqrtNormalise(nn.Module):
+    """L2 normalisation written with rsqrt: a held rsqrt makes the head look affine."""
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return u * torch.rsqrt(u.pow(2).sum(dim=1, keepdim=True))
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_an_l2_normalised_output_is_refused_on_both_paths(fast_path: bool, seed: int) -> None:
+    with pytest.raises(ExplanationError, match="scale invariant"):
+        model = SmallNet(nn.Sequential(nn.Linear(16, 8, bias=False), RsqrtNormalise())).eval()
+        SFAM(model, "features", fast_path=fast_path).explain(torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16))
