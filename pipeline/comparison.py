@@ -26,6 +26,8 @@ Written next to the runs, under `{output}/comparisons/{A}/{B}/` (a folder per ru
     mean_similarity_a, _b, _change     float64   mean similarity
     pointing_hit_rate_a, _b, _change   float64   share of query_pointing_hit (null without boxes)
     energy_in_box_a, _b, _change       float64   mean of energy_in_box (see below; null without boxes)
+                                                 (these three: over the pairs where both runs have the figure;
+                                                 a map without positive evidence has no pointing or energy)
     mean_map_correlation               float64   mean of map_correlation over the comparable pairs
     maps_not_comparable                int64     pairs whose map_shape differs between the runs
     false_matches_a, false_matches_b   int64     false matches in each run (label 0 only; 0 for others)
@@ -295,18 +297,30 @@ def pair_changes(a: pa.Table, b: pa.Table, threshold: float) -> pa.Table:
     return pa.table({name: columns[name] for name in PAIR_COLUMNS})
 
 
-def _mean(column: pa.ChunkedArray) -> float | None:
-    """The mean of the values, nulls and NaN (energy in the box of a map without positive mass) left
-    out, as the gates leave them out; None without any."""
+def _known(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Whether each value is known: not null, and not NaN (the energy in the box of a map without
+    positive mass), which the gates leave out too."""
     values = pc.cast(column, pa.float64())
-    return pc.mean(pc.filter(values, pc.invert(pc.is_nan(values)))).as_py()
+    return pc.fill_null(pc.invert(pc.is_nan(values)), False)
+
+
+def _mean(column: pa.ChunkedArray) -> float | None:
+    """The mean of the known values; None without any."""
+    return pc.mean(pc.filter(pc.cast(column, pa.float64()), _known(column))).as_py()
+
+
+def _paired_means(a: pa.ChunkedArray, b: pa.ChunkedArray) -> tuple[float | None, float | None]:
+    """Both runs' means over the pairs whose value both know: a change of the same pairs, not of
+    two subsets (a map without positive evidence in one run has no energy or pointing there)."""
+    both = pc.and_(_known(a), _known(b))
+    return _mean(pc.filter(a, both)), _mean(pc.filter(b, both))
 
 
 def _label_summary(rows: pa.Table) -> dict[str, Any]:
     """The figures of one label's pairs (ok in both runs)."""
     summary: dict[str, Any] = {"pairs": rows.num_rows}
     for name, column in FIGURES.items():
-        before, after = _mean(rows[f"{column}_a"]), _mean(rows[f"{column}_b"])
+        before, after = _paired_means(rows[f"{column}_a"], rows[f"{column}_b"])
         change = None if before is None or after is None else after - before
         summary |= {f"{name}_a": before, f"{name}_b": after, f"{name}_change": change}
     false_a, false_b = rows["false_match_a"], rows["false_match_b"]

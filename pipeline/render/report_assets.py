@@ -56,7 +56,7 @@ SCRIPT = """
   const cards = Array.from(grid.children);
   const controls = { sort: "sort", label: "f-label", status: "f-status", q: "f-text" };
   const el = (key) => document.getElementById(controls[key]);
-  const DEFAULT_SORT = "manifest:asc";
+  const DEFAULT_SORT = "table:asc";
   const number = (card, key) => (card.dataset[key] === "" ? NaN : parseFloat(card.dataset[key]));
   const compare = (key, sign) => (a, b) => {
     if (key === "pairId") return sign * a.dataset.pairId.localeCompare(b.dataset.pairId);
@@ -66,7 +66,7 @@ SCRIPT = """
   };
   const apply = () => {
     const [key, dir] = (el("sort").value || DEFAULT_SORT).split(":");
-    const order = key === "manifest" ? cards.slice() : cards.slice().sort(compare(key, dir === "desc" ? -1 : 1));
+    const order = key === "table" ? cards.slice() : cards.slice().sort(compare(key, dir === "desc" ? -1 : 1));
     const label = el("label").value, status = el("status").value, q = el("q").value.trim().toLowerCase();
     let shown = 0;
     for (const card of order) {

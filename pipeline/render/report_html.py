@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from pipeline.render.histogram import Series, histogram_svg
 from pipeline.render.html_text import LABEL_NAMES, escaped, finite_number
 from pipeline.render.report_assets import CSS, SCRIPT
+from pipeline.thresholds import FALSE_MATCH_SIMILARITY
 
 GALLERY_CAP = 2000
 LOOK_FIRST_CAP = 24
@@ -164,12 +165,26 @@ def _ranked(rows: Sequence[Row], key: Callable[[Row], float | None], *, descendi
     return [r for _, r in keyed[:LOOK_FIRST_CAP]]
 
 
-def _look_first(ok: Sequence[Row], png_href: Callable[[Row], str | None]) -> str:
-    false_matches = _ranked([r for r in ok if _label(r) == 0], _similarity, descending=True)
+def _look_first(ok: Sequence[Row], png_href: Callable[[Row], str | None], threshold: float | None) -> str:
+    """threshold: the run's false_match_similarity, below which a different-label pair is no false
+    match; None where it cannot apply (then the most similar different-label pairs are shown)."""
+    different = [s for r in ok if _label(r) == 0 and (s := _similarity(r)) is not None]
+
+    def false_match(row: Row) -> float | None:
+        similarity = _similarity(row)
+        return similarity if similarity is not None and (threshold is None or similarity >= threshold) else None
+
+    false_matches = _ranked([r for r in ok if _label(r) == 0], false_match, descending=True)
     off_object = _ranked([r for r in ok if _label(r) == 1], _energy, descending=False)
+    if threshold is None:
+        title, hint = "Most similar different-label pairs", "different-label pairs, most similar first"
+    else:
+        title = "False matches"
+        hint = f"different-label pairs at or above the run's false_match_similarity {threshold:g}, most similar first"
     sections = [
-        ("false-matches", "High-similarity false matches", "different-label pairs, most similar first", false_matches,
-         "no different-label (label 0) pairs in this run"),
+        ("false-matches", title, hint, false_matches,
+         ("no different-label (label 0) pairs in this run" if not different or threshold is None else
+          f"no different-label (label 0) pair reaches similarity {threshold:g}; the most similar is at {max(different):.3f}")),
         ("off-object", "True matches whose map falls outside the object",
          "same-label pairs, lowest share of map energy inside the box first", off_object,
          "no same-label pairs with bounding boxes in this run"),
@@ -182,17 +197,25 @@ def _look_first(ok: Sequence[Row], png_href: Callable[[Row], str | None]) -> str
     )
 
 
+def _false_match_similarity(summary: Mapping[str, Any]) -> float | None:
+    """The run's own threshold of a false match, from its recorded config; None for a Euclidean run
+    whose threshold is above 0, where no similarity (-1/2 |u - v|^2) can reach it."""
+    gates = (summary.get("config") or {}).get("gates") or {}
+    threshold = float(gates.get("false_match_similarity", FALSE_MATCH_SIMILARITY))
+    return None if _heading_values(summary)["metric"] == "euclidean" and threshold > 0 else threshold
+
+
 def _gallery(rows: Sequence[Row], png_href: Callable[[Row], str | None]) -> str:
     shown = rows[:GALLERY_CAP]
     note = (
-        f'<p class="note">Showing the first {len(shown):,} of {len(rows):,} pairs (manifest order); '
+        f'<p class="note">Showing the first {len(shown):,} of {len(rows):,} pairs, in the order the job wrote them; '
         "the Parquet results hold them all.</p>"
         if len(rows) > len(shown)
         else ""
     )
     controls = (
         '<div class="controls">'
-        '<label>sort <select id="sort"><option value="manifest:asc">manifest order</option>'
+        '<label>sort <select id="sort"><option value="table:asc">table order</option>'
         '<option value="similarity:desc">similarity, high first</option>'
         '<option value="similarity:asc">similarity, low first</option><option value="rank:asc">rank</option>'
         '<option value="energy:asc">energy in box, low first</option>'
@@ -281,7 +304,7 @@ def render_report(
         f'<header><h1>SFAM audit report</h1><p class="sub">{heading}</p></header>'
         f'{_warnings(summary)}<section id="figures"><div class="tiles">{_figures(ok, errors, len(rows))}</div></section>'
         f'<section id="histogram"><h2>Similarity by label</h2>{_histogram(ok)}</section>'
-        f'<section id="look-first"><h2>Look first</h2>{_look_first(ok, png_href)}</section>'
+        f'<section id="look-first"><h2>Look first</h2>{_look_first(ok, png_href, _false_match_similarity(summary))}</section>'
         f'{comparison}<section id="gallery"><h2>All pairs</h2>{_render_hint(summary, ok)}{_gallery(rows, png_href)}</section>'
         f'<section id="errors"><h2>Errors ({len(errors):,})</h2>{_errors(errors)}</section>'
         f'<section id="run"><h2>Run record</h2>{_summary_table(summary)}</section>'

@@ -234,3 +234,16 @@ def test_means_leave_out_nan_as_the_gates_do() -> None:
 
     assert _mean(pa.chunked_array([[0.2, float("nan"), None], [0.4]])) == pytest.approx(0.3)
     assert _mean(pa.chunked_array([[float("nan"), None]])) is None
+
+
+def test_a_change_is_measured_on_the_pairs_both_runs_have_a_figure_for() -> None:
+    """A pair's energy is NaN, and its pointing null, where its map has no positive evidence: the
+    means of A and B must cover the same pairs, or "A -> B" compares two different subsets."""
+    from pipeline.comparison import _paired_means
+
+    a = pa.chunked_array([[0.9, 0.8, float("nan"), None, 0.1]])
+    b = pa.chunked_array([[0.5, float("nan"), 0.2, 0.3, 0.3]])
+    assert _paired_means(a, b) == pytest.approx((0.5, 0.4))  # pairs 0 and 4 only
+    hits_a, hits_b = pa.chunked_array([[True, None, False]]), pa.chunked_array([[None, True, True]])
+    assert _paired_means(hits_a, hits_b) == pytest.approx((0.0, 1.0))
+    assert _paired_means(pa.chunked_array([[None, 0.2]]), pa.chunked_array([[0.1, None]])) == (None, None)

@@ -154,9 +154,22 @@ def test_errors_are_listed_with_reasons(page: Page) -> None:
 
 
 def test_look_first_sections_order_the_auditors_cases(page: Page) -> None:
-    assert _ids(page.cards["false-matches"]) == ["neg-top", "neg-high", "neg-mid"]
+    # at or above the default false_match_similarity, 0.8: neg-mid (0.40) is no false match
+    assert _ids(page.cards["false-matches"]) == ["neg-top", "neg-high"]
     # label-1 rows with boxes, lowest energy-in-box of the two images first; error rows never
     assert _ids(page.cards["off-object"]) == ["pos-off", "bad-href", "pos-on"]
+
+
+def test_false_matches_are_read_at_the_runs_own_threshold() -> None:
+    stricter = {**SUMMARY, "config": {"gates": {"false_match_similarity": 0.9}}}
+    assert _ids(Page(render_report(stricter, ROWS, png_href=_href)).cards["false-matches"]) == ["neg-top"]
+    none = {**SUMMARY, "config": {"gates": {"false_match_similarity": 0.99}}}
+    markup = render_report(none, ROWS, png_href=_href)
+    assert "no different-label (label 0) pair reaches similarity 0.99; the most similar is at 0.950" in markup
+    # a Euclidean similarity (-1/2 |u - v|^2) never reaches the default 0.8: the most similar are shown
+    euclidean = [{**row, "similarity": None if row["similarity"] is None else row["similarity"] - 2} for row in ROWS]
+    page = Page(render_report({**SUMMARY, "metric": "euclidean"}, euclidean, png_href=_href))
+    assert _ids(page.cards["false-matches"]) == ["neg-top", "neg-high", "neg-mid"]
 
 
 def test_summary_and_figures(page: Page) -> None:
