@@ -153,7 +153,8 @@ def _factory_model(path: str) -> nn.Module:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ModelLoadError(f"arch {path!r}: cannot import module {module_name!r} ({e})") from e
+        raise ModelLoadError(f"arch {path!r}: cannot import module {module_name!r} ({e}); a module of your own must be "
+                             "importable where the job runs: PYTHONPATH=<its folder>, or pip install it") from e
     factory = getattr(module, attribute, None)
     if not callable(factory):
         public = [n for n in dir(module) if not n.startswith("_")]
@@ -237,8 +238,22 @@ def _unwrap_state_dict(checkpoint: object, uri: str) -> Mapping[str, torch.Tenso
     return checkpoint
 
 
+def _under_one_prefix(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str | None:
+    """The first name component (`model.` of a LightningModule, `backbone.`) under which the
+    checkpoint holds every one of the model's keys, where its own keys are not the model's."""
+    if set(expected) <= set(state_dict):
+        return None
+    for prefix in sorted({key.split(".", 1)[0] + "." for key in state_dict if "." in key}):
+        if {key.removeprefix(prefix) for key in state_dict if key.startswith(prefix)} >= set(expected):
+            return prefix
+    return None
+
+
 def _load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], uri: str) -> None:
     expected = model.state_dict()
+    prefix = _under_one_prefix(state_dict, expected)
+    if prefix is not None and all(key.startswith(prefix) for key in state_dict):  # saved from a wrapper: the model's own
+        state_dict = {key.removeprefix(prefix): value for key, value in state_dict.items()}
     missing = [k for k in expected if k not in state_dict]
     unexpected = sorted(k for k in state_dict if k not in expected)
     mismatched = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]  # model order
@@ -249,11 +264,23 @@ def _load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], u
         if items
     ]
     if problems:
-        size_hint = (". A position embedding of another length: the checkpoint was made for another input size; "
-                     "set model.input_size to it") if any("pos_embed" in k for k in mismatched) else ""
         raise ModelLoadError(f"weights {uri} do not match the model: " + "; ".join(problems)
-                             + _head_hint(unexpected, state_dict) + size_hint)
+                             + _head_hint(unexpected, state_dict) + _shape_hint(mismatched, state_dict, expected)
+                             + (f". The model's keys are all in the checkpoint under {prefix!r}, beside others: save "
+                                f"that part alone (e.g. the LightningModule's model.state_dict())" if prefix else ""))
     model.load_state_dict(state_dict, strict=True)
+
+
+def _shape_hint(mismatched: list[str], state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str:
+    """Why shapes differ, where their shapes say: another width, or position embeddings of another length."""
+    widths = [k for k in mismatched if ("pos_embed" in k or "norm" in k) and state_dict[k].dim() and expected[k].dim()]
+    if any(state_dict[k].shape[-1] != expected[k].shape[-1] for k in widths):
+        return (". The checkpoint is of a model of another width (another size of the architecture): build the arch "
+                "it was trained as")
+    if any("pos_embed" in k for k in mismatched):
+        return (". A position embedding of another length: the checkpoint was made for another input size; "
+                "set model.input_size to it")
+    return ""
 
 
 def _head_hint(unexpected: list[str], state_dict: Mapping[str, torch.Tensor]) -> str:

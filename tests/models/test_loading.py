@@ -167,6 +167,31 @@ def test_checkpoint_for_another_input_size_says_so(tmp_path) -> None:
         build_model(spec.model_copy(update={"input_size": 96, "weights": str(path)}))
 
 
+def test_checkpoint_of_another_width_says_so(tmp_path) -> None:
+    """The same family at another size: not a matter of input size."""
+    path = tmp_path / "small.pt"
+    path.write_bytes(saved(build_model(ModelSpec(arch="timm/vit_tiny_patch16_224", input_size=64)).state_dict()))
+    with pytest.raises(ModelLoadError, match=r"pos_embed: checkpoint \(1, 17, 192\) vs model \(1, 17, 384\).*"
+                                             r"a model of another width") as info:
+        build_model(ModelSpec(arch="timm/vit_small_patch16_224", input_size=64, weights=str(path)))
+    assert "input size" not in str(info.value)
+
+
+def test_checkpoint_of_a_wrapper_module(resnet18_64: nn.Module, rng: np.random.Generator, tmp_path) -> None:
+    """A LightningModule saves its model's keys under `model.`: read as the model's own; beside a
+    loss's parameters, the message says where the model's keys are."""
+    state = resnet18_64.state_dict()
+    path = tmp_path / "lightning.pt"
+    path.write_bytes(saved({"state_dict": {f"model.{k}": v for k, v in state.items()}}))
+    loaded = build_model(ModelSpec(arch="resnet18", embedding_dim=64, weights=str(path)))
+    x = images(rng)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), resnet18_64(x))
+    path.write_bytes(saved({**{f"model.{k}": v for k, v in state.items()}, "loss.proxies": torch.zeros(10, 64)}))
+    with pytest.raises(ModelLoadError, match=r"The model's keys are all in the checkpoint under 'model\.', beside others"):
+        build_model(ModelSpec(arch="resnet18", embedding_dim=64, weights=str(path)))
+
+
 @pytest.mark.parametrize(
     ("payload", "reason"),
     [(b"not a checkpoint at all", "neither a torch.save checkpoint nor a safetensors file"),
