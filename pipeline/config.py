@@ -101,8 +101,7 @@ class JobConfig(BaseModel):
         """Relative local paths (manifest, output, weights) are read from the current directory: made
         absolute here, where the config is read, they lead every Ray worker to the same files."""
         here = os.getcwd()
-        # a folder manifest written with a trailing slash is the same manifest (its URIs' folder, the gate's baseline)
-        self.manifest, self.output = resolve_uri(self.manifest, here).rstrip("/"), resolve_uri(self.output, here)
+        self.manifest, self.output = _without_trailing_slash(resolve_uri(self.manifest, here)), resolve_uri(self.output, here)
         if self.model.weights:
             self.model = self.model.model_copy(update={"weights": resolve_uri(self.model.weights, here)})
         return self
@@ -127,11 +126,23 @@ class JobConfig(BaseModel):
                            for name, section in sections.items() if isinstance(section, dict)}}
 
     @model_validator(mode="after")
-    def _residual_gate_has_meaning(self) -> JobConfig:
+    def _gates_have_meaning(self) -> JobConfig:
         if self.gates.max_residual_share is not None and self.model.metric == "euclidean":
             raise ValueError("gates.max_residual_share does not apply to metric euclidean, whose residual holds "
                              "-1/2 |u^y|^2 by construction (docs/method.md): remove the gate or use cosine or dot")
+        if (self.gates.max_false_match_rate is not None and self.model.metric == "euclidean"
+                and self.gates.false_match_similarity > 0):
+            raise ValueError(f"gates.false_match_similarity {self.gates.false_match_similarity:g} is above every "
+                             "euclidean similarity (-1/2 |u - v|^2 <= 0), so the false-match gate could never fail: "
+                             "set it in the metric's units, e.g. -0.5")
         return self
+
+
+def _without_trailing_slash(uri: str) -> str:
+    """A folder manifest written with a trailing slash is the same manifest (its relative URIs'
+    folder, the similarity gate's baseline); a bucket or filesystem root keeps its slash."""
+    stripped = uri.rstrip("/")
+    return stripped if "/" in stripped.split("://", 1)[-1] else uri
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -22,6 +22,7 @@ from pipeline.schema import reserved_names
 REQUIRED = ("pair_id", "query_uri", "reference_uri")
 BOX_COLUMNS = ("query_bbox", "reference_bbox")
 FIRST_IMAGES = 8  # distinct image URIs of the first rows kept in ManifestInfo
+FOLDER_MARKER = "_$folder$"  # the empty objects Hadoop's S3 connectors write beside folders
 
 
 class ManifestError(UserError):
@@ -40,17 +41,35 @@ class ManifestInfo:
 def open_manifest(uri: str, options: StorageOptions) -> pds.Dataset:
     """The manifest at `uri`: one Parquet file, or a folder of them (in subfolders too), read in
     the order of their names. Names that start with _ or . are not data (Spark's _SUCCESS, .crc
-    checksums, _temporary/); other files must be Parquet, whatever they are called (Athena's
-    have no extension). StorageError when `uri` is not there."""
+    checksums, _temporary/), nor are Hadoop's `*_$folder$` markers; other files must be Parquet,
+    whatever they are called (Athena's have no extension), and agree on the types of the columns
+    they share. Files without rows are left out. StorageError when `uri` is not there."""
     folder = is_folder(uri, options)  # and StorageError first when it is not there
     fs, path = arrow_filesystem(uri, options)
     try:
         found = pds.dataset(path, filesystem=fs, format="parquet")  # a folder: its files, _ and . skipped
-        if folder and not found.files:
+        files = sorted(name for name in found.files if not name.endswith(FOLDER_MARKER))
+        if folder and not files:
             raise ManifestError(f"manifest folder {uri} holds no files (names starting with _ or . are skipped)")
-        return pds.dataset(sorted(found.files), filesystem=fs, format="parquet")
-    except (pa.ArrowInvalid, OSError) as error:
+        fragments = [f for f in pds.dataset(files, filesystem=fs, format="parquet").get_fragments()
+                     if f.metadata.num_rows > 0]
+        schema = _one_schema(fragments)
+        return pds.dataset([f.path for f in fragments], schema=schema, filesystem=fs, format="parquet")
+    except (pa.ArrowException, OSError) as error:
         raise ManifestError(f"manifest is not readable Parquet: {error}") from error
+
+
+def _one_schema(fragments: list[pds.ParquetFileFragment]) -> pa.Schema:
+    """The columns of all the files, each of one type: Ray reads each file with its own schema
+    and cannot join int8 to int64, or a string to a number."""
+    types: dict[str, tuple[pa.DataType, str]] = {}  # column -> (type, the first file that has it)
+    for fragment in fragments:
+        for field in fragment.physical_schema:
+            first_type, first_file = types.setdefault(field.name, (field.type, fragment.path))
+            if field.type != first_type:
+                raise ManifestError(f"manifest files disagree on column {field.name!r}: {first_type} in {first_file}, "
+                                    f"{field.type} in {fragment.path}; write them with one schema")
+    return pa.schema([pa.field(name, kind) for name, (kind, _) in types.items()])
 
 
 def _check_types(schema: pa.Schema) -> None:
@@ -115,7 +134,7 @@ def validate_manifest(manifest: pds.Dataset) -> ManifestInfo:
     (open_manifest); raises ManifestError."""
     try:
         return _validate(manifest)
-    except (pa.ArrowInvalid, OSError) as error:  # a damaged file, or files whose columns disagree
+    except (pa.ArrowException, OSError) as error:  # a damaged file
         raise ManifestError(f"manifest is not readable Parquet: {error}") from error
 
 

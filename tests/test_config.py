@@ -84,6 +84,23 @@ def test_residual_gate_refused_for_euclidean(tmp_path) -> None:
         load_config(path, ["gates.max_residual_share=0.2", "model.metric=euclidean"])
 
 
+def test_false_match_gate_refused_where_euclidean_never_reaches_its_threshold(tmp_path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(BASE)
+    with pytest.raises(ConfigError, match=r"false_match_similarity 0.8 is above every euclidean similarity"):
+        load_config(path, ["gates.max_false_match_rate=0.05", "model.metric=euclidean"])
+    config = load_config(path, ["gates.max_false_match_rate=0.05", "model.metric=euclidean",
+                                "gates.false_match_similarity=-0.5"])
+    assert config.gates.false_match_similarity == -0.5
+
+
+def test_a_folder_manifest_loses_its_trailing_slash_but_a_bucket_root_keeps_it(tmp_path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(BASE)
+    assert load_config(path, ["manifest=s3://bucket/pairs/"]).manifest == "s3://bucket/pairs"
+    assert load_config(path, ["manifest=s3://bucket/"]).manifest == "s3://bucket/"
+
+
 def test_one_false_match_threshold(tmp_path) -> None:
     path = tmp_path / "cfg.yaml"
     path.write_text(BASE)

@@ -106,6 +106,16 @@ def test_a_folder_of_parquet_files_is_one_manifest(tmp_path: Path) -> None:
     markers_only = spark_folder(tmp_path / "markers-only", [])
     with pytest.raises(ManifestError, match="holds no files"):
         open_manifest(str(markers_only), OPTIONS)
+    # files that agree: a column only the later file has, an empty file (pandas: null types), a Hadoop marker
+    agreeing = spark_folder(tmp_path / "agreeing", [pa.table(good(2)), pa.table({**good(1), "pair_id": ["x"], "team": ["a"]})])
+    pq.write_table(pa.table({k: pa.nulls(0) for k in good()}), agreeing / "part-00000-empty")
+    (agreeing / "subfolder_$folder$").write_bytes(b"")
+    info = validate_manifest(open_manifest(str(agreeing), OPTIONS))
+    assert info.num_rows == 3 and "team" in info.schema.names and len(info.files) == 2
+    disagreeing = spark_folder(tmp_path / "disagreeing", [pa.table({**good(2), "label": pa.array([1, 0], pa.int8())}),
+                                                          pa.table({**good(1), "label": pa.array([1], pa.int64())})])
+    with pytest.raises(ManifestError, match=r"disagree on column 'label': int8 in .*part-00000.*, int64 in "):
+        open_manifest(str(disagreeing), OPTIONS)
     (folder / "notes.txt").write_text("not a part")
     with pytest.raises(ManifestError, match="not readable Parquet"):
         validate_manifest(open_manifest(str(folder), OPTIONS))

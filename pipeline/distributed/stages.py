@@ -59,10 +59,9 @@ class FetchImages:
         self.max_image_pixels = max_image_pixels
         self.storage_options = storage_options
 
-    def _read(self, uri: str) -> bytes | StorageError:
-        """The bytes of the manifest's `uri`, or the error that names `uri` as the manifest has it,
-        and where a relative one led; StorageUnavailable is raised (the job fails)."""
-        location = resolve_uri(uri, self.manifest_dir)
+    def _read(self, uri: str, location: str) -> bytes | StorageError:
+        """The bytes at `location`, where the manifest's `uri` led, or the error that names both;
+        StorageUnavailable is raised (the job fails)."""
         try:
             return read_bytes(location, self.storage_options,
                               max_bytes=BYTES_PER_PIXEL_LIMIT * self.max_image_pixels + (1 << 20))
@@ -78,10 +77,12 @@ class FetchImages:
         request, not the CPU, set the pace (64 reads of 20 ms each are 1.3 s per batch). Local
         files are read one after another: threads would only add their own cost.
         """
-        remote = [uri for uri in uris if not is_local(resolve_uri(uri, self.manifest_dir))]
+        locations = {uri: resolve_uri(uri, self.manifest_dir) for uri in uris}
+        remote = [uri for uri in uris if not is_local(locations[uri])]
         with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, len(remote)))) as pool:
-            read = dict(zip(remote, pool.map(self._read, remote)))  # StorageUnavailable: the endpoint is down
-        contents = {uri: read[uri] if uri in read else self._read(uri) for uri in uris}
+            # raises StorageUnavailable when the endpoint is down
+            read = dict(zip(remote, pool.map(lambda uri: self._read(uri, locations[uri]), remote)))
+        contents = {uri: read[uri] if uri in read else self._read(uri, locations[uri]) for uri in uris}
         pictures: dict[str, Pictures] = {}
         errors: dict[str, str] = {}
         for uri, data in contents.items():
