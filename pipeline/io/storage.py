@@ -175,9 +175,15 @@ def remove_tree(uri: str, options: StorageOptions | None = None) -> None:
         with _storage_errors(uri):
             fs.invalidate_cache()
             if fs.exists(path):
-                fs.rm(path, recursive=True)
+                # object stores expand a path as a glob: a[1]/x would delete a1/x, and miss a[1]/x
+                fs.rm(path if is_local(uri) else _literal(path), recursive=True)
 
     _retrying(remove)
+
+
+def _literal(path: str) -> str:
+    """A glob pattern that matches `path` only: its [, ], * and ? escaped."""
+    return re.sub(r"([\[\]*?])", r"[\1]", path)
 
 
 def glob(pattern: str, options: StorageOptions | None = None, *, under: str) -> list[str]:
@@ -190,7 +196,7 @@ def glob(pattern: str, options: StorageOptions | None = None, *, under: str) -> 
         raise ValueError(f"pattern {pattern!r} does not start with {under!r}")
     fs, path = filesystem(pattern, options)
     literal_length = len(filesystem(under, options)[1])  # the folder's part of the path, as fsspec has it
-    path = re.sub(r"([\[\]*?])", r"[\1]", path[:literal_length]) + path[literal_length:]
+    path = _literal(path[:literal_length]) + path[literal_length:]
     scheme = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
 
     def find() -> list[str]:
@@ -208,7 +214,11 @@ def move(source: str, destination: str, options: StorageOptions | None = None) -
 
     def mv() -> None:
         with _storage_errors(source):
-            fs.mv(source_path, destination_path)
+            if is_local(source):
+                fs.mv(source_path, destination_path)  # a rename
+            else:  # fsspec's mv expands the source as a glob: an output root named a[1] would not be found
+                fs.cp_file(source_path, destination_path)
+                fs.rm_file(source_path)
 
     _retrying(mv)
 

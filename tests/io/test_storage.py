@@ -12,9 +12,12 @@ from pipeline.io.storage import (
     StorageUnavailable,
     exists,
     filesystem,
+    glob,
     join_uri,
+    move,
     read_bytes,
     redact_uri,
+    remove_tree,
     resolve_uri,
     write_bytes,
 )
@@ -42,6 +45,23 @@ def test_write_read_exists(root, rng: np.random.Generator) -> None:
 
     assert exists(uri, options)
     assert read_bytes(uri, options) == data
+
+
+def test_a_folder_named_like_a_glob_pattern_is_that_folder_only(root, rng: np.random.Generator) -> None:
+    """An output root named `a[1]*?`: moving, listing and removing under it must not reach a
+    sibling that the name matches as a pattern (`a1x_`), and must find its own files (object
+    stores expand paths as globs: a[1]/x deleted a1/x)."""
+    base, options = root
+    named, sibling = join_uri(base, "a[1]*?"), join_uri(base, "a1x_")
+    for folder in (named, sibling):
+        for name in ("x/one.bin", "x/two.bin"):
+            write_bytes(join_uri(folder, name), rng.bytes(16), options)
+    move(join_uri(named, "x", "one.bin"), join_uri(named, "y", "one.bin"), options)
+    assert glob(join_uri(named, "*", "*.bin"), options, under=named) == [
+        join_uri(named, "x", "two.bin"), join_uri(named, "y", "one.bin")]
+    remove_tree(join_uri(named, "x"), options)
+    assert not exists(join_uri(named, "x", "two.bin"), options) and exists(join_uri(named, "y", "one.bin"), options)
+    assert all(exists(join_uri(sibling, "x", name), options) for name in ("one.bin", "two.bin"))
 
 
 def test_overwrite_is_visible(root, rng: np.random.Generator) -> None:
