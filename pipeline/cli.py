@@ -34,6 +34,7 @@ from pipeline.config import (
     validated,
 )
 from pipeline.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, PipelineError, Terminated
+from pipeline.gates import GatesFailed
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.storage import StorageOptions, redact_uri
 from pipeline.models.spec import LayoutName, Metric, ModelSpec, Weighting
@@ -136,7 +137,11 @@ def audit_command(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     from pipeline.distributed.job import run_audit  # Ray loads only for the commands that need it
 
-    summary = run_audit(config)
+    try:
+        summary = run_audit(config)
+    except GatesFailed as failed:  # committed: what it wrote, then (on stderr) the gates it broke
+        print("\n".join(failed.summary))
+        raise
     print("\n".join(summary.lines()))
     return EXIT_OK
 

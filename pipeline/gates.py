@@ -10,14 +10,15 @@ Gates (each off while its threshold is null):
     max_false_match_rate     share of label-0 pairs with similarity >= false_match_similarity
     max_residual_share       median over pairs of mean(|residual|) / |similarity| (quality.py)
     max_similarity_drop      mean similarity of label-1 pairs: the baseline run minus this run.
-                             The baseline is the latest earlier successful run with the same
-                             metric, of the same manifest (`similarity_baseline: same_manifest`)
+                             The baseline is the latest run with the same metric that passed
+                             its gates and first ran before this run did, of the same manifest (`similarity_baseline: same_manifest`)
                              or of any (`previous_run`: a scheduled audit of a new manifest each
                              night); without one the gate is not measured (n/a, and it says why)
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -32,10 +33,15 @@ from pipeline.thresholds import FALSE_MATCH_SIMILARITY
 
 
 class GatesFailed(PipelineError):
-    """The run finished and committed, but broke at least one quality gate."""
+    """The run finished and committed, but broke at least one quality gate; `summary` holds the
+    lines a run prints when it finishes (its counts, results, overlays and record)."""
 
     exit_code = EXIT_GATES_FAILED
     prefix = "gates failed"
+
+    def __init__(self, message: str, summary: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.summary = tuple(summary)
 
 
 class Gates(BaseModel):

@@ -1,7 +1,8 @@
 """`sfam report`: a run's static HTML report, read from the result table and the run record.
 
-When an earlier run of the same manifest has succeeded, the report of a committed run has a
-section "Compared with RUN" (pipeline/comparison.py), placed before the gallery.
+When an earlier run of the same manifest has succeeded (of any manifest, with the same metric,
+where the run's `gates.similarity_baseline` is `previous_run`), the report of a committed run has
+a section "Compared with RUN" (pipeline/comparison.py), placed before the gallery.
 
 The report links each overlay relative to itself. When the overlays live on another
 filesystem than the report (a run on S3, a report written locally), they are copied next
@@ -24,7 +25,7 @@ from pipeline.io.tables import read_json
 from pipeline.layout import RunLayout, default_report, overlay_copies, run_record_uri, safe_name
 from pipeline.render import render_report
 from pipeline.render.comparison_html import comparison_section
-from pipeline.run_history import previous_successful_run
+from pipeline.run_history import first_started, previous_successful_run
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,11 @@ def _comparison(output: str, record: dict, options: StorageOptions, table: Table
 
     False matches are counted at the run's own false-match similarity (compare_runs' default)."""
     config = record["config"]
-    previous = previous_successful_run(output, record["run_id"], record["timings"]["started"], options,
-                                       manifest=config["manifest"], table=table)
+    # the run the similarity gate compares with: of the same manifest, or of any (a new manifest each night)
+    any_manifest = (config.get("gates") or {}).get("similarity_baseline") == "previous_run"
+    previous = previous_successful_run(output, record["run_id"], first_started(record), options, table=table,
+                                       manifest=None if any_manifest else config["manifest"],
+                                       metric=config.get("model", {}).get("metric") if any_manifest else None)
     if previous is None:
         return ""
     comparison = compare_runs(output, previous["run_id"], record["run_id"], options, table=table)

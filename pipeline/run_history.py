@@ -16,15 +16,24 @@ def _table_of(config: dict) -> tuple[str, str | None]:
     return fmt, table.get("identifier", TableConfig().identifier) if fmt == "iceberg" else None
 
 
+def first_started(record: dict) -> str:
+    """When the run first ran: the start of its first committed attempt (a re-run of an old night
+    keeps its place among the nights), else of this attempt; an ISO-8601 UTC string."""
+    timings = record.get("timings", {})
+    return timings.get("first_started") or timings.get("started", "")
+
+
 def previous_successful_run(output: str, run_id: str, started_before: str, options: StorageOptions,
                             manifest: str | None = None, metric: str | None = None,
-                            table: TableConfig | None = None) -> dict | None:
-    """The run record of the latest successful run that started before `started_before`, of
-    `manifest` and with `metric` where given, whose rows are in `table` (default: the Hive table).
+                            table: TableConfig | None = None, passed_gates: bool = False) -> dict | None:
+    """The run record of the latest successful run that first ran before `started_before`, of
+    `manifest` and with `metric` where given, whose rows are in `table` (default: the Hive table);
+    with `passed_gates`, not one that broke a quality gate.
 
     `run_id` itself is skipped (a re-run compares with another run, not with its own past).
     Manifests are compared as recorded (credentials redacted); times are ISO-8601 UTC strings.
     """
+    statuses = ("succeeded",) if passed_gates else ("succeeded", "gates_failed")
     wanted_table = _table_of({"table": (table or TableConfig()).model_dump()})
     candidates = []
     for uri in glob(run_record_uri(output, "*"), options, under=output):
@@ -35,12 +44,11 @@ def previous_successful_run(output: str, run_id: str, started_before: str, optio
         if not isinstance(record, dict):
             continue  # not a run record
         config = record.get("config", {})
-        started = record.get("timings", {}).get("started", "")
-        if (record.get("run_id") != run_id and record.get("status") in ("succeeded", "gates_failed")
+        if (record.get("run_id") != run_id and record.get("status") in statuses
                 and manifest in (None, config.get("manifest")) and metric in (None, config.get("model", {}).get("metric"))
-                and _table_of(config) == wanted_table and started < started_before):
+                and _table_of(config) == wanted_table and first_started(record) < started_before):
             candidates.append(record)
     # latest first; a record written just before a kill, without the _SUCCESS that commits it, has no rows to read
     store = ResultsStore(output, options)
-    return next((record for record in sorted(candidates, key=lambda r: r["timings"]["started"], reverse=True)
+    return next((record for record in sorted(candidates, key=first_started, reverse=True)
                  if store.is_committed(record["run_id"], record.get("attempt"))), None)

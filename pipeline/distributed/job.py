@@ -44,7 +44,7 @@ from pipeline.models.explainer import build_explainer
 from pipeline.models.loading import random_weights_warning
 from pipeline.models.spec import ModelSpec
 from pipeline.quality import residual_warning
-from pipeline.run_history import previous_successful_run
+from pipeline.run_history import first_started, previous_successful_run
 from pipeline.schema import SIDES
 
 log = logging.getLogger("sfam.audit")
@@ -361,6 +361,17 @@ class RunRecorder:
             "previous_attempt": plan.previous_attempt,
             "timings": {"started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat()},
         }
+        self.base["timings"]["first_started"] = self._first_started()
+
+    def _first_started(self) -> str:
+        """The committed run's first start, which a re-run keeps (run_history.first_started); this
+        attempt's start when nothing is committed, or its record cannot be read."""
+        if self.plan.previous_attempt is None:
+            return self.base["timings"]["started"]
+        try:
+            return first_started(read_json(self.plan.layout.run_record, self.config.storage_options))
+        except StorageError:
+            return self.base["timings"]["started"]
 
     def record(self, status: str, summary: RunSummary | None = None, reason: str | None = None) -> dict:
         record = {**self.base, "status": status, "reason": None if reason is None else redact_uri(reason)}
@@ -460,7 +471,7 @@ def _finish(config: JobConfig, plan: Plan, store: ResultsStore, recorder: RunRec
     if reason is not None:
         recorder.failed(reason, summary)
         raise AuditFailed(reason)
-    gates = _evaluate_gates(config, store, staged, recorder.base["timings"]["started"])
+    gates = _evaluate_gates(config, store, staged, recorder.base["timings"]["first_started"])
     failed_gates = [g for g in gates if not g.passed]
     for gate in gates:
         (log.warning if not gate.passed or gate.value is None else log.info)("%s", gate.line())
@@ -470,11 +481,12 @@ def _finish(config: JobConfig, plan: Plan, store: ResultsStore, recorder: RunRec
     write_json(plan.layout.attempt_record, success, config.storage_options)
     store.commit(plan.layout, success, asdict(summary), plan.previous_attempt)
     if failed_gates:
-        raise GatesFailed("; ".join(g.line() for g in failed_gates))
+        raise GatesFailed("; ".join(g.line() for g in failed_gates), summary.lines())
 
 
 def _evaluate_gates(config: JobConfig, store: ResultsStore, staged: pa.Table, started: str) -> list[GateResult]:
-    """The config's gates on the attempt's staged rows (_staged_columns); the similarity drop against the baseline run."""
+    """The config's gates on the attempt's staged rows (_staged_columns); the similarity drop against
+    the baseline run, the latest that passed its gates before this run first ran (`started`)."""
     if not config.gates.enabled:
         return []
     baseline = None if config.gates.max_similarity_drop is None else _baseline(config, store, started)
@@ -485,8 +497,10 @@ def _baseline(config: JobConfig, store: ResultsStore, started: str) -> Baseline:
     """The run max_similarity_drop compares with (gates.similarity_baseline), always one with the same metric."""
     metric = config.model.metric
     same_manifest = config.gates.similarity_baseline == "same_manifest"
+    # a run that broke its gates is no baseline: a drop would alert once, then pass against itself
     previous = previous_successful_run(config.output, config.run_id, started, config.storage_options, metric=metric,
-                                       manifest=redact_uri(config.manifest) if same_manifest else None, table=config.table)
+                                       manifest=redact_uri(config.manifest) if same_manifest else None,
+                                       table=config.table, passed_gates=True)
     if previous is None:
         wanted = "of this manifest" if same_manifest else "under this output"
         return Baseline(None, None, f"no earlier successful run {wanted} with metric {metric} to compare with")

@@ -128,14 +128,22 @@ def _pairs(rows: Sequence[Row], columns: Sequence[Column], empty: str) -> str:
     return f"<table>{head}" + "".join("<tr>" + "".join(cell(row) for _, cell in columns) + "</tr>" for row in rows) + "</table>"
 
 
+def _no_map_moved(counts: Mapping[str, int]) -> str:
+    """Why the list of moved maps is empty: none moved, or none could be compared."""
+    incomparable = counts.get("with maps not comparable", 0)
+    if incomparable and incomparable >= counts.get("ok in both", 0):
+        return (f"no maps compared: the {incomparable:,} pairs ok in both runs have maps of other shapes "
+                "(map_shape differs: another model, layer or input size)")
+    return f"no map moved: every compared pair's maps correlate at or above {MOVED_BELOW:g}"
+
+
 def _lists(view: ComparisonView) -> str:
     threshold = escaped(f"{view.threshold:g}")
     false_match = (_PAIR_ID, *_SIMILARITIES)
     lists = (
         ("moved-maps", "Maps that moved most",
          f"correlation between the two runs' maps below {MOVED_BELOW:g}, lowest first (equal map shapes only)",
-         _pairs(view.moved, (_PAIR_ID, _LABEL, *_CORRELATIONS, *_SIMILARITIES),
-                f"no map moved: every pair's maps correlate at or above {MOVED_BELOW:g}, or none can be compared")),
+         _pairs(view.moved, (_PAIR_ID, _LABEL, *_CORRELATIONS, *_SIMILARITIES), _no_map_moved(view.counts))),
         ("new-false-matches", "New false matches",
          f"different-label pairs at or above similarity {threshold} in B but not in A, most similar first",
          _pairs(view.new_false_matches, false_match, "no new false matches")),

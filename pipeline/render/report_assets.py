@@ -18,6 +18,7 @@ table { border-collapse: collapse; background: #fff; margin: 8px 0; }
 th, td { border: 1px solid var(--line); padding: 4px 8px; text-align: left; vertical-align: top;
   overflow-wrap: anywhere; max-width: 640px; font-size: 14px; }
 table.kv th { font-weight: 500; color: var(--muted); white-space: nowrap; }
+table.gates tr.fail td { color: #b00020; font-weight: 600; }
 code { font-size: 13px; }
 svg.histogram { width: 100%; max-width: 900px; height: auto; background: #fff;
   border: 1px solid var(--line); border-radius: 8px; }

@@ -138,6 +138,21 @@ def _summary_table(summary: Mapping[str, Any]) -> str:
     return f'<table class="kv">{body}</table>'
 
 
+def _gates(summary: Mapping[str, Any]) -> str:
+    """The run's quality gates, one row each: what was measured, against what, the verdict."""
+    gates = [g for g in summary.get("gates") or [] if isinstance(g, Mapping)]
+    if not gates:
+        return ""
+    rows = "".join(
+        f'<tr class="{"pass" if g.get("passed") else "fail"}"><td>{escaped(g.get("name", "?"), 100)}</td>'
+        f'<td>{_fmt(finite_number(g.get("value")), ".4g", "n/a")}</td><td>{_fmt(finite_number(g.get("threshold")), ".4g")}</td>'
+        f'<td>{"passed" if g.get("passed") else "FAILED"}</td><td>{escaped(g.get("note") or "", 300)}</td></tr>'
+        for g in gates
+    )
+    return ('<section id="gates"><h2>Quality gates</h2><table class="gates"><tr><th>gate</th><th>value</th>'
+            f'<th>threshold</th><th>verdict</th><th>measured</th></tr>{rows}</table></section>')
+
+
 def _similarities(rows: Sequence[Row], label: int | None) -> list[float]:
     return [s for r in rows if _label(r) == label and (s := _similarity(r)) is not None]
 
@@ -275,7 +290,7 @@ def _warnings(summary: Mapping[str, Any]) -> str:
     if summary.get("status") == "gates_failed":
         broken = [g.get("name", "?") for g in summary.get("gates") or [] if not g.get("passed", True)]
         warnings.insert(0, f"This run broke its quality gate(s) {', '.join(broken) or '(not recorded)'}: its rows are "
-                           "committed, but the audit did not pass. The gates are in the run record below.")
+                           "committed, but the audit did not pass (Quality gates, below).")
     items = "".join(f"<li>{escaped(w, 2000)}</li>" for w in warnings)
     return f'<section id="warnings" class="warning"><h2>Warnings</h2><ul>{items}</ul></section>' if items else ""
 
@@ -302,7 +317,7 @@ def render_report(
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
         f'<title>SFAM audit {escaped(summary.get("run_id", ""), 120)}</title><style>{CSS}</style></head><body>'
         f'<header><h1>SFAM audit report</h1><p class="sub">{heading}</p></header>'
-        f'{_warnings(summary)}<section id="figures"><div class="tiles">{_figures(ok, errors, len(rows))}</div></section>'
+        f'{_warnings(summary)}{_gates(summary)}<section id="figures"><div class="tiles">{_figures(ok, errors, len(rows))}</div></section>'
         f'<section id="histogram"><h2>Similarity by label</h2>{_histogram(ok)}</section>'
         f'<section id="look-first"><h2>Look first</h2>{_look_first(ok, png_href, _false_match_similarity(summary))}</section>'
         f'{comparison}<section id="gallery"><h2>All pairs</h2>{_render_hint(summary, ok)}{_gallery(rows, png_href)}</section>'

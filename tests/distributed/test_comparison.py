@@ -25,6 +25,7 @@ from pipeline.cli import main
 from pipeline.comparison import compare_runs, comparison_dir, write_comparison
 from pipeline.distributed.job import run_audit
 from pipeline.io.storage import StorageOptions, join_uri
+from pipeline.render.comparison_html import render_comparison
 from pipeline.reporting import write_report
 from pipeline.thresholds import MOVED_BELOW
 
@@ -171,6 +172,9 @@ def test_other_pairs_and_map_shapes_are_counted_not_correlated(runs: Runs) -> No
     assert sum(comparison.summary["maps_not_comparable"].to_pylist()) == 5
     c_only = comparison.pairs.filter(pc.equal(comparison.pairs["pair_id"], "c-only")).to_pylist()[0]
     assert (c_only["status_a"], c_only["status_b"], c_only["similarity_change"]) == (None, "ok", None)
+    page = render_comparison(comparison.view())  # says why no map is listed, not that none moved
+    assert "no maps compared: the 5 pairs ok in both runs have maps of other shapes" in page
+    assert "no map moved" not in page
 
 
 def test_a_pair_id_that_names_other_images_is_counted_not_compared(runs: Runs) -> None:
@@ -214,6 +218,20 @@ def test_the_later_runs_report_compares_with_the_earlier_run(runs: Runs, tmp_pat
     assert "Compared with run-a" in later and later.index('id="comparison"') < later.index('id="gallery"')
     assert 'id="comparison"' not in pages["run-a"].read_text()  # no earlier run
     assert 'id="comparison"' not in pages["run-c"].read_text()  # another manifest
+
+
+def test_a_nightly_run_of_a_new_manifest_is_compared_as_its_gate_compares(runs: Runs, tmp_path: Path) -> None:
+    """similarity_baseline: previous_run (a new manifest each night): the report compares with the
+    previous run of any manifest, as the similarity gate does."""
+    output = tmp_path / "audits"
+    shutil.copytree(runs.output, output)
+    record_path = output / "runs" / "run-c" / "run.json"
+    record = json.loads(record_path.read_text())
+    record["config"]["gates"]["similarity_baseline"] = "previous_run"
+    record_path.write_text(json.dumps(record))
+    page = tmp_path / "run-c.html"
+    write_report(str(output), "run-c", OPTIONS, str(page))
+    assert "Compared with run-b" in page.read_text()
 
 
 def test_cli(runs: Runs, capsys: pytest.CaptureFixture[str]) -> None:

@@ -39,7 +39,9 @@ def test_gates_pass_then_fail_with_exit_3(local_ray, tmp_path, rng, capsys) -> N
     strict = ["--set", "run_id=week-2", "--set", "gates.false_match_similarity=-1.0",
               "--set", "gates.max_false_match_rate=0.0", "--set", "gates.max_similarity_drop=-1.0"]
     assert main(["audit", "--config", str(path), *strict]) == EXIT_GATES_FAILED
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("gates failed: gate max_false_match_rate")
+    printed = capsys.readouterr()
+    assert printed.err.strip().splitlines()[-1].startswith("gates failed: gate max_false_match_rate")
+    assert f"run week-2: {len(rows)} pairs, {len(rows)} ok, 0 error" in printed.out  # it committed: its summary too
     second = read_json(join_uri(config.output, "runs", "week-2", "run.json"), options)
     values = gate_values(second)
     assert second["status"] == "gates_failed"
@@ -61,13 +63,20 @@ def test_gates_pass_then_fail_with_exit_3(local_ray, tmp_path, rng, capsys) -> N
     # a scheduled audit of a new manifest each night: compared with the previous run, of the same metric only
     nightly = str(tmp_path / "2026-11-27.parquet")
     duckdb.sql(f"COPY (SELECT * FROM '{manifest}') TO '{nightly}'")
-    for run_id, metric, against in (("night-1", "cosine", "against run week-2"),
+    # week-2 broke its gates: no baseline, or a drop would alert once, then pass against itself
+    for run_id, metric, against in (("night-1", "cosine", "against run week-1"),
                                      ("night-2", "dot", "no earlier successful run under this output with metric dot to compare with")):
         main(["audit", "--config", str(path), "--set", f"run_id={run_id}", "--set", f"manifest={nightly}",
               "--set", f"model.metric={metric}", "--set", "gates.similarity_baseline=previous_run"])
         record = read_json(join_uri(config.output, "runs", run_id, "run.json"), options)
         drop = next(g for g in record["gates"] if g["name"] == "max_similarity_drop")
         assert drop["note"] == against and (drop["value"] is None) == (metric == "dot")
+
+    # a re-run of week-1 after the later runs keeps its place: nothing before it to compare with
+    assert main(["audit", "--config", str(path)]) == 0
+    rerun = read_json(join_uri(config.output, "runs", "week-1", "run.json"), options)
+    assert rerun["attempt"] != first["attempt"] and rerun["timings"]["first_started"] == first["timings"]["started"]
+    assert next(g for g in rerun["gates"] if g["name"] == "max_similarity_drop")["note"].startswith("no earlier")
 
 
 def test_gates_need_their_columns_before_any_work() -> None:

@@ -211,12 +211,18 @@ def test_a_failed_run_says_so_first() -> None:
 
 
 def test_a_run_that_broke_a_gate_says_so_first() -> None:
-    gates = [{"name": "min_same_label_pointing", "passed": False}, {"name": "max_false_match_rate", "passed": True}]
+    gates = [{"name": "min_same_label_pointing", "passed": False, "value": 0.5, "threshold": 0.8, "note": None},
+             {"name": "max_false_match_rate", "passed": True, "value": 0.01, "threshold": 0.05, "note": None},
+             {"name": "max_similarity_drop", "passed": True, "value": None, "threshold": 0.02,
+              "note": "no earlier successful run of this manifest with metric cosine to compare with"}]
     markup = render_report({**SUMMARY, "status": "gates_failed", "gates": gates, "warnings": ["a residual"]}, ROWS,
                            png_href=_href)
     warnings = markup.split('<section id="warnings"', 1)[1].split("</section>", 1)[0]
     assert warnings.index("broke its quality gate(s) min_same_label_pointing:") < warnings.index("a residual")
     assert "max_false_match_rate" not in warnings
+    table = markup.split('<section id="gates">', 1)[1].split("</section>", 1)[0]  # every gate, whole
+    assert '<tr class="fail"><td>min_same_label_pointing</td><td>0.5</td><td>0.8</td><td>FAILED</td>' in table
+    assert "<td>max_similarity_drop</td><td>n/a</td><td>0.02</td><td>passed</td><td>no earlier successful run" in table
 
 
 def test_the_render_command_names_the_config_where_the_output_root_is_not_enough() -> None:
