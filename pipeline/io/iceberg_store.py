@@ -127,20 +127,27 @@ class IcebergStore(ResultsStore):
         self.overwrite_run(self, layout)
 
     def read(self, run_id: str, columns: list[str] | None = None, pair_ids: list[str] | None = None) -> pa.Table:
+        """The rows of the attempt that `_SUCCESS` names, from the newest snapshot that holds them: an
+        attempt stopped between its snapshot and its `_SUCCESS` has replaced them in the current one."""
         from pyiceberg.expressions import And, EqualTo, In
 
+        where_run = join_uri(self.output, "runs", run_id)
+        attempt = self.committed_attempt(run_id)
+        if attempt is None:
+            raise StorageError(where_run, "no committed rows: the run has not succeeded")
         table = self._table()
-        where: Any = EqualTo("run_id", run_id)
-        if pair_ids is not None:
-            where = And(where, In("pair_id", pair_ids))
-        names = set(table.schema().column_names)
-        present = ("*",) if columns is None else tuple(c for c in columns if c in names)
-        rows = table.scan(row_filter=where, selected_fields=present).to_arrow()
-        if rows.num_rows == 0 and pair_ids is None:  # a committed run has rows: they are elsewhere
+        committed: Any = And(EqualTo("run_id", run_id), EqualTo("attempt", attempt))
+        snapshot = next((s for s in sorted(table.snapshots(), key=lambda s: s.timestamp_ms, reverse=True)
+                         if table.scan(row_filter=committed, selected_fields=("attempt",), snapshot_id=s.snapshot_id,
+                                       limit=1).to_arrow().num_rows), None)
+        if snapshot is None:  # a committed run has rows: they are elsewhere
             kept = ("the run's record says table.format: hive: read it without the config's table section"
-                    if self._table_format(run_id) != "iceberg" else "no committed attempt wrote them")
-            raise StorageError(join_uri(self.output, "runs", run_id), f"no rows in the Iceberg table {self.identifier}; {kept}")
-        return rows
+                    if self._table_format(run_id) != "iceberg" else f"its committed attempt {attempt} wrote none")
+            raise StorageError(where_run, f"no rows in the Iceberg table {self.identifier}; {kept}")
+        names = set(table.schemas().get(snapshot.schema_id, table.schema()).column_names)
+        present = ("*",) if columns is None else tuple(c for c in columns if c in names)
+        where = committed if pair_ids is None else And(committed, In("pair_id", pair_ids))
+        return table.scan(row_filter=where, selected_fields=present, snapshot_id=snapshot.snapshot_id).to_arrow()
 
     def _table(self) -> Any:
         from pyiceberg.exceptions import NoSuchTableError

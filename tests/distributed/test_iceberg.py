@@ -95,6 +95,13 @@ def test_iceberg_runs_reruns_and_a_reader_that_never_sees_a_mix(local_ray, s3_bu
     write_report(first.output, "nightly-1", options, str(page), first.table)  # the report reads the Iceberg table
     assert page.read_text().count('class="card') >= len(rows)
 
+    # an attempt stopped after its snapshot, before its _SUCCESS: the run is still the committed attempt's,
+    # read from the snapshot that holds it
+    write_json(join_uri(first.output, "runs", "nightly-1", "_SUCCESS"), {"attempt": old_attempt}, options)
+    kept = store.read(run_id="nightly-1", columns=["pair_id", "attempt", "reviewer"])
+    assert kept.num_rows == len(rows) and set(kept.column("attempt").to_pylist()) == {old_attempt}
+    assert "reviewer" not in kept.column_names  # the columns of its own snapshot
+
 
 def test_catalog_defaults_and_refusals() -> None:
     local = catalog_properties(TableConfig(format="iceberg"), "/data/audits", StorageOptions())
