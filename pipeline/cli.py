@@ -31,6 +31,7 @@ from pipeline.config import (
     load_config,
     load_yaml,
     one_line,
+    parse_override,
     validated,
 )
 from pipeline.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, PipelineError, Terminated
@@ -166,9 +167,16 @@ class _Audit:
     table: TableConfig | None
 
 
+FINISHED_RUN_SETTINGS = ("output", "storage_options", "table")  # what a command on a finished run reads of a config
+
+
 def _audit(args: argparse.Namespace) -> _Audit:
     """From --config, or from OUTPUT and --endpoint-url (a Hive table)."""
     _refuse_ignored(args)
+    for override in args.overrides:  # the rest was fixed when the run ran: changing it would change nothing
+        if parse_override(override)[0][0] not in FINISHED_RUN_SETTINGS:
+            raise ConfigError(f"--set {override!r}: sfam {args.command} reads a finished run as it was written; "
+                              f"only {', '.join(FINISHED_RUN_SETTINGS)} can be set here")
     if args.config:
         config = load_config(args.config, args.overrides)
         return _Audit(args.output_root or config.output, config.storage_options, config.table)
