@@ -82,11 +82,12 @@ def _comparison(output: str, record: dict, options: StorageOptions, table: Table
 
     False matches are counted at the run's own false-match similarity (compare_runs' default)."""
     config = record["config"]
-    # the run the similarity gate compares with: of the same manifest, or of any (a new manifest each night)
+    # the run the similarity gate compares with: the latest that passed its gates, with the same metric, of
+    # the same manifest or of any (a new manifest each night)
     any_manifest = (config.get("gates") or {}).get("similarity_baseline") == "previous_run"
     previous = previous_successful_run(output, record["run_id"], first_started(record), options, table=table,
                                        manifest=None if any_manifest else config["manifest"],
-                                       metric=config.get("model", {}).get("metric") if any_manifest else None)
+                                       metric=config.get("model", {}).get("metric"), passed_gates=True)
     if previous is None:
         return ""
     comparison = compare_runs(output, previous["run_id"], record["run_id"], options, table=table)

@@ -19,8 +19,8 @@ def _table_of(config: dict) -> tuple[str, str | None]:
 def first_started(record: dict) -> str:
     """When the run first ran: the start of its first committed attempt (a re-run of an old night
     keeps its place among the nights), else of this attempt; an ISO-8601 UTC string."""
-    timings = record.get("timings", {})
-    return timings.get("first_started") or timings.get("started", "")
+    timings = record.get("timings") or {}
+    return timings.get("first_started") or timings.get("started") or ""
 
 
 def previous_successful_run(output: str, run_id: str, started_before: str, options: StorageOptions,

@@ -11,9 +11,12 @@ as everywhere, from the environment.
 Rows are staged as Parquet under the attempt's folder like the Hive table's; the commit
 (the job's Ray Data write, pipeline/distributed/iceberg_commit.py) writes them into the
 table with an overwrite of `run_id = ID`: one snapshot deletes the run's old rows and adds
-the new ones, so a reader sees the old run or the new one, never a mix, and a failed or
-killed re-run changes nothing. New columns evolve the table's schema. Iceberg has no
-half-precision floats: the maps are stored as list<float32>.
+the new ones, so a reader sees the old run or the new one, never a mix. `_SUCCESS` is
+written after that snapshot: an attempt killed between the two has replaced the run's rows
+in the current snapshot without committing. `read` therefore reads the attempt `_SUCCESS`
+names, from the newest snapshot that holds it; readers outside this project keep the rows
+whose `attempt` is the one `_SUCCESS` names (docs/cluster.md). New columns evolve the
+table's schema. Iceberg has no half-precision floats: the maps are stored as list<float32>.
 """
 
 from __future__ import annotations
@@ -135,15 +138,17 @@ class IcebergStore(ResultsStore):
         attempt = self.committed_attempt(run_id)
         if attempt is None:
             raise StorageError(where_run, "no committed rows: the run has not succeeded")
+        if self._table_format(run_id) == "hive":  # before looking through every snapshot for it
+            raise StorageError(where_run, f"no rows in the Iceberg table {self.identifier}; the run's record says "
+                               "table.format: hive: read it without the config's table section")
         table = self._table()
         committed: Any = And(EqualTo("run_id", run_id), EqualTo("attempt", attempt))
         snapshot = next((s for s in sorted(table.snapshots(), key=lambda s: s.timestamp_ms, reverse=True)
                          if table.scan(row_filter=committed, selected_fields=("attempt",), snapshot_id=s.snapshot_id,
                                        limit=1).to_arrow().num_rows), None)
-        if snapshot is None:  # a committed run has rows: they are elsewhere
-            kept = ("the run's record says table.format: hive: read it without the config's table section"
-                    if self._table_format(run_id) != "iceberg" else f"its committed attempt {attempt} wrote none")
-            raise StorageError(where_run, f"no rows in the Iceberg table {self.identifier}; {kept}")
+        if snapshot is None:  # a committed run has rows: in snapshots since expired, or another table
+            raise StorageError(where_run, f"no rows of its committed attempt {attempt} in any snapshot of the Iceberg "
+                               f"table {self.identifier} (expired, or another table)")
         names = set(table.schemas().get(snapshot.schema_id, table.schema()).column_names)
         present = ("*",) if columns is None else tuple(c for c in columns if c in names)
         where = committed if pair_ids is None else And(committed, In("pair_id", pair_ids))

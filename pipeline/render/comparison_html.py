@@ -131,7 +131,9 @@ def _pairs(rows: Sequence[Row], columns: Sequence[Column], empty: str) -> str:
 def _no_map_moved(counts: Mapping[str, int]) -> str:
     """Why the list of moved maps is empty: none moved, or none could be compared."""
     incomparable = counts.get("with maps not comparable", 0)
-    if incomparable and incomparable >= counts.get("ok in both", 0):
+    if not counts.get("ok in both", 0):
+        return "no maps compared: no pair is ok in both runs on the same images"
+    if incomparable >= counts["ok in both"]:
         return (f"no maps compared: the {incomparable:,} pairs ok in both runs have maps of other shapes "
                 "(map_shape differs: another model, layer or input size)")
     return f"no map moved: every compared pair's maps correlate at or above {MOVED_BELOW:g}"

@@ -232,6 +232,19 @@ def test_a_nightly_run_of_a_new_manifest_is_compared_as_its_gate_compares(runs: 
     page = tmp_path / "run-c.html"
     write_report(str(output), "run-c", OPTIONS, str(page))
     assert "Compared with run-b" in page.read_text()
+    # a run that broke its gates is not the gate's baseline, nor the report's
+    broken_path = output / "runs" / "run-b" / "run.json"
+    broken_path.write_text(json.dumps({**json.loads(broken_path.read_text()), "status": "gates_failed"}))
+    write_report(str(output), "run-c", OPTIONS, str(page))
+    assert "Compared with run-a" in page.read_text()
+
+
+def test_the_page_says_why_no_map_is_listed() -> None:
+    from pipeline.render.comparison_html import _no_map_moved
+
+    assert _no_map_moved({"ok in both": 0, "with maps not comparable": 0}).startswith("no maps compared: no pair is ok")
+    assert _no_map_moved({"ok in both": 5, "with maps not comparable": 5}).startswith("no maps compared: the 5 pairs")
+    assert _no_map_moved({"ok in both": 5, "with maps not comparable": 2}).startswith("no map moved")
 
 
 def test_cli(runs: Runs, capsys: pytest.CaptureFixture[str]) -> None:
