@@ -1,8 +1,9 @@
 """`sfam report`: a run's static HTML report, read from the result table and the run record.
 
-When an earlier run of the same manifest has succeeded (of any manifest, with the same metric,
-where the run's `gates.similarity_baseline` is `previous_run`), the report of a committed run has
-a section "Compared with RUN" (pipeline/comparison.py), placed before the gallery.
+The report of a committed run has a section "Compared with RUN" (pipeline/comparison.py), placed
+before the gallery, when its similarity gate has a baseline run: an earlier run with the same
+metric that passed its gates, of the same manifest (of any, where the run's
+`gates.similarity_baseline` is `previous_run`).
 
 The report links each overlay relative to itself. When the overlays live on another
 filesystem than the report (a run on S3, a report written locally), they are copied next
