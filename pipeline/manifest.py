@@ -48,11 +48,10 @@ def open_manifest(uri: str, options: StorageOptions) -> pds.Dataset:
     fs, path = arrow_filesystem(uri, options)
     try:
         found = pds.dataset(path, filesystem=fs, format="parquet")  # a folder: its files, _ and . skipped
-        files = sorted(name for name in found.files if not name.endswith(FOLDER_MARKER))
+        files = sorted((f for f in found.get_fragments() if not f.path.endswith(FOLDER_MARKER)), key=lambda f: f.path)
         if folder and not files:
             raise ManifestError(f"manifest folder {uri} holds no files (names starting with _ or . are skipped)")
-        fragments = [f for f in pds.dataset(files, filesystem=fs, format="parquet").get_fragments()
-                     if f.metadata.num_rows > 0]
+        fragments = [f for f in files if f.metadata.num_rows > 0]
         schema = _one_schema(fragments)
         return pds.dataset([f.path for f in fragments], schema=schema, filesystem=fs, format="parquet")
     except (pa.ArrowException, OSError) as error:

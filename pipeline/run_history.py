@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from pipeline.io.iceberg_store import TableConfig
-from pipeline.io.results_store import ResultsStore
+from pipeline.io.results_store import ResultsStore, recorded_table_format
 from pipeline.io.storage import StorageError, StorageOptions, glob
 from pipeline.io.tables import read_json
 from pipeline.layout import run_record_uri
 
 
 def _table_of(config: dict) -> tuple[str, str | None]:
-    """(format, Iceberg identifier) of a recorded config's `table` section; Hive by default."""
-    table = config.get("table") or {}
-    fmt = table.get("format", "hive")
-    return fmt, table.get("identifier", TableConfig().identifier) if fmt == "iceberg" else None
+    """(format, Iceberg identifier) of a recorded config's `table` section."""
+    fmt = recorded_table_format(config)
+    return fmt, (config.get("table") or {}).get("identifier", TableConfig().identifier) if fmt == "iceberg" else None
 
 
 def first_started(record: dict) -> str:

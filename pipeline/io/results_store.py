@@ -154,10 +154,9 @@ class ResultsStore:
     def _table_format(self, run_id: str) -> str | None:
         """The table format the run's record names, or None where it cannot be read."""
         try:
-            record = read_json(run_record_uri(self.output, run_id), self.options)
+            return recorded_table_format(read_json(run_record_uri(self.output, run_id), self.options).get("config", {}))
         except StorageError:
             return None
-        return (record.get("config", {}).get("table") or {}).get("format")
 
 
 class HiveParquetStore(ResultsStore):
@@ -211,6 +210,12 @@ class HiveParquetStore(ResultsStore):
         where = None if pair_ids is None else pds.field("pair_id").isin(pair_ids)
         with _damaged_files_named(join_uri(self.output, "runs", run_id)):
             return dataset.to_table(columns=present, filter=where)
+
+
+def recorded_table_format(config: dict) -> str:
+    """The table format a run's recorded config names: hive, also for records from before the
+    config had a `table` section."""
+    return (config.get("table") or {}).get("format", "hive")
 
 
 @contextmanager
