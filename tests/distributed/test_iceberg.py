@@ -76,8 +76,11 @@ def test_iceberg_runs_reruns_and_a_reader_that_never_sees_a_mix(local_ray, s3_bu
     thread.start()
     try:
         run_audit(first)
+        committed_at = len(seen)
+        deadline = time.monotonic() + 60
+        while len(seen) < committed_at + 3 and time.monotonic() < deadline:  # queries begun after the commit
+            time.sleep(0.05)
     finally:
-        time.sleep(0.5)  # a few queries after the commit
         stop.set()
         thread.join(timeout=60)
     new_attempt = read_json(join_uri(first.output, "runs", "nightly-1", "_SUCCESS"), options)["attempt"]
