@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import UserError, did_you_mean
 from pipeline.gates import Gates
@@ -61,6 +61,7 @@ class JobConfig(BaseModel):
     rows_per_file: int = Field(256, ge=1, le=10_000_000)  # result rows per Parquet file, at least
     num_actors: int | None = Field(None, ge=1)  # None: the cluster's GPUs / gpus_per_actor at the start, else 2
     gpus_per_actor: float | None = Field(None, ge=0)
+    actor_memory: ByteSize | None = Field(None, gt=0)  # memory Ray reserves per replica ("6GiB"); None: none
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1)
     max_error_fraction: float = Field(0.01, ge=0, le=1)
     render_png: RenderPolicy = "flagged"

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.fs
 import ray
 import torch
+from pydantic import ByteSize
 from ray.data import ActorPoolStrategy
 from ray.data.datasource import FilenameProvider
 
@@ -147,6 +148,22 @@ def _num_actors(config: JobConfig, gpus: float) -> int:
     return actors
 
 
+def _check_actor_memory(config: JobConfig) -> None:
+    """Refuses replicas whose reserved memory (actor_memory) a local Ray cannot hold all at once,
+    where they would wait forever; on a cluster, warns that they wait for nodes."""
+    if config.actor_memory is None:
+        return
+    asked = config.num_actors * config.actor_memory
+    available = ray.cluster_resources().get("memory", 0)
+    if asked <= available:
+        return
+    text = (f"num_actors x actor_memory = {config.num_actors} x {config.actor_memory.human_readable()}, but Ray has "
+            f"{ByteSize(int(available)).human_readable()} of memory for tasks and actors")
+    if started_here():
+        raise UserError(f"{text} on this machine: lower actor_memory or num_actors, or leave actor_memory out")
+    log.warning("%s now: the actors beyond that wait for nodes an autoscaler may add", text)
+
+
 def _cpus_per_actor(config: JobConfig, gpus: float) -> float:
     """One CPU per GPU actor; CPU actors share what the manifest reader and the write tasks leave,
     so that no stage waits for a CPU: a write task that waits holds every result back."""
@@ -227,6 +244,8 @@ def build_dataset(config: JobConfig, layout: RunLayout, gpus: float, manifest: M
     render = {"layout": layout, "policy": config.render_png, "rules": config.render_flags, "storage_options": options}
     batches = {"batch_size": config.batch_size, "batch_format": "pyarrow"}
     actors = {"compute": ActorPoolStrategy(size=config.num_actors), "num_gpus": gpus, "num_cpus": cpus}
+    if config.actor_memory is not None:
+        actors["memory"] = int(config.actor_memory)
     if gpus:  # the GPU actors only explain; decoding and rendering run in CPU tasks beside them
         log.info("explaining with %d actor(s), %g GPU and %g CPU each", config.num_actors, gpus, cpus)
         dataset = dataset.map_batches(FetchImages(**fetch), num_cpus=1, **batches)
@@ -428,6 +447,7 @@ def run_audit(config: JobConfig) -> RunSummary:
         connect()
         gpus = _gpus_per_actor(config)
         config = config.model_copy(update={"num_actors": _num_actors(config, gpus)})
+        _check_actor_memory(config)
         _stage(build_dataset(config, layout, gpus, plan.manifest), config, layout, store, plan.manifest.num_rows)
         staged = store.read_staged(layout, _staged_columns(config, plan))
         summary = summarise(staged, layout, config, started, checked, gpus)

@@ -4,6 +4,8 @@ how many actors it starts for the GPUs a cluster has."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import pyarrow as pa
 import pytest
@@ -14,17 +16,19 @@ from pipeline.distributed.job import (
     READER_CPUS,
     WRITE_CPUS,
     _boxes_outside_warning,
+    _check_actor_memory,
     _cpus_per_actor,
     _empty_maps_warning,
     _num_actors,
     build_dataset,
+    run_audit,
 )
 from pipeline.errors import UserError
 from pipeline.io.storage import StorageOptions, join_uri
 from pipeline.layout import RunLayout
 from pipeline.manifest import open_manifest, validate_manifest
 
-from audit_data import job_config, write_audit
+from audit_data import job_config, write_audit, write_weights
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -98,3 +102,47 @@ def test_gpus_a_local_ray_cannot_have_are_refused(local_ray, monkeypatch, cluste
     config = job_config("/tmp/x", StorageOptions(), "/tmp/x/pairs.parquet", "plan", gpus_per_actor=gpus_per_actor)
     with pytest.raises(UserError, match=f"gpus_per_actor={gpus_per_actor:g}, but this machine has {cluster_gpus} GPU"):
         _num_actors(config, gpus_per_actor)
+
+
+def test_actor_memory_is_reserved_for_each_replica(local_ray, tmp_path, rng) -> None:
+    """What Ray Data's high-memory warning asks for (`memory=`): each replica holds actor_memory of
+    Ray's memory resource while it runs."""
+    root, options = str(tmp_path), StorageOptions()
+    write_weights(join_uri(root, "models", "model.pt"), options)
+    manifest, rows = write_audit(root, options, rng, queries=2, top_k=8)
+    total = ray.cluster_resources()["memory"]
+    free: list[float] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            free.append(ray.available_resources().get("memory", total))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        summary = run_audit(job_config(root, options, manifest, "memory", num_actors=2, actor_memory="300MiB"))
+    finally:
+        stop.set()
+        watcher.join(timeout=30)
+    assert summary.ok == len(rows)
+    assert total - min(free) == pytest.approx(2 * 300 * 2**20, rel=1e-6)
+
+
+def test_actor_memory_a_local_ray_cannot_hold_is_refused(local_ray, monkeypatch, caplog) -> None:
+    """Replicas beyond the memory of the Ray the job started would wait forever: one line naming
+    actor_memory. A cluster's autoscaler may add nodes: a warning."""
+    from pipeline.distributed import job
+
+    memory = ray.cluster_resources()["memory"]
+    config = job_config("/tmp/x", StorageOptions(), "/tmp/x/pairs.parquet", "plan", num_actors=2,
+                        actor_memory=int(memory // 2) + 1)
+    with pytest.raises(UserError, match=r"^num_actors x actor_memory = 2 x [0-9.]+GiB, but Ray has [0-9.]+GiB of "
+                                        r"memory for tasks and actors on this machine: lower actor_memory"):
+        _check_actor_memory(config)
+    _check_actor_memory(config.model_copy(update={"num_actors": 1}))  # fits
+    monkeypatch.setattr(job, "started_here", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="sfam.audit"):
+        _check_actor_memory(config)
+    assert "wait for nodes an autoscaler may add" in caplog.text
