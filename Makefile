@@ -26,7 +26,7 @@ browser:
 		echo "Chromium not installed: the report's browser tests will skip"
 
 test: lint browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 demo: $(INSTALLED)
 	$(BIN)/sfam demo --output demo-output

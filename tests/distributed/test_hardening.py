@@ -55,7 +55,7 @@ def test_explain_actor_killed_mid_run(local_ray, tmp_path, rng) -> None:
     killed: list[tuple[int, float]] = []
 
     def kill_first_actor() -> None:
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # a loaded machine starts actors slowly
         while time.time() < deadline and not killed:
             pids = explain_actor_pids()
             seen.update(pids)

@@ -78,7 +78,7 @@ def test_iceberg_runs_reruns_and_a_reader_that_never_sees_a_mix(local_ray, s3_bu
         run_audit(first)
         committed_at = len(seen)
         deadline = time.monotonic() + 60
-        while len(seen) < committed_at + 3 and time.monotonic() < deadline:  # queries begun after the commit
+        while (len(seen) < committed_at + 3 or len(seen) < 10) and time.monotonic() < deadline:  # and after the commit
             time.sleep(0.05)
     finally:
         stop.set()
