@@ -9,6 +9,7 @@ run that broke a quality gate with `gates failed: <which, by how much>` and exit
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import logging
 import math
@@ -17,9 +18,13 @@ import select
 import signal
 import sys
 import threading
+import time
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import get_args
+from functools import partial
+from typing import Any, get_args
 
 import yaml
 
@@ -41,6 +46,7 @@ from pipeline.io.storage import StorageOptions, redact_uri
 from pipeline.models.spec import LayoutName, Metric, ModelSpec, Weighting
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # the command stops, an audit's attempt is recorded as failed
+REDELIVERY_SECONDS = 0.05  # after a stop lost in a finalizer: long enough for the finalizer to return
 
 
 def _model_spec(text: str) -> ModelSpec:
@@ -290,8 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     """Runs one command; returns its exit status (errors.py says which status means what)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    handlers = {number: signal.signal(number, _stop) for number in STOP_SIGNALS} if in_main_thread else {}
+    with stop_signals():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         status = args.handler(args)
         sys.stdout.flush()  # here, not at exit: a reader that has gone (`| head`) is seen below
@@ -315,9 +324,6 @@ def main(argv: list[str] | None = None) -> int:
         # whoever read the output stopped early (`| head`): quietly, as a SIGPIPE would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return EXIT_BROKEN_PIPE
-    finally:
-        for number, handler in handlers.items():
-            signal.signal(number, signal.SIG_DFL if handler is None else handler)
 
 
 def _stdout_gone() -> bool:
@@ -330,12 +336,47 @@ def _stdout_gone() -> bool:
         return False
 
 
+@contextmanager
+def stop_signals() -> Iterator[None]:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt and Terminated in the main thread while the block
+    runs (elsewhere Python's own handling stays)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handlers = {number: signal.signal(number, _stop) for number in STOP_SIGNALS}
+    unraisable_hook, sys.unraisablehook = sys.unraisablehook, partial(_redeliver_a_lost_stop, sys.unraisablehook)
+    try:
+        yield
+    finally:
+        sys.unraisablehook = unraisable_hook
+        for number, handler in handlers.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+
 def _stop(signum: int, frame: object) -> None:
     """Ctrl-C or SIGTERM: stops the command; a second one is ignored, so that it cannot cut short
     the clean-up the first started (recording the attempt as failed, stopping Ray's processes)."""
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
     raise Terminated("stopped by SIGTERM") if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+def _redeliver_a_lost_stop(hook: Callable[[Any], None], unraisable: Any) -> None:
+    """A stop that _stop raised inside a finalizer (`__del__`, a weakref callback) is lost there:
+    Python prints "Exception ignored" and goes on, and the signals _stop ignores from then on
+    would never stop the command. It is delivered again, from another thread, once this hook and
+    the finalizer have returned (one that lands in a finalizer again comes back here)."""
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt) or threading.current_thread() is not threading.main_thread():
+        hook(unraisable)
+        return
+    signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+    threading.Thread(target=_interrupt_main_soon, args=(signum,), daemon=True).start()
+    signal.signal(signum, _stop)  # last: until now the signal is ignored, so it cannot land in this hook
+
+
+def _interrupt_main_soon(signum: int) -> None:
+    time.sleep(REDELIVERY_SECONDS)
+    _thread.interrupt_main(signum)
 
 
 def _shut_down_ray() -> None:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.cli import main
+from pipeline.cli import main, stop_signals
+from pipeline.errors import Terminated
 
 SFAM = [sys.executable, "-m", "pipeline.cli"]
 
@@ -110,3 +114,21 @@ def test_run_ids_that_are_paths_are_refused(argv: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as stopped:
         main(argv)
     assert stopped.value.code == 2 and "run_id may hold letters, digits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("signum", "raised"), [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
+def test_a_stop_signal_that_lands_in_a_finalizer_still_stops(signum: int, raised: type) -> None:
+    """A signal handled while a `__del__` runs raises there, where Python only prints "Exception
+    ignored"; with every later stop signal ignored, the command then ran to the end."""
+    class SignalledWhileFinalised:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signum)
+            sum(range(1000))  # Python runs the handler here, inside the finalizer
+
+    with pytest.raises(raised), stop_signals():
+        finalised = SignalledWhileFinalised()
+        del finalised
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the stop arrives again here
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after the block
