@@ -351,7 +351,7 @@ class SFAM:
                 chosen = rounds == index
                 seed = torch.zeros_like(u)
                 seed[slots[chosen]] = v[chosen]
-                (gradient,) = torch.autograd.grad(u, forward.output, seed, retain_graph=index < last)
+                gradient = self._gradient(u, forward.output, seed, retain_graph=index < last)
                 gradients[chosen] = gradient[slots[chosen]]
         features = forward.maps.detach()[slots]  # (2P, K, h, w)
         dsim = self._layout.to_maps(gradients).double()  # (2P, K, h, w): d(u . v)/dA
@@ -364,13 +364,26 @@ class SFAM:
         index = torch.arange(2 * pairs, device=features.device)
         return self._result(features, None if local is None else local[slots], index[:pairs], index[pairs:], *sides)
 
+    def _gradient(self, embeddings: torch.Tensor, output: torch.Tensor, seed: torch.Tensor, **options: bool) -> torch.Tensor:
+        """d(embeddings . seed)/d(output) through the linearised head; an output that reaches the
+        embeddings only through what the head holds is named."""
+        (gradient,) = torch.autograd.grad(embeddings, output, seed, allow_unused=True, **options)
+        if gradient is None:
+            raise ExplanationError(
+                f"target_layer={self.target_layer!r} reaches the embedding only through what is held while "
+                "attributing (attention queries and keys, normalisation statistics, gates), so nothing flows back to "
+                "its channels: name a layer whose features reach the embedding as values, e.g. the input of the "
+                "attention or pooling"
+            )
+        return gradient
+
     def _local_embeddings(self, forward: _Forward) -> torch.Tensor:
         """e(p) = h*w * sum_k A_kp du/dA_kp of each image, (N, h*w, D) float32: J A(:, p) when the head
         pools first. Differentiates twice: g(s) = (du/dA)^T s is linear in s, so the gradient of
         g . T with respect to s is (du/dA) T, one pass per location p with T = A masked to p."""
         maps = forward.maps.detach()  # (N, K, h, w)
         seed = torch.zeros_like(forward.embeddings, requires_grad=True)  # (N, D)
-        (transposed,) = torch.autograd.grad(forward.embeddings, forward.output, seed, create_graph=True)
+        transposed = self._gradient(forward.embeddings, forward.output, seed, create_graph=True)
         blank = torch.zeros_like(forward.output)
         masks = torch.eye(self._layout.grid, dtype=maps.dtype, device=maps.device).view(-1, 1, 1, *maps.shape[2:])
         local = [

@@ -11,6 +11,11 @@ patch grid (timm: `pos_drop`; torchvision: `encoder.dropout`), after the positio
 There the class token is still the model's constant, and the patch tokens carry the rest
 (residual share 0.13 on the demo ViT, and maps that localise better; docs/method.md). The
 patch embedding itself, before the class token joins, is never the default.
+
+Attention pooling (SigLIP's latent query, CLIP ResNet's AttentionPool2d) turns the grid into the
+embedding in its own head, whose projections are grids too (keys and values; a query of every
+token). The default is the grid that enters that head, the backbone's last features: the keys
+reach the embedding only through the attention weights, which are held while attributing.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from torch import nn
 from pipeline.explain.layers import ExplanationError
 from pipeline.explain.layout import FeatureLayout, detect_layout
 
+# class names of attention-pooling heads (lower case, in part): timm's AttentionPoolLatent and
+# AttentionPool2d, open_clip's AttentionalPooler
+ATTENTION_POOLING = ("attentionpool", "attentionalpool")
 # a grid counts as influential when perturbing it moves the embedding by more than this
 # (relative); float32 rounding of an unchanged embedding stays below 1e-6
 INFLUENCE_TOLERANCE = 1e-5
@@ -112,8 +120,11 @@ def default_target_layer(
     """
     modules = dict(model.named_modules())
     outputs = module_outputs(model, sample)
+    pooling = [f"{name}." for name, module in modules.items()
+               if name and any(kind in type(module).__name__.lower() for kind in ATTENTION_POOLING)]
     grids = [(output, layout) for output in outputs
-             if (layout := feature_layout_of(output.tensor, sample, **settings)) is not None]
+             if not output.names[0].startswith(tuple(pooling))
+             and (layout := feature_layout_of(output.tensor, sample, **settings)) is not None]
     prefix = settings.get("prefix_tokens")
     has_tokens = any(output.tensor.dim() == 3 for output in outputs)
     if prefix is not None and has_tokens and all(layout.kind != "tokens" for _, layout in grids):

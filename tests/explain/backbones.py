@@ -57,6 +57,8 @@ BACKBONES: dict[str, Backbone] = {
     "swin_t": Backbone(lambda: torchvision_backbone("swin_t"), 64, "permute", ("nchw", 0)),
     "clip": Backbone(lambda: timm_vit("vit_base_patch16_clip_224", 64), 64, "pos_drop", ("tokens", 1)),
     "dinov2_reg4": Backbone(lambda: timm_vit("vit_small_patch14_reg4_dinov2", 56), 56, "pos_drop", ("tokens", 5)),
+    # SigLIP: attention pooling with a learned query (no class token): the grid entering it, `norm`
+    "siglip": Backbone(lambda: timm_vit("vit_base_patch16_siglip_224", 64), 64, "norm", ("tokens", 0)),
     # mean pooling, then LayerNorm (fc_norm): timm's `norm` is an Identity, never the name of a target
     "mean_pooled": Backbone(lambda: timm_vit("vit_medium_patch16_gap_256", 64, fc_norm=True), 64, "blocks", ("tokens", 0)),
 }
@@ -95,6 +97,21 @@ def timm_vit_entry_head(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     for block in model.blocks:
         tokens = _frozen_timm_block(block, tokens)
     return _frozen_layer_norm(model.norm, tokens)[:, 0]
+
+
+def attention_pooled_vit_head(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """SigLIP from `norm` (N, h*w, C): the learned query attends to the tokens (softmax held), then
+    projection and MLP (its LayerNorm deviation and GELU held) -> the pooled token (N, C)."""
+    pool = model.attn_pool
+    batch, tokens_, channels = tokens.shape
+    heads = pool.num_heads
+    q = pool.q(pool.latent).reshape(1, 1, heads, channels // heads).transpose(1, 2)  # (1, heads, 1, C/heads)
+    k, v = pool.kv(tokens).reshape(batch, tokens_, 2, heads, channels // heads).permute(2, 0, 3, 1, 4)
+    weights = (q @ k.transpose(-2, -1) * pool.scale).softmax(dim=-1).detach()  # (N, heads, 1, h*w)
+    x = pool.proj((weights @ v).transpose(1, 2).reshape(batch, 1, channels))
+    hidden = pool.mlp.fc1(_frozen_layer_norm(pool.norm, x))
+    hidden = hidden * (0.5 * (1 + torch.erf(hidden / math.sqrt(2)))).detach()
+    return (x + pool.mlp.fc2(hidden))[:, 0]
 
 
 def mean_pooled_vit_head(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.layers import AttentionPool2d
 from torch import nn
 
 from pipeline import SFAM, ExplanationError
@@ -17,6 +18,7 @@ from pipeline.explain.metrics import partner_vector, similarity
 
 from backbones import (
     BACKBONES,
+    attention_pooled_vit_head,
     convnext_head,
     mean_pooled_vit_head,
     swin_head,
@@ -76,6 +78,7 @@ REFERENCES = {  # backbone: (layer, linearised head, layout of the layer's outpu
     ("dinov2_reg4", "pos_drop"): (timm_vit_entry_head, "tokens"),
     ("dinov2_reg4", "blocks.1"): (timm_vit_head, "tokens"),
     ("mean_pooled", "blocks"): (mean_pooled_vit_head, "tokens"),
+    ("siglip", "norm"): (attention_pooled_vit_head, "tokens"),
 }
 
 
@@ -289,3 +292,33 @@ def test_channels_last_target_explicit(models: dict, seed: int) -> None:
     result = explainer.explain(*pairs(2, 64))
     assert explainer.layout.kind == "nhwc" and result.map_query.shape == (2, 2, 2)
     assert explainer.is_affine is False  # per-token LayerNorm before the pooling: generic path
+
+
+class AttentionPooledNet(nn.Module):
+    """Conv trunk (16 channels at 1/4 of 32 px) -> CLIP ResNet's attention pooling, with separate
+    query, key and value projections."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
+                                   nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.pool = AttentionPool2d(16, feat_size=8, out_features=8, head_dim=8, qkv_separate=True)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.trunk(images))
+
+
+@pytest.mark.parametrize("weighting", ["cis", "matched"])
+def test_attention_pooling_is_explained_from_the_grid_that_enters_it(weighting: str, seed: int) -> None:
+    """The default is the trunk, not a projection inside the pooling head; its keys reach the
+    embedding only through the attention weights, which are held: named (before: a RuntimeError
+    from autograd, and the default was the queries)."""
+    model, (x, y) = AttentionPooledNet().eval(), pairs(2, 32)
+    explainer = SFAM(model, weighting=weighting)
+    result = explainer.explain(x, y)
+    assert explainer.target_layer == "trunk" and result.map_query.shape == (2, 8, 8)
+    assert result.cis_query.abs().sum() > 0
+    SFAM(model, "pool.v", weighting=weighting).explain(x, y)  # values: explained
+    with pytest.raises(ExplanationError, match=r"^target_layer='pool.k' reaches the embedding only through what is "
+                                               r"held while attributing \(attention queries and keys"):
+        SFAM(model, "pool.k", weighting=weighting).explain(x, y)
