@@ -1,7 +1,7 @@
 """Choosing layers: the default target layer, influence checks, embedding-layer suggestions.
 
 The default target is the last layer, in execution order, whose feature grid influences the
-embedding. With class-token pooling (ViT, CLIP, DINOv2) the last block's patch tokens never
+embedding and that runs once per forward pass. With class-token pooling (ViT, CLIP, DINOv2) the last block's patch tokens never
 reach the class token, and the class token carries into every later block what it read from
 the patches in the earlier ones: explained at the input of the last block, most of the
 similarity stays in the class token's own state, outside the patch grid (a residual of 0.77 of
@@ -20,6 +20,7 @@ reach the embedding only through the attention weights, which are held while att
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -122,8 +123,9 @@ def default_target_layer(
     outputs = module_outputs(model, sample)
     pooling = [f"{name}." for name, module in modules.items()
                if name and any(kind in type(module).__name__.lower() for kind in ATTENTION_POOLING)]
+    runs = Counter(name for output in outputs for name in output.names)  # a shared module runs more than once
     grids = [(output, layout) for output in outputs
-             if not output.names[0].startswith(tuple(pooling))
+             if not output.names[0].startswith(tuple(pooling)) and runs[output.name] == 1
              and (layout := feature_layout_of(output.tensor, sample, **settings)) is not None]
     prefix = settings.get("prefix_tokens")
     has_tokens = any(output.tensor.dim() == 3 for output in outputs)

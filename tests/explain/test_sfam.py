@@ -333,6 +333,9 @@ def test_a_target_layer_that_runs_twice_is_refused(seed: int) -> None:
     """Only its last use got a gradient: the first use's share went to the residual, silently."""
     with pytest.raises(ExplanationError, match="target_layer='block' runs 2 times per forward pass"):
         SFAM(SharedBlockNet().eval(), "block", metric="dot").explain(*random_pairs(2, 16))
+    default = SFAM(SharedBlockNet().eval(), metric="dot")  # never the default: it was, and then refused
+    default.explain(*random_pairs(2, 16))
+    assert default.target_layer == "stem"
 
 
 class TupleNet(SmallNet):
