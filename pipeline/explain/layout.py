@@ -79,6 +79,13 @@ def detect_layout(
     dims = tuple(shape[1:])
     if len(dims) == 3 and layout in ("auto", "nchw", "nhwc"):
         fits = {kind: _fits_grid(hw, image_size) for kind, hw in (("nchw", dims[1:]), ("nhwc", dims[:2]))}
+        if layout != "auto" and not fits[layout]:  # a setting does not make another shape a grid
+            height, width = dims[1:] if layout == "nchw" else dims[:2]
+            raise ExplanationError(
+                f"feature_layout={layout!r} reads a {tuple(shape)} output as a {height}x{width} grid, which is not "
+                f"the {image_size[0]}x{image_size[1]} input seen at one stride: leave feature_layout to auto, or "
+                "name a target_layer that outputs such a grid"
+            )
         kind = layout if layout != "auto" else next((k for k in ("nchw", "nhwc") if fits[k]), None)
         if kind is None:
             raise ExplanationError(

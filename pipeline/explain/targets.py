@@ -143,6 +143,10 @@ def default_target_layer(
                 return next(first.name for first, first_layout in grids if first_layout.prefix == layout.prefix)
             return output.name
         skipped.append(output.names[0])
+    layout = settings.get("layout", "auto")
+    if layout != "auto":
+        raise ExplanationError(f"no module of the model outputs a feature grid of feature_layout={layout!r} that "
+                               "influences the embedding: leave feature_layout to auto, or pass target_layer=")
     raise ExplanationError(
         "no module of the model outputs a feature grid that influences the embedding "
         "((N, C, h, w), (N, h, w, C) or tokens (N, P + h*w, C)); pass target_layer=, or, when the embedding "

@@ -247,6 +247,16 @@ def test_layout_settings_and_errors() -> None:
         detect_layout(torch.Size([2, 100, 300, 9]), (32, 32))
     with pytest.raises(ExplanationError, match="feature_layout='nwhc'"):
         SFAM(nn.Identity(), feature_layout="nwhc")
+    # a setting reads only a grid of the image: ConvNeXt's pooled (2, 640, 1, 1) as 640 x 1 was explained
+    with pytest.raises(ExplanationError, match=r"feature_layout='nhwc' reads a \(2, 640, 1, 1\) output as a 640x1 grid"):
+        detect_layout(torch.Size([2, 640, 1, 1]), (64, 64), "nhwc")
+
+
+def test_a_layout_setting_never_reads_another_shape_as_a_grid(models: dict, seed: int) -> None:
+    """feature_layout=nhwc on a ViT, which has no channels-last output: its patch embedding
+    (1, 64, 4, 4) was read as a 64 x 4 grid of 4 channels, and explained."""
+    with pytest.raises(ExplanationError, match="feature grid of feature_layout='nhwc' that influences"):
+        SFAM(models["clip"], feature_layout="nhwc").explain(*pairs(1, BACKBONES["clip"].size))
 
 
 @pytest.mark.parametrize("name", ["clip", "dinov2_reg4"])
