@@ -62,10 +62,10 @@ TARGET = 1.0  # the job's pairs/s over the decode-only process's
 GPU_TARGET = 0.8  # on a GPU: the job's steady pairs/s over the explain stage's alone in one process
 T = TypeVar("T")
 GPU_BUSY = 0.8
-RESNET50_H100 = 2_700.0  # SFAM pairs/s, resnet50 at 224 px on one H100 (BENCHMARKS.md, Speed: the H100 note)
-GPU_PAIRS_PER_SECOND = {  # model -> (pairs/s, where the figure comes from)
-    "resnet50": (RESNET50_H100, "measured"),
-    "vit_b_16": (RESNET50_H100 * 4.09 / 17.56, "estimated: resnet50's x its FLOPs / vit_b_16's, 4.09 / 17.56 GFLOPs"),
+GPU_PAIRS_PER_SECOND = {  # model -> (SFAM pairs/s at 224 px, where the figure comes from: BENCHMARKS.md, Speed)
+    "resnet50": (2_700.0, "measured on an H100"),
+    # the generic path at the default layer (a backward through every block): FLOPs would say 629
+    "vit_b_16": (244.0, "measured on an H200, `encoder.dropout`, generic path"),
 }
 
 
@@ -498,7 +498,7 @@ def projection_table(stages: StageCosts, measured: Round) -> str:
     """CPU cores that keep a GPU busy, from this run's CPU costs per pair and each model's GPU pairs/s."""
     cpu = stages.ms_per_pair
     feeding = cpu[DECODE] + cpu[FETCH_REST] + cpu[RENDER] + cpu[WRITE] + ray_overhead(stages, measured)
-    lines = [f"| model at 224 px | GPU pairs/s (H100) | CPU ms per pair: fetch, render, write, Ray | cores for "
+    lines = [f"| model at 224 px | GPU pairs/s, SFAM in one process | CPU ms per pair: fetch, render, write, Ray | cores for "
              f"{GPU_BUSY:.0%} busy | explain actors' own CPU ({cpu[EXPLAIN]:.2f} ms per pair at most): cores |",
              "|---|---|---|---|---|"]
     for model, (rate, source) in GPU_PAIRS_PER_SECOND.items():

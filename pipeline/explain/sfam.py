@@ -29,8 +29,8 @@ Target layers may output maps, channels-last maps or tokens (layout.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -101,6 +101,19 @@ class _Forward:
     scale: torch.Tensor | None  # (N,) float64 1 / sigma of the head's LayerNorm (ones without); None: several
 
 
+@contextmanager
+def _in_eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode (running statistics, no dropout) for the block, each module's own
+    mode restored after: an explainer called during training leaves the training as it was."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def _own_prefix_tokens(model: nn.Module) -> int | None:
     """timm's count of class / register tokens (`num_prefix_tokens`), of the model or of the ViT
     it wraps; None where no module has one, or where they disagree."""
@@ -113,7 +126,8 @@ class SFAM:
     """Explains why `model` finds images similar.
 
     Args:
-        model: maps images (B, 3, H, W) to embeddings (B, D). Put in eval mode.
+        model: maps images (B, 3, H, W) to embeddings (B, D). Explained in eval mode; each
+            module's own mode is restored after every call.
         target_layer: name in `model.named_modules()` of the features to explain; by default the
             last module whose feature grid influences the embedding; for class-token ViTs the
             tokens entering the first block (targets.py). Chosen at the first explanation; read it back here.
@@ -144,7 +158,7 @@ class SFAM:
     ) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting={weighting!r} is not one of {', '.join(WEIGHTINGS)}")
-        self.model = model.eval()
+        self.model = model
         self.metric = check_metric(metric)
         self.weighting = weighting
         self.target_layer = target_layer
@@ -193,7 +207,21 @@ class SFAM:
             raise ExplanationError("query_index and reference_index must be 1-D and of equal length")
         if not bool(torch.isfinite(images.sum(dtype=torch.float32))):  # NaN and inf carry through a sum; 30x isfinite's speed
             raise ExplanationError("images hold NaN or infinite values: nothing about them can be explained")
-        images = images.to(self._parameter_dtype())
+        with _in_eval_mode(self.model):
+            return self._explain_pairs(images.to(self._parameter_dtype()), query_index, reference_index)
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target layer's maps A (N, K, h, w) and the embeddings u (N, D) of `images`."""
+        with _in_eval_mode(self.model):
+            self._resolve_target(images[:1])
+            forward = self._forward(images)
+        return forward.maps, forward.embeddings
+
+    # -- forward passes -------------------------------------------------------------------
+
+    def _explain_pairs(
+        self, images: torch.Tensor, query_index: torch.Tensor, reference_index: torch.Tensor
+    ) -> SFAMResult:
         self._resolve_target(images[:1])
         if not self._head_measured or self._head is not None:
             with torch.inference_mode():
@@ -205,14 +233,6 @@ class SFAM:
                                                                                     forward.scale):
                     return self._explain_affine(head, forward, query_index, reference_index)
         return self._explain_generic(images, query_index, reference_index)
-
-    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The target layer's maps A (N, K, h, w) and the embeddings u (N, D) of `images`."""
-        self._resolve_target(images[:1])
-        forward = self._forward(images)
-        return forward.maps, forward.embeddings
-
-    # -- forward passes -------------------------------------------------------------------
 
     def _parameter_dtype(self) -> torch.dtype:
         """Inputs are cast to the model's floating dtype (float16 images into a float32 model)."""
@@ -416,9 +436,9 @@ class SFAM:
             hint = f" (probably embedding_layer={layer!r})" if layer else ""
             raise ExplanationError(
                 "the model's output is scale invariant (it looks L2-normalised inside forward()), so "
-                "channel contributions sum to about zero and the maps would be empty. Pass "
-                f"embedding_layer= naming the module after the target layer that outputs the "
-                f"unnormalised (B, D) embedding{hint}."
+                "channel contributions sum to about zero and the maps would be empty. Set embedding_layer "
+                "(model.embedding_layer in a config, --embedding-layer of `sfam explain`) to the module after the "
+                f"target layer that outputs the unnormalised (B, D) embedding{hint}."
             )
 
     def _result(

@@ -24,6 +24,7 @@ _HEAD_ATTRIBUTES = ("fc", "classifier", "heads", "head")
 _TRUST_HINT = "set `trust_checkpoint: true` to allow it, only for a file you trust"
 _SHOWN = 5
 RANDOM_INIT_SEED = 0  # the initialisation of a model built without weights
+ZIP_START = b"PK\x03\x04"  # the local header of a zip's first entry (torch.save writes a zip)
 # torch.load(weights_only=True) names the class it refused in this form, e.g. "GLOBAL torch.nn...Linear".
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 _UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error: (.+)")
@@ -189,6 +190,9 @@ def _load_checkpoint(spec: ModelSpec, storage_options: StorageOptions | None) ->
     if uri.endswith(".safetensors"):
         raise ModelLoadError(f"weights {uri} are named .safetensors but do not start with a safetensors header")
     if not zipfile.is_zipfile(io.BytesIO(data)) and not data.startswith(b"\x80"):  # torch.save: a zip, or a pickle
+        if data.startswith(ZIP_START):  # a zip's first entry without the directory at its end
+            raise ModelLoadError(f"weights {uri} are a torch.save checkpoint cut short ({len(data):,} bytes, without "
+                                 "the end of its zip): the file is truncated or corrupt; copy or save it again")
         raise ModelLoadError(f"weights {uri} are neither a torch.save checkpoint nor a safetensors file")
     if _is_torchscript(data):
         raise ModelLoadError(f"weights {uri} are a TorchScript archive: explaining hooks into the model's layers, "

@@ -406,3 +406,20 @@ def test_a_head_whose_probe_raises_anything_takes_the_generic_path(seed: int) ->
 def test_a_target_layer_without_a_grid_is_named(seed: int) -> None:
     with pytest.raises(ExplanationError, match=r"target_layer='head': a \(1, 4\) output is not a feature map"):
         SFAM(SmallNet(nn.Linear(16, 4)).eval(), "head").explain(*random_pairs(1, 32))
+
+
+def test_the_model_keeps_its_own_mode(seed: int) -> None:
+    """Explained in eval mode (dropout off, BatchNorm's running statistics), each module's mode
+    restored after: a model explained while it trains (a monitoring hook) used to stay in eval."""
+    model = CASES["resnet18"]().model.train()
+    model.layer1.eval()  # a part frozen by its owner stays as it was
+    x, y = random_pairs(2, 64)
+    explainer = SFAM(model, "layer4")
+    result = explainer.explain(x, y)
+    assert model.training and not model.layer1.training and model.layer4.training
+    model.eval()
+    assert_close(explainer.explain(x, y).cis_query, result.cis_query, rel=1e-6)  # the same, in eval as in train
+    running_mean = model.bn1.running_mean.clone()
+    model.train()
+    explainer.features(x)
+    assert model.training and torch.equal(model.bn1.running_mean, running_mean)  # no statistics updated
