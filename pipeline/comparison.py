@@ -74,7 +74,7 @@ from pipeline.io.storage import StorageOptions, exists, join_uri, resolve_uri, w
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import read_json
 from pipeline.layout import run_record_uri
-from pipeline.render.comparison_html import METRICS_DIFFER, ComparisonView, label_name, render_comparison
+from pipeline.render.comparison_html import METRICS_DIFFER, OTHER_IMAGES, ComparisonView, label_name, render_comparison
 from pipeline.schema import result_type
 from pipeline.thresholds import FALSE_MATCH_SIMILARITY, MOVED_BELOW
 
@@ -142,9 +142,13 @@ class Comparison:
     def lines(self) -> list[str]:
         """A short text summary: counts, then one line per label."""
         run_a, run_b = self.run_ids
-        counts = ", ".join(f"{value} {name}" for name, value in self.counts().items())
-        lines = [f"compared {run_a} (A) with {run_b} (B); pairs: {counts}",
-                 *([f"warning: {METRICS_DIFFER}"] if len({run["metric"] for run in self.runs}) > 1 else []),
+        counts = self.counts()
+        warnings = [METRICS_DIFFER] if len({run["metric"] for run in self.runs}) > 1 else []
+        if not counts["ok in both"] and counts["with other images in B"]:
+            warnings.append(OTHER_IMAGES)
+        lines = [f"compared {run_a} (A) with {run_b} (B); pairs: "
+                 + ", ".join(f"{value} {name}" for name, value in counts.items()),
+                 *(f"warning: {warning}" for warning in warnings),
                  f"{'label':<11}{'pairs':>6}  {'similarity A -> B':<25}  {'pointing A -> B':<23}  "
                  f"{'in box A -> B':<23}  {'map corr':>8}  false matches >= {self.threshold:g} (new, vanished)"]
         for row in self.summary.to_pylist():  # two spaces between columns, also when a value is wider than its column

@@ -495,13 +495,14 @@ def _finish(config: JobConfig, plan: Plan, store: ResultsStore, recorder: RunRec
     failed_gates = [g for g in gates if not g.passed]
     for gate in gates:
         (log.warning if not gate.passed or gate.value is None else log.info)("%s", gate.line())
-    success = recorder.record("gates_failed" if failed_gates else "succeeded", summary)
+    broken = "; ".join(g.line() for g in failed_gates)
+    success = recorder.record("gates_failed" if failed_gates else "succeeded", summary, broken or None)
     success["gates"] = [g.as_record() for g in gates]
     store.check_still_committed(plan.layout, plan.previous_attempt)
     write_json(plan.layout.attempt_record, success, config.storage_options)
     store.commit(plan.layout, success, asdict(summary), plan.previous_attempt)
     if failed_gates:
-        raise GatesFailed("; ".join(g.line() for g in failed_gates), summary.lines())
+        raise GatesFailed(broken, summary.lines())
 
 
 def _evaluate_gates(config: JobConfig, store: ResultsStore, staged: pa.Table, started: str) -> list[GateResult]:

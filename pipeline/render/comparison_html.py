@@ -26,6 +26,9 @@ _STYLE = (  # up and down say the direction, not whether it is better: a false m
 _RUN_FIELDS = (("run id", "run_id"), ("model", "model_id"), ("weights", "weights"), ("target layer", "target_layer"),
                ("metric", "metric"), ("weighting", "weighting"), ("input size", "input_size"), ("started", "started"))
 METRICS_DIFFER = "The runs use different metrics: their similarities and the threshold are in different units."
+OTHER_IMAGES = ("No pair is ok in both runs on the same images: the pair ids of A name other images in B. Image URIs "
+                "relative to each run's manifest folder differ between manifests in folders of their own: write "
+                "absolute image URIs to compare such runs.")
 _FIGURES = (("mean similarity", "mean_similarity"), ("pointing hit rate", "pointing_hit_rate"),
             ("energy in box", "energy_in_box"))
 _COUNTS = (("maps not<br>comparable", "maps_not_comparable"), ("false<br>matches A", "false_matches_a"),
@@ -89,7 +92,8 @@ def _tiles(view: ComparisonView) -> str:
 
 def _summary(view: ComparisonView) -> str:
     if not view.summary:
-        return '<p class="empty">No pair is ok in both runs on the same images.</p>'
+        other_images = view.counts.get("with other images in B", 0) and not view.counts.get("ok in both", 0)
+        return f'<p class="empty">{OTHER_IMAGES if other_images else "No pair is ok in both runs on the same images."}</p>'
     head = ('<tr><th rowspan="2">label</th><th rowspan="2">pairs</th>'
             + "".join(f'<th colspan="3">{name}</th>' for name, _ in _FIGURES)
             + '<th rowspan="2">mean map<br>correlation</th>'

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import duckdb
@@ -25,7 +25,7 @@ from pipeline.cli import main
 from pipeline.comparison import compare_runs, comparison_dir, write_comparison
 from pipeline.distributed.job import run_audit
 from pipeline.io.storage import StorageOptions, join_uri
-from pipeline.render.comparison_html import render_comparison
+from pipeline.render.comparison_html import OTHER_IMAGES, render_comparison
 from pipeline.reporting import write_report
 from pipeline.thresholds import MOVED_BELOW
 
@@ -191,6 +191,12 @@ def test_a_pair_id_that_names_other_images_is_counted_not_compared(runs: Runs) -
     assert sum(comparison.summary["pairs"].to_pylist()) == len(a) - len(changed)
     for row in comparison.pairs.filter(pc.invert(comparison.pairs["same_images"])).to_pylist():
         assert row["map_correlation"] is None  # maps of other pictures are not correlated
+    assert not any(line.startswith("warning:") for line in comparison.lines())
+    # nightly manifests in folders of their own, with relative URIs: every pair names other images
+    others = replace(comparison, pairs=comparison.pairs.filter(pc.invert(comparison.pairs["same_images"])),
+                     summary=comparison.summary.slice(0, 0))
+    assert f"warning: {OTHER_IMAGES}" in others.lines()  # not just an empty table
+    assert OTHER_IMAGES in render_comparison(others.view())
 
 
 def test_written_tables_read_in_duckdb_and_the_page_has_every_section(runs: Runs) -> None:

@@ -45,6 +45,8 @@ def test_gates_pass_then_fail_with_exit_3(local_ray, tmp_path, rng, capsys) -> N
     second = read_json(join_uri(config.output, "runs", "week-2", "run.json"), options)
     values = gate_values(second)
     assert second["status"] == "gates_failed"
+    assert second["reason"].startswith("gate max_false_match_rate: ") and "max_similarity_drop" in second["reason"]
+    assert first["reason"] is None
     assert exists(join_uri(config.output, "runs", "week-2", "_SUCCESS"), options)  # the outputs are finished
     different = sum(r["label"] == 0 for r in rows)
     assert values["max_false_match_rate"] == (1.0, False) and different > 0  # every label-0 pair is >= -1
