@@ -100,9 +100,10 @@ def heatmap_overlay(image: np.ndarray, saliency: np.ndarray, alpha: float = 0.5)
 
     `saliency` (h, w) is at feature resolution and may have any sign: it is ReLU'd,
     min-max normalised, upsampled bilinearly to the image size and quantised to 256
-    levels. Each pixel takes its level's colour with opacity `alpha * sqrt(level)`:
-    mid-strength evidence stays visible while cold regions show the photo unchanged.
-    A constant, empty or all-negative map leaves the image unchanged.
+    levels. Each pixel takes its level's colour with opacity `alpha * sqrt(level)` over the
+    photo in grey: mid-strength evidence stays visible, cold regions show the photo, and the
+    photo's own colours (a red object where the map is cold) are never read as evidence.
+    A constant, empty or all-negative map leaves the image unchanged, in colour.
     """
     image = _check_image(image)
     if not 0.0 <= alpha <= 1.0:
@@ -114,8 +115,14 @@ def heatmap_overlay(image: np.ndarray, saliency: np.ndarray, alpha: float = 0.5)
     upsampled = Image.fromarray(values.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR)
     level = np.rint(np.clip(np.asarray(upsampled), 0.0, 1.0) * 255).astype(np.uint8)
     keep, paint = _blend_tables(alpha)
-    blended = image.astype(np.uint16) * keep[level][..., None] + paint[level] + 128
+    blended = _grey(image)[..., None] * keep[level][..., None] + paint[level] + 128
     return (blended >> 8).astype(np.uint8)
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    """(H, W) uint16 luma of an (H, W, 3) uint8 image (ITU-R BT.601 weights, in 1/256 units)."""
+    weighted = image.astype(np.uint16) * np.array([77, 150, 29], dtype=np.uint16)  # each product < 2^16
+    return ((weighted[..., 0] + weighted[..., 1] + weighted[..., 2] + 128) >> 8).astype(np.uint16)
 
 
 @functools.lru_cache(maxsize=8)

@@ -56,8 +56,21 @@ def test_overlay_matches_a_float_blend() -> None:
     level = np.round(np.clip(upsampled, 0, 1) * 255) / 255  # 256 steps, for the colour and the opacity
     colour = np.round(colormaps[COLORMAP](level)[..., :3] * 255)
     weight = (0.5 * np.sqrt(level))[..., None]
-    expected = image * (1 - weight) + colour * weight
-    assert np.abs(heatmap_overlay(image, saliency).astype(float) - expected).max() <= 1.0
+    grey = (image @ np.array([0.299, 0.587, 0.114]))[..., None]  # the photo in grey under the colours
+    expected = grey * (1 - weight) + colour * weight
+    assert np.abs(heatmap_overlay(image, saliency).astype(float) - expected).max() <= 1.5
+
+
+def test_the_photos_own_colours_are_never_read_as_evidence() -> None:
+    """A red object where the map is cold looked like the colour map's hottest red."""
+    photo = np.full((64, 64, 3), 40, dtype=np.uint8)
+    photo[8:24, 8:24] = (230, 20, 20)  # a red square
+    saliency = np.zeros((8, 8))
+    saliency[5:, 5:] = 1.0  # evidence elsewhere
+    out = heatmap_overlay(photo, saliency).astype(int)
+    square = out[8:24, 8:24]
+    assert np.array_equal(square[..., 0], square[..., 1]) and np.array_equal(square[..., 1], square[..., 2])
+    assert abs(int(square[0, 0, 0]) - round(0.299 * 230 + 0.587 * 20 + 0.114 * 20)) <= 1
 
 
 def test_overlay_colours_hot_regions_and_leaves_cold_ones() -> None:
