@@ -120,9 +120,8 @@ def heatmap_overlay(image: np.ndarray, saliency: np.ndarray, alpha: float = 0.5)
 
 
 def _grey(image: np.ndarray) -> np.ndarray:
-    """(H, W) uint16 luma of an (H, W, 3) uint8 image (ITU-R BT.601 weights, in 1/256 units)."""
-    weighted = image.astype(np.uint16) * np.array([77, 150, 29], dtype=np.uint16)  # each product < 2^16
-    return ((weighted[..., 0] + weighted[..., 1] + weighted[..., 2] + 128) >> 8).astype(np.uint16)
+    """(H, W) uint16 luma of an (H, W, 3) uint8 image (Pillow's ITU-R 601-2 weights)."""
+    return np.asarray(Image.fromarray(image).convert("L"), dtype=np.uint16)
 
 
 @functools.lru_cache(maxsize=8)
