@@ -13,6 +13,7 @@ from pipeline.io.storage import StorageOptions, read_bytes, resolve_uri
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import read_json
 from pipeline.layout import run_record_uri
+from pipeline.models.spec import model_hw
 from pipeline.render.result_row import DISPLAY_SIDE, OVERLAY_COLUMNS, render_result_row
 from pipeline.schema import SIDES
 
@@ -32,7 +33,7 @@ def render_pair_of_run(output: str, run_id: str, pair_id: str, options: StorageO
         raise PairNotFound(f"pair {pair_id[:200]!r} of run {run_id!r}: {reason}")
     row = rows[0]
     manifest_dir = record["config"]["manifest"].rsplit("/", 1)[0]  # absolute or a URI (JobConfig)
-    model_size = int(record["config"]["model"]["input_size"])
+    model_size = model_hw(record["config"]["model"]["input_size"])  # one side, or [height, width]
     max_pixels = int(record["config"]["max_image_pixels"])
     displays, sizes = {}, {}
     for side in SIDES:

@@ -53,7 +53,8 @@ class FetchImages:
     per row).
     """
 
-    def __init__(self, manifest_dir: str, input_size: int, max_image_pixels: int, storage_options: StorageOptions) -> None:
+    def __init__(self, manifest_dir: str, input_size: int | tuple[int, int], max_image_pixels: int,
+                 storage_options: StorageOptions) -> None:
         self.manifest_dir = manifest_dir
         self.input_size = input_size
         self.max_image_pixels = max_image_pixels
@@ -178,9 +179,9 @@ class ExplainPairs:
                     slot_of_uri[uris[row]] = len(sources)
                     sources.append((side, row))
                 slots[side].append(slot_of_uri[uris[row]])
-        size = self.explainer.spec.input_size
-        pixels = np.stack([  # (N, S, S, 3), N distinct images, read in place from the Arrow buffers
-            np.frombuffer(batch.column(f"_{side}_pixels")[row].as_buffer(), np.uint8).reshape(size, size, 3)
+        height, width = self.explainer.spec.input_hw
+        pixels = np.stack([  # (N, H, W, 3), N distinct images, read in place from the Arrow buffers
+            np.frombuffer(batch.column(f"_{side}_pixels")[row].as_buffer(), np.uint8).reshape(height, width, 3)
             for side, row in sources
         ])
         result = self.explainer.explain_pairs(pixels, slots["query"], slots["reference"])

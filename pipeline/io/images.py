@@ -13,6 +13,7 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 from torch.nn import functional as F
 
 from pipeline.errors import UserError
+from pipeline.models.spec import model_hw
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
@@ -51,7 +52,7 @@ class ImageDecodeError(UserError):
 class Pictures:
     """One image decoded once: what the model sees and what a person is shown."""
 
-    model_input: np.ndarray  # (size, size, 3) uint8: the whole image squeezed, not cropped
+    model_input: np.ndarray  # (height, width, 3) uint8 of the model's input size: the whole image squeezed, not cropped
     display: np.ndarray  # (h, w, 3) uint8: aspect ratio kept, longest side <= max_side, never upscaled
     size: tuple[int, int]  # the original (width, height) after EXIF orientation: the frame boxes are given in
 
@@ -69,35 +70,42 @@ def decode_image(data: bytes, uri: str, max_pixels: int) -> np.ndarray:
         return _orient(np.array(_to_rgb(img)), _transpose_method(img))
 
 
-def decode_pictures(data: bytes, uri: str, max_pixels: int, model_size: int, max_side: int) -> Pictures:
+def decode_pictures(data: bytes, uri: str, max_pixels: int, model_size: int | tuple[int, int],
+                    max_side: int) -> Pictures:
     """Decode once into the model's input and the display picture, with :func:`decode_image`'s guarantees.
 
     The same pictures as `resize_for_model(rgb, model_size)` and `display_image(rgb, max_side)`
     of the full decode, but cheaper: a JPEG is decoded in draft mode, scaled by 1/2, 1/4 or 1/8
     inside the decoder (DCT domain) to the smallest size that still covers both pictures, so most
     of its pixels are never produced. Both pictures are resized before the EXIF rotation, which
-    commutes with the resize, so the rotation moves few pixels.
+    commutes with the resize, so the rotation moves few pixels. model_size: one side (square), or
+    (height, width).
     """
+    height, width = model_hw(model_size)
     with _decode_errors(uri):
         img = _open(data, uri, max_pixels)
         stored_size = img.size
         display_size = _display_size(stored_size, max_side)
-        drafted = img.draft(None, (max(model_size, display_size[0]), max(model_size, display_size[1])))
+        side = max(height, width)  # covers the model's picture whichever way the EXIF rotation turns it
+        drafted = img.draft(None, (max(side, display_size[0]), max(side, display_size[1])))
         box = drafted[1] if drafted else None  # the whole picture in drafted pixels (whose count rounds up)
         img.load()
         method = _transpose_method(img)
         rgb = np.array(_to_rgb(img))  # (h, w, 3) drafted pixels
         display = rgb if display_size == stored_size else _resize(rgb, display_size, box)
+        stored_model_size = (height, width) if method in _SWAPS_AXES else (width, height)  # (width, height) before turning
         return Pictures(
-            model_input=_orient(_resize(rgb, (model_size, model_size), box), method),
+            model_input=_orient(_resize(rgb, stored_model_size, box), method),
             display=_orient(display, method),
             size=_oriented_size(stored_size, method),
         )
 
 
-def resize_for_model(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Resize to (size, size, 3) without cropping, so boxes map linearly (antialiased bilinear)."""
-    return _resize(rgb, (size, size))
+def resize_for_model(rgb: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize to the model's (height, width, 3) without cropping, so boxes map linearly
+    (antialiased bilinear); size: one side (square), or (height, width)."""
+    height, width = model_hw(size)
+    return _resize(rgb, (width, height))
 
 
 def display_image(rgb: np.ndarray, max_side: int) -> np.ndarray:

@@ -48,7 +48,7 @@ class ModelExplainer:
         return to_model_tensor(pixels, self.spec.mean, self.spec.std, self.device)
 
     def explain_pairs(self, pixels: np.ndarray, query_index: list[int], reference_index: list[int]) -> SFAMResult:
-        """Explains pairs of distinct pictures (N, S, S, 3); each index list names a side of each pair."""
+        """Explains pairs of distinct pictures (N, H, W, 3); each index list names a side of each pair."""
         query, reference = (torch.as_tensor(index, device=self.device) for index in (query_index, reference_index))
         with torch.inference_mode():
             return self.sfam.explain_pairs(self.inputs(pixels), query, reference)
@@ -56,8 +56,7 @@ class ModelExplainer:
     def trial(self) -> SFAMResult:
         """Explains one pair of random pictures: proves the model, its layers and the metric work together."""
         generator = np.random.default_rng(0)
-        size = self.spec.input_size
-        pixels = generator.integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+        pixels = generator.integers(0, 256, (2, *self.spec.input_hw, 3), dtype=np.uint8)
         return self.explain_pairs(pixels, [0], [1])
 
 
@@ -66,12 +65,12 @@ def _check_model_runs(model: torch.nn.Module, spec: ModelSpec, device: torch.dev
     ViT at anything but 224 px), or whose weights give no finite embedding (a broken checkpoint),
     is named here, not as a traceback or a misleading layer error of the first explanation."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    picture = torch.rand(1, 3, spec.input_size, spec.input_size, generator=torch.Generator().manual_seed(0))
+    picture = torch.rand(1, 3, *spec.input_hw, generator=torch.Generator().manual_seed(0))
     try:
         with torch.inference_mode():
             embedding = model(picture.to(device, dtype))
     except Exception as error:  # the model's own check, in whatever form it raises
-        raise ModelLoadError(f"model {spec.model_id} does not run on {spec.input_size} x {spec.input_size} px pictures "
+        raise ModelLoadError(f"model {spec.model_id} does not run on {spec.input_text} pictures "
                              f"(model.input_size): {short_reason(error)}") from error
     if isinstance(embedding, torch.Tensor) and not bool(torch.isfinite(embedding).all()):
         raise ModelLoadError(f"model {spec.model_id}: the embedding of a check picture is not finite (NaN or inf); "

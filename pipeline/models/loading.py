@@ -116,7 +116,7 @@ def _timm_model(spec: ModelSpec) -> nn.Module:
     options = {"pretrained": False, "num_classes": spec.embedding_dim or 0}
     try:
         try:
-            return timm.create_model(name, img_size=spec.input_size, **options)
+            return timm.create_model(name, img_size=spec.input_hw, **options)
         except TypeError as e:
             if "img_size" not in str(e):
                 raise

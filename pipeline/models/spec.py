@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, PositiveFloat, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, PositiveFloat, field_validator, model_validator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -16,7 +16,13 @@ Weighting = Literal["cis", "partner", "matched"]
 LayoutName = Literal["auto", "nchw", "nhwc", "tokens"]
 
 TIMM_PREFIX = "timm/"
+MIN_INPUT_SIDE = 16  # px
 _FACTORY_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def model_hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of a model input size given as one side (square) or as (height, width)."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 class ModelSpec(BaseModel):
@@ -49,7 +55,7 @@ class ModelSpec(BaseModel):
     weighting: Weighting = "cis"
     feature_layout: LayoutName = "auto"
     prefix_tokens: int | None = Field(default=None, ge=0)
-    input_size: int = Field(default=224, ge=16)
+    input_size: int | tuple[int, int] = 224  # px: one side (square), or [height, width] (re-ID's 256 x 128)
     mean: tuple[FiniteFloat, FiniteFloat, FiniteFloat] = IMAGENET_MEAN
     std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = IMAGENET_STD
     trust_checkpoint: bool = False
@@ -63,6 +69,23 @@ class ModelSpec(BaseModel):
     def timm_name(self) -> str | None:
         """The timm model name of a `timm/<name>` arch, else None."""
         return self.arch.removeprefix(TIMM_PREFIX) if self.arch.startswith(TIMM_PREFIX) else None
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """(height, width) of the pictures the model sees."""
+        return model_hw(self.input_size)
+
+    @property
+    def input_text(self) -> str:
+        """The input size as people write it: `224 x 224 px`."""
+        return "{} x {} px".format(*self.input_hw)
+
+    @field_validator("input_size")
+    @classmethod
+    def _sides_of_16_px_or_more(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        if min(model_hw(value)) < MIN_INPUT_SIDE:
+            raise ValueError(f"input_size: each side must be at least {MIN_INPUT_SIDE} px")
+        return value
 
     @property
     def model_id(self) -> str:

@@ -120,11 +120,12 @@ def write_audit(root: str, options: StorageOptions, rng: np.random.Generator, qu
     return manifest, rows
 
 
-def expected_similarities(model, rows: list[dict], root: str, options: StorageOptions) -> dict[str, float]:
+def expected_similarities(model, rows: list[dict], root: str, options: StorageOptions,
+                          input_size: int | tuple[int, int] = INPUT_SIZE) -> dict[str, float]:
     """The SFAM API in-process, for the same pairs."""
     def image(uri: str) -> torch.Tensor:
         rgb = decode_image(read_bytes(join_uri(root, uri), options), uri, 10**8)
-        return to_model_tensor(resize_for_model(rgb, INPUT_SIZE)[None], IMAGENET_MEAN, IMAGENET_STD)
+        return to_model_tensor(resize_for_model(rgb, input_size)[None], IMAGENET_MEAN, IMAGENET_STD)
 
     explainer = SFAM(model, "layer4")
     x = torch.cat([image(r["query_uri"]) for r in rows])

@@ -121,6 +121,24 @@ def test_relative_paths_lead_every_worker_to_the_same_files(local_ray, tmp_path,
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_model_input_of_height_by_width(local_ray, tmp_path, rng) -> None:
+    """A re-ID model's 64 x 32 px input ([height, width]): every image is squeezed to it, the maps
+    keep its aspect (2 x 1 cells at resnet18's stride of 32), and `sfam render` draws a pair from the table."""
+    root, options = str(tmp_path), StorageOptions()
+    model = write_weights(join_uri(root, "models", "model.pt"), options)
+    manifest, rows = write_audit(root, options, rng, queries=2, top_k=3)
+    given = job_config(root, options, manifest, "tall").model_dump()
+    config = JobConfig.model_validate({**given, "model": {**given["model"], "input_size": [64, 32]}})
+    assert run_audit(config).ok == len(rows)
+    table = HiveParquetStore(config.output, options).read(run_id="tall")
+    expected = expected_similarities(model, rows, root, options, input_size=(64, 32))
+    for pair_id, similarity in zip(table.column("pair_id").to_pylist(), table.column("similarity").to_pylist()):
+        assert abs(similarity - expected[pair_id]) < 1e-4, pair_id
+    assert set(map(tuple, table.column("map_shape").to_pylist())) == {(2, 1)}
+    png = render_pair_of_run(config.output, "tall", rows[0]["pair_id"], options)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_s3_run_and_rerun_has_no_duplicates(local_ray, s3_bucket, rng, tmp_path) -> None:
     bucket, options = s3_bucket
     root = f"s3://{bucket}/audit"

@@ -276,6 +276,20 @@ def test_decode_pictures_is_close_to_the_full_decode(width: int, height: int, rn
     assert mean_abs_diff(pictures.display, display_image(full, MAX_SIDE)) < 2.0
 
 
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_a_non_square_model_input_is_the_upright_picture_at_height_by_width(orientation: int,
+                                                                            rng: np.random.Generator) -> None:
+    """Re-ID models see 256 x 128 (height x width): the model's picture is the upright image
+    squeezed to that size, whichever way its EXIF orientation turns it."""
+    data = photo_jpeg(rng, 640, 360, orientation)
+    full = decode_image(data, "mem://p.jpg", MAX_PIXELS)
+    pictures = decode_pictures(data, "mem://p.jpg", MAX_PIXELS, (256, 128), MAX_SIDE)
+    expected = resize_for_model(full, (256, 128))
+    assert pictures.model_input.shape == expected.shape == (256, 128, 3)
+    assert mean_abs_diff(pictures.model_input, expected) < 2.0
+    assert pictures.size == (full.shape[1], full.shape[0])
+
+
 @pytest.mark.parametrize(
     ("width", "height", "model_size", "max_side", "drafted"),
     [(640, 480, 224, 256, (320, 240)), (1600, 1200, 112, 128, (200, 150)), (1203, 2701, 224, 256, (300.75, 675.25))],
