@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import io
+import math
 import re
 import zipfile
 from collections.abc import Mapping
@@ -269,22 +270,38 @@ def _load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], u
     ]
     if problems:
         raise ModelLoadError(f"weights {uri} do not match the model: " + "; ".join(problems)
-                             + _head_hint(unexpected, state_dict) + _shape_hint(mismatched, state_dict, expected)
+                             + _head_hint(unexpected, state_dict) + _shape_hint(mismatched, state_dict, expected, model)
                              + (f". The model's keys are all in the checkpoint under {prefix!r}, beside others: save "
                                 f"that part alone (e.g. the LightningModule's model.state_dict())" if prefix else ""))
     model.load_state_dict(state_dict, strict=True)
 
 
-def _shape_hint(mismatched: list[str], state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str:
+def _shape_hint(mismatched: list[str], state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+                model: nn.Module) -> str:
     """Why shapes differ, where their shapes say: another width, or position embeddings of another length."""
     widths = [k for k in mismatched if ("pos_embed" in k or "norm" in k) and state_dict[k].dim() and expected[k].dim()]
     if any(state_dict[k].shape[-1] != expected[k].shape[-1] for k in widths):
         return (". The checkpoint is of a model of another width (another size of the architecture): build the arch "
                 "it was trained as")
     if any("pos_embed" in k for k in mismatched):
+        size = _trained_input_size(state_dict[next(k for k in mismatched if "pos_embed" in k)], model)
         return (". A position embedding of another length: the checkpoint was made for another input size; "
-                "set model.input_size to it")
+                f"set model.input_size to it{f' ({size}, if its patch grid is square)' if size else ''}")
     return ""
+
+
+def _trained_input_size(position_embedding: torch.Tensor, model: nn.Module) -> int | None:
+    """The square input side a timm ViT's (1, P + n, C) or (1, n, C) position embedding was made for:
+    sqrt(n) patches of the model's patch size, with or without its P prefix tokens."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    prefix = getattr(model, "num_prefix_tokens", 0)
+    if not isinstance(patch, tuple | list) or patch[0] != patch[-1] or position_embedding.dim() != 3:
+        return None
+    for patches in (position_embedding.shape[1] - prefix, position_embedding.shape[1]):  # timm may leave prefix out
+        side = math.isqrt(max(patches, 0))
+        if side and side * side == patches:
+            return side * int(patch[0])
+    return None
 
 
 def _head_hint(unexpected: list[str], state_dict: Mapping[str, torch.Tensor]) -> str:

@@ -163,7 +163,8 @@ def test_checkpoint_for_another_input_size_says_so(tmp_path) -> None:
     path = tmp_path / "vit64.pt"
     path.write_bytes(saved(build_model(spec).state_dict()))
     with pytest.raises(ModelLoadError, match=r"pos_embed: checkpoint \(1, 17, 192\) vs model \(1, 37, 192\).*"
-                                             r"another input size; set model.input_size"):
+                                             r"another input size; set model.input_size to it \(64, if its patch "
+                                             r"grid is square\)"):
         build_model(spec.model_copy(update={"input_size": 96, "weights": str(path)}))
 
 
