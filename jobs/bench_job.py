@@ -498,7 +498,7 @@ def projection_table(stages: StageCosts, measured: Round) -> str:
     """CPU cores that keep a GPU busy, from this run's CPU costs per pair and each model's GPU pairs/s."""
     cpu = stages.ms_per_pair
     feeding = cpu[DECODE] + cpu[FETCH_REST] + cpu[RENDER] + cpu[WRITE] + ray_overhead(stages, measured)
-    lines = [f"| model at 224 px | GPU pairs/s, SFAM in one process | CPU ms per pair: fetch, render, write, Ray | cores for "
+    lines = [f"| model at 224 px | GPU pairs/s, SFAM in one process (on the GPU named) | CPU ms per pair: fetch, render, write, Ray | cores for "
              f"{GPU_BUSY:.0%} busy | explain actors' own CPU ({cpu[EXPLAIN]:.2f} ms per pair at most): cores |",
              "|---|---|---|---|---|"]
     for model, (rate, source) in GPU_PAIRS_PER_SECOND.items():

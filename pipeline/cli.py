@@ -9,7 +9,6 @@ run that broke a quality gate with `gates failed: <which, by how much>` and exit
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import logging
 import math
@@ -23,7 +22,6 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, get_args
 
 import yaml
@@ -344,11 +342,13 @@ def stop_signals() -> Iterator[None]:
         yield
         return
     handlers = {number: signal.signal(number, _stop) for number in STOP_SIGNALS}
-    unraisable_hook, sys.unraisablehook = sys.unraisablehook, partial(_redeliver_a_lost_stop, sys.unraisablehook)
+    redelivery = _LostStopRedelivery(sys.unraisablehook)
+    sys.unraisablehook = redelivery
     try:
         yield
     finally:
-        sys.unraisablehook = unraisable_hook
+        redelivery.close()
+        sys.unraisablehook = redelivery.hook
         for number, handler in handlers.items():
             signal.signal(number, signal.SIG_DFL if handler is None else handler)
 
@@ -361,22 +361,36 @@ def _stop(signum: int, frame: object) -> None:
     raise Terminated("stopped by SIGTERM") if signum == signal.SIGTERM else KeyboardInterrupt
 
 
-def _redeliver_a_lost_stop(hook: Callable[[Any], None], unraisable: Any) -> None:
-    """A stop that _stop raised inside a finalizer (`__del__`, a weakref callback) is lost there:
-    Python prints "Exception ignored" and goes on, and the signals _stop ignores from then on
-    would never stop the command. It is delivered again, from another thread, once this hook and
-    the finalizer have returned (one that lands in a finalizer again comes back here)."""
-    if not isinstance(unraisable.exc_value, KeyboardInterrupt) or threading.current_thread() is not threading.main_thread():
-        hook(unraisable)
-        return
-    signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
-    threading.Thread(target=_interrupt_main_soon, args=(signum,), daemon=True).start()
-    signal.signal(signum, _stop)  # last: until now the signal is ignored, so it cannot land in this hook
+class _LostStopRedelivery:
+    """sys.unraisablehook while stop_signals' block runs. A stop that _stop raised inside a finalizer
+    (`__del__`, a weakref callback) is lost there: Python prints "Exception ignored" and goes on,
+    and the signals _stop ignores from then on would never stop the command. The signal is sent
+    to the main thread again, from another thread, once this hook and the finalizer have returned
+    (a real signal, which also wakes a sleep or a wait; one that lands in a finalizer again comes
+    back here), unless the block has ended by then."""
 
+    def __init__(self, hook: Callable[[Any], None]) -> None:
+        self.hook = hook  # the one it replaces, for every other unraisable exception
+        self._lock = threading.Lock()
+        self._active = True
 
-def _interrupt_main_soon(signum: int) -> None:
-    time.sleep(REDELIVERY_SECONDS)
-    _thread.interrupt_main(signum)
+    def __call__(self, unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt) or threading.current_thread() is not threading.main_thread():
+            self.hook(unraisable)
+            return
+        signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+        threading.Thread(target=self._send_soon, args=(signum,), daemon=True).start()
+        signal.signal(signum, _stop)  # last: until now the signal is ignored, so it cannot land in this hook
+
+    def _send_soon(self, signum: int) -> None:
+        time.sleep(REDELIVERY_SECONDS)
+        with self._lock:
+            if self._active:  # _stop still handles it: never after the block, under the caller's handlers
+                signal.pthread_kill(threading.main_thread().ident, signum)
+
+    def close(self) -> None:
+        with self._lock:
+            self._active = False
 
 
 def _shut_down_ray() -> None:

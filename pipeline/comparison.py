@@ -74,7 +74,14 @@ from pipeline.io.storage import StorageOptions, exists, join_uri, resolve_uri, w
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import read_json
 from pipeline.layout import run_record_uri
-from pipeline.render.comparison_html import METRICS_DIFFER, OTHER_IMAGES, ComparisonView, label_name, render_comparison
+from pipeline.render.comparison_html import (
+    METRICS_DIFFER,
+    OTHER_IMAGES,
+    ComparisonView,
+    all_other_images,
+    label_name,
+    render_comparison,
+)
 from pipeline.schema import result_type
 from pipeline.thresholds import FALSE_MATCH_SIMILARITY, MOVED_BELOW
 
@@ -144,7 +151,7 @@ class Comparison:
         run_a, run_b = self.run_ids
         counts = self.counts()
         warnings = [METRICS_DIFFER] if len({run["metric"] for run in self.runs}) > 1 else []
-        if not counts["ok in both"] and counts["with other images in B"]:
+        if all_other_images(counts):
             warnings.append(OTHER_IMAGES)
         lines = [f"compared {run_a} (A) with {run_b} (B); pairs: "
                  + ", ".join(f"{value} {name}" for name, value in counts.items()),

@@ -153,15 +153,21 @@ def _check_actor_memory(config: JobConfig) -> None:
     where they would wait forever; on a cluster, warns that they wait for nodes."""
     if config.actor_memory is None:
         return
-    asked = config.num_actors * config.actor_memory
+    memory = config.actor_memory.human_readable()
+    largest = max((node["Resources"].get("memory", 0) for node in ray.nodes() if node["Alive"]), default=0)
     available = ray.cluster_resources().get("memory", 0)
-    if asked <= available:
+    if config.actor_memory > largest:
+        text = (f"actor_memory = {memory}, but no node has that much memory for tasks and actors (the largest "
+                f"{ByteSize(int(largest)).human_readable()})")
+    elif config.num_actors * config.actor_memory > available:
+        text = (f"num_actors x actor_memory = {config.num_actors} x {memory}, but Ray has "
+                f"{ByteSize(int(available)).human_readable()} of memory for tasks and actors")
+    else:
         return
-    text = (f"num_actors x actor_memory = {config.num_actors} x {config.actor_memory.human_readable()}, but Ray has "
-            f"{ByteSize(int(available)).human_readable()} of memory for tasks and actors")
     if started_here():
         raise UserError(f"{text} on this machine: lower actor_memory or num_actors, or leave actor_memory out")
-    log.warning("%s now: the actors beyond that wait for nodes an autoscaler may add", text)
+    log.warning("%s now: the actors wait for nodes an autoscaler may add (a cluster without one never starts them)",
+                text)
 
 
 def _cpus_per_actor(config: JobConfig, gpus: float) -> float:

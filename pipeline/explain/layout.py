@@ -66,20 +66,22 @@ def check_layout(layout: str) -> LayoutName:
 
 def detect_layout(
     shape: torch.Size, image_size: tuple[int, int], layout: LayoutName = "auto",
-    prefix_tokens: int | None = None, prefix_hint: int | None = None,
+    prefix_tokens: int | None = None, prefix_hint: int | None = None, strict: bool = False,
 ) -> FeatureLayout:
     """The layout of an output of `shape` for input images of `image_size` (H, W).
 
     layout: "auto" detects it; 4-D outputs are (B, C, h, w) unless only (B, h, w, C) fits the
         input's aspect ratio and stride. prefix_tokens fixes P for token outputs; prefix_hint
         (the model's own count, e.g. timm's `num_prefix_tokens`) is tried first otherwise.
+    strict: a set layout must also read a grid of the image at one stride (the default layer's
+        search); a layer that is named may have a grid that no stride gives (unpadded convolutions).
     Raises ExplanationError naming the settings to use when the shape does not fit.
     """
     check_layout(layout)
     dims = tuple(shape[1:])
     if len(dims) == 3 and layout in ("auto", "nchw", "nhwc"):
         fits = {kind: _fits_grid(hw, image_size) for kind, hw in (("nchw", dims[1:]), ("nhwc", dims[:2]))}
-        if layout != "auto" and not fits[layout]:  # a setting does not make another shape a grid
+        if strict and layout != "auto" and not fits[layout]:  # a setting does not make another shape a grid
             height, width = dims[1:] if layout == "nchw" else dims[:2]
             raise ExplanationError(
                 f"feature_layout={layout!r} reads a {tuple(shape)} output as a {height}x{width} grid, which is not "

@@ -387,7 +387,9 @@ class SFAM:
     def _gradient(self, embeddings: torch.Tensor, output: torch.Tensor, seed: torch.Tensor, **options: bool) -> torch.Tensor:
         """d(embeddings . seed)/d(output) through the linearised head; an output that reaches the
         embeddings only through what the head holds is named."""
-        (gradient,) = torch.autograd.grad(embeddings, output, seed, allow_unused=True, **options)
+        # without a path, the embedding has no graph at all when the model's parameters are frozen
+        gradient = (torch.autograd.grad(embeddings, output, seed, allow_unused=True, **options)[0]
+                    if embeddings.requires_grad else None)
         if gradient is None:
             raise ExplanationError(
                 f"target_layer={self.target_layer!r} reaches the embedding only through what is held while "

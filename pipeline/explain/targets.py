@@ -84,7 +84,7 @@ def module_outputs(model: nn.Module, sample: torch.Tensor) -> list[Output]:
 def feature_layout_of(output: torch.Tensor, sample: torch.Tensor, **settings: object) -> FeatureLayout | None:
     """The layout of a module's output when it is a feature grid larger than 1x1, else None."""
     try:
-        layout = detect_layout(output.shape, tuple(sample.shape[-2:]), **settings)
+        layout = detect_layout(output.shape, tuple(sample.shape[-2:]), **settings, strict=True)
     except ExplanationError:
         return None
     return layout if layout.grid > 1 else None
@@ -121,12 +121,15 @@ def default_target_layer(
     """
     modules = dict(model.named_modules())
     outputs = module_outputs(model, sample)
-    pooling = [f"{name}." for name, module in modules.items()
+    pooling = [name for name, module in modules.items()
                if name and any(kind in type(module).__name__.lower() for kind in ATTENTION_POOLING)]
+    # an attention-pooling head and what follows it: its first output (a projection) ends the candidates
+    pooled = next((index for index, output in enumerate(outputs)
+                   if any(name == head or name.startswith(f"{head}.") for name in output.names for head in pooling)),
+                  len(outputs))
     runs = Counter(name for output in outputs for name in output.names)  # a shared module runs more than once
-    grids = [(output, layout) for output in outputs
-             if not output.names[0].startswith(tuple(pooling)) and runs[output.name] == 1
-             and (layout := feature_layout_of(output.tensor, sample, **settings)) is not None]
+    grids = [(output, layout) for output in outputs[:pooled]
+             if runs[output.name] == 1 and (layout := feature_layout_of(output.tensor, sample, **settings)) is not None]
     prefix = settings.get("prefix_tokens")
     has_tokens = any(output.tensor.dim() == 3 for output in outputs)
     if prefix is not None and has_tokens and all(layout.kind != "tokens" for _, layout in grids):

@@ -192,8 +192,9 @@ def _load_checkpoint(spec: ModelSpec, storage_options: StorageOptions | None) ->
         raise ModelLoadError(f"weights {uri} are named .safetensors but do not start with a safetensors header")
     if not zipfile.is_zipfile(io.BytesIO(data)) and not data.startswith(b"\x80"):  # torch.save: a zip, or a pickle
         if data.startswith(ZIP_START):  # a zip's first entry without the directory at its end
-            raise ModelLoadError(f"weights {uri} are a torch.save checkpoint cut short ({len(data):,} bytes, without "
-                                 "the end of its zip): the file is truncated or corrupt; copy or save it again")
+            raise ModelLoadError(f"weights {uri} are a zip archive cut short ({len(data):,} bytes, without the end "
+                                 "of the zip; torch.save writes one): the file is truncated or corrupt; copy or save "
+                                 "it again")
         raise ModelLoadError(f"weights {uri} are neither a torch.save checkpoint nor a safetensors file")
     if _is_torchscript(data):
         raise ModelLoadError(f"weights {uri} are a TorchScript archive: explaining hooks into the model's layers, "

@@ -26,8 +26,9 @@ _STYLE = (  # up and down say the direction, not whether it is better: a false m
 _RUN_FIELDS = (("run id", "run_id"), ("model", "model_id"), ("weights", "weights"), ("target layer", "target_layer"),
                ("metric", "metric"), ("weighting", "weighting"), ("input size", "input_size"), ("started", "started"))
 METRICS_DIFFER = "The runs use different metrics: their similarities and the threshold are in different units."
-OTHER_IMAGES = ("No pair is ok in both runs on the same images: the pair ids of A name other images in B. Image URIs "
-                "relative to each run's manifest folder differ between manifests in folders of their own: write "
+OTHER_IMAGES = ("No pair is ok in both runs on the same images: every pair id of A that B has names other images in "
+                "B. Either the ids stand for other pairs in B (rank-shaped ids such as q1/3), or the image URIs are "
+                "relative to manifests in folders of their own, which makes the same image another URI: write "
                 "absolute image URIs to compare such runs.")
 _FIGURES = (("mean similarity", "mean_similarity"), ("pointing hit rate", "pointing_hit_rate"),
             ("energy in box", "energy_in_box"))
@@ -90,9 +91,15 @@ def _tiles(view: ComparisonView) -> str:
                    for name, value in view.counts.items())
 
 
+def all_other_images(counts: dict[str, int]) -> bool:
+    """Whether every pair in both runs names other images in B (ComparisonView.counts)."""
+    in_both = sum(counts[name] for name in ("ok in both", "with other images in B", "failed in A or B"))
+    return counts["with other images in B"] > 0 and counts["with other images in B"] == in_both
+
+
 def _summary(view: ComparisonView) -> str:
     if not view.summary:
-        other_images = view.counts.get("with other images in B", 0) and not view.counts.get("ok in both", 0)
+        other_images = all_other_images(view.counts)
         return f'<p class="empty">{OTHER_IMAGES if other_images else "No pair is ok in both runs on the same images."}</p>'
     head = ('<tr><th rowspan="2">label</th><th rowspan="2">pairs</th>'
             + "".join(f'<th colspan="3">{name}</th>' for name, _ in _FIGURES)

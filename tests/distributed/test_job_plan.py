@@ -10,6 +10,7 @@ import time
 import pyarrow as pa
 import pytest
 import ray
+from pydantic import ByteSize
 
 from pipeline.distributed.job import (
     CPU_ACTORS,
@@ -142,6 +143,8 @@ def test_actor_memory_a_local_ray_cannot_hold_is_refused(local_ray, monkeypatch,
                                         r"memory for tasks and actors on this machine: lower actor_memory"):
         _check_actor_memory(config)
     _check_actor_memory(config.model_copy(update={"num_actors": 1}))  # fits
+    with pytest.raises(UserError, match=r"^actor_memory = [0-9.]+GiB, but no node has that much memory"):
+        _check_actor_memory(config.model_copy(update={"num_actors": 1, "actor_memory": ByteSize(int(memory) + 1)}))
     monkeypatch.setattr(job, "started_here", lambda: False)
     with caplog.at_level(logging.WARNING, logger="sfam.audit"):
         _check_actor_memory(config)

@@ -247,9 +247,11 @@ def test_layout_settings_and_errors() -> None:
         detect_layout(torch.Size([2, 100, 300, 9]), (32, 32))
     with pytest.raises(ExplanationError, match="feature_layout='nwhc'"):
         SFAM(nn.Identity(), feature_layout="nwhc")
-    # a setting reads only a grid of the image: ConvNeXt's pooled (2, 640, 1, 1) as 640 x 1 was explained
+    # the default layer's search reads only grids of the image: ConvNeXt's pooled (2, 640, 1, 1) as 640 x 1 was one
     with pytest.raises(ExplanationError, match=r"feature_layout='nhwc' reads a \(2, 640, 1, 1\) output as a 640x1 grid"):
-        detect_layout(torch.Size([2, 640, 1, 1]), (64, 64), "nhwc")
+        detect_layout(torch.Size([2, 640, 1, 1]), (64, 64), "nhwc", strict=True)
+    # a named layer whose grid no stride gives (Inception's unpadded convolutions: 35 x 35 of 299 px) is read as set
+    assert detect_layout(torch.Size([2, 288, 35, 35]), (299, 299), "nchw") == FeatureLayout("nchw", 35, 35)
 
 
 def test_a_layout_setting_never_reads_another_shape_as_a_grid(models: dict, seed: int) -> None:
@@ -329,6 +331,8 @@ def test_attention_pooling_is_explained_from_the_grid_that_enters_it(weighting: 
     assert explainer.target_layer == "trunk" and result.map_query.shape == (2, 8, 8)
     assert result.cis_query.abs().sum() > 0
     SFAM(model, "pool.v", weighting=weighting).explain(x, y)  # values: explained
-    with pytest.raises(ExplanationError, match=r"^target_layer='pool.k' reaches the embedding only through what is "
-                                               r"held while attributing \(attention queries and keys"):
-        SFAM(model, "pool.k", weighting=weighting).explain(x, y)
+    for frozen in (False, True):  # an inference checkpoint's parameters need no gradient: no graph at all
+        model.requires_grad_(not frozen)
+        with pytest.raises(ExplanationError, match=r"^target_layer='pool.k' reaches the embedding only through what "
+                                                   r"is held while attributing \(attention queries and keys"):
+            SFAM(model, "pool.k", weighting=weighting).explain(x, y)

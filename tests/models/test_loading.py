@@ -197,7 +197,7 @@ def test_checkpoint_of_a_wrapper_module(resnet18_64: nn.Module, rng: np.random.G
     ("payload", "reason"),
     [(b"not a checkpoint at all", "neither a torch.save checkpoint nor a safetensors file"),
      (b"\x80\x02 a truncated pickle", "not a readable torch checkpoint"), (saved({"epoch": 3}), "not a state_dict"),
-     (saved({"w": torch.ones(1000)})[:2000], r"a torch.save checkpoint cut short \(2,000 bytes, without the end of its zip\)")],
+     (saved({"w": torch.ones(1000)})[:2000], r"a zip archive cut short \(2,000 bytes, without the end of the zip; torch.save writes one\)")],
 )
 def test_checkpoint_that_is_not_a_state_dict(payload: bytes, reason: str, tmp_path) -> None:
     path = tmp_path / "odd.pt"
