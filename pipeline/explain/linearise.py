@@ -5,13 +5,20 @@ scale invariant), so every CIS would vanish. As in conservative propagation (Ali
 ICML 2022) and AttnLRP (Achtibat et al., ICML 2024), the head is linearised with, per image,
 - each normalisation's deviation held constant: LayerNorm, GroupNorm, InstanceNorm (with the
   image's own statistics), RMSNorm, and any reciprocal square root (how hand-written RMSNorms,
-  timm's among them, divide by theirs); a mean that is subtracted stays, it is linear,
+  timm's among them, divide by theirs); a mean that is subtracted stays, it is linear; any
+  norm (torch.norm, linalg.vector_norm: ConvNeXt V2's global response normalisation),
 - each attention's softmax weights held constant (queries and keys detached, values not),
 - each gate held constant, the identity rule: GELU = x * Phi(x), SiLU = x * sigmoid(x),
   hard swish = x * hardsigmoid(x) and Mish = x * tanh(softplus(x)) with the right-hand factor
   fixed, and a sigmoid or hard sigmoid where it multiplies something (QuickGELU's
   x * sigmoid(1.702 x), the gates of squeeze-and-excitation blocks): its output, reshaped or
-  not, is held in that product; a sigmoid used otherwise keeps its gradient.
+  not, is held in that product; a sigmoid used otherwise keeps its gradient,
+- each product of two factors that both depend on the target features (the gated linear units
+  of SwiGLU MLPs, silu(x W) * (x V)) split by AttnLRP's uniform rule, half through each factor:
+  a b = (a b.detach() + a.detach() b) / 2, so the product's share is counted once, not twice
+  (gradient x activation of a degree-2 term is twice the term). A factor depends on the
+  features when it has a grad_fn: the generic path builds its graph from the target features
+  with the parameters frozen.
 With these held, every normalisation / attention / MLP is affine in its input, the values stay
 exactly the model's, and gradient x activation sums to u . v minus the biases' share.
 
@@ -37,6 +44,7 @@ _RESHAPES = (torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tenso
 _PRODUCTS = (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__)
 _IN_PLACE_PRODUCTS = (torch.Tensor.mul_, torch.Tensor.__imul__)  # the first factor is written to: never held
 _RSQRT = (torch.rsqrt, torch.Tensor.rsqrt)
+_NORMS = (torch.norm, torch.Tensor.norm, torch.linalg.vector_norm, torch.linalg.norm)  # statistics, as deviations are
 _ATTENTION = (F.scaled_dot_product_attention, F.multi_head_attention_forward)  # (query, key, value, ...)
 
 
@@ -64,6 +72,8 @@ class Linearised(TorchFunctionMode):
             return self._rms_norm(*args, **kwargs)
         if func in _RSQRT:
             return 1 / self._held(1 / func(*args, **kwargs))
+        if func in _NORMS:  # global response normalisation's x * |x| / mean |x| (ConvNeXt V2), F.normalize
+            return func(*args, **kwargs).detach()
         if func in _SOFTMAX:
             return func(*args, **kwargs).detach()
         if func in _SIGMOID or (func in _RESHAPES and self._is_gate(args[0])):
@@ -71,6 +81,9 @@ class Linearised(TorchFunctionMode):
         if func in _PRODUCTS or func in _IN_PLACE_PRODUCTS:
             first = 1 if func in _IN_PLACE_PRODUCTS else 0
             args = tuple(a.detach() if i >= first and self._is_gate(a) else a for i, a in enumerate(args))
+            if func in _PRODUCTS and len(args) == 2 and all(getattr(a, "grad_fn", None) is not None for a in args):
+                a, b = args
+                return (func(a, b.detach()) + func(a.detach(), b)) / 2  # the uniform rule: the product's value
             return func(*args, **kwargs)
         if func in _ATTENTION:
             return _attention(func, args, kwargs)

@@ -114,6 +114,20 @@ def _in_eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+@contextmanager
+def _frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """The parameters without gradients for the block, as they were after: the graph then starts at
+    the target features only (linearise.py's uniform rule tells their products by grad_fn)."""
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    for parameter in trained:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in trained:
+            parameter.requires_grad_(True)
+
+
 def _own_prefix_tokens(model: nn.Module) -> int | None:
     """timm's count of class / register tokens (`num_prefix_tokens`), of the model or of the ViT
     it wraps; None where no module has one, or where they disagree."""
@@ -357,7 +371,7 @@ class SFAM:
         rounds = (slots[:, None] == slots[None, :]).tril(-1).sum(dim=1)  # (2P,) earlier slots, same image
         # "matched" differentiates twice: fused attention kernels have no second derivative, the math one does
         attention = sdpa_kernel(SDPBackend.MATH) if self.weighting == "matched" else nullcontext()
-        with torch.inference_mode(False), torch.no_grad(), attention:
+        with torch.inference_mode(False), torch.no_grad(), attention, _frozen_parameters(self.model):
             forward = self._forward(images.clone(), replace=_start_graph)
             u = forward.embeddings  # (N, D)
             local = self._local_embeddings(forward) if self.weighting == "matched" else None

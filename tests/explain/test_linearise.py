@@ -119,6 +119,12 @@ TIMM = {  # model: (settings, target layer, input size); the held operations aft
     "mobilenetv3_small_100": ({}, "blocks.3", 64),
     # GroupNorm after every weight-standardised convolution
     "resnetv2_18": ({"norm_layer": GroupNormAct, "conv_layer": StdConv2d}, "stages.2", 64),
+    # rotary position embeddings and SwiGLU MLPs, silu(x W) * (x V): the uniform rule (EVA-02; 0.9 % missed before)
+    "eva02_tiny_patch14_224": ({"img_size": 56, "depth": 2}, "pos_drop", 56),
+    # global response normalisation (ConvNeXt V2)
+    "convnextv2_atto": ({}, "stages.2", 64),
+    # class and distillation tokens, averaged by the head (DeiT)
+    "deit_tiny_distilled_patch16_224": ({"img_size": 64, "depth": 2}, "pos_drop", 64),
 }
 
 
