@@ -13,12 +13,14 @@ ICML 2022) and AttnLRP (Achtibat et al., ICML 2024), the head is linearised with
   fixed, and a sigmoid or hard sigmoid where it multiplies something (QuickGELU's
   x * sigmoid(1.702 x), the gates of squeeze-and-excitation blocks): its output, reshaped or
   not, is held in that product; a sigmoid used otherwise keeps its gradient,
-- each product of two factors that both depend on the target features (the gated linear units
-  of SwiGLU MLPs, silu(x W) * (x V)) split by AttnLRP's uniform rule, half through each factor:
-  a b = (a b.detach() + a.detach() b) / 2, so the product's share is counted once, not twice
+- each gated linear unit, a held activation's output times another function of the features
+  (SwiGLU MLPs: silu(x W) * (x V)), split by AttnLRP's uniform rule, half through each factor:
+  a b = a b.detach() / 2 + a.detach() b / 2, so its degree-2 term is counted once, not twice
   (gradient x activation of a degree-2 term is twice the term). A factor depends on the
-  features when it has a grad_fn: the generic path builds its graph from the target features
-  with the parameters frozen.
+  features when it requires a gradient: the generic path builds its graph from the target
+  features with the parameters frozen. Other products are left as they are: one whose factors'
+  degrees add up to 1 (x times a scale-free ratio, as in global response normalisation) is
+  exact without a rule.
 With these held, every normalisation / attention / MLP is affine in its input, the values stay
 exactly the model's, and gradient x activation sums to u . v minus the biases' share.
 
@@ -44,7 +46,11 @@ _RESHAPES = (torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tenso
 _PRODUCTS = (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__)
 _IN_PLACE_PRODUCTS = (torch.Tensor.mul_, torch.Tensor.__imul__)  # the first factor is written to: never held
 _RSQRT = (torch.rsqrt, torch.Tensor.rsqrt)
-_NORMS = (torch.norm, torch.Tensor.norm, torch.linalg.vector_norm, torch.linalg.norm)  # statistics, as deviations are
+_NORMS = (torch.norm, torch.Tensor.norm, torch.linalg.vector_norm, torch.linalg.norm)
+# what keeps a statistic a statistic when it is computed from statistics and constants only
+_STATISTIC_OPS = (torch.mean, torch.Tensor.mean, torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__,
+                  torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.__rtruediv__, torch.clamp,
+                  torch.Tensor.clamp, torch.Tensor.clamp_min, *_RESHAPES)
 _ATTENTION = (F.scaled_dot_product_attention, F.multi_head_attention_forward)  # (query, key, value, ...)
 
 
@@ -57,6 +63,8 @@ class Linearised(TorchFunctionMode):
         self.unit_statistics = unit_statistics
         self.deviations: list[torch.Tensor] = []  # each held normalisation's sigma, e.g. (B, ..., 1)
         self._gates: dict[int, weakref.ref] = {}  # id -> the sigmoid outputs (and their reshapes) seen
+        self._activations: dict[int, weakref.ref] = {}  # id -> the held activations' outputs (GELU, SiLU, ...)
+        self._statistics: dict[int, weakref.ref] = {}  # id -> norms of the features, and ratios of them
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -72,38 +80,39 @@ class Linearised(TorchFunctionMode):
             return self._rms_norm(*args, **kwargs)
         if func in _RSQRT:
             return 1 / self._held(1 / func(*args, **kwargs))
-        if func in _NORMS:  # global response normalisation's x * |x| / mean |x| (ConvNeXt V2), F.normalize
-            return func(*args, **kwargs).detach()
         if func in _SOFTMAX:
             return func(*args, **kwargs).detach()
-        if func in _SIGMOID or (func in _RESHAPES and self._is_gate(args[0])):
-            return self._gate(func(*args, **kwargs))
+        if func in _SIGMOID or (func in _RESHAPES and _seen(self._gates, args[0])):
+            return _track(self._gates, func(*args, **kwargs))
+        if func in _NORMS or (func in _STATISTIC_OPS and self._of_statistics(args)):
+            return _track(self._statistics, func(*args, **kwargs))
         if func in _PRODUCTS or func in _IN_PLACE_PRODUCTS:
             first = 1 if func in _IN_PLACE_PRODUCTS else 0
-            args = tuple(a.detach() if i >= first and self._is_gate(a) else a for i, a in enumerate(args))
-            if func in _PRODUCTS and len(args) == 2 and all(getattr(a, "grad_fn", None) is not None for a in args):
-                a, b = args
-                return (func(a, b.detach()) + func(a.detach(), b)) / 2  # the uniform rule: the product's value
+            args = tuple(a.detach() if i >= first and self._held_factor(a) else a for i, a in enumerate(args))
+            if func in _PRODUCTS and self._is_gated_unit(args):
+                a, b = args  # the uniform rule; halves, so that 16-bit values stay the product's own
+                return func(a, b.detach()) * 0.5 + func(a.detach(), b) * 0.5
             return func(*args, **kwargs)
         if func in _ATTENTION:
             return _attention(func, args, kwargs)
-        if func is F.gelu:
-            return _gelu(*args, **kwargs)
-        if func is F.silu:
-            return args[0] * torch.sigmoid(args[0]).detach()
-        if func is F.hardswish:
-            return args[0] * F.hardsigmoid(args[0]).detach()
-        if func is F.mish:
-            return args[0] * torch.tanh(F.softplus(args[0])).detach()
+        if func in _ACTIVATIONS:
+            return _track(self._activations, _ACTIVATIONS[func](*args, **kwargs))
         return func(*args, **kwargs)
 
-    def _gate(self, output: torch.Tensor) -> torch.Tensor:
-        self._gates[id(output)] = weakref.ref(output)
-        return output
+    def _held_factor(self, value: object) -> bool:
+        """A gate, or a statistic (global response normalisation's x * |x| / mean |x|): held where it multiplies."""
+        return _seen(self._gates, value) or _seen(self._statistics, value)
 
-    def _is_gate(self, value: object) -> bool:
-        seen = self._gates.get(id(value))
-        return seen is not None and seen() is value
+    def _of_statistics(self, args: tuple) -> bool:
+        """Whether an operation's tensors are statistics, or constants beside at least one."""
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        statistics = [_seen(self._statistics, a) for a in tensors]
+        return any(statistics) and all(seen or not a.requires_grad for a, seen in zip(tensors, statistics))
+
+    def _is_gated_unit(self, factors: tuple) -> bool:
+        """A held activation's output times another function of the features: silu(x W) * (x V)."""
+        return (len(factors) == 2 and all(isinstance(f, torch.Tensor) and f.requires_grad for f in factors)
+                and any(_seen(self._activations, f) for f in factors))
 
     def _held(self, deviation: torch.Tensor) -> torch.Tensor:
         """A normalisation's deviation, held: detached, recorded, and 1 when probing."""
@@ -161,6 +170,16 @@ def _per_channel(x: torch.Tensor, *parameters: torch.Tensor | None) -> list[torc
     return [None if p is None else p.view(shape) for p in parameters]
 
 
+def _track(registry: dict[int, weakref.ref], output: torch.Tensor) -> torch.Tensor:
+    registry[id(output)] = weakref.ref(output)
+    return output
+
+
+def _seen(registry: dict[int, weakref.ref], value: object) -> bool:
+    seen = registry.get(id(value))
+    return seen is not None and seen() is value
+
+
 def _attention(func, args: tuple, kwargs: dict) -> torch.Tensor:
     """`func` with its queries and keys detached, passed by position or by name, so its
     softmax weights are constants."""
@@ -180,3 +199,11 @@ def _gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     else:
         gate = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
     return x * gate.detach()
+
+
+_ACTIVATIONS = {  # the identity rule: x times its own gate, the gate held
+    F.gelu: _gelu,
+    F.silu: lambda x, inplace=False: x * torch.sigmoid(x).detach(),
+    F.hardswish: lambda x, inplace=False: x * F.hardsigmoid(x).detach(),
+    F.mish: lambda x, inplace=False: x * torch.tanh(F.softplus(x)).detach(),
+}

@@ -169,3 +169,37 @@ def test_an_l2_normalised_output_is_refused_on_both_paths(fast_path: bool, seed:
     with pytest.raises(ExplanationError, match="scale invariant"):
         model = SmallNet(nn.Sequential(nn.Linear(16, 8, bias=False), RsqrtNormalise())).eval()
         SFAM(model, "features", fast_path=fast_path).explain(torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16))
+
+
+class NormUses(nn.Module):
+    """After `features` (N, 16, h, w): a norm used as a value (L2 pooling) and, held where it
+    multiplies, a global response normalisation's x * |x| / mean |x| after a GELU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.mix = nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(32, 8)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.mix(self.features(images)))
+        spatial = x.norm(p=2, dim=(2, 3), keepdim=True)
+        responded = x * (spatial / (spatial.mean(dim=1, keepdim=True) + 1e-6))  # GRN: a product of degree 1
+        return self.fc(torch.cat([responded.mean(dim=(2, 3)), torch.linalg.vector_norm(x, dim=(2, 3))], dim=1))
+
+
+def test_a_norm_is_held_only_where_it_multiplies(seed: int) -> None:
+    """A gated unit after a GELU whose other factor is a statistic is not split (GRN lost half its
+    share so); a norm used as a value keeps its gradient (L2 pooling was refused so)."""
+    assert_complete(without_constants(NormUses()), "features", 16, "cosine")
+
+
+def test_the_uniform_rule_keeps_16_bit_values(seed: int) -> None:
+    """a * b as a b/2 + a b/2: the sum a b + a b before halving overflowed float16 above 32752."""
+    mode = Linearised()
+    a = torch.full((3,), 200.0, dtype=torch.float16, requires_grad=True)
+    with mode:
+        mode.active = True
+        gated = F.silu(a)  # a held activation's output times another function of the features
+        product = gated * a
+    assert torch.equal(product.detach(), F.silu(a.detach()) * a.detach()) and torch.isfinite(product).all()
