@@ -197,7 +197,7 @@ def test_a_norm_is_held_only_where_it_multiplies(seed: int) -> None:
 def test_the_uniform_rule_keeps_16_bit_values(seed: int) -> None:
     """a * b as a b/2 + a b/2: the sum a b + a b before halving overflowed float16 above 32752."""
     mode = Linearised()
-    a = torch.full((3,), 200.0, dtype=torch.float16, requires_grad=True)
+    a = torch.full((3,), 200.0, dtype=torch.float16, requires_grad=True).clone()  # a function of the features
     with mode:
         mode.active = True
         gated = F.silu(a)  # a held activation's output times another function of the features
