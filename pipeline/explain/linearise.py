@@ -5,8 +5,10 @@ scale invariant), so every CIS would vanish. As in conservative propagation (Ali
 ICML 2022) and AttnLRP (Achtibat et al., ICML 2024), the head is linearised with, per image,
 - each normalisation's deviation held constant: LayerNorm, GroupNorm, InstanceNorm (with the
   image's own statistics), RMSNorm, and any reciprocal square root (how hand-written RMSNorms,
-  timm's among them, divide by theirs); a mean that is subtracted stays, it is linear; any
-  norm (torch.norm, linalg.vector_norm: ConvNeXt V2's global response normalisation),
+  timm's among them, divide by theirs); a mean that is subtracted stays, it is linear,
+- each norm (torch.norm, linalg.vector_norm), and each ratio of norms, held where it multiplies
+  the features (ConvNeXt V2's global response normalisation, x * |x| / mean |x|); a norm used
+  otherwise (L2 pooling) keeps its gradient,
 - each attention's softmax weights held constant (queries and keys detached, values not),
 - each gate held constant, the identity rule: GELU = x * Phi(x), SiLU = x * sigmoid(x),
   hard swish = x * hardsigmoid(x) and Mish = x * tanh(softplus(x)) with the right-hand factor

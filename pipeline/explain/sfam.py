@@ -117,7 +117,7 @@ def _in_eval_mode(model: nn.Module) -> Iterator[None]:
 @contextmanager
 def _frozen_parameters(model: nn.Module) -> Iterator[None]:
     """The parameters without gradients for the block, as they were after: the graph then starts at
-    the target features only (linearise.py's uniform rule tells their products by grad_fn)."""
+    the target features only (linearise.py's uniform rule tells their products by requires_grad)."""
     trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
     for parameter in trained:
         parameter.requires_grad_(False)

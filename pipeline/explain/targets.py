@@ -1,11 +1,11 @@
 """Choosing layers: the default target layer, influence checks, embedding-layer suggestions.
 
 The default target is the last layer, in execution order, whose feature grid influences the
-embedding and that runs once per forward pass. With class-token pooling (ViT, CLIP, DINOv2) the last block's patch tokens never
-reach the class token, and the class token carries into every later block what it read from
-the patches in the earlier ones: explained at the input of the last block, most of the
-similarity stays in the class token's own state, outside the patch grid (a residual of 0.77 of
-the similarity on the demo ViT). So with class-token pooling the default is the token sequence
+embedding and that runs once per forward pass. With class-token pooling (ViT, CLIP, DINOv2)
+the last block's patch tokens never reach the class token, and the class token carries into
+every later block what it read from the patches in the earlier ones: explained at the input of
+the last block, most of the similarity stays in the class token's own state, outside the patch
+grid (a residual of 0.77 of the similarity on the demo ViT). So with class-token pooling the default is the token sequence
 entering the first block: the first module whose output holds the prefix tokens before the
 patch grid (timm: `pos_drop`; torchvision: `encoder.dropout`), after the position embedding.
 There the class token is still the model's constant, and the patch tokens carry the rest

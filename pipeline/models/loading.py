@@ -284,8 +284,9 @@ def _shape_hint(mismatched: list[str], state_dict: Mapping[str, torch.Tensor], e
     if any(state_dict[k].shape[-1] != expected[k].shape[-1] for k in widths):
         return (". The checkpoint is of a model of another width (another size of the architecture): build the arch "
                 "it was trained as")
-    if any("pos_embed" in k for k in mismatched):
-        size = _trained_input_size(state_dict[next(k for k in mismatched if "pos_embed" in k)], model)
+    position = next((k for k in mismatched if "pos_embed" in k), None)
+    if position is not None:
+        size = _trained_input_size(state_dict[position], model)
         return (". A position embedding of another length: the checkpoint was made for another input size; "
                 f"set model.input_size to it{f' ({size}, if its patch grid is square)' if size else ''}")
     return ""
