@@ -309,7 +309,7 @@ def stage_costs(audit: Audit, config: JobConfig, folder: Path, pairs: int | None
     torch.set_num_threads(1)  # as in an actor of the job with one CPU or less
     options = StorageOptions()
     fetch = FetchImages(str(audit.root), config.model.input_size, config.max_image_pixels, options)
-    explain = ExplainPairs(config.model, options, "bench")
+    explain = ExplainPairs(config.model, options, "bench", config.max_image_pixels)
     render = RenderResults(RunLayout(str(folder), "bench", "2026-01-01", "bench"), config.render_png, config.render_flags, options)
     seconds = dict.fromkeys((DECODE, FETCH_REST, EXPLAIN, RENDER, WRITE), 0.0)
     manifest, overlays, unwritten = pq.read_table(audit.manifest).slice(0, pairs), 0, []
@@ -351,7 +351,7 @@ class ExplainOnly:
         fetch = FetchImages(str(audit.root), config.model.input_size, config.max_image_pixels, options)
         manifest = pq.read_table(audit.manifest).slice(0, pairs)
         batches = [fetch(manifest.slice(offset, config.batch_size)) for offset in range(0, manifest.num_rows, config.batch_size)]
-        return cls(ExplainPairs(config.model, options, "bench"), batches)
+        return cls(ExplainPairs(config.model, options, "bench", config.max_image_pixels), batches)
 
     @property
     def on_gpu(self) -> bool:
@@ -516,7 +516,8 @@ def section(command: str, args: argparse.Namespace, audit: Audit, rounds: list[R
         f"Machine: {machine(1, 'ray')}  ",
         f"Audit: {audit.pairs} pairs of 640x480 JPEGs ({args.queries} queries x top-{args.top_k} from a gallery of "
         f"{args.gallery}), {model_name(config.model)} at {config.model.input_size} px, batch {config.batch_size}, "
-        f"{rounds[-1].job.summary.num_actors} actors{gpu_share(rounds[-1].job.summary)}, render policy {config.render_png}",
+        f"{rounds[-1].job.summary.num_actors} actors{gpu_share(rounds[-1].job.summary)}, render policy {config.render_png}, "
+        f"jpeg_decoder {config.jpeg_decoder}",
         "", rounds_table(rounds, on_gpu, args.arch is None), "", startup_table(rounds), "",
         breakdown_table(stages, rounds[-1], config.batch_size), "",
         projection_table(stages, rounds[-1]), "",
@@ -553,6 +554,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--timed-pairs", type=positive, help="pairs that the in-process and stage rows time (default: all)")
     parser.add_argument("--num-actors", type=int, help="the job's num_actors (default: the job's default)")
     parser.add_argument("--gpus-per-actor", type=float, help="the job's gpus_per_actor (default: one where there are GPUs)")
+    parser.add_argument("--jpeg-decoder", choices=["auto", "pillow", "torchvision"], default="auto",
+                        help="the job's jpeg_decoder (default: auto, torchvision's nvJPEG in the actors where they hold GPUs)")
     args = parse_benchmark_args(parser, argv, SMOKE, SECTION)
     if args.gallery < args.top_k:
         parser.error("--gallery must hold at least --top-k images")
@@ -575,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         audit = write_audit(Path(folder) / "audit", args.queries, args.top_k, args.gallery, (640, 480),
                             np.random.default_rng(0))
         config = job_config(audit, "bench-job", model_spec(args.arch), batch_size=args.batch_size,
-                            num_actors=args.num_actors, gpus_per_actor=args.gpus_per_actor)
+                            num_actors=args.num_actors, gpus_per_actor=args.gpus_per_actor, jpeg_decoder=args.jpeg_decoder)
         stages = stage_costs(audit, config, Path(folder) / "stages", args.timed_pairs)
         explain_only = ExplainOnly.prepare(audit, config, args.timed_pairs)
         half = config.model_copy(update={"manifest": str(audit.half_manifest)})

@@ -21,13 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image, ImageDraw
-from torch.nn import functional as F
 
 from jobs.bench_common import Work, interleaved_seconds
 from jobs.benchmark_report import BENCHMARKS, cpu_name, parse_benchmark_args, write_section
-from pipeline.io.images import decode_image, decode_pictures, display_image, resize_for_model
+from pipeline.io.images import decode_image, decode_jpegs, decode_pictures, display_image, resize_for_model, torchvision_jpeg
 from pipeline.render import render_pair_png
 from pipeline.render.overlay import encode_png
 from pipeline.render.result_row import DISPLAY_SIDE
@@ -37,8 +35,9 @@ SMOKE = {"pairs": 4, "repeats": 1}
 MAX_PIXELS = 50_000_000
 FULL_DECODE = "decode + resize a pair: full decode, then resize_for_model and display_image (before)"
 DRAFT_DECODE = "decode + resize a pair: decode_pictures, JPEG draft mode (now)"
-NVJPEG_DECODE = ("decode + resize a pair on the GPU: nvJPEG (torchvision.io.decode_jpeg, device cuda, all pairs in one "
-                 "call), antialiased resize there, both pictures back to the host")
+HEADER_CHECK = "check a pair's headers for the GPU: torchvision_jpeg (what the fetch does when the actors decode)"
+NVJPEG_DECODE = ("decode + resize a pair on the GPU: decode_jpegs, nvJPEG (all pairs in one call), antialiased resize "
+                 "there, both pictures back to the host")
 
 
 @dataclass(frozen=True)
@@ -92,7 +91,11 @@ def decode_rows(pairs: list[tuple[bytes, bytes]], model_size: int, repeats: int)
         for data in (image for pair in pairs for image in pair):
             decode_pictures(data, "bench.jpg", MAX_PIXELS, model_size, DISPLAY_SIDE)
 
-    ms = cpu_ms({FULL_DECODE: full, DRAFT_DECODE: draft}, len(pairs), repeats)
+    def header() -> None:
+        for data in (image for pair in pairs for image in pair):
+            torchvision_jpeg(data, "bench.jpg", MAX_PIXELS)
+
+    ms = cpu_ms({FULL_DECODE: full, DRAFT_DECODE: draft, HEADER_CHECK: header}, len(pairs), repeats)
     return [Row(name, value) for name, value in ms.items()]
 
 
@@ -103,25 +106,12 @@ class GpuRow:
     cpu_ms: float  # median CPU ms per pair
 
 
-def nvjpeg_pictures(datas: list[torch.Tensor], model_size: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """decode_pictures' two pictures of each JPEG, decoded and resized on the GPU, as uint8 (3, h, w) on the host."""
-    pictures = []
-    for image in torchvision.io.decode_jpeg(datas, device=device):  # (3, H, W) uint8 each
-        height, width = image.shape[1:]
-        scale = min(1.0, DISPLAY_SIDE / max(height, width))
-        pixels = image.unsqueeze(0).float()
-        sizes = ((model_size, model_size), (round(height * scale), round(width * scale)))
-        model_input, display = (F.interpolate(pixels, size=size, mode="bilinear", antialias=True)
-                                .round_().clamp_(0, 255).to(torch.uint8)[0] for size in sizes)
-        pictures.append((model_input.cpu(), display.cpu()))
-    return pictures
-
-
 def gpu_decode_rows(pairs: list[tuple[bytes, bytes]], model_size: int, repeats: int, device: torch.device) -> list[GpuRow]:
     """nvJPEG next to decode_pictures on one core, in wall and CPU time per pair (interleaved rounds)."""
-    datas = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for pair in pairs for data in pair]
+    jpegs = [torchvision_jpeg(data, "bench.jpg", MAX_PIXELS) for pair in pairs for data in pair]
+    uris = ["bench.jpg"] * len(jpegs)
     works = {
-        NVJPEG_DECODE: lambda: nvjpeg_pictures(datas, model_size, device),
+        NVJPEG_DECODE: lambda: decode_jpegs(jpegs, uris, MAX_PIXELS, model_size, DISPLAY_SIDE, device),
         DRAFT_DECODE: lambda: [decode_pictures(data, "bench.jpg", MAX_PIXELS, model_size, DISPLAY_SIDE)
                                for pair in pairs for data in pair],
     }

@@ -8,7 +8,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -63,6 +63,9 @@ class JobConfig(BaseModel):
     gpus_per_actor: float | None = Field(None, ge=0)
     actor_memory: ByteSize | None = Field(None, gt=0)  # memory Ray reserves per replica ("6GiB"); None: none
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1)
+    # pillow: JPEGs decoded in the fetch tasks; torchvision: in the explain actors, on their device
+    # (nvJPEG on a GPU); auto: torchvision where the actors hold GPUs
+    jpeg_decoder: Literal["auto", "pillow", "torchvision"] = "auto"
     max_error_fraction: float = Field(0.01, ge=0, le=1)
     render_png: RenderPolicy = "flagged"
     render_flags: FlagRules = Field(default_factory=FlagRules)

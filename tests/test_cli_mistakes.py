@@ -34,7 +34,7 @@ from pipeline.io.results_store import HiveParquetStore
 from pipeline.io.storage import StorageOptions, join_uri
 from pipeline.io.tables import read_json
 
-from audit_data import job_config, png_bytes, small_resnet, write_audit, write_weights
+from audit_data import job_config, picture_bytes, small_resnet, write_audit, write_weights
 
 pytestmark = pytest.mark.timeout(600)
 ROOT = Path(__file__).resolve().parents[1]
@@ -397,7 +397,7 @@ def test_report_with_config_reaches_the_endpoint(finished_local_run, s3_audit, t
 
 def test_explain_with_a_corrupt_image(tmp_path: Path, s3_secret) -> None:
     good = tmp_path / "good.png"
-    good.write_bytes(png_bytes(np.random.default_rng(3), 64, 64))
+    good.write_bytes(picture_bytes(np.random.default_rng(3), 64, 64))
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg body")
     out = tmp_path / "pair.png"
@@ -412,7 +412,7 @@ def test_explain_a_vit_at_a_size_it_was_not_built_for(tmp_path: Path, s3_secret)
     pictures = []
     for seed in (4, 5):
         pictures.append(tmp_path / f"{seed}.png")
-        pictures[-1].write_bytes(png_bytes(np.random.default_rng(seed), 64, 64))
+        pictures[-1].write_bytes(picture_bytes(np.random.default_rng(seed), 64, 64))
     out = tmp_path / "pair.png"
     done = run("11 explain vit_b_16 at 64 px", [*SFAM, "explain", *map(str, pictures), "--model",
                                                 "{arch: vit_b_16, input_size: 64}", "-o", str(out)])
@@ -424,7 +424,7 @@ def test_explain_with_an_arch_that_does_not_exist(tmp_path: Path, s3_secret) -> 
     """Only the error: the warning that a model without weights explains its random initialisation
     comes once the model is known to build."""
     picture = tmp_path / "a.png"
-    picture.write_bytes(png_bytes(np.random.default_rng(6), 64, 64))
+    picture.write_bytes(picture_bytes(np.random.default_rng(6), 64, 64))
     done = run("11 explain unknown arch", [*SFAM, "explain", str(picture), str(picture), "--model",
                                            "{arch: timm/efficientnet_b00, input_size: 64}", "-o", str(tmp_path / "p.png")])
     assert_mistake(done, "efficientnet_b00", secrets=(s3_secret,))

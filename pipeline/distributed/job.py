@@ -235,6 +235,13 @@ def _read_manifest(files: Sequence[str], filesystem: pyarrow.fs.FileSystem) -> r
         context.use_datasource_v2, context.enable_progress_bars = saved
 
 
+def _decode_jpegs_in_actors(config: JobConfig, gpus: float) -> bool:
+    """Whether the explain actors decode the JPEGs (torchvision; nvJPEG on their GPUs)."""
+    in_actors = config.jpeg_decoder == "torchvision" or (config.jpeg_decoder == "auto" and gpus > 0)
+    log.info("JPEGs decoded %s", "by torchvision in the explain actors" if in_actors else "by Pillow in the fetch tasks")
+    return in_actors
+
+
 def build_dataset(config: JobConfig, layout: RunLayout, gpus: float, manifest: ManifestInfo) -> ray.data.Dataset:
     """The streaming pipeline from the manifest to result rows (not yet executed); `gpus` per actor."""
     options = config.storage_options
@@ -245,8 +252,10 @@ def build_dataset(config: JobConfig, layout: RunLayout, gpus: float, manifest: M
     # block), and the pairs of one query stay together, so their images are forwarded once
     dataset = _read_manifest(manifest.files, manifest_fs).repartition(target_num_rows_per_block=config.batch_size)
     fetch = {"manifest_dir": manifest_dir, "input_size": config.model.input_size,
-             "max_image_pixels": config.max_image_pixels, "storage_options": options}
-    explain = {"model": config.model, "storage_options": options, "attempt": layout.attempt}
+             "max_image_pixels": config.max_image_pixels, "storage_options": options,
+             "decode_jpegs": not _decode_jpegs_in_actors(config, gpus)}
+    explain = {"model": config.model, "storage_options": options, "attempt": layout.attempt,
+               "max_image_pixels": config.max_image_pixels}
     render = {"layout": layout, "policy": config.render_png, "rules": config.render_flags, "storage_options": options}
     batches = {"batch_size": config.batch_size, "batch_format": "pyarrow"}
     actors = {"compute": ActorPoolStrategy(size=config.num_actors), "num_gpus": gpus, "num_cpus": cpus}

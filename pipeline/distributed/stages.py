@@ -2,8 +2,8 @@
 
 Ray Data runs them (job.py), but none imports Ray, so each can be tested on its own:
 
-    FetchImages   CPU task     URIs -> decoded, resized uint8 pixels, or a per-row error
-    ExplainPairs  actor        pixels -> similarity, CIS, maps, localisation statistics
+    FetchImages   CPU task     URIs -> decoded, resized uint8 pixels (or JPEG bytes), or a per-row error
+    ExplainPairs  actor        [JPEG bytes -> pixels,] pixels -> similarity, CIS, maps, localisation statistics
     RenderResults CPU task     maps -> PNG overlays; drops the transient pixel columns
     StageChain    actor        several of them one after another in one process
 
@@ -13,6 +13,7 @@ start with "_" are transient and never reach the result table.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -20,9 +21,18 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from pipeline.explain import SFAMResult
-from pipeline.io.images import ImageDecodeError, Pictures, decode_pictures
+from pipeline.io.images import (
+    EncodedJpeg,
+    ImageDecodeError,
+    Pictures,
+    decode_jpegs,
+    decode_pictures,
+    torchvision_decodes_jpegs_on,
+    torchvision_jpeg,
+)
 from pipeline.io.storage import (
     StorageError,
     StorageOptions,
@@ -36,13 +46,15 @@ from pipeline.io.storage import (
 from pipeline.layout import RunLayout
 from pipeline.localisation import box_in_image, localise
 from pipeline.models.explainer import build_explainer, device_label
-from pipeline.models.spec import ModelSpec
+from pipeline.models.spec import ModelSpec, model_hw
 from pipeline.render.result_row import DISPLAY_SIDE, OVERLAY_COLUMNS, matches_in_pixels, render_result_row
 from pipeline.render.selection import FlagRules, RenderPolicy, select_for_render
 from pipeline.schema import BOX_COLUMNS, EXPLAINED_COLUMNS, SIDES, TOP_CHANNELS, result_type
 
+log = logging.getLogger("sfam.audit")
 BYTES_PER_PIXEL_LIMIT = 4  # a compressed image is never larger than its raw pixels and a margin
 READ_THREADS = 16  # objects a fetch task reads at once
+PICTURE_COLUMNS = ("pixels", "display", "display_shape", "size", "jpeg", "orientation")  # each side's, "_{side}_{name}"
 
 
 class FetchImages:
@@ -50,15 +62,18 @@ class FetchImages:
 
     The distinct images' pictures are built into Arrow columns once, with one copy of their
     pixels, and each side's columns are taken from them row by row in Arrow (no Python bytes
-    per row).
+    per row). With `decode_jpegs=False` the JPEGs that torchvision can decode are only checked
+    (header, pixel count) and passed on as bytes: the explain actors decode them on their device
+    (DecodeJpegs), nvJPEG on a GPU.
     """
 
     def __init__(self, manifest_dir: str, input_size: int | tuple[int, int], max_image_pixels: int,
-                 storage_options: StorageOptions) -> None:
+                 storage_options: StorageOptions, decode_jpegs: bool = True) -> None:
         self.manifest_dir = manifest_dir
         self.input_size = input_size
         self.max_image_pixels = max_image_pixels
         self.storage_options = storage_options
+        self.decode_jpegs = decode_jpegs
 
     def _read(self, uri: str, location: str) -> bytes | StorageError:
         """The bytes at `location`, where the manifest's `uri` led, or the error that names both;
@@ -71,7 +86,11 @@ class FetchImages:
         except StorageError as error:
             return as_given(error, uri, location)
 
-    def _decode_all(self, uris: list[str]) -> tuple[dict[str, Pictures], dict[str, str]]:
+    def _decode(self, data: bytes, uri: str) -> Pictures | EncodedJpeg:
+        jpeg = None if self.decode_jpegs else torchvision_jpeg(data, uri, self.max_image_pixels)
+        return jpeg or decode_pictures(data, uri, self.max_image_pixels, self.input_size, DISPLAY_SIDE)
+
+    def _decode_all(self, uris: list[str]) -> tuple[dict[str, Pictures | EncodedJpeg], dict[str, str]]:
         """The pictures of each distinct URI that decodes, and the error of each that does not.
 
         Objects in a store are read READ_THREADS at a time: one by one, the store's latency per
@@ -84,52 +103,127 @@ class FetchImages:
             # raises StorageUnavailable when the endpoint is down
             read = dict(zip(remote, pool.map(lambda uri: self._read(uri, locations[uri]), remote)))
         contents = {uri: read[uri] if uri in read else self._read(uri, locations[uri]) for uri in uris}
-        pictures: dict[str, Pictures] = {}
+        pictures: dict[str, Pictures | EncodedJpeg] = {}
         errors: dict[str, str] = {}
         for uri, data in contents.items():
             try:
                 if isinstance(data, StorageError):
                     raise data
-                pictures[uri] = decode_pictures(data, uri, self.max_image_pixels, self.input_size, DISPLAY_SIDE)
+                pictures[uri] = self._decode(data, uri)
             except (StorageError, ImageDecodeError) as error:
                 errors[uri] = str(error)
         return pictures, errors
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        uris = {side: batch.column(f"{side}_uri").to_pylist() for side in SIDES}
-        pictures, failures = self._decode_all(list(dict.fromkeys([*uris["query"], *uris["reference"]])))
-        errors = [
-            "; ".join(f"{side}: {failures[uri]}" for side, uri in zip(SIDES, pair) if uri in failures) or None
-            for pair in zip(uris["query"], uris["reference"])
-        ]
-        batch = batch.append_column("status", pa.array(["error" if e else "ok" for e in errors]))
-        batch = batch.append_column("error", pa.array(errors, pa.string()))
-        slot = {uri: index for index, uri in enumerate(pictures)}
-        distinct = _picture_columns(list(pictures.values()))
+        uris = batch.column("query_uri").to_pylist() + batch.column("reference_uri").to_pylist()
+        pictures, failures = self._decode_all(list(dict.fromkeys(uris)))
+        return _with_pictures(batch, pictures, failures, encoded=not self.decode_jpegs)
+
+
+class DecodeJpegs:
+    """Decodes, on `device`, the JPEGs that FetchImages left encoded; a JPEG that fails marks its rows.
+
+    Leaves the batch as FetchImages would have made it with decode_jpegs=True (the pictures of
+    the other images are kept as they are).
+    """
+
+    def __init__(self, input_size: int | tuple[int, int], max_image_pixels: int, device: torch.device) -> None:
+        self.input_size = input_size
+        self.max_image_pixels = max_image_pixels
+        self.device = device
+        if not torchvision_decodes_jpegs_on(device):
+            log.warning("this torchvision cannot decode JPEGs on %s (built without nvJPEG?): decoding them on the CPU", device)
+            self.device = torch.device("cpu")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if "_query_jpeg" not in batch.column_names:
+            return batch
+        pictures: dict[str, Pictures | EncodedJpeg] = {}
         for side in SIDES:
-            rows = distinct.take(pa.array([slot.get(uri) for uri in uris[side]], pa.int32()))  # null: failed
-            for name in rows.column_names:
-                batch = batch.append_column(f"_{side}_{name}", rows.column(name))
-        return batch
+            for row, uri in enumerate(batch.column(f"{side}_uri").to_pylist()):
+                if uri not in pictures and batch.column(f"_{side}_size")[row].is_valid:  # null: failed to fetch
+                    pictures[uri] = _pictures_at(batch, side, row, self.input_size)
+        encoded = {uri: jpeg for uri, jpeg in pictures.items() if isinstance(jpeg, EncodedJpeg)}
+        if not encoded:
+            return batch.drop_columns([f"_{side}_{name}" for side in SIDES for name in ("jpeg", "orientation")])
+        decoded = decode_jpegs(list(encoded.values()), list(encoded), self.max_image_pixels, self.input_size,
+                               DISPLAY_SIDE, self.device)
+        failures = {uri: str(result) for uri, result in zip(encoded, decoded) if isinstance(result, ImageDecodeError)}
+        pictures.update({uri: result for uri, result in zip(encoded, decoded) if isinstance(result, Pictures)})
+        for uri in failures:
+            del pictures[uri]
+        return _with_pictures(batch, pictures, failures, encoded=False)
 
 
-def _binary_column(arrays: list[np.ndarray]) -> pa.Array:
-    """Each array's raw bytes as one binary value, copied once into one buffer (64-bit offsets:
-    a batch of large pictures may pass 2 GiB)."""
-    offsets = np.cumsum([0, *(a.nbytes for a in arrays)], dtype=np.int64)
-    data = np.concatenate([a.ravel() for a in arrays]) if arrays else np.empty(0, np.uint8)
-    return pa.Array.from_buffers(pa.large_binary(), len(arrays), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+def _array_at(batch: pa.Table, column: str, row: int, hw: Sequence[int]) -> np.ndarray:
+    """The (h, w, 3) uint8 picture in a binary column at `row`, read in place from its Arrow buffer."""
+    return np.frombuffer(batch.column(column)[row].as_buffer(), np.uint8).reshape(*hw, 3)
 
 
-def _picture_columns(pictures: list[Pictures]) -> pa.Table:
-    """One row per distinct image: model input, display picture and its (h, w), original (w, h)."""
+def _pictures_at(batch: pa.Table, side: str, row: int, input_size: int | tuple[int, int]) -> Pictures | EncodedJpeg:
+    """The pictures (or the encoded JPEG) of one side of one row, as FetchImages left them."""
+    size = tuple(batch.column(f"_{side}_size")[row].as_py())
+    jpeg = batch.column(f"_{side}_jpeg")[row]
+    if jpeg.is_valid:
+        return EncodedJpeg(jpeg.as_py(), batch.column(f"_{side}_orientation")[row].as_py(), size)
+    return Pictures(model_input=_array_at(batch, f"_{side}_pixels", row, model_hw(input_size)),
+                    display=_array_at(batch, f"_{side}_display", row, batch.column(f"_{side}_display_shape")[row].as_py()),
+                    size=size)
+
+
+def _with_pictures(batch: pa.Table, pictures: dict[str, Pictures | EncodedJpeg], failures: dict[str, str],
+                   encoded: bool) -> pa.Table:
+    """The batch with each side's picture columns for the distinct images' `pictures` (with the
+    columns of encoded JPEGs where `encoded`: every batch of a run has the same columns), and its
+    status and error columns (their earlier errors kept) with the `failures` of images added."""
+    uris = {side: batch.column(f"{side}_uri").to_pylist() for side in SIDES}
+    earlier = batch.column("error").to_pylist() if "error" in batch.column_names else [None] * batch.num_rows
+    errors = [
+        "; ".join([*([before] if before else []),
+                   *(f"{side}: {failures[uri]}" for side, uri in zip(SIDES, pair) if uri in failures)]) or None
+        for before, pair in zip(earlier, zip(uris["query"], uris["reference"]))
+    ]
+    transient = [f"_{side}_{name}" for side in SIDES for name in PICTURE_COLUMNS]
+    batch = batch.drop_columns([name for name in ("status", "error", *transient) if name in batch.column_names])
+    batch = batch.append_column("status", pa.array(["error" if e else "ok" for e in errors]))
+    batch = batch.append_column("error", pa.array(errors, pa.string()))
+    slot = {uri: index for index, uri in enumerate(pictures)}
+    distinct = _picture_columns(list(pictures.values()), encoded)
+    for side in SIDES:
+        rows = distinct.take(pa.array([slot.get(uri) for uri in uris[side]], pa.int32()))  # null: failed
+        for name in rows.column_names:
+            batch = batch.append_column(f"_{side}_{name}", rows.column(name))
+    return batch
+
+
+def _binary_column(arrays: list[np.ndarray | bytes | None]) -> pa.Array:
+    """Each array's raw bytes (or the bytes) as one binary value, copied once into one buffer
+    (64-bit offsets: a batch of large pictures may pass 2 GiB); None is null."""
+    views = [np.frombuffer(a, np.uint8) if isinstance(a, bytes) else a for a in arrays]
+    offsets = np.cumsum([0, *(0 if a is None else a.nbytes for a in views)], dtype=np.int64)
+    present = [a.ravel() for a in views if a is not None]
+    data = np.concatenate(present) if present else np.empty(0, np.uint8)
+    valid = np.array([a is not None for a in views])
+    validity = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
+    return pa.Array.from_buffers(pa.large_binary(), len(views), [validity, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def _picture_columns(pictures: list[Pictures | EncodedJpeg], encoded: bool) -> pa.Table:
+    """One row per distinct image: model input, display picture and its (h, w), original (w, h);
+    for an encoded JPEG its bytes and EXIF orientation instead of the pictures."""
     shapes = pa.list_(pa.int32())
-    return pa.table({
-        "pixels": _binary_column([p.model_input for p in pictures]),  # (S, S, 3) uint8
-        "display": _binary_column([p.display for p in pictures]),  # (h, w, 3) uint8, longest side <= DISPLAY_SIDE
-        "display_shape": pa.array([list(p.display.shape[:2]) for p in pictures], shapes),
+    decoded = [p if isinstance(p, Pictures) else None for p in pictures]
+    columns = {
+        "pixels": _binary_column([p and p.model_input for p in decoded]),  # (S, S, 3) uint8
+        "display": _binary_column([p and p.display for p in decoded]),  # (h, w, 3) uint8, longest side <= DISPLAY_SIDE
+        "display_shape": pa.array([p and list(p.display.shape[:2]) for p in decoded], shapes),
         "size": pa.array([list(p.size) for p in pictures], shapes),
-    })
+    }
+    if encoded:
+        jpegs = [p if isinstance(p, EncodedJpeg) else None for p in pictures]
+        columns["jpeg"] = _binary_column([p and p.data for p in jpegs])
+        columns["orientation"] = pa.array([p and p.orientation for p in jpegs], pa.int8())
+    return pa.table(columns)
 
 
 def _has_boxes(batch: pa.Table) -> bool:
@@ -145,15 +239,18 @@ def _with_nulls(values: list, ok_rows: np.ndarray, num_rows: int) -> list:
 
 
 class ExplainPairs:
-    """One model replica: forwards each distinct image of a batch once and explains its pairs."""
+    """One model replica: decodes the JPEGs FetchImages left encoded on its device, forwards each
+    distinct image of a batch once and explains its pairs."""
 
-    def __init__(self, model: ModelSpec, storage_options: StorageOptions, attempt: str) -> None:
+    def __init__(self, model: ModelSpec, storage_options: StorageOptions, attempt: str, max_image_pixels: int) -> None:
         self.explainer = build_explainer(model, storage_options)
         self.explainer.trial()  # resolves a default target layer before any batch, even one with no ok row
+        self.decoder = DecodeJpegs(model.input_size, max_image_pixels, self.explainer.device)
         self.attempt = attempt
         self.device_label = device_label(self.explainer.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        batch = self.decoder(batch)
         ok_rows = np.flatnonzero(pc.equal(batch.column("status"), "ok").to_numpy(zero_copy_only=False))
         columns = self._explain(batch, ok_rows) if len(ok_rows) else {}
         names = [*EXPLAINED_COLUMNS, *(BOX_COLUMNS.names if _has_boxes(batch) else ())]
@@ -179,11 +276,8 @@ class ExplainPairs:
                     slot_of_uri[uris[row]] = len(sources)
                     sources.append((side, row))
                 slots[side].append(slot_of_uri[uris[row]])
-        height, width = self.explainer.spec.input_hw
-        pixels = np.stack([  # (N, H, W, 3), N distinct images, read in place from the Arrow buffers
-            np.frombuffer(batch.column(f"_{side}_pixels")[row].as_buffer(), np.uint8).reshape(height, width, 3)
-            for side, row in sources
-        ])
+        hw = self.explainer.spec.input_hw
+        pixels = np.stack([_array_at(batch, f"_{side}_pixels", row, hw) for side, row in sources])  # (N, H, W, 3) distinct
         result = self.explainer.explain_pairs(pixels, slots["query"], slots["reference"])
         return self._rows(batch, ok_rows, result, forward_share=len(sources) / len(ok_rows))
 
@@ -227,11 +321,9 @@ class RenderResults:
         self.storage_options = storage_options
 
     def _render(self, batch: pa.Table, row: int) -> str:
-        displays, sizes = {}, {}
-        for side in SIDES:
-            height, width = batch.column(f"_{side}_display_shape")[row].as_py()
-            displays[side] = np.frombuffer(batch.column(f"_{side}_display")[row].as_buffer(), np.uint8).reshape(height, width, 3)
-            sizes[side] = tuple(batch.column(f"_{side}_size")[row].as_py())
+        displays = {side: _array_at(batch, f"_{side}_display", row, batch.column(f"_{side}_display_shape")[row].as_py())
+                    for side in SIDES}
+        sizes = {side: tuple(batch.column(f"_{side}_size")[row].as_py()) for side in SIDES}
         columns = [c for c in OVERLAY_COLUMNS if c in batch.column_names]
         values = {name: batch.column(name)[row].as_py() for name in columns}
         uri = self.layout.png_uri(values["pair_id"])

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torchvision
 from PIL import ExifTags, Image, UnidentifiedImageError
 from torch.nn import functional as F
 
@@ -37,6 +38,8 @@ _TRANSPOSE_VIEWS = {  # Pillow's transpositions as views of (h, w, 3) arrays
     Image.Transpose.ROTATE_90: lambda a: a.transpose(1, 0, 2)[::-1],  # 90 degrees counter-clockwise
 }
 _SWAPS_AXES = (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90)
+_JPEG_END = b"\xff\xd9"  # the EOI marker: a file without it at its end is truncated, or carries trailing data
+RESIZE_PIXELS = 1 << 26  # decoded pixels resized in one call by decode_jpegs (a float copy of 768 MiB)
 
 
 class ImageDecodeError(UserError):
@@ -99,6 +102,66 @@ def decode_pictures(data: bytes, uri: str, max_pixels: int, model_size: int | tu
             display=_orient(display, method),
             size=_oriented_size(stored_size, method),
         )
+
+
+@dataclass(frozen=True)
+class EncodedJpeg:
+    """A JPEG checked by :func:`torchvision_jpeg`, still to be decoded by :func:`decode_jpegs`."""
+
+    data: bytes
+    orientation: int  # EXIF orientation, 1 to 8
+    size: tuple[int, int]  # the original (width, height) after EXIF orientation
+
+
+def torchvision_jpeg(data: bytes, uri: str, max_pixels: int) -> EncodedJpeg | None:
+    """The JPEG as :func:`decode_jpegs` takes it when torchvision can decode it: 8-bit colour or
+    grey, ending with its end-of-image marker, within `max_pixels` (else ImageDecodeError, as
+    decode_pictures). None for anything else, which decode_pictures decodes (CMYK, truncated files,
+    other formats). Reads the header only."""
+    with _decode_errors(uri):
+        img = _open(data, uri, max_pixels)
+        if img.format != "JPEG" or img.mode not in ("RGB", "L") or not data.endswith(_JPEG_END):
+            return None
+        orientation = int(img.getexif().get(ExifTags.Base.Orientation, 1))
+        return EncodedJpeg(data, orientation, _oriented_size(img.size, _EXIF_TRANSPOSE.get(orientation)))
+
+
+def decode_jpegs(jpegs: Sequence[EncodedJpeg], uris: Sequence[str], max_pixels: int, model_size: int | tuple[int, int],
+                 max_side: int, device: torch.device) -> list[Pictures | ImageDecodeError]:
+    """decode_pictures' pictures of JPEGs that :func:`torchvision_jpeg` accepted, decoded by
+    torchvision on `device` (nvJPEG on a GPU, all in one call) and resized there.
+
+    The whole picture is decoded (no draft scaling), then resized as decode_pictures resizes
+    (antialiased bilinear), so the pictures differ from its by about a grey level. A JPEG that
+    torchvision refuses is decoded by decode_pictures, which names what is wrong with it.
+    """
+    datas = [jpeg.data for jpeg in jpegs]
+    tensors = [torch.from_numpy(np.frombuffer(data, np.uint8).copy()) for data in datas]
+    try:
+        images = torchvision.io.decode_jpeg(tensors, mode=torchvision.io.ImageReadMode.RGB, device=device)
+    except RuntimeError:  # one bad file fails the whole call: decode each on its own
+        images = [_torchvision_decode(tensor, device) for tensor in tensors]
+    height, width = model_hw(model_size)
+    pictures: list[Pictures | ImageDecodeError | None] = [None] * len(datas)
+    groups: dict[tuple[int, int, Image.Transpose | None], list[int]] = {}  # pictures resized together
+    for index, image in enumerate(images):
+        if image is None:
+            pictures[index] = _pillow_pictures(datas[index], uris[index], max_pixels, model_size, max_side)
+        else:
+            groups.setdefault((*image.shape[1:], _EXIF_TRANSPOSE.get(jpegs[index].orientation)), []).append(index)
+    for (stored_height, stored_width, method), members in groups.items():
+        stored_model_size = (height, width) if method in _SWAPS_AXES else (width, height)
+        display_size = _display_size((stored_width, stored_height), max_side)
+        per_call = max(1, RESIZE_PIXELS // (stored_height * stored_width))
+        for start in range(0, len(members), per_call):
+            chunk = members[start:start + per_call]
+            stack = torch.stack([images[index] for index in chunk]).float()  # (n, 3, H, W) stored pixels
+            model_inputs = _resize_on_device(stack, stored_model_size)
+            displays = _resize_on_device(stack, display_size)
+            for index, model_input, display in zip(chunk, model_inputs, displays):
+                pictures[index] = Pictures(model_input=_orient(model_input, method), display=_orient(display, method),
+                                           size=_oriented_size((stored_width, stored_height), method))
+    return pictures  # type: ignore[return-value]  # every index was filled
 
 
 def resize_for_model(rgb: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
@@ -197,6 +260,37 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.has_transparency_data:
         img = Image.alpha_composite(Image.new("RGBA", img.size, _WHITE), img.convert("RGBA"))
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def torchvision_decodes_jpegs_on(device: torch.device) -> bool:
+    """Whether this torchvision decodes JPEGs on `device` (a build without nvJPEG does not on CUDA)."""
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 90)).save(out, "JPEG")
+    return _torchvision_decode(torch.frombuffer(bytearray(out.getvalue()), dtype=torch.uint8), device) is not None
+
+
+def _torchvision_decode(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """(3, H, W) uint8 on `device`, or None where torchvision refuses the file."""
+    try:
+        return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return None
+
+
+def _pillow_pictures(data: bytes, uri: str, max_pixels: int, model_size: int | tuple[int, int],
+                     max_side: int) -> Pictures | ImageDecodeError:
+    try:
+        return decode_pictures(data, uri, max_pixels, model_size, max_side)
+    except ImageDecodeError as error:
+        return error
+
+
+def _resize_on_device(images: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(n, 3, H, W) float pixels -> (n, height, width, 3) uint8 on the host, resized to `size`
+    (width, height) as _resize does."""
+    if images.shape[-2:] != (size[1], size[0]):
+        images = F.interpolate(images, size=(size[1], size[0]), mode="bilinear", antialias=True).round_().clamp_(0, 255)
+    return images.to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 def _resize(rgb: np.ndarray, size: tuple[int, int], box: tuple[float, ...] | None = None) -> np.ndarray:

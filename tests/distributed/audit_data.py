@@ -50,11 +50,11 @@ def write_weights(uri: str, options: StorageOptions) -> nn.Module:
     return model
 
 
-def png_bytes(rng: np.random.Generator, width: int, height: int) -> bytes:
+def picture_bytes(rng: np.random.Generator, width: int, height: int, fmt: str = "PNG") -> bytes:
     """A smooth random picture (not noise, so decoding and resizing are exercised realistically)."""
     small = rng.integers(0, 256, (max(2, height // 8), max(2, width // 8), 3), dtype=np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(small).resize((width, height), Image.BILINEAR).save(buffer, format="PNG")
+    Image.fromarray(small).resize((width, height), Image.BILINEAR).save(buffer, format=fmt)
     return buffer.getvalue()
 
 
@@ -93,18 +93,19 @@ def write_table(uri: str, table: pa.Table, options: StorageOptions) -> None:
 
 
 def write_audit(root: str, options: StorageOptions, rng: np.random.Generator, queries: int = 3, top_k: int = 4,
-                bad_rows: bool = False, pair_ids: list[str] | None = None) -> tuple[str, list[dict]]:
-    """Images under root/img, manifest at root/pairs.parquet with relative URIs; returns (uri, rows).
-
-    `pair_ids` replaces the good rows' ids (queries * top_k of them)."""
+                bad_rows: bool = False, pair_ids: list[str] | None = None, fmt: str = "PNG") -> tuple[str, list[dict]]:
+    """Images under root/img (in format `fmt`), manifest at root/pairs.parquet with relative URIs;
+    returns (uri, rows). `pair_ids` replaces the good rows' ids (queries * top_k of them)."""
     gallery = max(2 * queries, top_k + 1)
+    suffix = {"PNG": "png", "JPEG": "jpg"}[fmt]
     for name, count in (("q", queries), ("g", gallery)):
         for i in range(count):
-            write_bytes(join_uri(root, "img", f"{name}{i}.png"), png_bytes(rng, int(rng.integers(48, 96)), int(rng.integers(48, 96))), options)
+            data = picture_bytes(rng, int(rng.integers(48, 96)), int(rng.integers(48, 96)), fmt)
+            write_bytes(join_uri(root, "img", f"{name}{i}.{suffix}"), data, options)
     rows = []
     for q in range(queries):
         for rank, g in enumerate(rng.choice(gallery, size=top_k, replace=False), start=1):
-            rows.append({"pair_id": f"q{q}/g{g}", "query_uri": f"img/q{q}.png", "reference_uri": f"img/g{g}.png",
+            rows.append({"pair_id": f"q{q}/g{g}", "query_uri": f"img/q{q}.{suffix}", "reference_uri": f"img/g{g}.{suffix}",
                          "label": int(g // 2 == q), "rank": rank, "score": float(rng.random()),
                          "query_bbox": [4.0, 4.0, 40.0, 40.0], "reference_bbox": [8.0, 2.0, 30.0, 44.0], "team": "search"})
     for row, pair_id in zip(rows, pair_ids or []):
@@ -113,7 +114,7 @@ def write_audit(root: str, options: StorageOptions, rng: np.random.Generator, qu
         write_bytes(join_uri(root, "img", "corrupt.jpg"), b"\xff\xd8\xff\xe0 definitely not a jpeg body", options)
         write_bytes(join_uri(root, "img", "bomb.png"), bomb_png(), options)
         for pair_id, uri in (("bad/corrupt", "img/corrupt.jpg"), ("bad/missing", "img/nowhere.png"), ("bad/bomb", "img/bomb.png")):
-            rows.append({"pair_id": pair_id, "query_uri": "img/q0.png", "reference_uri": uri, "label": 0, "rank": 9,
+            rows.append({"pair_id": pair_id, "query_uri": f"img/q0.{suffix}", "reference_uri": uri, "label": 0, "rank": 9,
                          "score": 0.0, "query_bbox": None, "reference_bbox": None, "team": "search"})
     manifest = join_uri(root, "pairs.parquet")
     write_table(manifest, manifest_table(rows), options)

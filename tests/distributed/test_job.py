@@ -139,6 +139,23 @@ def test_a_model_input_of_height_by_width(local_ray, tmp_path, rng) -> None:
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_jpegs_decoded_by_torchvision_in_the_actors(local_ray, tmp_path, rng) -> None:
+    """jpeg_decoder: torchvision (the default beside GPUs, where it is nvJPEG) gives the rows of the
+    API in-process, within the decoders' grey level, and fails the rows of bad files."""
+    root, options = str(tmp_path), StorageOptions()
+    model = write_weights(join_uri(root, "models", "model.pt"), options)
+    manifest, rows = write_audit(root, options, rng, bad_rows=True, fmt="JPEG")
+    config = job_config(root, options, manifest, "torchvision", jpeg_decoder="torchvision", max_error_fraction=0.5)
+    summary = run_audit(config)
+    assert (summary.pairs, summary.error) == (len(rows), 3)
+    table = HiveParquetStore(config.output, options).read(run_id="torchvision")
+    expected = expected_similarities(model, [row for row in rows if not row["pair_id"].startswith("bad/")], root, options)
+    got = dict(zip(table.column("pair_id").to_pylist(), table.column("similarity").to_pylist()))
+    assert all(abs(got[pair_id] - similarity) < 2e-2 for pair_id, similarity in expected.items())
+    errors = dict(zip(table.column("pair_id").to_pylist(), table.column("error").to_pylist()))
+    assert errors["bad/corrupt"].startswith("reference: img/corrupt.jpg: ")
+
+
 def test_s3_run_and_rerun_has_no_duplicates(local_ray, s3_bucket, rng, tmp_path) -> None:
     bucket, options = s3_bucket
     root = f"s3://{bucket}/audit"

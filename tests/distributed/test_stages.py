@@ -21,7 +21,7 @@ from pipeline.models.spec import ModelSpec
 from pipeline.render.selection import FlagRules
 from pipeline.schema import result_type
 
-from audit_data import black_png, expected_similarities, manifest_table, model_config, png_bytes, write_audit, write_weights
+from audit_data import black_png, expected_similarities, manifest_table, model_config, picture_bytes, write_audit, write_weights
 
 
 def test_each_distinct_image_is_forwarded_once(tmp_path, rng) -> None:
@@ -32,7 +32,7 @@ def test_each_distinct_image_is_forwarded_once(tmp_path, rng) -> None:
     fetched = FetchImages(root, spec.input_size, 2_000_000, options)(pq.read_table(manifest))
     assert fetched.column("status").to_pylist().count("error") == 3
 
-    explain = ExplainPairs(spec, options, "a1")
+    explain = ExplainPairs(spec, options, "a1", 2_000_000)
     forwarded: list[int] = []
     explain.explainer.sfam.model.conv1.register_forward_hook(lambda _m, inputs, _o: forwarded.append(inputs[0].shape[0]))
     explained = explain(fetched)
@@ -94,7 +94,7 @@ def test_stage_chain_builds_its_stages_and_runs_them_in_order(tmp_path, rng) -> 
     spec = ModelSpec.model_validate(model_config(join_uri(root, "model.pt")))
     kwargs = [
         {"manifest_dir": root, "input_size": spec.input_size, "max_image_pixels": 2_000_000, "storage_options": options},
-        {"model": spec, "storage_options": options, "attempt": "a1"},
+        {"model": spec, "storage_options": options, "attempt": "a1", "max_image_pixels": 2_000_000},
         {"layout": RunLayout(str(tmp_path / "out"), "r1", "2026-11-26", "a1"), "policy": "all", "rules": FlagRules(),
          "storage_options": options},
     ]
@@ -112,13 +112,49 @@ def test_stage_chain_builds_its_stages_and_runs_them_in_order(tmp_path, rng) -> 
     np.testing.assert_allclose(*similarities, rtol=1e-5)  # NaN (failed rows) in the same places
 
 
+def header_only_jpeg(rng) -> bytes:
+    """A JPEG's header and end marker with no picture between: torchvision refuses it, Pillow names it."""
+    whole = picture_bytes(rng, 40, 30, "JPEG")
+    return whole[:whole.rindex(b"\xff\xda")] + b"\xff\xd9"
+
+
+def test_jpegs_left_to_the_explain_actor_explain_as_in_the_fetch(tmp_path, rng) -> None:
+    """FetchImages(decode_jpegs=False) checks JPEGs and passes their bytes on; ExplainPairs decodes
+    them on its device (torchvision: nvJPEG on a GPU, here the CPU). The rows are those of a fetch that
+    decodes, failures included (one found only by the actor), within the decoders' grey level."""
+    root, options = str(tmp_path), StorageOptions()
+    write_weights(join_uri(root, "model.pt"), options)
+    manifest, rows = write_audit(root, options, rng, queries=2, top_k=4, bad_rows=True, fmt="JPEG")
+    (tmp_path / "img" / "noscan.jpg").write_bytes(header_only_jpeg(rng))
+    rows.append({**rows[0], "pair_id": "bad/noscan", "reference_uri": "img/noscan.jpg"})
+    table = manifest_table(rows)
+    spec = ModelSpec.model_validate(model_config(join_uri(root, "model.pt")))
+    in_fetch = FetchImages(root, spec.input_size, 2_000_000, options)(table)
+    left = FetchImages(root, spec.input_size, 2_000_000, options, decode_jpegs=False)(table)
+    ok = pc.equal(left.column("status"), "ok")
+    assert left.filter(ok).column("_query_pixels").null_count == left.filter(ok).num_rows  # all left as bytes
+    assert left.column("status").to_pylist().count("error") == 3  # missing, and two found in their headers
+    explain = ExplainPairs(spec, options, "a1", 2_000_000)
+    explained = [explain(batch) for batch in (in_fetch, left)]
+    assert explained[0].column_names == explained[1].column_names
+    for name in ("pair_id", "status", "error"):
+        assert explained[0].column(name).to_pylist() == explained[1].column(name).to_pylist(), name
+    errors = dict(zip(explained[1].column("pair_id").to_pylist(), explained[1].column("error").to_pylist()))
+    assert errors["bad/noscan"].startswith("reference: img/noscan.jpg: ")
+    similarities = [np.array(table.column("similarity").to_pylist(), dtype=float) for table in explained]
+    np.testing.assert_allclose(*similarities, atol=2e-2)
+    layout = RunLayout(str(tmp_path / "out"), "r1", "2026-11-26", "a1")
+    rendered = RenderResults(layout, "all", FlagRules(), options)(explained[1])
+    assert all(rendered.filter(pc.equal(rendered.column("status"), "ok")).column("png_uri").to_pylist())
+
+
 def test_matched_weighting_writes_correspondences_in_image_pixels(tmp_path, rng) -> None:
     root, options = str(tmp_path), StorageOptions()
     write_weights(join_uri(root, "model.pt"), options)
     manifest, _ = write_audit(root, options, rng, queries=2, top_k=3)
     spec = ModelSpec.model_validate({**model_config(join_uri(root, "model.pt")), "weighting": "matched"})
     fetched = FetchImages(root, spec.input_size, 2_000_000, options)(pq.read_table(manifest))
-    explained = ExplainPairs(spec, options, "a1")(fetched)
+    explained = ExplainPairs(spec, options, "a1", 2_000_000)(fetched)
     ok = explained.filter(pc.equal(explained.column("status"), "ok"))
     assert ok.num_rows > 0 and explained.schema.field("correspondences").type == result_type("correspondences")
     for row in ok.to_pylist():
@@ -131,7 +167,8 @@ def test_matched_weighting_writes_correspondences_in_image_pixels(tmp_path, rng)
     layout = RunLayout(str(tmp_path / "out"), "r1", "2026-11-26", "a1")
     rendered = RenderResults(layout, "all", FlagRules(), options)(explained)
     assert all(uri for uri in rendered.filter(pc.equal(rendered.column("status"), "ok")).column("png_uri").to_pylist())
-    plain = ExplainPairs(ModelSpec.model_validate(model_config(join_uri(root, "model.pt"))), options, "a1")(fetched)
+    plain = ExplainPairs(ModelSpec.model_validate(model_config(join_uri(root, "model.pt"))), options, "a1",
+                         2_000_000)(fetched)
     assert plain.column("correspondences").null_count == plain.num_rows
 
 
@@ -165,7 +202,7 @@ print(max(0, peak[0] - before) // (1 << 20))
 
 def test_a_decompression_bomb_fails_its_row_in_bounded_memory(tmp_path, rng) -> None:
     """A valid 12000x12000 PNG (420 KB; about 600 MB once Pillow decodes it, which Pillow alone allows)."""
-    (tmp_path / "normal.png").write_bytes(png_bytes(rng, 80, 60))
+    (tmp_path / "normal.png").write_bytes(picture_bytes(rng, 80, 60))
     (tmp_path / "bomb.png").write_bytes(black_png(12000, 12000))
     rows = [{"pair_id": "normal", "query_uri": "normal.png", "reference_uri": "normal.png"},
             {"pair_id": "bomb", "query_uri": "normal.png", "reference_uri": "bomb.png"}]
@@ -190,7 +227,7 @@ def test_explain_actor_on_gpu_matches_cpu(tmp_path, rng) -> None:
     model = write_weights(join_uri(root, "model.pt"), options)
     manifest, rows = write_audit(root, options, rng, queries=3, top_k=4)
     spec = ModelSpec.model_validate(model_config(join_uri(root, "model.pt")))
-    explain = ExplainPairs(spec, options, "a1")
+    explain = ExplainPairs(spec, options, "a1", 2_000_000)
     assert next(explain.explainer.model.parameters()).device.type == "cuda"
     explained = explain(FetchImages(root, spec.input_size, 2_000_000, options)(pq.read_table(manifest)))
     expected = expected_similarities(model, rows, root, options)  # on the CPU

@@ -13,10 +13,12 @@ from PIL import Image, ImageDraw, ImageOps, JpegImagePlugin
 from pipeline.io.images import (
     ImageDecodeError,
     decode_image,
+    decode_jpegs,
     decode_pictures,
     display_image,
     resize_for_model,
     to_model_tensor,
+    torchvision_jpeg,
 )
 
 MAX_PIXELS = 50_000_000
@@ -342,3 +344,59 @@ def test_decode_pictures_keeps_boxes_linear(rng: np.random.Generator) -> None:
         for axis, scale, (lo, hi) in [(1, sx, (box[0], box[2])), (0, sy, (box[1], box[3]))]:
             first, end = bright_span(picture, axis)
             assert abs(first - lo * scale) <= 1 and abs(end - hi * scale) <= 1, (axis, first, end, lo * scale, hi * scale)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("model_size", [MODEL_SIZE, (256, 128)])
+def test_decode_jpegs_makes_decode_pictures_pictures(orientation: int, model_size: int | tuple[int, int], device: str,
+                                                    rng: np.random.Generator) -> None:
+    """torchvision's decoder (nvJPEG on a GPU) gives the pictures of decode_pictures: the same shapes
+    and sizes, within a grey level on average (a whole decode, not a drafted one)."""
+    datas = [photo_jpeg(rng, 640, 320, orientation), photo_jpeg(rng, 640, 320, orientation), photo_jpeg(rng, 90, 70)]
+    jpegs = [torchvision_jpeg(data, "mem://t.jpg", MAX_PIXELS) for data in datas]
+    assert [jpeg.orientation for jpeg in jpegs] == [orientation, orientation, 1]
+    decoded = decode_jpegs(jpegs, ["mem://a.jpg", "mem://b.jpg", "mem://c.jpg"], MAX_PIXELS, model_size, MAX_SIDE,
+                           torch.device(device))
+    for data, jpeg, pictures in zip(datas, jpegs, decoded):
+        expected = decode_pictures(data, "mem://t.jpg", MAX_PIXELS, model_size, MAX_SIDE)
+        assert pictures.size == jpeg.size == expected.size
+        assert mean_abs_diff(pictures.model_input, expected.model_input) < 1.5
+        assert mean_abs_diff(pictures.display, expected.display) < 1.5
+
+
+def test_decode_jpegs_of_grey_jpegs_is_rgb(rng: np.random.Generator) -> None:
+    data = encode(Image.fromarray(smooth_rgb(rng)).convert("L"), "JPEG", quality=95)
+    [pictures] = decode_jpegs([torchvision_jpeg(data, "mem://g.jpg", MAX_PIXELS)], ["mem://g.jpg"], MAX_PIXELS,
+                              MODEL_SIZE, MAX_SIDE, torch.device("cpu"))
+    expected = decode_pictures(data, "mem://g.jpg", MAX_PIXELS, MODEL_SIZE, MAX_SIDE)
+    assert mean_abs_diff(pictures.model_input, expected.model_input) < 1.5
+    assert (pictures.display[..., 0] == pictures.display[..., 2]).all()
+
+
+def test_what_torchvision_does_not_decode_is_left_to_decode_pictures(rng: np.random.Generator) -> None:
+    jpeg = photo_jpeg(rng, 64, 48)
+    assert torchvision_jpeg(encode(Image.fromarray(smooth_rgb(rng)), "PNG"), "mem://p.png", MAX_PIXELS) is None
+    assert torchvision_jpeg(encode(Image.fromarray(smooth_rgb(rng)).convert("CMYK"), "JPEG"), "mem://c.jpg",
+                            MAX_PIXELS) is None
+    assert torchvision_jpeg(jpeg[:-100], "mem://t.jpg", MAX_PIXELS) is None  # truncated: Pillow names it
+    with pytest.raises(ImageDecodeError, match="too many pixels"):
+        torchvision_jpeg(jpeg, "mem://t.jpg", 64 * 48 - 1)
+    with pytest.raises(ImageDecodeError, match="mem://x.jpg: unrecognised"):
+        torchvision_jpeg(b"\xff\xd8 not a jpeg \xff\xd9", "mem://x.jpg", MAX_PIXELS)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_jpeg_torchvision_refuses_fails_alone(device: str, rng: np.random.Generator) -> None:
+    """One bad file among good ones: the good ones are decoded, the bad one is named by decode_pictures."""
+    good = photo_jpeg(rng, 80, 60)
+    scan = good.rindex(b"\xff\xda")  # start of scan: the entropy-coded data follows
+    bad = good[:scan] + b"\xff\xd9"  # a header, no picture
+    jpegs = [torchvision_jpeg(data, f"mem://{name}.jpg", MAX_PIXELS) for name, data in (("g", good), ("b", bad))]
+    decoded = decode_jpegs(jpegs, ["mem://g.jpg", "mem://b.jpg"], MAX_PIXELS, MODEL_SIZE, MAX_SIDE, torch.device(device))
+    assert mean_abs_diff(decoded[0].model_input,
+                         decode_pictures(good, "mem://g.jpg", MAX_PIXELS, MODEL_SIZE, MAX_SIDE).model_input) < 1.5
+    assert isinstance(decoded[1], ImageDecodeError) and str(decoded[1]).startswith("mem://b.jpg: ")
