@@ -284,7 +284,8 @@ def decode_only(audit: Audit, size: int, pairs: int | None) -> float:
     return len(rows) / (time.perf_counter() - started)
 
 
-DECODE = "decode: decode_pictures of each distinct image of a batch"
+DECODE = ("decode: decode_pictures of each distinct image of a batch (with jpeg_decoder torchvision: its header check, "
+          "torchvision_jpeg; the actors decode, in explain)")
 FETCH_REST = "fetch besides decoding: reading the files, Arrow columns"
 EXPLAIN = "explain: ExplainPairs (model tensors, SFAM, result columns)"
 RENDER = "render: RenderResults, default policy (flagged)"
@@ -301,14 +302,17 @@ class StageCosts:
 def stage_costs(audit: Audit, config: JobConfig, folder: Path, pairs: int | None) -> StageCosts:
     """The job's stages on its batches of the manifest's first `pairs` pairs (all by default), one
     after another in this process on one torch thread."""
+    from pipeline.distributed.job import decodes_jpegs_in_actors
     from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults
+    from pipeline.io.images import torchvision_jpeg
     from pipeline.layout import RunLayout
     from pipeline.render.result_row import DISPLAY_SIDE
     from pipeline.render.selection import select_for_render
 
     torch.set_num_threads(1)  # as in an actor of the job with one CPU or less
     options = StorageOptions()
-    fetch = FetchImages(str(audit.root), config.model.input_size, config.max_image_pixels, options)
+    in_actors = decodes_jpegs_in_actors(config, float(torch.cuda.is_available()))
+    fetch = FetchImages(str(audit.root), config.model.input_size, config.max_image_pixels, options, decode_jpegs=not in_actors)
     explain = ExplainPairs(config.model, options, "bench", config.max_image_pixels)
     render = RenderResults(RunLayout(str(folder), "bench", "2026-01-01", "bench"), config.render_png, config.render_flags, options)
     seconds = dict.fromkeys((DECODE, FETCH_REST, EXPLAIN, RENDER, WRITE), 0.0)
@@ -323,8 +327,11 @@ def stage_costs(audit: Audit, config: JobConfig, folder: Path, pairs: int | None
     for offset in range(0, manifest.num_rows, config.batch_size):
         batch = manifest.slice(offset, config.batch_size)
         for uri in {*batch.column("query_uri").to_pylist(), *batch.column("reference_uri").to_pylist()}:
-            timed(DECODE, decode_pictures, (audit.root / uri).read_bytes(), uri, MAX_PIXELS,
-                  config.model.input_size, DISPLAY_SIDE)
+            if in_actors:
+                timed(DECODE, torchvision_jpeg, (audit.root / uri).read_bytes(), uri, MAX_PIXELS)
+            else:
+                timed(DECODE, decode_pictures, (audit.root / uri).read_bytes(), uri, MAX_PIXELS,
+                      config.model.input_size, DISPLAY_SIDE)
         explained = timed(EXPLAIN, explain, timed(FETCH_REST, fetch, batch))
         overlays += int(select_for_render(explained, config.render_png, config.render_flags).sum())
         unwritten.append(timed(RENDER, render, explained))

@@ -235,11 +235,9 @@ def _read_manifest(files: Sequence[str], filesystem: pyarrow.fs.FileSystem) -> r
         context.use_datasource_v2, context.enable_progress_bars = saved
 
 
-def _decode_jpegs_in_actors(config: JobConfig, gpus: float) -> bool:
-    """Whether the explain actors decode the JPEGs (torchvision; nvJPEG on their GPUs)."""
-    in_actors = config.jpeg_decoder == "torchvision" or (config.jpeg_decoder == "auto" and gpus > 0)
-    log.info("JPEGs decoded %s", "by torchvision in the explain actors" if in_actors else "by Pillow in the fetch tasks")
-    return in_actors
+def decodes_jpegs_in_actors(config: JobConfig, gpus: float) -> bool:
+    """Whether explain actors of `gpus` GPUs each decode the JPEGs (torchvision; nvJPEG on GPUs)."""
+    return config.jpeg_decoder == "torchvision" or (config.jpeg_decoder == "auto" and gpus > 0)
 
 
 def build_dataset(config: JobConfig, layout: RunLayout, gpus: float, manifest: ManifestInfo) -> ray.data.Dataset:
@@ -251,9 +249,10 @@ def build_dataset(config: JobConfig, layout: RunLayout, gpus: float, manifest: M
     # blocks of one batch of adjacent rows: every actor gets work (a one-file manifest reads as one
     # block), and the pairs of one query stay together, so their images are forwarded once
     dataset = _read_manifest(manifest.files, manifest_fs).repartition(target_num_rows_per_block=config.batch_size)
+    in_actors = decodes_jpegs_in_actors(config, gpus)
+    log.info("JPEGs decoded %s", "by torchvision in the explain actors" if in_actors else "by Pillow in the fetch tasks")
     fetch = {"manifest_dir": manifest_dir, "input_size": config.model.input_size,
-             "max_image_pixels": config.max_image_pixels, "storage_options": options,
-             "decode_jpegs": not _decode_jpegs_in_actors(config, gpus)}
+             "max_image_pixels": config.max_image_pixels, "storage_options": options, "decode_jpegs": not in_actors}
     explain = {"model": config.model, "storage_options": options, "attempt": layout.attempt,
                "max_image_pixels": config.max_image_pixels}
     render = {"layout": layout, "policy": config.render_png, "rules": config.render_flags, "storage_options": options}

@@ -38,12 +38,14 @@ def cluster_gpus() -> Iterator[int]:
 def test_one_gpu_per_actor_when_the_cluster_has_gpus(cluster_gpus, tmp_path, rng, caplog) -> None:
     root, options = str(tmp_path), StorageOptions()
     model = write_weights(join_uri(root, "models", "model.pt"), options)
-    manifest, rows = write_audit(root, options, rng, queries=4, top_k=6)
-    # one actor more than there are GPUs: it waits for a GPU, the others do the work
+    manifest, rows = write_audit(root, options, rng, queries=4, top_k=6, fmt="JPEG")
+    # one actor more than there are GPUs: it waits for a GPU, the others do the work; beside GPUs the
+    # actors decode the JPEGs (jpeg_decoder auto: nvJPEG where CUDA is, torchvision on the CPU here)
     config = job_config(root, options, manifest, "gpu", num_actors=cluster_gpus + 1, render_png=False)
-    with caplog.at_level(logging.WARNING, logger="sfam.audit"):
+    with caplog.at_level(logging.INFO, logger="sfam.audit"):
         summary = run_audit(config)
     assert [r for r in caplog.records if "wait for GPUs" in r.getMessage()]
+    assert [r for r in caplog.records if r.getMessage() == "JPEGs decoded by torchvision in the explain actors"]
 
     record = read_json(join_uri(config.output, "runs", "gpu", "run.json"), options)
     assert record["resources"]["gpus_per_actor"] == 1
@@ -56,9 +58,9 @@ def test_one_gpu_per_actor_when_the_cluster_has_gpus(cluster_gpus, tmp_path, rng
     assert record["resources"]["devices"] == list(summary.devices)
 
     table = HiveParquetStore(config.output, options).read(run_id="gpu")
-    expected = expected_similarities(model, rows, root, options)  # in this process, on the CPU
+    expected = expected_similarities(model, rows, root, options)  # in this process, on the CPU, decoded by Pillow
     for pair_id, similarity in zip(table.column("pair_id").to_pylist(), table.column("similarity").to_pylist()):
-        assert abs(similarity - expected[pair_id]) < 1e-3, pair_id
+        assert abs(similarity - expected[pair_id]) < 2e-2, pair_id
 
 
 def test_one_actor_per_gpu_by_default(cluster_gpus, tmp_path, rng, caplog) -> None:
