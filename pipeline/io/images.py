@@ -39,6 +39,7 @@ _TRANSPOSE_VIEWS = {  # Pillow's transpositions as views of (h, w, 3) arrays
 }
 _SWAPS_AXES = (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90)
 _JPEG_END = b"\xff\xd9"  # the EOI marker: a file without it at its end is truncated, or carries trailing data
+_JPEG_SCAN = b"\xff\xda"  # the SOS marker: the picture's data follows it
 RESIZE_PIXELS = 1 << 26  # decoded pixels resized in one call by decode_jpegs (a float copy of 768 MiB)
 
 
@@ -115,12 +116,14 @@ class EncodedJpeg:
 
 def torchvision_jpeg(data: bytes, uri: str, max_pixels: int) -> EncodedJpeg | None:
     """The JPEG as :func:`decode_jpegs` takes it when torchvision can decode it: 8-bit colour or
-    grey, ending with its end-of-image marker, within `max_pixels` (else ImageDecodeError, as
-    decode_pictures). None for anything else, which decode_pictures decodes (CMYK, truncated files,
-    other formats). Reads the header only."""
+    grey, with picture data (a scan) and its end-of-image marker at the end, within `max_pixels`
+    (else ImageDecodeError, as decode_pictures). None for anything else, which decode_pictures
+    decodes or names as broken (CMYK, truncated files, a header without a picture, which nvJPEG
+    would decode to noise, other formats). Reads the header only."""
     with _decode_errors(uri):
         img = _open(data, uri, max_pixels)
-        if img.format != "JPEG" or img.mode not in ("RGB", "L") or not data.endswith(_JPEG_END):
+        complete = data.endswith(_JPEG_END) and _JPEG_SCAN in data
+        if img.format != "JPEG" or img.mode not in ("RGB", "L") or not complete:
             return None
         orientation = int(img.getexif().get(ExifTags.Base.Orientation, 1))
         return EncodedJpeg(data, orientation, _oriented_size(img.size, _EXIF_TRANSPOSE.get(orientation)))
@@ -132,8 +135,10 @@ def decode_jpegs(jpegs: Sequence[EncodedJpeg], uris: Sequence[str], max_pixels: 
     torchvision on `device` (nvJPEG on a GPU, all in one call) and resized there.
 
     The whole picture is decoded (no draft scaling), then resized as decode_pictures resizes
-    (antialiased bilinear), so the pictures differ from its by about a grey level. A JPEG that
-    torchvision refuses is decoded by decode_pictures, which names what is wrong with it.
+    (antialiased bilinear). On the CPU (libjpeg-turbo, as Pillow) the pictures differ from
+    decode_pictures' by a fraction of a grey level; nvJPEG upsamples colour differently, about a
+    grey level on photos and a few on pictures of a hundred pixels. A JPEG that torchvision
+    refuses is decoded by decode_pictures, which names what is wrong with it.
     """
     datas = [jpeg.data for jpeg in jpegs]
     tensors = [torch.from_numpy(np.frombuffer(data, np.uint8).copy()) for data in datas]

@@ -112,10 +112,12 @@ def test_stage_chain_builds_its_stages_and_runs_them_in_order(tmp_path, rng) -> 
     np.testing.assert_allclose(*similarities, rtol=1e-5)  # NaN (failed rows) in the same places
 
 
-def header_only_jpeg(rng) -> bytes:
-    """A JPEG's header and end marker with no picture between: torchvision refuses it, Pillow names it."""
+def bogus_huffman_table_jpeg(rng) -> bytes:
+    """A whole JPEG whose first Huffman table counts more codes than it can hold: its header reads
+    well, torchvision refuses to decode it and Pillow names it."""
     whole = picture_bytes(rng, 40, 30, "JPEG")
-    return whole[:whole.rindex(b"\xff\xda")] + b"\xff\xd9"
+    table = whole.index(b"\xff\xc4") + 5  # the marker, its length and the table's class and id
+    return whole[:table] + b"\xff" * 16 + whole[table + 16:]
 
 
 def test_jpegs_left_to_the_explain_actor_explain_as_in_the_fetch(tmp_path, rng) -> None:
@@ -125,8 +127,8 @@ def test_jpegs_left_to_the_explain_actor_explain_as_in_the_fetch(tmp_path, rng) 
     root, options = str(tmp_path), StorageOptions()
     write_weights(join_uri(root, "model.pt"), options)
     manifest, rows = write_audit(root, options, rng, queries=2, top_k=4, bad_rows=True, fmt="JPEG")
-    (tmp_path / "img" / "noscan.jpg").write_bytes(header_only_jpeg(rng))
-    rows.append({**rows[0], "pair_id": "bad/noscan", "reference_uri": "img/noscan.jpg"})
+    (tmp_path / "img" / "huffman.jpg").write_bytes(bogus_huffman_table_jpeg(rng))
+    rows.append({**rows[0], "pair_id": "bad/huffman", "reference_uri": "img/huffman.jpg"})
     table = manifest_table(rows)
     spec = ModelSpec.model_validate(model_config(join_uri(root, "model.pt")))
     in_fetch = FetchImages(root, spec.input_size, 2_000_000, options)(table)
@@ -140,7 +142,7 @@ def test_jpegs_left_to_the_explain_actor_explain_as_in_the_fetch(tmp_path, rng) 
     for name in ("pair_id", "status", "error"):
         assert explained[0].column(name).to_pylist() == explained[1].column(name).to_pylist(), name
     errors = dict(zip(explained[1].column("pair_id").to_pylist(), explained[1].column("error").to_pylist()))
-    assert errors["bad/noscan"].startswith("reference: img/noscan.jpg: ")
+    assert errors["bad/huffman"].startswith("reference: img/huffman.jpg: ")
     similarities = [np.array(table.column("similarity").to_pylist(), dtype=float) for table in explained]
     np.testing.assert_allclose(*similarities, atol=2e-2)
     layout = RunLayout(str(tmp_path / "out"), "r1", "2026-11-26", "a1")

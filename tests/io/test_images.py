@@ -347,6 +347,9 @@ def test_decode_pictures_keeps_boxes_linear(rng: np.random.Generator) -> None:
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+# mean grey levels from decode_pictures' pictures: libjpeg-turbo decodes as Pillow does (0.1 to 0.2 measured);
+# nvJPEG upsamples colour differently (H200: 0.3 to 0.4 on 640 x 320 photos, 2.9 and 4.6 on a 90 x 70 one)
+DECODER_TOLERANCE = {"cpu": 1.5, "cuda": 8.0}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -355,7 +358,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 def test_decode_jpegs_makes_decode_pictures_pictures(orientation: int, model_size: int | tuple[int, int], device: str,
                                                     rng: np.random.Generator) -> None:
     """torchvision's decoder (nvJPEG on a GPU) gives the pictures of decode_pictures: the same shapes
-    and sizes, within a grey level on average (a whole decode, not a drafted one)."""
+    and sizes, the same pixels within the decoders' difference (an EXIF turn gone wrong is tens of levels)."""
     datas = [photo_jpeg(rng, 640, 320, orientation), photo_jpeg(rng, 640, 320, orientation), photo_jpeg(rng, 90, 70)]
     jpegs = [torchvision_jpeg(data, "mem://t.jpg", MAX_PIXELS) for data in datas]
     assert [jpeg.orientation for jpeg in jpegs] == [orientation, orientation, 1]
@@ -364,8 +367,8 @@ def test_decode_jpegs_makes_decode_pictures_pictures(orientation: int, model_siz
     for data, jpeg, pictures in zip(datas, jpegs, decoded):
         expected = decode_pictures(data, "mem://t.jpg", MAX_PIXELS, model_size, MAX_SIDE)
         assert pictures.size == jpeg.size == expected.size
-        assert mean_abs_diff(pictures.model_input, expected.model_input) < 1.5
-        assert mean_abs_diff(pictures.display, expected.display) < 1.5
+        assert mean_abs_diff(pictures.model_input, expected.model_input) < DECODER_TOLERANCE[device]
+        assert mean_abs_diff(pictures.display, expected.display) < DECODER_TOLERANCE[device]
 
 
 def test_decode_jpegs_of_grey_jpegs_is_rgb(rng: np.random.Generator) -> None:
@@ -383,20 +386,22 @@ def test_what_torchvision_does_not_decode_is_left_to_decode_pictures(rng: np.ran
     assert torchvision_jpeg(encode(Image.fromarray(smooth_rgb(rng)).convert("CMYK"), "JPEG"), "mem://c.jpg",
                             MAX_PIXELS) is None
     assert torchvision_jpeg(jpeg[:-100], "mem://t.jpg", MAX_PIXELS) is None  # truncated: Pillow names it
+    no_picture = jpeg[:jpeg.rindex(b"\xff\xda")] + b"\xff\xd9"  # nvJPEG decodes it to noise
+    assert torchvision_jpeg(no_picture, "mem://h.jpg", MAX_PIXELS) is None
     with pytest.raises(ImageDecodeError, match="too many pixels"):
         torchvision_jpeg(jpeg, "mem://t.jpg", 64 * 48 - 1)
     with pytest.raises(ImageDecodeError, match="mem://x.jpg: unrecognised"):
         torchvision_jpeg(b"\xff\xd8 not a jpeg \xff\xd9", "mem://x.jpg", MAX_PIXELS)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_a_jpeg_torchvision_refuses_fails_alone(device: str, rng: np.random.Generator) -> None:
-    """One bad file among good ones: the good ones are decoded, the bad one is named by decode_pictures."""
+def test_a_jpeg_torchvision_refuses_fails_alone(rng: np.random.Generator) -> None:
+    """One bad file among good ones: the good ones are decoded, the bad one is named by decode_pictures
+    (a Huffman table that counts more codes than it holds: its header reads well, libjpeg refuses it)."""
     good = photo_jpeg(rng, 80, 60)
-    scan = good.rindex(b"\xff\xda")  # start of scan: the entropy-coded data follows
-    bad = good[:scan] + b"\xff\xd9"  # a header, no picture
-    jpegs = [torchvision_jpeg(data, f"mem://{name}.jpg", MAX_PIXELS) for name, data in (("g", good), ("b", bad))]
-    decoded = decode_jpegs(jpegs, ["mem://g.jpg", "mem://b.jpg"], MAX_PIXELS, MODEL_SIZE, MAX_SIDE, torch.device(device))
+    table = good.index(b"\xff\xc4") + 5  # the marker, its length and the table's class and id
+    bad = good[:table] + b"\xff" * 16 + good[table + 16:]
+    jpegs = [torchvision_jpeg(data, "mem://j.jpg", MAX_PIXELS) for data in (good, bad)]
+    decoded = decode_jpegs(jpegs, ["mem://g.jpg", "mem://b.jpg"], MAX_PIXELS, MODEL_SIZE, MAX_SIDE, torch.device("cpu"))
     assert mean_abs_diff(decoded[0].model_input,
                          decode_pictures(good, "mem://g.jpg", MAX_PIXELS, MODEL_SIZE, MAX_SIDE).model_input) < 1.5
     assert isinstance(decoded[1], ImageDecodeError) and str(decoded[1]).startswith("mem://b.jpg: ")
