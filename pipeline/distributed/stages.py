@@ -179,8 +179,9 @@ def _with_pictures(batch: pa.Table, pictures: dict[str, Pictures | EncodedJpeg],
     uris = {side: batch.column(f"{side}_uri").to_pylist() for side in SIDES}
     earlier = batch.column("error").to_pylist() if "error" in batch.column_names else [None] * batch.num_rows
     errors = [
-        "; ".join([*([before] if before else []),
-                   *(f"{side}: {failures[uri]}" for side, uri in zip(SIDES, pair) if uri in failures)]) or None
+        "; ".join(sorted([*([before] if before else []),
+                          *(f"{side}: {failures[uri]}" for side, uri in zip(SIDES, pair) if uri in failures)],
+                         key=lambda message: message.startswith("reference: "))) or None  # the query's first
         for before, pair in zip(earlier, zip(uris["query"], uris["reference"]))
     ]
     transient = [f"_{side}_{name}" for side in SIDES for name in PICTURE_COLUMNS]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -39,8 +40,7 @@ _TRANSPOSE_VIEWS = {  # Pillow's transpositions as views of (h, w, 3) arrays
 }
 _SWAPS_AXES = (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90)
 _JPEG_END = b"\xff\xd9"  # the EOI marker: a file without it at its end is truncated, or carries trailing data
-_JPEG_SCAN = b"\xff\xda"  # the SOS marker: the picture's data follows it
-RESIZE_PIXELS = 1 << 26  # decoded pixels resized in one call by decode_jpegs (a float copy of 768 MiB)
+DECODE_PIXELS = 1 << 25  # JPEG pixels decode_jpegs decodes in one call: 96 MiB of pixels, 384 MiB as floats
 
 
 class ImageDecodeError(UserError):
@@ -116,57 +116,36 @@ class EncodedJpeg:
 
 def torchvision_jpeg(data: bytes, uri: str, max_pixels: int) -> EncodedJpeg | None:
     """The JPEG as :func:`decode_jpegs` takes it when torchvision can decode it: 8-bit colour or
-    grey, with picture data (a scan) and its end-of-image marker at the end, within `max_pixels`
-    (else ImageDecodeError, as decode_pictures). None for anything else, which decode_pictures
-    decodes or names as broken (CMYK, truncated files, a header without a picture, which nvJPEG
-    would decode to noise, other formats). Reads the header only."""
+    grey, with picture data (Pillow's header walk reached a scan) and its end-of-image marker at
+    the end, within `max_pixels` (else ImageDecodeError, as decode_pictures). None for anything
+    else, which decode_pictures decodes or names as broken (CMYK, truncated files, a header
+    without a picture, which nvJPEG decodes to noise, other formats). Reads the header only."""
     with _decode_errors(uri):
         img = _open(data, uri, max_pixels)
-        complete = data.endswith(_JPEG_END) and _JPEG_SCAN in data
+        complete = bool(img.tile) and data.endswith(_JPEG_END)
         if img.format != "JPEG" or img.mode not in ("RGB", "L") or not complete:
             return None
-        orientation = int(img.getexif().get(ExifTags.Base.Orientation, 1))
+        orientation = _orientation(img)
         return EncodedJpeg(data, orientation, _oriented_size(img.size, _EXIF_TRANSPOSE.get(orientation)))
 
 
 def decode_jpegs(jpegs: Sequence[EncodedJpeg], uris: Sequence[str], max_pixels: int, model_size: int | tuple[int, int],
                  max_side: int, device: torch.device) -> list[Pictures | ImageDecodeError]:
     """decode_pictures' pictures of JPEGs that :func:`torchvision_jpeg` accepted, decoded by
-    torchvision on `device` (nvJPEG on a GPU, all in one call) and resized there.
+    torchvision on `device` (nvJPEG on a GPU, up to DECODE_PIXELS pixels in one call) and resized there.
 
-    The whole picture is decoded (no draft scaling), then resized as decode_pictures resizes
-    (antialiased bilinear). On the CPU (libjpeg-turbo, as Pillow) the pictures differ from
-    decode_pictures' by a fraction of a grey level; nvJPEG upsamples colour differently, about a
-    grey level on photos and a few on pictures of a hundred pixels. A JPEG that torchvision
-    refuses is decoded by decode_pictures, which names what is wrong with it.
+    The whole picture is decoded, then resized as decode_pictures resizes (antialiased bilinear),
+    where decode_pictures decodes a large JPEG in draft mode: on the CPU (libjpeg-turbo, as
+    Pillow) the pictures differ from decode_pictures' by under a grey level on average, up to
+    about 30 levels at sharp edges of drafted pictures; nvJPEG also upsamples colour differently
+    (about a grey level more, a few on pictures of a hundred pixels). A JPEG that torchvision
+    refuses, or that does not fit in the device's memory, is decoded by decode_pictures, which
+    names what is wrong with it.
     """
-    datas = [jpeg.data for jpeg in jpegs]
-    tensors = [torch.from_numpy(np.frombuffer(data, np.uint8).copy()) for data in datas]
-    try:
-        images = torchvision.io.decode_jpeg(tensors, mode=torchvision.io.ImageReadMode.RGB, device=device)
-    except RuntimeError:  # one bad file fails the whole call: decode each on its own
-        images = [_torchvision_decode(tensor, device) for tensor in tensors]
-    height, width = model_hw(model_size)
-    pictures: list[Pictures | ImageDecodeError | None] = [None] * len(datas)
-    groups: dict[tuple[int, int, Image.Transpose | None], list[int]] = {}  # pictures resized together
-    for index, image in enumerate(images):
-        if image is None:
-            pictures[index] = _pillow_pictures(datas[index], uris[index], max_pixels, model_size, max_side)
-        else:
-            groups.setdefault((*image.shape[1:], _EXIF_TRANSPOSE.get(jpegs[index].orientation)), []).append(index)
-    for (stored_height, stored_width, method), members in groups.items():
-        stored_model_size = (height, width) if method in _SWAPS_AXES else (width, height)
-        display_size = _display_size((stored_width, stored_height), max_side)
-        per_call = max(1, RESIZE_PIXELS // (stored_height * stored_width))
-        for start in range(0, len(members), per_call):
-            chunk = members[start:start + per_call]
-            stack = torch.stack([images[index] for index in chunk]).float()  # (n, 3, H, W) stored pixels
-            model_inputs = _resize_on_device(stack, stored_model_size)
-            displays = _resize_on_device(stack, display_size)
-            for index, model_input, display in zip(chunk, model_inputs, displays):
-                pictures[index] = Pictures(model_input=_orient(model_input, method), display=_orient(display, method),
-                                           size=_oriented_size((stored_width, stored_height), method))
-    return pictures  # type: ignore[return-value]  # every index was filled
+    pictures: list[Pictures | ImageDecodeError] = []
+    for start, stop in _pixel_chunks([jpeg.size for jpeg in jpegs], DECODE_PIXELS):
+        pictures += _decode_jpeg_chunk(jpegs[start:stop], uris[start:stop], max_pixels, model_size, max_side, device)
+    return pictures
 
 
 def resize_for_model(rgb: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
@@ -244,9 +223,15 @@ def _display_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation, 1 to 8: 1 (upright) where it is missing or not one of them."""
+    orientation = img.getexif().get(ExifTags.Base.Orientation, 1)  # a number, but a file may hold any type
+    return int(orientation) if isinstance(orientation, numbers.Real) and orientation in _EXIF_TRANSPOSE else 1
+
+
 def _transpose_method(img: Image.Image) -> Image.Transpose | None:
     """How to turn the stored pixels upright, from the EXIF orientation (read after `load`)."""
-    return _EXIF_TRANSPOSE.get(img.getexif().get(ExifTags.Base.Orientation, 1))
+    return _EXIF_TRANSPOSE.get(_orientation(img))
 
 
 def _orient(rgb: np.ndarray, method: Image.Transpose | None) -> np.ndarray:
@@ -280,6 +265,52 @@ def _torchvision_decode(data: torch.Tensor, device: torch.device) -> torch.Tenso
         return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=device)
     except RuntimeError:
         return None
+
+
+def _pixel_chunks(sizes: Sequence[tuple[int, int]], limit: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of consecutive runs of pictures of `sizes` (width, height) of at most `limit`
+    pixels together, or of one larger picture."""
+    start, total = 0, 0
+    for index, (width, height) in enumerate(sizes):
+        if index > start and total + width * height > limit:
+            yield start, index
+            start, total = index, 0
+        total += width * height
+    if start < len(sizes):
+        yield start, len(sizes)
+
+
+def _decode_jpeg_chunk(jpegs: Sequence[EncodedJpeg], uris: Sequence[str], max_pixels: int,
+                       model_size: int | tuple[int, int], max_side: int,
+                       device: torch.device) -> list[Pictures | ImageDecodeError]:
+    """decode_jpegs of JPEGs decoded in one call."""
+    tensors = [torch.from_numpy(np.frombuffer(jpeg.data, np.uint8).copy()) for jpeg in jpegs]
+    try:
+        images = torchvision.io.decode_jpeg(tensors, mode=torchvision.io.ImageReadMode.RGB, device=device)
+    except RuntimeError:  # one bad file (or too little memory) fails the whole call: each again on its own
+        images = [_torchvision_decode(tensor, device) for tensor in tensors]
+    height, width = model_hw(model_size)
+    pictures: list[Pictures | ImageDecodeError | None] = [None] * len(jpegs)
+    groups: dict[tuple[int, int, Image.Transpose | None], list[int]] = {}  # pictures resized together
+    for index, image in enumerate(images):
+        if image is None:
+            pictures[index] = _pillow_pictures(jpegs[index].data, uris[index], max_pixels, model_size, max_side)
+        else:
+            groups.setdefault((*image.shape[1:], _EXIF_TRANSPOSE.get(jpegs[index].orientation)), []).append(index)
+    for (stored_height, stored_width, method), members in groups.items():
+        stored_model_size = (height, width) if method in _SWAPS_AXES else (width, height)
+        try:
+            stack = torch.stack([images[index] for index in members]).float()  # (n, 3, H, W) stored pixels
+            model_inputs = _resize_on_device(stack, stored_model_size)
+            displays = _resize_on_device(stack, _display_size((stored_width, stored_height), max_side))
+        except torch.cuda.OutOfMemoryError:  # the model's batch beside it took the device's memory
+            for index in members:
+                pictures[index] = _pillow_pictures(jpegs[index].data, uris[index], max_pixels, model_size, max_side)
+            continue
+        for index, model_input, display in zip(members, model_inputs, displays):
+            pictures[index] = Pictures(model_input=_orient(model_input, method), display=_orient(display, method),
+                                       size=_oriented_size((stored_width, stored_height), method))
+    return pictures  # type: ignore[return-value]  # every index was filled
 
 
 def _pillow_pictures(data: bytes, uri: str, max_pixels: int, model_size: int | tuple[int, int],

@@ -129,13 +129,15 @@ def test_jpegs_left_to_the_explain_actor_explain_as_in_the_fetch(tmp_path, rng) 
     manifest, rows = write_audit(root, options, rng, queries=2, top_k=4, bad_rows=True, fmt="JPEG")
     (tmp_path / "img" / "huffman.jpg").write_bytes(bogus_huffman_table_jpeg(rng))
     rows.append({**rows[0], "pair_id": "bad/huffman", "reference_uri": "img/huffman.jpg"})
+    # the reference fails in the fetch, the query in the actor: the query's error still comes first
+    rows.append({**rows[0], "pair_id": "bad/both", "query_uri": "img/huffman.jpg", "reference_uri": "img/nowhere.jpg"})
     table = manifest_table(rows)
     spec = ModelSpec.model_validate(model_config(join_uri(root, "model.pt")))
     in_fetch = FetchImages(root, spec.input_size, 2_000_000, options)(table)
     left = FetchImages(root, spec.input_size, 2_000_000, options, decode_jpegs=False)(table)
     ok = pc.equal(left.column("status"), "ok")
     assert left.filter(ok).column("_query_pixels").null_count == left.filter(ok).num_rows  # all left as bytes
-    assert left.column("status").to_pylist().count("error") == 3  # missing, and two found in their headers
+    assert left.column("status").to_pylist().count("error") == 4  # missing files, and two found in their headers
     explain = ExplainPairs(spec, options, "a1", 2_000_000)
     explained = [explain(batch) for batch in (in_fetch, left)]
     assert explained[0].column_names == explained[1].column_names
@@ -143,6 +145,7 @@ def test_jpegs_left_to_the_explain_actor_explain_as_in_the_fetch(tmp_path, rng) 
         assert explained[0].column(name).to_pylist() == explained[1].column(name).to_pylist(), name
     errors = dict(zip(explained[1].column("pair_id").to_pylist(), explained[1].column("error").to_pylist()))
     assert errors["bad/huffman"].startswith("reference: img/huffman.jpg: ")
+    assert errors["bad/both"].startswith("query: img/huffman.jpg: ") and "; reference: img/nowhere.jpg: " in errors["bad/both"]
     similarities = [np.array(table.column("similarity").to_pylist(), dtype=float) for table in explained]
     np.testing.assert_allclose(*similarities, atol=2e-2)
     layout = RunLayout(str(tmp_path / "out"), "r1", "2026-11-26", "a1")

@@ -8,8 +8,10 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image, ImageDraw, ImageOps, JpegImagePlugin
 
+from pipeline.io import images
 from pipeline.io.images import (
     ImageDecodeError,
     decode_image,
@@ -347,8 +349,9 @@ def test_decode_pictures_keeps_boxes_linear(rng: np.random.Generator) -> None:
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
-# mean grey levels from decode_pictures' pictures: libjpeg-turbo decodes as Pillow does (0.1 to 0.2 measured);
-# nvJPEG upsamples colour differently (H200: 0.3 to 0.4 on 640 x 320 photos, 2.9 and 4.6 on a 90 x 70 one)
+# mean grey levels from decode_pictures' pictures, which draft large JPEGs: libjpeg-turbo decodes as Pillow does
+# (0.1 to 0.8 measured here); nvJPEG upsamples colour differently (H200: 0.3 to 0.4 on 640 x 320 photos, 2.9
+# and 4.6 on a 90 x 70 one)
 DECODER_TOLERANCE = {"cpu": 1.5, "cuda": 8.0}
 
 
@@ -371,6 +374,50 @@ def test_decode_jpegs_makes_decode_pictures_pictures(orientation: int, model_siz
         assert mean_abs_diff(pictures.display, expected.display) < DECODER_TOLERANCE[device]
 
 
+def exif_orientation(kind: int, count: int, value: bytes) -> bytes:
+    """An EXIF block (for Pillow's `exif=`) of one Orientation entry of TIFF type `kind` (2 ASCII,
+    3 SHORT, 4 LONG, 12 DOUBLE), `count` values whose little-endian bytes are `value`."""
+    in_place = value.ljust(4, b"\0") if len(value) <= 4 else struct.pack("<I", 26)  # else after the IFD
+    entry = struct.pack("<HHI", 0x0112, kind, count) + in_place
+    return b"Exif\0\0" + b"II*\0" + struct.pack("<IH", 8, 1) + entry + struct.pack("<I", 0) + value * (len(value) > 4)
+
+
+@pytest.mark.parametrize(("exif", "expected"), [
+    (exif_orientation(3, 1, struct.pack("<H", 6)), 6),
+    (exif_orientation(3, 1, struct.pack("<H", 200)), 1),
+    (exif_orientation(4, 1, struct.pack("<I", 70000)), 1),
+    (exif_orientation(2, 2, b"6\0"), 1),
+    (exif_orientation(12, 1, struct.pack("<d", float("inf"))), 1),
+    (exif_orientation(12, 1, struct.pack("<d", 6.0)), 6),
+], ids=["short-6", "short-200", "long-70000", "ascii-6", "double-inf", "double-6"])
+def test_an_exif_orientation_out_of_its_range_is_upright_in_both_decoders(exif: bytes, expected: int,
+                                                                        rng: np.random.Generator) -> None:
+    """EXIF orientations are 1 to 8 in a SHORT; a file may hold anything there. Both decoders read
+    what is not one of them as upright (1), and never fail on it (in a batch, nor in its column)."""
+    data = encode(Image.fromarray(random_rgb(rng, 48, 64)), "JPEG", quality=95, exif=exif)
+    jpeg = torchvision_jpeg(data, "mem://o.jpg", MAX_PIXELS)
+    assert jpeg.orientation == expected and jpeg.size == decode_pictures(data, "mem://o.jpg", MAX_PIXELS, 16, 64).size
+    assert jpeg.size == ((48, 64) if expected == 6 else (64, 48))
+
+
+def test_decode_jpegs_decodes_a_bounded_number_of_pixels_at_once(rng: np.random.Generator,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large photos are decoded whole: DECODE_PIXELS bounds what one call holds, the pictures are the same."""
+    datas = [photo_jpeg(rng, 80, 60), photo_jpeg(rng, 80, 60), photo_jpeg(rng, 160, 120), photo_jpeg(rng, 40, 30)]
+    jpegs = [torchvision_jpeg(data, "mem://p.jpg", MAX_PIXELS) for data in datas]
+    uris = ["mem://p.jpg"] * len(jpegs)
+    whole = decode_jpegs(jpegs, uris, MAX_PIXELS, MODEL_SIZE, MAX_SIDE, torch.device("cpu"))
+    calls: list[int] = []
+    decode = torchvision.io.decode_jpeg
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", lambda data, **kw: calls.append(len(data)) or decode(data, **kw))
+    monkeypatch.setattr(images, "DECODE_PIXELS", 2 * 80 * 60)
+    chunked = decode_jpegs(jpegs, uris, MAX_PIXELS, MODEL_SIZE, MAX_SIDE, torch.device("cpu"))
+    assert calls == [2, 1, 1]  # two small photos, the large one alone, then the last
+    for a, b in zip(whole, chunked):
+        np.testing.assert_array_equal(a.model_input, b.model_input)
+        np.testing.assert_array_equal(a.display, b.display)
+
+
 def test_decode_jpegs_of_grey_jpegs_is_rgb(rng: np.random.Generator) -> None:
     data = encode(Image.fromarray(smooth_rgb(rng)).convert("L"), "JPEG", quality=95)
     [pictures] = decode_jpegs([torchvision_jpeg(data, "mem://g.jpg", MAX_PIXELS)], ["mem://g.jpg"], MAX_PIXELS,
@@ -387,6 +434,13 @@ def test_what_torchvision_does_not_decode_is_left_to_decode_pictures(rng: np.ran
                             MAX_PIXELS) is None
     assert torchvision_jpeg(jpeg[:-100], "mem://t.jpg", MAX_PIXELS) is None  # truncated: Pillow names it
     no_picture = jpeg[:jpeg.rindex(b"\xff\xda")] + b"\xff\xd9"  # nvJPEG decodes it to noise
+    assert torchvision_jpeg(no_picture, "mem://h.jpg", MAX_PIXELS) is None
+    exif = Image.Exif()
+    exif[0x9286] = b"\xff\xda\x00\x0c"  # a user comment that holds a start-of-scan marker (as thumbnails do)
+    commented = encode(Image.fromarray(smooth_rgb(rng)), "JPEG", exif=exif)
+    assert commented.index(b"\xff\xda") < commented.rindex(b"\xff\xda")
+    assert torchvision_jpeg(commented, "mem://c.jpg", MAX_PIXELS) is not None
+    no_picture = commented[:commented.rindex(b"\xff\xda")] + b"\xff\xd9"
     assert torchvision_jpeg(no_picture, "mem://h.jpg", MAX_PIXELS) is None
     with pytest.raises(ImageDecodeError, match="too many pixels"):
         torchvision_jpeg(jpeg, "mem://t.jpg", 64 * 48 - 1)
