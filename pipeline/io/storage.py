@@ -48,6 +48,7 @@ _CONNECTION_ERRORS = {
 }
 RETRIES = 3
 RETRY_BACKOFF_SECONDS = 2.0
+REREADS = 3  # reads of an object that was replaced while it was read, before its error
 CONNECT_TIMEOUT_SECONDS = 5
 
 
@@ -113,13 +114,22 @@ def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.
 def read_bytes(uri: str, options: StorageOptions | None = None, max_bytes: int | None = None) -> bytes:
     """The whole object; refuses objects larger than `max_bytes` without reading them all.
 
-    Retries while the endpoint is unreachable, then raises StorageUnavailable.
+    Retries while the endpoint is unreachable, then raises StorageUnavailable; reads again an
+    object replaced while it was read (up to REREADS times).
     """
     fs, path = filesystem(uri, options)
 
     def read() -> bytes:
-        with _storage_errors(uri), fs.open(path, "rb") as f:
-            return f.read() if max_bytes is None else f.read(max_bytes + 1)
+        for attempt in range(REREADS):
+            try:
+                with _storage_errors(uri), fs.open(path, "rb") as f:
+                    return f.read() if max_bytes is None else f.read(max_bytes + 1)
+            except StorageError as error:
+                # s3fs reads the version it opened: one replaced meanwhile (a commit rewrote _SUCCESS) is read anew
+                if type(error.__cause__).__name__ != "FileExpired" or attempt == REREADS - 1:
+                    raise
+                fs.invalidate_cache(path)
+        raise AssertionError("unreachable")
 
     data = _retrying(read)
     if max_bytes is not None and len(data) > max_bytes:

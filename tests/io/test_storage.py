@@ -206,3 +206,24 @@ def test_unreachable_endpoint_is_storage_unavailable_and_drops_the_client(monkey
     with pytest.raises(StorageUnavailable, match="endpoint unreachable"):
         exists(uri, options)
     assert filesystem(uri, options)[0] is not client
+
+
+def test_an_object_replaced_while_it_is_read_is_read_again(s3_bucket, monkeypatch) -> None:
+    """A commit rewrites _SUCCESS while a reader (`sfam report`, a query) reads it: s3fs reads the
+    version it opened and fails on the new one (FileExpired); the reader gets the new object whole."""
+    bucket, options = s3_bucket
+    uri = f"s3://{bucket}/audits/runs/r/_SUCCESS"
+    write_bytes(uri, b'{"attempt": "old"}', options)
+    fs, _ = filesystem(uri, options)
+    opened = fs.open
+    replaced: list[bool] = []
+
+    def open_then_replace(path, *args, **kwargs):
+        handle = opened(path, *args, **kwargs)
+        if not replaced:  # the commit, between the reader's open and its read
+            replaced.append(True)
+            write_bytes(uri, b'{"attempt": "new, longer"}', options)
+        return handle
+
+    monkeypatch.setattr(fs, "open", open_then_replace)
+    assert read_bytes(uri, options) == b'{"attempt": "new, longer"}' and replaced
