@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, get_args
 
 import numpy as np
 import psutil
@@ -561,7 +561,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--timed-pairs", type=positive, help="pairs that the in-process and stage rows time (default: all)")
     parser.add_argument("--num-actors", type=int, help="the job's num_actors (default: the job's default)")
     parser.add_argument("--gpus-per-actor", type=float, help="the job's gpus_per_actor (default: one where there are GPUs)")
-    parser.add_argument("--jpeg-decoder", choices=["auto", "pillow", "torchvision"], default="auto",
+    decoder = JobConfig.model_fields["jpeg_decoder"]
+    parser.add_argument("--jpeg-decoder", choices=get_args(decoder.annotation), default=decoder.default,
                         help="the job's jpeg_decoder (default: auto, torchvision's nvJPEG in the actors where they hold GPUs)")
     args = parse_benchmark_args(parser, argv, SMOKE, SECTION)
     if args.gallery < args.top_k:
