@@ -14,8 +14,10 @@ start with "_" are transient and never reach the result table.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -64,7 +66,9 @@ class FetchImages:
     pixels, and each side's columns are taken from them row by row in Arrow (no Python bytes
     per row). With `decode_jpegs=False` the JPEGs that torchvision can decode are only checked
     (header, pixel count) and passed on as bytes: the explain actors decode them on their device
-    (DecodeJpegs), nvJPEG on a GPU.
+    (DecodeJpegs), nvJPEG on a GPU. A JPEG file larger than the pictures it becomes is decoded
+    here all the same: passing it on would move more bytes through the object store, once per
+    row that holds the image.
     """
 
     def __init__(self, manifest_dir: str, input_size: int | tuple[int, int], max_image_pixels: int,
@@ -74,6 +78,7 @@ class FetchImages:
         self.max_image_pixels = max_image_pixels
         self.storage_options = storage_options
         self.decode_jpegs = decode_jpegs
+        self.max_passed_jpeg_bytes = 3 * (math.prod(model_hw(input_size)) + DISPLAY_SIDE**2)  # the pictures' bytes
 
     def _read(self, uri: str, location: str) -> bytes | StorageError:
         """The bytes at `location`, where the manifest's `uri` led, or the error that names both;
@@ -87,7 +92,8 @@ class FetchImages:
             return as_given(error, uri, location)
 
     def _decode(self, data: bytes, uri: str) -> Pictures | EncodedJpeg:
-        jpeg = None if self.decode_jpegs else torchvision_jpeg(data, uri, self.max_image_pixels)
+        passed = not self.decode_jpegs and len(data) <= self.max_passed_jpeg_bytes
+        jpeg = torchvision_jpeg(data, uri, self.max_image_pixels) if passed else None
         return jpeg or decode_pictures(data, uri, self.max_image_pixels, self.input_size, DISPLAY_SIDE)
 
     def _decode_all(self, uris: list[str]) -> tuple[dict[str, Pictures | EncodedJpeg], dict[str, str]]:
@@ -136,8 +142,6 @@ class DecodeJpegs:
             self.device = torch.device("cpu")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if "_query_jpeg" not in batch.column_names:
-            return batch
         pictures: dict[str, Pictures | EncodedJpeg] = {}
         for side in SIDES:
             for row, uri in enumerate(batch.column(f"{side}_uri").to_pylist()):
@@ -246,12 +250,18 @@ class ExplainPairs:
     def __init__(self, model: ModelSpec, storage_options: StorageOptions, attempt: str, max_image_pixels: int) -> None:
         self.explainer = build_explainer(model, storage_options)
         self.explainer.trial()  # resolves a default target layer before any batch, even one with no ok row
-        self.decoder = DecodeJpegs(model.input_size, max_image_pixels, self.explainer.device)
+        self.max_image_pixels = max_image_pixels
         self.attempt = attempt
         self.device_label = device_label(self.explainer.device)
 
+    @cached_property
+    def decoder(self) -> DecodeJpegs:
+        """Made at the first batch with encoded JPEGs: with the Pillow decoder, none arrive."""
+        return DecodeJpegs(self.explainer.spec.input_size, self.max_image_pixels, self.explainer.device)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
-        batch = self.decoder(batch)
+        if "_query_jpeg" in batch.column_names:
+            batch = self.decoder(batch)
         ok_rows = np.flatnonzero(pc.equal(batch.column("status"), "ok").to_numpy(zero_copy_only=False))
         columns = self._explain(batch, ok_rows) if len(ok_rows) else {}
         names = [*EXPLAINED_COLUMNS, *(BOX_COLUMNS.names if _has_boxes(batch) else ())]

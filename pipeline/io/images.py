@@ -41,6 +41,7 @@ _TRANSPOSE_VIEWS = {  # Pillow's transpositions as views of (h, w, 3) arrays
 _SWAPS_AXES = (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90)
 _JPEG_END = b"\xff\xd9"  # the EOI marker: a file without it at its end is truncated, or carries trailing data
 DECODE_PIXELS = 1 << 25  # JPEG pixels decode_jpegs decodes in one call: 96 MiB of pixels, 384 MiB as floats
+MAX_DEVICE_SHRINK = 64  # decode_jpegs leaves to Pillow a picture whose longer side is more than this times its smallest target
 
 
 class ImageDecodeError(UserError):
@@ -140,12 +141,24 @@ def decode_jpegs(jpegs: Sequence[EncodedJpeg], uris: Sequence[str], max_pixels: 
     about 30 levels at sharp edges of drafted pictures; nvJPEG also upsamples colour differently
     (about a grey level more, a few on pictures of a hundred pixels). A JPEG that torchvision
     refuses, or that does not fit in the device's memory, is decoded by decode_pictures, which
-    names what is wrong with it.
+    names what is wrong with it. So is a picture shrunk more than MAX_DEVICE_SHRINK times: draft
+    mode is made for it, and CUDA's antialiased resize refuses factors near 100 (pytorch#103589).
     """
-    pictures: list[Pictures | ImageDecodeError] = []
-    for start, stop in _pixel_chunks([jpeg.size for jpeg in jpegs], DECODE_PIXELS):
-        pictures += _decode_jpeg_chunk(jpegs[start:stop], uris[start:stop], max_pixels, model_size, max_side, device)
-    return pictures
+    pictures: list[Pictures | ImageDecodeError | None] = [None] * len(jpegs)
+    smallest_side = min(max_side, *model_hw(model_size))
+    on_device = []
+    for index, jpeg in enumerate(jpegs):
+        if max(jpeg.size) > MAX_DEVICE_SHRINK * smallest_side:
+            pictures[index] = _pillow_pictures(jpeg.data, uris[index], max_pixels, model_size, max_side)
+        else:
+            on_device.append(index)
+    for start, stop in _pixel_chunks([jpegs[index].size for index in on_device], DECODE_PIXELS):
+        chunk = on_device[start:stop]
+        decoded = _decode_jpeg_chunk([jpegs[index] for index in chunk], [uris[index] for index in chunk], max_pixels,
+                                     model_size, max_side, device)
+        for index, picture in zip(chunk, decoded):
+            pictures[index] = picture
+    return pictures  # type: ignore[return-value]  # every index was filled
 
 
 def resize_for_model(rgb: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
@@ -300,10 +313,10 @@ def _decode_jpeg_chunk(jpegs: Sequence[EncodedJpeg], uris: Sequence[str], max_pi
     for (stored_height, stored_width, method), members in groups.items():
         stored_model_size = (height, width) if method in _SWAPS_AXES else (width, height)
         try:
-            stack = torch.stack([images[index] for index in members]).float()  # (n, 3, H, W) stored pixels
+            stack = torch.stack([images[index] for index in members])  # (n, 3, H, W) uint8 stored pixels
             model_inputs = _resize_on_device(stack, stored_model_size)
             displays = _resize_on_device(stack, _display_size((stored_width, stored_height), max_side))
-        except torch.cuda.OutOfMemoryError:  # the model's batch beside it took the device's memory
+        except RuntimeError:  # out of memory: the model's batch beside it took the device's memory
             for index in members:
                 pictures[index] = _pillow_pictures(jpegs[index].data, uris[index], max_pixels, model_size, max_side)
             continue
@@ -322,10 +335,16 @@ def _pillow_pictures(data: bytes, uri: str, max_pixels: int, model_size: int | t
 
 
 def _resize_on_device(images: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """(n, 3, H, W) float pixels -> (n, height, width, 3) uint8 on the host, resized to `size`
-    (width, height) as _resize does."""
+    """(n, 3, H, W) uint8 pixels -> (n, height, width, 3) uint8 on the host, resized to `size`
+    (width, height) as _resize does: on the CPU with its uint8 kernel (torch's float one gets
+    pictures one pixel wide wrong), elsewhere in float (CUDA has no uint8 kernel)."""
     if images.shape[-2:] != (size[1], size[0]):
-        images = F.interpolate(images, size=(size[1], size[0]), mode="bilinear", antialias=True).round_().clamp_(0, 255)
+        hw = (size[1], size[0])
+        if images.device.type == "cpu":
+            images = F.interpolate(images.contiguous(memory_format=torch.channels_last), size=hw, mode="bilinear",
+                                   antialias=True)
+        else:
+            images = F.interpolate(images.float(), size=hw, mode="bilinear", antialias=True).round_().clamp_(0, 255)
     return images.to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 

@@ -418,6 +418,35 @@ def test_decode_jpegs_decodes_a_bounded_number_of_pixels_at_once(rng: np.random.
         np.testing.assert_array_equal(a.display, b.display)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("width", "height"), [(1, 300), (300, 1), (3, 2000)])
+def test_decode_jpegs_of_thin_pictures(width: int, height: int, device: str, rng: np.random.Generator) -> None:
+    """Pictures a few pixels wide: displays one pixel wide (torch's float kernel on the CPU gave all
+    their rows one value) and, for a side of 2,000, one the device leaves to Pillow."""
+    data = encode(Image.fromarray(random_rgb(rng, 4, 4)).resize((width, height), Image.Resampling.BICUBIC), "JPEG",
+                  quality=95)
+    [pictures] = decode_jpegs([torchvision_jpeg(data, "mem://t.jpg", MAX_PIXELS)], ["mem://t.jpg"], MAX_PIXELS, 24, 28,
+                              torch.device(device))
+    expected = decode_pictures(data, "mem://t.jpg", MAX_PIXELS, 24, 28)
+    assert mean_abs_diff(pictures.model_input, expected.model_input) < DECODER_TOLERANCE[device]
+    assert mean_abs_diff(pictures.display, expected.display) < DECODER_TOLERANCE[device]
+
+
+def test_decode_jpegs_leaves_pictures_shrunk_too_far_to_pillow(rng: np.random.Generator,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    datas = [photo_jpeg(rng, 64 * 24 + 1, 40), photo_jpeg(rng, 64 * 24, 40)]  # one past MAX_DEVICE_SHRINK, one at it
+    jpegs = [torchvision_jpeg(data, "mem://w.jpg", MAX_PIXELS) for data in datas]
+    calls: list[int] = []
+    decode = torchvision.io.decode_jpeg
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", lambda data, **kw: calls.append(len(data)) or decode(data, **kw))
+    wide, at_limit = decode_jpegs(jpegs, ["mem://a.jpg", "mem://b.jpg"], MAX_PIXELS, 24, 28, torch.device("cpu"))
+    assert calls == [1]  # only the second
+    expected = decode_pictures(datas[0], "mem://a.jpg", MAX_PIXELS, 24, 28)
+    np.testing.assert_array_equal(wide.model_input, expected.model_input)
+    np.testing.assert_array_equal(wide.display, expected.display)
+    assert at_limit.display.shape == decode_pictures(datas[1], "mem://b.jpg", MAX_PIXELS, 24, 28).display.shape
+
+
 def test_decode_jpegs_of_grey_jpegs_is_rgb(rng: np.random.Generator) -> None:
     data = encode(Image.fromarray(smooth_rgb(rng)).convert("L"), "JPEG", quality=95)
     [pictures] = decode_jpegs([torchvision_jpeg(data, "mem://g.jpg", MAX_PIXELS)], ["mem://g.jpg"], MAX_PIXELS,
