@@ -37,12 +37,21 @@ from pipeline.config import (
     parse_override,
     validated,
 )
-from pipeline.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, PipelineError, Terminated
+from pipeline.errors import (
+    EXIT_BROKEN_PIPE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    PipelineError,
+    Terminated,
+    as_sent,
+)
 from pipeline.gates import GatesFailed
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.storage import StorageOptions, redact_uri
 from pipeline.models.spec import LayoutName, Metric, ModelSpec, Weighting
 
+RAY_DATA_STOP_SECONDS = 30  # the longest a stop waits for Ray Data's executor before shutting Ray down
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # the command stops, an audit's attempt is recorded as failed
 REDELIVERY_SECONDS = 0.05  # after a stop lost in a finalizer: long enough for the finalizer to return
 
@@ -311,10 +320,10 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: an audit's attempt is recorded as failed on the way out
         if args.debug:
             traceback.print_exc()
-        _shut_down_ray()
-        terminated = isinstance(stop, Terminated)
+        terminated = isinstance(as_sent(stop), Terminated)
         lead = "terminated: SIGTERM stopped it; " if terminated else "interrupted: "
         print(f"{lead}an audit's attempt is recorded as failed; a committed run stays as it was", file=sys.stderr)
+        _shut_down_ray()
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except BrokenPipeError:
         if not _stdout_gone():
@@ -341,6 +350,7 @@ def stop_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    Terminated.raised = False
     handlers = {number: signal.signal(number, _stop) for number in STOP_SIGNALS}
     redelivery = _LostStopRedelivery(sys.unraisablehook)
     sys.unraisablehook = redelivery
@@ -358,7 +368,10 @@ def _stop(signum: int, frame: object) -> None:
     the clean-up the first started (recording the attempt as failed, stopping Ray's processes)."""
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
-    raise Terminated("stopped by SIGTERM") if signum == signal.SIGTERM else KeyboardInterrupt
+    if signum == signal.SIGTERM:
+        Terminated.raised = True
+        raise Terminated("stopped by SIGTERM")
+    raise KeyboardInterrupt
 
 
 class _LostStopRedelivery:
@@ -395,10 +408,20 @@ class _LostStopRedelivery:
 
 def _shut_down_ray() -> None:
     """Stops this process's Ray now, as the stop signals are ignored, rather than at exit, where a
-    second Ctrl-C would interrupt it (a traceback, and Ray's agents left running)."""
+    second Ctrl-C would interrupt it (a traceback, and Ray's agents left running).
+
+    Ray Data's executor, told to stop, may still be scheduling (it waits 2 s for that, then goes
+    on); Ray ends the process at once, status 1, when that thread calls it after the shutdown
+    ("The core worker has already been shutdown"), so it is waited for first.
+    """
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    if ray is None or not ray.is_initialized():
+        return
+    deadline = time.monotonic() + RAY_DATA_STOP_SECONDS
+    for thread in threading.enumerate():
+        if thread.name.startswith("StreamingExecutor-"):  # Ray Data's own name for its executor's thread
+            thread.join(max(0.0, deadline - time.monotonic()))
+    ray.shutdown()
 
 
 if __name__ == "__main__":

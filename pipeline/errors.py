@@ -32,6 +32,17 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread: it stops the work by the paths Ctrl-C takes (an audit's
     attempt is recorded as failed), and the command line exits 143."""
 
+    raised = False  # whether the command line's SIGTERM handler raised one in this command
+
+
+def as_sent(stop: KeyboardInterrupt) -> KeyboardInterrupt:
+    """The stop as its signal sent it. Ray's blocking calls (ray.get, ray.wait) re-raise a stop
+    raised inside them as a plain KeyboardInterrupt: once SIGTERM raised a Terminated, that is
+    a Terminated again."""
+    if Terminated.raised and not isinstance(stop, Terminated):
+        return Terminated("stopped by SIGTERM")
+    return stop
+
 
 class PipelineError(Exception):
     """Base of the errors this project raises on purpose."""

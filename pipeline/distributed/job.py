@@ -33,7 +33,7 @@ from pipeline.config import JobConfig
 from pipeline.distributed.cluster import connect, started_here
 from pipeline.distributed.iceberg_commit import overwrite_run
 from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults, StageChain
-from pipeline.errors import AuditFailed, PipelineError, Terminated, UserError
+from pipeline.errors import AuditFailed, PipelineError, Terminated, UserError, as_sent
 from pipeline.gates import Baseline, GateResult, GatesFailed, check_manifest_supports, evaluate, same_label_similarity
 from pipeline.io.results_store import ResultsStore
 from pipeline.io.storage import StorageError, exists, redact_all, redact_uri, resolve_uri
@@ -473,7 +473,7 @@ def run_audit(config: JobConfig) -> RunSummary:
             log.warning("attempt %s of run %s is committed; its clean-up of earlier attempts was cut short, and the "
                         "run's next attempt finishes it", layout.attempt, config.run_id)
             raise
-        cause = _pipeline_error(error) or error
+        cause = _pipeline_error(error) or (as_sent(error) if isinstance(error, KeyboardInterrupt) else error)
         try:  # best effort: the storage may be what failed
             recorder.failed(_failure_reason(cause))
         except StorageError as storage_error:

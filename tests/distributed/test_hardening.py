@@ -17,8 +17,9 @@ import psutil
 import pytest
 import yaml
 
+from pipeline.cli import stop_signals
 from pipeline.distributed.job import _pipeline_error, run_audit
-from pipeline.errors import Terminated, UserError
+from pipeline.errors import Terminated, UserError, as_sent
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.results_store import HiveParquetStore
 from pipeline.io.storage import StorageOptions, StorageUnavailable, exists, join_uri, read_bytes
@@ -239,6 +240,27 @@ def test_an_interruption_is_never_taken_for_the_error_it_interrupted() -> None:
     wrapped = RuntimeError("a Ray task failed")
     wrapped.__cause__ = StorageUnavailable("s3://bucket/key", "endpoint unreachable")
     assert _pipeline_error(wrapped) is wrapped.__cause__
+
+
+def test_sigterm_in_a_blocking_ray_call_stays_a_termination(local_ray: None) -> None:
+    """Ray's ray.get re-raises the Terminated that SIGTERM's handler raised inside it as a plain
+    KeyboardInterrupt; as_sent gives back what the signal sent (a scheduler's stop is exit 143 and
+    recorded as SIGTERM, not as Ctrl-C), and a Ctrl-C stays one."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def wait() -> None:
+        time.sleep(60)
+
+    for signum, kind in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)):
+        waiting = wait.remote()
+        with stop_signals():
+            threading.Timer(1.0, os.kill, (os.getpid(), signum)).start()
+            with pytest.raises(KeyboardInterrupt) as raised:
+                ray.get(waiting)
+        ray.cancel(waiting, force=True)
+        assert type(raised.value) is KeyboardInterrupt  # what Ray raises for either
+        assert type(as_sent(raised.value)) is kind
 
 
 WORKING = ("fetching, explaining and rendering", 3.0)  # (a line of the log, then seconds): the actors work
