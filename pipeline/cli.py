@@ -52,7 +52,8 @@ from pipeline.io.storage import StorageOptions, redact_uri
 from pipeline.models.spec import LayoutName, Metric, ModelSpec, Weighting
 
 RAY_DATA_STOP_SECONDS = 30  # the longest a stop waits for Ray Data's executor before shutting Ray down
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # the command stops, an audit's attempt is recorded as failed
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+AUDIT_COMMANDS = ("audit", "demo")  # the commands that run an audit's attempt  # the command stops, an audit's attempt is recorded as failed
 REDELIVERY_SECONDS = 0.05  # after a stop lost in a finalizer: long enough for the finalizer to return
 
 
@@ -321,8 +322,9 @@ def _run(args: argparse.Namespace) -> int:
         if args.debug:
             traceback.print_exc()
         terminated = isinstance(as_sent(stop), Terminated)
-        lead = "terminated: SIGTERM stopped it; " if terminated else "interrupted: "
-        print(f"{lead}an audit's attempt is recorded as failed; a committed run stays as it was", file=sys.stderr)
+        lead = "terminated: SIGTERM stopped it" if terminated else "interrupted"
+        audit = "; an audit's attempt, once started, is recorded as failed; a committed run stays as it was"
+        print(f"{lead}{audit if args.command in AUDIT_COMMANDS else ''}", file=sys.stderr)
         _shut_down_ray()
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except BrokenPipeError:

@@ -107,6 +107,12 @@ def test_compare_threshold_must_be_a_finite_number(value: str, capsys) -> None:
     assert f"argument --threshold: '{value}' is not a finite number" in capsys.readouterr().err
 
 
+def test_a_run_compared_with_itself_is_refused(tmp_path, capsys) -> None:
+    assert main(["compare", str(tmp_path / "out"), "week-1", "week-1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: compare: run 'week-1' with itself; name an earlier and a later run"
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("argv", [["report", "out", "--run-id", "../x"], ["render", "out", "--run-id", "a/../../b", "--pair-id", "p"],
                                   ["compare", "out", "a", "../b"]])
 def test_run_ids_that_are_paths_are_refused(argv: list[str], capsys) -> None:
