@@ -194,6 +194,7 @@ class HiveParquetStore(ResultsStore):
             raise StorageError(layout.staged_results_dir, "the attempt's staged rows are gone; nothing was committed")
         for part in parts:
             move(part, join_uri(layout.results_dir, part.rsplit("/", 1)[1]), self.options)
+        remove_tree(layout.staged_results_dir, self.options)  # empty now; a local folder would stay
 
     def _remove_other_attempts(self, layout: RunLayout) -> None:
         """Step 4, also the earlier attempts' rows in the table."""

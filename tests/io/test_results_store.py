@@ -85,6 +85,7 @@ def test_two_attempts_finishing_together_leave_the_first_commit_whole(tmp_path: 
     layouts = {EARLIER: stage(tmp_path, EARLIER, ["a", "b"]), LATER: stage(tmp_path, LATER, ["c"])}
     second = LATER if first == EARLIER else EARLIER
     commit(store, layouts[first], previous=None)
+    assert not Path(layouts[first].staged_results_dir).exists()  # its rows moved into the table, its folder went
     if second == LATER:  # the earlier attempt's clean-up leaves a later attempt's files alone
         assert Path(layouts[LATER].staged_results_dir).exists() and Path(layouts[LATER].png_dir).exists()
         with pytest.raises(ConcurrentCommit, match=f"run r: attempt {first} committed while attempt {second} ran"):
