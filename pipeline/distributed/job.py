@@ -25,16 +25,18 @@ import pyarrow.compute as pc
 import pyarrow.fs
 import ray
 import torch
+import torchvision
 from pydantic import ByteSize
 from ray.data import ActorPoolStrategy
 from ray.data.datasource import FilenameProvider
 
-from pipeline.config import JobConfig
+from pipeline.config import ConfigError, JobConfig
 from pipeline.distributed.cluster import connect, started_here
 from pipeline.distributed.iceberg_commit import overwrite_run
 from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults, StageChain
 from pipeline.errors import AuditFailed, PipelineError, Terminated, UserError, as_sent
 from pipeline.gates import Baseline, GateResult, GatesFailed, check_manifest_supports, evaluate, same_label_similarity
+from pipeline.io.images import torchvision_has_jpeg_decoder
 from pipeline.io.results_store import ResultsStore
 from pipeline.io.storage import StorageError, exists, redact_all, redact_uri, resolve_uri
 from pipeline.io.stores import open_results_store
@@ -186,6 +188,9 @@ def preflight(config: JobConfig, store: ResultsStore) -> Plan:
     and one trial explanation of random pictures on the driver's CPU.
     """
     options = config.storage_options
+    if config.jpeg_decoder == "torchvision" and not torchvision_has_jpeg_decoder():
+        raise ConfigError(f"jpeg_decoder: torchvision {torchvision.__version__} no longer decodes JPEGs; "
+                          "use auto or pillow")
     try:
         manifest = validate_manifest(open_manifest(config.manifest, options))
     except StorageError as error:  # name the key
@@ -236,8 +241,10 @@ def _read_manifest(files: Sequence[str], filesystem: pyarrow.fs.FileSystem) -> r
 
 
 def decodes_jpegs_in_actors(config: JobConfig, gpus: float) -> bool:
-    """Whether explain actors of `gpus` GPUs each decode the JPEGs (torchvision; nvJPEG on GPUs)."""
-    return config.jpeg_decoder == "torchvision" or (config.jpeg_decoder == "auto" and gpus > 0)
+    """Whether explain actors of `gpus` GPUs each decode the JPEGs (torchvision; nvJPEG on GPUs);
+    `auto` never with a torchvision that no longer decodes them (preflight refuses `torchvision` then)."""
+    automatic = config.jpeg_decoder == "auto" and gpus > 0 and torchvision_has_jpeg_decoder()
+    return config.jpeg_decoder == "torchvision" or automatic
 
 
 def build_dataset(config: JobConfig, layout: RunLayout, gpus: float, manifest: ManifestInfo) -> ray.data.Dataset:

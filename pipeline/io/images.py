@@ -265,6 +265,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def torchvision_has_jpeg_decoder() -> bool:
+    """Whether this torchvision still decodes JPEGs: deprecated since 0.29 for TorchCodec, to be removed."""
+    return hasattr(torchvision.io, "decode_jpeg")
+
+
 def torchvision_decodes_jpegs_on(device: torch.device) -> bool:
     """Whether this torchvision decodes JPEGs on `device` (a build without nvJPEG does not on CUDA)."""
     out = io.BytesIO()

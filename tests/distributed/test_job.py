@@ -14,13 +14,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import torchvision
 from PIL import Image
 
-from pipeline.config import JobConfig
-from pipeline.distributed.job import run_audit
+from pipeline.config import ConfigError, JobConfig
+from pipeline.distributed.job import decodes_jpegs_in_actors, preflight, run_audit
 from pipeline.errors import AuditFailed
 from pipeline.io.results_store import HiveParquetStore
 from pipeline.io.storage import StorageOptions, exists, glob, join_uri, read_bytes, remove_tree, write_bytes
+from pipeline.io.stores import open_results_store
 from pipeline.io.tables import read_json
 from pipeline.layout import RunLayout
 from pipeline.overlays import PairNotFound, render_pair_of_run
@@ -154,6 +156,21 @@ def test_jpegs_decoded_by_torchvision_in_the_actors(local_ray, tmp_path, rng) ->
     assert all(abs(got[pair_id] - similarity) < 2e-2 for pair_id, similarity in expected.items())
     errors = dict(zip(table.column("pair_id").to_pylist(), table.column("error").to_pylist()))
     assert errors["bad/corrupt"].startswith("reference: img/corrupt.jpg: ")
+
+
+def test_a_torchvision_without_its_jpeg_decoder_leaves_jpegs_to_pillow(tmp_path, rng, monkeypatch) -> None:
+    """torchvision deprecated its decoders for TorchCodec: once they are gone, `auto` decodes with
+    Pillow beside GPUs too, and `torchvision` is refused before any work."""
+    root, options = str(tmp_path), StorageOptions()
+    write_weights(join_uri(root, "models", "model.pt"), options)
+    manifest, _ = write_audit(root, options, rng, fmt="JPEG")
+    config = job_config(root, options, manifest, "gone", jpeg_decoder="torchvision")
+    automatic = config.model_copy(update={"jpeg_decoder": "auto"})
+    assert decodes_jpegs_in_actors(automatic, gpus=1.0)
+    monkeypatch.delattr(torchvision.io, "decode_jpeg")
+    assert not decodes_jpegs_in_actors(automatic, gpus=1.0)
+    with pytest.raises(ConfigError, match=r"^jpeg_decoder: torchvision \S+ no longer decodes JPEGs; use auto or pillow$"):
+        preflight(config, open_results_store(config.output, options))
 
 
 def test_s3_run_and_rerun_has_no_duplicates(local_ray, s3_bucket, rng, tmp_path) -> None:
