@@ -44,6 +44,7 @@ from pipeline.errors import (
     EXIT_TERMINATED,
     PipelineError,
     Terminated,
+    UserError,
     as_sent,
 )
 from pipeline.gates import GatesFailed
@@ -213,6 +214,8 @@ def report_command(args: argparse.Namespace) -> int:
 def compare_command(args: argparse.Namespace) -> int:
     from pipeline.comparison import compare_runs, write_comparison
 
+    if args.run_a == args.run_b:  # the library compares a run with itself (nothing moves); a user meant two runs
+        raise UserError(f"compare: run {args.run_a!r} with itself; name an earlier and a later run")
     audit = _audit(args)
     comparison = compare_runs(audit.output, args.run_a, args.run_b, audit.options, args.threshold, audit.table)
     written = write_comparison(comparison, audit.output, audit.options).values()  # before printing: `| head` may stop it

@@ -367,8 +367,6 @@ def compare_runs(output: str, run_a: str, run_b: str, options: StorageOptions,
 
     threshold: a false match's similarity; by default run B's own (its config's gates.false_match_similarity).
     """
-    if run_a == run_b:
-        raise UserError(f"compare: run {run_a!r} with itself; name an earlier and a later run")
     store = open_results_store(output, options, table)
     records = [run_record(store, run_id) for run_id in (run_a, run_b)]
     if threshold is None:
