@@ -307,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     """Runs one command; returns its exit status (errors.py says which status means what)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # torch sets its loggers' levels at the end of its import: one cut short by Ctrl-C left them at INFO, and
+    # torch's exit hooks wrote their statistics under the command's last line
+    logging.getLogger("torch").setLevel(logging.WARNING)
     with stop_signals():
         return _run(args)
 

@@ -107,6 +107,13 @@ def test_compare_threshold_must_be_a_finite_number(value: str, capsys) -> None:
     assert f"argument --threshold: '{value}' is not a finite number" in capsys.readouterr().err
 
 
+def test_the_command_line_leaves_torch_until_its_stop_handling_is_on() -> None:
+    """Ctrl-C while a module loads before main() runs is a traceback: importing the command line
+    must not load torch (seconds), which its commands load inside main()."""
+    code = "import sys, pipeline.cli; print(sorted({'torch', 'ray'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
 def test_a_run_compared_with_itself_is_refused(tmp_path, capsys) -> None:
     assert main(["compare", str(tmp_path / "out"), "week-1", "week-1"]) == 2
     assert capsys.readouterr().err.strip() == "error: compare: run 'week-1' with itself; name an earlier and a later run"
