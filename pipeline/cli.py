@@ -53,8 +53,8 @@ from pipeline.io.storage import StorageOptions, redact_uri
 from pipeline.models.spec import LayoutName, Metric, ModelSpec, Weighting
 
 RAY_DATA_STOP_SECONDS = 30  # the longest a stop waits for Ray Data's executor before shutting Ray down
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-AUDIT_COMMANDS = ("audit", "demo")  # the commands that run an audit's attempt  # the command stops, an audit's attempt is recorded as failed
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # the command stops, an audit's attempt is recorded as failed
+AUDIT_COMMANDS = ("audit", "demo")  # the commands that run an audit's attempt
 REDELIVERY_SECONDS = 0.05  # after a stop lost in a finalizer: long enough for the finalizer to return
 
 

@@ -321,7 +321,7 @@ def _decode_jpeg_chunk(jpegs: Sequence[EncodedJpeg], uris: Sequence[str], max_pi
             stack = torch.stack([images[index] for index in members])  # (n, 3, H, W) uint8 stored pixels
             model_inputs = _resize_on_device(stack, stored_model_size)
             displays = _resize_on_device(stack, _display_size((stored_width, stored_height), max_side))
-        except RuntimeError:  # out of memory: the model's batch beside it took the device's memory
+        except RuntimeError:  # out of memory (the model's batch beside it took the device's), or a kernel's limit
             for index in members:
                 pictures[index] = _pillow_pictures(jpegs[index].data, uris[index], max_pixels, model_size, max_side)
             continue
