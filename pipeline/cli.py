@@ -358,13 +358,13 @@ def stop_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    Terminated.raised = False
     handlers = {number: signal.signal(number, _stop) for number in STOP_SIGNALS}
     redelivery = _LostStopRedelivery(sys.unraisablehook)
     sys.unraisablehook = redelivery
     try:
         yield
     finally:
+        Terminated.raised = False
         redelivery.close()
         sys.unraisablehook = redelivery.hook
         for number, handler in handlers.items():

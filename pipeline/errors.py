@@ -32,7 +32,7 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread: it stops the work by the paths Ctrl-C takes (an audit's
     attempt is recorded as failed), and the command line exits 143."""
 
-    raised = False  # whether the command line's SIGTERM handler raised one in this command
+    raised = False  # whether the command line's SIGTERM handler raised one in the command that runs
 
 
 def as_sent(stop: KeyboardInterrupt) -> KeyboardInterrupt:

@@ -258,9 +258,11 @@ def test_sigterm_in_a_blocking_ray_call_stays_a_termination(local_ray: None) -> 
             threading.Timer(1.0, os.kill, (os.getpid(), signum)).start()
             with pytest.raises(KeyboardInterrupt) as raised:
                 ray.get(waiting)
+            sent = as_sent(raised.value)  # as the command line's handler of the stop reads it
         ray.cancel(waiting, force=True)
         assert type(raised.value) is KeyboardInterrupt  # what Ray raises for either
-        assert type(as_sent(raised.value)) is kind
+        assert type(sent) is kind
+        assert type(as_sent(raised.value)) is KeyboardInterrupt  # after the command, nothing is left of it
 
 
 WORKING = ("fetching, explaining and rendering", 3.0)  # (a line of the log, then seconds): the actors work
