@@ -328,9 +328,9 @@ def _run(args: argparse.Namespace) -> int:
         if args.debug:
             traceback.print_exc()
         terminated = isinstance(as_sent(stop), Terminated)
-        lead = "terminated: SIGTERM stopped it" if terminated else "interrupted"
-        audit = "; an audit's attempt, once started, is recorded as failed; a committed run stays as it was"
-        print(f"{lead}{audit if args.command in AUDIT_COMMANDS else ''}", file=sys.stderr)
+        lead = "terminated: SIGTERM stopped it; " if terminated else "interrupted: "
+        line = f"{lead}an audit's attempt, once started, is recorded as failed; a committed run stays as it was"
+        print(line if args.command in AUDIT_COMMANDS else lead.rstrip(": ;"), file=sys.stderr)
         _shut_down_ray()
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except BrokenPipeError:
