@@ -341,8 +341,9 @@ def _pillow_pictures(data: bytes, uri: str, max_pixels: int, model_size: int | t
 
 def _resize_on_device(images: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """(n, 3, H, W) uint8 pixels -> (n, height, width, 3) uint8 on the host, resized to `size`
-    (width, height) as _resize does: on the CPU with its uint8 kernel (torch's float one gets
-    pictures one pixel wide wrong), elsewhere in float (CUDA has no uint8 kernel)."""
+    (width, height), antialiased bilinear: on the CPU with torch's uint8 kernel (Pillow's BILINEAR,
+    see _resize; its float one gets pictures one pixel wide wrong), elsewhere in float (CUDA has
+    no uint8 kernel). torch copies back to (h, w, 3) faster than numpy."""
     if images.shape[-2:] != (size[1], size[0]):
         hw = (size[1], size[0])
         if images.device.type == "cpu":
@@ -366,5 +367,4 @@ def _resize(rgb: np.ndarray, size: tuple[int, int], box: tuple[float, ...] | Non
     if box is not None and tuple(box) != (0, 0, width, height):
         return np.array(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR, box=box))
     pixels = torch.from_numpy(np.require(rgb, np.uint8, "CW")).permute(2, 0, 1)[None]  # (1, 3, h, w), channels last in memory
-    resized = F.interpolate(pixels, size=(size[1], size[0]), mode="bilinear", antialias=True)
-    return resized[0].permute(1, 2, 0).contiguous().numpy()  # (height, width, 3); torch copies faster than numpy
+    return _resize_on_device(pixels, size)[0]
