@@ -1,12 +1,13 @@
 """The input manifest (columns: README, Manifest): found, and validated before any work starts.
 
-A manifest is one Parquet file or a folder of them, as Spark, Athena or Trino write a table.
-Validation streams the key columns batch by batch, so a manifest's size is bounded only by the
+A manifest is one Parquet file or a folder of them, as Spark, Athena or Trino write a table,
+partitioned in Hive folders (`label=1/`) or not. Validation streams the key columns batch by batch, so a manifest's size is bounded only by the
 set of pair ids kept to find duplicates.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,7 @@ class ManifestInfo:
     has_boxes: bool
     first_images: tuple[str, ...]  # the first FIRST_IMAGES distinct URIs of the first rows, queries first, as given
     files: tuple[str, ...]  # its Parquet files' paths in their filesystem, in row order
+    folder_columns: pa.Table  # each file's values of the Hive folder columns, a row per file; none without them
 
 
 def open_manifest(uri: str, options: StorageOptions) -> pds.Dataset:
@@ -43,19 +45,32 @@ def open_manifest(uri: str, options: StorageOptions) -> pds.Dataset:
     the order of their names. Names that start with _ or . are not data (Spark's _SUCCESS, .crc
     checksums, _temporary/), nor are Hadoop's `*_$folder$` markers; other files must be Parquet,
     whatever they are called (Athena's have no extension), and agree on the types of the columns
-    they share. Files without rows are left out. StorageError when `uri` is not there."""
+    they share. Files without rows are left out. Hive folder names inside the folder
+    (`label=1/team=a%2Fb/`, `__HIVE_DEFAULT_PARTITION__` for null) are columns too, after the
+    files' own, typed as pyarrow infers them (int32 where every value is an integer, otherwise
+    string), as Spark, Athena and Trino read such a table. StorageError when `uri` is not there."""
     folder = is_folder(uri, options)  # and StorageError first when it is not there
     fs, path = arrow_filesystem(uri, options)
     try:
-        found = pds.dataset(path, filesystem=fs, format="parquet")  # a folder: its files, _ and . skipped
+        # a folder: its files, _ and . skipped, and the Hive columns of the folders below it
+        found = pds.dataset(path, filesystem=fs, format="parquet", partitioning="hive" if folder else None)
         files = sorted((f for f in found.get_fragments() if not f.path.endswith(FOLDER_MARKER)), key=lambda f: f.path)
         if folder and not files:
             raise ManifestError(f"manifest folder {uri} holds no files (names starting with _ or . are skipped)")
         fragments = [f for f in files if f.metadata.num_rows > 0]
-        schema = _one_schema(fragments)
-        return pds.dataset([f.path for f in fragments], schema=schema, filesystem=fs, format="parquet")
+        folder_columns = _folder_schema(found, fragments) if folder else pa.schema([])
+        schema = pa.schema([*_one_schema(fragments), *folder_columns])
+        return pds.dataset([f.path for f in fragments], schema=schema, filesystem=fs, format="parquet",
+                           partitioning=pds.partitioning(folder_columns, flavor="hive"), partition_base_dir=path)
     except (pa.ArrowException, OSError) as error:
         raise ManifestError(f"manifest is not readable Parquet: {error}") from error
+
+
+def _folder_schema(found: pds.FileSystemDataset, fragments: list[pds.ParquetFileFragment]) -> pa.Schema:
+    """The Hive folder columns that pyarrow found in `found`'s paths, less the files' own columns
+    (without folder names, pyarrow reports the files' columns as its partitioning's)."""
+    in_files = {field.name for fragment in fragments for field in fragment.physical_schema}
+    return pa.schema([field for field in found.partitioning.schema if field.name not in in_files])
 
 
 def _one_schema(fragments: list[pds.ParquetFileFragment]) -> pa.Schema:
@@ -179,4 +194,23 @@ def _validate(manifest: pds.Dataset) -> ManifestInfo:
             raise ManifestError(f"manifest column {name!r}: every box lies within [0, 1], as normalised boxes do; "
                                 "boxes are in pixels of the original image")
     return ManifestInfo(num_rows=num_rows, schema=schema, has_boxes=len(boxes) == 2, first_images=first_images,
-                        files=tuple(manifest.files))
+                        files=tuple(manifest.files), folder_columns=_folder_columns(manifest))
+
+
+def _folder_columns(manifest: pds.FileSystemDataset) -> pa.Table:
+    """Each file's values of the manifest's Hive folder columns, a row per file (null where its
+    folders do not name the column)."""
+    schema = manifest.partitioning.schema
+    values = [pds.get_partition_keys(fragment.partition_expression) for fragment in manifest.get_fragments()]
+    return pa.table({field.name: pa.array([keys.get(field.name) for keys in values], field.type) for field in schema},
+                    schema=schema)
+
+
+def with_folder_columns(rows: pa.Table, files: Sequence[str], folder_columns: pa.Table) -> pa.Table:
+    """`rows` read with the path of their file (column `path`, one of ManifestInfo.files), that
+    column replaced by the file's folder columns (ManifestInfo.folder_columns)."""
+    file_of_row = pc.index_in(rows.column("path"), value_set=pa.array(files, pa.string()))
+    rows = rows.drop_columns(["path"])
+    for name in folder_columns.column_names:
+        rows = rows.append_column(folder_columns.schema.field(name), folder_columns.column(name).take(file_of_row))
+    return rows

@@ -13,7 +13,7 @@ import pytest
 from pipeline.config import JobConfig
 from pipeline.distributed.job import run_audit
 from pipeline.io.storage import StorageError, StorageOptions
-from pipeline.manifest import ManifestError, open_manifest, validate_manifest
+from pipeline.manifest import ManifestError, open_manifest, validate_manifest, with_folder_columns
 
 OPTIONS = StorageOptions()
 
@@ -119,6 +119,42 @@ def test_a_folder_of_parquet_files_is_one_manifest(tmp_path: Path) -> None:
     (folder / "notes.txt").write_text("not a part")
     with pytest.raises(ManifestError, match="not readable Parquet"):
         validate_manifest(open_manifest(str(folder), OPTIONS))
+
+
+def hive_folder(folder: Path, parts: dict[str, pa.Table]) -> Path:
+    """A table as Spark's partitionBy writes it: `parts` by their folder names (label=1/...)."""
+    for name, part in parts.items():
+        (folder / name).mkdir(parents=True)
+        pq.write_table(part, folder / name / "part-00000.snappy.parquet")
+    (folder / "_SUCCESS").write_bytes(b"")
+    return folder
+
+
+def test_hive_folder_names_are_columns(tmp_path: Path) -> None:
+    ids = {"label=1/team=a%2Fb": ["p0", "p1"], "label=0/team=c": ["p2"], "label=__HIVE_DEFAULT_PARTITION__/team=c": ["p3"]}
+    parts = {name: pa.table({**good(len(pair_ids)), "pair_id": pair_ids}) for name, pair_ids in ids.items()}
+    info = validate_manifest(open_manifest(str(hive_folder(tmp_path / "pairs", parts)), OPTIONS))
+    assert info.schema.names == ["pair_id", "query_uri", "reference_uri", "label", "team"]
+    assert (info.schema.field("label").type, info.schema.field("team").type) == (pa.int32(), pa.string())
+    # files in the order of their names, each with its folders' values (URL-decoded, null for Hive's default)
+    assert [Path(f).parent.name for f in info.files] == ["team=c", "team=a%2Fb", "team=c"]
+    assert info.folder_columns.to_pylist() == [{"label": 0, "team": "c"}, {"label": 1, "team": "a/b"},
+                                               {"label": None, "team": "c"}]
+    # rows as Ray Data reads them, with their file's path, in any order of the files
+    rows = pa.table({"pair_id": ["p3", "p0", "p2"], "path": [info.files[2], info.files[1], info.files[0]]})
+    assert with_folder_columns(rows, info.files, info.folder_columns).to_pylist() == [
+        {"pair_id": "p3", "label": None, "team": "c"}, {"pair_id": "p0", "label": 1, "team": "a/b"},
+        {"pair_id": "p2", "label": 0, "team": "c"}]
+    # the folder columns are checked as the files' are
+    bad_label = hive_folder(tmp_path / "bad-label", {"label=2": pa.table(good(2))})
+    with pytest.raises(ManifestError, match="'label' row 0: 2 is not 0, 1 or null"):
+        validate_manifest(open_manifest(str(bad_label), OPTIONS))
+    beside_path = hive_folder(tmp_path / "path-column", {"label=1": pa.table({**good(1), "path": ["x"]})})
+    config = JobConfig.model_validate({"manifest": str(beside_path), "output": str(tmp_path / "out"),
+                                       "model": {"arch": "resnet18"}})
+    with pytest.raises(ManifestError, match="manifest column 'path' cannot be read beside Hive folder columns"):
+        run_audit(config)  # before any work
+    assert not (tmp_path / "out").exists()
 
 
 def test_good_manifest_passes_with_extra_columns(tmp_path: Path) -> None:

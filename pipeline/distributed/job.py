@@ -15,7 +15,6 @@ import math
 import platform
 import resource
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 
@@ -42,7 +41,7 @@ from pipeline.io.storage import StorageError, exists, redact_all, redact_uri, re
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import arrow_filesystem, read_json, write_json
 from pipeline.layout import RunLayout, new_attempt_id
-from pipeline.manifest import ManifestError, ManifestInfo, open_manifest, validate_manifest
+from pipeline.manifest import ManifestError, ManifestInfo, open_manifest, validate_manifest, with_folder_columns
 from pipeline.models.explainer import build_explainer
 from pipeline.models.loading import random_weights_warning
 from pipeline.models.spec import ModelSpec
@@ -196,6 +195,9 @@ def preflight(config: JobConfig, store: ResultsStore) -> Plan:
     except StorageError as error:  # name the key
         raise type(error)(f"manifest {config.manifest}", error.reason) from error
     log.info("manifest %s: %d pairs, boxes: %s", redact_uri(config.manifest), manifest.num_rows, manifest.has_boxes)
+    if manifest.folder_columns.num_columns and "path" in manifest.schema.names:  # _read_manifest's file column
+        raise ManifestError("manifest column 'path' cannot be read beside Hive folder columns "
+                            f"({', '.join(manifest.folder_columns.column_names)}=...); rename it")
     _check_some_images_exist(config, manifest.first_images)
     check_manifest_supports(config.gates, manifest.schema.names)
     explainer = build_explainer(config.model, options, device=torch.device("cpu"))  # GPUs belong to the actors
@@ -225,19 +227,27 @@ def _check_some_images_exist(config: JobConfig, uris: tuple[str, ...]) -> None:
                             f"{redact_uri(locations[0])}: relative URIs are read from the manifest's folder")
 
 
-def _read_manifest(files: Sequence[str], filesystem: pyarrow.fs.FileSystem) -> ray.data.Dataset:
+def _read_manifest(manifest: ManifestInfo, filesystem: pyarrow.fs.FileSystem) -> ray.data.Dataset:
     """The rows of the manifest's files (ManifestInfo.files, validated: whatever their names end
     with), read by Ray Data's V1 Parquet reader: the V2 reader starts 32 footer-reading actors for
     every read, seconds of start-up on a small machine (measured in BENCHMARKS.md, "Where the job's
     time goes"), where V1 reads the few footers of a manifest itself. V1 samples the files for their
-    size as the dataset is made; its progress bar is left out."""
+    size as the dataset is made; its progress bar is left out. The Hive folder columns are added
+    from each row's file as pyarrow read them in the validation: Ray's own folder parser reads
+    `__HIVE_DEFAULT_PARTITION__` as a value and types columns differently."""
     context = ray.data.DataContext.get_current()
     saved = context.use_datasource_v2, context.enable_progress_bars
     context.use_datasource_v2 = context.enable_progress_bars = False
+    in_folders = manifest.folder_columns.num_columns > 0
     try:
-        return ray.data.read_parquet(list(files), filesystem=filesystem, partitioning=None, file_extensions=None)
+        rows = ray.data.read_parquet(list(manifest.files), filesystem=filesystem, partitioning=None,
+                                     file_extensions=None, include_paths=in_folders)
     finally:
         context.use_datasource_v2, context.enable_progress_bars = saved
+    if not in_folders:
+        return rows
+    return rows.map_batches(with_folder_columns, fn_kwargs={"files": manifest.files, "folder_columns": manifest.folder_columns},
+                            batch_format="pyarrow", batch_size=None)
 
 
 def decodes_jpegs_in_actors(config: JobConfig, gpus: float) -> bool:
@@ -255,7 +265,7 @@ def build_dataset(config: JobConfig, layout: RunLayout, gpus: float, manifest: M
     manifest_dir = _manifest_dir(config)
     # blocks of one batch of adjacent rows: every actor gets work (a one-file manifest reads as one
     # block), and the pairs of one query stay together, so their images are forwarded once
-    dataset = _read_manifest(manifest.files, manifest_fs).repartition(target_num_rows_per_block=config.batch_size)
+    dataset = _read_manifest(manifest, manifest_fs).repartition(target_num_rows_per_block=config.batch_size)
     in_actors = decodes_jpegs_in_actors(config, gpus)
     log.info("JPEGs decoded %s", "by torchvision in the explain actors" if in_actors else "by Pillow in the fetch tasks")
     fetch = {"manifest_dir": manifest_dir, "input_size": config.model.input_size,

@@ -197,21 +197,29 @@ def test_s3_run_and_rerun_has_no_duplicates(local_ray, s3_bucket, rng, tmp_path)
 
 
 def test_a_folder_manifest_on_s3(local_ray, s3_bucket, rng) -> None:
-    """A manifest written as Spark or Athena write a table: part files (one without an extension)
-    beside a _SUCCESS marker; relative URIs are read from the folder that holds it."""
+    """A manifest written as Spark or Athena write a partitioned table: part files (one without an
+    extension) in Hive folders (`label=1/`, null as `__HIVE_DEFAULT_PARTITION__`) beside a _SUCCESS
+    marker; the folder names are a column of the results, and relative URIs are read from the
+    folder that holds the table."""
     bucket, options = s3_bucket
     root = f"s3://{bucket}/folder-audit"
     write_weights(join_uri(root, "models", "model.pt"), options)
     _, rows = write_audit(root, options, rng, queries=2, top_k=3)
+    labels = [None, 1, 0, 1, 0, 0]
     folder = join_uri(root, "pairs-export")
-    table = manifest_table(rows)
-    write_table(join_uri(folder, "part-00000.snappy.parquet"), table.slice(0, 4), options)
-    write_table(join_uri(folder, "20261127_120000_00001_abcde"), table.slice(4), options)
+    table = manifest_table(rows).drop_columns(["label"])  # partitionBy("label") leaves it out of the files
+    part_files = {None: "label=__HIVE_DEFAULT_PARTITION__/part-00000.snappy.parquet",
+                  1: "label=1/part-00001.snappy.parquet", 0: "label=0/20261127_120000_00001_abcde"}
+    for label, name in part_files.items():
+        write_table(join_uri(folder, name), table.filter(pa.array([value == label for value in labels])), options)
     write_bytes(join_uri(folder, "_SUCCESS"), b"", options)
     summary = run_audit(job_config(root, options, folder, "folder", render_png=False))
     assert (summary.pairs, summary.error) == (len(rows), 0)
-    read = HiveParquetStore(join_uri(root, "audits"), options).read(run_id="folder", columns=["pair_id"])
-    assert sorted(read.column("pair_id").to_pylist()) == sorted(row["pair_id"] for row in rows)
+    read = HiveParquetStore(join_uri(root, "audits"), options).read(run_id="folder", columns=["pair_id", "label", "team"])
+    assert read.schema.field("label").type == pa.int32()  # as pyarrow infers folder values
+    assert sorted(read.to_pylist(), key=lambda row: row["pair_id"]) == sorted(
+        ({"pair_id": row["pair_id"], "label": label, "team": "search"} for row, label in zip(rows, labels)),
+        key=lambda row: row["pair_id"])
 
 
 def test_too_many_bad_rows_fail_without_success_marker(local_ray, tmp_path, rng) -> None:
