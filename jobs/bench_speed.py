@@ -18,7 +18,6 @@ import argparse
 import datetime as dt
 import io
 import os
-import resource
 import shlex
 import statistics
 import sys
@@ -263,13 +262,13 @@ def run_job(pairs: Pairs, spec: ModelSpec, batch: int, actors: int) -> JobResult
     """
     import ray
 
-    from pipeline.distributed.job import run_audit
+    from pipeline.distributed.job import peak_rss_bytes, run_audit
 
     config = JobConfig(manifest=str(pairs.manifest), output=str(pairs.root / "audits"), run_id="bench-speed",
                        model=spec, batch_size=batch, num_actors=actors, max_error_fraction=0.0)
     with nullcontext() if ray.is_initialized() else local_ray(), WorkerMemory().watching() as workers:
         summary = run_audit(config)
-    driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    driver_peak = peak_rss_bytes()
     return JobResult(summary, spec.arch, actors, driver_peak, workers)
 
 

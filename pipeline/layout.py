@@ -71,7 +71,7 @@ class RunLayout:
 
     @property
     def run_dir(self) -> str:
-        return join_uri(self.output, "runs", self.run_id)
+        return run_dir_uri(self.output, self.run_id)
 
     @property
     def run_record(self) -> str:
@@ -104,14 +104,19 @@ def part_prefix(attempt: str) -> str:
     return f"part-{attempt}-"
 
 
+def run_dir_uri(output: str, run_id: str) -> str:
+    """The run's folder: its records and its attempts' staging."""
+    return join_uri(output, "runs", run_id)
+
+
 def run_record_uri(output: str, run_id: str) -> str:
     """The run's record (run.json): its committed attempt's, or its latest failure's."""
-    return join_uri(output, "runs", run_id, "run.json")
+    return join_uri(run_dir_uri(output, run_id), "run.json")
 
 
 def success_marker_uri(output: str, run_id: str) -> str:
     """`_SUCCESS`, which names the run's committed attempt."""
-    return join_uri(output, "runs", run_id, "_SUCCESS")
+    return join_uri(run_dir_uri(output, run_id), "_SUCCESS")
 
 
 def default_report(output: str, run_id: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pipeline.errors import UserError
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.images import decode_pictures
-from pipeline.io.storage import StorageOptions, read_bytes, resolve_uri
+from pipeline.io.storage import StorageOptions, parent_uri, read_bytes, resolve_uri
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import read_json
 from pipeline.layout import run_record_uri
@@ -32,7 +32,7 @@ def render_pair_of_run(output: str, run_id: str, pair_id: str, options: StorageO
         reason = rows[0].get("error") if rows else "no such pair_id in the run"
         raise PairNotFound(f"pair {pair_id[:200]!r} of run {run_id!r}: {reason}")
     row = rows[0]
-    manifest_dir = record["config"]["manifest"].rsplit("/", 1)[0]  # absolute or a URI (JobConfig)
+    manifest_dir = parent_uri(record["config"]["manifest"])  # absolute or a URI (JobConfig)
     model_size = model_hw(record["config"]["model"]["input_size"])  # one side, or [height, width]
     max_pixels = int(record["config"]["max_image_pixels"])
     displays, sizes = {}, {}

@@ -14,6 +14,7 @@ import logging
 import math
 import platform
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
@@ -37,7 +38,7 @@ from pipeline.errors import AuditFailed, PipelineError, Terminated, UserError, a
 from pipeline.gates import Baseline, GateResult, GatesFailed, check_manifest_supports, evaluate, same_label_similarity
 from pipeline.io.images import torchvision_has_jpeg_decoder
 from pipeline.io.results_store import ResultsStore
-from pipeline.io.storage import StorageError, exists, redact_all, redact_uri, resolve_uri
+from pipeline.io.storage import StorageError, exists, parent_uri, redact_all, redact_uri, resolve_uri
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import arrow_filesystem, read_json, write_json
 from pipeline.layout import RunLayout, new_attempt_id
@@ -132,8 +133,8 @@ def _gpus_per_actor(config: JobConfig) -> float:
 
 def _num_actors(config: JobConfig, gpus: float) -> int:
     """config.num_actors, or by default as many actors of `gpus` GPUs each as the cluster has GPUs
-    for now (at least one), and CPU_ACTORS without GPUs. Warns when the actors need more GPUs than
-    the cluster has (they wait for them)."""
+    for now (at least one), and CPU_ACTORS without GPUs. Refuses GPUs that a local Ray started by
+    the job lacks; warns when the actors need more GPUs than a cluster has now (they wait for them)."""
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     actors = config.num_actors
     if actors is None:
@@ -214,7 +215,7 @@ def preflight(config: JobConfig, store: ResultsStore) -> Plan:
 def _manifest_dir(config: JobConfig) -> str:
     """The folder that the manifest's relative URIs are read from (config.manifest is absolute or a
     URI): the one that holds the manifest, whether that is a file or a folder of them."""
-    return config.manifest.rsplit("/", 1)[0]
+    return parent_uri(config.manifest)
 
 
 def _check_some_images_exist(config: JobConfig, uris: tuple[str, ...]) -> None:
@@ -385,15 +386,20 @@ def _boxes_outside_warning(ok_rows: pa.Table) -> str | None:
             "pointing_hit are null; a box is (x0, y0, x1, y1) in the pixels of the image as stored, before any resize")
 
 
-def failure_reason(summary: RunSummary, manifest_rows: int, config: JobConfig) -> str | None:
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (getrusage's ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def failure_reason(summary: RunSummary, manifest_rows: int, config: JobConfig, layout: RunLayout) -> str | None:
     """Why the attempt's result is not acceptable, or None: decided once, before anything is recorded."""
     if summary.pairs != manifest_rows:
         return f"{summary.pairs} result rows for {manifest_rows} manifest rows"
     fraction = summary.error / max(summary.pairs, 1)
     if fraction > config.max_error_fraction:
         return (f"{summary.error} of {summary.pairs} pairs failed ({fraction:.1%} > max_error_fraction "
-                f"{config.max_error_fraction:.1%}); see the error column of {redact_uri(config.output)}/runs/"
-                f"{config.run_id}/attempts/{summary.attempt}/results")
+                f"{config.max_error_fraction:.1%}); see the error column of {redact_uri(layout.staged_results_dir)}")
     return None
 
 
@@ -438,7 +444,7 @@ class RunRecorder:
             record["resources"] = {
                 "num_actors": summary.num_actors, "gpus_per_actor": summary.gpus_per_actor,
                 "devices": list(summary.devices),
-                "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "driver_peak_rss_mib": peak_rss_bytes() / 2**20,
             }
         return record
 
@@ -518,7 +524,7 @@ def _finish(config: JobConfig, plan: Plan, store: ResultsStore, recorder: RunRec
     """Decides the attempt's status once, records it, and commits the attempt unless its rows failed."""
     for warning in summary.warnings:
         log.warning("%s", warning)
-    reason = failure_reason(summary, plan.manifest.num_rows, config)
+    reason = failure_reason(summary, plan.manifest.num_rows, config, plan.layout)
     if reason is not None:
         recorder.failed(reason, summary)
         raise AuditFailed(reason)

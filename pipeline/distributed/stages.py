@@ -54,7 +54,7 @@ from pipeline.render.selection import FlagRules, RenderPolicy, select_for_render
 from pipeline.schema import BOX_COLUMNS, EXPLAINED_COLUMNS, SIDES, TOP_CHANNELS, result_type
 
 log = logging.getLogger("sfam.audit")
-BYTES_PER_PIXEL_LIMIT = 4  # a compressed image is never larger than its raw pixels and a margin
+BYTES_PER_PIXEL_LIMIT = 8  # a compressed image is never much larger than its raw pixels: 8 bytes for 16-bit RGBA
 READ_THREADS = 16  # objects a fetch task reads at once
 PICTURE_COLUMNS = ("pixels", "display", "display_shape", "size", "jpeg", "orientation")  # each side's, "_{side}_{name}"
 
@@ -219,7 +219,7 @@ def _picture_columns(pictures: list[Pictures | EncodedJpeg], encoded: bool) -> p
     shapes = pa.list_(pa.int32())
     decoded = [p if isinstance(p, Pictures) else None for p in pictures]
     columns = {
-        "pixels": _binary_column([p and p.model_input for p in decoded]),  # (S, S, 3) uint8
+        "pixels": _binary_column([p and p.model_input for p in decoded]),  # (H, W, 3) uint8, the model input size
         "display": _binary_column([p and p.display for p in decoded]),  # (h, w, 3) uint8, longest side <= DISPLAY_SIDE
         "display_shape": pa.array([p and list(p.display.shape[:2]) for p in decoded], shapes),
         "size": pa.array([list(p.size) for p in pictures], shapes),

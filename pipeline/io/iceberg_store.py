@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from pipeline.errors import UserError
 from pipeline.io.results_store import ResultsStore
 from pipeline.io.storage import StorageError, StorageOptions, join_uri, redact_uri
-from pipeline.layout import RunLayout
+from pipeline.layout import RunLayout, run_dir_uri
 
 CATALOG_NAME = "sfam"
 _SECRET_WORDS = ("secret", "password", "token", "credential", "access-key", "session")
@@ -134,7 +134,7 @@ class IcebergStore(ResultsStore):
         attempt stopped between its snapshot and its `_SUCCESS` has replaced them in the current one."""
         from pyiceberg.expressions import And, EqualTo, In
 
-        where_run = join_uri(self.output, "runs", run_id)
+        where_run = run_dir_uri(self.output, run_id)
         attempt = self.committed_attempt(run_id)
         if attempt is None:
             raise StorageError(where_run, "no committed rows: the run has not succeeded")

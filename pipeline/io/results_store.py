@@ -44,7 +44,7 @@ import pyarrow.fs as pafs
 from pipeline.errors import UserError
 from pipeline.io.storage import StorageError, StorageOptions, exists, filesystem, glob, join_uri, move, remove_tree
 from pipeline.io.tables import arrow_filesystem, read_json, write_json
-from pipeline.layout import RunLayout, overlay_copies, part_prefix, run_record_uri, success_marker_uri
+from pipeline.layout import RunLayout, overlay_copies, part_prefix, run_dir_uri, run_record_uri, success_marker_uri
 from pipeline.schema import PARTITION_COLUMNS
 
 log = logging.getLogger("sfam.results")
@@ -92,7 +92,7 @@ class ResultsStore:
     def committed_attempt(self, run_id: str) -> str | None:
         """The attempt that `_SUCCESS` names, or None when the run never succeeded."""
         marker = success_marker_uri(self.output, run_id)
-        if not exists(marker, self.options):
+        if not exists(marker, self.options, retried=True):  # also between a commit's steps: a blip must not fail it
             return None
         return read_json(marker, self.options).get("attempt")
 
@@ -171,14 +171,14 @@ class HiveParquetStore(ResultsStore):
         file says nothing about this run's columns."""
         attempt = self.committed_attempt(run_id)
         if attempt is None:
-            raise StorageError(join_uri(self.output, "runs", run_id), "no committed rows: the run has not succeeded")
+            raise StorageError(run_dir_uri(self.output, run_id), "no committed rows: the run has not succeeded")
         pattern = join_uri(self.root, "run_date=*", f"run_id={run_id}", f"{part_prefix(attempt)}*.parquet")
         parts = [filesystem(uri, self.options)[1] for uri in glob(pattern, self.options, under=self.root)]
         if not parts:
             if self._table_format(run_id) == "iceberg":  # read as Hive because no config named the catalog
-                raise StorageError(join_uri(self.output, "runs", run_id), "the run's rows are in an Iceberg table (its "
+                raise StorageError(run_dir_uri(self.output, run_id), "the run's rows are in an Iceberg table (its "
                                    "run.json says table.format: iceberg); pass the job's config with --config")
-            raise StorageError(pattern, f"no result files of attempt {attempt}, which runs/{run_id}/_SUCCESS names")
+            raise StorageError(pattern, f"no result files of attempt {attempt}, which {success_marker_uri(self.output, run_id)} names")
         fs, root = arrow_filesystem(self.root, self.options)
         with _damaged_files_named(pattern):
             files = pds.dataset(parts, filesystem=fs, format="parquet")
@@ -209,7 +209,7 @@ class HiveParquetStore(ResultsStore):
         names = set(dataset.schema.names)
         present = None if columns is None else [c for c in columns if c in names]
         where = None if pair_ids is None else pds.field("pair_id").isin(pair_ids)
-        with _damaged_files_named(join_uri(self.output, "runs", run_id)):
+        with _damaged_files_named(run_dir_uri(self.output, run_id)):
             return dataset.to_table(columns=present, filter=where)
 
 

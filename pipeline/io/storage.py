@@ -58,11 +58,13 @@ def _is_connection_error(error: BaseException) -> bool:
     )
 
 
-def _retrying(operation: Callable[[], T]) -> T:
-    """Runs `operation`, retrying with exponential backoff while the endpoint is unreachable."""
+def _retrying(uri: str, options: StorageOptions | None, operation: Callable[[fsspec.AbstractFileSystem, str], T]) -> T:
+    """Runs `operation` on the filesystem that holds `uri` and its path there, retrying with
+    exponential backoff while the endpoint is unreachable. Each try asks for the filesystem
+    again: after a connection error that is a new client (see _storage_errors)."""
     for attempt in range(RETRIES):
         try:
-            return operation()
+            return operation(*filesystem(uri, options))
         except StorageUnavailable:
             if attempt == RETRIES - 1:
                 raise
@@ -117,9 +119,7 @@ def read_bytes(uri: str, options: StorageOptions | None = None, max_bytes: int |
     Retries while the endpoint is unreachable, then raises StorageUnavailable; reads again an
     object replaced while it was read (up to REREADS times).
     """
-    fs, path = filesystem(uri, options)
-
-    def read() -> bytes:
+    def read(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
         for attempt in range(REREADS):
             try:
                 with _storage_errors(uri), fs.open(path, "rb") as f:
@@ -131,7 +131,7 @@ def read_bytes(uri: str, options: StorageOptions | None = None, max_bytes: int |
                 fs.invalidate_cache(path)
         raise AssertionError("unreachable")
 
-    data = _retrying(read)
+    data = _retrying(uri, options, read)
     if max_bytes is not None and len(data) > max_bytes:
         raise StorageError(uri, f"larger than max_bytes={max_bytes}")
     return data
@@ -141,10 +141,9 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) ->
     """Create or replace the object, whole or not at all (local parent folders are created);
     retries like read_bytes. A local file is written beside and renamed into place, as an
     object store's PUT replaces an object: a crash never leaves half a record."""
-    fs, path = filesystem(uri, options)
     local = is_local(uri)
 
-    def write() -> None:
+    def write(fs: fsspec.AbstractFileSystem, path: str) -> None:
         written = f"{path}.partial-{secrets.token_hex(4)}" if local else path
         with _storage_errors(uri):
             try:
@@ -156,16 +155,18 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) ->
                 if local and os.path.lexists(written):  # the write or the rename failed, or was interrupted
                     os.remove(written)
 
-    _retrying(write)
+    _retrying(uri, options, write)
 
 
-def exists(uri: str, options: StorageOptions | None = None) -> bool:
-    """Whether the object or folder exists. Not retried: a first look that fails at once on an
-    unreachable endpoint (callers use it to fail fast, before any work)."""
-    fs, path = filesystem(uri, options)
-    with _storage_errors(uri):
-        fs.invalidate_cache(path)  # another writer may have changed it since we last listed
-        return fs.exists(path)
+def exists(uri: str, options: StorageOptions | None = None, *, retried: bool = False) -> bool:
+    """Whether the object or folder exists. Retried like read_bytes where `retried`; otherwise a
+    first look that fails at once on an unreachable endpoint (to fail fast, before any work)."""
+    def look(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+        with _storage_errors(uri):
+            fs.invalidate_cache(path)  # another writer may have changed it since we last listed
+            return fs.exists(path)
+
+    return _retrying(uri, options, look) if retried else look(*filesystem(uri, options))
 
 
 def is_folder(uri: str, options: StorageOptions | None = None) -> bool:
@@ -179,16 +180,14 @@ def is_folder(uri: str, options: StorageOptions | None = None) -> bool:
 
 def remove_tree(uri: str, options: StorageOptions | None = None) -> None:
     """Deletes `uri` and everything below it; nothing there is fine. Retries like read_bytes."""
-    fs, path = filesystem(uri, options)
-
-    def remove() -> None:
+    def remove(fs: fsspec.AbstractFileSystem, path: str) -> None:
         with _storage_errors(uri):
             fs.invalidate_cache()
             if fs.exists(path):
                 # object stores expand a path as a glob: a[1]/x would delete a1/x, and miss a[1]/x
                 fs.rm(path if is_local(uri) else _literal(path), recursive=True)
 
-    _retrying(remove)
+    _retrying(uri, options, remove)
 
 
 def _literal(path: str) -> str:
@@ -204,25 +203,22 @@ def glob(pattern: str, options: StorageOptions | None = None, *, under: str) -> 
     """
     if not pattern.startswith(under):
         raise ValueError(f"pattern {pattern!r} does not start with {under!r}")
-    fs, path = filesystem(pattern, options)
     literal_length = len(filesystem(under, options)[1])  # the folder's part of the path, as fsspec has it
-    path = _literal(path[:literal_length]) + path[literal_length:]
     scheme = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
 
-    def find() -> list[str]:
+    def find(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
         with _storage_errors(pattern):
             fs.invalidate_cache()
-            return sorted(scheme + match for match in fs.glob(path))
+            return sorted(scheme + match for match in fs.glob(_literal(path[:literal_length]) + path[literal_length:]))
 
-    return _retrying(find)
+    return _retrying(pattern, options, find)
 
 
 def move(source: str, destination: str, options: StorageOptions | None = None) -> None:
     """Moves one object (on object stores: a server-side copy, then a delete of the source)."""
-    fs, source_path = filesystem(source, options)
     _, destination_path = filesystem(destination, options)
 
-    def mv() -> None:
+    def mv(fs: fsspec.AbstractFileSystem, source_path: str) -> None:
         with _storage_errors(source):
             if is_local(source):
                 fs.mv(source_path, destination_path)  # a rename
@@ -230,12 +226,19 @@ def move(source: str, destination: str, options: StorageOptions | None = None) -
                 fs.cp_file(source_path, destination_path)
                 fs.rm_file(source_path)
 
-    _retrying(mv)
+    _retrying(source, options, mv)
 
 
 def join_uri(base: str, *parts: str) -> str:
     """`base/part1/part2...` with single slashes, for local paths and URIs alike."""
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def parent_uri(uri: str) -> str:
+    """The folder that holds `uri` (absolute, without a trailing slash); a bucket's own root for
+    the bucket (`s3://bucket`), which no folder holds."""
+    scheme, sep, path = uri.rpartition("://")
+    return f"{scheme}{sep}{posixpath.dirname(path) or path}"
 
 
 def resolve_uri(uri: str, base_dir: str) -> str:

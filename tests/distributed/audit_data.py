@@ -58,22 +58,29 @@ def picture_bytes(rng: np.random.Generator, width: int, height: int, fmt: str = 
     return buffer.getvalue()
 
 
-def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
-    """A PNG that declares width x height pixels but holds almost nothing."""
+def png(width: int, height: int, stream: bytes, bits: int = 8) -> bytes:
+    """An RGB PNG of `bits` bits a channel declaring width x height pixels, `stream` its compressed rows."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    header = struct.pack(">IIBBBBB", width, height, bits, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", stream) + chunk(b"IEND", b"")
+
+
+def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
+    """A PNG that declares width x height pixels but holds almost nothing."""
+    return png(width, height, zlib.compress(b"\x00" * 64))
 
 
 def black_png(width: int, height: int) -> bytes:
     """A valid PNG of width x height black pixels: a small file that is huge once decoded."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     compressor, row = zlib.compressobj(9), b"\x00" * (1 + 3 * width)  # filter byte + RGB
-    stream = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", stream) + chunk(b"IEND", b"")
+    return png(width, height, b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush())
+
+
+def noise_png_16_bits(rng: np.random.Generator, width: int, height: int) -> bytes:
+    """A valid RGB PNG of 16 bits a channel, of noise: 6 bytes a pixel that do not compress."""
+    rows = np.concatenate([np.zeros((height, 1), np.uint8), rng.integers(0, 256, (height, 6 * width), np.uint8)], axis=1)
+    return png(width, height, zlib.compress(rows.tobytes(), 1), bits=16)
 
 
 def manifest_table(rows: list[dict]) -> pa.Table:

@@ -22,7 +22,16 @@ from pipeline.models.spec import ModelSpec
 from pipeline.render.selection import FlagRules
 from pipeline.schema import result_type
 
-from audit_data import black_png, expected_similarities, manifest_table, model_config, picture_bytes, write_audit, write_weights
+from audit_data import (
+    black_png,
+    expected_similarities,
+    manifest_table,
+    model_config,
+    noise_png_16_bits,
+    picture_bytes,
+    write_audit,
+    write_weights,
+)
 
 
 def test_each_distinct_image_is_forwarded_once(tmp_path, rng) -> None:
@@ -197,6 +206,18 @@ def test_matched_weighting_writes_correspondences_in_image_pixels(tmp_path, rng)
 
 # Fetches a normal image, then the bomb, in a fresh process; prints the bomb's error and how far the process's
 # RSS rose above its RSS before the bomb (sampled every 2 ms: the peak-RSS counter also holds import-time peaks)
+def test_a_16_bit_png_within_the_pixel_limit_is_read(tmp_path, rng) -> None:
+    """Its file holds more bytes than pixels x 4 (6 a pixel, noise): the size guard allows it."""
+    width, height = 1000, 800
+    data = noise_png_16_bits(rng, width, height)
+    assert len(data) > 4 * width * height + (1 << 20)
+    (tmp_path / "deep.png").write_bytes(data)
+    pq.write_table(manifest_table([{"pair_id": "deep", "query_uri": "deep.png", "reference_uri": "deep.png"}]),
+                   tmp_path / "pairs.parquet")
+    fetched = FetchImages(str(tmp_path), 32, width * height, StorageOptions())(pq.read_table(tmp_path / "pairs.parquet"))
+    assert fetched.column("status").to_pylist() == ["ok"], fetched.column("error").to_pylist()
+
+
 PEAK_MEMORY_OF_BOMB = """
 import sys, threading, time
 import psutil

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from pipeline.io import storage
 from pipeline.io.storage import (
     StorageError,
     StorageOptions,
@@ -15,6 +16,7 @@ from pipeline.io.storage import (
     glob,
     join_uri,
     move,
+    parent_uri,
     read_bytes,
     redact_uri,
     remove_tree,
@@ -179,6 +181,16 @@ def test_resolve_uri(uri: str, base_dir: str, expected: str) -> None:
     assert resolve_uri(uri, base_dir) == expected
 
 
+@pytest.mark.parametrize(("uri", "expected"), [
+    ("s3://bucket/audits/pairs.parquet", "s3://bucket/audits"), ("s3://bucket/pairs", "s3://bucket"),
+    ("s3://bucket", "s3://bucket"),  # a folder manifest at a bucket's root: its images are in that bucket
+    ("/data/pairs.parquet", "/data"), ("/pairs.parquet", "/"),
+    ("file:///data/pairs", "file:///data"),
+])
+def test_parent_uri(uri: str, expected: str) -> None:
+    assert parent_uri(uri) == expected
+
+
 @pytest.mark.parametrize(
     ("base", "parts", "expected"),
     [
@@ -206,6 +218,29 @@ def test_unreachable_endpoint_is_storage_unavailable_and_drops_the_client(monkey
     with pytest.raises(StorageUnavailable, match="endpoint unreachable"):
         exists(uri, options)
     assert filesystem(uri, options)[0] is not client
+
+
+def test_a_retry_after_a_connection_error_gets_a_new_client(s3_bucket, monkeypatch) -> None:
+    """Each try asks for the filesystem again, so a retry does not use the connections that failed."""
+    bucket, options = s3_bucket
+    uri = f"s3://{bucket}/audits/runs/r/_SUCCESS"
+    write_bytes(uri, b'{"attempt": "a"}', options)
+    monkeypatch.setattr(storage, "RETRY_BACKOFF_SECONDS", 0.0)
+
+    def break_the_current_client() -> None:
+        def refuse(*args, **kwargs):
+            raise ConnectionError("connection reset by peer")
+        client = filesystem(uri, options)[0]
+        for method in ("open", "exists"):
+            monkeypatch.setattr(client, method, refuse)
+
+    break_the_current_client()
+    assert exists(uri, options, retried=True)
+    break_the_current_client()
+    assert read_bytes(uri, options) == b'{"attempt": "a"}'
+    break_the_current_client()
+    with pytest.raises(StorageUnavailable, match="connection reset by peer"):
+        exists(uri, options)  # not retried: a first look fails fast
 
 
 def test_an_object_replaced_while_it_is_read_is_read_again(s3_bucket, monkeypatch) -> None:
