@@ -20,7 +20,8 @@ Written next to the runs, under `{output}/comparisons/{A}/{B}/` (a folder per ru
 
     run_a, run_b                       string    the run ids
     attempt_a, attempt_b               string    their committed attempts (a re-run of a run_id replaces it)
-    threshold                          float64   the false-match similarity threshold (the metric's units)
+    threshold                          float64   the false-match similarity threshold (the metric's units;
+                                                 null: none applies, and the false-match counts are null)
     label                              int64     1 same, 0 different, null unlabelled
     pairs                              int64     pairs of this label ok in both runs on the same images
     mean_similarity_a, _b, _change     float64   mean similarity
@@ -83,7 +84,7 @@ from pipeline.render.comparison_html import (
     render_comparison,
 )
 from pipeline.schema import result_type
-from pipeline.thresholds import FALSE_MATCH_SIMILARITY, MOVED_BELOW
+from pipeline.thresholds import MOVED_BELOW, false_match_rule, recorded_false_match_similarity
 
 CHUNK_ROWS = 65536  # pairs whose maps are correlated at once
 LISTED = 20  # pairs shown per list (moved maps, new and vanished false matches)
@@ -96,13 +97,13 @@ PAIR_COLUMNS = (
     "query_pointing_hit_a", "query_pointing_hit_b", "energy_in_box_a", "energy_in_box_b", "map_comparable",
     "map_correlation_query", "map_correlation_reference", "map_correlation", "false_match_a", "false_match_b",
 )
+FALSE_MATCH_COUNTS = ("false_matches_a", "false_matches_b", "new_false_matches", "vanished_false_matches")
 SUMMARY_SCHEMA = pa.schema(
     [("run_a", pa.string()), ("run_b", pa.string()), ("attempt_a", pa.string()), ("attempt_b", pa.string()),
      ("threshold", pa.float64()), ("label", pa.int64()), ("pairs", pa.int64())]
     + [(f"{name}_{suffix}", pa.float64()) for name in FIGURES for suffix in ("a", "b", "change")]
     + [("mean_map_correlation", pa.float64())]
-    + [(name, pa.int64()) for name in ("maps_not_comparable", "false_matches_a", "false_matches_b",
-                                       "new_false_matches", "vanished_false_matches")]
+    + [(name, pa.int64()) for name in ("maps_not_comparable", *FALSE_MATCH_COUNTS)]
 )
 
 
@@ -111,7 +112,7 @@ class Comparison:
     """Two runs compared: `pairs` and `summary` are the tables of the module docstring."""
 
     runs: tuple[dict[str, Any], dict[str, Any]]  # A, B: _run_info's
-    threshold: float
+    threshold: float | None
     pairs: pa.Table
     summary: pa.Table
 
@@ -132,6 +133,8 @@ class Comparison:
             "relabelled in B": _count(self.pairs["relabelled"]),
             "failed in A or B": _count(pc.and_not(same, compared)),
             "with maps not comparable": _count(pc.invert(pc.fill_null(self.pairs["map_comparable"], True))),
+            "with a constant map": _count(pc.and_(pc.fill_null(self.pairs["map_comparable"], False),
+                                                  pc.is_null(self.pairs["map_correlation"]))),
         }
 
     def view(self, listed: int = LISTED) -> ComparisonView:
@@ -157,13 +160,14 @@ class Comparison:
                  + ", ".join(f"{value} {name}" for name, value in counts.items()),
                  *(f"warning: {warning}" for warning in warnings),
                  f"{'label':<11}{'pairs':>6}  {'similarity A -> B':<25}  {'pointing A -> B':<23}  "
-                 f"{'in box A -> B':<23}  {'map corr':>8}  false matches >= {self.threshold:g} (new, vanished)"]
+                 f"{'in box A -> B':<23}  {'map corr':>8}  false matches A -> B (new, vanished)",
+                 f"false matches: {false_match_rule(self.threshold)}"]
         for row in self.summary.to_pylist():  # two spaces between columns, also when a value is wider than its column
             figures = "".join(f"{_arrow(row, name):<23}  " for name in ("pointing_hit_rate", "energy_in_box"))
             lines.append(
                 f"{label_name(row['label']):<11}{row['pairs']:>6}  {_arrow(row, 'mean_similarity'):<25}  {figures}"
-                f"{_fmt(row['mean_map_correlation']):>8}  {row['false_matches_a']} -> {row['false_matches_b']} "
-                f"({row['new_false_matches']}, {row['vanished_false_matches']})"
+                f"{_fmt(row['mean_map_correlation']):>8}  {_whole(row['false_matches_a'])} -> "
+                f"{_whole(row['false_matches_b'])} ({_whole(row['new_false_matches'])}, {_whole(row['vanished_false_matches'])})"
             )
         return lines
 
@@ -174,6 +178,10 @@ def _count(mask: pa.Array | pa.ChunkedArray) -> int:
 
 def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
+
+
+def _whole(value: int | None) -> str:
+    return "—" if value is None else str(value)
 
 
 def _arrow(row: dict, name: str) -> str:
@@ -273,11 +281,13 @@ def _energy(rows: pa.Table) -> pa.ChunkedArray:
     return pc.divide(pc.add(pc.cast(rows["query_energy_in_box"], pa.float64()), rows["reference_energy_in_box"]), 2.0)
 
 
-def _side(rows: pa.Table, suffix: str, label: pa.Array, threshold: float) -> dict[str, Any]:
-    """One run's columns of the pairs table; a false match is label 0 and similarity >= threshold."""
+def _side(rows: pa.Table, suffix: str, label: pa.Array, threshold: float | None) -> dict[str, Any]:
+    """One run's columns of the pairs table; a false match is label 0 and similarity >= threshold
+    (null without a threshold)."""
     ok = _ok(rows["status"])
     similarity = pc.if_else(ok, pc.cast(rows["similarity"], pa.float64()), None)
-    false_match = pc.and_(pc.fill_null(pc.equal(label, 0), False), pc.fill_null(pc.greater_equal(similarity, threshold), False))
+    false_match = pa.nulls(rows.num_rows, pa.bool_()) if threshold is None else pc.and_(
+        pc.fill_null(pc.equal(label, 0), False), pc.fill_null(pc.greater_equal(similarity, threshold), False))
     return {
         f"status_{suffix}": rows["status"],
         f"similarity_{suffix}": similarity,
@@ -287,7 +297,7 @@ def _side(rows: pa.Table, suffix: str, label: pa.Array, threshold: float) -> dic
     }
 
 
-def pair_changes(a: pa.Table, b: pa.Table, threshold: float) -> pa.Table:
+def pair_changes(a: pa.Table, b: pa.Table, threshold: float | None) -> pa.Table:
     """The pairs table of the module docstring, from the two runs' rows."""
     ids, a, b = _aligned(a, b)
     label = pc.coalesce(b["label"], a["label"])
@@ -349,7 +359,7 @@ def _label_order(labels: Iterable[int | None]) -> list[int | None]:
     return sorted(labels, key=lambda label: (label is None, -(label or 0)))
 
 
-def label_summary(pairs: pa.Table, records: tuple[dict, dict], threshold: float) -> pa.Table:
+def label_summary(pairs: pa.Table, records: tuple[dict, dict], threshold: float | None) -> pa.Table:
     """The summary table of the module docstring, from the pairs table and the two runs' records."""
     both = pairs.filter(_compared(pairs))
     a, b = records
@@ -357,7 +367,10 @@ def label_summary(pairs: pa.Table, records: tuple[dict, dict], threshold: float)
     rows = []
     for label in _label_order(pc.unique(both["label"]).to_pylist()):
         chosen = both.filter(pc.is_null(both["label"]) if label is None else pc.equal(both["label"], label))
-        rows.append({**runs, "threshold": threshold, "label": label, **_label_summary(chosen)})
+        figures = _label_summary(chosen)
+        if threshold is None:  # none counted, not none found
+            figures |= dict.fromkeys(FALSE_MATCH_COUNTS)
+        rows.append({**runs, "threshold": threshold, "label": label, **figures})
     return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
 
 
@@ -365,12 +378,13 @@ def compare_runs(output: str, run_a: str, run_b: str, options: StorageOptions,
                  threshold: float | None = None, table: TableConfig | None = None) -> Comparison:
     """Compares the committed rows of two runs under one output root (in its Hive or Iceberg table).
 
-    threshold: a false match's similarity; by default run B's own (its config's gates.false_match_similarity).
+    threshold: a false match's similarity; by default run B's own (its config's gates.false_match_similarity),
+        none (no false matches counted) where that is above every similarity of a euclidean run.
     """
     store = open_results_store(output, options, table)
     records = [run_record(store, run_id) for run_id in (run_a, run_b)]
     if threshold is None:
-        threshold = records[1]["config"].get("gates", {}).get("false_match_similarity", FALSE_MATCH_SIMILARITY)
+        threshold = recorded_false_match_similarity(records[1])
     pairs = pair_changes(*(_run_rows(store, record) for record in records), threshold)
     return Comparison(runs=(_run_info(records[0]), _run_info(records[1])), threshold=threshold, pairs=pairs,
                       summary=label_summary(pairs, (records[0], records[1]), threshold))

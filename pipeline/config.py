@@ -82,8 +82,7 @@ class JobConfig(BaseModel):
     @field_validator("model", mode="before")
     @classmethod
     def _model_short_form(cls, value: Any) -> Any:
-        """`model: resnet18` is `model: {arch: resnet18}`, as `sfam explain --model resnet18` is."""
-        return {"arch": value} if isinstance(value, str) else value
+        return model_section(value)
 
     @field_validator("run_id", mode="before")
     @classmethod
@@ -163,9 +162,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {text!r}: the value is not YAML: {one_line(error)}") from error
 
 
+def model_section(value: Any) -> Any:
+    """`model: resnet18` is `model: {arch: resnet18}`, as `sfam explain --model resnet18` is."""
+    return {"arch": value} if isinstance(value, str) else value
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for text in overrides:
         path, value = parse_override(text)
+        if path[0] == "model" and len(path) > 1 and "model" in data:  # `--set model.metric=dot` on `model: resnet50`
+            data["model"] = model_section(data["model"])
         node = data
         for part in path[:-1]:
             node = node.setdefault(part, {})

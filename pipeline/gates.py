@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 
 from pipeline.errors import EXIT_GATES_FAILED, PipelineError, UserError
 from pipeline.quality import residual_share
@@ -49,11 +49,11 @@ class Gates(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    min_same_label_pointing: float | None = Field(None, ge=0, le=1)
-    max_false_match_rate: float | None = Field(None, ge=0, le=1)
-    false_match_similarity: float = FALSE_MATCH_SIMILARITY
-    max_residual_share: float | None = Field(None, ge=0)
-    max_similarity_drop: float | None = None
+    min_same_label_pointing: FiniteFloat | None = Field(None, ge=0, le=1)
+    max_false_match_rate: FiniteFloat | None = Field(None, ge=0, le=1)
+    false_match_similarity: FiniteFloat = FALSE_MATCH_SIMILARITY
+    max_residual_share: FiniteFloat | None = Field(None, ge=0)
+    max_similarity_drop: FiniteFloat | None = None
     similarity_baseline: Literal["same_manifest", "previous_run"] = "same_manifest"
 
     @property

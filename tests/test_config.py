@@ -36,12 +36,25 @@ def test_yaml_with_overrides(tmp_path) -> None:
     ("batch_size", "KEY=VALUE"),
     ("model.arch=[a", r"^--set 'model.arch=\[a': the value is not YAML: [^\n]+$"),
     ("run_id=[a", "run_id: run_id may hold letters"),
+    ("gates.false_match_similarity=.nan", "false_match_similarity: Input should be a finite number"),  # no gate at all
+    ("gates.max_similarity_drop=.inf", "max_similarity_drop: Input should be a finite number"),
+    ("render_flags.weak_match_similarity=.nan", "weak_match_similarity: Input should be a finite number"),
 ])
 def test_bad_overrides_are_errors(tmp_path, override: str, message: str) -> None:
     path = tmp_path / "cfg.yaml"
     path.write_text(BASE)
     with pytest.raises(ConfigError, match=message):
         load_config(path, [override])
+
+
+def test_overrides_of_the_model_short_form(tmp_path) -> None:
+    """`model: resnet50` (the README's short form) is a section that --set can reach into."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text("manifest: s3://bucket/pairs.parquet\noutput: s3://bucket/audits\nmodel: resnet50\n")
+    config = load_config(path, ["model.metric=dot"])
+    assert (config.model.arch, config.model.metric) == ("resnet50", "dot")
+    config = load_config(path, ["model=resnet18", "model.weighting=partner"])
+    assert (config.model.arch, config.model.weighting) == ("resnet18", "partner")
 
 
 def test_dates_stay_strings(tmp_path) -> None:

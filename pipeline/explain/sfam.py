@@ -225,10 +225,13 @@ class SFAM:
             return self._explain_pairs(images.to(self._parameter_dtype()), query_index, reference_index)
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The target layer's maps A (N, K, h, w) and the embeddings u (N, D) of `images`."""
+        """The target layer's maps A (N, K, h, w) and the embeddings u (N, D) of `images`, without
+        gradients (inference mode)."""
+        images = images.to(self._parameter_dtype())
         with _in_eval_mode(self.model):
             self._resolve_target(images[:1])
-            forward = self._forward(images)
+            with torch.inference_mode():
+                forward = self._forward(images)
         return forward.maps, forward.embeddings
 
     # -- forward passes -------------------------------------------------------------------

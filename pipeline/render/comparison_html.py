@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline.render.html_text import LABEL_NAMES, escaped, finite_number
 from pipeline.render.report_assets import CSS
-from pipeline.thresholds import MOVED_BELOW
+from pipeline.thresholds import MOVED_BELOW, false_match_rule
 
 Row = dict[str, Any]  # one row of the comparison's summary or pairs table (pipeline/comparison.py)
 _CSP = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
@@ -41,7 +41,7 @@ class ComparisonView:
     """What the HTML shows; pipeline/comparison.py builds it (`Comparison.view()`)."""
 
     runs: tuple[Mapping[str, Any], Mapping[str, Any]]  # A, B: what pipeline/comparison.py's _run_info says of each
-    threshold: float
+    threshold: float | None
     counts: Mapping[str, int]
     summary: Sequence[Row]  # one row per label
     moved: Sequence[Row]  # pairs whose maps correlate below MOVED_BELOW, lowest first
@@ -141,27 +141,31 @@ def _pairs(rows: Sequence[Row], columns: Sequence[Column], empty: str) -> str:
 
 def _no_map_moved(counts: Mapping[str, int]) -> str:
     """Why the list of moved maps is empty: none moved, or none could be compared."""
-    incomparable = counts.get("with maps not comparable", 0)
+    incomparable, constant = counts.get("with maps not comparable", 0), counts.get("with a constant map", 0)
+    constant_note = (f"; {constant:,} {'pair has' if constant == 1 else 'pairs have'} a constant map in A or B "
+                     "(one cell, or the same value everywhere), which no correlation describes") if constant else ""
     if not counts.get("ok in both", 0):
         return "no maps compared: no pair is ok in both runs on the same images"
     if incomparable >= counts["ok in both"]:
         return (f"no maps compared: the {incomparable:,} pairs ok in both runs have maps of other shapes "
                 "(map_shape differs: another model, layer or input size)")
-    return f"no map moved: every compared pair's maps correlate at or above {MOVED_BELOW:g}"
+    if incomparable + constant >= counts["ok in both"]:
+        return f"no maps compared: {incomparable:,} pairs have maps of other shapes{constant_note}"
+    return f"no map moved: every correlated pair's maps correlate at or above {MOVED_BELOW:g}{constant_note}"
 
 
 def _lists(view: ComparisonView) -> str:
-    threshold = escaped(f"{view.threshold:g}")
+    rule = escaped(false_match_rule(view.threshold))
     false_match = (_PAIR_ID, *_SIMILARITIES)
     lists = (
         ("moved-maps", "Maps that moved most",
          f"correlation between the two runs' maps below {MOVED_BELOW:g}, lowest first (equal map shapes only)",
          _pairs(view.moved, (_PAIR_ID, _LABEL, *_CORRELATIONS, *_SIMILARITIES), _no_map_moved(view.counts))),
         ("new-false-matches", "New false matches",
-         f"different-label pairs at or above similarity {threshold} in B but not in A, most similar first",
+         f"false matches in B but not in A, most similar first; a false match: {rule}",
          _pairs(view.new_false_matches, false_match, "no new false matches")),
         ("vanished-false-matches", "Vanished false matches",
-         f"different-label pairs at or above similarity {threshold} in A but not in B",
+         f"false matches in A but not in B; a false match: {rule}",
          _pairs(view.vanished_false_matches, false_match, "no vanished false matches")),
     )
     return "".join(f'<div id="{key}"><h3>{title}</h3><p class="hint">{hint}</p>{table}</div>'
@@ -171,7 +175,7 @@ def _lists(view: ComparisonView) -> str:
 def comparison_section(view: ComparisonView, heading: str) -> str:
     """The comparison as one `<section id="comparison">` with its own styles (for the run report)."""
     hint = ("per label, over the pairs that are ok in both runs on the same images; change is B minus A; "
-            f"false matches: label 0 and similarity at or above {escaped(f'{view.threshold:g}')}")
+            f"false matches: {escaped(false_match_rule(view.threshold))}")
     return (
         f'<section id="comparison"><style>{_STYLE}</style><h2>{escaped(heading)}</h2>{_runs(view)}'
         f'<div class="tiles">{_tiles(view)}</div>'

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from pipeline.render.histogram import Series, histogram_svg
 from pipeline.render.html_text import LABEL_NAMES, escaped, finite_number
 from pipeline.render.report_assets import CSS, SCRIPT
-from pipeline.thresholds import FALSE_MATCH_SIMILARITY
+from pipeline.thresholds import recorded_false_match_similarity
 
 GALLERY_CAP = 2000
 LOOK_FIRST_CAP = 24
@@ -212,14 +212,6 @@ def _look_first(ok: Sequence[Row], png_href: Callable[[Row], str | None], thresh
     )
 
 
-def _false_match_similarity(summary: Mapping[str, Any]) -> float | None:
-    """The run's own threshold of a false match, from its recorded config; None for a Euclidean run
-    whose threshold is above 0, where no similarity (-1/2 |u - v|^2) can reach it."""
-    gates = (summary.get("config") or {}).get("gates") or {}
-    threshold = float(gates.get("false_match_similarity", FALSE_MATCH_SIMILARITY))
-    return None if _heading_values(summary)["metric"] == "euclidean" and threshold > 0 else threshold
-
-
 def _gallery(rows: Sequence[Row], png_href: Callable[[Row], str | None]) -> str:
     shown = rows[:GALLERY_CAP]
     note = (
@@ -319,7 +311,7 @@ def render_report(
         f'<header><h1>SFAM audit report</h1><p class="sub">{heading}</p></header>'
         f'{_warnings(summary)}{_gates(summary)}<section id="figures"><div class="tiles">{_figures(ok, errors, len(rows))}</div></section>'
         f'<section id="histogram"><h2>Similarity by label</h2>{_histogram(ok)}</section>'
-        f'<section id="look-first"><h2>Look first</h2>{_look_first(ok, png_href, _false_match_similarity(summary))}</section>'
+        f'<section id="look-first"><h2>Look first</h2>{_look_first(ok, png_href, recorded_false_match_similarity(summary))}</section>'
         f'{comparison}<section id="gallery"><h2>All pairs</h2>{_render_hint(summary, ok)}{_gallery(rows, png_href)}</section>'
         f'<section id="errors"><h2>Errors ({len(errors):,})</h2>{_errors(errors)}</section>'
         f'<section id="run"><h2>Run record</h2>{_summary_table(summary)}</section>'

@@ -40,6 +40,7 @@ from typing import Literal, get_args
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import FiniteFloat
 
 from pipeline.thresholds import FALSE_MATCH_SIMILARITY
 
@@ -55,10 +56,10 @@ POINTING_COLUMNS = ("query_pointing_hit", "reference_pointing_hit")
 class FlagRules:
     """Thresholds of the `flagged` policy (see the module docstring)."""
 
-    false_match_similarity: float = FALSE_MATCH_SIMILARITY
-    weak_match_similarity: float = 0.3
-    sample_rate: float = 0.005
-    max_fraction: float = 0.05
+    false_match_similarity: FiniteFloat = FALSE_MATCH_SIMILARITY
+    weak_match_similarity: FiniteFloat = 0.3
+    sample_rate: FiniteFloat = 0.005
+    max_fraction: FiniteFloat = 0.05
 
     def __post_init__(self) -> None:
         for name in ("sample_rate", "max_fraction"):

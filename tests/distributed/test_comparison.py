@@ -22,12 +22,12 @@ import torch
 import yaml
 
 from pipeline.cli import main
-from pipeline.comparison import compare_runs, comparison_dir, write_comparison
+from pipeline.comparison import FALSE_MATCH_COUNTS, compare_runs, comparison_dir, write_comparison
 from pipeline.distributed.job import run_audit
 from pipeline.io.storage import StorageOptions, join_uri
 from pipeline.render.comparison_html import OTHER_IMAGES, render_comparison
 from pipeline.reporting import write_report
-from pipeline.thresholds import MOVED_BELOW
+from pipeline.thresholds import MOVED_BELOW, recorded_false_match_similarity
 
 from audit_data import job_config, model_config, write_audit, write_weights
 
@@ -166,7 +166,7 @@ def test_other_pairs_and_map_shapes_are_counted_not_correlated(runs: Runs) -> No
     comparison = compare_runs(runs.output, "run-a", "run-c", OPTIONS)
     assert comparison.counts() == {"ok in both": 5, "only in A": 4, "only in B": 1, "with other images in B": 0,
                                    "relabelled in B": 0,
-                                   "failed in A or B": 0, "with maps not comparable": 5}
+                                   "failed in A or B": 0, "with maps not comparable": 5, "with a constant map": 0}
     assert comparison.pairs.filter(comparison.pairs["map_comparable"]).num_rows == 0
     assert comparison.pairs["map_correlation"].null_count == comparison.pairs.num_rows
     assert sum(comparison.summary["maps_not_comparable"].to_pylist()) == 5
@@ -245,18 +245,42 @@ def test_a_nightly_run_of_a_new_manifest_is_compared_as_its_gate_compares(runs: 
     assert "Compared with run-a" in page.read_text()
 
 
+def test_a_euclidean_run_beyond_its_threshold_counts_no_false_matches(runs: Runs, tmp_path) -> None:
+    """A euclidean run's default false_match_similarity (0.8) is above every similarity it has: the
+    comparison counts none (null, not 0) and says why, as the report's Look first does."""
+    output = tmp_path / "audits"
+    shutil.copytree(runs.output, output)
+    record_path = output / "runs" / "run-b" / "run.json"
+    record = json.loads(record_path.read_text())
+    record["config"]["model"]["metric"] = "euclidean"
+    record_path.write_text(json.dumps(record))
+    assert recorded_false_match_similarity(record) is None
+    comparison = compare_runs(str(output), "run-a", "run-b", OPTIONS)
+    assert comparison.threshold is None and comparison.pairs["false_match_b"].null_count == comparison.pairs.num_rows
+    assert all(row[name] is None for row in comparison.summary.to_pylist() for name in FALSE_MATCH_COUNTS)
+    assert "false matches: none counted: the run's false_match_similarity is above every euclidean similarity" in (
+        "\n".join(comparison.lines()))
+    assert compare_runs(str(output), "run-a", "run-b", OPTIONS, threshold=-0.5).summary["false_matches_b"].null_count == 0
+
+
 def test_the_page_says_why_no_map_is_listed() -> None:
     from pipeline.render.comparison_html import _no_map_moved
 
     assert _no_map_moved({"ok in both": 0, "with maps not comparable": 0}).startswith("no maps compared: no pair is ok")
     assert _no_map_moved({"ok in both": 5, "with maps not comparable": 5}).startswith("no maps compared: the 5 pairs")
     assert _no_map_moved({"ok in both": 5, "with maps not comparable": 2}).startswith("no map moved")
+    # 1-cell or constant maps have no correlation: not said to be unmoved
+    assert _no_map_moved({"ok in both": 5, "with maps not comparable": 2, "with a constant map": 3}) == (
+        "no maps compared: 2 pairs have maps of other shapes; 3 pairs have a constant map in A or B (one cell, "
+        "or the same value everywhere), which no correlation describes")
+    assert _no_map_moved({"ok in both": 5, "with maps not comparable": 0, "with a constant map": 1}).startswith(
+        "no map moved: every correlated pair's maps correlate at or above 0.99; 1 pair has a constant map")
 
 
 def test_cli(runs: Runs, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compare", "run-a", "run-b", "--config", str(runs.config), "--threshold", "0.5"]) == 0
     out = capsys.readouterr().out
-    assert "compared run-a (A) with run-b (B)" in out and "false matches >= 0.5" in out
+    assert "compared run-a (A) with run-b (B)" in out and "false matches: label 0 and similarity at or above 0.5" in out
     assert f"wrote {comparison_dir(runs.output, 'run-a', 'run-b')}/comparison.html" in out
     assert main(["compare", runs.output, "run-a", "run-b"]) == 0  # OUTPUT instead of --config
     capsys.readouterr()

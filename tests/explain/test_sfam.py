@@ -121,6 +121,17 @@ def test_fast_path_builds_no_autograd_graph(seed: int) -> None:
     assert count_saved_tensors(lambda: generic.explain(x, y)) > 0  # the counter does count
 
 
+def test_features_build_no_autograd_graph(seed: int) -> None:
+    """`features` (the maps and embeddings, as the baselines read them) keeps nothing for a backward pass."""
+    case = CASES["resnet18"]()
+    images = torch.randn(3, 3, case.input_size, case.input_size, dtype=torch.float64)  # cast to the model's dtype
+    explainer = SFAM(case.model, case.target_layer)
+    assert count_saved_tensors(lambda: explainer.features(images)) == 0
+    maps, embeddings = explainer.features(images)
+    assert not maps.requires_grad and not embeddings.requires_grad and maps.dtype == torch.float32
+    assert maps.shape[:2] == (3, 512) and embeddings.shape[0] == 3
+
+
 def test_generic_path_runs_inside_inference_mode(seed: int) -> None:
     case = CASES["nonaffine"]()
     x, y = random_pairs(3, case.input_size)
