@@ -26,7 +26,7 @@ from pipeline.io.tables import read_json
 from pipeline.layout import RunLayout, default_report, overlay_copies, run_record_uri, safe_name
 from pipeline.render import render_report
 from pipeline.render.comparison_html import comparison_section
-from pipeline.run_history import first_started, previous_successful_run
+from pipeline.run_history import baseline_run, first_started
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,9 @@ def _comparison(output: str, record: dict, options: StorageOptions, table: Table
 
     False matches are counted at the run's own false-match similarity (compare_runs' default)."""
     config = record["config"]
-    # the run the similarity gate compares with: the latest that passed its gates, with the same metric, of
-    # the same manifest or of any (a new manifest each night)
-    any_manifest = (config.get("gates") or {}).get("similarity_baseline") == "previous_run"
-    previous = previous_successful_run(output, record["run_id"], first_started(record), options, table=table,
-                                       manifest=None if any_manifest else config["manifest"],
-                                       metric=config.get("model", {}).get("metric"), passed_gates=True)
+    previous = baseline_run(output, record["run_id"], first_started(record), options, table=table,
+                            manifest=config["manifest"], metric=config["model"]["metric"],
+                            similarity_baseline=(config.get("gates") or {}).get("similarity_baseline", "same_manifest"))
     if previous is None:
         return ""
     comparison = compare_runs(output, previous["run_id"], record["run_id"], options, table=table)
@@ -122,8 +119,7 @@ def write_report(output: str, run_id: str, options: StorageOptions, destination:
     else:
         rows = _failed_rows(store, RunLayout(output, run_id, summary["run_date"], summary["attempt"]), options)
     page = render_report(
-        {**summary, "model_id": summary.get("model_id"), "metric": summary.get("config", {}).get("model", {}).get("metric")},
-        rows, png_href=_OverlayLinks(destination, options),
+        summary, rows, png_href=_OverlayLinks(destination, options),
         comparison=_comparison(output, summary, options, table) if committed else "",
     )
     write_bytes(destination, page.encode(), options)

@@ -22,17 +22,26 @@ def first_started(record: dict) -> str:
     return timings.get("first_started") or timings.get("started") or ""
 
 
+def baseline_run(output: str, run_id: str, started_before: str, options: StorageOptions, *, manifest: str,
+                 metric: str, similarity_baseline: str, table: TableConfig | None = None) -> dict | None:
+    """The run record of the earlier run that a run's similarity gate and its report compare with:
+    the latest that passed its gates (a run that broke them is no baseline: a drop would alert once,
+    then pass against itself), with the same metric, of the same `manifest` (as recorded:
+    credentials redacted) unless `similarity_baseline` is previous_run (a new manifest each night)."""
+    return previous_successful_run(output, run_id, started_before, options, table=table, metric=metric,
+                                   manifest=manifest if similarity_baseline == "same_manifest" else None)
+
+
 def previous_successful_run(output: str, run_id: str, started_before: str, options: StorageOptions,
                             manifest: str | None = None, metric: str | None = None,
-                            table: TableConfig | None = None, passed_gates: bool = False) -> dict | None:
-    """The run record of the latest successful run that first ran before `started_before`, of
-    `manifest` and with `metric` where given, whose rows are in `table` (default: the Hive table);
-    with `passed_gates`, not one that broke a quality gate.
+                            table: TableConfig | None = None) -> dict | None:
+    """The run record of the latest run that succeeded and passed its gates and that first ran
+    before `started_before`, of `manifest` and with `metric` where given, whose rows are in `table`
+    (default: the Hive table).
 
     `run_id` itself is skipped (a re-run compares with another run, not with its own past).
     Manifests are compared as recorded (credentials redacted); times are ISO-8601 UTC strings.
     """
-    statuses = ("succeeded",) if passed_gates else ("succeeded", "gates_failed")
     wanted_table = _table_of({"table": (table or TableConfig()).model_dump()})
     candidates = []
     for uri in glob(run_record_uri(output, "*"), options, under=output):
@@ -43,7 +52,7 @@ def previous_successful_run(output: str, run_id: str, started_before: str, optio
         if not isinstance(record, dict):
             continue  # not a run record
         config = record.get("config", {})
-        if (record.get("run_id") != run_id and record.get("status") in statuses
+        if (record.get("run_id") != run_id and record.get("status") == "succeeded"
                 and manifest in (None, config.get("manifest")) and metric in (None, config.get("model", {}).get("metric"))
                 and _table_of(config) == wanted_table and first_started(record) < started_before):
             candidates.append(record)

@@ -8,7 +8,7 @@ from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.storage import StorageOptions
 from pipeline.io.tables import write_json
 from pipeline.layout import run_record_uri, success_marker_uri
-from pipeline.run_history import previous_successful_run
+from pipeline.run_history import baseline_run, previous_successful_run
 
 OPTIONS = StorageOptions()
 
@@ -30,7 +30,7 @@ def test_the_latest_committed_run_before_this_one(tmp_path: Path) -> None:
     # a record written as succeeded just before a kill, without the _SUCCESS that commits it: no rows to read
     record(tmp_path, "thu", "2026-11-26T02:00:00Z", committed=False)
     found = previous_successful_run(str(tmp_path), "fri", "2026-11-27T02:00:00Z", OPTIONS, metric="cosine")
-    assert found is not None and found["run_id"] == "wed"
+    assert found is not None and found["run_id"] == "mon"  # wed broke its gates: no baseline
     assert previous_successful_run(str(tmp_path), "fri", "2026-11-24T00:00:00Z", OPTIONS)["run_id"] == "mon"
     assert previous_successful_run(str(tmp_path), "fri", "2026-11-27T02:00:00Z", OPTIONS, metric="dot") is None
     assert previous_successful_run(str(tmp_path), "wed", "2026-11-25T03:00:00Z", OPTIONS)["run_id"] == "mon"  # not itself
@@ -47,3 +47,13 @@ def test_only_runs_in_the_same_table_and_records_that_are_records(tmp_path: Path
     found = previous_successful_run(str(tmp_path), "fri", now, OPTIONS,
                                     table=TableConfig(format="iceberg", identifier="audits.results"))
     assert found["run_id"] == "iceberg"
+
+
+def test_the_baseline_is_of_the_same_manifest_unless_told_otherwise(tmp_path: Path) -> None:
+    record(tmp_path, "mon", "2026-11-23T02:00:00Z")  # of m.parquet
+    find = {"manifest": "other.parquet", "metric": "cosine"}
+    now = "2026-11-27T02:00:00Z"
+    assert baseline_run(str(tmp_path), "fri", now, OPTIONS, **find, similarity_baseline="same_manifest") is None
+    assert baseline_run(str(tmp_path), "fri", now, OPTIONS, **find, similarity_baseline="previous_run")["run_id"] == "mon"
+    assert baseline_run(str(tmp_path), "fri", now, OPTIONS, manifest="m.parquet", metric="dot",
+                        similarity_baseline="previous_run") is None  # never another metric

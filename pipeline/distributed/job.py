@@ -47,7 +47,7 @@ from pipeline.models.explainer import build_explainer
 from pipeline.models.loading import random_weights_warning
 from pipeline.models.spec import ModelSpec
 from pipeline.quality import residual_warning
-from pipeline.run_history import first_started, previous_successful_run
+from pipeline.run_history import baseline_run, first_started
 from pipeline.schema import SIDES
 
 log = logging.getLogger("sfam.audit")
@@ -554,13 +554,11 @@ def _evaluate_gates(config: JobConfig, store: ResultsStore, staged: pa.Table, st
 def _baseline(config: JobConfig, store: ResultsStore, started: str) -> Baseline:
     """The run max_similarity_drop compares with (gates.similarity_baseline), always one with the same metric."""
     metric = config.model.metric
-    same_manifest = config.gates.similarity_baseline == "same_manifest"
-    # a run that broke its gates is no baseline: a drop would alert once, then pass against itself
-    previous = previous_successful_run(config.output, config.run_id, started, config.storage_options, metric=metric,
-                                       manifest=redact_uri(config.manifest) if same_manifest else None,
-                                       table=config.table, passed_gates=True)
+    previous = baseline_run(config.output, config.run_id, started, config.storage_options, table=config.table,
+                            manifest=redact_uri(config.manifest), metric=metric,
+                            similarity_baseline=config.gates.similarity_baseline)
     if previous is None:
-        wanted = "of this manifest" if same_manifest else "under this output"
+        wanted = "of this manifest" if config.gates.similarity_baseline == "same_manifest" else "under this output"
         return Baseline(None, None, f"no earlier successful run {wanted} with metric {metric} to compare with")
     rows = store.read(run_id=previous["run_id"], columns=["status", "label", "similarity"])
     return Baseline(previous["run_id"], same_label_similarity(rows), f"against run {previous['run_id']}")

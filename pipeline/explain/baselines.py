@@ -13,16 +13,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.explain.layers import find_module, hooked_output
+from pipeline.explain.layers import embeddings_of, find_module, hooked_output
 from pipeline.explain.metrics import Metric, check_metric, similarity
 
 
 def _embeddings(model: nn.Module, embedding_layer: str | None, images: torch.Tensor) -> torch.Tensor:
-    if embedding_layer is None:
-        return model(images)
-    with hooked_output(find_module(model, embedding_layer, "embedding_layer")) as seen:
-        model(images)
-    return seen[-1]
+    embedding = None if embedding_layer is None else find_module(model, embedding_layer, "embedding_layer")
+    return embeddings_of(model, embedding, images)
 
 
 def gradcam_similarity(
@@ -48,6 +45,7 @@ def mean_activation(features: torch.Tensor) -> torch.Tensor:
 
 
 def random_map(features: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, K, h, w) -> (B, h, w) uniform noise, the chance baseline."""
+    """(B, K, h, w) -> (B, h, w) uniform noise on the features' device, the chance baseline."""
     batch, _, height, width = features.shape
-    return torch.rand(batch, height, width, generator=generator)
+    device = generator.device if generator is not None else features.device  # where the generator draws
+    return torch.rand(batch, height, width, generator=generator, device=device).to(features.device)

@@ -49,3 +49,13 @@ def hooked_output(
     finally:
         handle.remove()
 
+
+
+def embeddings_of(model: nn.Module, embedding: nn.Module | None, images: torch.Tensor) -> object:
+    """What embeds `images`: the model's output, or the output of `embedding`, one of its modules
+    (the caller checks that it is a (B, D) tensor)."""
+    if embedding is None:
+        return model(images)
+    with hooked_output(embedding) as seen:
+        model(images)
+    return seen[-1]

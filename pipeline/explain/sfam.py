@@ -40,7 +40,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.explain.correspondence import local_embeddings, matched_maps, top_correspondences
 from pipeline.explain.head import AffineHead, measure_affine_head, per_image_scale, relative_tolerance
-from pipeline.explain.layers import ExplanationError, find_module, hooked_output
+from pipeline.explain.layers import ExplanationError, embeddings_of, find_module, hooked_output
 from pipeline.explain.layout import FeatureLayout, LayoutName, check_layout, detect_layout
 from pipeline.explain.linearise import Linearised
 from pipeline.explain.metrics import Metric, check_metric, offset, partner_vector, similarity
@@ -290,12 +290,7 @@ class SFAM:
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         """The embedding (B, D): the model's output, or embedding_layer's output."""
-        if self._embedding is None:
-            embeddings = self.model(images)
-        else:
-            with hooked_output(self._embedding) as seen:
-                self.model(images)
-            embeddings = seen[-1]
+        embeddings = embeddings_of(self.model, self._embedding, images)
         if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
             shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
             if self.embedding_layer is not None:

@@ -101,7 +101,7 @@ class ModelSpec(BaseModel):
                 raise ValueError(f"arch {self.arch!r} is not of the form 'package.module:factory'")
             if self.embedding_dim is not None:
                 raise ValueError(
-                    "embedding_dim applies only to torchvision archs; "
+                    "embedding_dim applies only to torchvision and timm archs; "
                     "a factory model is used as it is, so build its head in the factory"
                 )
         if self.timm_name == "":
