@@ -71,10 +71,8 @@ import pyarrow.parquet as pq
 from pipeline.errors import UserError
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.results_store import ResultsStore
-from pipeline.io.storage import StorageOptions, exists, join_uri, parent_uri, resolve_uri, write_bytes
+from pipeline.io.storage import StorageOptions, join_uri, parent_uri, resolve_uri, write_bytes
 from pipeline.io.stores import open_results_store
-from pipeline.io.tables import read_json
-from pipeline.layout import run_record_uri
 from pipeline.render.comparison_html import (
     METRICS_DIFFER,
     OTHER_IMAGES,
@@ -83,6 +81,7 @@ from pipeline.render.comparison_html import (
     label_name,
     render_comparison,
 )
+from pipeline.run_history import read_run_record
 from pipeline.schema import result_type
 from pipeline.thresholds import MOVED_BELOW, false_match_rule, recorded_false_match_similarity
 
@@ -204,13 +203,10 @@ def _ok_on_same_images(status_a: pa.ChunkedArray, status_b: pa.ChunkedArray, sam
 
 def run_record(store: ResultsStore, run_id: str) -> dict:
     """The run's record; a run that is not there, or has no committed rows, is the user's mistake."""
-    uri = run_record_uri(store.output, run_id)
-    if not exists(uri, store.options):
-        raise UserError(f"run {run_id!r}: no run record under {store.output}")
+    record = read_run_record(store.output, run_id, store.options)
     if store.committed_attempt(run_id) is None:
-        status = read_json(uri, store.options).get("status")
-        raise UserError(f"run {run_id!r} never succeeded (status {status}): it has no rows to compare")
-    return read_json(uri, store.options)
+        raise UserError(f"run {run_id!r} never succeeded (status {record.get('status')}): it has no rows to compare")
+    return record
 
 
 def _run_info(record: dict) -> dict[str, Any]:

@@ -89,7 +89,8 @@ class JobConfig(BaseModel):
     def _quoted_run_id(cls, value: Any) -> Any:
         """A YAML file's `run_id: 20261126` is a number to YAML, whose own text is lost (007 is 7)."""
         if isinstance(value, int | float) and not isinstance(value, bool):
-            raise ValueError(f"YAML reads {value!r} as a number: quote the run_id ('{value}') to keep it as written")
+            raise ValueError(f"YAML reads the run_id as the number {value!r}: quote it as you wrote it, e.g. "
+                             f"run_id: '{value}' (unquoted, 007 reads as 7)")
         return value
 
     @field_validator("run_id")
@@ -107,6 +108,15 @@ class JobConfig(BaseModel):
         self.manifest, self.output = _without_trailing_slash(resolve_uri(self.manifest, here)), resolve_uri(self.output, here)
         if self.model.weights:
             self.model = self.model.model_copy(update={"weights": resolve_uri(self.model.weights, here)})
+        return self
+
+    @model_validator(mode="after")
+    def _output_outside_the_manifest(self) -> JobConfig:
+        """An output inside a folder manifest would be read as part of the manifest by the next run."""
+        manifest, output = self.manifest.rstrip("/"), self.output.rstrip("/")
+        if output == manifest or output.startswith(f"{manifest}/"):
+            raise ValueError(f"output {output} is inside the manifest folder {manifest}: a later run would read the "
+                             "job's files as manifest files; write the output elsewhere")
         return self
 
     @model_validator(mode="before")

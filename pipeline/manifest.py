@@ -7,8 +7,11 @@ set of pair ids kept to find duplicates.
 
 from __future__ import annotations
 
+import posixpath
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +27,7 @@ REQUIRED = ("pair_id", "query_uri", "reference_uri")
 BOX_COLUMNS = ("query_bbox", "reference_bbox")
 FIRST_IMAGES = 8  # distinct image URIs of the first rows kept in ManifestInfo
 FOLDER_MARKER = "_$folder$"  # the empty objects Hadoop's S3 connectors write beside folders
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"  # a Hive folder name's null value (pyarrow's default null_fallback)
 
 
 class ManifestError(UserError):
@@ -46,31 +50,47 @@ def open_manifest(uri: str, options: StorageOptions) -> pds.Dataset:
     checksums, _temporary/), nor are Hadoop's `*_$folder$` markers; other files must be Parquet,
     whatever they are called (Athena's have no extension), and agree on the types of the columns
     they share. Files without rows are left out. Hive folder names inside the folder
-    (`label=1/team=a%2Fb/`, `__HIVE_DEFAULT_PARTITION__` for null) are columns too, after the
-    files' own, typed as pyarrow infers them (int32 where every value is an integer, otherwise
-    string), as Spark, Athena and Trino read such a table. StorageError when `uri` is not there."""
+    (`label=1/team=a%2Fb/`, HIVE_NULL for null) are columns too, after the files' own
+    (_folder_schema), as Spark, Athena and Trino read such a table. StorageError when `uri` is
+    not there."""
     folder = is_folder(uri, options)  # and StorageError first when it is not there
     fs, path = arrow_filesystem(uri, options)
     try:
-        # a folder: its files, _ and . skipped, and the Hive columns of the folders below it
-        found = pds.dataset(path, filesystem=fs, format="parquet", partitioning="hive" if folder else None)
+        found = pds.dataset(path, filesystem=fs, format="parquet")  # a folder: its files, _ and . skipped
         files = sorted((f for f in found.get_fragments() if not f.path.endswith(FOLDER_MARKER)), key=lambda f: f.path)
         if folder and not files:
             raise ManifestError(f"manifest folder {uri} holds no files (names starting with _ or . are skipped)")
         fragments = [f for f in files if f.metadata.num_rows > 0]
-        folder_columns = _folder_schema(found, fragments) if folder else pa.schema([])
-        schema = pa.schema([*_one_schema(fragments), *folder_columns])
+        in_files = _one_schema(fragments)
+        folder_columns = _folder_schema([f.path for f in fragments], path, in_files) if folder else pa.schema([])
+        schema = pa.schema([*in_files, *folder_columns])
         return pds.dataset([f.path for f in fragments], schema=schema, filesystem=fs, format="parquet",
                            partitioning=pds.partitioning(folder_columns, flavor="hive"), partition_base_dir=path)
     except (pa.ArrowException, OSError) as error:
         raise ManifestError(f"manifest is not readable Parquet: {error}") from error
 
 
-def _folder_schema(found: pds.FileSystemDataset, fragments: list[pds.ParquetFileFragment]) -> pa.Schema:
-    """The Hive folder columns that pyarrow found in `found`'s paths, less the files' own columns
-    (without folder names, pyarrow reports the files' columns as its partitioning's)."""
-    in_files = {field.name for fragment in fragments for field in fragment.physical_schema}
-    return pa.schema([field for field in found.partitioning.schema if field.name not in in_files])
+def _folder_schema(paths: list[str], base: str, in_files: pa.Schema) -> pa.Schema:
+    """The Hive folder columns of the files at `paths` below the folder `base`: `name=value`
+    folders, URL-encoded as Spark writes them, HIVE_NULL for null; int64 where every value is an
+    integer (or null: Spark writes a table whose labels are all unknown so), otherwise string.
+    pyarrow's own inference cannot type a column of nulls, and would make integers int32."""
+    values: dict[str, list[str]] = {}
+    for path in paths:
+        for folder in posixpath.relpath(path, base).split("/")[:-1]:
+            name, equals, value = folder.partition("=")
+            if equals and name:
+                values.setdefault(unquote(name), []).append(unquote(value))
+    twice = sorted(set(values) & set(in_files.names))
+    if twice:
+        raise ManifestError(f"manifest column {twice[0]!r} is both in the files and in their folder names "
+                            f"({twice[0]}=...); keep one")
+    return pa.schema([pa.field(name, pa.int64() if all(_is_integer(v) for v in found if v != HIVE_NULL) else pa.string())
+                      for name, found in values.items()])
+
+
+def _is_integer(text: str) -> bool:
+    return re.fullmatch(r"[+-]?[0-9]+", text) is not None and -2**63 <= int(text) < 2**63
 
 
 def _one_schema(fragments: list[pds.ParquetFileFragment]) -> pa.Schema:

@@ -11,10 +11,9 @@ from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.images import decode_pictures
 from pipeline.io.storage import StorageOptions, parent_uri, read_bytes, resolve_uri
 from pipeline.io.stores import open_results_store
-from pipeline.io.tables import read_json
-from pipeline.layout import run_record_uri
 from pipeline.models.spec import model_hw
 from pipeline.render.result_row import DISPLAY_SIDE, OVERLAY_COLUMNS, render_result_row
+from pipeline.run_history import read_run_record
 from pipeline.schema import SIDES
 
 
@@ -25,7 +24,7 @@ class PairNotFound(UserError):
 def render_pair_of_run(output: str, run_id: str, pair_id: str, options: StorageOptions,
                        table: TableConfig | None = None) -> bytes:
     """PNG overlay of `pair_id` in run `run_id` under the audit's `output` root (in its Hive or Iceberg table)."""
-    record = read_json(run_record_uri(output, run_id), options)
+    record = read_run_record(output, run_id, options)
     store = open_results_store(output, options, table)
     rows = store.read(run_id=run_id, pair_ids=[pair_id]).to_pylist()
     if not rows or rows[0].get("status") != "ok":

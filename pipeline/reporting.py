@@ -22,11 +22,10 @@ from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.results_store import ResultsStore
 from pipeline.io.storage import StorageError, StorageOptions, exists, join_uri, read_bytes, write_bytes
 from pipeline.io.stores import open_results_store
-from pipeline.io.tables import read_json
-from pipeline.layout import RunLayout, default_report, overlay_copies, run_record_uri, safe_name
+from pipeline.layout import RunLayout, default_report, overlay_copies, safe_name
 from pipeline.render import render_report
 from pipeline.render.comparison_html import comparison_section
-from pipeline.run_history import baseline_run, first_started
+from pipeline.run_history import baseline_run, first_started, read_run_record
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +107,7 @@ def write_report(output: str, run_id: str, options: StorageOptions, destination:
     table: the result table's format (the config's `table`); by default the Hive table.
     """
     destination = destination or default_report(output, run_id)
-    record = run_record_uri(output, run_id)
-    if not exists(record, options):  # one quick look first: a wrong output or endpoint fails here, at once
-        raise StorageError(record, f"no run record: is run_id {run_id!r} under output {output}?")
-    summary = read_json(record, options)
+    summary = read_run_record(output, run_id, options)
     store = open_results_store(output, options, table)
     committed = store.committed_attempt(run_id) is not None  # succeeded, or finished and broke a gate
     if committed:

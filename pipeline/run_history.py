@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.results_store import ResultsStore, recorded_table_format
-from pipeline.io.storage import StorageError, StorageOptions, glob
+from pipeline.io.storage import StorageError, StorageOptions, exists, glob
 from pipeline.io.tables import read_json
 from pipeline.layout import run_record_uri
 
@@ -13,6 +13,15 @@ def _table_of(config: dict) -> tuple[str, str | None]:
     """(format, Iceberg identifier) of a recorded config's `table` section."""
     fmt = recorded_table_format(config)
     return fmt, (config.get("table") or {}).get("identifier", TableConfig().identifier) if fmt == "iceberg" else None
+
+
+def read_run_record(output: str, run_id: str, options: StorageOptions) -> dict:
+    """The run's record (run.json); a StorageError that asks whether the run_id and the output are
+    right where there is none."""
+    uri = run_record_uri(output, run_id)
+    if not exists(uri, options):  # one quick look first: a wrong output or endpoint fails here, at once
+        raise StorageError(uri, f"no run record: is run_id {run_id!r} under output {output}?")
+    return read_json(uri, options)
 
 
 def first_started(record: dict) -> str:

@@ -57,6 +57,15 @@ def test_overrides_of_the_model_short_form(tmp_path) -> None:
     assert (config.model.arch, config.model.weighting) == ("resnet18", "partner")
 
 
+def test_an_output_inside_the_manifest_folder_is_refused(tmp_path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(BASE)
+    with pytest.raises(ConfigError, match=r"^invalid config: .*output s3://bucket/pairs.parquet/audits is inside the "
+                                          r"manifest folder s3://bucket/pairs.parquet: a later run would read"):
+        load_config(path, ["output=s3://bucket/pairs.parquet/audits/"])
+    assert load_config(path, ["output=s3://bucket/pairs.parquet-audits"]).output == "s3://bucket/pairs.parquet-audits"
+
+
 def test_dates_stay_strings(tmp_path) -> None:
     path = tmp_path / "cfg.yaml"
     path.write_text(BASE + "run_id: 2026-11-25\n")
@@ -111,7 +120,7 @@ def test_a_folder_manifest_loses_its_trailing_slash_but_a_bucket_root_keeps_it(t
     path = tmp_path / "cfg.yaml"
     path.write_text(BASE)
     assert load_config(path, ["manifest=s3://bucket/pairs/"]).manifest == "s3://bucket/pairs"
-    assert load_config(path, ["manifest=s3://bucket/"]).manifest == "s3://bucket/"
+    assert load_config(path, ["manifest=s3://pairs/", "output=s3://audits"]).manifest == "s3://pairs/"
 
 
 def test_one_false_match_threshold(tmp_path) -> None:
@@ -135,7 +144,8 @@ def test_a_run_id_that_looks_like_a_number(tmp_path) -> None:
     assert load_config(path, ["run_id=20261126"]).run_id == "20261126"
     assert load_config(path, ["run_id=007"]).run_id == "007"  # YAML would read 7
     path.write_text(BASE + "run_id: 20261126\n")
-    with pytest.raises(ConfigError, match=r"run_id: YAML reads 20261126 as a number: quote the run_id \('20261126'\)"):
+    with pytest.raises(ConfigError, match=r"run_id: YAML reads the run_id as the number 20261126: quote it as you "
+                                          r"wrote it, e.g. run_id: '20261126' \(unquoted, 007 reads as 7\)"):
         load_config(path)
     path.write_text(BASE + "run_id: '007'\n")
     assert load_config(path).run_id == "007"

@@ -135,7 +135,7 @@ def test_hive_folder_names_are_columns(tmp_path: Path) -> None:
     parts = {name: pa.table({**good(len(pair_ids)), "pair_id": pair_ids}) for name, pair_ids in ids.items()}
     info = validate_manifest(open_manifest(str(hive_folder(tmp_path / "pairs", parts)), OPTIONS))
     assert info.schema.names == ["pair_id", "query_uri", "reference_uri", "label", "team"]
-    assert (info.schema.field("label").type, info.schema.field("team").type) == (pa.int32(), pa.string())
+    assert (info.schema.field("label").type, info.schema.field("team").type) == (pa.int64(), pa.string())
     # files in the order of their names, each with its folders' values (URL-decoded, null for Hive's default)
     assert [Path(f).parent.name for f in info.files] == ["team=c", "team=a%2Fb", "team=c"]
     assert info.folder_columns.to_pylist() == [{"label": 0, "team": "c"}, {"label": 1, "team": "a/b"},
@@ -149,6 +149,13 @@ def test_hive_folder_names_are_columns(tmp_path: Path) -> None:
     bad_label = hive_folder(tmp_path / "bad-label", {"label=2": pa.table(good(2))})
     with pytest.raises(ManifestError, match="'label' row 0: 2 is not 0, 1 or null"):
         validate_manifest(open_manifest(str(bad_label), OPTIONS))
+    # a table whose labels are all unknown: Spark writes one null folder, whose column has no value to type
+    unknown = validate_manifest(open_manifest(str(hive_folder(tmp_path / "unknown", {
+        "label=__HIVE_DEFAULT_PARTITION__": pa.table(good(2))})), OPTIONS))
+    assert unknown.schema.field("label").type == pa.int64() and unknown.folder_columns.to_pylist() == [{"label": None}]
+    twice = hive_folder(tmp_path / "twice", {"label=1": pa.table({**good(1), "label": pa.array([1], pa.int8())})})
+    with pytest.raises(ManifestError, match=r"column 'label' is both in the files and in their folder names"):
+        open_manifest(str(twice), OPTIONS)
     beside_path = hive_folder(tmp_path / "path-column", {"label=1": pa.table({**good(1), "path": ["x"]})})
     config = JobConfig.model_validate({"manifest": str(beside_path), "output": str(tmp_path / "out"),
                                        "model": {"arch": "resnet18"}})

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from pipeline.io.iceberg_store import TableConfig
-from pipeline.io.storage import StorageOptions
+from pipeline.io.storage import StorageError, StorageOptions
 from pipeline.io.tables import write_json
 from pipeline.layout import run_record_uri, success_marker_uri
-from pipeline.run_history import baseline_run, previous_successful_run
+from pipeline.overlays import render_pair_of_run
+from pipeline.run_history import baseline_run, previous_successful_run, read_run_record
 
 OPTIONS = StorageOptions()
 
@@ -57,3 +60,13 @@ def test_the_baseline_is_of_the_same_manifest_unless_told_otherwise(tmp_path: Pa
     assert baseline_run(str(tmp_path), "fri", now, OPTIONS, **find, similarity_baseline="previous_run")["run_id"] == "mon"
     assert baseline_run(str(tmp_path), "fri", now, OPTIONS, manifest="m.parquet", metric="dot",
                         similarity_baseline="previous_run") is None  # never another metric
+
+
+def test_a_missing_run_record_asks_about_the_run_id_and_the_output(tmp_path: Path) -> None:
+    """`sfam report`, `render` and `compare` of a run_id that is not there say the same."""
+    record(tmp_path, "mon", "2026-11-23T02:00:00Z")
+    assert read_run_record(str(tmp_path), "mon", OPTIONS)["run_id"] == "mon"
+    with pytest.raises(StorageError, match=f"runs/nope/run.json: no run record: is run_id 'nope' under output {tmp_path}"):
+        read_run_record(str(tmp_path), "nope", OPTIONS)
+    with pytest.raises(StorageError, match="no run record: is run_id 'nope'"):
+        render_pair_of_run(str(tmp_path), "nope", "p", OPTIONS)

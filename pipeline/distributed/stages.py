@@ -185,7 +185,7 @@ def _with_pictures(batch: pa.Table, pictures: dict[str, Pictures | EncodedJpeg],
     errors = [
         "; ".join(sorted([*([before] if before else []),
                           *(f"{side}: {failures[uri]}" for side, uri in zip(SIDES, pair) if uri in failures)],
-                         key=lambda message: message.startswith("reference: "))) or None  # the query's first
+                         key=lambda message: message.startswith(f"{SIDES[1]}: "))) or None  # the query's first
         for before, pair in zip(earlier, zip(uris["query"], uris["reference"]))
     ]
     transient = [f"_{side}_{name}" for side in SIDES for name in PICTURE_COLUMNS]
