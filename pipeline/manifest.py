@@ -106,7 +106,7 @@ def _one_schema(fragments: list[pds.ParquetFileFragment]) -> pa.Schema:
     return pa.schema([pa.field(name, kind) for name, (kind, _) in types.items()])
 
 
-def _check_types(schema: pa.Schema) -> None:
+def _check_types(schema: pa.Schema, folder_columns: list[str]) -> None:
     missing = [name for name in REQUIRED if name not in schema.names]
     if missing:
         raise ManifestError(f"manifest lacks the required column(s) {', '.join(missing)}; it has {', '.join(schema.names)}")
@@ -117,7 +117,8 @@ def _check_types(schema: pa.Schema) -> None:
     for name, is_expected in expectations.items():
         if name in schema.names and not is_expected(schema.field(name).type):
             hint = ("; pandas stores integers with nulls as floats: write the column as df['label'].astype('Int8')"
-                    if name == "label" and pa.types.is_floating(schema.field(name).type) else "")
+                    if name == "label" and pa.types.is_floating(schema.field(name).type) else
+                    f", from folder names {name}=...: one of them is not a number" if name in folder_columns else "")
             raise ManifestError(f"manifest column {name!r} has type {schema.field(name).type}, expected "
                                 f"{is_expected.__name__[3:]}{hint}")
     for name in BOX_COLUMNS:
@@ -177,7 +178,7 @@ def _validate(manifest: pds.Dataset) -> ManifestInfo:
     num_rows = manifest.count_rows()  # from the files' footers
     if num_rows == 0:  # first: an empty file's columns may have no types at all
         raise ManifestError("manifest has no rows")
-    _check_types(schema)
+    _check_types(schema, manifest.partitioning.schema.names)
     boxes = [name for name in BOX_COLUMNS if name in schema.names]
     if len(boxes) == 1:
         raise ManifestError(f"manifest has {boxes[0]!r} but not {(set(BOX_COLUMNS) - set(boxes)).pop()!r}: "

@@ -149,6 +149,9 @@ def test_hive_folder_names_are_columns(tmp_path: Path) -> None:
     bad_label = hive_folder(tmp_path / "bad-label", {"label=2": pa.table(good(2))})
     with pytest.raises(ManifestError, match="'label' row 0: 2 is not 0, 1 or null"):
         validate_manifest(open_manifest(str(bad_label), OPTIONS))
+    words = hive_folder(tmp_path / "words", {"label=1": pa.table(good(1)), "label=yes": pa.table({**good(1), "pair_id": ["y"]})})
+    with pytest.raises(ManifestError, match="'label' has type string, expected integer, from folder names label=...: one"):
+        validate_manifest(open_manifest(str(words), OPTIONS))
     # a table whose labels are all unknown: Spark writes one null folder, whose column has no value to type
     unknown = validate_manifest(open_manifest(str(hive_folder(tmp_path / "unknown", {
         "label=__HIVE_DEFAULT_PARTITION__": pa.table(good(2))})), OPTIONS))
