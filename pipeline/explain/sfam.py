@@ -203,6 +203,9 @@ class SFAM:
 
     def explain(self, x: torch.Tensor, y: torch.Tensor) -> SFAMResult:
         """Explains the pairs (x[i], y[i]); x, y: (B, 3, H, W) normalised float images."""
+        if x.dim() != 4:
+            raise ExplanationError(f"x and y must be batches (B, 3, H, W), got {tuple(x.shape)}: add a batch "
+                                   "dimension to one image with x[None]")
         if x.shape != y.shape:
             raise ExplanationError(f"query and reference batches differ in shape: {tuple(x.shape)} vs {tuple(y.shape)}")
         index = torch.arange(x.shape[0], device=x.device)

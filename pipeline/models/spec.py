@@ -84,7 +84,7 @@ class ModelSpec(BaseModel):
     @classmethod
     def _sides_of_16_px_or_more(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
         if min(model_hw(value)) < MIN_INPUT_SIDE:
-            raise ValueError(f"input_size: each side must be at least {MIN_INPUT_SIDE} px")
+            raise ValueError(f"each side must be at least {MIN_INPUT_SIDE} px")
         return value
 
     @property

@@ -434,3 +434,11 @@ def test_the_model_keeps_its_own_mode(seed: int) -> None:
     model.train()
     explainer.features(x)
     assert model.training and torch.equal(model.bn1.running_mean, running_mean)  # no statistics updated
+
+
+def test_images_without_a_batch_dimension_are_named(seed: int) -> None:
+    """Two (3, H, W) images: the message names the shape given, not the two joined."""
+    case = CASES["affine"]()
+    x, y = random_pairs(1, case.input_size)
+    with pytest.raises(ExplanationError, match=rf"must be batches \(B, 3, H, W\), got \(3, {case.input_size}, {case.input_size}\)"):
+        SFAM(case.model, case.target_layer).explain(x[0], y[0])
