@@ -1,8 +1,8 @@
 """The input manifest (columns: README, Manifest): found, and validated before any work starts.
 
 A manifest is one Parquet file or a folder of them, as Spark, Athena or Trino write a table,
-partitioned in Hive folders (`label=1/`) or not. Validation streams the key columns batch by batch, so a manifest's size is bounded only by the
-set of pair ids kept to find duplicates.
+partitioned in Hive folders (`label=1/`) or not. Validation streams the key columns batch by
+batch, so a manifest's size is bounded only by the set of pair ids kept to find duplicates.
 """
 
 from __future__ import annotations

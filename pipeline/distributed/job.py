@@ -234,8 +234,8 @@ def _read_manifest(manifest: ManifestInfo, filesystem: pyarrow.fs.FileSystem) ->
     every read, seconds of start-up on a small machine (measured in BENCHMARKS.md, "Where the job's
     time goes"), where V1 reads the few footers of a manifest itself. V1 samples the files for their
     size as the dataset is made; its progress bar is left out. The Hive folder columns are added
-    from each row's file as pyarrow read them in the validation: Ray's own folder parser reads
-    `__HIVE_DEFAULT_PARTITION__` as a value and types columns differently."""
+    from each row's file as the validation typed them (ManifestInfo.folder_columns): Ray's own
+    folder parser reads `__HIVE_DEFAULT_PARTITION__` as a value and types columns differently."""
     context = ray.data.DataContext.get_current()
     saved = context.use_datasource_v2, context.enable_progress_bars
     context.use_datasource_v2 = context.enable_progress_bars = False

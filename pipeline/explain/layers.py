@@ -50,7 +50,6 @@ def hooked_output(
         handle.remove()
 
 
-
 def embeddings_of(model: nn.Module, embedding: nn.Module | None, images: torch.Tensor) -> object:
     """What embeds `images`: the model's output, or the output of `embedding`, one of its modules
     (the caller checks that it is a (B, D) tensor)."""

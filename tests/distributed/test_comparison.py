@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -226,21 +227,26 @@ def test_the_later_runs_report_compares_with_the_earlier_run(runs: Runs, tmp_pat
     assert 'id="comparison"' not in pages["run-c"].read_text()  # another manifest
 
 
+def edit_record(output: Path, run_id: str, edit: Callable[[dict], object]) -> dict:
+    """Rewrites run_id's run.json under `output` with `edit` applied to it; returns the new record."""
+    path = output / "runs" / run_id / "run.json"
+    record = json.loads(path.read_text())
+    edit(record)
+    path.write_text(json.dumps(record))
+    return record
+
+
 def test_a_nightly_run_of_a_new_manifest_is_compared_as_its_gate_compares(runs: Runs, tmp_path: Path) -> None:
     """similarity_baseline: previous_run (a new manifest each night): the report compares with the
     previous run of any manifest, as the similarity gate does."""
     output = tmp_path / "audits"
     shutil.copytree(runs.output, output)
-    record_path = output / "runs" / "run-c" / "run.json"
-    record = json.loads(record_path.read_text())
-    record["config"]["gates"]["similarity_baseline"] = "previous_run"
-    record_path.write_text(json.dumps(record))
+    edit_record(output, "run-c", lambda record: record["config"]["gates"].update(similarity_baseline="previous_run"))
     page = tmp_path / "run-c.html"
     write_report(str(output), "run-c", OPTIONS, str(page))
     assert "Compared with run-b" in page.read_text()
     # a run that broke its gates is not the gate's baseline, nor the report's
-    broken_path = output / "runs" / "run-b" / "run.json"
-    broken_path.write_text(json.dumps({**json.loads(broken_path.read_text()), "status": "gates_failed"}))
+    edit_record(output, "run-b", lambda record: record.update(status="gates_failed"))
     write_report(str(output), "run-c", OPTIONS, str(page))
     assert "Compared with run-a" in page.read_text()
 
@@ -250,10 +256,7 @@ def test_a_euclidean_run_beyond_its_threshold_counts_no_false_matches(runs: Runs
     comparison counts none (null, not 0) and says why, as the report's Look first does."""
     output = tmp_path / "audits"
     shutil.copytree(runs.output, output)
-    record_path = output / "runs" / "run-b" / "run.json"
-    record = json.loads(record_path.read_text())
-    record["config"]["model"]["metric"] = "euclidean"
-    record_path.write_text(json.dumps(record))
+    record = edit_record(output, "run-b", lambda record: record["config"]["model"].update(metric="euclidean"))
     assert recorded_false_match_similarity(record) is None
     comparison = compare_runs(str(output), "run-a", "run-b", OPTIONS)
     assert comparison.threshold is None and comparison.pairs["false_match_b"].null_count == comparison.pairs.num_rows
