@@ -5,14 +5,15 @@
 
 One generated audit: 640x480 JPEGs (queries, each with its top-k drawn from a gallery), a tiny
 model (jobs/tiny_model.py, so explaining costs almost nothing; `--arch` names another) and the
-default render policy. Each round runs a single process that only reads, decodes and resizes both
-images of each pair (what the job's fetch does, without the job), the job's explain stage alone
-in this process on the same batches (on a GPU where there is one), then the whole job (run_audit
-on a local Ray with every core and GPU) on the same manifest, so that a shared machine's load hits
-them alike: the job's pairs/s over decode-only's is the target on a CPU, over explain-only's on a
-GPU. While the job runs, the CPU time of every process (the driver, Ray's
-own processes, the workers) is sampled; the job's stages are timed again in this process on the
-same batches, and what the job spends beyond them is Ray's overhead. The job's steady state is
+default render policy. A first run of the job on half the manifest starts Ray's task workers.
+Each round runs a single process that only reads, decodes and resizes both images of each pair
+(what the job's fetch does, without the job), the job's explain stage alone in this process on
+the same batches (on a GPU where there is one), then the whole job (run_audit on a local Ray with
+every core and GPU) on the same manifest, so that a shared machine's load hits them alike: the
+job's pairs/s over decode-only's is the target on a CPU, over explain-only's on a GPU. While
+the job runs, the CPU time of every process (the driver, Ray's own processes, the workers) is
+sampled; the job's stages are timed again in this process on the same batches, and what the job
+spends beyond them is Ray's overhead. The job's steady state is
 its marginal rate: each round also runs the job on the first half of the manifest, and the
 second half's pairs, wall time and CPU are the full run's less the half run's (start-up and
 commit cancel out).
@@ -528,7 +529,8 @@ def section(command: str, args: argparse.Namespace, audit: Audit, rounds: list[R
         "", rounds_table(rounds, on_gpu, args.arch is None), "", startup_table(rounds), "",
         breakdown_table(stages, rounds[-1], config.batch_size), "",
         projection_table(stages, rounds[-1]), "",
-        "Each round runs the decode-only process, the explain stage alone (ExplainPairs on the batches the job's "
+        "A first run of the job on the manifest's first half starts Ray's task workers (as on a cluster that "
+        "has run a job). Each round runs the decode-only process, the explain stage alone (ExplainPairs on the batches the job's "
         "fetch makes, fetched beforehand), then the job, then the job on the manifest's first half, on "
         "the same files"
         + (f"; the in-process rows and the stage rows time the manifest's first {args.timed_pairs} pairs"
@@ -555,7 +557,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gallery", type=int, default=480, help="gallery images the top-k are drawn from")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of decode-only, the job, the job on half the manifest")
     parser.add_argument("--batch-size", type=int, default=JobConfig.model_fields["batch_size"].default,
-                        help="the job's batch_size (default: the job's default)")
+                        help="the job's batch_size (default: the job's default, 128 with GPUs, 32 without)")
     parser.add_argument("--arch", help="the job's model: a torchvision or timm/<name> arch, random weights, 512-d "
                         "embedding (default: the tiny model)")
     parser.add_argument("--timed-pairs", type=positive, help="pairs that the in-process and stage rows time (default: all)")
@@ -580,6 +582,8 @@ def positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.distributed.job import batch_size_for
+
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-job-") as folder:
@@ -587,10 +591,15 @@ def main(argv: list[str] | None = None) -> int:
                             np.random.default_rng(0))
         config = job_config(audit, "bench-job", model_spec(args.arch), batch_size=args.batch_size,
                             num_actors=args.num_actors, gpus_per_actor=args.gpus_per_actor, jpeg_decoder=args.jpeg_decoder)
+        # the job's default batch where its actors hold GPUs: there are some exactly where CUDA is here (parse_args)
+        config = config.model_copy(update={"batch_size": batch_size_for(config, float(torch.cuda.is_available()))})
         stages = stage_costs(audit, config, Path(folder) / "stages", args.timed_pairs)
         explain_only = ExplainOnly.prepare(audit, config, args.timed_pairs)
         half = config.model_copy(update={"manifest": str(audit.half_manifest)})
         with local_ray():
+            # starts the processes that Ray keeps for tasks (a new one imports torch: about 19 s of CPU on a GPU
+            # node), as a cluster that has run a job has them: else the first full run's steady state counts them
+            run_job(half.model_copy(update={"run_id": "bench-job-warm-up"}), ProcessMonitor())
             rounds = [Round(decode_only(audit, config.model.input_size, args.timed_pairs), explain_only.pairs_per_second(),
                             run_job(config.model_copy(update={"run_id": f"bench-job-{n}"}), ProcessMonitor()),
                             run_job(half.model_copy(update={"run_id": f"bench-job-half-{n}"}), ProcessMonitor()))

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         write_section(BENCHMARKS, "\n".join([
             SECTION, "", f"Command: `{command}`  ", f"Machine: {machine(1, 'ray')}  ",
             f"Audit: {audit.pairs:,} pairs of {side}x{side} JPEGs, tiny model at {side} px, render_png none, "
-            f"batch {config.batch_size}, {run.summary.num_actors} actors; USS sampled every {args.interval:g} s",
+            f"batch {run.summary.batch_size}, {run.summary.num_actors} actors; USS sampled every {args.interval:g} s",
             "", report,
         ]) + "\n")
         print(f"\nwrote the {SECTION} section of {BENCHMARKS}")

@@ -57,7 +57,7 @@ class JobConfig(BaseModel):
     output: str
     run_id: str = Field(default_factory=default_run_id)
     model: ModelSpec
-    batch_size: int = Field(32, ge=1, le=4096)
+    batch_size: int | None = Field(None, ge=1, le=4096)  # None: 128 where the actors hold GPUs, else 32
     rows_per_file: int = Field(256, ge=1, le=10_000_000)  # result rows per Parquet file, at least
     num_actors: int | None = Field(None, ge=1)  # None: the cluster's GPUs / gpus_per_actor at the start, else 2
     gpus_per_actor: float | None = Field(None, ge=0)

@@ -54,7 +54,15 @@ log = logging.getLogger("sfam.audit")
 RENDER_CPUS = 0.5  # a render task's share beside GPU actors: light under the default policy
 READER_CPUS = 1.0  # Ray Data's manifest reader: its streaming repartition holds one CPU for the whole run
 WRITE_CPUS = 0.25  # a Parquet write task; num_actors of them at most
+FETCH_CPUS = 1.0  # a fetch task beside GPU actors
 CPU_ACTORS = 2  # num_actors by default where the cluster has no GPU
+# Beside GPUs, by default: replicas of 1/GPU_REPLICAS GPU each, batches of GPU_BATCH_SIZE pairs. On one H200
+# (BENCHMARKS.md, "The whole job on a GPU: replicas and batch size"), 4 replicas of resnet50 explained 1.5x the
+# pairs/s of 2, and batches of 128 pairs 2.0 to 2.3x those of 32: one replica's Python work and Ray Data's
+# work per batch leave the GPU idle unless other replicas fill it.
+GPU_REPLICAS = 4
+GPU_BATCH_SIZE = 128
+CPU_BATCH_SIZE = 32
 PACKAGES = ("sfam-pipeline", "torch", "torchvision", "ray", "pyarrow", "fsspec", "s3fs", "pydantic", "pillow", "numpy")
 SUMMARY_COLUMNS = ["status", "forward_share", "device", "similarity", "residual_query", "residual_reference",
                    "query_peak_xy", "reference_peak_xy"]
@@ -74,6 +82,7 @@ class RunSummary:
     devices: tuple[str, ...]
     num_actors: int
     gpus_per_actor: float
+    batch_size: int
     results: str
     png: str | None
     run_record: str
@@ -126,9 +135,17 @@ def _versions() -> dict[str, str | None]:
 
 
 def _gpus_per_actor(config: JobConfig) -> float:
-    """config.gpus_per_actor, or by default 1 where the cluster has a GPU now, else 0."""
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    return config.gpus_per_actor if config.gpus_per_actor is not None else float(cluster_gpus >= 1)
+    """config.gpus_per_actor, or by default 1/GPU_REPLICAS where the cluster has a GPU now, else 0."""
+    if config.gpus_per_actor is not None:
+        return config.gpus_per_actor
+    return 1 / GPU_REPLICAS if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+def batch_size_for(config: JobConfig, gpus: float) -> int:
+    """config.batch_size, or by default GPU_BATCH_SIZE where the actors hold `gpus` > 0 each, else CPU_BATCH_SIZE."""
+    if config.batch_size is not None:
+        return config.batch_size
+    return GPU_BATCH_SIZE if gpus > 0 else CPU_BATCH_SIZE
 
 
 def _num_actors(config: JobConfig, gpus: float) -> int:
@@ -173,12 +190,13 @@ def _check_actor_memory(config: JobConfig) -> None:
 
 
 def _cpus_per_actor(config: JobConfig, gpus: float) -> float:
-    """One CPU per GPU actor; CPU actors share what the manifest reader and the write tasks leave,
-    so that no stage waits for a CPU: a write task that waits holds every result back."""
+    """At most one CPU per actor: the actors share what the manifest reader and the write tasks
+    leave, and GPU actors also what one fetch and one render task need, so that no stage waits for
+    a CPU (a write task that waits holds every result back)."""
+    cpus = ray.cluster_resources().get("CPU", 1) - READER_CPUS - WRITE_CPUS * config.num_actors
     if gpus > 0:
-        return 1.0
-    cpus = ray.cluster_resources().get("CPU", 1)
-    return max(0.25, min(1.0, (cpus - READER_CPUS - WRITE_CPUS * config.num_actors) / config.num_actors))
+        cpus -= FETCH_CPUS + RENDER_CPUS
+    return max(0.25, min(1.0, cpus / config.num_actors))
 
 
 def preflight(config: JobConfig, store: ResultsStore) -> Plan:
@@ -280,7 +298,7 @@ def build_dataset(config: JobConfig, layout: RunLayout, gpus: float, manifest: M
         actors["memory"] = int(config.actor_memory)
     if gpus:  # the GPU actors only explain; decoding and rendering run in CPU tasks beside them
         log.info("explaining with %d actor(s), %g GPU and %g CPU each", config.num_actors, gpus, cpus)
-        dataset = dataset.map_batches(FetchImages(**fetch), num_cpus=1, **batches)
+        dataset = dataset.map_batches(FetchImages(**fetch), num_cpus=FETCH_CPUS, **batches)
         dataset = dataset.map_batches(ExplainPairs, fn_constructor_kwargs=explain, **actors, **batches)
         return dataset.map_batches(RenderResults(**render), num_cpus=RENDER_CPUS, **batches)
     # CPU actors fetch, explain and render their own batches: no pixels pass through the object store
@@ -351,7 +369,7 @@ def summarise(rows: pa.Table, layout: RunLayout, config: JobConfig, started: flo
         wall_seconds=wall, preflight_seconds=checked - started, pairs_per_second=rows.num_rows / wall,
         forward_passes_per_pair=float(np.nansum(ok_rows.column("forward_share").to_numpy(zero_copy_only=False))) / max(ok, 1),
         devices=tuple(sorted(pc.unique(rows.column("device")).drop_null().to_pylist())), num_actors=config.num_actors,
-        gpus_per_actor=gpus_per_actor,
+        gpus_per_actor=gpus_per_actor, batch_size=config.batch_size,
         results=_results_location(config, layout), png=redact_uri(layout.png_dir) if config.render_png != "none" else None,
         run_record=redact_uri(layout.run_record), warnings=warnings,
     )
@@ -443,6 +461,7 @@ class RunRecorder:
             record["warnings"] = list(summary.warnings)
             record["resources"] = {
                 "num_actors": summary.num_actors, "gpus_per_actor": summary.gpus_per_actor,
+                "batch_size": summary.batch_size,
                 "devices": list(summary.devices),
                 "driver_peak_rss_mib": peak_rss_bytes() / 2**20,
             }
@@ -483,7 +502,7 @@ def run_audit(config: JobConfig) -> RunSummary:
         store.prepare()
         connect()
         gpus = _gpus_per_actor(config)
-        config = config.model_copy(update={"num_actors": _num_actors(config, gpus)})
+        config = config.model_copy(update={"num_actors": _num_actors(config, gpus), "batch_size": batch_size_for(config, gpus)})
         _check_actor_memory(config)
         _stage(build_dataset(config, layout, gpus, plan.manifest), config, layout, store, plan.manifest.num_rows)
         staged = store.read_staged(layout, _staged_columns(config, plan))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
@@ -253,6 +254,7 @@ class ExplainPairs:
         self.max_image_pixels = max_image_pixels
         self.attempt = attempt
         self.device_label = device_label(self.explainer.device)
+        self.max_pairs = sys.maxsize  # pairs explained at once: lowered where the device runs out of memory
 
     @cached_property
     def decoder(self) -> DecodeJpegs:
@@ -263,7 +265,7 @@ class ExplainPairs:
         if "_query_jpeg" in batch.column_names:
             batch = self.decoder(batch)
         ok_rows = np.flatnonzero(pc.equal(batch.column("status"), "ok").to_numpy(zero_copy_only=False))
-        columns = self._explain(batch, ok_rows) if len(ok_rows) else {}
+        columns = self._explain_in_pieces(batch, ok_rows)
         names = [*EXPLAINED_COLUMNS, *(BOX_COLUMNS.names if _has_boxes(batch) else ())]
         for name in names:
             values = _with_nulls(columns.get(name, []), ok_rows, batch.num_rows)
@@ -275,6 +277,29 @@ class ExplainPairs:
         for name, value in constants.items():
             batch = batch.append_column(name, pa.array([value] * batch.num_rows, result_type(name)))
         return batch.drop_columns([f"_{side}_pixels" for side in SIDES])
+
+    def _explain_in_pieces(self, batch: pa.Table, ok_rows: np.ndarray) -> dict[str, list]:
+        """The result columns of the `ok_rows`, explained at most `max_pairs` rows at a time: where
+        the device runs out of memory, the piece is halved, and so are the batches that follow
+        (so a batch_size too large for a GPU shared by several replicas costs speed, not the job)."""
+        columns: dict[str, list] = {}
+        start = 0
+        while start < len(ok_rows):
+            piece = ok_rows[start:start + self.max_pairs]
+            try:
+                explained = self._explain(batch, piece)
+            except torch.cuda.OutOfMemoryError:
+                if len(piece) == 1:
+                    raise
+                self.max_pairs = len(piece) // 2
+                torch.cuda.empty_cache()
+                log.warning("%s ran out of memory explaining %d pairs at once: now at most %d at a time",
+                            self.device_label, len(piece), self.max_pairs)
+                continue
+            for name, values in explained.items():
+                columns.setdefault(name, []).extend(values)
+            start += len(piece)
+        return columns
 
     def _explain(self, batch: pa.Table, ok_rows: np.ndarray) -> dict[str, list]:
         slot_of_uri: dict[str, int] = {}

@@ -14,7 +14,7 @@ import pytest
 import ray
 import torch
 
-from pipeline.distributed.job import run_audit
+from pipeline.distributed.job import GPU_BATCH_SIZE, GPU_REPLICAS, run_audit
 from pipeline.io.results_store import HiveParquetStore
 from pipeline.io.storage import StorageOptions, join_uri
 from pipeline.io.tables import read_json
@@ -41,7 +41,7 @@ def test_one_gpu_per_actor_when_the_cluster_has_gpus(cluster_gpus, tmp_path, rng
     manifest, rows = write_audit(root, options, rng, queries=4, top_k=6, fmt="JPEG")
     # one actor more than there are GPUs: it waits for a GPU, the others do the work; beside GPUs the
     # actors decode the JPEGs (jpeg_decoder auto: nvJPEG where CUDA is, torchvision on the CPU here)
-    config = job_config(root, options, manifest, "gpu", num_actors=cluster_gpus + 1, render_png=False)
+    config = job_config(root, options, manifest, "gpu", num_actors=cluster_gpus + 1, gpus_per_actor=1.0, render_png=False)
     with caplog.at_level(logging.INFO, logger="sfam.audit"):
         summary = run_audit(config)
     assert [r for r in caplog.records if "wait for GPUs" in r.getMessage()]
@@ -63,15 +63,18 @@ def test_one_gpu_per_actor_when_the_cluster_has_gpus(cluster_gpus, tmp_path, rng
         assert abs(similarity - expected[pair_id]) < 2e-2, pair_id
 
 
-def test_one_actor_per_gpu_by_default(cluster_gpus, tmp_path, rng, caplog) -> None:
-    """num_actors unset: as many actors as the cluster has GPUs, so none waits for a GPU."""
+def test_replicas_share_each_gpu_by_default(cluster_gpus, tmp_path, rng, caplog) -> None:
+    """num_actors, gpus_per_actor and batch_size unset: GPU_REPLICAS actors per GPU of the cluster,
+    so none waits for a GPU, with batches of GPU_BATCH_SIZE pairs."""
     root, options = str(tmp_path), StorageOptions()
     write_weights(join_uri(root, "models", "model.pt"), options)
     manifest, rows = write_audit(root, options, rng, queries=2, top_k=3)
-    config = job_config(root, options, manifest, "gpu-default", num_actors=None, render_png=False)
+    config = job_config(root, options, manifest, "gpu-default", num_actors=None, batch_size=None, render_png=False)
     with caplog.at_level(logging.WARNING, logger="sfam.audit"):
         summary = run_audit(config)
-    assert (summary.num_actors, summary.ok) == (cluster_gpus, len(rows))
+    assert (summary.num_actors, summary.ok) == (cluster_gpus * GPU_REPLICAS, len(rows))
     record = read_json(join_uri(config.output, "runs", "gpu-default", "run.json"), options)
-    assert record["resources"]["num_actors"] == cluster_gpus and record["config"]["num_actors"] is None
+    assert record["resources"]["num_actors"] == cluster_gpus * GPU_REPLICAS and record["config"]["num_actors"] is None
+    assert record["resources"]["gpus_per_actor"] == 1 / GPU_REPLICAS and record["config"]["gpus_per_actor"] is None
+    assert record["resources"]["batch_size"] == GPU_BATCH_SIZE and record["config"]["batch_size"] is None
     assert not [r for r in caplog.records if "wait for GPUs" in r.getMessage()]

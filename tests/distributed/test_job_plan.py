@@ -14,13 +14,20 @@ from pydantic import ByteSize
 
 from pipeline.distributed.job import (
     CPU_ACTORS,
+    CPU_BATCH_SIZE,
+    FETCH_CPUS,
+    GPU_BATCH_SIZE,
+    GPU_REPLICAS,
     READER_CPUS,
+    RENDER_CPUS,
     WRITE_CPUS,
     _boxes_outside_warning,
     _check_actor_memory,
     _cpus_per_actor,
     _empty_maps_warning,
+    _gpus_per_actor,
     _num_actors,
+    batch_size_for,
     build_dataset,
     run_audit,
 )
@@ -77,6 +84,30 @@ def test_actors_for_the_gpus_the_cluster_has(monkeypatch, caplog, cluster_gpus, 
     with caplog.at_level(logging.WARNING, logger="sfam.audit"):
         assert _num_actors(config, gpus_per_actor) == actors
     assert any("wait for GPUs" in record.getMessage() for record in caplog.records) == waits
+
+
+@pytest.mark.parametrize(("cluster_gpus", "cluster_cpus", "given", "gpus", "batch", "actors", "cpus"), [
+    (0, 16, {}, 0.0, CPU_BATCH_SIZE, CPU_ACTORS, 1.0),  # no GPU: CPU actors, batches of 32
+    (1, 16, {}, 1 / GPU_REPLICAS, GPU_BATCH_SIZE, GPU_REPLICAS, 1.0),  # several replicas share each GPU
+    (2, 16, {}, 1 / GPU_REPLICAS, GPU_BATCH_SIZE, 2 * GPU_REPLICAS, 1.0),
+    (1, 4, {}, 1 / GPU_REPLICAS, GPU_BATCH_SIZE, GPU_REPLICAS, 0.25),  # few CPUs: the actors share what is left
+    (1, 16, {"gpus_per_actor": 1.0, "batch_size": 16}, 1.0, 16, 1, 1.0),  # what the config says
+    (0, 16, {"gpus_per_actor": 0.5}, 0.5, GPU_BATCH_SIZE, 1, 1.0),  # GPUs an autoscaler adds
+])
+def test_gpu_defaults(monkeypatch, cluster_gpus, cluster_cpus, given, gpus, batch, actors, cpus) -> None:
+    from pipeline.distributed import job
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": float(cluster_cpus), "GPU": float(cluster_gpus)})
+    monkeypatch.setattr(job, "started_here", lambda: False)
+    config = job_config("/tmp/x", StorageOptions(), "/tmp/x/pairs.parquet", "plan",
+                        **{"num_actors": None, "batch_size": None, **given})
+    assert _gpus_per_actor(config) == gpus
+    assert batch_size_for(config, gpus) == batch
+    config = config.model_copy(update={"num_actors": _num_actors(config, gpus)})
+    assert config.num_actors == actors
+    assert _cpus_per_actor(config, gpus) == cpus
+    if cluster_cpus >= 16 and gpus:  # the actors leave a fetch and a render task their CPUs
+        assert actors * (cpus + WRITE_CPUS) + READER_CPUS + FETCH_CPUS + RENDER_CPUS <= cluster_cpus
 
 
 def test_empty_maps_and_boxes_outside_are_told_apart() -> None:

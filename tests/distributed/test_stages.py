@@ -180,6 +180,49 @@ def test_a_jpeg_larger_than_its_pictures_is_decoded_in_the_fetch(tmp_path, rng) 
     assert fetched.column("_reference_pixels").is_valid().to_pylist() == [not p for p in passed]
 
 
+def test_a_batch_the_device_cannot_hold_is_explained_in_pieces(tmp_path, rng, caplog) -> None:
+    """Several replicas share a GPU, so a batch may not fit its memory: the actor halves it (and the
+    batches after it) until it fits, with the same results. The device's limit is played here by an
+    explainer that runs out of memory above 3 distinct images; the splitting and merging are real."""
+    root, options = str(tmp_path), StorageOptions()
+    write_weights(join_uri(root, "model.pt"), options)
+    manifest, _ = write_audit(root, options, rng, queries=3, top_k=4)
+    spec = ModelSpec.model_validate(model_config(join_uri(root, "model.pt")))
+    fetched = FetchImages(root, spec.input_size, 2_000_000, options)(pq.read_table(manifest))
+    whole = ExplainPairs(spec, options, "a1", 2_000_000)(fetched)
+
+    explain = ExplainPairs(spec, options, "a1", 2_000_000)
+    explain_pairs = explain.explainer.explain_pairs
+    forwarded: list[int] = []
+
+    def with_little_memory(pixels, *slots):
+        if len(pixels) > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        forwarded.append(len(pixels))
+        return explain_pairs(pixels, *slots)
+
+    explain.explainer.explain_pairs = with_little_memory
+    with caplog.at_level("WARNING", logger="sfam.audit"):
+        pieces = explain(fetched)
+    assert "ran out of memory explaining 12 pairs at once: now at most 6" in caplog.text
+    assert explain.max_pairs in (1, 3) and forwarded and max(forwarded) <= 3
+    assert pieces.column("status").to_pylist() == whole.column("status").to_pylist()
+    for name in ("similarity", "residual_query", "residual_reference"):
+        np.testing.assert_allclose(pieces.column(name).to_numpy(), whole.column(name).to_numpy(), rtol=1e-5, atol=1e-6)
+    for name in ("cis_query", "map_reference"):
+        np.testing.assert_allclose(np.stack(pieces.column(name).to_numpy(zero_copy_only=False)).astype(np.float64),
+                                   np.stack(whole.column(name).to_numpy(zero_copy_only=False)).astype(np.float64),
+                                   rtol=1e-3, atol=1e-4)
+    assert pieces.column("query_peak_xy").to_pylist() == whole.column("query_peak_xy").to_pylist()
+
+    caplog.clear()
+    explain(fetched)  # the next batch starts at the size that fitted
+    assert "ran out of memory" not in caplog.text
+    explain.explainer.explain_pairs = lambda *_: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # not even one pair fits: the batch fails, as before
+        explain(fetched)
+
+
 def test_matched_weighting_writes_correspondences_in_image_pixels(tmp_path, rng) -> None:
     root, options = str(tmp_path), StorageOptions()
     write_weights(join_uri(root, "model.pt"), options)

@@ -223,8 +223,9 @@ def test_entrypoint_runs_the_audit_job_on_a_mounted_config(label, spec, path, tm
     assert config.model.arch == "resnet50"
     group = gpu_group(spec)
     gpus_per_pod = int(group["template"]["spec"]["containers"][0]["resources"]["limits"][GPU])
-    assert config.gpus_per_actor == gpus_per_pod == 1
-    assert config.num_actors == group["replicas"], f"{label}: num_actors must equal the GPU worker replicas"
+    assert gpus_per_pod == 1 and 0 < config.gpus_per_actor <= gpus_per_pod
+    assert config.num_actors * config.gpus_per_actor == group["replicas"] * gpus_per_pod, \
+        f"{label}: num_actors x gpus_per_actor must equal the GPU worker replicas' GPUs"
 
 
 @JOB_SPECS
