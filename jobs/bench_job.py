@@ -562,7 +562,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "embedding (default: the tiny model)")
     parser.add_argument("--timed-pairs", type=positive, help="pairs that the in-process and stage rows time (default: all)")
     parser.add_argument("--num-actors", type=int, help="the job's num_actors (default: the job's default)")
-    parser.add_argument("--gpus-per-actor", type=float, help="the job's gpus_per_actor (default: one where there are GPUs)")
+    parser.add_argument("--gpus-per-actor", type=float, help="the job's gpus_per_actor (default: the job's, 0.25 where there are GPUs)")
     decoder = JobConfig.model_fields["jpeg_decoder"]
     parser.add_argument("--jpeg-decoder", choices=get_args(decoder.annotation), default=decoder.default,
                         help="the job's jpeg_decoder (default: auto, torchvision's nvJPEG in the actors where they hold GPUs)")

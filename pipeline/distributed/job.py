@@ -57,8 +57,8 @@ WRITE_CPUS = 0.25  # a Parquet write task; num_actors of them at most
 FETCH_CPUS = 1.0  # a fetch task beside GPU actors
 CPU_ACTORS = 2  # num_actors by default where the cluster has no GPU
 # Beside GPUs, by default: replicas of 1/GPU_REPLICAS GPU each, batches of GPU_BATCH_SIZE pairs. On one H200
-# (BENCHMARKS.md, "The whole job on a GPU: replicas and batch size"), 4 replicas of resnet50 explained 1.5x the
-# pairs/s of 2, and batches of 128 pairs 2.0 to 2.3x those of 32: one replica's Python work and Ray Data's
+# (BENCHMARKS.md, "The whole job on a GPU: replicas and batch size"), 4 replicas of resnet50 explained 1.47 to
+# 1.58x the pairs/s of 2, and batches of 128 pairs 2.0 to 2.3x those of 32: one replica's Python work and Ray Data's
 # work per batch leave the GPU idle unless other replicas fill it.
 GPU_REPLICAS = 4
 GPU_BATCH_SIZE = 128
@@ -190,9 +190,11 @@ def _check_actor_memory(config: JobConfig) -> None:
 
 
 def _cpus_per_actor(config: JobConfig, gpus: float) -> float:
-    """At most one CPU per actor: the actors share what the manifest reader and the write tasks
-    leave, and GPU actors also what one fetch and one render task need, so that no stage waits for
-    a CPU (a write task that waits holds every result back)."""
+    """At most one CPU per actor, at least a quarter: the actors share what the manifest reader and
+    the write tasks leave, and GPU actors also what one fetch and one render task need, so that no
+    stage waits for a CPU (a write task that waits holds every result back) where the cluster has
+    the CPUs: from about 6 per GPU with the default 4 replicas. Counted when the job starts: GPU
+    workers that an autoscaler adds later bring CPUs that these shares leave to the other stages."""
     cpus = ray.cluster_resources().get("CPU", 1) - READER_CPUS - WRITE_CPUS * config.num_actors
     if gpus > 0:
         cpus -= FETCH_CPUS + RENDER_CPUS

@@ -280,19 +280,17 @@ class ExplainPairs:
 
     def _explain_in_pieces(self, batch: pa.Table, ok_rows: np.ndarray) -> dict[str, list]:
         """The result columns of the `ok_rows`, explained at most `max_pairs` rows at a time: where
-        the device runs out of memory, the piece is halved, and so are the batches that follow
-        (so a batch_size too large for a GPU shared by several replicas costs speed, not the job)."""
+        the device runs out of memory, the piece is halved, and so are the batches that follow, for
+        the rest of the actor's run (a batch_size too large for a GPU shared by several replicas
+        costs speed, not the job)."""
         columns: dict[str, list] = {}
         start = 0
         while start < len(ok_rows):
             piece = ok_rows[start:start + self.max_pairs]
-            try:
-                explained = self._explain(batch, piece)
-            except torch.cuda.OutOfMemoryError:
-                if len(piece) == 1:
-                    raise
+            explained = self._explain_unless_out_of_memory(batch, piece)
+            if explained is None:
                 self.max_pairs = len(piece) // 2
-                torch.cuda.empty_cache()
+                torch.cuda.empty_cache()  # outside the handler: its traceback no longer holds the failed pass's tensors
                 log.warning("%s ran out of memory explaining %d pairs at once: now at most %d at a time",
                             self.device_label, len(piece), self.max_pairs)
                 continue
@@ -300,6 +298,15 @@ class ExplainPairs:
                 columns.setdefault(name, []).extend(values)
             start += len(piece)
         return columns
+
+    def _explain_unless_out_of_memory(self, batch: pa.Table, ok_rows: np.ndarray) -> dict[str, list] | None:
+        """The result columns of the `ok_rows`, or None where the device ran out of memory (never for one pair)."""
+        try:
+            return self._explain(batch, ok_rows)
+        except torch.cuda.OutOfMemoryError:
+            if len(ok_rows) == 1:
+                raise
+            return None
 
     def _explain(self, batch: pa.Table, ok_rows: np.ndarray) -> dict[str, list]:
         slot_of_uri: dict[str, int] = {}

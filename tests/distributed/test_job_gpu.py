@@ -1,7 +1,7 @@
-"""The audit job on a Ray cluster that has GPUs: one model replica per GPU.
+"""The audit job on a Ray cluster that has GPUs: GPU_REPLICAS model replicas share each GPU by default.
 
 On a machine without CUDA, Ray is told it has one GPU, so the scheduling (gpus_per_actor
-null -> 1 per actor, an actor pool larger than the GPUs) is tested everywhere; where
+null -> 1/GPU_REPLICAS per actor, an actor pool larger than the GPUs) is tested everywhere; where
 CUDA is present, Ray finds the real GPUs and the model must run on them.
 """
 

@@ -64,7 +64,7 @@ def test_the_reader_and_the_writers_fit_beside_the_actors(local_ray, tmp_path, n
 
 @pytest.mark.parametrize(("cluster_gpus", "gpus_per_actor", "num_actors", "actors", "waits"), [
     (0, 0.0, None, CPU_ACTORS, False),  # no GPU: CPU actors
-    (1, 1.0, None, 1, False),  # one per GPU by default
+    (1, 1.0, None, 1, False),  # one per GPU
     (4, 1.0, None, 4, False),
     (1, 0.2, None, 5, False),  # fractional shares: 1 / 0.2 is 5, not 1 // 0.2 = 4
     (1, 0.1, None, 10, False),
@@ -106,8 +106,9 @@ def test_gpu_defaults(monkeypatch, cluster_gpus, cluster_cpus, given, gpus, batc
     config = config.model_copy(update={"num_actors": _num_actors(config, gpus)})
     assert config.num_actors == actors
     assert _cpus_per_actor(config, gpus) == cpus
-    if cluster_cpus >= 16 and gpus:  # the actors leave a fetch and a render task their CPUs
-        assert actors * (cpus + WRITE_CPUS) + READER_CPUS + FETCH_CPUS + RENDER_CPUS <= cluster_cpus
+    if gpus:  # from 6 CPUs per GPU, the actors leave the reader, the writers, a fetch and a render task their CPUs
+        fits = actors * (cpus + WRITE_CPUS) + READER_CPUS + FETCH_CPUS + RENDER_CPUS <= cluster_cpus
+        assert fits == (cluster_cpus >= 6 * max(cluster_gpus, 1))
 
 
 def test_empty_maps_and_boxes_outside_are_told_apart() -> None:
