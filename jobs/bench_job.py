@@ -1,7 +1,7 @@
 """The whole job against one process that only decodes, side by side, and where the job's time goes.
 
     python -m jobs.bench_job [--queries 96] [--top-k 10] [--gallery 480] [--rounds 3] [--arch ARCH]
-                             [--timed-pairs N] [--smoke] [--write]
+                             [--timed-pairs 4096] [--smoke] [--write]
 
 One generated audit: 640x480 JPEGs (queries, each with its top-k drawn from a gallery), a tiny
 model (jobs/tiny_model.py, so explaining costs almost nothing; `--arch` names another) and the
@@ -50,8 +50,8 @@ from pipeline.io.storage import StorageOptions
 from pipeline.models.spec import ModelSpec
 
 if TYPE_CHECKING:
+    from pipeline.distributed.explain import ExplainPairs
     from pipeline.distributed.job import RunSummary
-    from pipeline.distributed.stages import ExplainPairs
 
 SECTION = "## Where the job's time goes"
 SMOKE = {"queries": 4, "top_k": 2, "gallery": 8, "rounds": 1, "batch_size": 2}
@@ -63,6 +63,7 @@ TARGET = 1.0  # the job's pairs/s over the decode-only process's
 GPU_TARGET = 0.8  # on a GPU: the job's steady pairs/s over the explain stage's alone in one process
 T = TypeVar("T")
 GPU_BUSY = 0.8
+TIMED_PAIRS = 4_096  # the explain-only row holds its batches' pixels in memory: 0.7 MB a pair at 224 px
 GPU_PAIRS_PER_SECOND = {  # model -> (SFAM pairs/s at 224 px, where the figure comes from: BENCHMARKS.md, Speed)
     "resnet50": (2_700.0, "measured on an H100"),
     # the generic path at the default layer (a backward through every block): FLOPs would say 629
@@ -303,8 +304,10 @@ class StageCosts:
 def stage_costs(audit: Audit, config: JobConfig, folder: Path, pairs: int | None) -> StageCosts:
     """The job's stages on its batches of the manifest's first `pairs` pairs (all by default), one
     after another in this process on one torch thread."""
+    from pipeline.distributed.explain import ExplainPairs
+    from pipeline.distributed.fetch import FetchImages
     from pipeline.distributed.job import decodes_jpegs_in_actors
-    from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults
+    from pipeline.distributed.render import RenderResults
     from pipeline.io.images import torchvision_jpeg
     from pipeline.layout import RunLayout
     from pipeline.render.result_row import DISPLAY_SIDE
@@ -353,7 +356,8 @@ class ExplainOnly:
 
     @classmethod
     def prepare(cls, audit: Audit, config: JobConfig, pairs: int | None) -> ExplainOnly:
-        from pipeline.distributed.stages import ExplainPairs, FetchImages
+        from pipeline.distributed.explain import ExplainPairs
+        from pipeline.distributed.fetch import FetchImages
 
         options = StorageOptions()
         fetch = FetchImages(str(audit.root), config.model.input_size, config.max_image_pixels, options)
@@ -464,15 +468,18 @@ def rounds_table(rounds: list[Round], on_gpu: bool, tiny_model: bool) -> str:
     return "\n".join(lines)
 
 
-def startup_table(rounds: list[Round]) -> str:
-    """Where the time before the first result file goes, in each round's full run."""
-    lines = ["| round | pre-flight check (driver) | then Ray Data starts the actors, until one runs a batch "
-             "| then until the first result file | first result after |", "|---|---|---|---|---|"]
-    for number, r in enumerate(rounds, start=1):
-        job = r.job
+def startup_table(fresh: JobRun, rounds: list[Round]) -> str:
+    """Where the time before the first result file goes: in the run on a fresh Ray (the warm-up,
+    which starts Ray's task workers, as every job on a new cluster does) and in each round's full run."""
+    lines = ["| run | pre-flight check (driver) | then Ray Data starts the actors, until one runs a batch "
+             "| then until the first result file | first result after | CPU until then, all processes |",
+             "|---|---|---|---|---|---|"]
+    runs = [("on a fresh Ray (the warm-up, half the manifest)", fresh),
+            *((f"round {number}", r.job) for number, r in enumerate(rounds, start=1))]
+    for name, job in runs:
         preflight = job.summary.preflight_seconds
-        lines.append(f"| {number} | {preflight:.1f} s | {job.first_batch - preflight:.1f} s "
-                     f"| {job.first_result - job.first_batch:.1f} s | {job.first_result:.1f} s |")
+        lines.append(f"| {name} | {preflight:.1f} s | {job.first_batch - preflight:.1f} s "
+                     f"| {job.first_result - job.first_batch:.1f} s | {job.first_result:.1f} s | {job.startup_cpu():.1f} s |")
     return "\n".join(lines)
 
 
@@ -516,8 +523,8 @@ def projection_table(stages: StageCosts, measured: Round) -> str:
     return "\n".join(lines)
 
 
-def section(command: str, args: argparse.Namespace, audit: Audit, rounds: list[Round], stages: StageCosts,
-            config: JobConfig, on_gpu: bool) -> str:
+def section(command: str, args: argparse.Namespace, audit: Audit, fresh: JobRun, rounds: list[Round],
+            stages: StageCosts, config: JobConfig, on_gpu: bool) -> str:
     return "\n".join([
         SECTION, "",
         f"Command: `{command}`  ",
@@ -526,15 +533,15 @@ def section(command: str, args: argparse.Namespace, audit: Audit, rounds: list[R
         f"{args.gallery}), {model_name(config.model)} at {config.model.input_size} px, batch {config.batch_size}, "
         f"{rounds[-1].job.summary.num_actors} actors{gpu_share(rounds[-1].job.summary)}, render policy {config.render_png}, "
         f"jpeg_decoder {config.jpeg_decoder}",
-        "", rounds_table(rounds, on_gpu, args.arch is None), "", startup_table(rounds), "",
+        "", rounds_table(rounds, on_gpu, args.arch is None), "", startup_table(fresh, rounds), "",
         breakdown_table(stages, rounds[-1], config.batch_size), "",
         projection_table(stages, rounds[-1]), "",
         "A first run of the job on the manifest's first half starts Ray's task workers (as on a cluster that "
         "has run a job). Each round runs the decode-only process, the explain stage alone (ExplainPairs on the batches the job's "
         "fetch makes, fetched beforehand), then the job, then the job on the manifest's first half, on "
         "the same files"
-        + (f"; the in-process rows and the stage rows time the manifest's first {args.timed_pairs} pairs"
-           if args.timed_pairs else "")
+        + (f"; the in-process rows and the stage rows time the manifest's first {args.timed_pairs:,} pairs"
+           if args.timed_pairs < audit.pairs else "")
         + ". The whole job's pairs/s counts everything from run_audit's start (pre-flight check, "
         "Ray Data starting its workers and actors, commit); the steady state is the marginal rate: the second "
         "half's pairs over the full run's time less the half run's. Stage rows: the job's stage classes run in this process on the job's batches "
@@ -560,7 +567,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="the job's batch_size (default: the job's default, 128 with GPUs, 32 without)")
     parser.add_argument("--arch", help="the job's model: a torchvision or timm/<name> arch, random weights, 512-d "
                         "embedding (default: the tiny model)")
-    parser.add_argument("--timed-pairs", type=positive, help="pairs that the in-process and stage rows time (default: all)")
+    parser.add_argument("--timed-pairs", type=positive, default=TIMED_PAIRS,
+                        help=f"pairs that the in-process and stage rows time (default: {TIMED_PAIRS:,}, or all where fewer)")
     parser.add_argument("--num-actors", type=int, help="the job's num_actors (default: the job's default)")
     parser.add_argument("--gpus-per-actor", type=float, help="the job's gpus_per_actor (default: the job's, 0.25 where there are GPUs)")
     decoder = JobConfig.model_fields["jpeg_decoder"]
@@ -597,19 +605,19 @@ def main(argv: list[str] | None = None) -> int:
         explain_only = ExplainOnly.prepare(audit, config, args.timed_pairs)
         half = config.model_copy(update={"manifest": str(audit.half_manifest)})
         with local_ray():
-            # starts the processes that Ray keeps for tasks (a new one imports torch: about 19 s of CPU on a GPU
-            # node), as a cluster that has run a job has them: else the first full run's steady state counts them
-            run_job(half.model_copy(update={"run_id": "bench-job-warm-up"}), ProcessMonitor())
+            # starts the processes that Ray keeps for tasks (one that fetches imports torch: seconds of CPU), as a
+            # cluster that has run a job has them: else the first full run's steady state counts them
+            fresh = run_job(half.model_copy(update={"run_id": "bench-job-warm-up"}), ProcessMonitor())
             rounds = [Round(decode_only(audit, config.model.input_size, args.timed_pairs), explain_only.pairs_per_second(),
                             run_job(config.model_copy(update={"run_id": f"bench-job-{n}"}), ProcessMonitor()),
                             run_job(half.model_copy(update={"run_id": f"bench-job-half-{n}"}), ProcessMonitor()))
                       for n in range(args.rounds)]
-    report = "\n\n".join([rounds_table(rounds, explain_only.on_gpu, args.arch is None), startup_table(rounds),
+    report = "\n\n".join([rounds_table(rounds, explain_only.on_gpu, args.arch is None), startup_table(fresh, rounds),
                           breakdown_table(stages, rounds[-1], config.batch_size), projection_table(stages, rounds[-1])])
     print(report)
     if args.write:
         command = shlex.join(["python", "-m", "jobs.bench_job", *argv])
-        write_section(BENCHMARKS, section(command, args, audit, rounds, stages, config, explain_only.on_gpu))
+        write_section(BENCHMARKS, section(command, args, audit, fresh, rounds, stages, config, explain_only.on_gpu))
         print(f"\nwrote the {SECTION} section of {BENCHMARKS}")
     return 0
 

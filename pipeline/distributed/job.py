@@ -28,12 +28,15 @@ import torch
 import torchvision
 from pydantic import ByteSize
 from ray.data import ActorPoolStrategy
-from ray.data.datasource import FilenameProvider
 
 from pipeline.config import ConfigError, JobConfig
 from pipeline.distributed.cluster import connect, started_here
+from pipeline.distributed.explain import ExplainPairs
+from pipeline.distributed.fetch import FetchImages
 from pipeline.distributed.iceberg_commit import overwrite_run
-from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults, StageChain
+from pipeline.distributed.part_files import PartFiles
+from pipeline.distributed.render import RenderResults
+from pipeline.distributed.stages import StageChain
 from pipeline.errors import AuditFailed, PipelineError, Terminated, UserError, as_sent
 from pipeline.gates import Baseline, GateResult, GatesFailed, check_manifest_supports, evaluate, same_label_similarity
 from pipeline.io.images import torchvision_has_jpeg_decoder
@@ -111,17 +114,6 @@ class Plan:
     target_layer: str
     model: ModelSpec  # the config's, its weights pinned to the SHA-256 of the file that was checked (every replica's)
     previous_attempt: str | None
-
-
-class PartFiles(FilenameProvider):
-    """part-ATTEMPT-NNNNN-UUID.parquet: the attempt in every name, so commits never overwrite."""
-
-    def __init__(self, prefix: str) -> None:
-        super().__init__(file_format="parquet")
-        self.prefix = prefix
-
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"{self.prefix}{task_index:05d}-{write_uuid}.parquet"
 
 
 def _versions() -> dict[str, str | None]:

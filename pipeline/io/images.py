@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import io
 import numbers
+import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torchvision
 from PIL import ExifTags, Image, UnidentifiedImageError
 from torch.nn import functional as F
 
@@ -266,9 +266,17 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def _torchvision_io() -> types.ModuleType:
+    """torchvision.io, imported where a JPEG is decoded by torchvision: importing torchvision takes
+    seconds (torch._dynamo, through torchvision.ops), which every fetch task's process would pay."""
+    import torchvision.io
+
+    return torchvision.io
+
+
 def torchvision_has_jpeg_decoder() -> bool:
     """Whether this torchvision still decodes JPEGs: deprecated since 0.29 for TorchCodec, to be removed."""
-    return hasattr(torchvision.io, "decode_jpeg")
+    return hasattr(_torchvision_io(), "decode_jpeg")
 
 
 def torchvision_decodes_jpegs_on(device: torch.device) -> bool:
@@ -280,8 +288,9 @@ def torchvision_decodes_jpegs_on(device: torch.device) -> bool:
 
 def _torchvision_decode(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     """(3, H, W) uint8 on `device`, or None where torchvision refuses the file."""
+    tvio = _torchvision_io()
     try:
-        return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=device)
+        return tvio.decode_jpeg(data, mode=tvio.ImageReadMode.RGB, device=device)
     except RuntimeError:
         return None
 
@@ -304,8 +313,9 @@ def _decode_jpeg_chunk(jpegs: Sequence[EncodedJpeg], uris: Sequence[str], max_pi
                        device: torch.device) -> list[Pictures | ImageDecodeError]:
     """decode_jpegs of JPEGs decoded in one call."""
     tensors = [torch.from_numpy(np.frombuffer(jpeg.data, np.uint8).copy()) for jpeg in jpegs]
+    tvio = _torchvision_io()
     try:
-        images = torchvision.io.decode_jpeg(tensors, mode=torchvision.io.ImageReadMode.RGB, device=device)
+        images = tvio.decode_jpeg(tensors, mode=tvio.ImageReadMode.RGB, device=device)
     except RuntimeError:  # one bad file (or too little memory) fails the whole call: each again on its own
         images = [_torchvision_decode(tensor, device) for tensor in tensors]
     height, width = model_hw(model_size)

@@ -15,7 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.distributed.stages import ExplainPairs, FetchImages, RenderResults, StageChain
+from pipeline.distributed import explain as explain_stage
+from pipeline.distributed.explain import ExplainPairs
+from pipeline.distributed.fetch import FetchImages
+from pipeline.distributed.render import RenderResults
+from pipeline.distributed.stages import StageChain
 from pipeline.io.storage import StorageOptions, join_uri
 from pipeline.layout import RunLayout
 from pipeline.models.spec import ModelSpec
@@ -68,14 +72,14 @@ def test_each_distinct_image_is_forwarded_once(tmp_path, rng) -> None:
 def test_fetch_reads_a_batchs_objects_at_once(s3_bucket, rng, monkeypatch) -> None:
     """An object store answers each read after its latency: the fetch keeps several reads in
     flight (counted, not timed), and every image still lands in its own rows."""
-    from pipeline.distributed import stages
+    from pipeline.distributed import fetch
 
     bucket, options = s3_bucket
     root = f"s3://{bucket}/audit"
     manifest, rows = write_audit(root, options, rng, queries=2, top_k=5, bad_rows=True)
     in_flight, most = [0], [0]
     lock = threading.Lock()
-    read = stages.read_bytes
+    read = fetch.read_bytes
 
     def slow_read(*args, **kwargs) -> bytes:
         with lock:
@@ -88,13 +92,24 @@ def test_fetch_reads_a_batchs_objects_at_once(s3_bucket, rng, monkeypatch) -> No
             with lock:
                 in_flight[0] -= 1
 
-    monkeypatch.setattr(stages, "read_bytes", slow_read)
+    monkeypatch.setattr(fetch, "read_bytes", slow_read)
     table = manifest_table(rows)
     fetched = FetchImages(root, 32, 2_000_000, options)(table)
-    monkeypatch.setattr(stages, "read_bytes", read)
+    monkeypatch.setattr(fetch, "read_bytes", read)
     alone = FetchImages(root, 32, 2_000_000, options)(table)
     assert most[0] > 1
     assert fetched.to_pydict() == alone.to_pydict() and fetched.column("status").to_pylist().count("error") == 3
+
+
+@pytest.mark.parametrize(("module", "heavy"), [("fetch", {"torch"}), ("render", set()), ("part_files", set())])
+def test_a_task_imports_only_what_its_stage_needs(module: str, heavy: set[str]) -> None:
+    """Ray starts a process per task slot, and each imports the module of the stages it runs: the
+    fetch tasks' must not import torchvision (2.5 s here), the render and write tasks' not torch
+    either (6 s here with torchvision, more on a cluster's node at every start)."""
+    code = (f"import sys; import pipeline.distributed.{module}; "
+            "print(*[name for name in ('torch', 'torchvision') if name in sys.modules])")
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert set(imported) == heavy
 
 
 def test_stage_chain_builds_its_stages_and_runs_them_in_order(tmp_path, rng) -> None:
@@ -180,10 +195,16 @@ def test_a_jpeg_larger_than_its_pictures_is_decoded_in_the_fetch(tmp_path, rng) 
     assert fetched.column("_reference_pixels").is_valid().to_pylist() == [not p for p in passed]
 
 
-def test_a_batch_the_device_cannot_hold_is_explained_in_pieces(tmp_path, rng, caplog) -> None:
+@pytest.mark.parametrize("out_of_memory", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+], ids=["allocator", "cublas"])
+def test_a_batch_the_device_cannot_hold_is_explained_in_pieces(out_of_memory, tmp_path, rng, caplog,
+                                                                 monkeypatch) -> None:
     """Several replicas share a GPU, so a batch may not fit its memory: the actor halves it (and the
-    batches after it) until it fits, with the same results. The device's limit is played here by an
-    explainer that runs out of memory above 3 distinct images; the splitting and merging are real."""
+    batches after it) until it fits, with the same results, and tries larger pieces again later. The
+    device's limit is played here by an explainer that runs out of memory above 3 distinct images, as
+    torch's allocator or cuBLAS says it; the splitting and merging are real."""
     root, options = str(tmp_path), StorageOptions()
     write_weights(join_uri(root, "model.pt"), options)
     manifest, _ = write_audit(root, options, rng, queries=3, top_k=4)
@@ -194,10 +215,11 @@ def test_a_batch_the_device_cannot_hold_is_explained_in_pieces(tmp_path, rng, ca
     explain = ExplainPairs(spec, options, "a1", 2_000_000)
     explain_pairs = explain.explainer.explain_pairs
     forwarded: list[int] = []
+    limit = [3]  # distinct images the device holds
 
     def with_little_memory(pixels, *slots):
-        if len(pixels) > 3:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if len(pixels) > limit[0]:
+            raise out_of_memory
         forwarded.append(len(pixels))
         return explain_pairs(pixels, *slots)
 
@@ -218,8 +240,26 @@ def test_a_batch_the_device_cannot_hold_is_explained_in_pieces(tmp_path, rng, ca
     caplog.clear()
     explain(fetched)  # the next batch starts at the size that fitted
     assert "ran out of memory" not in caplog.text
-    explain.explainer.explain_pairs = lambda *_: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("CUDA out of memory"))
-    with pytest.raises(torch.cuda.OutOfMemoryError):  # not even one pair fits: the batch fails, as before
+
+    monkeypatch.setattr(explain_stage, "REGROW_AFTER", 2)
+    limit[0], lowered = 100, explain.max_pairs  # the replica beside it gave its memory back
+    explain.fitted_batches = 0
+    explain(fetched)
+    assert explain.max_pairs == lowered
+    explain(fetched)
+    assert explain.max_pairs == 2 * lowered
+    for _ in range(6):
+        explain(fetched)
+    forwarded.clear()
+    assert explain(fetched).column("similarity").to_pylist() == whole.column("similarity").to_pylist()
+    assert explain.max_pairs == sys.maxsize and len(forwarded) == 1  # whole batches again
+
+    explain.explainer.explain_pairs = lambda *_: (_ for _ in ()).throw(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    with pytest.raises(RuntimeError, match="mat1"):  # not a matter of memory: the batch fails at once
+        explain(fetched)
+    assert explain.max_pairs == sys.maxsize
+    explain.explainer.explain_pairs = lambda *_: (_ for _ in ()).throw(out_of_memory)
+    with pytest.raises(type(out_of_memory)):  # not even one pair fits: the batch fails, as before
         explain(fetched)
 
 
@@ -265,7 +305,7 @@ PEAK_MEMORY_OF_BOMB = """
 import sys, threading, time
 import psutil
 import pyarrow.parquet as pq
-from pipeline.distributed.stages import FetchImages
+from pipeline.distributed.fetch import FetchImages
 from pipeline.io.storage import StorageOptions
 root, max_pixels = sys.argv[1], int(sys.argv[2])
 table = pq.read_table(root + "/pairs.parquet")
