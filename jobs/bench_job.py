@@ -1,7 +1,7 @@
 """The whole job against one process that only decodes, side by side, and where the job's time goes.
 
     python -m jobs.bench_job [--queries 96] [--top-k 10] [--gallery 480] [--rounds 3] [--arch ARCH]
-                             [--timed-pairs 4096] [--smoke] [--write]
+                             [--timed-pairs N] [--smoke] [--write]
 
 One generated audit: 640x480 JPEGs (queries, each with its top-k drawn from a gallery), a tiny
 model (jobs/tiny_model.py, so explaining costs almost nothing; `--arch` names another) and the
@@ -63,7 +63,7 @@ TARGET = 1.0  # the job's pairs/s over the decode-only process's
 GPU_TARGET = 0.8  # on a GPU: the job's steady pairs/s over the explain stage's alone in one process
 T = TypeVar("T")
 GPU_BUSY = 0.8
-TIMED_PAIRS = 4_096  # the explain-only row holds its batches' pixels in memory: 0.7 MB a pair at 224 px
+EXPLAIN_ONLY_PAIRS = 4_096  # the most the explain-only row times: it holds their pixels, 0.7 MB a pair at 224 px
 GPU_PAIRS_PER_SECOND = {  # model -> (SFAM pairs/s at 224 px, where the figure comes from: BENCHMARKS.md, Speed)
     "resnet50": (2_700.0, "measured on an H100"),
     # the generic path at the default layer (a backward through every block): FLOPs would say 629
@@ -356,14 +356,19 @@ class ExplainOnly:
 
     @classmethod
     def prepare(cls, audit: Audit, config: JobConfig, pairs: int | None) -> ExplainOnly:
+        """On the manifest's first `pairs` pairs (all by default), EXPLAIN_ONLY_PAIRS at most."""
         from pipeline.distributed.explain import ExplainPairs
         from pipeline.distributed.fetch import FetchImages
 
         options = StorageOptions()
         fetch = FetchImages(str(audit.root), config.model.input_size, config.max_image_pixels, options)
-        manifest = pq.read_table(audit.manifest).slice(0, pairs)
+        manifest = pq.read_table(audit.manifest).slice(0, min(pairs or audit.pairs, EXPLAIN_ONLY_PAIRS))
         batches = [fetch(manifest.slice(offset, config.batch_size)) for offset in range(0, manifest.num_rows, config.batch_size)]
         return cls(ExplainPairs(config.model, options, "bench", config.max_image_pixels), batches)
+
+    @property
+    def pairs(self) -> int:
+        return sum(batch.num_rows for batch in self.batches)
 
     @property
     def on_gpu(self) -> bool:
@@ -377,7 +382,7 @@ class ExplainOnly:
         for batch in self.batches:
             self.explain(batch)
         synchronize(device)
-        return sum(batch.num_rows for batch in self.batches) / (time.perf_counter() - started)
+        return self.pairs / (time.perf_counter() - started)
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -524,7 +529,7 @@ def projection_table(stages: StageCosts, measured: Round) -> str:
 
 
 def section(command: str, args: argparse.Namespace, audit: Audit, fresh: JobRun, rounds: list[Round],
-            stages: StageCosts, config: JobConfig, on_gpu: bool) -> str:
+            stages: StageCosts, config: JobConfig, explain_only: ExplainOnly) -> str:
     return "\n".join([
         SECTION, "",
         f"Command: `{command}`  ",
@@ -533,7 +538,7 @@ def section(command: str, args: argparse.Namespace, audit: Audit, fresh: JobRun,
         f"{args.gallery}), {model_name(config.model)} at {config.model.input_size} px, batch {config.batch_size}, "
         f"{rounds[-1].job.summary.num_actors} actors{gpu_share(rounds[-1].job.summary)}, render policy {config.render_png}, "
         f"jpeg_decoder {config.jpeg_decoder}",
-        "", rounds_table(rounds, on_gpu, args.arch is None), "", startup_table(fresh, rounds), "",
+        "", rounds_table(rounds, explain_only.on_gpu, args.arch is None), "", startup_table(fresh, rounds), "",
         breakdown_table(stages, rounds[-1], config.batch_size), "",
         projection_table(stages, rounds[-1]), "",
         "A first run of the job on the manifest's first half starts Ray's task workers (as on a cluster that "
@@ -541,7 +546,9 @@ def section(command: str, args: argparse.Namespace, audit: Audit, fresh: JobRun,
         "fetch makes, fetched beforehand), then the job, then the job on the manifest's first half, on "
         "the same files"
         + (f"; the in-process rows and the stage rows time the manifest's first {args.timed_pairs:,} pairs"
-           if args.timed_pairs < audit.pairs else "")
+           if args.timed_pairs else "")
+        + (f"; the explain-only row times the first {explain_only.pairs:,} pairs (it holds their pixels)"
+           if explain_only.pairs < (args.timed_pairs or audit.pairs) else "")
         + ". The whole job's pairs/s counts everything from run_audit's start (pre-flight check, "
         "Ray Data starting its workers and actors, commit); the steady state is the marginal rate: the second "
         "half's pairs over the full run's time less the half run's. Stage rows: the job's stage classes run in this process on the job's batches "
@@ -567,8 +574,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="the job's batch_size (default: the job's default, 128 with GPUs, 32 without)")
     parser.add_argument("--arch", help="the job's model: a torchvision or timm/<name> arch, random weights, 512-d "
                         "embedding (default: the tiny model)")
-    parser.add_argument("--timed-pairs", type=positive, default=TIMED_PAIRS,
-                        help=f"pairs that the in-process and stage rows time (default: {TIMED_PAIRS:,}, or all where fewer)")
+    parser.add_argument("--timed-pairs", type=positive, help="pairs that the in-process and stage rows time (default: "
+                        f"all; the explain-only row at most {EXPLAIN_ONLY_PAIRS:,})")
     parser.add_argument("--num-actors", type=int, help="the job's num_actors (default: the job's default)")
     parser.add_argument("--gpus-per-actor", type=float, help="the job's gpus_per_actor (default: the job's, 0.25 where there are GPUs)")
     decoder = JobConfig.model_fields["jpeg_decoder"]
@@ -617,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     if args.write:
         command = shlex.join(["python", "-m", "jobs.bench_job", *argv])
-        write_section(BENCHMARKS, section(command, args, audit, fresh, rounds, stages, config, explain_only.on_gpu))
+        write_section(BENCHMARKS, section(command, args, audit, fresh, rounds, stages, config, explain_only))
         print(f"\nwrote the {SECTION} section of {BENCHMARKS}")
     return 0
 
