@@ -12,21 +12,23 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline.distributed.columns import picture_at
-from pipeline.distributed.fetch import pictures_at, with_pictures
+from pipeline.distributed.fetch import with_pictures
 from pipeline.explain import SFAMResult
 from pipeline.io.images import EncodedJpeg, ImageDecodeError, Pictures, decode_jpegs, torchvision_decodes_jpegs_on
 from pipeline.io.storage import StorageOptions
 from pipeline.localisation import box_in_image, localise
 from pipeline.models.explainer import build_explainer, device_label
-from pipeline.models.spec import ModelSpec
+from pipeline.models.spec import ModelSpec, model_hw
 from pipeline.render.result_row import DISPLAY_SIDE, matches_in_pixels
 from pipeline.schema import BOX_COLUMNS, EXPLAINED_COLUMNS, SIDES, TOP_CHANNELS, result_type
 
 log = logging.getLogger("sfam.audit")
-REGROW_AFTER = 32  # batches that fit at a lowered size before the actor tries twice that size again
-# what libraries that allocate their own workspace (cuBLAS, cuDNN, cuFFT) or CUDA's runtime say in the RuntimeError
-# they raise when the device's memory is full, where torch's allocator raises torch.cuda.OutOfMemoryError
-_OUT_OF_MEMORY_MESSAGES = ("ALLOC_FAILED", "out of memory")
+REGROW_AFTER = 32  # batches that fill a lowered size before the actor tries twice that size again
+# what the libraries that allocate their own workspace or handles say in the RuntimeError they raise when the
+# device's memory is full, where torch's allocator raises torch.cuda.OutOfMemoryError: cuBLAS (CUBLAS_STATUS_ALLOC_FAILED;
+# CUBLAS_STATUS_NOT_INITIALIZED from cublasCreate), cuDNN 8 (CUDNN_STATUS_ALLOC_FAILED), cuDNN 9
+# (CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED), cuFFT (CUFFT_ALLOC_FAILED), CUDA's runtime ("out of memory")
+_OUT_OF_MEMORY_MESSAGES = ("ALLOC_FAILED", "ALLOCATION_FAILED", "CUBLAS_STATUS_NOT_INITIALIZED", "out of memory")
 
 
 class DecodeJpegs:
@@ -49,7 +51,7 @@ class DecodeJpegs:
         for side in SIDES:
             for row, uri in enumerate(batch.column(f"{side}_uri").to_pylist()):
                 if uri not in pictures and batch.column(f"_{side}_size")[row].is_valid:  # null: failed to fetch
-                    pictures[uri] = pictures_at(batch, side, row, self.input_size)
+                    pictures[uri] = _pictures_at(batch, side, row, self.input_size)
         encoded = {uri: jpeg for uri, jpeg in pictures.items() if isinstance(jpeg, EncodedJpeg)}
         if not encoded:
             return batch.drop_columns([f"_{side}_{name}" for side in SIDES for name in ("jpeg", "orientation")])
@@ -60,6 +62,17 @@ class DecodeJpegs:
         for uri in failures:
             del pictures[uri]
         return with_pictures(batch, pictures, failures, encoded=False)
+
+
+def _pictures_at(batch: pa.Table, side: str, row: int, input_size: int | tuple[int, int]) -> Pictures | EncodedJpeg:
+    """The pictures (or the encoded JPEG) of one side of one row, as FetchImages left them."""
+    size = tuple(batch.column(f"_{side}_size")[row].as_py())
+    jpeg = batch.column(f"_{side}_jpeg")[row]
+    if jpeg.is_valid:
+        return EncodedJpeg(jpeg.as_py(), batch.column(f"_{side}_orientation")[row].as_py(), size)
+    return Pictures(model_input=picture_at(batch, f"_{side}_pixels", row, model_hw(input_size)),
+                    display=picture_at(batch, f"_{side}_display", row, batch.column(f"_{side}_display_shape")[row].as_py()),
+                    size=size)
 
 
 def _has_boxes(batch: pa.Table) -> bool:
@@ -85,7 +98,8 @@ class ExplainPairs:
         self.attempt = attempt
         self.device_label = device_label(self.explainer.device)
         self.max_pairs = sys.maxsize  # pairs explained at once: lowered where the device runs out of memory
-        self.fitted_batches = 0  # batches explained since max_pairs was last lowered or raised
+        self.largest_batch = 0  # the most pairs a batch has asked to explain
+        self.fitted_batches = 0  # batches that filled the lowered max_pairs without running out since it changed
 
     @cached_property
     def decoder(self) -> DecodeJpegs:
@@ -113,35 +127,37 @@ class ExplainPairs:
         """The result columns of the `ok_rows`, explained at most `max_pairs` rows at a time: where
         the device runs out of memory, the piece is halved, and so are the batches that follow (a
         batch_size too large for a GPU shared by several replicas costs speed, not the job). After
-        REGROW_AFTER batches that fit, the actor tries twice the size again: a replica beside it
-        may have held the memory only for a while."""
+        REGROW_AFTER batches that filled the smaller pieces, the actor tries twice the size again: a
+        replica beside it may have held the memory only for a while."""
+        self.largest_batch = max(self.largest_batch, len(ok_rows))
         columns: dict[str, list] = {}
-        start = 0
+        start, lowered = 0, False
         while start < len(ok_rows):
             piece = ok_rows[start:start + self.max_pairs]
             explained = self._explain_unless_out_of_memory(batch, piece)
             if explained is None:
-                self.max_pairs, self.fitted_batches = len(piece) // 2, 0
+                self.max_pairs, self.fitted_batches, lowered = len(piece) // 2, 0, True
                 torch.cuda.empty_cache()  # outside the handler: its traceback no longer holds the failed pass's tensors
-                log.warning("%s ran out of memory explaining %d pairs at once: now at most %d at a time",
-                            self.device_label, len(piece), self.max_pairs)
+                log.warning("%s ran out of memory explaining %d pairs at once: now at most %d at a time (twice that "
+                            "again after %d batches that fit)", self.device_label, len(piece), self.max_pairs, REGROW_AFTER)
                 continue
             for name, values in explained.items():
                 columns.setdefault(name, []).extend(values)
             start += len(piece)
-        self._regrow(batch.num_rows)
+        if not lowered and len(ok_rows) >= self.max_pairs:  # a smaller batch says nothing of the limit
+            self._fitted()
         return columns
 
-    def _regrow(self, batch_rows: int) -> None:
-        """Doubles a lowered `max_pairs` after REGROW_AFTER batches that fitted; no limit from a whole batch on."""
-        if self.max_pairs == sys.maxsize:
-            return
+    def _fitted(self) -> None:
+        """Counts a batch that filled pieces of a lowered `max_pairs`; doubles it after REGROW_AFTER of
+        them, and lifts it where twice is as large as the largest batch."""
         self.fitted_batches += 1
-        if self.fitted_batches >= REGROW_AFTER:
-            self.max_pairs = sys.maxsize if 2 * self.max_pairs >= batch_rows else 2 * self.max_pairs
-            self.fitted_batches = 0
-            log.info("%s tries %s pairs at once again", self.device_label,
-                     "whole batches" if self.max_pairs == sys.maxsize else self.max_pairs)
+        if self.fitted_batches < REGROW_AFTER:
+            return
+        self.max_pairs = sys.maxsize if 2 * self.max_pairs >= self.largest_batch else 2 * self.max_pairs
+        self.fitted_batches = 0
+        log.info("%s tries %s at once again", self.device_label,
+                 "whole batches" if self.max_pairs == sys.maxsize else f"{self.max_pairs} pairs")
 
     def _explain_unless_out_of_memory(self, batch: pa.Table, ok_rows: np.ndarray) -> dict[str, list] | None:
         """The result columns of the `ok_rows`, or None where the device ran out of memory (never for one pair)."""

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
-from pipeline.distributed.columns import PICTURE_COLUMNS, binary_column, picture_at
+from pipeline.distributed.columns import PICTURE_COLUMNS, binary_column
 from pipeline.io.images import EncodedJpeg, ImageDecodeError, Pictures, decode_pictures, torchvision_jpeg
 from pipeline.io.storage import StorageError, StorageOptions, StorageUnavailable, as_given, is_local, read_bytes, resolve_uri
 from pipeline.models.spec import model_hw
@@ -127,14 +127,3 @@ def _picture_columns(pictures: list[Pictures | EncodedJpeg], encoded: bool) -> p
         columns["jpeg"] = binary_column([p and p.data for p in jpegs])
         columns["orientation"] = pa.array([p and p.orientation for p in jpegs], pa.int8())
     return pa.table(columns)
-
-
-def pictures_at(batch: pa.Table, side: str, row: int, input_size: int | tuple[int, int]) -> Pictures | EncodedJpeg:
-    """The pictures (or the encoded JPEG) of one side of one row, as FetchImages left them."""
-    size = tuple(batch.column(f"_{side}_size")[row].as_py())
-    jpeg = batch.column(f"_{side}_jpeg")[row]
-    if jpeg.is_valid:
-        return EncodedJpeg(jpeg.as_py(), batch.column(f"_{side}_orientation")[row].as_py(), size)
-    return Pictures(model_input=picture_at(batch, f"_{side}_pixels", row, model_hw(input_size)),
-                    display=picture_at(batch, f"_{side}_display", row, batch.column(f"_{side}_display_shape")[row].as_py()),
-                    size=size)

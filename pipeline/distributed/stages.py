@@ -2,14 +2,15 @@
 
 Ray Data runs them (job.py), but none imports Ray, so each can be tested on its own:
 
-    FetchImages   CPU task     URIs -> decoded, resized uint8 pixels (or JPEG bytes), or a per-row error   fetch.py
-    ExplainPairs  actor        [JPEG bytes -> pixels,] pixels -> similarity, CIS, maps, localisation      explain.py
-    RenderResults CPU task     maps -> PNG overlays; drops the transient pixel columns                     render.py
+    FetchImages   CPU task     URIs -> decoded, resized uint8 pixels (or JPEG bytes), or a per-row error  fetch.py
+    ExplainPairs  actor        [JPEG bytes -> pixels (DecodeJpegs),] pixels -> similarity, CIS, maps      explain.py
+    RenderResults CPU task     maps -> PNG overlays; drops the transient pixel columns                    render.py
     StageChain    actor        several of them one after another in one process                           here
 
-Pixels travel between stages as raw uint8 bytes in binary columns (columns.py). A Ray worker
-process imports the module of each stage it runs: one that fetches never imports torchvision, one
-that renders or writes never imports torch (seconds of CPU per process at a cluster's start).
+Pixels travel between stages as raw uint8 bytes in binary columns (columns.py); Ray Data's write
+tasks name the result files with PartFiles (part_files.py). A Ray worker process imports the
+module of each stage it runs: one that fetches never imports torchvision, one that renders or
+writes never imports torch (seconds of CPU per process at a cluster's start).
 """
 
 from __future__ import annotations
