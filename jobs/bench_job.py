@@ -530,6 +530,7 @@ def projection_table(stages: StageCosts, measured: Round) -> str:
 
 def section(command: str, args: argparse.Namespace, audit: Audit, fresh: JobRun, rounds: list[Round],
             stages: StageCosts, config: JobConfig, explain_only: ExplainOnly) -> str:
+    timed = min(args.timed_pairs or audit.pairs, audit.pairs)
     return "\n".join([
         SECTION, "",
         f"Command: `{command}`  ",
@@ -545,10 +546,10 @@ def section(command: str, args: argparse.Namespace, audit: Audit, fresh: JobRun,
         "has run a job). Each round runs the decode-only process, the explain stage alone (ExplainPairs on the batches the job's "
         "fetch makes, fetched beforehand), then the job, then the job on the manifest's first half, on "
         "the same files"
-        + (f"; the in-process rows and the stage rows time the manifest's first {args.timed_pairs:,} pairs"
-           if args.timed_pairs else "")
+        + (f"; the in-process rows and the stage rows time the manifest's first {timed:,} pairs"
+           if timed < audit.pairs else "")
         + (f"; the explain-only row times the first {explain_only.pairs:,} pairs (it holds their pixels)"
-           if explain_only.pairs < (args.timed_pairs or audit.pairs) else "")
+           if explain_only.pairs < timed else "")
         + ". The whole job's pairs/s counts everything from run_audit's start (pre-flight check, "
         "Ray Data starting its workers and actors, commit); the steady state is the marginal rate: the second "
         "half's pairs over the full run's time less the half run's. Stage rows: the job's stage classes run in this process on the job's batches "

@@ -135,11 +135,12 @@ class ExplainPairs:
         while start < len(ok_rows):
             piece = ok_rows[start:start + self.max_pairs]
             explained = self._explain_unless_out_of_memory(batch, piece)
-            if explained is None:
+            if isinstance(explained, str):
                 self.max_pairs, self.fitted_batches, lowered = len(piece) // 2, 0, True
                 torch.cuda.empty_cache()  # outside the handler: its traceback no longer holds the failed pass's tensors
-                log.warning("%s ran out of memory explaining %d pairs at once: now at most %d at a time (twice that "
-                            "again after %d batches that fit)", self.device_label, len(piece), self.max_pairs, REGROW_AFTER)
+                log.warning("%s ran out of memory explaining %d pairs at once (%s): now at most %d at a time (twice "
+                            "that again after %d batches that fill them)", self.device_label, len(piece), explained,
+                            self.max_pairs, REGROW_AFTER)
                 continue
             for name, values in explained.items():
                 columns.setdefault(name, []).extend(values)
@@ -159,8 +160,9 @@ class ExplainPairs:
         log.info("%s tries %s at once again", self.device_label,
                  "whole batches" if self.max_pairs == sys.maxsize else f"{self.max_pairs} pairs")
 
-    def _explain_unless_out_of_memory(self, batch: pa.Table, ok_rows: np.ndarray) -> dict[str, list] | None:
-        """The result columns of the `ok_rows`, or None where the device ran out of memory (never for one pair)."""
+    def _explain_unless_out_of_memory(self, batch: pa.Table, ok_rows: np.ndarray) -> dict[str, list] | str:
+        """The result columns of the `ok_rows`, or the first line of what the device said where it ran
+        out of memory (never for one pair: that error is raised)."""
         try:
             return self._explain(batch, ok_rows)
         except RuntimeError as error:  # torch.cuda.OutOfMemoryError is one
@@ -168,7 +170,7 @@ class ExplainPairs:
                 message in str(error) for message in _OUT_OF_MEMORY_MESSAGES)
             if not out_of_memory or len(ok_rows) == 1:
                 raise
-            return None
+            return str(error).splitlines()[0]
 
     def _explain(self, batch: pa.Table, ok_rows: np.ndarray) -> dict[str, list]:
         slot_of_uri: dict[str, int] = {}

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -201,14 +202,15 @@ def test_a_jpeg_larger_than_its_pictures_is_decoded_in_the_fetch(tmp_path, rng) 
 @pytest.mark.parametrize("message", [
     "CUDA out of memory. Tried to allocate 2.00 GiB",  # torch's allocator: torch.cuda.OutOfMemoryError
     "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    "CUDA error: CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate(handle)`",
     "cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED",
-], ids=["allocator", "cublas", "cudnn"])
+], ids=["allocator", "cublas", "cublas-handle", "cudnn"])
 def test_a_batch_the_device_cannot_hold_is_explained_in_pieces(message, tmp_path, rng, caplog, monkeypatch) -> None:
     """Several replicas share a GPU, so a batch may not fit its memory: the actor halves it (and the
     batches after it) until it fits, with the same results, and tries twice the size again after
-    REGROW_AFTER batches that fit. The device is played here by an explainer that runs out of
-    memory above `limit` pairs, as torch's allocator, cuBLAS or cuDNN says it; the splitting,
-    merging and sizing are real."""
+    REGROW_AFTER batches that fill the smaller pieces. The device is played here by an explainer
+    that runs out of memory above `limit` pairs, as torch's allocator, cuBLAS or cuDNN says it;
+    the splitting, merging and sizing are real."""
     root, options = str(tmp_path), StorageOptions()
     write_weights(join_uri(root, "model.pt"), options)
     manifest, _ = write_audit(root, options, rng, queries=3, top_k=4)
@@ -243,8 +245,9 @@ def test_a_batch_the_device_cannot_hold_is_explained_in_pieces(message, tmp_path
     explain.explainer.explain_pairs = with_little_memory
     with caplog.at_level("WARNING", logger="sfam.audit"):
         pieces = explain(fetched)
-    assert "ran out of memory explaining 12 pairs at once: now at most 6" in caplog.text
-    assert "explaining 6 pairs at once: now at most 3 at a time (twice that again after 2 batches that fit)" in caplog.text
+    assert f"ran out of memory explaining 12 pairs at once ({message}): now at most 6" in caplog.text
+    assert "explaining 6 pairs at once (" in caplog.text
+    assert "now at most 3 at a time (twice that again after 2 batches that fill them)" in caplog.text
     assert explain.max_pairs == 3 and forwarded == [3, 3, 3, 3]
     assert pieces.column("status").to_pylist() == whole.column("status").to_pylist()
     for name in ("similarity", "residual_query", "residual_reference"):
@@ -255,9 +258,17 @@ def test_a_batch_the_device_cannot_hold_is_explained_in_pieces(message, tmp_path
                                    rtol=1e-3, atol=1e-4)
     assert pieces.column("query_peak_xy").to_pylist() == whole.column("query_peak_xy").to_pylist()
 
-    assert "ran out of memory" not in explain_batch(3)  # the next batch starts at the size that fitted
-    assert "tries 6 pairs at once again" in explain_batch(6)  # the second that fits: twice the size next time
-    assert "explaining 6 pairs at once: now at most 3" in explain_batch(3)  # still too large: halved again
+    assert "ran out of memory" not in explain_batch(3)  # the next batch starts at the size that fitted: 1 of 2
+    all_failed = fetched.set_column(fetched.schema.get_field_index("status"), "status",
+                                    pa.array(["error"] * fetched.num_rows))
+    for tail in (fetched.slice(0, 2), fetched.slice(0, 2), all_failed):  # fill no piece of 3: not counted
+        explain(tail)
+    assert (explain.max_pairs, explain.fitted_batches) == (3, 1)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sfam.audit"):
+        explain(fetched.slice(0, 4))  # the second that fills them: twice the size next time, not a whole batch of 4
+    assert explain.max_pairs == 6 and "tries 6 pairs at once again" in caplog.text  # the largest batch had 12
+    assert "explaining 6 pairs at once (" in explain_batch(3)  # still too large: halved again
     limit[0] = 100  # the replica beside it gave its memory back
     explain_batch(3)
     explain_batch(6)
