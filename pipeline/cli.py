@@ -385,10 +385,12 @@ def _stop(signum: int, frame: object) -> None:
 class _LostStopRedelivery:
     """sys.unraisablehook while stop_signals' block runs. A stop that _stop raised inside a finalizer
     (`__del__`, a weakref callback) is lost there: Python prints "Exception ignored" and goes on,
-    and the signals _stop ignores from then on would never stop the command. The signal is sent
-    to the main thread again, from another thread, once this hook and the finalizer have returned
-    (a real signal, which also wakes a sleep or a wait; one that lands in a finalizer again comes
-    back here), unless the block has ended by then."""
+    and the signals _stop ignores from then on would never stop the command. The same holds for
+    the SystemExit that Ray's driver handler raises for SIGTERM while ray.init runs, where it lands
+    in the at-fork hooks of the processes ray.init starts. The signal is sent to the main thread
+    again, from another thread, once this hook and the finalizer have returned (a real signal,
+    which also wakes a sleep or a wait; one that lands in a finalizer again comes back here),
+    unless the block has ended by then."""
 
     def __init__(self, hook: Callable[[Any], None]) -> None:
         self.hook = hook  # the one it replaces, for every other unraisable exception
@@ -396,10 +398,10 @@ class _LostStopRedelivery:
         self._active = True
 
     def __call__(self, unraisable: Any) -> None:
-        if not isinstance(unraisable.exc_value, KeyboardInterrupt) or threading.current_thread() is not threading.main_thread():
+        signum = _lost_stop(unraisable.exc_value)
+        if signum is None or threading.current_thread() is not threading.main_thread():
             self.hook(unraisable)
             return
-        signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
         threading.Thread(target=self._send_soon, args=(signum,), daemon=True).start()
         signal.signal(signum, _stop)  # last: until now the signal is ignored, so it cannot land in this hook
 
@@ -412,6 +414,15 @@ class _LostStopRedelivery:
     def close(self) -> None:
         with self._lock:
             self._active = False
+
+
+def _lost_stop(exception: BaseException | None) -> signal.Signals | None:
+    """The stop signal that raised this exception: _stop's or Ray's driver handler's (sys.exit(SIGTERM))."""
+    if isinstance(exception, KeyboardInterrupt):
+        return signal.SIGTERM if isinstance(exception, Terminated) else signal.SIGINT
+    if isinstance(exception, SystemExit) and exception.code == signal.SIGTERM:
+        return signal.SIGTERM
+    return None
 
 
 def _shut_down_ray() -> None:

@@ -82,5 +82,6 @@ def _init(**options: Any) -> None:
             handler(signal.SIGTERM, None)
         raise
     finally:
-        if in_main_thread:
+        # ignored: a stop handled while ray.init ran ignores the next ones until its clean-up is done
+        if in_main_thread and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
