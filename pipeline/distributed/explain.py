@@ -24,6 +24,7 @@ from pipeline.schema import BOX_COLUMNS, EXPLAINED_COLUMNS, SIDES, TOP_CHANNELS,
 
 log = logging.getLogger("sfam.audit")
 REGROW_AFTER = 32  # batches that fill a lowered size before the actor tries twice that size again
+REGROW_AFTER_AT_MOST = 1024  # the wait after regrown sizes that ran out again, each doubling it
 # what the libraries that allocate their own workspace or handles say in the RuntimeError they raise when the
 # device's memory is full, where torch's allocator raises torch.cuda.OutOfMemoryError: cuBLAS (CUBLAS_STATUS_ALLOC_FAILED;
 # CUBLAS_STATUS_NOT_INITIALIZED from cublasCreate), cuDNN 8 (CUDNN_STATUS_ALLOC_FAILED), cuDNN 9
@@ -100,6 +101,8 @@ class ExplainPairs:
         self.max_pairs = sys.maxsize  # pairs explained at once: lowered where the device runs out of memory
         self.largest_batch = 0  # the most pairs a batch has asked to explain
         self.fitted_batches = 0  # batches that filled the lowered max_pairs without running out since it changed
+        self.regrow_after = REGROW_AFTER  # fitted batches before the next regrow: doubled where a regrow ran out
+        self.regrown = False  # whether max_pairs was doubled and no batch has filled it yet
 
     @cached_property
     def decoder(self) -> DecodeJpegs:
@@ -128,7 +131,8 @@ class ExplainPairs:
         the device runs out of memory, the piece is halved, and so are the batches that follow (a
         batch_size too large for a GPU shared by several replicas costs speed, not the job). After
         REGROW_AFTER batches that filled the smaller pieces, the actor tries twice the size again: a
-        replica beside it may have held the memory only for a while."""
+        replica beside it may have held the memory only for a while. A regrown size that runs out
+        again doubles that wait (up to REGROW_AFTER_AT_MOST batches); one that fits resets it."""
         self.largest_batch = max(self.largest_batch, len(ok_rows))
         columns: dict[str, list] = {}
         start, lowered = 0, False
@@ -136,27 +140,33 @@ class ExplainPairs:
             piece = ok_rows[start:start + self.max_pairs]
             explained = self._explain_unless_out_of_memory(batch, piece)
             if isinstance(explained, str):
+                if self.regrown:
+                    self.regrow_after, self.regrown = min(2 * self.regrow_after, REGROW_AFTER_AT_MOST), False
                 self.max_pairs, self.fitted_batches, lowered = len(piece) // 2, 0, True
                 torch.cuda.empty_cache()  # outside the handler: its traceback no longer holds the failed pass's tensors
                 log.warning("%s ran out of memory explaining %d pairs at once (%s): now at most %d at a time (twice "
                             "that again after %d batches that fill them)", self.device_label, len(piece), explained,
-                            self.max_pairs, REGROW_AFTER)
+                            self.max_pairs, self.regrow_after)
                 continue
             for name, values in explained.items():
                 columns.setdefault(name, []).extend(values)
             start += len(piece)
-        if not lowered and len(ok_rows) >= self.max_pairs:  # a smaller batch says nothing of the limit
+        if not lowered and len(ok_rows) >= min(self.max_pairs, self.largest_batch):  # a smaller one says nothing
             self._fitted()
         return columns
 
     def _fitted(self) -> None:
-        """Counts a batch that filled pieces of a lowered `max_pairs`; doubles it after REGROW_AFTER of
+        """Counts a batch that filled its pieces; doubles a lowered `max_pairs` after `regrow_after` of
         them, and lifts it where twice is as large as the largest batch."""
+        if self.regrown:  # the regrown size fits
+            self.regrow_after, self.regrown = REGROW_AFTER, False
+        if self.max_pairs == sys.maxsize:
+            return
         self.fitted_batches += 1
-        if self.fitted_batches < REGROW_AFTER:
+        if self.fitted_batches < self.regrow_after:
             return
         self.max_pairs = sys.maxsize if 2 * self.max_pairs >= self.largest_batch else 2 * self.max_pairs
-        self.fitted_batches = 0
+        self.fitted_batches, self.regrown = 0, True
         log.info("%s tries %s at once again", self.device_label,
                  "whole batches" if self.max_pairs == sys.maxsize else f"{self.max_pairs} pairs")
 

@@ -267,20 +267,24 @@ def test_a_batch_the_device_cannot_hold_is_explained_in_pieces(message, tmp_path
     assert (explain.max_pairs, explain.fitted_batches) == (3, 1)
     # the second batch that fills them: twice the size next time, not a whole batch of 4 (the largest had 12)
     assert "tries 6 pairs at once again" in explain_batch(6, rows=4)
-    assert "explaining 6 pairs at once (" in explain_batch(3)  # still too large: halved again
+    # still too large: halved again, and the next try waits twice as long
+    assert "explaining 6 pairs at once (" in (log := explain_batch(3)) and "twice that again after 4 batches" in log
     limit[0] = 100  # the replica beside it gave its memory back
-    explain_batch(3)
-    explain_batch(6)
-    explain_batch(6)
+    for _ in range(3):
+        explain_batch(3)
+    assert "tries 6 pairs at once again" in explain_batch(6)
+    explain_batch(6)  # it fits: the wait is back to 2 batches
     assert "tries whole batches at once again" in explain_batch(sys.maxsize)  # 12 pairs: the largest batch
     forwarded.clear()
     explain_batch(sys.maxsize)
     assert forwarded == [12]
+    limit[0] = 3  # whole batches fitted before running out: not a regrow that failed, so the wait stays 2
+    assert "now at most 3 at a time (twice that again after 2 batches" in explain_batch(3)
 
     explain.explainer.explain_pairs = lambda *_: (_ for _ in ()).throw(RuntimeError("mat1 and mat2 shapes differ"))
     with pytest.raises(RuntimeError, match="mat1"):  # not a matter of memory: the batch fails at once
         explain(fetched)
-    assert explain.max_pairs == sys.maxsize
+    assert explain.max_pairs == 3  # unchanged
     explain.explainer.explain_pairs = lambda *_: (_ for _ in ()).throw(out_of_memory())
     with pytest.raises(RuntimeError, match=re.escape(message)):  # not even one pair fits: the batch fails, as before
         explain(fetched)
