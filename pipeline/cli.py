@@ -330,8 +330,8 @@ def _run(args: argparse.Namespace) -> int:
         terminated = isinstance(as_sent(stop), Terminated)
         lead = "terminated: SIGTERM stopped it; " if terminated else "interrupted: "
         line = f"{lead}an audit's attempt, once started, is recorded as failed; a committed run stays as it was"
+        _shut_down_ray()  # first: what Ray's processes print as they stop comes before the command's last line
         print(line if args.command in AUDIT_COMMANDS else lead.rstrip(": ;"), file=sys.stderr)
-        _shut_down_ray()
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except BrokenPipeError:
         if not _stdout_gone():

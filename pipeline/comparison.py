@@ -158,9 +158,9 @@ class Comparison:
         lines = [f"compared {run_a} (A) with {run_b} (B); pairs: "
                  + ", ".join(f"{value} {name}" for name, value in counts.items()),
                  *(f"warning: {warning}" for warning in warnings),
+                 f"false matches: {false_match_rule(self.threshold)}",
                  f"{'label':<11}{'pairs':>6}  {'similarity A -> B':<25}  {'pointing A -> B':<23}  "
-                 f"{'in box A -> B':<23}  {'map corr':>8}  false matches A -> B (new, vanished)",
-                 f"false matches: {false_match_rule(self.threshold)}"]
+                 f"{'in box A -> B':<23}  {'map corr':>8}  false matches A -> B (new, vanished)"]
         for row in self.summary.to_pylist():  # two spaces between columns, also when a value is wider than its column
             figures = "".join(f"{_arrow(row, name):<23}  " for name in ("pointing_hit_rate", "energy_in_box"))
             lines.append(

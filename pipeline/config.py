@@ -22,6 +22,7 @@ from pipeline.render.selection import FlagRules, RenderPolicy
 from pipeline.thresholds import FALSE_MATCH_SIMILARITY
 
 MAX_IMAGE_PIXELS = 50_000_000  # larger images fail their row (decompression bombs)
+ACTOR_MEMORY_AT_LEAST = 64 * 2**20  # bytes: a model replica needs more (torch alone takes hundreds of MiB)
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RUN_ID_RULE = "run_id may hold letters, digits, '.', '_' and '-' (at most 128), starting with a letter or digit"
 Model = TypeVar("Model", bound=BaseModel)
@@ -61,7 +62,7 @@ class JobConfig(BaseModel):
     rows_per_file: int = Field(256, ge=1, le=10_000_000)  # result rows per Parquet file, at least
     num_actors: int | None = Field(None, ge=1)  # None: the cluster's GPUs / gpus_per_actor at the start, else 2
     gpus_per_actor: float | None = Field(None, ge=0)
-    actor_memory: ByteSize | None = Field(None, gt=0)  # memory Ray reserves per replica ("6GiB"); None: none
+    actor_memory: ByteSize | None = None  # memory Ray reserves per replica ("6GiB"); None: none
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1)
     # pillow: JPEGs decoded in the fetch tasks; torchvision: in the explain actors, on their device
     # (nvJPEG on a GPU); auto: torchvision where the actors hold GPUs
@@ -78,6 +79,15 @@ class JobConfig(BaseModel):
     def _render_png_bool(cls, value: Any) -> Any:
         """The earlier boolean form: true renders all pairs, false none."""
         return {True: "all", False: "none"}.get(value, value) if isinstance(value, bool) else value
+
+    @field_validator("actor_memory")
+    @classmethod
+    def _actor_memory_with_a_unit(cls, value: ByteSize | None) -> ByteSize | None:
+        """`actor_memory: 6` is 6 bytes, surely meant as 6 GiB: less than a replica can need is refused."""
+        if value is not None and value < ACTOR_MEMORY_AT_LEAST:
+            raise ValueError(f"{int(value)} bytes is less than a model replica needs (a bare number is bytes): give a "
+                             f"size with its unit, e.g. 6GiB")
+        return value
 
     @field_validator("model", mode="before")
     @classmethod

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pipeline.errors import UserError
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.images import decode_pictures
-from pipeline.io.storage import StorageOptions, parent_uri, read_bytes, resolve_uri
+from pipeline.io.storage import StorageError, StorageOptions, parent_uri, read_bytes, resolve_uri
 from pipeline.io.stores import open_results_store
 from pipeline.models.spec import model_hw
 from pipeline.render.result_row import DISPLAY_SIDE, OVERLAY_COLUMNS, render_result_row
@@ -37,7 +37,11 @@ def render_pair_of_run(output: str, run_id: str, pair_id: str, options: StorageO
     displays, sizes = {}, {}
     for side in SIDES:
         uri = row[f"{side}_uri"]
-        data = read_bytes(resolve_uri(uri, manifest_dir), options)
+        try:
+            data = read_bytes(resolve_uri(uri, manifest_dir), options)
+        except StorageError as error:  # the run's table holds the maps, not the pictures
+            raise type(error)(error.uri, f"{error.reason} (sfam render reads the pair's images again, from where "
+                                         "the run read them)") from error
         pictures = decode_pictures(data, uri, max_pixels, model_size, DISPLAY_SIDE)
         displays[side], sizes[side] = pictures.display, pictures.size
     return render_result_row({name: row.get(name) for name in OVERLAY_COLUMNS}, displays, sizes)

@@ -39,6 +39,9 @@ def test_yaml_with_overrides(tmp_path) -> None:
     ("gates.false_match_similarity=.nan", "false_match_similarity: Input should be a finite number"),  # no gate at all
     ("gates.max_similarity_drop=.inf", "max_similarity_drop: Input should be a finite number"),
     ("render_flags.weak_match_similarity=.nan", "weak_match_similarity: Input should be a finite number"),
+    ("actor_memory=6", r"actor_memory: .*6 bytes is less than a model replica needs \(a bare number is bytes\): give a "
+                       r"size with its unit, e.g. 6GiB"),
+    ("actor_memory=-1GiB", "actor_memory"),
 ])
 def test_bad_overrides_are_errors(tmp_path, override: str, message: str) -> None:
     path = tmp_path / "cfg.yaml"

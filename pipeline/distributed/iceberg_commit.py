@@ -6,6 +6,7 @@ the driver commits the deletion of the run's old rows and the new files in one s
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -49,5 +50,7 @@ def overwrite_run(store: IcebergStore, layout: RunLayout) -> None:
     with _parquet_reader_v1():
         rows = ray.data.read_parquet(path, filesystem=fs).map_batches(
             _AsIcebergRows(staged.names, layout.run_id, layout.run_date), batch_format="pyarrow")
-    rows.write_iceberg(store.identifier, catalog_kwargs={"name": CATALOG_NAME, **store.properties},
-                       mode=SaveMode.OVERWRITE, overwrite_filter=col("run_id") == layout.run_id)
+    with warnings.catch_warnings():  # a run's first commit has no old rows to delete: pyiceberg warns of that
+        warnings.filterwarnings("ignore", message="Delete operation did not match any records")
+        rows.write_iceberg(store.identifier, catalog_kwargs={"name": CATALOG_NAME, **store.properties},
+                           mode=SaveMode.OVERWRITE, overwrite_filter=col("run_id") == layout.run_id)

@@ -462,8 +462,13 @@ class RunRecorder:
         return record
 
     def started(self) -> None:
-        """The attempt's first write: also proves the output location is writable."""
-        write_json(self.plan.layout.attempt_record, self.record("running"), self.config.storage_options)
+        """The attempt's first write (it also proves the output location is writable); the run's
+        record too where no attempt is committed, so that a first attempt killed before it could
+        record its end (SIGKILL, a lost node) leaves a run that says `running`, not no run at all."""
+        record, options, layout = self.record("running"), self.config.storage_options, self.plan.layout
+        write_json(layout.attempt_record, record, options)
+        if self.store.committed_attempt(self.config.run_id) is None:
+            write_json(layout.run_record, record, options)
 
     def failed(self, reason: str, summary: RunSummary | None = None) -> None:
         """The attempt's record says it failed; the run's record is the committed attempt's, if any."""

@@ -125,6 +125,7 @@ class ResultsStore:
         try:
             if self.committed_attempt(layout.run_id) == layout.attempt:  # a later attempt's commit cleans up itself
                 self._remove_other_attempts(layout)
+                remove_tree(layout.staged_results_dir, self.options)  # a copy of what the table holds now (Iceberg's)
         except StorageError as error:
             log.warning("run %s is committed; other attempts' files stay until its next attempt: %s",
                         layout.run_id, error)
@@ -177,7 +178,9 @@ class HiveParquetStore(ResultsStore):
         if not parts:
             if self._table_format(run_id) == "iceberg":  # read as Hive because no config named the catalog
                 raise StorageError(run_dir_uri(self.output, run_id), "the run's rows are in an Iceberg table (its "
-                                   "run.json says table.format: iceberg); pass the job's config with --config")
+                                   "run.json says table.format: iceberg), read here as a Hive table: give the job's "
+                                   "config, whose table section names that table, with --config (or add --set "
+                                   "table.format=iceberg to a config without one)")
             raise StorageError(pattern, f"no result files of attempt {attempt}, which {success_marker_uri(self.output, run_id)} names")
         fs, root = arrow_filesystem(self.root, self.options)
         with _damaged_files_named(pattern):

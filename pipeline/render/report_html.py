@@ -101,12 +101,10 @@ def _card(row: Row, href: str | None) -> str:
     label = _label(row)
     similarity, rank = _similarity(row), finite_number(row.get("rank"))
     energy_q, energy_r = finite_number(row.get("query_energy_in_box")), finite_number(row.get("reference_energy_in_box"))
-    details = {
-        "rank": _fmt(rank, ".0f"),
-        "score": _fmt(finite_number(row.get("score")), ".4g"),
-        "in box": f"q {_fmt(energy_q, '.0%')} · r {_fmt(energy_r, '.0%')}",
-        "pointing": f"q {_hit(row.get('query_pointing_hit'))} · r {_hit(row.get('reference_pointing_hit'))}",
-    }
+    details = {"rank": _fmt(rank, ".0f"), "score": _fmt(finite_number(row.get("score")), ".4g")}
+    if _has_boxes(row):
+        details["in box"] = f"q {_fmt(energy_q, '.0%')} · r {_fmt(energy_r, '.0%')}"
+        details["pointing"] = f"q {_hit(row.get('query_pointing_hit'))} · r {_hit(row.get('reference_pointing_hit'))}"
     badges = f'<span class="badge lab-{_label_key(label)}">{LABEL_NAMES[label]}</span>'
     if status == "error":
         badges += ' <span class="badge err">error</span>'
@@ -119,6 +117,11 @@ def _card(row: Row, href: str | None) -> str:
         f'<div class="sim"><b>{_fmt(similarity, ".3f")}</b> {badges}</div>'
         f'<dl>{"".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in details.items())}</dl>{error}</div></article>'
     )
+
+
+def _has_boxes(row: Row) -> bool:
+    """Whether the pair was localised in a box on either side (never in a run whose manifest has no boxes)."""
+    return any(row.get(f"{side}_energy_in_box") is not None for side in ("query", "reference"))
 
 
 def _cards(rows: Iterable[Row], png_href: Callable[[Row], str | None]) -> str:
@@ -225,9 +228,9 @@ def _gallery(rows: Sequence[Row], png_href: Callable[[Row], str | None]) -> str:
         '<label>sort <select id="sort"><option value="table:asc">table order</option>'
         '<option value="similarity:desc">similarity, high first</option>'
         '<option value="similarity:asc">similarity, low first</option><option value="rank:asc">rank</option>'
-        '<option value="energy:asc">energy in box, low first</option>'
-        '<option value="energy:desc">energy in box, high first</option>'
-        '<option value="pairId:asc">pair id</option></select></label>'
+        + ('<option value="energy:asc">energy in box, low first</option>'
+           '<option value="energy:desc">energy in box, high first</option>' if any(map(_has_boxes, shown)) else "")
+        + '<option value="pairId:asc">pair id</option></select></label>'
         '<label>label <select id="f-label"><option value="">all</option><option value="1">same</option>'
         '<option value="0">different</option><option value="none">unlabelled</option></select></label>'
         '<label>status <select id="f-status"><option value="">all</option><option value="ok">ok</option>'

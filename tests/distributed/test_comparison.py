@@ -284,6 +284,10 @@ def test_cli(runs: Runs, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compare", "run-a", "run-b", "--config", str(runs.config), "--threshold", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "compared run-a (A) with run-b (B)" in out and "false matches: label 0 and similarity at or above 0.5" in out
+    lines = out.splitlines()
+    header, wrote = (next(i for i, line in enumerate(lines) if line.startswith(start)) for start in ("label ", "wrote "))
+    assert lines[header + 1:wrote] and all(line.startswith(("different", "same", "unlabelled"))
+                                           for line in lines[header + 1:wrote])  # the table's rows, nothing between
     assert f"wrote {comparison_dir(runs.output, 'run-a', 'run-b')}/comparison.html" in out
     assert main(["compare", runs.output, "run-a", "run-b"]) == 0  # OUTPUT instead of --config
     capsys.readouterr()

@@ -54,6 +54,7 @@ def test_explain_actor_killed_mid_run(local_ray, tmp_path, rng) -> None:
     config = job_config(root, options, manifest, "killed", **HARDENING)
     seen: set[int] = set()
     killed: list[tuple[int, float]] = []
+    run_status: list[str] = []  # what the run's record said while its first attempt ran
 
     def kill_first_actor() -> None:
         deadline = time.time() + 300  # a loaded machine starts actors slowly
@@ -61,6 +62,8 @@ def test_explain_actor_killed_mid_run(local_ray, tmp_path, rng) -> None:
             pids = explain_actor_pids()
             seen.update(pids)
             if pids:
+                run_record = RunLayout(config.output, "killed", "unused", "unused").run_record
+                run_status.append(json.loads(read_bytes(run_record, options))["status"])
                 time.sleep(1.0)  # let it take some batches first
                 pid = min(pids)
                 os.kill(pid, signal.SIGKILL)
@@ -77,6 +80,7 @@ def test_explain_actor_killed_mid_run(local_ray, tmp_path, rng) -> None:
     killer.join(timeout=30)
     assert killed and killed[0][1] < finished, "the actor was not killed while the job ran"
     assert len(seen) >= 2, "no replacement actor started"
+    assert run_status == ["running"]  # a first attempt killed now, driver and all, leaves a run that says so
     table = HiveParquetStore(config.output, options).read(run_id="killed")
     pair_ids = table.column("pair_id").to_pylist()
     assert sorted(pair_ids) == sorted(r["pair_id"] for r in rows)  # every pair exactly once

@@ -18,7 +18,7 @@ from pipeline.distributed.job import run_audit
 from pipeline.errors import UserError
 from pipeline.io.iceberg_store import IcebergStore, TableConfig, catalog_properties
 from pipeline.io.results_store import HiveParquetStore
-from pipeline.io.storage import StorageError, StorageOptions, join_uri
+from pipeline.io.storage import StorageError, StorageOptions, exists, join_uri
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import read_json, write_json
 from pipeline.reporting import write_report
@@ -44,10 +44,12 @@ def test_iceberg_runs_reruns_and_a_reader_that_never_sees_a_mix(local_ray, s3_bu
     summary = run_audit(first)
     assert summary.results == "Iceberg table audits.results, run_id = nightly-1"  # not a Hive folder that is never made
     assert read_json(join_uri(first.output, "runs", "nightly-1", "_SUCCESS"), options)["results"] == summary.results
+    committed = read_json(join_uri(first.output, "runs", "nightly-1", "_SUCCESS"), options)["attempt"]
+    assert not exists(join_uri(first.output, "runs", "nightly-1", "attempts", committed, "results"), options)  # no 2nd copy
     run_audit(iceberg_config(root, options, manifest, "nightly-2", catalog_db))
     store = open_results_store(first.output, options, first.table)
     assert store.read(run_id="nightly-1").num_rows == len(rows) == store.read(run_id="nightly-2").num_rows
-    with pytest.raises(StorageError, match="in an Iceberg table .* pass the job's config with --config"):
+    with pytest.raises(StorageError, match="in an Iceberg table .* read here as a Hive table: give the job's config"):
         HiveParquetStore(first.output, options).read(run_id="nightly-1")  # `sfam compare OUTPUT ...` without --config
     # and the reverse: a run of the Hive era, read through a config that names the Iceberg table
     hive_era = {"run_id": "hive-era", "attempt": "a1", "status": "succeeded", "config": {"table": {"format": "hive"}}}

@@ -21,7 +21,7 @@ from pipeline.config import ConfigError, JobConfig
 from pipeline.distributed.job import decodes_jpegs_in_actors, preflight, run_audit
 from pipeline.errors import AuditFailed
 from pipeline.io.results_store import HiveParquetStore
-from pipeline.io.storage import StorageOptions, exists, glob, join_uri, read_bytes, remove_tree, write_bytes
+from pipeline.io.storage import StorageError, StorageOptions, exists, glob, join_uri, read_bytes, remove_tree, write_bytes
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import read_json
 from pipeline.layout import RunLayout
@@ -86,6 +86,12 @@ def test_local_folder_run_with_bad_rows(local_ray, tmp_path, rng) -> None:
     assert Image.open(io.BytesIO(png)).size[0] > 256 and png[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(PairNotFound, match="bad/missing"):
         render_pair_of_run(config.output, "local-1", "bad/missing", options)
+    reference = os.path.join(os.path.dirname(manifest), ok.filter(pc.equal(ok.column("pair_id"), left_out[0]))
+                             .column("reference_uri")[0].as_py())
+    os.rename(reference, reference + ".moved")
+    with pytest.raises(StorageError, match=r": not found \(sfam render reads the pair's images again"):
+        render_pair_of_run(config.output, "local-1", left_out[0], options)
+    os.rename(reference + ".moved", reference)
     for _ in range(3):  # the command exits 2, also right after reading the table (it aborted in Arrow's threads)
         done = subprocess.run([sys.executable, "-m", "pipeline.cli", "render", config.output, "--run-id", "local-1",
                                "--pair-id", "bad/missing", "-o", str(tmp_path / "x.png")], capture_output=True, text=True)

@@ -242,6 +242,16 @@ def test_the_heading_names_the_runs_metric_and_weighting() -> None:
     assert "metric dot" in heading and "weighting matched" in heading
 
 
+def test_pairs_without_boxes_show_no_box_figures() -> None:
+    """A manifest without boxes has no localisation: its cards and sort options do not offer them."""
+    box_less = [{k: v for k, v in row.items() if "box" not in k and "pointing" not in k} for row in ROWS]
+    for rows, boxed in ((ROWS, True), (box_less, False)):
+        markup = render_report(SUMMARY, rows, png_href=_href)
+        assert ("<dt>in box</dt>" in markup, "<dt>pointing</dt>" in markup, "energy in box, low first" in markup) == (boxed,) * 3
+    card = render_report(SUMMARY, [ROWS[2]], png_href=_href)  # neg-high: a pair of a boxed run whose boxes are null
+    assert "<dt>in box</dt>" not in card and "<dt>score</dt>" in card
+
+
 def test_empty_run() -> None:
     page = Page(render_report({}, [], png_href=_href))
     assert not page.cards["gallery"]
