@@ -330,8 +330,10 @@ def _run(args: argparse.Namespace) -> int:
         terminated = isinstance(as_sent(stop), Terminated)
         lead = "terminated: SIGTERM stopped it; " if terminated else "interrupted: "
         line = f"{lead}an audit's attempt, once started, is recorded as failed; a committed run stays as it was"
-        _shut_down_ray()  # first: what Ray's processes print as they stop comes before the command's last line
-        print(line if args.command in AUDIT_COMMANDS else lead.rstrip(": ;"), file=sys.stderr)
+        try:
+            _shut_down_ray()  # first: what Ray's processes print as they stop comes before the command's last line
+        finally:
+            print(line if args.command in AUDIT_COMMANDS else lead.rstrip(": ;"), file=sys.stderr)
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except BrokenPipeError:
         if not _stdout_gone():
@@ -402,6 +404,8 @@ class _LostStopRedelivery:
         if signum is None or threading.current_thread() is not threading.main_thread():
             self.hook(unraisable)
             return
+        signal.signal(signum, signal.SIG_IGN)  # _stop's already is; Ray's handler could raise again in this hook
+        _release_logging_lock_held_by_fork(unraisable)
         threading.Thread(target=self._send_soon, args=(signum,), daemon=True).start()
         signal.signal(signum, _stop)  # last: until now the signal is ignored, so it cannot land in this hook
 
@@ -414,6 +418,15 @@ class _LostStopRedelivery:
     def close(self) -> None:
         with self._lock:
             self._active = False
+
+
+def _release_logging_lock_held_by_fork(unraisable: Any) -> None:
+    """logging takes its module lock before a fork and releases it after, in an at-fork hook; a stop
+    raised as that hook began left the lock held, and every other thread that then took it (a new
+    logger, a level not looked up yet: Ray's threads among them) would wait for it for ever."""
+    lock = getattr(logging, "_lock", None)
+    if unraisable.object is getattr(logging, "_releaseLock", None) and lock is not None and lock._is_owned():
+        lock.release()
 
 
 def _lost_stop(exception: BaseException | None) -> signal.Signals | None:

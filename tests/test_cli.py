@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.cli import main, stop_signals
+from pipeline.cli import _release_logging_lock_held_by_fork, main, stop_signals
 from pipeline.errors import Terminated
 
 SFAM = [sys.executable, "-m", "pipeline.cli"]
@@ -167,6 +170,21 @@ def test_a_sigterm_that_rays_handler_raised_in_a_fork_hook_still_stops() -> None
         del finalised
         time.sleep(10)
     assert time.monotonic() - started < 5
+
+
+def test_a_stop_in_loggings_fork_hook_leaves_its_lock_free() -> None:
+    """Before a fork logging takes its module lock, and its at-fork hook releases it; a stop raised
+    as the hook began would leave it held, and other threads that log would wait for ever."""
+    logging._acquireLock()  # as logging does before a fork
+    _release_logging_lock_held_by_fork(SimpleNamespace(object=logging._releaseLock))
+    taken = threading.Thread(target=lambda: logging.getLogger("a logger made in another thread"), daemon=True)
+    taken.start()
+    taken.join(timeout=5)
+    assert not taken.is_alive()
+    logging._acquireLock()
+    _release_logging_lock_held_by_fork(SimpleNamespace(object=test_a_stop_in_loggings_fork_hook_leaves_its_lock_free))
+    assert logging._lock._is_owned()  # another function's exception: the lock is not this hook's to release
+    logging._releaseLock()
 
 
 def test_a_lost_stop_is_not_delivered_after_the_block() -> None:

@@ -102,7 +102,7 @@ class ExplainPairs:
         self.largest_batch = 0  # the most pairs a batch has asked to explain
         self.fitted_batches = 0  # batches that filled the lowered max_pairs without running out since it changed
         self.regrow_after = REGROW_AFTER  # fitted batches before the next regrow: doubled where a regrow ran out
-        self.regrown = False  # whether max_pairs was doubled and no batch has filled it yet
+        self.regrown_from: int | None = None  # max_pairs before a regrow, until a larger piece fits or runs out
 
     @cached_property
     def decoder(self) -> DecodeJpegs:
@@ -140,33 +140,32 @@ class ExplainPairs:
             piece = ok_rows[start:start + self.max_pairs]
             explained = self._explain_unless_out_of_memory(batch, piece)
             if isinstance(explained, str):
-                if self.regrown:
-                    self.regrow_after, self.regrown = min(2 * self.regrow_after, REGROW_AFTER_AT_MOST), False
+                if self.regrown_from is not None:  # the regrown size runs out again: wait longer before the next
+                    self.regrow_after, self.regrown_from = min(2 * self.regrow_after, REGROW_AFTER_AT_MOST), None
                 self.max_pairs, self.fitted_batches, lowered = len(piece) // 2, 0, True
                 torch.cuda.empty_cache()  # outside the handler: its traceback no longer holds the failed pass's tensors
                 log.warning("%s ran out of memory explaining %d pairs at once (%s): now at most %d at a time (twice "
                             "that again after %d batches that fill them)", self.device_label, len(piece), explained,
                             self.max_pairs, self.regrow_after)
                 continue
+            if self.regrown_from is not None and len(piece) > self.regrown_from:  # the regrown size fits
+                self.regrow_after, self.regrown_from = REGROW_AFTER, None
             for name, values in explained.items():
                 columns.setdefault(name, []).extend(values)
             start += len(piece)
-        if not lowered and len(ok_rows) >= min(self.max_pairs, self.largest_batch):  # a smaller one says nothing
+        if not lowered and len(ok_rows) >= self.max_pairs:  # a smaller batch says nothing of the limit
             self._fitted()
         return columns
 
     def _fitted(self) -> None:
-        """Counts a batch that filled its pieces; doubles a lowered `max_pairs` after `regrow_after` of
+        """Counts a batch that filled pieces of a lowered `max_pairs`; doubles it after `regrow_after` of
         them, and lifts it where twice is as large as the largest batch."""
-        if self.regrown:  # the regrown size fits
-            self.regrow_after, self.regrown = REGROW_AFTER, False
-        if self.max_pairs == sys.maxsize:
-            return
         self.fitted_batches += 1
         if self.fitted_batches < self.regrow_after:
             return
+        self.regrown_from = self.max_pairs
         self.max_pairs = sys.maxsize if 2 * self.max_pairs >= self.largest_batch else 2 * self.max_pairs
-        self.fitted_batches, self.regrown = 0, True
+        self.fitted_batches = 0
         log.info("%s tries %s at once again", self.device_label,
                  "whole batches" if self.max_pairs == sys.maxsize else f"{self.max_pairs} pairs")
 

@@ -469,16 +469,23 @@ class RunRecorder:
         write_json(layout.attempt_record, record, options)
         if self.store.committed_attempt(self.config.run_id) is None:
             write_json(layout.run_record, record, options)
+            self._keep_committed_record()  # an attempt that committed since the look above keeps the run's record
 
     def failed(self, reason: str, summary: RunSummary | None = None) -> None:
         """The attempt's record says it failed; the run's record is the committed attempt's, if any."""
         record = self.record("failed", summary, reason)
         options, layout = self.config.storage_options, self.plan.layout
         write_json(layout.attempt_record, record, options)
-        committed = self.store.committed_attempt(self.config.run_id)  # now: another attempt may have committed
-        if committed is None:  # nothing committed to keep: the run's record says it failed
+        if self.store.committed_attempt(self.config.run_id) is None:  # nothing committed: the run's record says it failed
             write_json(layout.run_record, record, options)
-        elif read_json(layout.run_record, options).get("attempt") != committed:  # a commit cut short replaced it
+        self._keep_committed_record()
+
+    def _keep_committed_record(self) -> None:
+        """Where an attempt is committed (now: another may have committed meanwhile), the run's record is
+        its record, also after a commit cut short or a record this attempt wrote just before it."""
+        options, layout = self.config.storage_options, self.plan.layout
+        committed = self.store.committed_attempt(self.config.run_id)
+        if committed is not None and read_json(layout.run_record, options).get("attempt") != committed:
             kept = replace(layout, attempt=committed).attempt_record  # the same record, written first
             write_json(layout.run_record, read_json(kept, options), options)
 

@@ -15,7 +15,8 @@ the new ones, so a reader sees the old run or the new one, never a mix. `_SUCCES
 written after that snapshot: an attempt killed between the two has replaced the run's rows
 in the current snapshot without committing. `read` therefore reads the attempt `_SUCCESS`
 names, from the newest snapshot that holds it; readers outside this project keep the rows
-whose `attempt` is the one `_SUCCESS` names (docs/cluster.md). New columns evolve the
+whose `attempt` is the one `_SUCCESS` names (docs/cluster.md). Once `_SUCCESS` is written,
+the attempt's staged files, a copy of what the table holds, are deleted. New columns evolve the
 table's schema. Iceberg has no half-precision floats: the maps are stored as list<float32>.
 """
 

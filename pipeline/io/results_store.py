@@ -75,7 +75,8 @@ class ResultsStore:
 
     def read_staged(self, layout: RunLayout, columns: list[str] | None = None) -> pa.Table:
         """The attempt's rows before they are committed."""
-        return self._staged(layout).to_table(columns=columns)
+        with _damaged_files_named(layout.staged_results_dir):  # a part file cut short where its writer was killed
+            return self._staged(layout).to_table(columns=columns)
 
     def staged_schema(self, layout: RunLayout) -> pa.Schema:
         """The schema of the attempt's staged rows (read from the files' footers only)."""
@@ -84,7 +85,8 @@ class ResultsStore:
     def _staged(self, layout: RunLayout) -> pds.Dataset:
         fs, path = self.staging(layout)
         try:
-            return pds.dataset(path.rstrip("/"), filesystem=fs, format="parquet")
+            with _damaged_files_named(layout.staged_results_dir):
+                return pds.dataset(path.rstrip("/"), filesystem=fs, format="parquet")
         except FileNotFoundError as error:  # the job wrote them: a later attempt's commit deleted them since
             raise StorageError(layout.staged_results_dir, "the attempt's staged rows are gone: another attempt of the "
                                "run_id committed while this one ran; nothing of this attempt was committed") from error

@@ -256,15 +256,18 @@ def _errors(errors: Sequence[Row]) -> str:
     return f'{note}<table class="errors">{head}{body}</table>'
 
 
+UNCOMMITTED = ("failed", "running")  # run statuses whose report shows its attempt's own rows
+
+
 def _render_hint(summary: Mapping[str, Any], ok: Sequence[Row]) -> str:
     """How to draw the overlays the run's render policy left out."""
     missing = sum(1 for row in ok if not row.get("png_uri"))
     if not missing:
         return ""
     policy = escaped(summary.get("config", {}).get("render_png", "?"))
-    if summary.get("status") == "failed":  # its rows are not in the table, which sfam render reads
+    if summary.get("status") in UNCOMMITTED:  # its rows are not in the table, which sfam render reads
         return (f'<p class="note">{missing:,} pair(s) have no overlay (render_png: {policy}); sfam render draws '
-                'pairs of a committed run, so draw them once a re-run of this run_id has succeeded.</p>')
+                'pairs of a committed run, so draw them once an attempt of this run_id has succeeded.</p>')
     config = summary.get("config", {})
     # an Iceberg table or an S3 endpoint is named by the job's config, not by the output root
     needs_config = (config.get("table") or {}).get("format") == "iceberg" or bool(
@@ -282,6 +285,9 @@ def _warnings(summary: Mapping[str, Any]) -> str:
     if summary.get("status") == "failed":
         warnings.insert(0, f"This run failed and committed nothing ({summary.get('reason') or 'no reason recorded'}): "
                            "the rows below are its attempt's, outside the result table.")
+    if summary.get("status") == "running":
+        warnings.insert(0, "This run has committed nothing: its attempt is running, or was stopped without a chance to "
+                           "record its end (killed). The rows below are those it had written, outside the result table.")
     if summary.get("status") == "gates_failed":
         broken = [g.get("name", "?") for g in summary.get("gates") or [] if not g.get("passed", True)]
         warnings.insert(0, f"This run broke its quality gate(s) {', '.join(broken) or '(not recorded)'}: its rows are "

@@ -41,3 +41,27 @@ def test_the_probe_reaches_an_ipv6_address_in_brackets() -> None:
         _probe(f"[::1]:{port}")  # listening: no error
     with pytest.raises(ClusterUnavailable, match=r"\[::1\]"):
         _probe(f"[::1]:{port}")  # closed now
+
+
+def test_a_sigterm_while_ray_starts_is_this_processs_stop(monkeypatch) -> None:
+    """ray.init installs a SIGTERM handler of its own (sys.exit(15)) while it starts Ray: a SIGTERM
+    then is raised as the command's stop, and the stop signals stay ignored for its clean-up."""
+    import signal
+    import time
+
+    import ray
+
+    from pipeline.cli import stop_signals
+    from pipeline.distributed.cluster import _init
+    from pipeline.errors import Terminated
+
+    def like_ray_init(**options: object) -> None:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal arrives here
+
+    monkeypatch.setattr(ray, "init", like_ray_init)
+    with stop_signals():
+        with pytest.raises(Terminated):
+            _init(address="local")
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # not _stop again: a second SIGTERM waits

@@ -55,14 +55,14 @@ def test_explain_actor_killed_mid_run(local_ray, tmp_path, rng) -> None:
     seen: set[int] = set()
     killed: list[tuple[int, float]] = []
     run_status: list[str] = []  # what the run's record said while its first attempt ran
+    run_record = RunLayout(config.output, "killed", "unused", "unused").run_record
 
     def kill_first_actor() -> None:
         deadline = time.time() + 300  # a loaded machine starts actors slowly
         while time.time() < deadline and not killed:
-            pids = explain_actor_pids()
+            pids = explain_actor_pids() if exists(run_record, options) else set()  # once the attempt has started
             seen.update(pids)
             if pids:
-                run_record = RunLayout(config.output, "killed", "unused", "unused").run_record
                 run_status.append(json.loads(read_bytes(run_record, options))["status"])
                 time.sleep(1.0)  # let it take some batches first
                 pid = min(pids)

@@ -69,6 +69,17 @@ def stage(output: Path, attempt: str, pair_ids: list[str]) -> RunLayout:
     return layout
 
 
+def test_a_staged_file_cut_short_by_a_kill_is_named_not_a_traceback(tmp_path: Path) -> None:
+    """A killed attempt's rows stay staged, the report of its run reads them, and one may be cut short."""
+    layout = stage(tmp_path, "a1", ["x", "y"])
+    (part,) = Path(layout.staged_results_dir).glob("*.parquet")
+    part.write_bytes(part.read_bytes()[:-20])
+    store = HiveParquetStore(str(tmp_path), OPTIONS)
+    for read in (store.staged_schema, store.read_staged):
+        with pytest.raises(StorageError, match=r"attempts/a1/results: a result file is damaged: .*Parquet"):
+            read(layout)
+
+
 def commit(store: HiveParquetStore, layout: RunLayout, previous: str | None) -> None:
     store.commit(layout, {"attempt": layout.attempt}, {"attempt": layout.attempt}, previous)
 

@@ -206,8 +206,17 @@ def test_a_failed_run_says_so_first() -> None:
     assert "This run failed" not in render_report({**SUMMARY, "status": "succeeded"}, ROWS, png_href=_href)
     # no overlay drawn: sfam render reads committed runs only, so the page does not offer its command
     undrawn = [{**row, "png_uri": None} for row in ROWS]
-    assert "--pair-id PAIR_ID" not in render_report({**SUMMARY, "status": "failed"}, undrawn, png_href=_href)
+    for uncommitted in ("failed", "running"):
+        assert "--pair-id PAIR_ID" not in render_report({**SUMMARY, "status": uncommitted}, undrawn, png_href=_href)
     assert "--pair-id PAIR_ID" in render_report({**SUMMARY, "status": "succeeded"}, undrawn, png_href=_href)
+
+
+def test_a_first_attempt_running_or_killed_says_so_first() -> None:
+    """A run's record says running from its first attempt's start: until it ends, or for good where it was killed."""
+    markup = render_report({**SUMMARY, "status": "running", "warnings": ["a residual"]}, ROWS, png_href=_href)
+    warnings = markup.split('<section id="warnings"', 1)[1].split("</section>", 1)[0]
+    assert warnings.index("This run has committed nothing: its attempt is running, or was stopped") < warnings.index(
+        "a residual")
 
 
 def test_a_run_that_broke_a_gate_says_so_first() -> None:
