@@ -465,26 +465,24 @@ class RunRecorder:
         """The attempt's first write (it also proves the output location is writable); the run's
         record too where no attempt is committed, so that a first attempt killed before it could
         record its end (SIGKILL, a lost node) leaves a run that says `running`, not no run at all."""
-        record, options, layout = self.record("running"), self.config.storage_options, self.plan.layout
-        write_json(layout.attempt_record, record, options)
-        if self.store.committed_attempt(self.config.run_id) is None:
-            write_json(layout.run_record, record, options)
-            self._keep_committed_record()  # an attempt that committed since the look above keeps the run's record
+        record = self.record("running")
+        write_json(self.plan.layout.attempt_record, record, self.config.storage_options)
+        self._record_run_unless_committed(record)
 
     def failed(self, reason: str, summary: RunSummary | None = None) -> None:
         """The attempt's record says it failed; the run's record is the committed attempt's, if any."""
         record = self.record("failed", summary, reason)
-        options, layout = self.config.storage_options, self.plan.layout
-        write_json(layout.attempt_record, record, options)
-        if self.store.committed_attempt(self.config.run_id) is None:  # nothing committed: the run's record says it failed
-            write_json(layout.run_record, record, options)
-        self._keep_committed_record()
+        write_json(self.plan.layout.attempt_record, record, self.config.storage_options)
+        self._record_run_unless_committed(record)
 
-    def _keep_committed_record(self) -> None:
-        """Where an attempt is committed (now: another may have committed meanwhile), the run's record is
-        its record, also after a commit cut short or a record this attempt wrote just before it."""
+    def _record_run_unless_committed(self, record: dict) -> None:
+        """The run's record is this attempt's `record` where no attempt is committed, else the committed
+        attempt's: also after a commit cut short, or one made just after this attempt looked."""
         options, layout = self.config.storage_options, self.plan.layout
         committed = self.store.committed_attempt(self.config.run_id)
+        if committed is None:
+            write_json(layout.run_record, record, options)
+            committed = self.store.committed_attempt(self.config.run_id)  # another may have committed meanwhile
         if committed is not None and read_json(layout.run_record, options).get("attempt") != committed:
             kept = replace(layout, attempt=committed).attempt_record  # the same record, written first
             write_json(layout.run_record, read_json(kept, options), options)

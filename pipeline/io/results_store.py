@@ -75,8 +75,9 @@ class ResultsStore:
 
     def read_staged(self, layout: RunLayout, columns: list[str] | None = None) -> pa.Table:
         """The attempt's rows before they are committed."""
+        staged = self._staged(layout)
         with _damaged_files_named(layout.staged_results_dir):  # a part file cut short where its writer was killed
-            return self._staged(layout).to_table(columns=columns)
+            return staged.to_table(columns=columns)
 
     def staged_schema(self, layout: RunLayout) -> pa.Schema:
         """The schema of the attempt's staged rows (read from the files' footers only)."""
