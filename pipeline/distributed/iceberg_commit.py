@@ -7,14 +7,13 @@ the driver commits the deletion of the run's old rows and the new files in one s
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pyarrow as pa
 import ray
-from ray.data import DataContext, SaveMode
+from ray.data import SaveMode
 from ray.data.expressions import col
 
+from pipeline.distributed.parquet_reader import parquet_reader_v1
 from pipeline.io.iceberg_store import CATALOG_NAME, IcebergStore, iceberg_rows
 from pipeline.layout import RunLayout
 
@@ -29,25 +28,12 @@ class _AsIcebergRows:
         return iceberg_rows(batch.select(self.columns), self.run_id, self.run_date)
 
 
-@contextmanager
-def _parquet_reader_v1() -> Iterator[None]:
-    """Ray 2.60's V2 Parquet reader hands write_iceberg a schema with its internal
-    `__file_chunk_metadata` column (a null-typed list Iceberg refuses), whatever the blocks
-    hold; the V1 reader does not. Datasets keep the setting they were created with."""
-    context = DataContext.get_current()
-    before, context.use_datasource_v2 = context.use_datasource_v2, False
-    try:
-        yield
-    finally:
-        context.use_datasource_v2 = before
-
-
 def overwrite_run(store: IcebergStore, layout: RunLayout) -> None:
     """Replaces the rows of `layout.run_id` in the table by the attempt's staged rows, atomically."""
     staged = store.staged_schema(layout)
     store.create_table_for(iceberg_rows(staged.empty_table(), layout.run_id, layout.run_date).schema)
     fs, path = store.staging(layout)
-    with _parquet_reader_v1():
+    with parquet_reader_v1():
         rows = ray.data.read_parquet(path, filesystem=fs).map_batches(
             _AsIcebergRows(staged.names, layout.run_id, layout.run_date), batch_format="pyarrow")
     with warnings.catch_warnings():  # a run's first commit has no old rows to delete: pyiceberg warns of that

@@ -34,6 +34,7 @@ from pipeline.distributed.cluster import connect, started_here
 from pipeline.distributed.explain import ExplainPairs
 from pipeline.distributed.fetch import FetchImages
 from pipeline.distributed.iceberg_commit import overwrite_run
+from pipeline.distributed.parquet_reader import parquet_reader_v1
 from pipeline.distributed.part_files import PartFiles
 from pipeline.distributed.render import RenderResults
 from pipeline.distributed.stages import StageChain
@@ -242,21 +243,14 @@ def _check_some_images_exist(config: JobConfig, uris: tuple[str, ...]) -> None:
 
 def _read_manifest(manifest: ManifestInfo, filesystem: pyarrow.fs.FileSystem) -> ray.data.Dataset:
     """The rows of the manifest's files (ManifestInfo.files, validated: whatever their names end
-    with), read by Ray Data's V1 Parquet reader: the V2 reader starts 32 footer-reading actors for
-    every read, seconds of start-up on a small machine (measured in BENCHMARKS.md, "Where the job's
-    time goes"), where V1 reads the few footers of a manifest itself. V1 samples the files for their
-    size as the dataset is made; its progress bar is left out. The Hive folder columns are added
-    from each row's file as the validation typed them (ManifestInfo.folder_columns): Ray's own
-    folder parser reads `__HIVE_DEFAULT_PARTITION__` as a value and types columns differently."""
-    context = ray.data.DataContext.get_current()
-    saved = context.use_datasource_v2, context.enable_progress_bars
-    context.use_datasource_v2 = context.enable_progress_bars = False
+    with), read by Ray Data's V1 Parquet reader, which reads the few footers of a manifest itself.
+    The Hive folder columns are added from each row's file as the validation typed them
+    (ManifestInfo.folder_columns): Ray's own folder parser reads `__HIVE_DEFAULT_PARTITION__` as a
+    value and types columns differently."""
     in_folders = manifest.folder_columns.num_columns > 0
-    try:
+    with parquet_reader_v1():
         rows = ray.data.read_parquet(list(manifest.files), filesystem=filesystem, partitioning=None,
                                      file_extensions=None, include_paths=in_folders)
-    finally:
-        context.use_datasource_v2, context.enable_progress_bars = saved
     if not in_folders:
         return rows
     return rows.map_batches(with_folder_columns, fn_kwargs={"files": manifest.files, "folder_columns": manifest.folder_columns},
@@ -496,13 +490,12 @@ def run_audit(config: JobConfig) -> RunSummary:
     config = config.model_copy(update={"model": plan.model})  # the replicas load the weights that were checked
     layout = plan.layout
     recorder = RunRecorder(config, plan, store, started)
+    recording = False  # whether the attempt's first records are written
     try:
         recorder.started()
-    except StorageError as error:
-        raise StorageError(config.output, f"output location is not writable: {error.reason}") from error
-    log.info("attempt %s of run %s (committed attempt: %s)", layout.attempt, config.run_id, plan.previous_attempt)
-    checked = time.time()
-    try:
+        recording = True
+        log.info("attempt %s of run %s (committed attempt: %s)", layout.attempt, config.run_id, plan.previous_attempt)
+        checked = time.time()
         store.prepare()
         connect()
         gpus = _gpus_per_actor(config)
@@ -514,7 +507,9 @@ def run_audit(config: JobConfig) -> RunSummary:
         _finish(config, plan, store, recorder, summary, staged)
     except (AuditFailed, GatesFailed):  # recorded: the rows failed (kept to look at), or committed and broke a gate
         raise
-    except BaseException as error:  # interrupted too: the attempt must not stay "running"
+    except BaseException as error:  # interrupted too (also while it wrote its first records): not left "running"
+        if isinstance(error, StorageError) and not recording:
+            raise StorageError(config.output, f"output location is not writable: {error.reason}") from error
         if store.is_committed(config.run_id, layout.attempt):  # stopped in the clean-up after the commit: the run is this attempt's
             log.warning("attempt %s of run %s is committed; its clean-up of earlier attempts was cut short, and the "
                         "run's next attempt finishes it", layout.attempt, config.run_id)

@@ -22,7 +22,7 @@ from pipeline.distributed.job import _pipeline_error, run_audit
 from pipeline.errors import Terminated, UserError, as_sent
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.results_store import HiveParquetStore
-from pipeline.io.storage import StorageOptions, StorageUnavailable, exists, join_uri, read_bytes
+from pipeline.io.storage import StorageError, StorageOptions, StorageUnavailable, exists, join_uri, read_bytes
 from pipeline.layout import RunLayout
 from pipeline.reporting import write_report
 
@@ -228,6 +228,50 @@ def test_a_stop_in_the_clean_up_after_the_commit_keeps_the_committed_attempt(loc
     table = HiveParquetStore(config.output, options).read(run_id="stopped-late")
     assert set(table.column("attempt").to_pylist()) == {committed} and table.num_rows == len(rows)
     assert all(exists(uri, options) for uri in table.column("png_uri").to_pylist())
+
+
+def test_a_stop_while_the_attempt_writes_its_first_records_fails_it(tmp_path, rng, monkeypatch) -> None:
+    """Ctrl-C between the attempt's first record and the run's: both end "failed", not "running"."""
+    from pipeline.distributed.job import RunRecorder
+
+    root, options = str(tmp_path), StorageOptions()
+    write_weights(join_uri(root, "models", "model.pt"), options)
+    manifest, _ = write_audit(root, options, rng, queries=1, top_k=2)
+    config = job_config(root, options, manifest, "stopped-early", render_png="none")
+    record_run = RunRecorder._record_run_unless_committed
+    calls = []
+
+    def interrupted_once(recorder, record) -> None:
+        calls.append(record["status"])
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        record_run(recorder, record)
+
+    monkeypatch.setattr(RunRecorder, "_record_run_unless_committed", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(config)
+    assert calls == ["running", "failed"]
+    run_record = json.loads(read_bytes(RunLayout(config.output, "stopped-early", "unused", "unused").run_record, options))
+    attempt_record = RunLayout(config.output, "stopped-early", run_record["run_date"], run_record["attempt"]).attempt_record
+    assert run_record["status"] == "failed" and run_record["reason"] == "interrupted (Ctrl-C)"
+    assert json.loads(read_bytes(attempt_record, options)) == run_record
+
+
+def test_an_output_that_cannot_be_written_is_named_before_any_work(tmp_path, rng, monkeypatch) -> None:
+    from pipeline.distributed import job
+
+    root, options = str(tmp_path), StorageOptions()
+    write_weights(join_uri(root, "models", "model.pt"), options)
+    manifest, _ = write_audit(root, options, rng, queries=1, top_k=2)
+    config = job_config(root, options, manifest, "unwritable", render_png="none")
+
+    def refused(*_args) -> None:
+        raise StorageUnavailable(config.output, "permission denied")
+
+    monkeypatch.setattr(job, "write_json", refused)
+    monkeypatch.setattr(job, "connect", lambda: pytest.fail("no work starts"))
+    with pytest.raises(StorageError, match="output location is not writable: permission denied"):
+        run_audit(config)
 
 
 def test_an_interruption_is_never_taken_for_the_error_it_interrupted() -> None:
