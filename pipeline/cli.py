@@ -139,7 +139,7 @@ def explain_command(args: argparse.Namespace) -> int:
     print(f"{spec.metric} similarity: {explanation.similarity:.4f}")
     print("top channels by CIS (channel: query CIS, reference CIS):")
     for channel, query, reference in explanation.top_channels:
-        print(f"  {channel:5d}: {query:+.4f} {reference:+.4f}")
+        print(f"  {channel:5d}: {_score_text(query)} {_score_text(reference)}")
     print(f"residual: query {explanation.residual_query:+.4f}, reference {explanation.residual_reference:+.4f}")
     warning = residual_warning([explanation.similarity], [explanation.residual_query], [explanation.residual_reference],
                                spec.metric)
@@ -147,6 +147,11 @@ def explain_command(args: argparse.Namespace) -> int:
         _warn(warning)
     print(f"wrote {args.output}")
     return EXIT_OK
+
+
+def _score_text(value: float) -> str:
+    """+0.0930; a nonzero value that four decimals would show as 0.0000 (a random model's) as +1.23e-06."""
+    return f"{value:+.4f}" if abs(value) >= 5e-5 or value == 0 else f"{value:+.2e}"
 
 
 def audit_command(args: argparse.Namespace) -> int:

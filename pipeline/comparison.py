@@ -73,6 +73,7 @@ from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.results_store import ResultsStore
 from pipeline.io.storage import StorageOptions, join_uri, parent_uri, resolve_uri, write_bytes
 from pipeline.io.stores import open_results_store
+from pipeline.layout import comparison_dir
 from pipeline.render.comparison_html import (
     METRICS_DIFFER,
     OTHER_IMAGES,
@@ -159,8 +160,8 @@ class Comparison:
                  + ", ".join(f"{value} {name}" for name, value in counts.items()),
                  *(f"warning: {warning}" for warning in warnings),
                  f"false matches: {false_match_rule(self.threshold)}",
-                 f"{'label':<11}{'pairs':>6}  {'similarity A -> B':<25}  {'pointing A -> B':<23}  "
-                 f"{'in box A -> B':<23}  {'map corr':>8}  false matches A -> B (new, vanished)"]
+                 f"{'label':<11}{'pairs':>6}  {'similarity A -> B':<25}  {'pointing (q) A -> B':<23}  "
+                 f"{'in box (q, r) A -> B':<23}  {'map corr':>8}  false matches A -> B (new, vanished)"]
         for row in self.summary.to_pylist():  # two spaces between columns, also when a value is wider than its column
             figures = "".join(f"{_arrow(row, name):<23}  " for name in ("pointing_hit_rate", "energy_in_box"))
             lines.append(
@@ -384,10 +385,6 @@ def compare_runs(output: str, run_a: str, run_b: str, options: StorageOptions,
     pairs = pair_changes(*(_run_rows(store, record) for record in records), threshold)
     return Comparison(runs=(_run_info(records[0]), _run_info(records[1])), threshold=threshold, pairs=pairs,
                       summary=label_summary(pairs, (records[0], records[1]), threshold))
-
-
-def comparison_dir(output: str, run_a: str, run_b: str) -> str:
-    return join_uri(output, "comparisons", run_a, run_b)
 
 
 def _write_parquet(uri: str, table: pa.Table, options: StorageOptions) -> None:

@@ -100,7 +100,7 @@ class JobConfig(BaseModel):
         """A YAML file's `run_id: 20261126` is a number to YAML, whose own text is lost (007 is 7)."""
         if isinstance(value, int | float) and not isinstance(value, bool):
             raise ValueError(f"YAML reads the run_id as the number {value!r}: quote it as you wrote it, e.g. "
-                             f"run_id: '{value}' (unquoted, 007 reads as 7)")
+                             "run_id: '20261126' (unquoted, 007 reads as 7 and 0700 as the octal 448)")
         return value
 
     @field_validator("run_id")

@@ -6,6 +6,7 @@
     {output}/runs/ID/attempts/ATTEMPT/run.json                             every attempt's record
     {output}/runs/ID/attempts/ATTEMPT/results/part-*.parquet               rows while staged
     {output}/reports/ID.html (and ID_overlays/ for overlays copied beside it)  `sfam report`'s default
+    {output}/comparisons/A/B/                                              `sfam compare A B`
 
 Each execution of a run_id is an attempt with its own id; `_SUCCESS` names the attempt
 whose rows are the run's rows (see pipeline/io/results_store.py for the commit).
@@ -121,6 +122,11 @@ def success_marker_uri(output: str, run_id: str) -> str:
 
 def default_report(output: str, run_id: str) -> str:
     return join_uri(output, "reports", f"{run_id}.html")
+
+
+def comparison_dir(output: str, run_a: str, run_b: str) -> str:
+    """`sfam compare`'s files of runs A and B (either may be a glob's `*`: run ids hold no glob characters)."""
+    return join_uri(output, "comparisons", run_a, run_b)
 
 
 def overlay_copies(report: str) -> str:

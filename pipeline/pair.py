@@ -40,10 +40,11 @@ def _matches_on_display(result: SFAMResult, pictures: list[Pictures]) -> list[tu
 
 def explain_pair(query_uri: str, reference_uri: str, spec: ModelSpec, options: StorageOptions,
                  max_image_pixels: int, output: str | None = None) -> PairExplanation:
-    """Explains (query, reference) with the spec's model; writes the overlay to `output` if given."""
-    explainer = build_explainer(spec, options)
+    """Explains (query, reference) with the spec's model; writes the overlay to `output` if given.
+    The images are read first: a wrong one is named before the model loads (seconds)."""
     pictures = [decode_pictures(read_bytes(uri, options), uri, max_image_pixels, spec.input_size, DISPLAY_SIDE)
                 for uri in (query_uri, reference_uri)]
+    explainer = build_explainer(spec, options)
     result = explainer.explain_pairs(np.stack([p.model_input for p in pictures]), [0], [1])  # (2, S, S, 3) in
     cis_query, cis_reference = result.cis_query[0].cpu(), result.cis_reference[0].cpu()
     top = result.top_channels(TOP_CHANNELS)[0].tolist()

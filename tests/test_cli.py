@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.cli import _release_logging_lock_held_by_fork, main, stop_signals
+from pipeline.cli import _release_logging_lock_held_by_fork, _score_text, main, stop_signals
 from pipeline.errors import Terminated
 
 SFAM = [sys.executable, "-m", "pipeline.cli"]
@@ -199,3 +199,9 @@ def test_a_lost_stop_is_not_delivered_after_the_block() -> None:
         finalised = SignalledWhileFinalised()
         del finalised
     time.sleep(0.5)  # past the redelivery's delay: nothing arrives
+
+
+def test_scores_too_small_for_four_decimals_are_not_shown_as_zero() -> None:
+    """A new user's random DINOv2 printed every top channel as +0.0000 +0.0000: no ranking to read."""
+    assert [_score_text(v) for v in (0.093, -0.00005, 0.0, 1.234e-6, -2e-9)] == [
+        "+0.0930", "-0.0001", "+0.0000", "+1.23e-06", "-2.00e-09"]

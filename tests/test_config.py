@@ -148,7 +148,11 @@ def test_a_run_id_that_looks_like_a_number(tmp_path) -> None:
     assert load_config(path, ["run_id=007"]).run_id == "007"  # YAML would read 7
     path.write_text(BASE + "run_id: 20261126\n")
     with pytest.raises(ConfigError, match=r"run_id: YAML reads the run_id as the number 20261126: quote it as you "
-                                          r"wrote it, e.g. run_id: '20261126' \(unquoted, 007 reads as 7\)"):
+                                          r"wrote it, e.g. run_id: '20261126' \(unquoted, 007 reads as 7"):
+        load_config(path)
+    path.write_text(BASE + "run_id: 0700\n")  # the example is not the number YAML made of it ('448')
+    with pytest.raises(ConfigError, match=r"as the number 448: quote it as you wrote it, e.g. run_id: '20261126' "
+                                          r"\(unquoted, 007 reads as 7 and 0700 as the octal 448\)"):
         load_config(path)
     path.write_text(BASE + "run_id: '007'\n")
     assert load_config(path).run_id == "007"

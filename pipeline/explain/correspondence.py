@@ -17,7 +17,8 @@ Everything is batched over pairs; shapes are in the comments. Torch only.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from pipeline.explain.metrics import unit
 
 SHARPNESS = 8  # g: matches below cos ~0.7 count little (0.7^8 ~ 0.06)
 TOP_MATCHES = 5  # correspondences kept per pair
@@ -31,7 +32,7 @@ def local_embeddings(maps: torch.Tensor, jacobian: torch.Tensor, scale: torch.Te
 
 def correspondence(e_x: torch.Tensor, e_y: torch.Tensor) -> torch.Tensor:
     """C[p, q] = cos(e^x(p), e^y(q)): (P, n, D), (P, m, D) -> (P, n, m); a zero embedding matches nothing."""
-    return F.normalize(e_x, dim=2, eps=1e-12) @ F.normalize(e_y, dim=2, eps=1e-12).transpose(1, 2)
+    return unit(e_x, dim=2) @ unit(e_y, dim=2).transpose(1, 2)
 
 
 def reciprocal(mass_x: torch.Tensor, matches: torch.Tensor, mass_y: torch.Tensor, sharpness: float) -> torch.Tensor:

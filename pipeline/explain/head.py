@@ -33,7 +33,7 @@ class AffineHead:
     def explains(self, features: torch.Tensor, embeddings: torch.Tensor, scale: torch.Tensor) -> bool:
         """Whether u == J GAP(A) / sigma + c for the model's A (N, K, h, w), u (N, D) and 1 / sigma (N,)."""
         predicted = self(features.double().mean(dim=(2, 3)), scale.to(features.device))
-        error = (predicted - embeddings.double()).norm(dim=1) / embeddings.double().norm(dim=1).clamp_min(1e-12)
+        error = (predicted - embeddings.double()).norm(dim=1) / embeddings.double().norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
         return bool(error.max() <= relative_tolerance(features.dtype))
 
     def to(self, device: torch.device) -> AffineHead:

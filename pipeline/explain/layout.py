@@ -81,13 +81,8 @@ def detect_layout(
     dims = tuple(shape[1:])
     if len(dims) == 3 and layout in ("auto", "nchw", "nhwc"):
         fits = {kind: _fits_grid(hw, image_size) for kind, hw in (("nchw", dims[1:]), ("nhwc", dims[:2]))}
-        if strict and layout != "auto" and not fits[layout]:  # a setting does not make another shape a grid
-            height, width = dims[1:] if layout == "nchw" else dims[:2]
-            raise ExplanationError(
-                f"feature_layout={layout!r} reads a {tuple(shape)} output as a {height}x{width} grid, which is not "
-                f"the {image_size[0]}x{image_size[1]} input seen at one stride: leave feature_layout to auto, or "
-                "name a target_layer that outputs such a grid"
-            )
+        if layout != "auto" and not fits[layout]:
+            _check_set_grid(layout, fits, tuple(shape), image_size, strict)
         kind = layout if layout != "auto" else next((k for k in ("nchw", "nhwc") if fits[k]), None)
         if kind is None:
             raise ExplanationError(
@@ -98,10 +93,30 @@ def detect_layout(
         return FeatureLayout(kind, height, width)
     if len(dims) == 2 and layout in ("auto", "tokens"):
         return _token_layout(dims[0], image_size, prefix_tokens, prefix_hint, tuple(shape))
+    if len(dims) == 2:
+        raise ExplanationError(f"feature_layout={layout!r} does not fit a {tuple(shape)} output, which is tokens "
+                               "(B, N, C): set feature_layout tokens, or auto")
+    if len(dims) == 3:
+        raise ExplanationError(f"feature_layout={layout!r} does not fit a {tuple(shape)} output, which is a map "
+                               "(B, C, h, w) or (B, h, w, C): set feature_layout nchw or nhwc, or auto")
     raise ExplanationError(
-        f"a {tuple(shape)} output is not a feature map of layout {layout!r}: expected (B, C, h, w), "
-        "(B, h, w, C) or tokens (B, N, C)"
+        f"a {tuple(shape)} output is not a feature map: expected (B, C, h, w), (B, h, w, C) or tokens (B, N, C)"
     )
+
+
+def _check_set_grid(layout: str, fits: dict[str, bool], shape: tuple[int, ...], image_size: tuple[int, int],
+                    strict: bool) -> None:
+    """A set 4-D layout whose grid is not the image at one stride: refused where the other layout's is
+    (the setting is wrong), where the grid is larger than the image, or when `strict`. Kept otherwise:
+    a named layer may have a grid that no stride gives (unpadded convolutions)."""
+    other = "nhwc" if layout == "nchw" else "nchw"
+    height, width = shape[2:] if layout == "nchw" else shape[1:3]
+    if not (strict or fits[other] or height > image_size[0] or width > image_size[1]):
+        return
+    advice = (f"the output is a grid of the image read as {other}: set feature_layout {other}, or auto" if fits[other]
+              else "leave feature_layout to auto, or name a target_layer that outputs such a grid")
+    raise ExplanationError(f"feature_layout={layout!r} reads a {shape} output as a {height}x{width} grid, which is "
+                           f"not the {image_size[0]}x{image_size[1]} input seen at one stride: {advice}")
 
 
 def _fits_grid(grid: tuple[int, ...], image_size: tuple[int, int]) -> bool:

@@ -25,7 +25,7 @@ def check_metric(metric: str) -> Metric:
 def similarity(metric: Metric, u_x: torch.Tensor, u_y: torch.Tensor) -> torch.Tensor:
     """s(x, y) for each row: (P, D), (P, D) -> (P,)."""
     if metric == "cosine":
-        return F.cosine_similarity(u_x, u_y, dim=1, eps=1e-12)
+        return (unit(u_x) * unit(u_y)).sum(dim=1)
     if metric == "dot":
         return (u_x * u_y).sum(dim=1)
     return -0.5 * (u_x - u_y).pow(2).sum(dim=1)
@@ -34,7 +34,7 @@ def similarity(metric: Metric, u_x: torch.Tensor, u_y: torch.Tensor) -> torch.Te
 def partner_vector(metric: Metric, u_x: torch.Tensor, u_y: torch.Tensor) -> torch.Tensor:
     """v^{x|y}, the vector whose dot product with u^x is the linear part of s(x, y)."""
     if metric == "cosine":
-        return F.normalize(u_y, dim=1, eps=1e-12) / u_x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return unit(u_y) / u_x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(u_x.dtype).tiny)
     if metric == "dot":
         return u_y
     return u_y - 0.5 * u_x
@@ -45,3 +45,10 @@ def offset(metric: Metric, u_y: torch.Tensor) -> torch.Tensor:
     if metric == "euclidean":
         return -0.5 * u_y.pow(2).sum(dim=1)
     return u_y.new_zeros(u_y.shape[0])
+
+
+def unit(u: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """u over its norm along `dim`; zero vectors stay zero. No absolute floor on the norm (such as
+    cosine_similarity's eps), which would scale down the cosine of embeddings whose norm is below it
+    (untrained weights reach 1e-12)."""
+    return F.normalize(u, dim=dim, eps=torch.finfo(u.dtype).tiny)

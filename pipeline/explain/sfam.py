@@ -29,6 +29,7 @@ Target layers may output maps, channels-last maps or tokens (layout.py).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from pipeline.explain.targets import default_target_layer, influences, suggest_e
 Weighting = Literal["cis", "partner", "matched"]
 WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 Replace = Callable[[torch.Tensor], torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 def _start_graph(output: torch.Tensor) -> torch.Tensor:
@@ -190,6 +192,7 @@ class SFAM:
         self._layout: FeatureLayout | None = None
         self._head: AffineHead | None = None
         self._head_measured = not fast_path  # a head never measured stays None: generic path
+        self._told_cost_of_matching = False
 
     @property
     def is_affine(self) -> bool | None:
@@ -418,6 +421,11 @@ class SFAM:
         """e(p) = h*w * sum_k A_kp du/dA_kp of each image, (N, h*w, D) float32: J A(:, p) when the head
         pools first. Differentiates twice: g(s) = (du/dA)^T s is linear in s, so the gradient of
         g . T with respect to s is (du/dA) T, one pass per location p with T = A masked to p."""
+        if not self._told_cost_of_matching:
+            log.warning("weighting='matched' on a head that does not pool first (the generic path) takes one more pass "
+                        "through the head per grid location, %d per image: up to that many times the time of "
+                        "weighting='cis' (docs/method.md, Shared evidence)", self._layout.grid)
+            self._told_cost_of_matching = True
         maps = forward.maps.detach()  # (N, K, h, w)
         seed = torch.zeros_like(forward.embeddings, requires_grad=True)  # (N, D)
         transposed = self._gradient(forward.embeddings, forward.output, seed, create_graph=True)

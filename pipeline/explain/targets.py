@@ -107,7 +107,7 @@ def influences(
         return layout.from_maps(maps + noise * maps.float().std().clamp_min(1e-3).to(maps.dtype), output)
 
     plain, perturbed = embed(None).double(), embed(perturb).double()
-    return bool((perturbed - plain).norm() > INFLUENCE_TOLERANCE * plain.norm().clamp_min(1e-12))
+    return bool((perturbed - plain).norm() > INFLUENCE_TOLERANCE * plain.norm().clamp_min(torch.finfo(torch.float64).tiny))
 
 
 def default_target_layer(

@@ -17,7 +17,8 @@ How a Hive re-run is committed, and what readers see:
    view of docs/cluster.md) switches from the old rows to the new ones at this write,
    and never sees a mix.
 4. The parts and overlays of the run_id's attempts that started before this one are deleted,
-   and so is the run's default report (reports/ID.html), which showed the replaced attempt.
+   and so are the run's default report (reports/ID.html) and its comparisons with other runs
+   (comparisons/ID/B/, comparisons/A/ID/), which showed the replaced attempt.
 
 An attempt interrupted before step 3 leaves the previous run as it was (its rows,
 overlays, run.json and _SUCCESS) plus its own leftovers, which the next attempt of the
@@ -42,9 +43,17 @@ import pyarrow.dataset as pds
 import pyarrow.fs as pafs
 
 from pipeline.errors import UserError
-from pipeline.io.storage import StorageError, StorageOptions, exists, filesystem, glob, join_uri, move, remove_tree
+from pipeline.io.storage import StorageError, StorageOptions, exists, filesystem, glob, join_uri, move, redact_uri, remove_tree
 from pipeline.io.tables import arrow_filesystem, read_json, write_json
-from pipeline.layout import RunLayout, overlay_copies, part_prefix, run_dir_uri, run_record_uri, success_marker_uri
+from pipeline.layout import (
+    RunLayout,
+    comparison_dir,
+    overlay_copies,
+    part_prefix,
+    run_dir_uri,
+    run_record_uri,
+    success_marker_uri,
+)
 from pipeline.schema import PARTITION_COLUMNS
 
 log = logging.getLogger("sfam.results")
@@ -144,9 +153,16 @@ class ResultsStore:
 
     def _remove_other_attempts(self, layout: RunLayout) -> None:
         """Deletes the staged rows and overlays of the run's attempts that started before this one
-        (attempt ids sort by start time), and the run's default report, which shows a replaced
-        attempt (`sfam report` writes the new one)."""
-        remove_tree(layout.report, self.options)
+        (attempt ids sort by start time), and what showed their rows: the run's default report and
+        its comparisons with other runs (`sfam report` and `sfam compare` write new ones)."""
+        comparisons = join_uri(self.output, "comparisons")
+        shown = [layout.report, *glob(comparison_dir(self.output, layout.run_id, "*"), self.options, under=comparisons),
+                 *glob(comparison_dir(self.output, "*", layout.run_id), self.options, under=comparisons)]
+        for uri in shown:
+            if exists(uri, self.options):
+                remove_tree(uri, self.options)
+                log.info("deleted %s: it showed the rows of an attempt that run %s no longer has", redact_uri(uri),
+                         layout.run_id)
         remove_tree(overlay_copies(layout.report), self.options)
         for folder in glob(join_uri(layout.png_root, "attempt=*"), self.options, under=layout.png_root):
             if folder.rstrip("/").rsplit("/", 1)[1].removeprefix("attempt=") < layout.attempt:

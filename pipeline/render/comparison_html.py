@@ -30,8 +30,8 @@ OTHER_IMAGES = ("No pair is ok in both runs on the same images: every pair id of
                 "B. Either the ids stand for other pairs in B (rank-shaped ids such as q1/3), or the image URIs are "
                 "relative to manifests in folders of their own, which makes the same image another URI: write "
                 "absolute image URIs to compare such runs.")
-_FIGURES = (("mean similarity", "mean_similarity"), ("pointing hit rate", "pointing_hit_rate"),
-            ("energy in box", "energy_in_box"))
+_FIGURES = (("mean similarity", "mean_similarity"), ("pointing hit rate (query)", "pointing_hit_rate"),
+            ("energy in box (mean of query and reference)", "energy_in_box"))
 _COUNTS = (("maps not<br>comparable", "maps_not_comparable"), ("false<br>matches A", "false_matches_a"),
            ("false<br>matches B", "false_matches_b"), ("new", "new_false_matches"), ("vanished", "vanished_false_matches"))
 

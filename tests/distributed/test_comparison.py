@@ -23,9 +23,10 @@ import torch
 import yaml
 
 from pipeline.cli import main
-from pipeline.comparison import FALSE_MATCH_COUNTS, compare_runs, comparison_dir, write_comparison
+from pipeline.comparison import FALSE_MATCH_COUNTS, compare_runs, write_comparison
 from pipeline.distributed.job import run_audit
 from pipeline.io.storage import StorageOptions, join_uri
+from pipeline.layout import comparison_dir
 from pipeline.render.comparison_html import OTHER_IMAGES, render_comparison
 from pipeline.reporting import write_report
 from pipeline.thresholds import MOVED_BELOW, recorded_false_match_similarity

@@ -250,6 +250,17 @@ def test_layout_settings_and_errors() -> None:
     # the default layer's search reads only grids of the image: ConvNeXt's pooled (2, 640, 1, 1) as 640 x 1 was one
     with pytest.raises(ExplanationError, match=r"feature_layout='nhwc' reads a \(2, 640, 1, 1\) output as a 640x1 grid"):
         detect_layout(torch.Size([2, 640, 1, 1]), (64, 64), "nhwc", strict=True)
+    # a setting that reads another layer's shape: a new user's swin_t `features.5` as 14 channels of a 14 x 384 grid
+    with pytest.raises(ExplanationError, match=r"as a 14x384 grid, .* read as nhwc: set feature_layout nhwc, or auto"):
+        detect_layout(torch.Size([1, 14, 14, 384]), (224, 224), "nchw")
+    with pytest.raises(ExplanationError, match=r"as a 512x7 grid, .* read as nchw: set feature_layout nchw, or auto"):
+        detect_layout(torch.Size([1, 512, 7, 7]), (224, 224), "nhwc")
+    with pytest.raises(ExplanationError, match=r"as a 14x300 grid, .*: leave feature_layout to auto"):
+        detect_layout(torch.Size([1, 9, 14, 300]), (224, 224), "nchw")  # wider than the image
+    with pytest.raises(ExplanationError, match=r"\(2, 197, 384\) output, which is tokens .*: set feature_layout tokens"):
+        detect_layout(torch.Size([2, 197, 384]), (224, 224), "nchw")
+    with pytest.raises(ExplanationError, match=r"which is a map .*: set feature_layout nchw or nhwc, or auto"):
+        detect_layout(torch.Size([2, 7, 7, 7]), (224, 224), "tokens")
     # a named layer whose grid no stride gives (Inception's unpadded convolutions: 35 x 35 of 299 px) is read as set
     assert detect_layout(torch.Size([2, 288, 35, 35]), (299, 299), "nchw") == FeatureLayout("nchw", 35, 35)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -90,6 +91,20 @@ def test_only_matched_has_correspondences_and_unknown_weightings_fail(seed: int)
     assert SFAM(case.model, case.target_layer).explain(x, y).correspondences is None
     with pytest.raises(ValueError, match="matched"):
         SFAM(case.model, case.target_layer, weighting="shared")
+
+
+@pytest.mark.parametrize(("name", "fast_path", "told"), [("affine", True, False), ("nonaffine", False, True)])
+def test_matched_warns_once_where_it_takes_a_pass_per_location(name: str, fast_path: bool, told: bool, seed: int,
+                                                               caplog) -> None:
+    """A new user's `sfam explain --weighting matched` of a ViT ran for minutes without a word."""
+    case = CASES[name]()
+    explainer = SFAM(case.model, case.target_layer, weighting="matched", fast_path=fast_path)
+    with caplog.at_level(logging.WARNING, logger="pipeline.explain.sfam"):
+        for _ in range(2):
+            explainer.explain(*random_pairs(1, 16))
+    grid = explainer.layout.grid
+    expected = [f"one more pass through the head per grid location, {grid} per image"] if told else []
+    assert [r.getMessage().split("first (the generic path) takes ")[-1].split(":")[0] for r in caplog.records] == expected
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

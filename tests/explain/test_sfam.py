@@ -181,17 +181,23 @@ def test_channel_permutation_equivariance(metric: str, seed: int) -> None:
     assert_close(moved.map_query, plain.map_query, rel=1e-4)
 
 
-def test_cosine_cis_invariant_to_embedding_scale(seed: int) -> None:
+@pytest.mark.parametrize("scale", [7.3, 2e-14])  # 2e-14: norms below 1e-12, as untrained weights give
+@pytest.mark.parametrize("weighting", ["cis", "matched"])
+def test_cosine_explanation_invariant_to_embedding_scale(scale: float, weighting: str, seed: int) -> None:
     model = resnet18_embedding()
     scaled = copy.deepcopy(model)
     with torch.no_grad():
-        scaled.fc.weight.mul_(7.3)
-        scaled.fc.bias.mul_(7.3)
+        scaled.fc.weight.mul_(scale)
+        scaled.fc.bias.mul_(scale)
     x, y = random_pairs(3, 64)
-    plain = SFAM(model, "layer4").explain(x, y)
-    big = SFAM(scaled, "layer4").explain(x, y)
-    assert_close(big.cis_query, plain.cis_query, rel=1e-5)
-    assert_close(big.map_reference, plain.map_reference, rel=1e-5)
+    plain = SFAM(model, "layer4", weighting=weighting).explain(x, y)
+    rescaled = SFAM(scaled, "layer4", weighting=weighting).explain(x, y)
+    assert_close(rescaled.similarity, plain.similarity, rel=1e-5)
+    assert_close(rescaled.cis_query, plain.cis_query, rel=1e-5)
+    evidence = scale if weighting == "matched" else 1.0  # the matched map is in units of the local embeddings
+    assert_close(rescaled.map_reference, plain.map_reference * evidence, rel=1e-5)
+    if weighting == "matched":
+        assert torch.equal(rescaled.correspondences[..., :4], plain.correspondences[..., :4])
 
 
 @pytest.mark.parametrize("name", ["resnet18", "nonaffine"])

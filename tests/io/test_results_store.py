@@ -127,3 +127,24 @@ def test_an_output_root_whose_name_is_a_glob_pattern(tmp_path: Path) -> None:
     assert sorted(store.read("r").column("pair_id").to_pylist()) == ["b", "c"]
     assert [p.name for p in (output / "results").rglob("*.parquet")] == [f"part-{LATER}-0.parquet"]
     assert not Path(RunLayout(str(output), "r", "2026-03-01", EARLIER).png_dir).exists()
+
+
+def test_a_rerun_deletes_what_showed_the_replaced_attempt(tmp_path: Path, caplog) -> None:
+    """The run's default report and its comparisons (as A and as B) showed rows that the re-run deleted;
+    other runs' comparisons stay. Each deletion is named in the log."""
+    store = HiveParquetStore(str(tmp_path), OPTIONS)
+    commit(store, stage(tmp_path, EARLIER, ["a"]), previous=None)
+    shown = [Path(RunLayout(str(tmp_path), "r", "unused", "unused").report),
+             tmp_path / "comparisons" / "r" / "later" / "summary.parquet",
+             tmp_path / "comparisons" / "earlier" / "r" / "summary.parquet"]
+    kept = [tmp_path / "comparisons" / "earlier" / "later" / "summary.parquet",
+            tmp_path / "comparisons" / "r2" / "r-2" / "summary.parquet"]  # ids that start or end like r's
+    for path in shown + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"old")
+    with caplog.at_level("INFO", logger="sfam.results"):
+        commit(store, stage(tmp_path, LATER, ["b"]), previous=EARLIER)
+    assert store.read("r").column("pair_id").to_pylist() == ["b"]
+    assert not any(path.exists() for path in shown) and all(path.exists() for path in kept)
+    deleted = sorted(r.getMessage().split(": it showed")[0].removeprefix("deleted ") for r in caplog.records)
+    assert deleted == sorted(str(path) if path.suffix == ".html" else str(path.parent) for path in shown)
