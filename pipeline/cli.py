@@ -51,6 +51,7 @@ from pipeline.gates import GatesFailed
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.storage import StorageOptions, redact_uri
 from pipeline.models.spec import LayoutName, Metric, ModelSpec, Weighting
+from pipeline.run_history import recorded_table
 
 RAY_DATA_STOP_SECONDS = 30  # the longest a stop waits for Ray Data's executor before shutting Ray down
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # the command stops, an audit's attempt is recorded as failed
@@ -190,8 +191,8 @@ class _Audit:
 FINISHED_RUN_SETTINGS = ("output", "storage_options", "table")  # what a command on a finished run reads of a config
 
 
-def _audit(args: argparse.Namespace) -> _Audit:
-    """From --config, or from OUTPUT and --endpoint-url (a Hive table)."""
+def _audit(args: argparse.Namespace, run_id: str) -> _Audit:
+    """From --config, or from OUTPUT and --endpoint-url, in the table that `run_id`'s record names."""
     _refuse_ignored(args)
     for override in args.overrides:  # the rest was fixed when the run ran: changing it would change nothing
         if parse_override(override)[0][0] not in FINISHED_RUN_SETTINGS:
@@ -202,13 +203,14 @@ def _audit(args: argparse.Namespace) -> _Audit:
         return _Audit(args.output_root or config.output, config.storage_options, config.table)
     if not args.output_root:
         raise ConfigError(f"sfam {args.command} needs the audit's OUTPUT root or --config")
-    return _Audit(args.output_root, StorageOptions(endpoint_url=args.endpoint_url), None)
+    options = StorageOptions(endpoint_url=args.endpoint_url)
+    return _Audit(args.output_root, options, recorded_table(args.output_root, run_id, options))
 
 
 def report_command(args: argparse.Namespace) -> int:
     from pipeline.reporting import write_report
 
-    audit = _audit(args)
+    audit = _audit(args, args.run_id)
     if args.out is not None:
         _check_output(args.out, "-o", "report.html")
     path = write_report(audit.output, args.run_id, audit.options, args.out, audit.table)
@@ -221,7 +223,7 @@ def compare_command(args: argparse.Namespace) -> int:
 
     if args.run_a == args.run_b:  # the library compares a run with itself (nothing moves); a user meant two runs
         raise UserError(f"compare: run {args.run_a!r} with itself; name an earlier and a later run")
-    audit = _audit(args)
+    audit = _audit(args, args.run_b)
     comparison = compare_runs(audit.output, args.run_a, args.run_b, audit.options, args.threshold, audit.table)
     written = write_comparison(comparison, audit.output, audit.options).values()  # before printing: `| head` may stop it
     print("\n".join([*comparison.lines(), *(f"wrote {path}" for path in written)]))
@@ -231,7 +233,7 @@ def compare_command(args: argparse.Namespace) -> int:
 def render_command(args: argparse.Namespace) -> int:
     from pipeline.overlays import render_pair_of_run
 
-    audit = _audit(args)
+    audit = _audit(args, args.run_id)
     _check_output(args.out, "-o", "pair.png", stdout=True)
     png = render_pair_of_run(audit.output, args.run_id, args.pair_id, audit.options, audit.table)
     if args.out == "-":

@@ -24,6 +24,16 @@ def read_run_record(output: str, run_id: str, options: StorageOptions) -> dict:
     return read_json(uri, options)
 
 
+def recorded_table(output: str, run_id: str, options: StorageOptions) -> TableConfig | None:
+    """The Iceberg table a run's record names (its config's `table`, which holds no secrets), so that
+    reading the run needs no config; None for the Hive table, or where the record cannot say."""
+    try:
+        config = read_json(run_record_uri(output, run_id), options).get("config") or {}
+        return TableConfig.model_validate(config["table"]) if recorded_table_format(config) == "iceberg" else None
+    except (StorageError, ValueError, KeyError, AttributeError):  # the readers name a missing or odd record
+        return None
+
+
 def first_started(record: dict) -> str:
     """When the run first ran: the start of its first committed attempt (a re-run of an old night
     keeps its place among the nights), else of this attempt; an ISO-8601 UTC string."""

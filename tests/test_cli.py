@@ -47,13 +47,17 @@ def test_explain_writes_a_readable_png(tmp_path: Path, rng) -> None:
     assert picture.std() > 20  # not blank
 
 
-def test_explain_reports_bad_input_clearly(tmp_path: Path) -> None:
+def test_explain_reports_bad_input_clearly(tmp_path: Path, rng) -> None:
     (tmp_path / "empty.png").write_bytes(b"")
-    done = subprocess.run([*SFAM, "explain", str(tmp_path / "empty.png"), str(tmp_path / "empty.png"),
-                           "--model", "resnet18", "--target-layer", "layer5", "-o", str(tmp_path / "x.png")],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2
-    assert "layer5" in done.stderr and "layer4" in done.stderr  # the unknown layer, and a close name
+    Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "picture.png")
+    # the images are read first: a wrong one is named before the model loads
+    for picture, expected in (("empty.png", "empty.png: empty file (0 bytes)"), ("picture.png", "'layer5'")):
+        done = subprocess.run([*SFAM, "explain", str(tmp_path / picture), str(tmp_path / picture), "--model", "resnet18",
+                               "--target-layer", "layer5", "-o", str(tmp_path / "x.png")],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert expected in done.stderr
+    assert "layer4" in done.stderr  # a close name to the unknown layer
 
 
 def test_explain_draws_the_matches_of_the_matched_map(tmp_path: Path, rng) -> None:

@@ -11,7 +11,7 @@ from pipeline.io.storage import StorageError, StorageOptions
 from pipeline.io.tables import write_json
 from pipeline.layout import run_record_uri, success_marker_uri
 from pipeline.overlays import render_pair_of_run
-from pipeline.run_history import baseline_run, previous_successful_run, read_run_record
+from pipeline.run_history import baseline_run, previous_successful_run, read_run_record, recorded_table
 
 OPTIONS = StorageOptions()
 
@@ -70,3 +70,13 @@ def test_a_missing_run_record_asks_about_the_run_id_and_the_output(tmp_path: Pat
         read_run_record(str(tmp_path), "nope", OPTIONS)
     with pytest.raises(StorageError, match="no run record: is run_id 'nope'"):
         render_pair_of_run(str(tmp_path), "nope", "p", OPTIONS)
+
+
+def test_the_table_a_run_record_names(tmp_path: Path) -> None:
+    """`sfam report OUTPUT` of an Iceberg run reads the table its record names, without --config."""
+    iceberg = {"format": "iceberg", "identifier": "audits.results", "catalog": {"type": "sql", "uri": "sqlite:///c.db"}}
+    record(tmp_path, "ice", "2026-11-23T02:00:00Z", table=iceberg)
+    record(tmp_path, "hive", "2026-11-23T02:00:00Z", table={"format": "hive"})
+    record(tmp_path, "old", "2026-11-23T02:00:00Z")  # a record from before the config had a table section
+    assert recorded_table(str(tmp_path), "ice", OPTIONS) == TableConfig.model_validate(iceberg)
+    assert [recorded_table(str(tmp_path), run_id, OPTIONS) for run_id in ("hive", "old", "missing")] == [None] * 3

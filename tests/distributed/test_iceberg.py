@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from pipeline.cli import main
 from pipeline.config import JobConfig
 from pipeline.distributed.job import run_audit
 from pipeline.errors import UserError
@@ -100,6 +101,10 @@ def test_iceberg_runs_reruns_and_a_reader_that_never_sees_a_mix(local_ray, s3_bu
     page = tmp_path / "report.html"
     write_report(first.output, "nightly-1", options, str(page), first.table)  # the report reads the Iceberg table
     assert page.read_text().count('class="card') >= len(rows)
+    without_config = tmp_path / "without-config.html"  # the run's record names its table
+    assert main(["report", first.output, "--run-id", "nightly-1", "--endpoint-url", options.endpoint_url,
+                 "-o", str(without_config)]) == 0
+    assert without_config.read_text().count('class="card') == page.read_text().count('class="card')
 
     # an attempt stopped after its snapshot, before its _SUCCESS: the run is still the committed attempt's,
     # read from the snapshot that holds it
