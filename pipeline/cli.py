@@ -317,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     # torch sets its loggers' levels at the end of its import: one cut short by Ctrl-C left them at INFO, and
     # torch's exit hooks wrote their statistics under the command's last line
     logging.getLogger("torch").setLevel(logging.WARNING)
+    logging.getLogger("aiobotocore.credentials").setLevel(logging.WARNING)  # "Found credentials in ...", per client
     with stop_signals():
         return _run(args)
 

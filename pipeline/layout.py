@@ -88,7 +88,7 @@ class RunLayout:
 
     @property
     def attempt_record(self) -> str:
-        return join_uri(self.attempt_dir, "run.json")
+        return attempt_record_uri(self.output, self.run_id, self.attempt)
 
     @property
     def staged_results_dir(self) -> str:
@@ -113,6 +113,11 @@ def run_dir_uri(output: str, run_id: str) -> str:
 def run_record_uri(output: str, run_id: str) -> str:
     """The run's record (run.json): its committed attempt's, or its latest failure's."""
     return join_uri(run_dir_uri(output, run_id), "run.json")
+
+
+def attempt_record_uri(output: str, run_id: str, attempt: str) -> str:
+    """An attempt's own record, which it writes as it starts and ends (run.json is the run's)."""
+    return join_uri(run_dir_uri(output, run_id), "attempts", attempt, "run.json")
 
 
 def success_marker_uri(output: str, run_id: str) -> str:

@@ -6,7 +6,7 @@ from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.results_store import ResultsStore, recorded_table_format
 from pipeline.io.storage import StorageError, StorageOptions, exists, glob
 from pipeline.io.tables import read_json
-from pipeline.layout import run_record_uri
+from pipeline.layout import attempt_record_uri, run_record_uri, success_marker_uri
 
 
 def _table_of(config: dict) -> tuple[str, str | None]:
@@ -17,11 +17,17 @@ def _table_of(config: dict) -> tuple[str, str | None]:
 
 def read_run_record(output: str, run_id: str, options: StorageOptions) -> dict:
     """The run's record (run.json); a StorageError that asks whether the run_id and the output are
-    right where there is none."""
+    right where there is none. Where `_SUCCESS` names another attempt than run.json (an attempt killed
+    between writing the two), the record of the attempt `_SUCCESS` names: that attempt is the run."""
     uri = run_record_uri(output, run_id)
     if not exists(uri, options):  # one quick look first: a wrong output or endpoint fails here, at once
         raise StorageError(uri, f"no run record: is run_id {run_id!r} under output {output}?")
-    return read_json(uri, options)
+    record = read_json(uri, options)
+    marker = success_marker_uri(output, run_id)
+    committed = read_json(marker, options).get("attempt") if exists(marker, options) else None
+    if committed is None or record.get("attempt") == committed:
+        return record
+    return read_json(attempt_record_uri(output, run_id, committed), options)
 
 
 def recorded_table(output: str, run_id: str, options: StorageOptions) -> TableConfig | None:

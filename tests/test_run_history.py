@@ -9,7 +9,7 @@ import pytest
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.storage import StorageError, StorageOptions
 from pipeline.io.tables import write_json
-from pipeline.layout import run_record_uri, success_marker_uri
+from pipeline.layout import attempt_record_uri, run_record_uri, success_marker_uri
 from pipeline.overlays import render_pair_of_run
 from pipeline.run_history import baseline_run, previous_successful_run, read_run_record, recorded_table
 
@@ -80,3 +80,15 @@ def test_the_table_a_run_record_names(tmp_path: Path) -> None:
     record(tmp_path, "old", "2026-11-23T02:00:00Z")  # a record from before the config had a table section
     assert recorded_table(str(tmp_path), "ice", OPTIONS) == TableConfig.model_validate(iceberg)
     assert [recorded_table(str(tmp_path), run_id, OPTIONS) for run_id in ("hive", "old", "missing")] == [None] * 3
+
+
+def test_the_run_record_is_the_committed_attempts(tmp_path: Path) -> None:
+    """A mistaken re-run killed between writing run.json and _SUCCESS (a new user's SIGKILL right after
+    an Iceberg snapshot): the report read that attempt's record beside the committed attempt's rows."""
+    record(tmp_path, "r", "2026-11-23T02:00:00Z")
+    committed = {"run_id": "r", "attempt": "r-a1", "status": "succeeded", "config": {"model": {"input_size": 64}}}
+    write_json(attempt_record_uri(str(tmp_path), "r", "r-a1"), committed, OPTIONS)
+    assert read_run_record(str(tmp_path), "r", OPTIONS)["attempt"] == "r-a1"
+    killed = {**committed, "attempt": "r-killed", "config": {"model": {"input_size": 40}}}
+    write_json(run_record_uri(str(tmp_path), "r"), killed, OPTIONS)
+    assert read_run_record(str(tmp_path), "r", OPTIONS) == committed

@@ -13,6 +13,7 @@ import datetime as dt
 import logging
 import math
 import platform
+import re
 import resource
 import sys
 import time
@@ -42,7 +43,7 @@ from pipeline.errors import AuditFailed, PipelineError, Terminated, UserError, a
 from pipeline.gates import Baseline, GateResult, GatesFailed, check_manifest_supports, evaluate, same_label_similarity
 from pipeline.io.images import torchvision_has_jpeg_decoder
 from pipeline.io.results_store import ResultsStore
-from pipeline.io.storage import StorageError, exists, parent_uri, redact_all, redact_uri, resolve_uri
+from pipeline.io.storage import StorageError, StorageUnavailable, exists, parent_uri, redact_all, redact_uri, resolve_uri
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import arrow_filesystem, read_json, write_json
 from pipeline.layout import RunLayout, new_attempt_id
@@ -237,8 +238,10 @@ def _check_some_images_exist(config: JobConfig, uris: tuple[str, ...]) -> None:
     after the whole run. One missing image among others fails only its rows."""
     locations = [resolve_uri(uri, _manifest_dir(config)) for uri in uris]
     if not any(exists(location, config.storage_options) for location in locations):
-        raise ManifestError(f"none of the manifest's first {len(uris)} images exists, e.g. {uris[0]!r}, looked for at "
-                            f"{redact_uri(locations[0])}: relative URIs are read from the manifest's folder")
+        relative = uris[0] != locations[0]
+        raise ManifestError(f"none of the manifest's first {len(uris)} images exists, e.g. {uris[0]!r}"
+                            + (f", looked for at {redact_uri(locations[0])}: relative URIs are read from the manifest's "
+                               "folder" if relative else ""))
 
 
 def _read_manifest(manifest: ManifestInfo, filesystem: pyarrow.fs.FileSystem) -> ray.data.Dataset:
@@ -328,7 +331,20 @@ def _pipeline_error(error: BaseException) -> PipelineError | None:
         if isinstance(current, PipelineError):
             return current
         stack.extend([current.__cause__, getattr(current, "cause", None)])
-    return None
+    return _remote_storage_error(str(error))
+
+
+_REMOTE_STORAGE_ERROR = re.compile(r"^pipeline\.io\.storage\.(StorageUnavailable|StorageError): (.+?): (.+)$", re.MULTILINE)
+
+
+def _remote_storage_error(traceback_text: str) -> StorageError | None:
+    """A storage error raised in a Ray Data worker: Ray Data wraps it (UserCodeException), and the
+    cause does not cross the process boundary, so only the remote traceback's text names it."""
+    found = _REMOTE_STORAGE_ERROR.findall(traceback_text)
+    if not found:
+        return None
+    name, uri, reason = found[-1]
+    return (StorageUnavailable if name == "StorageUnavailable" else StorageError)(uri, reason)
 
 
 def _staged_columns(config: JobConfig, plan: Plan) -> list[str]:
@@ -515,15 +531,17 @@ def run_audit(config: JobConfig) -> RunSummary:
                         "run's next attempt finishes it", layout.attempt, config.run_id)
             raise
         cause = _pipeline_error(error) or (as_sent(error) if isinstance(error, KeyboardInterrupt) else error)
+        recorded = "is recorded as failed"
         try:  # best effort: the storage may be what failed
             recorder.failed(_failure_reason(cause))
         except StorageError as storage_error:
+            recorded = "could not be recorded as failed"
             log.warning("could not record the failure of attempt %s: %s", layout.attempt, storage_error)
         try:  # a replica still writing when the driver stops may leave files behind
             store.discard(layout)
         except StorageError as storage_error:
-            log.warning("attempt %s is recorded as failed; some of its files stay until the run_id's next successful "
-                        "attempt deletes them: %s", layout.attempt, storage_error)
+            log.warning("attempt %s %s; some of its files stay until the run_id's next successful attempt deletes "
+                        "them: %s", layout.attempt, recorded, storage_error)
         if cause is not error:
             raise cause from error
         raise

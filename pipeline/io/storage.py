@@ -25,6 +25,7 @@ from pipeline.errors import UserError
 _S3_PROTOCOLS = ("s3", "s3a")
 _LOCAL_PROTOCOLS = ("file", "local")
 T = TypeVar("T")
+_OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")  # whose URIs name a bucket, never a user
 _USERINFO = re.compile(r"(://)[^/\s]*@")  # up to the last @ of the authority: a password may hold @
 
 
@@ -107,10 +108,15 @@ def is_local(uri: str) -> bool:
 
 
 def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem that holds `uri` and the path of `uri` inside it."""
+    """The filesystem that holds `uri` and the path of `uri` inside it. An object store's URI with
+    credentials before its bucket is refused: they would not be used, and its errors would print them."""
     options = options or StorageOptions()
+    protocol = get_protocol(uri)
+    if protocol in _OBJECT_STORES and _USERINFO.search(uri):
+        raise StorageError(uri, f"credentials in a {protocol}:// URI (user:password@ before the bucket) are never "
+                                "used: give them in the environment, a profile or a role")
     with _storage_errors(uri):
-        return fsspec.core.url_to_fs(uri, **options.fsspec_kwargs(get_protocol(uri)))
+        return fsspec.core.url_to_fs(uri, **options.fsspec_kwargs(protocol))
 
 
 def read_bytes(uri: str, options: StorageOptions | None = None, max_bytes: int | None = None) -> bytes:

@@ -288,6 +288,18 @@ def test_an_interruption_is_never_taken_for_the_error_it_interrupted() -> None:
     wrapped = RuntimeError("a Ray task failed")
     wrapped.__cause__ = StorageUnavailable("s3://bucket/key", "endpoint unreachable")
     assert _pipeline_error(wrapped) is wrapped.__cause__
+    # raised in a Ray Data worker: the cause stays behind, its traceback's text crosses (a new user's outage)
+    remote = RuntimeError(
+        "ray::MapWorker(MapBatches(StageChain)).submit() (pid=11496)\nTraceback (most recent call last):\n"
+        "botocore.exceptions.EndpointConnectionError: Could not connect to the endpoint URL\n\nDuring handling of the "
+        "above exception, another exception occurred:\n\n  File \"pipeline/io/storage.py\", line 302, in _storage_errors\n"
+        "pipeline.io.storage.StorageUnavailable: s3://bucket/images/q.png: endpoint unreachable (EndpointConnectionError: "
+        "Could not connect to the endpoint URL: \"http://127.0.0.1:5055/bucket/images/q.png\")\n\nThe above exception "
+        "was the direct cause of the following exception:\n\nray.exceptions.UserCodeException: UDF failed to process a "
+        "data block.")
+    found = _pipeline_error(remote)
+    assert isinstance(found, StorageUnavailable) and found.uri == "s3://bucket/images/q.png"
+    assert found.reason.startswith("endpoint unreachable (EndpointConnectionError: Could not connect")
 
 
 def test_sigterm_in_a_blocking_ray_call_stays_a_termination(local_ray: None) -> None:

@@ -262,3 +262,11 @@ def test_an_object_replaced_while_it_is_read_is_read_again(s3_bucket, monkeypatc
 
     monkeypatch.setattr(fs, "open", open_then_replace)
     assert read_bytes(uri, options) == b'{"attempt": "new, longer"}' and replaced
+
+
+@pytest.mark.parametrize("uri", ["s3://AKIAUSER:SUPERSECRET123@bucket/pairs.parquet", "gs://me:SUPERSECRET123@bucket/x"])
+def test_an_object_store_uri_with_credentials_is_refused_without_printing_them(uri: str) -> None:
+    """A new user's s3://KEY:SECRET@bucket/... printed the secret in botocore's invalid bucket name error."""
+    with pytest.raises(StorageError, match=r"://\*\*\*@bucket/.*: credentials in a (s3|gs):// URI .* are never used") as error:
+        read_bytes(uri)
+    assert "SUPERSECRET123" not in str(error.value)
