@@ -84,7 +84,7 @@ class RunLayout:
 
     @property
     def attempt_dir(self) -> str:
-        return join_uri(self.run_dir, "attempts", self.attempt)
+        return attempt_dir_uri(self.output, self.run_id, self.attempt)
 
     @property
     def attempt_record(self) -> str:
@@ -115,9 +115,14 @@ def run_record_uri(output: str, run_id: str) -> str:
     return join_uri(run_dir_uri(output, run_id), "run.json")
 
 
+def attempt_dir_uri(output: str, run_id: str, attempt: str) -> str:
+    """An attempt's folder: its record and its staged rows."""
+    return join_uri(run_dir_uri(output, run_id), "attempts", attempt)
+
+
 def attempt_record_uri(output: str, run_id: str, attempt: str) -> str:
     """An attempt's own record, which it writes as it starts and ends (run.json is the run's)."""
-    return join_uri(run_dir_uri(output, run_id), "attempts", attempt, "run.json")
+    return join_uri(attempt_dir_uri(output, run_id, attempt), "run.json")
 
 
 def success_marker_uri(output: str, run_id: str) -> str:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pipeline.io.iceberg_store import TableConfig
-from pipeline.io.results_store import ResultsStore, recorded_table_format
+from pipeline.io.results_store import ResultsStore, committed_attempt, recorded_table_format
 from pipeline.io.storage import StorageError, StorageOptions, exists, glob
 from pipeline.io.tables import read_json
-from pipeline.layout import attempt_record_uri, run_record_uri, success_marker_uri
+from pipeline.layout import attempt_record_uri, run_record_uri
 
 
 def _table_of(config: dict) -> tuple[str, str | None]:
@@ -23,8 +23,7 @@ def read_run_record(output: str, run_id: str, options: StorageOptions) -> dict:
     if not exists(uri, options):  # one quick look first: a wrong output or endpoint fails here, at once
         raise StorageError(uri, f"no run record: is run_id {run_id!r} under output {output}?")
     record = read_json(uri, options)
-    marker = success_marker_uri(output, run_id)
-    committed = read_json(marker, options).get("attempt") if exists(marker, options) else None
+    committed = committed_attempt(output, run_id, options)
     if committed is None or record.get("attempt") == committed:
         return record
     return read_json(attempt_record_uri(output, run_id, committed), options)
@@ -36,7 +35,7 @@ def recorded_table(output: str, run_id: str, options: StorageOptions) -> TableCo
     try:
         config = read_json(run_record_uri(output, run_id), options).get("config") or {}
         return TableConfig.model_validate(config["table"]) if recorded_table_format(config) == "iceberg" else None
-    except (StorageError, ValueError, KeyError, AttributeError):  # the readers name a missing or odd record
+    except (StorageError, ValueError, AttributeError):  # the readers name a missing or odd record
         return None
 
 

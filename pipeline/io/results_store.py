@@ -103,10 +103,7 @@ class ResultsStore:
 
     def committed_attempt(self, run_id: str) -> str | None:
         """The attempt that `_SUCCESS` names, or None when the run never succeeded."""
-        marker = success_marker_uri(self.output, run_id)
-        if not exists(marker, self.options, retried=True):  # also between a commit's steps: a blip must not fail it
-            return None
-        return read_json(marker, self.options).get("attempt")
+        return committed_attempt(self.output, run_id, self.options)
 
     def is_committed(self, run_id: str, attempt: str | None) -> bool:
         """Whether `_SUCCESS` names `attempt` (False where it cannot be read)."""
@@ -156,13 +153,13 @@ class ResultsStore:
         (attempt ids sort by start time), and what showed their rows: the run's default report and
         its comparisons with other runs (`sfam report` and `sfam compare` write new ones)."""
         comparisons = join_uri(self.output, "comparisons")
-        shown = [layout.report, *glob(comparison_dir(self.output, layout.run_id, "*"), self.options, under=comparisons),
+        shown = [*([layout.report] if exists(layout.report, self.options) else []),
+                 *glob(comparison_dir(self.output, layout.run_id, "*"), self.options, under=comparisons),
                  *glob(comparison_dir(self.output, "*", layout.run_id), self.options, under=comparisons)]
         for uri in shown:
-            if exists(uri, self.options):
-                remove_tree(uri, self.options)
-                log.info("deleted %s: it showed the rows of an attempt that run %s no longer has", redact_uri(uri),
-                         layout.run_id)
+            remove_tree(uri, self.options)
+            log.info("deleted %s: it showed the rows of an attempt that run %s no longer has", redact_uri(uri),
+                     layout.run_id)
         remove_tree(overlay_copies(layout.report), self.options)
         for folder in glob(join_uri(layout.png_root, "attempt=*"), self.options, under=layout.png_root):
             if folder.rstrip("/").rsplit("/", 1)[1].removeprefix("attempt=") < layout.attempt:
@@ -233,6 +230,14 @@ class HiveParquetStore(ResultsStore):
         where = None if pair_ids is None else pds.field("pair_id").isin(pair_ids)
         with _damaged_files_named(run_dir_uri(self.output, run_id)):
             return dataset.to_table(columns=present, filter=where)
+
+
+def committed_attempt(output: str, run_id: str, options: StorageOptions) -> str | None:
+    """The attempt that the run's `_SUCCESS` names, or None when the run never succeeded."""
+    marker = success_marker_uri(output, run_id)
+    if not exists(marker, options, retried=True):  # also between a commit's steps: a blip must not fail it
+        return None
+    return read_json(marker, options).get("attempt")
 
 
 def recorded_table_format(config: dict) -> str:
