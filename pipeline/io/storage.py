@@ -51,6 +51,9 @@ RETRIES = 3
 RETRY_BACKOFF_SECONDS = 2.0
 REREADS = 3  # reads of an object that was replaced while it was read, before its error
 CONNECT_TIMEOUT_SECONDS = 5
+# s3fs tries each request 5 times and botocore twice per try: an endpoint that accepts connections and
+# then says nothing fails a first look (exists) after 86 s here, where s3fs's own 15 s took 235 s
+READ_TIMEOUT_SECONDS = 5
 
 
 def _is_connection_error(error: BaseException) -> bool:
@@ -94,7 +97,7 @@ class StorageOptions(BaseModel):
                 "anon": self.anon,
                 "client_kwargs": {k: v for k, v in client_kwargs.items() if v is not None},
                 # botocore retries a connection once; this module's own retries handle outages
-                "config_kwargs": {"connect_timeout": CONNECT_TIMEOUT_SECONDS,
+                "config_kwargs": {"connect_timeout": CONNECT_TIMEOUT_SECONDS, "read_timeout": READ_TIMEOUT_SECONDS,
                                   "retries": {"max_attempts": 2, "mode": "standard"}},
             }
         if protocol in _LOCAL_PROTOCOLS:

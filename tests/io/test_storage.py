@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -218,6 +221,32 @@ def test_unreachable_endpoint_is_storage_unavailable_and_drops_the_client(monkey
     with pytest.raises(StorageUnavailable, match="endpoint unreachable"):
         exists(uri, options)
     assert filesystem(uri, options)[0] is not client
+
+
+def test_an_endpoint_that_never_answers_is_storage_unavailable(monkeypatch) -> None:
+    """An endpoint that accepts connections and then says nothing (a hung proxy) fails within the
+    read timeout's retries instead of holding the job for minutes per request."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIASILENT")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "silent")
+    monkeypatch.setattr(storage, "READ_TIMEOUT_SECONDS", 0.2)
+    accepted: list[socket.socket] = []
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(32)
+
+        def accept_and_hold() -> None:
+            with contextlib.suppress(OSError):  # the server closed at the end of the test
+                while True:
+                    accepted.append(server.accept()[0])
+        threading.Thread(target=accept_and_hold, daemon=True).start()
+        options = StorageOptions(endpoint_url=f"http://127.0.0.1:{server.getsockname()[1]}", region="us-east-1")
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable, match="endpoint unreachable .*Read timeout"):
+            exists("s3://audits/pairs.parquet", options)
+    assert time.monotonic() - started < 60  # about 5 s; s3fs's own read timeout took 235 s
+    assert accepted  # it did connect: the reads timed out, not the connection
+    for connection in accepted:
+        connection.close()
 
 
 def test_a_retry_after_a_connection_error_gets_a_new_client(s3_bucket, monkeypatch) -> None:
