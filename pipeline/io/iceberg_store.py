@@ -99,13 +99,18 @@ class IcebergStore(ResultsStore):
         self.overwrite_run = overwrite_run
 
     def catalog(self) -> Any:
-        """The catalog; a SQLite catalog on local disk gets its folder. Failing: a UserError naming it."""
+        """The catalog; a SQLite catalog on local disk gets its folder where the store commits (a
+        reader makes no catalog: SQLite would create an empty one). Failing: a UserError naming it."""
         from pyiceberg.catalog import load_catalog  # loads only where the Iceberg table is used
 
         uri = self.properties.get("uri", "")
+        sqlite_file = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+        if sqlite_file and self.overwrite_run is None and not os.path.exists(sqlite_file):
+            raise UserError(f"Iceberg table {self.identifier}: not found (no catalog at {sqlite_file}: no run has "
+                            "succeeded into it)")
         try:
-            if uri.startswith("sqlite:///"):
-                os.makedirs(os.path.dirname(uri.removeprefix("sqlite:///")) or ".", exist_ok=True)
+            if sqlite_file:
+                os.makedirs(os.path.dirname(sqlite_file) or ".", exist_ok=True)
             return load_catalog(CATALOG_NAME, **self.properties)
         except Exception as error:
             raise UserError(f"table.catalog: cannot open the Iceberg catalog at {redact_uri(uri) or 'its uri'}: "

@@ -15,6 +15,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import JobConfig
+from pipeline.distributed.iceberg_commit import overwrite_run
 from pipeline.distributed.job import run_audit
 from pipeline.errors import UserError
 from pipeline.io.iceberg_store import IcebergStore, TableConfig, catalog_properties
@@ -127,13 +128,18 @@ def test_catalog_defaults_and_refusals() -> None:
 
 
 def test_embedded_catalog_opens_on_a_fresh_output(tmp_path, monkeypatch) -> None:
-    """The default catalog of a local output that does not exist yet: made when opened, absolute
-    for a relative output; a catalog that cannot be opened is one line naming it."""
+    """The default catalog of a local output that does not exist yet: made when the job opens it,
+    absolute for a relative output; never made by a reader; a catalog that cannot be opened is one
+    line naming it."""
     monkeypatch.chdir(tmp_path)
-    store = IcebergStore("fresh/audits", StorageOptions(), TableConfig(format="iceberg"))
+    table = TableConfig(format="iceberg")
+    with pytest.raises(UserError, match=r"Iceberg table sfam.results: not found \(no catalog at .*fresh/audits/iceberg"):
+        IcebergStore("fresh/audits", StorageOptions(), table).catalog()
+    assert not (tmp_path / "fresh").exists()
+    store = IcebergStore("fresh/audits", StorageOptions(), table, overwrite_run)
     assert store.properties["uri"] == f"sqlite:///{tmp_path}/fresh/audits/iceberg/catalog.db"
     store.prepare()
     assert (tmp_path / "fresh" / "audits" / "iceberg" / "catalog.db").is_file()
     (tmp_path / "blocked").write_text("a file where the catalog's folder would be")
     with pytest.raises(UserError, match=r"table.catalog: cannot open the Iceberg catalog at sqlite:///.*blocked"):
-        IcebergStore(str(tmp_path / "blocked"), StorageOptions(), TableConfig(format="iceberg")).prepare()
+        IcebergStore(str(tmp_path / "blocked"), StorageOptions(), table, overwrite_run).prepare()
