@@ -42,6 +42,9 @@ def test_yaml_with_overrides(tmp_path) -> None:
     ("actor_memory=6", r"actor_memory: .*6 bytes is less than a model replica needs \(a bare number is bytes\): give a "
                        r"size with its unit, e.g. 6GiB"),
     ("actor_memory=-1GiB", "actor_memory"),
+    ("model.input_size=8", r"model.input_size: .*each side must be from 16 to 4096 px"),
+    ("model.input_size=100000", r"model.input_size: .*each side must be from 16 to 4096 px"),  # a 120 GB check picture
+    ("model.input_size=[256,5000]", r"model.input_size: .*each side must be from 16 to 4096 px"),
 ])
 def test_bad_overrides_are_errors(tmp_path, override: str, message: str) -> None:
     path = tmp_path / "cfg.yaml"

@@ -17,6 +17,7 @@ LayoutName = Literal["auto", "nchw", "nhwc", "tokens"]
 
 TIMM_PREFIX = "timm/"
 MIN_INPUT_SIDE = 16  # px
+MAX_INPUT_SIDE = 4096  # px: retrieval models take 112 to 1024; a check picture of 100,000 px a side would need 120 GB
 _FACTORY_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -82,9 +83,9 @@ class ModelSpec(BaseModel):
 
     @field_validator("input_size")
     @classmethod
-    def _sides_of_16_px_or_more(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
-        if min(model_hw(value)) < MIN_INPUT_SIDE:
-            raise ValueError(f"each side must be at least {MIN_INPUT_SIDE} px")
+    def _sides_in_range(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        if not MIN_INPUT_SIDE <= min(model_hw(value)) <= max(model_hw(value)) <= MAX_INPUT_SIDE:
+            raise ValueError(f"each side must be from {MIN_INPUT_SIDE} to {MAX_INPUT_SIDE} px")
         return value
 
     @property

@@ -11,6 +11,7 @@ Pillow, whose encoder tries all five PNG filters on every row at any compression
 from __future__ import annotations
 
 import functools
+import math
 import struct
 import zlib
 from collections.abc import Sequence
@@ -209,23 +210,25 @@ def render_pair_png(
     query, reference = _check_image(query), _check_image(reference)
     if panel_height < 16:
         raise ValueError(f"panel_height must be at least 16, got {panel_height}")
-    sizes = [_panel_size(query.shape, panel_height), _panel_size(reference.shape, panel_height)]
-    panels_w = sizes[0][0] + _GAP + sizes[1][0]
+    label_font = _font(_LABEL_SIZE)
+    panels = [(query, map_query, query_box, "query"), (reference, map_reference, reference_box, "reference")]
+    sizes = [_panel_size(image.shape, panel_height) for image, *_ in panels]
+    # each panel's slot is at least as wide as its label: a very tall image's panel is centred under it
+    slots = [max(size[0], math.ceil(label_font.getlength(label))) for size, (*_, label) in zip(sizes, panels)]
+    panels_w = slots[0] + _GAP + slots[1]
     width = max(panels_w, _MIN_WIDTH) + 2 * _PAD
     height = _LABEL_STRIP + panel_height + _CAPTION_STRIP
     canvas = Image.new("RGB", (width, height), _BACKGROUND)
     draw = ImageDraw.Draw(canvas)
 
     x = (width - panels_w) // 2
-    label_font = _font(_LABEL_SIZE)
-    panels = [(query, map_query, query_box, "query"), (reference, map_reference, reference_box, "reference")]
     placed = []  # (x, y, x scale, y scale) of each panel: image pixels -> canvas pixels
-    for (image, saliency, box, label), size in zip(panels, sizes):
-        y = _LABEL_STRIP + (panel_height - size[1]) // 2
-        canvas.paste(_panel(image, saliency, box, size), (x, y))
+    for (image, saliency, box, label), size, slot in zip(panels, sizes, slots):
+        panel_x, y = x + (slot - size[0]) // 2, _LABEL_STRIP + (panel_height - size[1]) // 2
+        canvas.paste(_panel(image, saliency, box, size), (panel_x, y))
         draw.text((x, _LABEL_STRIP - 6), label, font=label_font, fill=_TEXT, anchor="ld")
-        placed.append((x, y, size[0] / image.shape[1], size[1] / image.shape[0]))
-        x += size[0] + _GAP
+        placed.append((panel_x, y, size[0] / image.shape[1], size[1] / image.shape[0]))
+        x += slot + _GAP
     _draw_matches(draw, correspondences or [], *placed)
 
     caption_font, small_font = _font(_CAPTION_SIZE), _font(_SMALL_SIZE)

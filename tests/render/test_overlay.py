@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline.render import heatmap_overlay, render_pair_png
-from pipeline.render.overlay import COLORMAP, encode_png
+from pipeline.render.overlay import _LABEL_STRIP, COLORMAP, encode_png
 
 GREY = np.full((64, 64, 3), 128, dtype=np.uint8)
 
@@ -160,6 +160,14 @@ def test_pair_png_untrusted_title_is_shortened_not_grown() -> None:
 def test_pair_png_caps_extreme_aspect_ratios() -> None:
     image = _render((10, 4000), (4000, 10))
     assert image.shape[1] < 4 * 256 + 300
+
+
+def test_pair_png_labels_of_a_very_tall_image_stay_apart() -> None:
+    """A 5000 x 3 px query becomes a 1 px wide panel: its label and the reference's do not overlap."""
+    image = _render((5000, 3), (64, 64))
+    label_strip = image[:_LABEL_STRIP].min(axis=-1) < 100  # dark text pixels
+    columns = np.flatnonzero(label_strip.any(axis=0))
+    assert np.diff(columns).max() >= 12  # the gap between "query" and "reference", not letters run together
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 37), (29, 1), (61, 83)])
