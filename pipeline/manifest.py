@@ -19,13 +19,14 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 
 from pipeline.errors import UserError
-from pipeline.io.storage import StorageOptions, is_folder
+from pipeline.io.storage import StorageOptions, is_folder, unusable_scheme
 from pipeline.io.tables import arrow_filesystem
 from pipeline.schema import reserved_names
 
 REQUIRED = ("pair_id", "query_uri", "reference_uri")
 BOX_COLUMNS = ("query_bbox", "reference_bbox")
 FIRST_IMAGES = 8  # distinct image URIs of the first rows kept in ManifestInfo
+_SCHEME = r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://"  # of a URI; paths have none
 FOLDER_MARKER = "_$folder$"  # the empty objects Hadoop's S3 connectors write beside folders
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"  # a Hive folder name's null value (pyarrow's default null_fallback)
 
@@ -141,6 +142,16 @@ def _check_labels(labels: pa.Array, first_row: int) -> None:
                             "(1: the pair shows the same thing, 0: it does not)")
 
 
+def _check_schemes(uris: pa.Array, name: str, first_row: int) -> None:
+    """Every URI's scheme (s3://, gs://, ...) has a filesystem here: otherwise every row of it would fail."""
+    schemes = pc.struct_field(pc.extract_regex(uris, _SCHEME), [0])  # null for paths
+    for scheme in pc.unique(schemes).drop_null().to_pylist():
+        reason = unusable_scheme(scheme.lower())
+        if reason:
+            row = first_row + pc.index(schemes, scheme).as_py()
+            raise ManifestError(f"manifest column {name!r} row {row}: {reason}")
+
+
 def _check_boxes(batch: pa.RecordBatch, name: str, first_row: int) -> float:
     """Checks the batch's boxes of column `name`; returns their largest coordinate (-inf without any)."""
     boxes = batch.column(name)
@@ -197,6 +208,8 @@ def _validate(manifest: pds.Dataset) -> ManifestInfo:
             if pc.any(empty).as_py():
                 row = first_row + pc.index(empty, True).as_py()
                 raise ManifestError(f"manifest column {name!r} is null or empty at row {row}")
+        for name in ("query_uri", "reference_uri"):
+            _check_schemes(batch.column(name), name, first_row)
         for pair_id in batch.column("pair_id").to_pylist():
             if pair_id in seen:
                 raise ManifestError(f"manifest pair_id {pair_id[:80]!r} appears more than once; pair ids must be unique")

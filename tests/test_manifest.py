@@ -62,6 +62,10 @@ BAD = {
     "null uri": (pa.table({**good(), "reference_uri": ["x", "y", None]}), "'reference_uri' is null or empty at row 2"),
     "empty": (pa.table({k: pa.array([], pa.string()) for k in good()}), "no rows"),
     "reserved column": (pa.table({**good(), "similarity": [0.1, 0.2, 0.3]}), "similarity"),
+    "unknown scheme": (pa.table({**good(), "reference_uri": ["s3://b/x.png", "r1.png", "foo://b/y.png"]}),
+                       "'reference_uri' row 2: no filesystem reads foo:// URIs"),
+    "scheme without its package": (pa.table({**good(), "query_uri": ["q0.png", "adl://store/q1.png", "q2.png"]}),
+                                   "'query_uri' row 1: adl:// needs a package that is not installed"),
 }
 
 

@@ -105,6 +105,18 @@ class StorageOptions(BaseModel):
         return {}
 
 
+def unusable_scheme(scheme: str) -> str | None:
+    """Why no filesystem here reads `scheme://` URIs (unknown to fsspec, or its package is not
+    installed), or None where one does."""
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ValueError:
+        return f"no filesystem reads {scheme}:// URIs (fsspec knows s3, gs, az, http(s), file, ...)"
+    except ImportError as error:
+        return f"{scheme}:// needs a package that is not installed: {error}"
+    return None
+
+
 def is_local(uri: str) -> bool:
     """Whether `uri` is a file on this machine's filesystem (a path or file://)."""
     return get_protocol(uri) in _LOCAL_PROTOCOLS
@@ -118,6 +130,9 @@ def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.
     if protocol in _OBJECT_STORES and _USERINFO.search(uri):
         raise StorageError(uri, f"credentials in a {protocol}:// URI (user:password@ before the bucket) are never "
                                 "used: give them in the environment, a profile or a role")
+    unusable = unusable_scheme(protocol)
+    if unusable:
+        raise StorageError(uri, unusable)
     with _storage_errors(uri):
         return fsspec.core.url_to_fs(uri, **options.fsspec_kwargs(protocol))
 

@@ -299,3 +299,10 @@ def test_an_object_store_uri_with_credentials_is_refused_without_printing_them(u
     with pytest.raises(StorageError, match=r"://\*\*\*@bucket/.*: credentials in a (s3|gs):// URI .* are never used") as error:
         read_bytes(uri)
     assert "SUPERSECRET123" not in str(error.value)
+
+
+def test_a_scheme_without_a_filesystem_is_named() -> None:
+    with pytest.raises(StorageError, match=r"^foo://b/x.png: no filesystem reads foo:// URIs"):
+        read_bytes("foo://b/x.png")
+    with pytest.raises(StorageError, match="adl:// needs a package that is not installed"):
+        read_bytes("adl://store/x.png")
