@@ -18,6 +18,8 @@ from pipeline.errors import UserError
 from pipeline.models.spec import model_hw
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+_OTHER_FORMATS = {b"GIF87a": "GIF", b"GIF89a": "GIF", b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"%PDF": "PDF"}  # first bytes
+_ISO_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"avif": "AVIF"}  # bytes 8-12 after "ftyp"
 # _open, where every image here is opened, refuses more than max_image_pixels from the header;
 # Pillow's own guard would warn above 89 M pixels and refuse above 179 M whatever that limit says
 Image.MAX_IMAGE_PIXELS = None
@@ -221,11 +223,27 @@ def _open(data: bytes, uri: str, max_pixels: int) -> Image.Image:
     """The image with only its header read, refused when it has more than `max_pixels` pixels."""
     if not data:
         raise ImageDecodeError(uri, "empty file (0 bytes)")
-    img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+    try:
+        img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+    except UnidentifiedImageError:
+        other = _other_format(data)
+        if other:
+            raise ImageDecodeError(uri, f"{other} images are not supported (supported: {', '.join(SUPPORTED_FORMATS)}); "
+                                        "convert it, e.g. to PNG") from None
+        raise
     width, height = img.size
     if width * height > max_pixels:
         raise ImageDecodeError(uri, f"too many pixels: {width}x{height} exceeds max_image_pixels={max_pixels}")
     return img
+
+
+def _other_format(data: bytes) -> str | None:
+    """The name of a common image format that is not supported, from its first bytes; None for others."""
+    if data[4:8] == b"ftyp":
+        return _ISO_BRANDS.get(data[8:12])
+    if data.lstrip()[:4].lower() == b"<svg" or (data.lstrip()[:5] == b"<?xml" and b"<svg" in data[:1024]):
+        return "SVG"
+    return next((name for magic, name in _OTHER_FORMATS.items() if data.startswith(magic)), None)
 
 
 def _display_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:

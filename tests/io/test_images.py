@@ -183,11 +183,14 @@ def test_cmyk_jpeg_becomes_rgb(decode: Decode, rng: np.random.Generator) -> None
     [
         (lambda rng: b"", "empty file"),
         (lambda rng: rng.bytes(500), "unrecognised or corrupt image"),
-        (lambda rng: encode(Image.fromarray(random_rgb(rng)), "GIF"), "unrecognised or corrupt image"),
+        (lambda rng: encode(Image.fromarray(random_rgb(rng)), "GIF"), r"GIF images are not supported \(supported: JPEG"),
+        (lambda rng: encode(Image.fromarray(random_rgb(rng)), "TIFF"), "TIFF images are not supported"),
+        (lambda rng: b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>', "SVG images are not supported"),
+        (lambda rng: b"\x00\x00\x00\x18ftypheic" + rng.bytes(100), "HEIC images are not supported"),
         # a PNG signature over random bytes: Pillow may reject it at once or while reading its chunks
         (lambda rng: b"\x89PNG\r\n\x1a\n" + rng.bytes(200), "unrecognised or corrupt image|corrupt or truncated image"),
     ],
-    ids=["empty", "random-bytes", "gif", "png-garbage"],
+    ids=["empty", "random-bytes", "gif", "tiff", "svg", "heic", "png-garbage"],
 )
 def test_bad_bytes(decode: Decode, make_bytes, reason: str, rng: np.random.Generator) -> None:
     with pytest.raises(ImageDecodeError, match=reason) as info:
