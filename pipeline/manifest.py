@@ -112,8 +112,11 @@ def _check_types(schema: pa.Schema, folder_columns: list[str]) -> None:
     if missing:
         raise ManifestError(f"manifest lacks the required column(s) {', '.join(missing)}; it has {', '.join(schema.names)}")
     for name in REQUIRED:
-        if not (pa.types.is_string(schema.field(name).type) or pa.types.is_large_string(schema.field(name).type)):
-            raise ManifestError(f"manifest column {name!r} must be a string, not {schema.field(name).type}")
+        kind = schema.field(name).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            hint = (f" (a pandas categorical): write it as strings, df[{name!r}].astype(str)"
+                    if pa.types.is_dictionary(kind) else "")
+            raise ManifestError(f"manifest column {name!r} must be a string, not {kind}{hint}")
     expectations = {"label": pa.types.is_integer, "rank": pa.types.is_integer, "score": pa.types.is_floating}
     for name, is_expected in expectations.items():
         if name in schema.names and not is_expected(schema.field(name).type):

@@ -10,6 +10,7 @@ import numpy as np
 
 MOSTLY_RESIDUAL = 0.5  # a pair whose residual exceeds this share of its similarity explains little
 MIN_SIMILARITY = 1e-3  # below this |similarity|, the share is not measured (nothing to explain)
+NEAR_ZERO = 0.1  # a pair whose |similarity| is below this share of the run's median: its own small value makes the share large
 LIKELY_CAUSE = (
     "the target layer's channels carry little of it (a class token's own state inside a ViT, a layer that "
     "barely feeds the embedding, or an L2 normalisation inside the head); docs/method.md, Limits, says what to try"
@@ -37,8 +38,14 @@ def residual_warning(similarity: np.ndarray, residual_query: np.ndarray, residua
     measured = share[~np.isnan(share)]
     if measured.size == 0:
         return None
-    mostly = int((measured > MOSTLY_RESIDUAL).sum())
-    if mostly == 0:
+    # the model's constant share of a similarity near zero is most of it: not a sign of the layer
+    magnitude = np.abs(np.asarray(similarity, np.float64))[~np.isnan(share)]
+    near_zero = magnitude < NEAR_ZERO * np.median(magnitude)
+    mostly = measured > MOSTLY_RESIDUAL
+    counted = int((mostly & ~near_zero).sum())
+    if counted == 0:
         return None
-    return (f"the residual is more than {MOSTLY_RESIDUAL:.0%} of the similarity for {mostly} of {measured.size} "
-            f"pair(s) (median share {np.median(measured):.2f}): {LIKELY_CAUSE}")
+    left_out = int((mostly & near_zero).sum())
+    also = f"; {left_out} more of similarity near zero not counted" if left_out else ""
+    return (f"the residual is more than {MOSTLY_RESIDUAL:.0%} of the similarity for {counted} of {measured.size} "
+            f"pair(s) (median share {np.median(measured):.2f}{also}): {LIKELY_CAUSE}")

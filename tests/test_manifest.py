@@ -32,6 +32,9 @@ def good(n: int = 3) -> dict:
 BAD = {
     "missing column": (pa.table({k: v for k, v in good().items() if k != "reference_uri"}), "reference_uri"),
     "mistyped uri": (pa.table({**good(), "query_uri": [1, 2, 3]}), "'query_uri' must be a string"),
+    "categorical uri": (pa.table({**good(), "query_uri": pa.array(good()["query_uri"]).dictionary_encode()}),
+                        "'query_uri' must be a string, not dictionary<values=string, indices=int32, ordered=0> (a pandas "
+                        "categorical): write it as strings, df['query_uri'].astype(str)"),
     "mistyped label": (pa.table({**good(), "label": ["yes", "no", "yes"]}), "'label'"),
     "float label (pandas, with nulls)": (pa.table({**good(), "label": [1.0, None, 0.0]}), "astype('Int8')"),
     "mistyped box": (pa.table({**good(), "query_bbox": ["a", "b", "c"], "reference_bbox": ["a", "b", "c"]}), "'query_bbox'"),

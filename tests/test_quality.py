@@ -20,3 +20,14 @@ def test_no_warning_for_euclidean_whose_residual_holds_the_partner_norm(rng: np.
     norm_term = -0.5 * rng.uniform(5.0, 10.0, 50)  # -1/2 |u^y|^2: large by construction
     assert residual_warning(similarity, norm_term, norm_term, "euclidean") is None
     assert residual_warning(similarity, norm_term, norm_term, "dot") is not None
+
+
+def test_pairs_of_similarity_near_zero_are_not_counted(rng: np.random.Generator) -> None:
+    """A model's constant residual (its biases' share) is most of a similarity near zero: those pairs
+    say nothing of the target layer, so they alone raise no warning, and are named apart when others do."""
+    similarity = np.concatenate([rng.uniform(0.5, 1.0, 47), [0.02, -0.015, 0.004]])
+    residual = np.full(50, 0.03) * rng.choice([-1, 1], 50)  # 3 % to 6 % of the typical pair
+    assert residual_warning(similarity, residual, residual, "cosine") is None
+    residual[:5] = similarity[:5] * 0.8
+    warning = residual_warning(similarity, residual, residual, "cosine")
+    assert warning is not None and "for 5 of 50 pair(s)" in warning and "3 more of similarity near zero not counted" in warning
