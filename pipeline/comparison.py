@@ -42,7 +42,8 @@ Written next to the runs, under `{output}/comparisons/{A}/{B}/` (a folder per ru
     relabelled                         bool      A and B label the same images differently (null unless both
                                                  label the pair and it shows the same images in both)
     status_a, status_b                 string    `ok`, `error`, or null: not in that run
-    same_images                        bool      the same query and reference images in both runs (null unless in both)
+    same_images                        bool      the same query and reference images in both runs: the same URIs,
+                                                 and the same bytes where both runs recorded them (null unless in both)
     similarity_a, _b, _change          float64
     query_pointing_hit_a, _b           bool
     energy_in_box_a, _b                float64   mean of query_energy_in_box and reference_energy_in_box
@@ -83,14 +84,15 @@ from pipeline.render.comparison_html import (
     render_comparison,
 )
 from pipeline.run_history import read_run_record
-from pipeline.schema import result_type
+from pipeline.schema import SIDES, result_type
 from pipeline.thresholds import MOVED_BELOW, false_match_rule, recorded_false_match_similarity
 
 CHUNK_ROWS = 65536  # pairs whose maps are correlated at once
 LISTED = 20  # pairs shown per list (moved maps, new and vanished false matches)
 FIGURES = {"mean_similarity": "similarity", "pointing_hit_rate": "query_pointing_hit", "energy_in_box": "energy_in_box"}
 _READ = ("pair_id", "query_uri", "reference_uri", "label", "status", "similarity", "query_pointing_hit",
-         "query_energy_in_box", "reference_energy_in_box", "map_shape", "map_query", "map_reference")
+         "query_energy_in_box", "reference_energy_in_box", "map_shape", "map_query", "map_reference",
+         "query_sha256", "reference_sha256")
 _OPTIONAL = {"label": pa.int64()}  # the manifest may have no labels; the box columns come from result_type
 PAIR_COLUMNS = (
     "pair_id", "label", "relabelled", "status_a", "status_b", "same_images", "similarity_a", "similarity_b", "similarity_change",
@@ -299,10 +301,12 @@ def pair_changes(a: pa.Table, b: pa.Table, threshold: float | None) -> pa.Table:
     ids, a, b = _aligned(a, b)
     label = pc.coalesce(b["label"], a["label"])
     same_images = pc.and_(pc.equal(a["query_uri"], b["query_uri"]), pc.equal(a["reference_uri"], b["reference_uri"]))
+    for side in SIDES:  # an image replaced at its URI between the runs is another image; a run before digests says nothing
+        same_images = pc.and_(same_images, pc.fill_null(pc.equal(a[f"{side}_sha256"], b[f"{side}_sha256"]), True))
     both = _ok_on_same_images(a["status"], b["status"], same_images)
     comparable = pc.if_else(both, pc.fill_null(_same_shape(a["map_shape"], b["map_shape"]), False), None)
     mask = pc.fill_null(comparable, False).to_numpy(zero_copy_only=False)
-    correlation = {side: _map_correlation(a[f"map_{side}"], b[f"map_{side}"], mask) for side in ("query", "reference")}
+    correlation = {side: _map_correlation(a[f"map_{side}"], b[f"map_{side}"], mask) for side in SIDES}
     columns = {
         "pair_id": ids, "label": label, "relabelled": pc.if_else(same_images, pc.not_equal(a["label"], b["label"]), None),
         "same_images": same_images,

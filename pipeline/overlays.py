@@ -6,6 +6,8 @@ so any other pair is drawn here from its row and its two images, as the job woul
 
 from __future__ import annotations
 
+import hashlib
+
 from pipeline.errors import UserError
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.images import decode_pictures
@@ -19,6 +21,10 @@ from pipeline.schema import SIDES
 
 class PairNotFound(UserError):
     """The run has no ok row with that pair_id."""
+
+
+class ImageChanged(UserError):
+    """An image of the pair is not the one the run explained (its bytes differ from the recorded SHA-256)."""
 
 
 def render_pair_of_run(output: str, run_id: str, pair_id: str, options: StorageOptions,
@@ -42,6 +48,11 @@ def render_pair_of_run(output: str, run_id: str, pair_id: str, options: StorageO
         except StorageError as error:  # the run's table holds the maps, not the pictures
             raise type(error)(error.uri, f"{error.reason} (sfam render reads the pair's images again, from where "
                                          "the run read them)") from error
+        recorded = row.get(f"{side}_sha256")  # None in runs made before the job recorded it
+        if recorded and hashlib.sha256(data).hexdigest() != recorded:
+            raise ImageChanged(f"pair {pair_id[:200]!r} of run {run_id!r}: the {side} image {uri} has changed since the run "
+                               f"read it (SHA-256 {recorded[:12]}... then): its map would be drawn on another picture; "
+                               "re-run the audit to explain the image as it is now")
         pictures = decode_pictures(data, uri, max_pixels, model_size, DISPLAY_SIDE)
         displays[side], sizes[side] = pictures.display, pictures.size
     return render_result_row({name: row.get(name) for name in OVERLAY_COLUMNS}, displays, sizes)

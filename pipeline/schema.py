@@ -17,6 +17,7 @@ PARTITION_COLUMNS = pa.schema([
     pa.field("run_id", pa.string()),
 ])
 
+_SHA256_DOC = "SHA-256 (hex) of the image's bytes as the job read them; null where they could not be read"
 RESULT_COLUMNS = pa.schema([
     pa.field("attempt", pa.string(), metadata={"doc": "the attempt of the run that wrote the row (see runs/ID/_SUCCESS)"}),
     pa.field("model_id", pa.string()),
@@ -40,6 +41,8 @@ RESULT_COLUMNS = pa.schema([
         pa.field("score", pa.float32()),
     ])), metadata={"doc": "weighting 'matched' only: the strongest matched points, strongest first; "
                           "x, y in original image pixels, score the cosine of the local embeddings"}),
+    pa.field("query_sha256", pa.string(), metadata={"doc": _SHA256_DOC}),
+    pa.field("reference_sha256", pa.string(), metadata={"doc": _SHA256_DOC}),
     pa.field("png_uri", pa.string()),
     pa.field("status", pa.string()),
     pa.field("error", pa.string()),

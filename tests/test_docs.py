@@ -20,7 +20,7 @@ def documented_columns() -> set[str]:
     rows = [line for line in table.splitlines()[2:] if line.startswith("|")]
     names: set[str] = set()
     for row in rows[1:]:  # the first row is the manifest's columns, passed through
-        names.update(re.findall(r"`([a-z_]+)`", row.split("|")[1]))
+        names.update(re.findall(r"`([a-z_0-9]+)`", row.split("|")[1]))
     return names
 
 

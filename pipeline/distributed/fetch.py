@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -55,8 +56,9 @@ class FetchImages:
         jpeg = torchvision_jpeg(data, uri, self.max_image_pixels) if passed else None
         return jpeg or decode_pictures(data, uri, self.max_image_pixels, self.input_size, DISPLAY_SIDE)
 
-    def _decode_all(self, uris: list[str]) -> tuple[dict[str, Pictures | EncodedJpeg], dict[str, str]]:
-        """The pictures of each distinct URI that decodes, and the error of each that does not.
+    def _decode_all(self, uris: list[str]) -> tuple[dict[str, Pictures | EncodedJpeg], dict[str, str], dict[str, str]]:
+        """The pictures of each distinct URI that decodes, the error of each that does not, and the
+        SHA-256 of each that could be read (what `sfam render` and `sfam compare` check images against).
 
         Objects in a store are read READ_THREADS at a time: one by one, the store's latency per
         request, not the CPU, set the pace (64 reads of 20 ms each are 1.3 s per batch). Local
@@ -68,6 +70,7 @@ class FetchImages:
             # raises StorageUnavailable when the endpoint is down
             read = dict(zip(remote, pool.map(lambda uri: self._read(uri, locations[uri]), remote)))
         contents = {uri: read[uri] if uri in read else self._read(uri, locations[uri]) for uri in uris}
+        digests = {uri: hashlib.sha256(data).hexdigest() for uri, data in contents.items() if isinstance(data, bytes)}
         pictures: dict[str, Pictures | EncodedJpeg] = {}
         errors: dict[str, str] = {}
         for uri, data in contents.items():
@@ -77,11 +80,13 @@ class FetchImages:
                 pictures[uri] = self._decode(data, uri)
             except (StorageError, ImageDecodeError) as error:
                 errors[uri] = str(error)
-        return pictures, errors
+        return pictures, errors, digests
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        uris = batch.column("query_uri").to_pylist() + batch.column("reference_uri").to_pylist()
-        pictures, failures = self._decode_all(list(dict.fromkeys(uris)))
+        uris = {side: batch.column(f"{side}_uri").to_pylist() for side in SIDES}
+        pictures, failures, digests = self._decode_all(list(dict.fromkeys(uris["query"] + uris["reference"])))
+        for side in SIDES:
+            batch = batch.append_column(f"{side}_sha256", pa.array([digests.get(uri) for uri in uris[side]], pa.string()))
         return with_pictures(batch, pictures, failures, encoded=not self.decode_jpegs)
 
 

@@ -23,9 +23,10 @@ import torch
 import yaml
 
 from pipeline.cli import main
-from pipeline.comparison import FALSE_MATCH_COUNTS, compare_runs, write_comparison
+from pipeline.comparison import FALSE_MATCH_COUNTS, _run_rows, compare_runs, pair_changes, run_record, write_comparison
 from pipeline.distributed.job import run_audit
 from pipeline.io.storage import StorageOptions, join_uri
+from pipeline.io.stores import open_results_store
 from pipeline.layout import comparison_dir
 from pipeline.render.comparison_html import OTHER_IMAGES, render_comparison
 from pipeline.reporting import write_report
@@ -199,6 +200,20 @@ def test_a_pair_id_that_names_other_images_is_counted_not_compared(runs: Runs) -
                      summary=comparison.summary.slice(0, 0))
     assert f"warning: {OTHER_IMAGES}" in others.lines()  # not just an empty table
     assert OTHER_IMAGES in render_comparison(others.view())
+
+
+def test_an_image_replaced_at_its_uri_between_the_runs_is_another_image(runs: Runs) -> None:
+    """Same URIs, other bytes (the recorded SHA-256 differ): not the same images; a run without the
+    digests (made before the job recorded them) is compared by its URIs."""
+    store = open_results_store(runs.output, OPTIONS)
+    a = _run_rows(store, run_record(store, "run-a"))
+    digests = a["query_sha256"].to_pylist()
+    assert all(len(digest) == 64 for digest in digests)
+    replaced = a.set_column(a.schema.get_field_index("query_sha256"), "query_sha256", pa.array(["0" * 64] + digests[1:]))
+    same = pair_changes(a, replaced, None)["same_images"].to_pylist()
+    assert same == [False] + [True] * (a.num_rows - 1)
+    older = a.set_column(a.schema.get_field_index("query_sha256"), "query_sha256", pa.nulls(a.num_rows, pa.string()))
+    assert pair_changes(older, replaced, None)["same_images"].to_pylist() == [True] * a.num_rows
 
 
 def test_written_tables_read_in_duckdb_and_the_page_has_every_section(runs: Runs) -> None:

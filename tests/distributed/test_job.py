@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -21,12 +23,24 @@ from pipeline.config import ConfigError, JobConfig
 from pipeline.distributed.job import decodes_jpegs_in_actors, preflight, run_audit
 from pipeline.errors import AuditFailed
 from pipeline.io.results_store import HiveParquetStore
-from pipeline.io.storage import StorageError, StorageOptions, exists, glob, join_uri, read_bytes, remove_tree, write_bytes
+from pipeline.io.storage import (
+    StorageError,
+    StorageOptions,
+    exists,
+    glob,
+    join_uri,
+    parent_uri,
+    read_bytes,
+    remove_tree,
+    resolve_uri,
+    write_bytes,
+)
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import read_json
 from pipeline.layout import RunLayout
-from pipeline.overlays import PairNotFound, render_pair_of_run
+from pipeline.overlays import ImageChanged, PairNotFound, render_pair_of_run
 from pipeline.reporting import write_report
+from pipeline.schema import SIDES
 
 from audit_data import expected_similarities, job_config, manifest_table, write_audit, write_table, write_weights
 
@@ -45,6 +59,9 @@ def check_run(config: JobConfig, rows: list[dict], model, root: str) -> None:
     assert ok.column("team").to_pylist() == ["search"] * ok.num_rows  # passed through
     first = ok.slice(0, 1).to_pylist()[0]
     assert len(first["cis_query"]) == 512 and len(first["map_query"]) == np.prod(first["map_shape"])
+    for side in SIDES:  # the bytes the run read, as sha256sum gives them
+        image = read_bytes(resolve_uri(first[f"{side}_uri"], parent_uri(config.manifest)), options)
+        assert first[f"{side}_sha256"] == hashlib.sha256(image).hexdigest()
     assert 0 <= first["query_energy_in_box"] <= 1 and isinstance(first["query_pointing_hit"], bool)
     for png in ok.column("png_uri").to_pylist():
         if config.render_png == "all" or png is not None:
@@ -92,6 +109,11 @@ def test_local_folder_run_with_bad_rows(local_ray, tmp_path, rng) -> None:
     with pytest.raises(StorageError, match=r": not found \(sfam render reads the pair's images again"):
         render_pair_of_run(config.output, "local-1", left_out[0], options)
     os.rename(reference + ".moved", reference)
+    original = Path(reference).read_bytes()
+    Path(reference).write_bytes(original + b"\0")  # still decodes, but it is not the picture the run explained
+    with pytest.raises(ImageChanged, match=r"the reference image .* has changed since the run read it"):
+        render_pair_of_run(config.output, "local-1", left_out[0], options)
+    Path(reference).write_bytes(original)
     for _ in range(3):  # the command exits 2, also right after reading the table (it aborted in Arrow's threads)
         done = subprocess.run([sys.executable, "-m", "pipeline.cli", "render", config.output, "--run-id", "local-1",
                                "--pair-id", "bad/missing", "-o", str(tmp_path / "x.png")], capture_output=True, text=True)
