@@ -277,8 +277,12 @@ def _oriented_size(size: tuple[int, int], method: Image.Transpose | None) -> tup
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in _SIXTEEN_BIT_MODES:  # 16-bit grayscale: scale, do not clip, to 8 bits
-        levels = np.asarray(img, dtype=np.float64) / 257
-        img = Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8), "L")
+        values = np.asarray(img, dtype=np.float64)
+        grey = np.clip(np.rint(values / 257), 0, 255).astype(np.uint8)
+        key = img.info.get("transparency")  # the 16-bit level a tRNS chunk makes transparent, lost in 8 bits
+        if isinstance(key, int):
+            grey[values == key] = 255  # on white, as the other modes' transparent pixels
+        img = Image.fromarray(grey, "L")
     if img.has_transparency_data:
         img = Image.alpha_composite(Image.new("RGBA", img.size, _WHITE), img.convert("RGBA"))
     return img if img.mode == "RGB" else img.convert("RGB")

@@ -147,6 +147,16 @@ def test_sixteen_bit_grayscale_is_scaled(decode: Decode, rng: np.random.Generato
     np.testing.assert_array_equal(decoded, np.repeat(expected[..., None], 3, axis=2))
 
 
+def test_sixteen_bit_grayscale_transparency_is_kept(decode: Decode, rng: np.random.Generator) -> None:
+    """A tRNS level of a 16-bit image names one of 65,536 levels: it is applied before the scaling to 8 bits."""
+    levels = rng.integers(0, 65536, (23, 31), dtype=np.uint16)
+    key = int(levels[5, 7])
+    decoded = decode(encode(Image.fromarray(levels), "PNG", transparency=key), "mem://g16t.png", MAX_PIXELS)
+    expected = np.where(levels == key, 255, np.rint(levels / 257)).astype(np.uint8)
+    np.testing.assert_array_equal(decoded, np.repeat(expected[..., None], 3, axis=2))
+    assert decoded[5, 7].tolist() == [255, 255, 255]
+
+
 def test_rgba_is_composited_on_white(decode: Decode, rng: np.random.Generator) -> None:
     rgb = random_rgb(rng)
     alpha = np.where(rng.random(rgb.shape[:2]) < 0.5, 0, 255).astype(np.uint8)
