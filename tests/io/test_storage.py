@@ -4,6 +4,7 @@ import contextlib
 import socket
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,6 +179,9 @@ def test_errors_hide_userinfo() -> None:
         ("s3://other/a.jpg", "/data", "s3://other/a.jpg"),
         ("gs://b/c/a.jpg", "s3://bucket", "gs://b/c/a.jpg"),
         ("file:///x/a.jpg", "/data", "file:///x/a.jpg"),
+        (Path("/x/a b/ü 图.png").as_uri(), "/data", "file:///x/a b/ü 图.png"),  # file:///x/a%20b/%C3%BC%20...
+        ("file:///x/a b.png", "/data", "file:///x/a b.png"),  # unescaped, as people write them: unchanged
+        ("s3://b/a%20b.png", "/data", "s3://b/a%20b.png"),  # an object key holds what it holds
     ],
 )
 def test_resolve_uri(uri: str, base_dir: str, expected: str) -> None:
