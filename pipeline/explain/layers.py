@@ -16,12 +16,27 @@ class ExplanationError(UserError, ValueError):
 
 
 def find_module(model: nn.Module, name: str, argument: str = "target_layer") -> nn.Module:
-    """The submodule called `name` in `model.named_modules()`, or an error listing close names."""
-    modules = dict(model.named_modules())
+    """The submodule called `name` in `model.named_modules()` (under any of its names, where a
+    module is registered twice), or an error listing close names."""
+    modules = dict(model.named_modules(remove_duplicate=False))
     if name in modules:
         return modules[name]
     hint = did_you_mean(name, [n for n in modules if n], cutoff=0.5)
     raise ExplanationError(f"{argument} {name!r} is not a module of the model ({type(model).__name__}){hint}")
+
+
+def layer_name(model: nn.Module, layer: str | nn.Module, argument: str = "target_layer") -> str:
+    """The name of `layer`, given as a name or as one of `model`'s modules (as Grad-CAM libraries take it)."""
+    if isinstance(layer, str):
+        return layer
+    if isinstance(layer, nn.Module):
+        name = next((n for n, m in model.named_modules() if m is layer), None)
+        if name is None:
+            raise ExplanationError(f"{argument}: the {type(layer).__name__} given is not a module of the model "
+                                   f"({type(model).__name__})")
+        return name
+    raise ExplanationError(f"{argument} must be a module of the model or its name (e.g. 'layer4'), not "
+                           f"{type(layer).__name__} {layer!r}")
 
 
 @contextmanager

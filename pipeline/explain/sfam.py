@@ -30,6 +30,8 @@ Target layers may output maps, channels-last maps or tokens (layout.py).
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -41,7 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.explain.correspondence import local_embeddings, matched_maps, top_correspondences
 from pipeline.explain.head import AffineHead, measure_affine_head, per_image_scale, relative_tolerance
-from pipeline.explain.layers import ExplanationError, embeddings_of, find_module, hooked_output
+from pipeline.explain.layers import ExplanationError, embeddings_of, find_module, hooked_output, layer_name
 from pipeline.explain.layout import FeatureLayout, LayoutName, check_layout, detect_layout
 from pipeline.explain.linearise import Linearised
 from pipeline.explain.metrics import Metric, check_metric, offset, partner_vector, similarity
@@ -103,17 +105,27 @@ class _Forward:
     scale: torch.Tensor | None  # (N,) float64 1 / sigma of the head's LayerNorm (ones without); None: several
 
 
+_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_LOCK = threading.Lock()
+
+
 @contextmanager
 def _in_eval_mode(model: nn.Module) -> Iterator[None]:
     """The model in eval mode (running statistics, no dropout) for the block, each module's own
-    mode restored after: an explainer called during training leaves the training as it was."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
+    mode restored after: an explainer called during training leaves the training as it was.
+
+    One block at a time per model, across threads and explainers: the explanation hooks the
+    model's modules and sets their modes, which another thread's forward would see."""
+    with _MODEL_LOCKS_LOCK:
+        lock = _MODEL_LOCKS.setdefault(model, threading.RLock())
+    with lock:
+        modes = [(module, module.training) for module in model.modules()]
+        model.eval()
+        try:
+            yield
+        finally:
+            for module, training in modes:
+                module.training = training
 
 
 @contextmanager
@@ -144,11 +156,11 @@ class SFAM:
     Args:
         model: maps images (B, 3, H, W) to embeddings (B, D). Explained in eval mode; each
             module's own mode is restored after every call.
-        target_layer: name in `model.named_modules()` of the features to explain; by default the
+        target_layer: the module of the features to explain, or its name in `model.named_modules()`; by default the
             last module whose feature grid influences the embedding; for class-token ViTs the
             tokens entering the first block (targets.py). Chosen at the first explanation; read it back here.
         metric: "cosine", "dot" or "euclidean" on the embeddings.
-        embedding_layer: name of the module whose output is the unnormalised embedding, for
+        embedding_layer: the module (or its name) whose output is the unnormalised embedding, for
             models that L2-normalise inside `forward()`; by default the model's output.
         weighting: "cis" for SFAM maps, "partner" for the signed decomposition map, "matched" for
             the shared-evidence map and point-to-point correspondences (correspondence.py).
@@ -163,10 +175,10 @@ class SFAM:
     def __init__(
         self,
         model: nn.Module,
-        target_layer: str | None = None,
+        target_layer: str | nn.Module | None = None,
         metric: Metric = "cosine",
         *,
-        embedding_layer: str | None = None,
+        embedding_layer: str | nn.Module | None = None,
         weighting: Weighting = "cis",
         fast_path: bool = True,
         feature_layout: LayoutName = "auto",
@@ -177,19 +189,21 @@ class SFAM:
         self.model = model
         self.metric = check_metric(metric)
         self.weighting = weighting
-        self.target_layer = target_layer
-        self.embedding_layer = embedding_layer
+        self.target_layer = layer_name(model, target_layer) if target_layer is not None else None
+        self.embedding_layer = layer_name(model, embedding_layer, "embedding_layer") if embedding_layer is not None else None
         own_prefix = _own_prefix_tokens(model)
         if prefix_tokens is not None and own_prefix is not None and prefix_tokens != own_prefix:
             raise ExplanationError(f"prefix_tokens={prefix_tokens} contradicts the model's own num_prefix_tokens="
                                    f"{own_prefix}: leave prefix_tokens unset for this model")
         self._layout_settings = {"layout": check_layout(feature_layout), "prefix_tokens": prefix_tokens,
                                  "prefix_hint": own_prefix}
-        self._target = find_module(model, target_layer) if target_layer is not None else None
+        self._target = find_module(model, self.target_layer) if self.target_layer is not None else None
         self._embedding = (
-            find_module(model, embedding_layer, "embedding_layer") if embedding_layer is not None else None
+            find_module(model, self.embedding_layer, "embedding_layer") if self.embedding_layer is not None else None
         )
+        self._fast_path = fast_path
         self._layout: FeatureLayout | None = None
+        self._layout_input_hw: tuple[int, int] | None = None  # the input size the layout and the head were read at
         self._head: AffineHead | None = None
         self._head_measured = not fast_path  # a head never measured stays None: generic path
         self._told_cost_of_matching = False
@@ -225,6 +239,8 @@ class SFAM:
             raise ExplanationError(f"images must be a float tensor (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         if query_index.shape != reference_index.shape or query_index.dim() != 1:
             raise ExplanationError("query_index and reference_index must be 1-D and of equal length")
+        if images.shape[0] == 0 or query_index.numel() == 0:
+            raise ExplanationError("no pairs to explain: the batches are empty")
         if not bool(torch.isfinite(images.sum(dtype=torch.float32))):  # NaN and inf carry through a sum; 30x isfinite's speed
             raise ExplanationError("images hold NaN or infinite values: nothing about them can be explained")
         with _in_eval_mode(self.model):
@@ -263,9 +279,12 @@ class SFAM:
         return parameter.dtype if parameter is not None else torch.float32
 
     def _resolve_target(self, sample: torch.Tensor) -> None:
-        """Chooses the target layer (when not given) and its layout, on the first images seen."""
-        if self._layout is not None:
+        """Chooses the target layer (when not given) and its layout, on the first images seen; reads
+        the layout and the head again for images of another size (a ViT's grid follows the input)."""
+        input_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+        if self._layout is not None and input_hw == self._layout_input_hw:
             return
+        self._layout, self._head, self._head_measured = None, None, not self._fast_path
         settings = self._layout_settings
         given = self._target is not None
         if not given:
@@ -288,11 +307,11 @@ class SFAM:
             better = default_target_layer(
                 self.model, sample, lambda module, replace: self._embed_with(module, replace, sample), **settings
             )
+            why = " (with class-token pooling, the last block's patch tokens never reach it)" if layout.kind == "tokens" else ""
             raise ExplanationError(
-                f"target_layer={self.target_layer!r} has no influence on the embedding (with class-token "
-                f"pooling, the last block's patch tokens never reach it): use target_layer={better!r}"
+                f"target_layer={self.target_layer!r} has no influence on the embedding{why}: use target_layer={better!r}"
             )
-        self._layout = layout
+        self._layout, self._layout_input_hw = layout, input_hw
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         """The embedding (B, D): the model's output, or embedding_layer's output."""

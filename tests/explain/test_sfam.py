@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -448,3 +450,65 @@ def test_images_without_a_batch_dimension_are_named(seed: int) -> None:
     x, y = random_pairs(1, case.input_size)
     with pytest.raises(ExplanationError, match=rf"must be batches \(B, 3, H, W\), got \(3, {case.input_size}, {case.input_size}\)"):
         SFAM(case.model, case.target_layer).explain(x[0], y[0])
+
+
+def test_threads_sharing_a_model_take_turns(seed: int) -> None:
+    """Two threads explaining with one model (one explainer, or one each): the hooks one call sets
+    on the model's modules are its own, the results are those of one thread alone, the mode is kept."""
+    model = CASES["resnet18"]().model.train()
+    batches = [random_pairs(2, 64) for _ in range(2)]
+    shared = SFAM(model, "layer4")
+    alone = [shared.explain(*batch).similarity for batch in batches]
+    explainers = [shared, SFAM(model, model.layer4, fast_path=False)]
+    failures: list[BaseException] = []
+
+    def explain_repeatedly(index: int) -> None:
+        try:
+            for _ in range(10):
+                assert_close(explainers[index].explain(*batches[index]).similarity, alone[index], rel=1e-5)
+        except BaseException as error:  # reported in the main thread
+            failures.append(error)
+
+    threads = [threading.Thread(target=explain_repeatedly, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures
+    assert model.training
+
+
+def test_layers_given_as_modules_or_by_any_of_their_names(seed: int) -> None:
+    """Modules, as Grad-CAM libraries take them; a module registered under two names by either."""
+    model = CASES["resnet18"]().model
+    model.features = model.layer4  # an alias, as wrappers of backbones make them
+    x, y = random_pairs(2, 64)
+    expected = SFAM(model, "layer4").explain(x, y)
+    for given in (model.layer4, "features"):
+        explainer = SFAM(model, given, embedding_layer=model.fc)
+        assert explainer.target_layer in ("layer4", "features") and explainer.embedding_layer == "fc"
+        assert_close(explainer.explain(x, y).cis_query, expected.cis_query, rel=1e-6)
+    with pytest.raises(ExplanationError, match=r"target_layer: the Conv2d given is not a module of the model \(ResNet\)"):
+        SFAM(model, nn.Conv2d(3, 3, 1))
+    with pytest.raises(ExplanationError, match=r"embedding_layer must be a module of the model or its name \(e.g. 'layer4'\), not int 4"):
+        SFAM(model, "layer4", embedding_layer=4)
+
+
+def test_empty_batches_are_named(seed: int) -> None:
+    case = CASES["affine"]()
+    x, y = random_pairs(0, case.input_size)
+    with pytest.raises(ExplanationError, match="no pairs to explain: the batches are empty"):
+        SFAM(case.model, case.target_layer).explain(x, y)
+
+
+def test_a_vit_explained_at_another_input_size_reads_its_grid_again(seed: int) -> None:
+    """A ViT that takes any input size: the second size's grid and head are its own, as a new explainer's."""
+    model = timm.create_model("vit_base_patch16_clip_224", pretrained=False, num_classes=0, img_size=64, depth=2,
+                              embed_dim=64, num_heads=2, dynamic_img_size=True).eval()
+    explainer = SFAM(model)
+    explainer.explain(*random_pairs(2, 64))
+    x, y = random_pairs(2, 96)
+    result, fresh = explainer.explain(x, y), SFAM(model).explain(x, y)
+    assert result.map_query.shape[-2:] == (6, 6) and explainer.layout.height == 6
+    assert_close(result.cis_query, fresh.cis_query, rel=1e-5)
+    assert_maps_close(result.map_query, fresh.map_query, rel=1e-5)
