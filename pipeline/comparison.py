@@ -87,7 +87,7 @@ from pipeline.run_history import read_run_record
 from pipeline.schema import SIDES, result_type
 from pipeline.thresholds import MOVED_BELOW, false_match_rule, recorded_false_match_similarity
 
-CHUNK_ROWS = 65536  # pairs whose maps are correlated at once
+CHUNK_ROWS = 8192  # pairs whose maps are correlated at once: 16 MiB per float64 matrix of 16 x 16 maps
 LISTED = 20  # pairs shown per list (moved maps, new and vanished false matches)
 FIGURES = {"mean_similarity": "similarity", "pointing_hit_rate": "query_pointing_hit", "energy_in_box": "energy_in_box"}
 _READ = ("pair_id", "query_uri", "reference_uri", "label", "status", "similarity", "query_pointing_hit",
@@ -239,11 +239,12 @@ def _run_rows(store: ResultsStore, record: dict) -> pa.Table:
     return table.set_column(table.schema.get_field_index("label"), "label", pc.cast(table["label"], pa.int64()))
 
 
-def _aligned(a: pa.Table, b: pa.Table) -> tuple[pa.Array, pa.Table, pa.Table]:
-    """Every pair_id of either run (A's order, then B's new ones) and each run's rows in that order."""
+def _aligned(a: pa.Table, b: pa.Table) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """Every pair_id of either run (A's order, then B's new ones) and the row of each in A and in B
+    (null where the run does not have it)."""
     ids_a, ids_b = a["pair_id"].combine_chunks(), b["pair_id"].combine_chunks()
     ids = pa.concat_arrays([ids_a, ids_b.filter(pc.invert(pc.is_in(ids_b, value_set=ids_a)))])
-    return ids, a.take(pc.index_in(ids, value_set=ids_a)), b.take(pc.index_in(ids, value_set=ids_b))
+    return ids, pc.index_in(ids, value_set=ids_a), pc.index_in(ids, value_set=ids_b)
 
 
 def _same_shape(a: pa.ChunkedArray, b: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -263,16 +264,18 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return (x * y).sum(axis=1) / np.sqrt((x * x).sum(axis=1) * (y * y).sum(axis=1))
 
 
-def _map_correlation(a: pa.ChunkedArray, b: pa.ChunkedArray, comparable: np.ndarray) -> pa.Array:
-    """Pearson correlation of A's and B's map of each comparable row, grouped by map length, in chunks."""
+def _map_correlation(a: pa.ChunkedArray, b: pa.ChunkedArray, rows_a: np.ndarray, rows_b: np.ndarray,
+                     comparable: np.ndarray) -> pa.Array:
+    """Pearson correlation of A's and B's map of each comparable pair, grouped by map length, in
+    chunks; `rows_a`, `rows_b`: each pair's row in A's and B's columns (the maps are not copied whole)."""
     result = np.full(len(comparable), np.nan)
-    rows = np.flatnonzero(comparable)
-    lengths = pc.list_value_length(a.take(rows)).to_numpy(zero_copy_only=False)
+    pairs = np.flatnonzero(comparable)
+    lengths = pc.list_value_length(a).to_numpy(zero_copy_only=False)[rows_a[pairs]]
     for length in np.unique(lengths):
-        group = rows[lengths == length]
+        group = pairs[lengths == length]
         for start in range(0, len(group), CHUNK_ROWS):
             chunk = group[start:start + CHUNK_ROWS]
-            result[chunk] = _pearson(_matrix(a, chunk, int(length)), _matrix(b, chunk, int(length)))
+            result[chunk] = _pearson(_matrix(a, rows_a[chunk], int(length)), _matrix(b, rows_b[chunk], int(length)))
     return pa.array(result, mask=np.isnan(result))
 
 
@@ -298,7 +301,10 @@ def _side(rows: pa.Table, suffix: str, label: pa.Array, threshold: float | None)
 
 def pair_changes(a: pa.Table, b: pa.Table, threshold: float | None) -> pa.Table:
     """The pairs table of the module docstring, from the two runs' rows."""
-    ids, a, b = _aligned(a, b)
+    ids, rows_a, rows_b = _aligned(a, b)
+    maps = {side: (a[f"map_{side}"], b[f"map_{side}"]) for side in SIDES}  # the large columns, read in chunks
+    kept = [name for name in a.column_names if name not in ("map_query", "map_reference")]
+    a, b = a.select(kept).take(rows_a), b.select(kept).take(rows_b)
     label = pc.coalesce(b["label"], a["label"])
     same_images = pc.and_(pc.equal(a["query_uri"], b["query_uri"]), pc.equal(a["reference_uri"], b["reference_uri"]))
     for side in SIDES:  # an image replaced at its URI between the runs is another image; a run before digests says nothing
@@ -306,7 +312,8 @@ def pair_changes(a: pa.Table, b: pa.Table, threshold: float | None) -> pa.Table:
     both = _ok_on_same_images(a["status"], b["status"], same_images)
     comparable = pc.if_else(both, pc.fill_null(_same_shape(a["map_shape"], b["map_shape"]), False), None)
     mask = pc.fill_null(comparable, False).to_numpy(zero_copy_only=False)
-    correlation = {side: _map_correlation(a[f"map_{side}"], b[f"map_{side}"], mask) for side in SIDES}
+    index_a, index_b = (pc.fill_null(rows, -1).to_numpy(zero_copy_only=False) for rows in (rows_a, rows_b))
+    correlation = {side: _map_correlation(*maps[side], index_a, index_b, mask) for side in SIDES}
     columns = {
         "pair_id": ids, "label": label, "relabelled": pc.if_else(same_images, pc.not_equal(a["label"], b["label"]), None),
         "same_images": same_images,
