@@ -218,8 +218,9 @@ def _look_first(ok: Sequence[Row], png_href: Callable[[Row], str | None], thresh
 def _gallery(rows: Sequence[Row], png_href: Callable[[Row], str | None]) -> str:
     shown = rows[:GALLERY_CAP]
     note = (
-        f'<p class="note">Showing the first {len(shown):,} of {len(rows):,} pairs, in the order the job wrote them; '
-        "the Parquet results hold them all.</p>"
+        f'<p class="note">Showing the first {len(shown):,} of {len(rows):,} pairs, in the order the job wrote them: '
+        "the sorting, filters and search below see these only. The result table holds them all (query it, "
+        "e.g. with DuckDB), and <code>sfam render</code> draws any pair's overlay.</p>"
         if len(rows) > len(shown)
         else ""
     )

@@ -194,6 +194,7 @@ def test_large_runs_are_capped() -> None:
     assert len(page.cards["gallery"]) == GALLERY_CAP
     assert len(page.cards["false-matches"]) == len(page.cards["off-object"]) == LOOK_FIRST_CAP
     assert f"first {GALLERY_CAP:,} of {GALLERY_CAP + 500:,} pairs" in "".join(page.text)
+    assert "the sorting, filters and search below see these only" in "".join(page.text)  # not the whole run
 
 
 def test_a_failed_run_says_so_first() -> None:
