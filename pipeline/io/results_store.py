@@ -229,6 +229,11 @@ class HiveParquetStore(ResultsStore):
         present = None if columns is None else [c for c in columns if c in names]
         where = None if pair_ids is None else pds.field("pair_id").isin(pair_ids)
         with _damaged_files_named(run_dir_uri(self.output, run_id)):
+            if where is not None:  # the files that hold them, found from the pair_id column alone (maps are most of a run)
+                holding = {batch.fragment.path: batch.fragment
+                           for batch in dataset.scanner(columns=["pair_id"], filter=where).scan_batches()
+                           if batch.record_batch.num_rows}
+                dataset = pds.FileSystemDataset(list(holding.values()), dataset.schema, dataset.format, dataset.filesystem)
             return dataset.to_table(columns=present, filter=where)
 
 
