@@ -241,7 +241,8 @@ def _other_format(data: bytes) -> str | None:
     """The name of a common image format that is not supported, from its first bytes; None for others."""
     if data[4:8] == b"ftyp":
         return _ISO_BRANDS.get(data[8:12])
-    if data.lstrip()[:4].lower() == b"<svg" or (data.lstrip()[:5] == b"<?xml" and b"<svg" in data[:1024]):
+    head = data[:1024].lstrip()
+    if head[:4].lower() == b"<svg" or (head[:5] == b"<?xml" and b"<svg" in head):
         return "SVG"
     return next((name for magic, name in _OTHER_FORMATS.items() if data.startswith(magic)), None)
 
