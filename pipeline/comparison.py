@@ -393,6 +393,9 @@ def compare_runs(output: str, run_a: str, run_b: str, options: StorageOptions,
     records = [run_record(store, run_id) for run_id in (run_a, run_b)]
     if threshold is None:
         threshold = recorded_false_match_similarity(records[1])
+    elif abs(threshold) > 1 and all(record["config"]["model"]["metric"] == "cosine" for record in records):
+        raise UserError(f"--threshold {threshold:g} is outside cosine similarity's range [-1, 1], so no pair would "
+                        "count as a false match: e.g. 0.8")
     pairs = pair_changes(*(_run_rows(store, record) for record in records), threshold)
     return Comparison(runs=(_run_info(records[0]), _run_info(records[1])), threshold=threshold, pairs=pairs,
                       summary=label_summary(pairs, (records[0], records[1]), threshold))

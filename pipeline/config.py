@@ -153,6 +153,9 @@ class JobConfig(BaseModel):
         if self.gates.max_residual_share is not None and self.model.metric == "euclidean":
             raise ValueError("gates.max_residual_share does not apply to metric euclidean, whose residual holds "
                              "-1/2 |u^y|^2 by construction (docs/method.md): remove the gate or use cosine or dot")
+        if self.model.metric == "cosine" and not -1 <= self.gates.false_match_similarity <= 1:
+            raise ValueError(f"false_match_similarity {self.gates.false_match_similarity:g} is outside cosine "
+                             "similarity's range [-1, 1], so no pair would ever count as a false match: e.g. 0.8")
         if (self.gates.max_false_match_rate is not None and self.model.metric == "euclidean"
                 and self.gates.false_match_similarity > 0):
             raise ValueError(f"gates.false_match_similarity {self.gates.false_match_similarity:g} is above every "

@@ -42,6 +42,8 @@ def test_yaml_with_overrides(tmp_path) -> None:
     ("actor_memory=6", r"actor_memory: .*6 bytes is less than a model replica needs \(a bare number is bytes\): give a "
                        r"size with its unit, e.g. 6GiB"),
     ("actor_memory=-1GiB", "actor_memory"),
+    ("gates.max_similarity_drop=-0.02", "max_similarity_drop: Input should be greater than or equal to 0"),
+    ("gates.false_match_similarity=80", r"false_match_similarity 80 is outside cosine similarity's range \[-1, 1\]"),
     ("model.input_size=8", r"model.input_size: .*each side must be from 16 to 4096 px"),
     ("model.input_size=100000", r"model.input_size: .*each side must be from 16 to 4096 px"),  # a 120 GB check picture
     ("model.input_size=[256,5000]", r"model.input_size: .*each side must be from 16 to 4096 px"),
@@ -127,6 +129,14 @@ def test_a_folder_manifest_loses_its_trailing_slash_but_a_bucket_root_keeps_it(t
     path.write_text(BASE)
     assert load_config(path, ["manifest=s3://bucket/pairs/"]).manifest == "s3://bucket/pairs"
     assert load_config(path, ["manifest=s3://pairs/", "output=s3://audits"]).manifest == "s3://pairs/"
+
+
+def test_a_file_uri_is_its_path(tmp_path) -> None:
+    """One manifest, one name: the similarity gate finds the runs of the same manifest however it was spelt."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text(BASE)
+    manifest = tmp_path / "night 1" / "pairs.parquet"
+    assert load_config(path, [f"manifest={manifest.as_uri()}"]).manifest == str(manifest)
 
 
 def test_one_false_match_threshold(tmp_path) -> None:

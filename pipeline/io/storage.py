@@ -269,13 +269,13 @@ def parent_uri(uri: str) -> str:
 def resolve_uri(uri: str, base_dir: str) -> str:
     """Resolve a manifest entry against the manifest's folder.
 
-    URIs with a scheme (`s3://...`) and absolute local paths are returned unchanged, but for a
-    `file://` URI's percent-escapes, which are decoded as the standard has them (pathlib's
-    `as_uri()` and Spark write `file:///a%20b.png` for `/a b.png`); relative paths (`img/a.jpg`,
-    `../b.png`) are joined to `base_dir` and normalised.
+    URIs with a scheme (`s3://...`) and absolute local paths are returned unchanged; a local
+    `file:///` URI is its path, its percent-escapes decoded as the standard has them (pathlib's
+    `as_uri()` and Spark write `file:///a%20b.png` for `/a b.png`), so that one file has one name;
+    relative paths (`img/a.jpg`, `../b.png`) are joined to `base_dir` and normalised.
     """
-    if uri.startswith("file://"):
-        return "file://" + unquote(uri.removeprefix("file://"))
+    if uri.startswith("file:///"):
+        return unquote(uri.removeprefix("file://"))
     if "://" in uri or uri.startswith("/"):
         return uri
     scheme, sep, base_path = base_dir.rpartition("://")

@@ -310,6 +310,8 @@ def test_cli(runs: Runs, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compare", runs.output, "run-a", "nightly-404"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'nightly-404'" in err
+    assert main(["compare", runs.output, "run-a", "run-b", "--threshold", "80"]) == 2  # a percentage, not a cosine
+    assert "--threshold 80 is outside cosine similarity's range [-1, 1]" in capsys.readouterr().err
 
 
 def test_means_leave_out_nan_as_the_gates_do() -> None:

@@ -178,9 +178,9 @@ def test_errors_hide_userinfo() -> None:
         ("/abs/a.jpg", "s3://bucket/audits", "/abs/a.jpg"),
         ("s3://other/a.jpg", "/data", "s3://other/a.jpg"),
         ("gs://b/c/a.jpg", "s3://bucket", "gs://b/c/a.jpg"),
-        ("file:///x/a.jpg", "/data", "file:///x/a.jpg"),
-        (Path("/x/a b/ü 图.png").as_uri(), "/data", "file:///x/a b/ü 图.png"),  # file:///x/a%20b/%C3%BC%20...
-        ("file:///x/a b.png", "/data", "file:///x/a b.png"),  # unescaped, as people write them: unchanged
+        ("file:///x/a.jpg", "/data", "/x/a.jpg"),  # one file, one name: a run's manifest, compared images
+        (Path("/x/a b/ü 图.png").as_uri(), "/data", "/x/a b/ü 图.png"),  # file:///x/a%20b/%C3%BC%20...
+        ("file:///x/a b.png", "/data", "/x/a b.png"),  # unescaped, as people write them
         ("s3://b/a%20b.png", "/data", "s3://b/a%20b.png"),  # an object key holds what it holds
     ],
 )
