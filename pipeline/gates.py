@@ -53,7 +53,7 @@ class Gates(BaseModel):
     max_false_match_rate: FiniteFloat | None = Field(None, ge=0, le=1)
     false_match_similarity: FiniteFloat = FALSE_MATCH_SIMILARITY
     max_residual_share: FiniteFloat | None = Field(None, ge=0)
-    max_similarity_drop: FiniteFloat | None = Field(None, ge=0)  # the largest drop allowed; below 0 every steady night fails
+    max_similarity_drop: FiniteFloat | None = None
     similarity_baseline: Literal["same_manifest", "previous_run"] = "same_manifest"
 
     @property
