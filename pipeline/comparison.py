@@ -85,7 +85,7 @@ from pipeline.render.comparison_html import (
 )
 from pipeline.run_history import read_run_record
 from pipeline.schema import SIDES, result_type
-from pipeline.thresholds import MOVED_BELOW, false_match_rule, recorded_false_match_similarity
+from pipeline.thresholds import MOVED_BELOW, false_match_rule, outside_cosine_range, recorded_false_match_similarity
 
 CHUNK_ROWS = 8192  # pairs whose maps are correlated at once: 16 MiB per float64 matrix of 16 x 16 maps
 LISTED = 20  # pairs shown per list (moved maps, new and vanished false matches)
@@ -393,9 +393,10 @@ def compare_runs(output: str, run_a: str, run_b: str, options: StorageOptions,
     records = [run_record(store, run_id) for run_id in (run_a, run_b)]
     if threshold is None:
         threshold = recorded_false_match_similarity(records[1])
-    elif abs(threshold) > 1 and all(record["config"]["model"]["metric"] == "cosine" for record in records):
-        raise UserError(f"--threshold {threshold:g} is outside cosine similarity's range [-1, 1], so no pair would "
-                        "count as a false match: e.g. 0.8")
+    else:  # a threshold that one run's metric can reach still counts its false matches
+        outside = [outside_cosine_range(threshold, record["config"]["model"]["metric"]) for record in records]
+        if all(outside):
+            raise UserError(f"--threshold {outside[0]}")
     pairs = pair_changes(*(_run_rows(store, record) for record in records), threshold)
     return Comparison(runs=(_run_info(records[0]), _run_info(records[1])), threshold=threshold, pairs=pairs,
                       summary=label_summary(pairs, (records[0], records[1]), threshold))

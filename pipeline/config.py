@@ -19,7 +19,7 @@ from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.storage import StorageOptions, resolve_uri
 from pipeline.models.spec import ModelSpec
 from pipeline.render.selection import FlagRules, RenderPolicy
-from pipeline.thresholds import FALSE_MATCH_SIMILARITY
+from pipeline.thresholds import FALSE_MATCH_SIMILARITY, outside_cosine_range
 
 MAX_IMAGE_PIXELS = 50_000_000  # larger images fail their row (decompression bombs)
 ACTOR_MEMORY_AT_LEAST = 64 * 2**20  # bytes: a model replica needs more (torch alone takes hundreds of MiB)
@@ -153,9 +153,9 @@ class JobConfig(BaseModel):
         if self.gates.max_residual_share is not None and self.model.metric == "euclidean":
             raise ValueError("gates.max_residual_share does not apply to metric euclidean, whose residual holds "
                              "-1/2 |u^y|^2 by construction (docs/method.md): remove the gate or use cosine or dot")
-        if self.model.metric == "cosine" and not -1 <= self.gates.false_match_similarity <= 1:
-            raise ValueError(f"false_match_similarity {self.gates.false_match_similarity:g} is outside cosine "
-                             "similarity's range [-1, 1], so no pair would ever count as a false match: e.g. 0.8")
+        outside = outside_cosine_range(self.gates.false_match_similarity, self.model.metric)
+        if outside:
+            raise ValueError(f"false_match_similarity {outside}")
         if (self.gates.max_false_match_rate is not None and self.model.metric == "euclidean"
                 and self.gates.false_match_similarity > 0):
             raise ValueError(f"gates.false_match_similarity {self.gates.false_match_similarity:g} is above every "

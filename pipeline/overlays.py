@@ -6,11 +6,9 @@ so any other pair is drawn here from its row and its two images, as the job woul
 
 from __future__ import annotations
 
-import hashlib
-
 from pipeline.errors import UserError
 from pipeline.io.iceberg_store import TableConfig
-from pipeline.io.images import decode_pictures
+from pipeline.io.images import decode_pictures, image_sha256
 from pipeline.io.storage import StorageError, StorageOptions, parent_uri, read_bytes, resolve_uri
 from pipeline.io.stores import open_results_store
 from pipeline.models.spec import model_hw
@@ -49,7 +47,7 @@ def render_pair_of_run(output: str, run_id: str, pair_id: str, options: StorageO
             raise type(error)(error.uri, f"{error.reason} (sfam render reads the pair's images again, from where "
                                          "the run read them)") from error
         recorded = row.get(f"{side}_sha256")  # None in runs made before the job recorded it
-        if recorded and hashlib.sha256(data).hexdigest() != recorded:
+        if recorded and image_sha256(data) != recorded:
             raise ImageChanged(f"pair {pair_id[:200]!r} of run {run_id!r}: the {side} image {uri} has changed since the run "
                                f"read it (SHA-256 {recorded[:12]}... then): its map would be drawn on another picture; "
                                "re-run the audit to explain the image as it is now")

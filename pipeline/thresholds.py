@@ -18,6 +18,14 @@ def recorded_false_match_similarity(record: Mapping[str, Any]) -> float | None:
     return None if metric == "euclidean" and threshold > 0 else threshold
 
 
+def outside_cosine_range(threshold: float, metric: str) -> str | None:
+    """Why a false-match `threshold` counts nothing for a cosine model (above 1 or below -1), or None."""
+    if metric == "cosine" and not -1 <= threshold <= 1:
+        return (f"{threshold:g} is outside cosine similarity's range [-1, 1], so no pair would count as a false "
+                "match: e.g. 0.8")
+    return None
+
+
 def false_match_rule(threshold: float | None) -> str:
     """What a false match is at `threshold` (recorded_false_match_similarity), in words."""
     if threshold is None:

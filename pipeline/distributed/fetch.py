@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
 from pipeline.distributed.columns import PICTURE_COLUMNS, binary_column
-from pipeline.io.images import EncodedJpeg, ImageDecodeError, Pictures, decode_pictures, torchvision_jpeg
+from pipeline.io.images import EncodedJpeg, ImageDecodeError, Pictures, decode_pictures, image_sha256, torchvision_jpeg
 from pipeline.io.storage import StorageError, StorageOptions, StorageUnavailable, as_given, is_local, read_bytes, resolve_uri
 from pipeline.models.spec import model_hw
 from pipeline.render.result_row import DISPLAY_SIDE
@@ -70,7 +69,7 @@ class FetchImages:
             # raises StorageUnavailable when the endpoint is down
             read = dict(zip(remote, pool.map(lambda uri: self._read(uri, locations[uri]), remote)))
         contents = {uri: read[uri] if uri in read else self._read(uri, locations[uri]) for uri in uris}
-        digests = {uri: hashlib.sha256(data).hexdigest() for uri, data in contents.items() if isinstance(data, bytes)}
+        digests = {uri: image_sha256(data) for uri, data in contents.items() if isinstance(data, bytes)}
         pictures: dict[str, Pictures | EncodedJpeg] = {}
         errors: dict[str, str] = {}
         for uri, data in contents.items():

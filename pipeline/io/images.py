@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import numbers
 import types
@@ -235,6 +236,11 @@ def _open(data: bytes, uri: str, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         raise ImageDecodeError(uri, f"too many pixels: {width}x{height} exceeds max_image_pixels={max_pixels}")
     return img
+
+
+def image_sha256(data: bytes) -> str:
+    """The hex SHA-256 of an image's bytes, as the result table records it (query_sha256, reference_sha256)."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def _other_format(data: bytes) -> str | None:
