@@ -33,7 +33,17 @@ class ConfigError(UserError):
 
 
 class _PlainLoader(yaml.SafeLoader):
-    """YAML without implicit dates: `run_id: 2026-11-26` is the string it looks like."""
+    """YAML without implicit dates (`run_id: 2026-11-26` is the string it looks like) and
+    without silent duplicate keys (PyYAML keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[str] = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value in seen:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"line {key.start_mark.line + 1}: key {key.value!r} appears twice in one mapping")
+            seen.add(key.value)
+        return super().construct_mapping(node, deep)
 
 
 _PlainLoader.yaml_implicit_resolvers = {

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, load_config, load_yaml
 
 BASE = """
 manifest: s3://bucket/pairs.parquet
@@ -102,6 +102,15 @@ def test_broken_yaml_is_one_line(tmp_path) -> None:
     with pytest.raises(ConfigError, match="cannot read config") as info:
         load_config(path)
     assert "\n" not in str(info.value) and "line 1" in str(info.value)
+
+
+def test_a_key_written_twice_is_refused(tmp_path) -> None:
+    """PyYAML keeps the last of two equal keys: a second `model:` block would silently replace the first."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text(BASE + "render_png: none\nrender_png: all\n")
+    with pytest.raises(ConfigError, match=r"cannot read config .*: line 9: key 'render_png' appears twice"):
+        load_config(path)
+    assert load_yaml("base: &b {x: 1, y: 2}\nrun: {<<: *b, y: 3}") == {"base": {"x": 1, "y": 2}, "run": {"x": 1, "y": 3}}
 
 
 def test_residual_gate_refused_for_euclidean(tmp_path) -> None:
