@@ -65,6 +65,7 @@ from pipeline.demo.model import INPUT_SIZE, MEAN, STD
 from pipeline.explain.baselines import gradcam_similarity, mean_activation, random_map
 from pipeline.io.images import to_model_tensor
 from pipeline.localisation import Box, energy_in_box, pointing_hit, upsample
+from pipeline.quality import residual_share
 
 SEED = 31415926  # data, re-initialised weights and random maps; used nowhere else in the project
 THREADS = 2
@@ -224,16 +225,17 @@ def query_maps(model: nn.Module, subject: Subject, pairs: Pairs, generator: torc
     return {method: torch.cat(maps).float().numpy() for method, maps in batches.items()}
 
 
-def residual_share(model: nn.Module, subject: Subject, pairs: Pairs) -> float:
-    """Mean over pairs and both sides of |s - sum(CIS)| / |s|: the similarity the channels leave unexplained."""
+def mean_residual_share(model: nn.Module, subject: Subject, pairs: Pairs) -> float:
+    """The run's residual share (pipeline.quality) averaged over pairs: mean over pairs and both sides of
+    |s - sum(CIS)| / |s|, the similarity the channels leave unexplained."""
     explainer = SFAM(model, subject.target_layer, "cosine", embedding_layer=subject.embedding_layer)
     shares = []
     for start in range(0, len(pairs.query), BATCH):
         x, y = to_tensor(pairs.query[start : start + BATCH]), to_tensor(pairs.reference[start : start + BATCH])
         result = explainer.explain(x, y)
-        for residual in (result.residual_query, result.residual_reference):
-            shares.append((residual.abs() / result.similarity.abs()).numpy())
-    return float(np.concatenate(shares).mean())
+        shares.append(residual_share(result.similarity.numpy(), result.residual_query.numpy(),
+                                     result.residual_reference.numpy()))
+    return float(np.nanmean(np.concatenate(shares)))
 
 
 def upsampled(maps: np.ndarray) -> np.ndarray:
@@ -612,7 +614,7 @@ def layer_sweep(model: nn.Module, subject: Subject, pairs: Pairs, generator: tor
     return Sweep(
         {layer: localisation(query_maps(model, s, pairs, generator, SWEEP_METHODS), pairs.boxes)
          for layer, s in at.items()},
-        {layer: residual_share(model, s, pairs) for layer, s in at.items()},
+        {layer: mean_residual_share(model, s, pairs) for layer, s in at.items()},
         resolve(SFAM(model, embedding_layer=subject.embedding_layer), to_tensor(pairs.query[:1])).target_layer,
     )
 
@@ -636,7 +638,7 @@ def evaluate(subject: Subject, args: argparse.Namespace) -> Evaluation:
     )
     agreement = gradcam_agreement(single_maps) if GRADCAM_PROJECT in subject.methods else None
     sweep = layer_sweep(model, subject, subset, generator) if subject.sweep else None
-    return Evaluation(subject, scores, residual_share(model, subject, single), model_reliance(model, shared), agreement,
+    return Evaluation(subject, scores, mean_residual_share(model, subject, single), model_reliance(model, shared), agreement,
                       sweep)
 
 

@@ -59,7 +59,7 @@ from jobs.bench_quality import (
 )
 from pipeline import SFAM, SFAMResult
 from pipeline.demo.model import EMBEDDING_LAYER, TARGET_LAYER, demo_model
-from pipeline.explain.correspondence import SHARPNESS, correspondence, local_embeddings, reciprocal
+from pipeline.explain.correspondence import SHARPNESS, correspondence, local_embeddings
 
 SELECTION_SEED = 27182818  # picks the method
 EVALUATION_SEED = 16180339  # reports it; both differ from jobs/bench_quality's seed
@@ -94,7 +94,9 @@ def mutual_nearest(pair: Pair) -> torch.Tensor:
 
 
 def reciprocal_sfam(pair: Pair) -> torch.Tensor:
-    return reciprocal(pair.sfam_x, pair.matches, pair.sfam_y, SHARPNESS)
+    """sfam_x(p) * sum_q ReLU(C[p, q])^g sfam_y(q) / sum_q sfam_y(q): the partner's SFAM mass as weights."""
+    support = (pair.matches.relu().pow(SHARPNESS) @ pair.sfam_y[:, :, None])[:, :, 0]  # (P, n)
+    return pair.sfam_x * support / pair.sfam_y.sum(dim=1, keepdim=True).clamp_min(1e-30)
 
 
 def transport(pair: Pair) -> torch.Tensor:

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 
 from pipeline.errors import EXIT_GATES_FAILED, PipelineError, UserError
+from pipeline.manifest import BBOX_COLUMNS
 from pipeline.quality import residual_share
 from pipeline.thresholds import FALSE_MATCH_SIMILARITY
 
@@ -65,7 +66,7 @@ class Gates(BaseModel):
         """Manifest columns the enabled gates need, and the gate that needs each."""
         needed = {}
         if self.min_same_label_pointing is not None:
-            needed |= dict.fromkeys(("label", "query_bbox", "reference_bbox"), "min_same_label_pointing")
+            needed |= dict.fromkeys(("label", *BBOX_COLUMNS), "min_same_label_pointing")
         if self.max_false_match_rate is not None:
             needed.setdefault("label", "max_false_match_rate")
         if self.max_similarity_drop is not None:

@@ -24,7 +24,7 @@ from pipeline.io.tables import arrow_filesystem
 from pipeline.schema import reserved_names
 
 REQUIRED = ("pair_id", "query_uri", "reference_uri")
-BOX_COLUMNS = ("query_bbox", "reference_bbox")
+BBOX_COLUMNS = ("query_bbox", "reference_bbox")
 FIRST_IMAGES = 8  # distinct image URIs of the first rows kept in ManifestInfo
 _SCHEME = r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://"  # of a URI; paths have none
 FOLDER_MARKER = "_$folder$"  # the empty objects Hadoop's S3 connectors write beside folders
@@ -125,7 +125,7 @@ def _check_types(schema: pa.Schema, folder_columns: list[str]) -> None:
                     f", from folder names {name}=...: one of them is not a number" if name in folder_columns else "")
             raise ManifestError(f"manifest column {name!r} has type {schema.field(name).type}, expected "
                                 f"{is_expected.__name__[3:]}{hint}")
-    for name in BOX_COLUMNS:
+    for name in BBOX_COLUMNS:
         if name in schema.names:
             kind = schema.field(name).type
             if not (pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind)) or not pa.types.is_floating(kind.value_type):
@@ -193,9 +193,9 @@ def _validate(manifest: pds.Dataset) -> ManifestInfo:
     if num_rows == 0:  # first: an empty file's columns may have no types at all
         raise ManifestError("manifest has no rows")
     _check_types(schema, manifest.partitioning.schema.names)
-    boxes = [name for name in BOX_COLUMNS if name in schema.names]
+    boxes = [name for name in BBOX_COLUMNS if name in schema.names]
     if len(boxes) == 1:
-        raise ManifestError(f"manifest has {boxes[0]!r} but not {(set(BOX_COLUMNS) - set(boxes)).pop()!r}: "
+        raise ManifestError(f"manifest has {boxes[0]!r} but not {(set(BBOX_COLUMNS) - set(boxes)).pop()!r}: "
                             "the localisation columns need both boxes of each pair (or neither column)")
     labels = ["label"] if "label" in schema.names else []
     seen: set[str] = set()

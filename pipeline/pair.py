@@ -15,7 +15,7 @@ from pipeline.render import render_pair_png
 from pipeline.render.result_row import matches_in_pixels
 from pipeline.schema import TOP_CHANNELS
 
-DISPLAY_SIDE = 512
+EXPLAIN_DISPLAY_SIDE = 512  # `sfam explain` draws one pair larger than the job's overlays (render.result_row.DISPLAY_SIDE)
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class PairExplanation:
     png: bytes
 
 
-def _matches_on_display(result: SFAMResult, pictures: list[Pictures]) -> list[tuple[list[float], list[float]]]:
+def _correspondences_on_display(result: SFAMResult, pictures: list[Pictures]) -> list[tuple[list[float], list[float]]]:
     """The pair's correspondences (weighting "matched" only) as point pairs on the display pictures."""
     if result.correspondences is None:
         return []
@@ -42,7 +42,7 @@ def explain_pair(query_uri: str, reference_uri: str, spec: ModelSpec, options: S
                  max_image_pixels: int, output: str | None = None) -> PairExplanation:
     """Explains (query, reference) with the spec's model; writes the overlay to `output` if given.
     The images are read first: a wrong one is named before the model loads (seconds)."""
-    pictures = [decode_pictures(read_bytes(uri, options), uri, max_image_pixels, spec.input_size, DISPLAY_SIDE)
+    pictures = [decode_pictures(read_bytes(uri, options), uri, max_image_pixels, spec.input_size, EXPLAIN_DISPLAY_SIDE)
                 for uri in (query_uri, reference_uri)]
     explainer = build_explainer(spec, options)
     result = explainer.explain_pairs(np.stack([p.model_input for p in pictures]), [0], [1])  # (2, S, S, 3) in
@@ -54,7 +54,7 @@ def explain_pair(query_uri: str, reference_uri: str, spec: ModelSpec, options: S
         result.map_query[0].cpu().numpy(), result.map_reference[0].cpu().numpy(),
         similarity=similarity, metric=spec.metric,
         title=f"{spec.model_id} · {explainer.target_layer} · {spec.weighting}", top_channels=top,
-        correspondences=_matches_on_display(result, pictures),
+        correspondences=_correspondences_on_display(result, pictures),
     )
     if output is not None:
         write_bytes(output, png, options)

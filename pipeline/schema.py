@@ -50,7 +50,7 @@ RESULT_COLUMNS = pa.schema([
     pa.field("device", pa.string()),
 ])
 
-BOX_COLUMNS = pa.schema([
+LOCALISATION_COLUMNS = pa.schema([
     pa.field("query_energy_in_box", pa.float32()),
     pa.field("query_pointing_hit", pa.bool_()),
     pa.field("reference_energy_in_box", pa.float32()),
@@ -67,12 +67,12 @@ EXPLAINED_COLUMNS = (
 
 def reserved_names() -> frozenset[str]:
     """Names a manifest column may not have: the job writes them."""
-    return frozenset(PARTITION_COLUMNS.names + RESULT_COLUMNS.names + BOX_COLUMNS.names)
+    return frozenset(PARTITION_COLUMNS.names + RESULT_COLUMNS.names + LOCALISATION_COLUMNS.names)
 
 
 def result_type(name: str) -> pa.DataType:
     """The Arrow type of a result column."""
-    for schema in (RESULT_COLUMNS, BOX_COLUMNS, PARTITION_COLUMNS):
+    for schema in (RESULT_COLUMNS, LOCALISATION_COLUMNS, PARTITION_COLUMNS):
         index = schema.get_field_index(name)
         if index >= 0:
             return schema.field(index).type

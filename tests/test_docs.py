@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import JobConfig
-from pipeline.schema import BOX_COLUMNS, PARTITION_COLUMNS, RESULT_COLUMNS
+from pipeline.schema import LOCALISATION_COLUMNS, PARTITION_COLUMNS, RESULT_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def documented_columns() -> set[str]:
 
 
 def test_the_column_table_is_the_schema() -> None:
-    assert documented_columns() == set(RESULT_COLUMNS.names + BOX_COLUMNS.names + PARTITION_COLUMNS.names)
+    assert documented_columns() == set(RESULT_COLUMNS.names + LOCALISATION_COLUMNS.names + PARTITION_COLUMNS.names)
 
 
 def readme_config() -> dict:

@@ -17,10 +17,11 @@ from pipeline.explain import SFAMResult
 from pipeline.io.images import EncodedJpeg, ImageDecodeError, Pictures, decode_jpegs, torchvision_decodes_jpegs_on
 from pipeline.io.storage import StorageOptions
 from pipeline.localisation import box_in_image, localise
+from pipeline.manifest import BBOX_COLUMNS
 from pipeline.models.explainer import build_explainer, device_label
 from pipeline.models.spec import ModelSpec, model_hw
 from pipeline.render.result_row import DISPLAY_SIDE, matches_in_pixels
-from pipeline.schema import BOX_COLUMNS, EXPLAINED_COLUMNS, SIDES, TOP_CHANNELS, result_type
+from pipeline.schema import EXPLAINED_COLUMNS, LOCALISATION_COLUMNS, SIDES, TOP_CHANNELS, result_type
 
 log = logging.getLogger("sfam.audit")
 REGROW_AFTER = 32  # batches that fill a lowered size before the actor tries twice that size again
@@ -77,7 +78,7 @@ def _pictures_at(batch: pa.Table, side: str, row: int, input_size: int | tuple[i
 
 
 def _has_boxes(batch: pa.Table) -> bool:
-    return all(f"{side}_bbox" in batch.column_names for side in SIDES)
+    return all(name in batch.column_names for name in BBOX_COLUMNS)
 
 
 def _with_nulls(values: list, ok_rows: np.ndarray, num_rows: int) -> list:
@@ -114,7 +115,7 @@ class ExplainPairs:
             batch = self.decoder(batch)
         ok_rows = np.flatnonzero(pc.equal(batch.column("status"), "ok").to_numpy(zero_copy_only=False))
         columns = self._explain_in_pieces(batch, ok_rows)
-        names = [*EXPLAINED_COLUMNS, *(BOX_COLUMNS.names if _has_boxes(batch) else ())]
+        names = [*EXPLAINED_COLUMNS, *(LOCALISATION_COLUMNS.names if _has_boxes(batch) else ())]
         for name in names:
             values = _with_nulls(columns.get(name, []), ok_rows, batch.num_rows)
             batch = batch.append_column(name, pa.array(values, result_type(name)))

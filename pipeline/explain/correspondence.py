@@ -35,32 +35,30 @@ def correspondence(e_x: torch.Tensor, e_y: torch.Tensor) -> torch.Tensor:
     return unit(e_x, dim=2) @ unit(e_y, dim=2).transpose(1, 2)
 
 
-def reciprocal(mass_x: torch.Tensor, matches: torch.Tensor, mass_y: torch.Tensor, sharpness: float) -> torch.Tensor:
-    """mass_x(p) * sum_q ReLU(C[p, q])^g mass_y(q) / sum_q mass_y(q): (P, n), (P, n, m), (P, m) -> (P, n)."""
-    support = (matches.relu().pow(sharpness) @ mass_y[:, :, None])[:, :, 0]  # (P, n)
-    return mass_x * support / mass_y.sum(dim=1, keepdim=True).clamp_min(1e-30)
-
-
-def matched_maps(e_x: torch.Tensor, e_y: torch.Tensor, sharpness: float = SHARPNESS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """M^x (P, n), M^y (P, m) and C (P, n, m) from local embeddings e^x (P, n, D), e^y (P, m, D)."""
+def matched_terms(e_x: torch.Tensor, e_y: torch.Tensor, sharpness: float = SHARPNESS) -> tuple[torch.Tensor, torch.Tensor]:
+    """C (P, n, m) and the pair terms T[p, q] = n^x(p) ReLU(C[p, q])^g n^y(q) (P, n, m) of local
+    embeddings e^x (P, n, D), e^y (P, m, D): what the matched maps and the correspondences are read from."""
     matches = correspondence(e_x, e_y)
-    n_x, n_y = e_x.norm(dim=2), e_y.norm(dim=2)  # (P, n), (P, m)
-    return (reciprocal(n_x, matches, n_y, sharpness), reciprocal(n_y, matches.transpose(1, 2), n_x, sharpness),
-            matches)
+    terms = e_x.norm(dim=2)[:, :, None] * matches.relu().pow(sharpness) * e_y.norm(dim=2)[:, None, :]
+    return matches, terms
 
 
-def top_correspondences(
-    matches: torch.Tensor, e_x: torch.Tensor, e_y: torch.Tensor, width: int, k: int = TOP_MATCHES,
-    sharpness: float = SHARPNESS,
-) -> torch.Tensor:
+def matched_maps(terms: torch.Tensor, e_x: torch.Tensor, e_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """M^x (P, n) and M^y (P, m) from the pair terms (P, n, m): M^x(p) = sum_q T[p, q] / sum_q n^y(q),
+    M^y(q) = sum_p T[p, q] / sum_p n^x(p)."""
+    total_x = e_x.norm(dim=2).sum(dim=1, keepdim=True).clamp_min(1e-30)  # (P, 1)
+    total_y = e_y.norm(dim=2).sum(dim=1, keepdim=True).clamp_min(1e-30)
+    return terms.sum(dim=2) / total_y, terms.sum(dim=1) / total_x
+
+
+def top_correspondences(matches: torch.Tensor, terms: torch.Tensor, width: int, k: int = TOP_MATCHES) -> torch.Tensor:
     """The k strongest matches of each pair: (P, k, 5) rows (x_q, y_q, x_r, y_r, cos).
 
-    Each location p of x is paired with the q of y whose term n^x(p) ReLU(C[p, q])^g n^y(q)
-    in the matched maps is largest; the k locations of x with the largest such terms are kept,
-    strongest first. Points are cell centres in feature-grid units ((col + 0.5, row + 0.5) of
-    grids `width` cells wide); multiply by image size / grid size for pixels.
+    Each location p of x is paired with the q of y whose pair term T[p, q] (matched_terms) is
+    largest; the k locations of x with the largest such terms are kept, strongest first. Points
+    are cell centres in feature-grid units ((col + 0.5, row + 0.5) of grids `width` cells wide);
+    multiply by image size / grid size for pixels. matches: C (P, n, m); terms: T (P, n, m).
     """
-    terms = e_x.norm(dim=2)[:, :, None] * matches.relu().pow(sharpness) * e_y.norm(dim=2)[:, None, :]  # (P, n, m)
     best, partner = terms.max(dim=2)  # (P, n)
     chosen = best.topk(min(k, best.shape[1]), dim=1).indices  # (P, k) locations of x
     q = partner.gather(1, chosen)  # (P, k) locations of y

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pipeline.explain.correspondence import local_embeddings, matched_maps, top_correspondences
+from pipeline.explain.correspondence import local_embeddings, matched_maps, matched_terms, top_correspondences
 from pipeline.explain.head import AffineHead, measure_affine_head, per_image_scale, relative_tolerance
 from pipeline.explain.layers import ExplanationError, embeddings_of, find_module, hooked_output, layer_name
 from pipeline.explain.layout import FeatureLayout, LayoutName, check_layout, detect_layout
@@ -500,9 +500,9 @@ class SFAM:
             correspondences = None
         else:
             e_x, e_y = local[query_index], local[reference_index]  # (P, h*w, D)
-            matched_x, matched_y, matches = matched_maps(e_x, e_y)  # (P, h*w) twice, (P, h*w, h*w)
-            maps = tuple(m.view(-1, *features.shape[2:]) for m in (matched_x, matched_y))
-            correspondences = top_correspondences(matches, e_x, e_y, width=features.shape[3])
+            matches, terms = matched_terms(e_x, e_y)  # (P, h*w, h*w) twice
+            maps = tuple(m.view(-1, *features.shape[2:]) for m in matched_maps(terms, e_x, e_y))
+            correspondences = top_correspondences(matches, terms, width=features.shape[3])
         return SFAMResult(
             similarity=query.similarity.float(),
             cis_query=query.cis.float(),
