@@ -44,7 +44,7 @@ from jobs.bench_common import local_ray, machine, synchronize, write_manifest, w
 from jobs.bench_stages import photo_jpeg
 from jobs.benchmark_report import BENCHMARKS, parse_benchmark_args, write_section
 from jobs.tiny_model import tiny_spec
-from pipeline.config import JobConfig
+from pipeline.config import MAX_IMAGE_PIXELS, JobConfig
 from pipeline.io.images import decode_pictures
 from pipeline.io.storage import StorageOptions
 from pipeline.models.spec import ModelSpec
@@ -55,7 +55,6 @@ if TYPE_CHECKING:
 
 SECTION = "## Where the job's time goes"
 SMOKE = {"queries": 4, "top_k": 2, "gallery": 8, "rounds": 1, "batch_size": 2}
-MAX_PIXELS = 50_000_000
 DRIVER, WORKERS, RAY = "driver", "Ray workers running the stages", "Ray's own processes"
 STAGE_NAMES = ("FetchImages", "ExplainPairs", "RenderResults", "StageChain", "Write")  # in a worker's process title while it runs one
 RUNNING = ").submit"  # ends an actor's process title while it runs a batch: ray::MapWorker(MapBatches(StageChain)).submit
@@ -282,7 +281,7 @@ def decode_only(audit: Audit, size: int, pairs: int | None) -> float:
     started = time.perf_counter()
     for row in rows:
         for uri in row.values():
-            decode_pictures((audit.root / uri).read_bytes(), uri, MAX_PIXELS, size, DISPLAY_SIDE)
+            decode_pictures((audit.root / uri).read_bytes(), uri, MAX_IMAGE_PIXELS, size, DISPLAY_SIDE)
     return len(rows) / (time.perf_counter() - started)
 
 
@@ -332,9 +331,9 @@ def stage_costs(audit: Audit, config: JobConfig, folder: Path, pairs: int | None
         batch = manifest.slice(offset, config.batch_size)
         for uri in {*batch.column("query_uri").to_pylist(), *batch.column("reference_uri").to_pylist()}:
             if in_actors:
-                timed(DECODE, torchvision_jpeg, (audit.root / uri).read_bytes(), uri, MAX_PIXELS)
+                timed(DECODE, torchvision_jpeg, (audit.root / uri).read_bytes(), uri, MAX_IMAGE_PIXELS)
             else:
-                timed(DECODE, decode_pictures, (audit.root / uri).read_bytes(), uri, MAX_PIXELS,
+                timed(DECODE, decode_pictures, (audit.root / uri).read_bytes(), uri, MAX_IMAGE_PIXELS,
                       config.model.input_size, DISPLAY_SIDE)
         explained = timed(EXPLAIN, explain, timed(FETCH_REST, fetch, batch))
         overlays += int(select_for_render(explained, config.render_png, config.render_flags).sum())

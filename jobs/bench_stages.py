@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 
 from jobs.bench_common import Work, interleaved_seconds
 from jobs.benchmark_report import BENCHMARKS, cpu_name, parse_benchmark_args, write_section
+from pipeline.config import MAX_IMAGE_PIXELS
 from pipeline.io.images import decode_image, decode_jpegs, decode_pictures, display_image, resize_for_model, torchvision_jpeg
 from pipeline.render import render_pair_png
 from pipeline.render.overlay import encode_png
@@ -32,7 +33,6 @@ from pipeline.render.result_row import DISPLAY_SIDE
 
 SECTION = "## CPU stages"
 SMOKE = {"pairs": 4, "repeats": 1}
-MAX_PIXELS = 50_000_000
 FULL_DECODE = "decode + resize a pair: full decode, then resize_for_model and display_image (before)"
 DRAFT_DECODE = "decode + resize a pair: decode_pictures, JPEG draft mode (now)"
 HEADER_CHECK = "check a pair's headers for the GPU: torchvision_jpeg (what the fetch does when the actors decode)"
@@ -84,16 +84,16 @@ def cpu_ms(works: dict[str, Work], items: int, repeats: int) -> dict[str, float]
 def decode_rows(pairs: list[tuple[bytes, bytes]], model_size: int, repeats: int) -> list[Row]:
     def full() -> None:
         for data in (image for pair in pairs for image in pair):
-            rgb = decode_image(data, "bench.jpg", MAX_PIXELS)
+            rgb = decode_image(data, "bench.jpg", MAX_IMAGE_PIXELS)
             resize_for_model(rgb, model_size), display_image(rgb, DISPLAY_SIDE)
 
     def draft() -> None:
         for data in (image for pair in pairs for image in pair):
-            decode_pictures(data, "bench.jpg", MAX_PIXELS, model_size, DISPLAY_SIDE)
+            decode_pictures(data, "bench.jpg", MAX_IMAGE_PIXELS, model_size, DISPLAY_SIDE)
 
     def header() -> None:
         for data in (image for pair in pairs for image in pair):
-            torchvision_jpeg(data, "bench.jpg", MAX_PIXELS)
+            torchvision_jpeg(data, "bench.jpg", MAX_IMAGE_PIXELS)
 
     ms = cpu_ms({FULL_DECODE: full, DRAFT_DECODE: draft, HEADER_CHECK: header}, len(pairs), repeats)
     return [Row(name, value) for name, value in ms.items()]
@@ -108,11 +108,11 @@ class GpuRow:
 
 def gpu_decode_rows(pairs: list[tuple[bytes, bytes]], model_size: int, repeats: int, device: torch.device) -> list[GpuRow]:
     """nvJPEG next to decode_pictures on one core, in wall and CPU time per pair (interleaved rounds)."""
-    jpegs = [torchvision_jpeg(data, "bench.jpg", MAX_PIXELS) for pair in pairs for data in pair]
+    jpegs = [torchvision_jpeg(data, "bench.jpg", MAX_IMAGE_PIXELS) for pair in pairs for data in pair]
     uris = ["bench.jpg"] * len(jpegs)
     works = {
-        NVJPEG_DECODE: lambda: decode_jpegs(jpegs, uris, MAX_PIXELS, model_size, DISPLAY_SIDE, device),
-        DRAFT_DECODE: lambda: [decode_pictures(data, "bench.jpg", MAX_PIXELS, model_size, DISPLAY_SIDE)
+        NVJPEG_DECODE: lambda: decode_jpegs(jpegs, uris, MAX_IMAGE_PIXELS, model_size, DISPLAY_SIDE, device),
+        DRAFT_DECODE: lambda: [decode_pictures(data, "bench.jpg", MAX_IMAGE_PIXELS, model_size, DISPLAY_SIDE)
                                for pair in pairs for data in pair],
     }
     return [GpuRow(name, wall, cpu) for name, (wall, cpu) in median_ms(works, len(pairs), repeats, device).items()]
@@ -140,7 +140,7 @@ OVERLAYS = [Overlay(DISPLAY_SIDE, 7), Overlay(DISPLAY_SIDE, 14), Overlay(640, 7)
 
 def render_rows(pairs: list[tuple[bytes, bytes]], overlay: Overlay, repeats: int, rng: np.random.Generator) -> list[Row]:
     """render_pair_png as the job calls it, and its canvas encoded by each PNG encoder."""
-    displays = [[decode_pictures(data, "bench.jpg", MAX_PIXELS, 224, overlay.display_side).display for data in pair]
+    displays = [[decode_pictures(data, "bench.jpg", MAX_IMAGE_PIXELS, 224, overlay.display_side).display for data in pair]
                 for pair in pairs]
     maps = [(saliency_map(rng, overlay.map_side), saliency_map(rng, overlay.map_side)) for _ in pairs]
 

@@ -71,7 +71,7 @@ def distinct_pairs(output: Path, attempt: str) -> int:
     return len(pc.unique(pq.read_table(files, columns=["pair_id"]).column("pair_id")))
 
 
-def table(run: JobRun, rows: list[Chunk], chunk: int) -> str:
+def table(rows: list[Chunk], chunk: int) -> str:
     lines = [f"| pairs written | seconds for these {chunk:,} | driver USS (MiB) | {WORKERS} USS (MiB) "
              f"| {RAY} USS (MiB) |", "|---|---|---|---|---|"]
     lines += [f"| {c.pairs:,} | {c.seconds:.1f} | {c.uss_mib[DRIVER]:,.0f} | {c.uss_mib[WORKERS]:,.0f} "
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             run = run_job(config, ProcessMonitor(interval_s=args.interval, uss=True))
         distinct = distinct_pairs(Path(config.output), run.summary.attempt)
     rows = chunks(run, args.chunk)
-    report = "\n".join([table(run, rows, args.chunk), "", *summary_lines(run, audit.pairs, distinct, rows)])
+    report = "\n".join([table(rows, args.chunk), "", *summary_lines(run, audit.pairs, distinct, rows)])
     print(report)
     if args.write:
         command = shlex.join(["python", "-m", "jobs.soak", *argv])

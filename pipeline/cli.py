@@ -27,12 +27,14 @@ from typing import Any, get_args
 import yaml
 
 from pipeline.config import (
+    MAX_IMAGE_PIXELS,
     RUN_ID_PATTERN,
     RUN_ID_RULE,
     ConfigError,
     add_config_arguments,
     load_config,
     load_yaml,
+    model_section,
     one_line,
     parse_override,
     validated,
@@ -49,7 +51,7 @@ from pipeline.errors import (
 )
 from pipeline.gates import GatesFailed
 from pipeline.io.iceberg_store import TableConfig
-from pipeline.io.storage import StorageOptions, redact_uri
+from pipeline.io.storage import StorageOptions, redact_uri, write_bytes
 from pipeline.models.spec import LayoutName, Metric, ModelSpec, Weighting
 from pipeline.run_history import recorded_table
 
@@ -65,7 +67,7 @@ def _model_spec(text: str) -> ModelSpec:
         value = load_yaml(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"--model {text!r}: not YAML: {one_line(error)}") from error
-    return validated(ModelSpec, value if isinstance(value, dict) else {"arch": text}, f"--model {text!r}")
+    return validated(ModelSpec, model_section(value if isinstance(value, dict) else text), f"--model {text!r}")
 
 
 def _finite_number(text: str) -> float:
@@ -125,8 +127,6 @@ def explain_command(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides)
         spec, options, max_pixels = config.model, config.storage_options, config.max_image_pixels
     else:
-        from pipeline.config import MAX_IMAGE_PIXELS
-
         spec, options, max_pixels = _model_spec(args.model), StorageOptions(endpoint_url=args.endpoint_url), MAX_IMAGE_PIXELS
     changes = {"metric": args.metric, "target_layer": args.target_layer, "embedding_layer": args.embedding_layer,
                "weighting": args.weighting, "feature_layout": args.feature_layout, "prefix_tokens": args.prefix_tokens}
@@ -239,8 +239,6 @@ def render_command(args: argparse.Namespace) -> int:
     if args.out == "-":
         sys.stdout.buffer.write(png)
     else:
-        from pipeline.io.storage import write_bytes
-
         write_bytes(args.out, png, audit.options)
         print(f"wrote {args.out}")
     return EXIT_OK

@@ -1,7 +1,7 @@
 """Where a map puts its mass, measured against an object's box (localisation statistics).
 
 Maps are at feature resolution (h, w) and cover the whole image (the model sees the image
-resized to a square, without cropping), so a map cell maps linearly to image pixels.
+resized to its input size, without cropping), so a map cell maps linearly to image pixels.
 """
 
 from __future__ import annotations
@@ -78,13 +78,13 @@ class Localisation:
 
 
 def localise(saliency: np.ndarray, image_size: tuple[int, int], box: Box | None = None) -> Localisation:
-    """The three statistics above, with one upsampling of the map."""
+    """The three statistics above."""
     if not bool((saliency > 0).any()):  # its maximum would be an arbitrary cell, and its energy 0 / 0
         return Localisation()
     peak = peak_xy(saliency, image_size)
     if box is None:
         return Localisation(peak)
-    return Localisation(peak, _energy(*_grid(np.maximum(saliency, 0), image_size), box), _inside(peak, box))
+    return Localisation(peak, energy_in_box(saliency, box, image_size), _inside(peak, box))
 
 
 def _energy(positive_grid: np.ndarray, scale: Scale, box: Box) -> float:

@@ -45,7 +45,7 @@ def explain_pair(query_uri: str, reference_uri: str, spec: ModelSpec, options: S
     pictures = [decode_pictures(read_bytes(uri, options), uri, max_image_pixels, spec.input_size, EXPLAIN_DISPLAY_SIDE)
                 for uri in (query_uri, reference_uri)]
     explainer = build_explainer(spec, options)
-    result = explainer.explain_pairs(np.stack([p.model_input for p in pictures]), [0], [1])  # (2, S, S, 3) in
+    result = explainer.explain_pairs(np.stack([p.model_input for p in pictures]), [0], [1])  # (2, H, W, 3) in
     cis_query, cis_reference = result.cis_query[0].cpu(), result.cis_reference[0].cpu()
     top = result.top_channels(TOP_CHANNELS)[0].tolist()
     similarity = float(result.similarity[0])

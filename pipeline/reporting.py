@@ -78,7 +78,8 @@ class _OverlayLinks:
 
 
 def _comparison(output: str, record: dict, options: StorageOptions, table: TableConfig | None) -> str:
-    """A "Compared with RUN" section when an earlier run of the same manifest succeeded, else "".
+    """A "Compared with RUN" section against the run's baseline (run_history.baseline_run: the latest
+    earlier run that passed its gates, of the same manifest unless similarity_baseline is previous_run), else "".
 
     False matches are counted at the run's own false-match similarity (compare_runs' default)."""
     config = record["config"]

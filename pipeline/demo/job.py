@@ -6,7 +6,6 @@ audit job over local folders, queries the result table with DuckDB and writes th
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -36,8 +35,7 @@ GROUP BY label ORDER BY label
 """
 
 
-def run_demo(output: str, queries: int = 30, top_k: int = 10) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+def run_demo(output: str, queries: int, top_k: int) -> int:
     started = time.time()
     root = Path(output).resolve()
     manifest = build_demo_audit(root / "data", queries, top_k)

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from pipeline.explain.layers import ExplanationError
 
 LayoutName = Literal["auto", "nchw", "nhwc", "tokens"]
-LAYOUTS: tuple[str, ...] = ("auto", "nchw", "nhwc", "tokens")
+LAYOUTS: tuple[str, ...] = get_args(LayoutName)
 
 
 @dataclass(frozen=True)

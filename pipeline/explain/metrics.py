@@ -7,13 +7,13 @@ All functions take embeddings of shape (P, D) and return (P, D) or (P,).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 Metric = Literal["cosine", "dot", "euclidean"]
-METRICS: tuple[str, ...] = ("cosine", "dot", "euclidean")
+METRICS: tuple[str, ...] = get_args(Metric)
 
 
 def check_metric(metric: str) -> Metric:

@@ -44,7 +44,7 @@ class ModelExplainer:
         return self.sfam.target_layer
 
     def inputs(self, pixels: np.ndarray) -> torch.Tensor:
-        """(N, S, S, 3) uint8 model-size pictures -> (N, 3, S, S) normalised float tensor on the device."""
+        """(N, H, W, 3) uint8 model-size pictures -> (N, 3, H, W) normalised float tensor on the device."""
         return to_model_tensor(pixels, self.spec.mean, self.spec.std, self.device)
 
     def explain_pairs(self, pixels: np.ndarray, query_index: list[int], reference_index: list[int]) -> SFAMResult:

@@ -19,10 +19,12 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.schema import TOP_CHANNELS
+
 COLORMAP = "turbo"
 """Matplotlib colormap used for saliency: vivid at the top, so hot spots stand out on photos."""
 
-Box = Sequence[float]  # (x0, y0, x1, y1) in the original image's pixel coordinates
+Box = Sequence[float]  # (x0, y0, x1, y1) in the pixels of the picture it is drawn on
 Point = Sequence[float]  # (x, y) in an image's pixel coordinates
 Match = tuple[Point, Point]  # a query point and its reference point
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
@@ -31,7 +33,6 @@ _MAX_PANEL_ASPECT = 4.0  # a panel is at most this many times wider than tall
 _MIN_WIDTH = 480  # narrow pairs are centred on a canvas this wide, so the caption fits
 _MAX_TITLE_CHARS = 200
 _OVERLAY_ALPHA = 0.6
-_MAX_TOP_CHANNELS = 10
 
 _PAD = 12
 _GAP = 12
@@ -242,7 +243,7 @@ def render_pair_png(
         draw.text((_PAD, y + line_h), _fit(title, small_font, text_w), font=small_font, fill=_TEXT)
     channels = [] if top_channels is None else [int(c) for c in top_channels]
     if channels:
-        shown = ", ".join(map(str, channels[:_MAX_TOP_CHANNELS])) + ("…" if len(channels) > _MAX_TOP_CHANNELS else "")
+        shown = ", ".join(map(str, channels[:TOP_CHANNELS])) + ("…" if len(channels) > TOP_CHANNELS else "")
         line = _fit(f"top channels: {shown}", small_font, text_w)
         draw.text((_PAD, y + 2 * line_h), line, font=small_font, fill=_MUTED)
 
