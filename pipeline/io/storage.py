@@ -314,6 +314,9 @@ def _storage_errors(uri: str) -> Iterator[None]:
     except StorageError:
         raise
     except FileNotFoundError as e:
+        if e.__cause__ is not None and _is_connection_error(e.__cause__):
+            # fsspec's HTTP filesystem on a host that does not answer: the row's error, not the job's (hosts differ per URI)
+            raise StorageError(uri, f"cannot connect ({type(e.__cause__).__name__}: {e.__cause__})") from e
         detail = str(e) if "bucket" in str(e).lower() else ""  # s3fs says when the bucket, not the key, is missing
         raise StorageError(uri, f"not found ({detail})" if detail else "not found") from e
     except PermissionError as e:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import http.server
 import socket
 import threading
 import time
@@ -225,6 +227,23 @@ def test_unreachable_endpoint_is_storage_unavailable_and_drops_the_client(monkey
     with pytest.raises(StorageUnavailable, match="endpoint unreachable"):
         exists(uri, options)
     assert filesystem(uri, options)[0] is not client
+
+
+def test_an_http_image_on_a_host_that_refuses_is_that_uri_s_error_not_not_found(tmp_path) -> None:
+    """fsspec's HTTP filesystem says FileNotFoundError for a refused connection: the error says the
+    host did not answer (a StorageError, so only the rows of that host fail), and a real 404 is not found."""
+    (tmp_path / "here.png").write_bytes(b"picture")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        assert read_bytes(f"{base}/here.png") == b"picture"
+        with pytest.raises(StorageError, match=r"/gone.png: not found$"):
+            read_bytes(f"{base}/gone.png")
+        server.shutdown()
+    with pytest.raises(StorageError, match=r"/here.png: cannot connect \(ClientConnectorError: Cannot connect to host") as info:
+        read_bytes(f"{base}/here.png")
+    assert not isinstance(info.value, StorageUnavailable)
 
 
 def test_an_endpoint_that_never_answers_is_storage_unavailable(monkeypatch) -> None:
