@@ -31,7 +31,6 @@ from pipeline.config import (
     RUN_ID_PATTERN,
     RUN_ID_RULE,
     ConfigError,
-    add_config_arguments,
     load_config,
     load_yaml,
     model_section,
@@ -83,7 +82,7 @@ def _finite_number(text: str) -> float:
 
 def _run_id(text: str) -> str:
     """A run id as the job names runs; a path in its place (`../x`) would read or write outside the run's folders."""
-    if not RUN_ID_PATTERN.match(text):
+    if not RUN_ID_PATTERN.fullmatch(text):
         raise argparse.ArgumentTypeError(f"{text!r}: {RUN_ID_RULE}")
     return text
 
@@ -252,8 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_root = argparse.ArgumentParser(add_help=False)  # which audit, and how to reach it
     audit_root.add_argument("output_root", metavar="OUTPUT", nargs="?", help="the audit's output root (default: the config's)")
     audit_root.add_argument("--config", help="job config YAML: its output and storage options are used")
-    audit_root.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                            help="override a value of --config, e.g. --set table.format=iceberg (repeatable)")
+    _add_overrides(audit_root, "table.format=iceberg")
     audit_root.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// URIs (without --config)")
     finished_run = argparse.ArgumentParser(add_help=False, parents=[audit_root])  # which run of that audit
     finished_run.add_argument("--run-id", required=True, type=_run_id, help="the run (its run_id)")
@@ -264,8 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = explain.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="torchvision arch, package.module:factory, or an inline YAML ModelSpec")
     source.add_argument("--config", help="job config YAML; its model section and storage options are used")
-    explain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a value of --config, e.g. --set model.metric=dot (repeatable)")
+    _add_overrides(explain, "model.metric=dot")
     explain.add_argument("-o", "--output", required=True, help="PNG to write (path or URI)")
     explain.add_argument("--metric", choices=get_args(Metric))
     explain.add_argument("--weighting", choices=get_args(Weighting), help="map weighting (default: the spec's, cis)")
@@ -278,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.set_defaults(handler=explain_command)
 
     audit = commands.add_parser("audit", parents=[common], help="run the audit job (same as python -m jobs.audit)")
-    add_config_arguments(audit)
+    audit.add_argument("--config", required=True, help="job config YAML (keys and defaults: README, Configuration)")
+    _add_overrides(audit, "model.metric=dot")
     audit.set_defaults(handler=audit_command)
 
     demo = commands.add_parser("demo", parents=[common], help="build the demo data and run the audit job on it")
@@ -308,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_overrides(parser: argparse.ArgumentParser, example: str) -> None:
+    """Repeatable --set KEY=VALUE: changes to the values of --config."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a value of --config, e.g. --set {example} (repeatable)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs one command; returns its exit status (errors.py says which status means what)."""
     args = build_parser().parse_args(argv)
@@ -327,12 +331,12 @@ def _run(args: argparse.Namespace) -> int:
         return status
     except PipelineError as error:
         if args.debug:
-            traceback.print_exc()
+            _print_traceback()
         print(f"{error.prefix}: {redact_uri(str(error))}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: an audit's attempt is recorded as failed on the way out
         if args.debug:
-            traceback.print_exc()
+            _print_traceback()
         terminated = isinstance(as_sent(stop), Terminated)
         lead = "terminated: SIGTERM stopped it; " if terminated else "interrupted: "
         line = f"{lead}an audit's attempt, once started, is recorded as failed; a committed run stays as it was"
@@ -347,6 +351,11 @@ def _run(args: argparse.Namespace) -> int:
         # whoever read the output stopped early (`| head`): quietly, as a SIGPIPE would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return EXIT_BROKEN_PIPE
+
+
+def _print_traceback() -> None:
+    """--debug: the traceback of the error being handled, credentials in URIs redacted as in its line."""
+    print(redact_uri(traceback.format_exc()), end="", file=sys.stderr)
 
 
 def _stdout_gone() -> bool:

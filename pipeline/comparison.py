@@ -72,9 +72,10 @@ import pyarrow.parquet as pq
 from pipeline.errors import UserError
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.results_store import ResultsStore
-from pipeline.io.storage import StorageOptions, join_uri, parent_uri, resolve_uri, write_bytes
+from pipeline.io.storage import StorageOptions, join_uri, resolve_uri, write_bytes
 from pipeline.io.stores import open_results_store
 from pipeline.layout import comparison_dir
+from pipeline.manifest import manifest_dir
 from pipeline.render.comparison_html import (
     METRICS_DIFFER,
     OTHER_IMAGES,
@@ -229,7 +230,7 @@ def _run_rows(store: ResultsStore, record: dict) -> pa.Table:
     table = store.read(run_id=record["run_id"], columns=list(_READ))
     # a manifest may hold large_string ids: one type for both runs, which _aligned concatenates
     table = table.set_column(table.schema.get_field_index("pair_id"), "pair_id", pc.cast(table["pair_id"], pa.string()))
-    folder = parent_uri(record["config"]["manifest"])
+    folder = manifest_dir(record["config"]["manifest"])
     for name in ("query_uri", "reference_uri"):
         resolved = pa.array([resolve_uri(uri, folder) for uri in table[name].to_pylist()], pa.string())
         table = table.set_column(table.schema.get_field_index(name), name, resolved)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import os
 import re
@@ -23,7 +22,7 @@ from pipeline.thresholds import FALSE_MATCH_SIMILARITY, outside_cosine_range
 
 MAX_IMAGE_PIXELS = 50_000_000  # larger images fail their row (decompression bombs)
 ACTOR_MEMORY_AT_LEAST = 64 * 2**20  # bytes: a model replica needs more (torch alone takes hundreds of MiB)
-RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: `$` would let a final newline through
 RUN_ID_RULE = "run_id may hold letters, digits, '.', '_' and '-' (at most 128), starting with a letter or digit"
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -116,7 +115,7 @@ class JobConfig(BaseModel):
     @field_validator("run_id")
     @classmethod
     def _safe_run_id(cls, value: str) -> str:
-        if not RUN_ID_PATTERN.match(value):
+        if not RUN_ID_PATTERN.fullmatch(value):
             raise ValueError(RUN_ID_RULE)
         return value
 
@@ -256,9 +255,3 @@ def _problem(error: Mapping[str, Any], schema: type[BaseModel]) -> str:
             return text
     return text + did_you_mean(str(name), model.model_fields, n=1, prefix="".join(f"{p}." for p in parents))
 
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """--config FILE and repeatable --set KEY=VALUE, as every job entry point takes them."""
-    parser.add_argument("--config", required=True, help="job config YAML (keys and defaults: README, Configuration)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set model.metric=dot (repeatable)")

@@ -33,7 +33,7 @@ def safe_name(pair_id: str) -> str:
     alike ('a/b', 'a?b') or are long still get distinct names.
     """
     digest = hashlib.sha256(pair_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    readable = _UNSAFE.sub("_", pair_id).strip("._")[:MAX_NAME]
+    readable = _UNSAFE.sub("_", pair_id).strip("._-")[:MAX_NAME]  # no leading '-': not an option to a shell tool
     return f"{readable}-{digest}" if readable else digest
 
 

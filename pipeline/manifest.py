@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -19,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 
 from pipeline.errors import UserError
-from pipeline.io.storage import StorageOptions, is_folder, unusable_scheme
+from pipeline.io.storage import StorageOptions, is_folder, parent_uri, unusable_scheme
 from pipeline.io.tables import arrow_filesystem
 from pipeline.schema import reserved_names
 
@@ -45,6 +46,12 @@ class ManifestInfo:
     folder_columns: pa.Table  # each file's values of the Hive folder columns, a row per file; none without them
 
 
+def manifest_dir(manifest: str) -> str:
+    """The folder that a manifest's relative image URIs are read from: the one that holds the
+    manifest (absolute or a URI, as JobConfig keeps it), whether that is a file or a folder of them."""
+    return parent_uri(manifest)
+
+
 def open_manifest(uri: str, options: StorageOptions) -> pds.Dataset:
     """The manifest at `uri`: one Parquet file, or a folder of them (in subfolders too), read in
     the order of their names. Names that start with _ or . are not data (Spark's _SUCCESS, .crc
@@ -56,7 +63,7 @@ def open_manifest(uri: str, options: StorageOptions) -> pds.Dataset:
     not there."""
     folder = is_folder(uri, options)  # and StorageError first when it is not there
     fs, path = arrow_filesystem(uri, options)
-    try:
+    with _unreadable_as_manifest_error():
         found = pds.dataset(path, filesystem=fs, format="parquet")  # a folder: its files, _ and . skipped
         files = sorted((f for f in found.get_fragments() if not f.path.endswith(FOLDER_MARKER)), key=lambda f: f.path)
         if folder and not files:
@@ -67,8 +74,20 @@ def open_manifest(uri: str, options: StorageOptions) -> pds.Dataset:
         schema = pa.schema([*in_files, *folder_columns])
         return pds.dataset([f.path for f in fragments], schema=schema, filesystem=fs, format="parquet",
                            partitioning=pds.partitioning(folder_columns, flavor="hive"), partition_base_dir=path)
+
+
+@contextmanager
+def _unreadable_as_manifest_error() -> Iterator[None]:
+    """A damaged file, or a web server that cannot serve Parquet's byte ranges, as one ManifestError."""
+    try:
+        yield
     except (pa.ArrowException, OSError) as error:
         raise ManifestError(f"manifest is not readable Parquet: {error}") from error
+    except ValueError as error:
+        if "range requests" not in str(error):  # fsspec's HTTP file: the server ignores Range headers
+            raise
+        raise ManifestError("manifest: its web server does not serve byte ranges, which Parquet is read in: "
+                            "put the manifest on object storage or a local disk") from error
 
 
 def _folder_schema(paths: list[str], base: str, in_files: pa.Schema) -> pa.Schema:
@@ -181,10 +200,8 @@ def _check_boxes(batch: pa.RecordBatch, name: str, first_row: int) -> float:
 def validate_manifest(manifest: pds.Dataset) -> ManifestInfo:
     """Checks columns, types, pair_id uniqueness and null URIs of an opened manifest
     (open_manifest); raises ManifestError."""
-    try:
+    with _unreadable_as_manifest_error():
         return _validate(manifest)
-    except (pa.ArrowException, OSError) as error:  # a damaged file
-        raise ManifestError(f"manifest is not readable Parquet: {error}") from error
 
 
 def _validate(manifest: pds.Dataset) -> ManifestInfo:

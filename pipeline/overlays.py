@@ -9,8 +9,9 @@ from __future__ import annotations
 from pipeline.errors import UserError
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.images import decode_pictures, image_sha256
-from pipeline.io.storage import StorageError, StorageOptions, parent_uri, read_bytes, resolve_uri
+from pipeline.io.storage import StorageError, StorageOptions, read_bytes, resolve_uri
 from pipeline.io.stores import open_results_store
+from pipeline.manifest import manifest_dir
 from pipeline.models.spec import model_hw
 from pipeline.render.result_row import DISPLAY_SIDE, OVERLAY_COLUMNS, render_result_row
 from pipeline.run_history import read_run_record
@@ -35,14 +36,14 @@ def render_pair_of_run(output: str, run_id: str, pair_id: str, options: StorageO
         reason = rows[0].get("error") if rows else "no such pair_id in the run"
         raise PairNotFound(f"pair {pair_id[:200]!r} of run {run_id!r}: {reason}")
     row = rows[0]
-    manifest_dir = parent_uri(record["config"]["manifest"])  # absolute or a URI (JobConfig)
+    folder = manifest_dir(record["config"]["manifest"])
     model_size = model_hw(record["config"]["model"]["input_size"])  # one side, or [height, width]
     max_pixels = int(record["config"]["max_image_pixels"])
     displays, sizes = {}, {}
     for side in SIDES:
         uri = row[f"{side}_uri"]
         try:
-            data = read_bytes(resolve_uri(uri, manifest_dir), options)
+            data = read_bytes(resolve_uri(uri, folder), options)
         except StorageError as error:  # the run's table holds the maps, not the pictures
             raise type(error)(error.uri, f"{error.reason} (sfam render reads the pair's images again, from where "
                                          "the run read them)") from error

@@ -315,6 +315,16 @@ def test_wrong_target_layer_with_debug_shows_the_traceback(local_audit: Path, s3
     assert_before_ray(done)
 
 
+def test_debug_traceback_redacts_credentials_as_the_line_does(local_audit: Path, s3_secret) -> None:
+    """--debug printed the traceback as raised: a manifest URL's user:password appeared in it."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        manifest = f"http://auditor:PASSWORD@127.0.0.1:{probe.getsockname()[1]}/pairs.parquet"
+    done = run("12b --debug manifest with credentials",
+               [*SFAM, "audit", "--debug", "--config", str(local_audit), "--set", f"manifest={manifest}"])
+    assert_mistake(done, "http://***@127.0.0.1", secrets=(s3_secret, "PASSWORD"), debug=True)
+
+
 def test_pickled_whole_model_checkpoint(local_audit: Path, tmp_path: Path, s3_secret) -> None:
     weights = tmp_path / "whole-model.pt"
     torch.save(small_resnet(), weights)  # the whole nn.Module, pickled: loading it runs code

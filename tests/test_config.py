@@ -161,6 +161,14 @@ def test_one_false_match_threshold(tmp_path) -> None:
     assert config.gates.false_match_similarity == config.render_flags.false_match_similarity == 0.6
 
 
+def test_a_run_id_with_a_final_newline_is_refused(tmp_path) -> None:
+    """`$` matches before a final newline: "nl\\n" made folders runs/nl\\n/ and failed at commit."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text(BASE + 'run_id: "nl\\n"\n')
+    with pytest.raises(ConfigError, match="run_id may hold letters"):
+        load_config(path)
+
+
 def test_a_run_id_that_looks_like_a_number(tmp_path) -> None:
     """A nightly id such as 20261126 was 'Input should be a valid string'."""
     path = tmp_path / "cfg.yaml"

@@ -22,3 +22,4 @@ def test_png_paths_stay_inside_the_prefix_and_are_unique_and_stable() -> None:
 
 def test_safe_name_keeps_a_readable_prefix() -> None:
     assert safe_name("query-17_rank-3").startswith("query-17_rank-3-")
+    assert safe_name("-rf").startswith("rf-")  # never a name that a shell tool reads as an option

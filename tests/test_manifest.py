@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import re
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -85,6 +88,19 @@ def test_not_parquet_or_not_there(tmp_path: Path) -> None:
         open_manifest(str(tmp_path / "pairs.csv"), OPTIONS)
     with pytest.raises(StorageError, match="nowhere.parquet: not found"):
         open_manifest(str(tmp_path / "nowhere.parquet"), OPTIONS)
+
+
+def test_a_web_server_without_byte_ranges_is_named(tmp_path: Path) -> None:
+    """Python's http.server ignores Range headers: reading Parquet from it ended in a traceback, exit 1."""
+    pq.write_table(pa.table(good()), tmp_path / "pairs.parquet")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            with pytest.raises(ManifestError, match="does not serve byte ranges"):
+                validate_manifest(open_manifest(f"http://127.0.0.1:{server.server_address[1]}/pairs.parquet", OPTIONS))
+        finally:
+            server.shutdown()
 
 
 def spark_folder(folder: Path, parts: list[pa.Table]) -> Path:

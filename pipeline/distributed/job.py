@@ -43,11 +43,11 @@ from pipeline.errors import AuditFailed, PipelineError, Terminated, UserError, a
 from pipeline.gates import Baseline, GateResult, GatesFailed, check_manifest_supports, evaluate, same_label_similarity
 from pipeline.io.images import torchvision_has_jpeg_decoder
 from pipeline.io.results_store import ResultsStore
-from pipeline.io.storage import StorageError, StorageUnavailable, exists, parent_uri, redact_all, redact_uri, resolve_uri
+from pipeline.io.storage import StorageError, StorageUnavailable, exists, redact_all, redact_uri, resolve_uri
 from pipeline.io.stores import open_results_store
 from pipeline.io.tables import arrow_filesystem, read_json, write_json
 from pipeline.layout import RunLayout, new_attempt_id
-from pipeline.manifest import ManifestError, ManifestInfo, open_manifest, validate_manifest, with_folder_columns
+from pipeline.manifest import ManifestError, ManifestInfo, manifest_dir, open_manifest, validate_manifest, with_folder_columns
 from pipeline.models.explainer import build_explainer
 from pipeline.models.loading import random_weights_warning
 from pipeline.models.spec import ModelSpec
@@ -226,17 +226,11 @@ def preflight(config: JobConfig, store: ResultsStore) -> Plan:
                 previous_attempt=store.committed_attempt(config.run_id))
 
 
-def _manifest_dir(config: JobConfig) -> str:
-    """The folder that the manifest's relative URIs are read from (config.manifest is absolute or a
-    URI): the one that holds the manifest, whether that is a file or a folder of them."""
-    return parent_uri(config.manifest)
-
-
 def _check_some_images_exist(config: JobConfig, uris: tuple[str, ...]) -> None:
     """Refuses a manifest none of whose first images (`uris`, ManifestInfo.first_images) exists: a
     path mistake (URIs relative to another folder than the manifest's), which would fail every row
     after the whole run. One missing image among others fails only its rows."""
-    locations = [resolve_uri(uri, _manifest_dir(config)) for uri in uris]
+    locations = [resolve_uri(uri, manifest_dir(config.manifest)) for uri in uris]
     if not any(exists(location, config.storage_options) for location in locations):
         relative = uris[0] != locations[0]
         raise ManifestError(f"none of the manifest's first {len(uris)} images exists, e.g. {uris[0]!r}"
@@ -272,13 +266,12 @@ def build_dataset(config: JobConfig, layout: RunLayout, gpus: float, manifest: M
     options = config.storage_options
     cpus = _cpus_per_actor(config, gpus)
     manifest_fs = arrow_filesystem(config.manifest, options)[0]
-    manifest_dir = _manifest_dir(config)
     # blocks of one batch of adjacent rows: every actor gets work (a one-file manifest reads as one
     # block), and the pairs of one query stay together, so their images are forwarded once
     dataset = _read_manifest(manifest, manifest_fs).repartition(target_num_rows_per_block=config.batch_size)
     in_actors = decodes_jpegs_in_actors(config, gpus)
     log.info("JPEGs decoded %s", "by torchvision in the explain actors" if in_actors else "by Pillow in the fetch tasks")
-    fetch = {"manifest_dir": manifest_dir, "input_size": config.model.input_size,
+    fetch = {"manifest_dir": manifest_dir(config.manifest), "input_size": config.model.input_size,
              "max_image_pixels": config.max_image_pixels, "storage_options": options, "decode_jpegs": not in_actors}
     explain = {"model": config.model, "storage_options": options, "attempt": layout.attempt,
                "max_image_pixels": config.max_image_pixels}

@@ -19,7 +19,7 @@ def find_module(model: nn.Module, name: str, argument: str = "target_layer") -> 
     """The submodule called `name` in `model.named_modules()` (under any of its names, where a
     module is registered twice), or an error listing close names."""
     modules = dict(model.named_modules(remove_duplicate=False))
-    if name in modules:
+    if name in modules and name:  # "" is the whole model, never a layer
         return modules[name]
     hint = did_you_mean(name, [n for n in modules if n], cutoff=0.5)
     raise ExplanationError(f"{argument} {name!r} is not a module of the model ({type(model).__name__}){hint}")

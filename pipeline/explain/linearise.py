@@ -125,7 +125,7 @@ class Linearised(TorchFunctionMode):
     def _standardise(self, x: torch.Tensor, dims: tuple[int, ...], eps: float, centre: bool = True) -> torch.Tensor:
         """x (minus its mean over `dims` where `centre`) over its held deviation over `dims`."""
         centred = x - x.mean(dim=dims, keepdim=True) if centre else x
-        variance = centred.float().pow(2).mean(dim=dims, keepdim=True)
+        variance = centred.to(torch.promote_types(x.dtype, torch.float32)).pow(2).mean(dim=dims, keepdim=True)
         return centred / self._held((variance + eps).sqrt().to(x.dtype))
 
     def _layer_norm(

@@ -8,7 +8,7 @@ u^x = J^x a^x + c^x, given its partner y:
 
     w^{x|y}   = J^x^T v^{x|y}          v: the metric's partner vector (metrics.py)
     CIS^{x|y} = a^x * w^{x|y}          sum_k CIS_k + residual = s(x, y)
-    SFAM^x    = ReLU(sum_k CIS_k / sum_k |CIS_k| * A^x_k)      weighting="cis"
+    SFAM^x    = ReLU(sum_k |a_k| w_k / sum_k |CIS_k| * A^x_k)  weighting="cis" (|a_k| w_k = CIS_k where a >= 0)
     map^x     = sum_k w_k A^x_k                                 weighting="partner"
     M^x       = shared evidence from correspondences of the local embeddings J^x A^x(:, p)
                 with y's (correspondence.py)                    weighting="matched"
@@ -415,8 +415,9 @@ class SFAM:
         weights = dsim * self._layout.grid  # (2P, K, h, w): W, = w at every location when the head pools first
         cis = (features.double() * dsim).sum(dim=(2, 3))  # = a * w when the head pools first
         s = similarity(self.metric, u64[query_index], u64[reference_index])
-        residual = (u64[slots] * v64).sum(dim=1) - cis.sum(dim=1) + offset(self.metric, u64[partners])
-        self._check_not_scale_invariant(images[:1], u64, cis[:pairs])
+        linear = (u64[slots] * v64).sum(dim=1)  # (2P,) u . v, what the CIS sum to
+        residual = linear - cis.sum(dim=1) + offset(self.metric, u64[partners])
+        self._check_not_scale_invariant(images[:1], u64, cis[:pairs], linear[:pairs])
         sides = [_Attribution(s, weights[half], cis[half], residual[half]) for half in (slice(0, pairs), slice(pairs, None))]
         index = torch.arange(2 * pairs, device=features.device)
         return self._result(features, None if local is None else local[slots], index[:pairs], index[pairs:], *sides)
@@ -458,10 +459,13 @@ class SFAM:
 
     # -- shared ---------------------------------------------------------------------------
 
-    def _check_not_scale_invariant(self, sample: torch.Tensor, u: torch.Tensor, cis: torch.Tensor | None = None) -> None:
+    def _check_not_scale_invariant(self, sample: torch.Tensor, u: torch.Tensor, cis: torch.Tensor | None = None,
+                                   linear: torch.Tensor | None = None) -> None:
         """Refuses to explain an L2-normalised output, whose attributions sum to about zero: an
-        output of unit norm, or (the generic path's `cis` (P, K) of the pairs' query sides)
-        contributions that cancel. Both paths check it, whatever the normalisation is written with.
+        output of unit norm, or (the generic path's `cis` (P, K) of the pairs' query sides, with
+        `linear` (P,) the u . v that they should sum to) contributions that cancel where u . v does
+        not. A pair whose u . v is itself about zero (a near-orthogonal negative) says nothing
+        either way. Both paths check it, whatever the normalisation is written with.
 
         A LayerNorm at the end is not such a case: its deviation is held (linearise.py).
         """
@@ -472,9 +476,10 @@ class SFAM:
         # their total magnitude in float32, 150 random models); other models' single pairs did
         # not cancel below 2.6e-3 of it (150 random pairs on a random tanh head)
         no_completeness = False
-        if cis is not None:
+        if cis is not None and linear is not None:
             total, magnitude = cis.sum(dim=1), cis.abs().sum(dim=1)
-            no_completeness = bool(((total.abs() <= 1e-4 * magnitude) & (magnitude > 0)).all())
+            telling = (linear.abs() > 1e-2 * magnitude) & (magnitude > 0)
+            no_completeness = bool(telling.any() and (total[telling].abs() <= 1e-4 * magnitude[telling]).all())
         if unit_norm or no_completeness:
             layer = suggest_embedding_layer(self.model, sample, self.target_layer)
             hint = f" (probably embedding_layer={layer!r})" if layer else ""

@@ -118,7 +118,25 @@ def default_target_layer(
 
     embed_with(module, replace) runs the model on `sample` with `module`'s output replaced and
     returns its embedding. settings: feature_layout / prefix_tokens, as detect_layout takes them.
+    A set feature_layout reads the default layer its own way (a channels-last grid that auto
+    reads as NCHW), but never moves the default to another layer: forcing NCHW on a Swin or a ViT
+    picked attention probabilities or the patch embedding, whose grids are not features.
     """
+    chosen = _default_target_layer(model, sample, embed_with, **settings)
+    forced = settings.get("layout", "auto")
+    if forced != "auto":
+        detected = _default_target_layer(model, sample, embed_with, **{**settings, "layout": "auto"})
+        if detected != chosen:
+            raise ExplanationError(
+                f"feature_layout={forced!r} does not fit the model's default target layer, {detected}, and would move "
+                f"it to {chosen}: leave feature_layout to auto, or name the layer (target_layer=)")
+    return chosen
+
+
+def _default_target_layer(
+    model: nn.Module, sample: torch.Tensor,
+    embed_with: Callable[[nn.Module, Callable | None], torch.Tensor], **settings: object,
+) -> str:
     modules = dict(model.named_modules())
     outputs = module_outputs(model, sample)
     pooling = [name for name, module in modules.items()

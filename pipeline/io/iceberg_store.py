@@ -35,7 +35,10 @@ from pipeline.io.storage import StorageError, StorageOptions, join_uri, redact_u
 from pipeline.layout import RunLayout, run_dir_uri
 
 CATALOG_NAME = "sfam"
-_SECRET_WORDS = ("secret", "password", "token", "credential", "access-key", "session")
+# catalog property names that carry secrets (pyiceberg's: s3.secret-access-key, adls.account-key,
+# adls.connection-string, adls.sas-token, header.Authorization, ...)
+_SECRET_WORDS = ("secret", "password", "token", "credential", "access-key", "session", "account-key",
+                 "connection-string", "authorization", "header.")
 
 
 class TableConfig(BaseModel):

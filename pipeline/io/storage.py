@@ -11,6 +11,7 @@ import os
 import posixpath
 import re
 import secrets
+import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,7 +28,12 @@ _S3_PROTOCOLS = ("s3", "s3a")
 _LOCAL_PROTOCOLS = ("file", "local")
 T = TypeVar("T")
 _OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")  # whose URIs name a bucket, never a user
-_USERINFO = re.compile(r"(://)[^/\s]*@")  # up to the last @ of the authority: a password may hold @
+# user:password@ up to the last @ of the URI (a password may hold / and @), or a user@ without a password
+_USERINFO = re.compile(r"(://)(?:[^\s/@:]*:\S*|[^\s/@]*)@")
+# the values of query parameters that carry secrets (presigned URLs, tokens)
+_SECRET_QUERY = re.compile(
+    r"([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|sig|signature|token|access_token|api_?key|key|"
+    r"password|secret)=)[^&\s#]*", re.IGNORECASE)
 
 
 class StorageError(UserError):
@@ -145,6 +151,8 @@ def read_bytes(uri: str, options: StorageOptions | None = None, max_bytes: int |
     object replaced while it was read (up to REREADS times).
     """
     def read(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+        if is_local(uri):
+            _refuse_special_file(uri, path)
         for attempt in range(REREADS):
             try:
                 with _storage_errors(uri), fs.open(path, "rb") as f:
@@ -160,6 +168,14 @@ def read_bytes(uri: str, options: StorageOptions | None = None, max_bytes: int |
     if max_bytes is not None and len(data) > max_bytes:
         raise StorageError(uri, f"larger than max_bytes={max_bytes}")
     return data
+
+
+def _refuse_special_file(uri: str, path: str) -> None:
+    """A FIFO would block the read for ever, a device (/dev/zero) never end: only files and folders are read."""
+    with _storage_errors(uri):
+        mode = os.stat(path).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise StorageError(uri, "not a regular file (a FIFO, a device or a socket)")
 
 
 def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
@@ -291,8 +307,10 @@ def as_given(error: StorageError, given: str, location: str) -> StorageError:
 
 
 def redact_uri(text: str) -> str:
-    """`text` with the `user:password@` part of any URL in it replaced by `***@` (for logs and errors)."""
-    return _USERINFO.sub(r"\1***@", text)
+    """`text` with the `user:password@` part of any URL in it replaced by `***@`, and the values of
+    query parameters that carry secrets (a presigned URL's signature, a token) by `***` (for logs,
+    errors, records and reports). A URL with a port and an @ in its path loses more than its password."""
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
 
 
 def redact_all(value: Any) -> Any:

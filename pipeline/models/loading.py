@@ -26,8 +26,9 @@ _TRUST_HINT = "set `trust_checkpoint: true` to allow it, only for a file you tru
 _SHOWN = 5
 RANDOM_INIT_SEED = 0  # the initialisation of a model built without weights
 ZIP_START = b"PK\x03\x04"  # the local header of a zip's first entry (torch.save writes a zip)
-# torch.load(weights_only=True) names the class it refused in this form, e.g. "GLOBAL torch.nn...Linear".
-_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+# torch.load(weights_only=True) names the class it refused in one of these forms, e.g. "Unsupported global:
+# GLOBAL torch.nn...Linear" or (torch >= 2.14) "Trying to load unsupported GLOBAL posix.system whose module ...".
+_UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)")
 _UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error: (.+)")
 
 
@@ -72,7 +73,27 @@ def load_model(spec: ModelSpec, storage_options: StorageOptions | None = None) -
     for name, what in ((spec.target_layer, "target_layer"), (spec.embedding_layer, "embedding_layer")):
         if name is not None:
             resolve_layer_name(model, name, what)
+    _check_patches_tile(model, spec)
     return model.eval(), spec.model_copy(update={"weights_sha256": digest})
+
+
+def _check_patches_tile(model: nn.Module, spec: ModelSpec) -> None:
+    """Refuses an input size that the model's patch embedding (a first convolution whose stride is
+    its kernel: ViTs, Swin, ConvNeXt's stem) does not cut into whole patches: the pixels past the
+    last whole patch are never seen, and the maps would be stretched over them."""
+    name, conv = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), ("", None))
+    if conv is None or conv.kernel_size != conv.stride or conv.stride == (1, 1) or any(conv.padding):
+        return
+    sides = spec.input_hw
+    if all(side % patch == 0 for side, patch in zip(sides, conv.stride)):
+        return
+    fits = [f"{side}" if side % patch == 0 else f"{max(side // patch, 1) * patch} or {(side // patch + 1) * patch}"
+            for side, patch in zip(sides, conv.stride)]
+    example = fits[0] if sides[0] == sides[1] else f"height {fits[0]}, width {fits[1]}"
+    raise ModelLoadError(
+        f"model.input_size {spec.input_hw[0]}x{spec.input_hw[1]}: the model's patch embedding ({name}) cuts the image "
+        f"into {conv.stride[0]}x{conv.stride[1]} px patches, so the pixels past the last whole patch are never seen "
+        f"and the maps would be drawn over them: use a multiple of the patch size ({example})")
 
 
 def _check_whole_model(whole: nn.Module, built: nn.Module, spec: ModelSpec) -> None:
@@ -101,7 +122,8 @@ def resolve_layer_name(model: nn.Module, name: str, what: str = "target_layer") 
 def _torchvision_model(spec: ModelSpec) -> nn.Module:
     names = torchvision.models.list_models(module=torchvision.models)
     if spec.arch not in names:
-        raise ModelLoadError(f"unknown torchvision arch {spec.arch!r}{did_you_mean(spec.arch, names)}")
+        in_timm = f"; timm has it: arch: timm/{spec.arch}" if timm.is_model(spec.arch) else ""
+        raise ModelLoadError(f"unknown torchvision arch {spec.arch!r}{in_timm or did_you_mean(spec.arch, names)}")
     model = torchvision.models.get_model(spec.arch, weights=None)
     _replace_classifier(model, spec.embedding_dim, spec.arch)
     return model
@@ -157,6 +179,8 @@ def _factory_model(path: str) -> nn.Module:
     except ImportError as e:
         raise ModelLoadError(f"arch {path!r}: cannot import module {module_name!r} ({e}); a module of your own must be "
                              "importable where the job runs: PYTHONPATH=<its folder>, or pip install it") from e
+    except (Exception, SystemExit) as e:  # a module that parses arguments or exits at import is not a success
+        raise ModelLoadError(f"arch {path!r}: importing module {module_name!r} raised {_raised(e)}") from e
     factory = getattr(module, attribute, None)
     if not callable(factory):
         public = [n for n in dir(module) if not n.startswith("_")]
@@ -165,11 +189,17 @@ def _factory_model(path: str) -> nn.Module:
         )
     try:
         model = factory()
-    except Exception as e:
-        raise ModelLoadError(f"arch {path!r}: the factory raised {type(e).__name__}: {e}") from e
+    except (Exception, SystemExit) as e:
+        raise ModelLoadError(f"arch {path!r}: the factory raised {_raised(e)}") from e
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"arch {path!r}: the factory returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _raised(error: BaseException) -> str:
+    if isinstance(error, SystemExit):
+        return f"SystemExit: it called sys.exit({error.code!r}) (an argument parser or a script's exit)"
+    return f"{type(error).__name__}: {error}"
 
 
 def _load_checkpoint(spec: ModelSpec, storage_options: StorageOptions | None) -> tuple[object, str]:
@@ -206,8 +236,9 @@ def _load_checkpoint(spec: ModelSpec, storage_options: StorageOptions | None) ->
         unsafe = _UNSAFE_GLOBAL.search(str(e))
         if unsafe and not spec.trust_checkpoint:
             raise ModelLoadError(
-                f"weights {uri} are not a plain state_dict: they hold pickled Python objects "
-                f"({unsafe[1]}), such as a whole nn.Module; {_TRUST_HINT}"
+                f"weights {uri} are not a plain state_dict: they hold pickled Python objects ({unsafe[1]}), such as "
+                "a whole nn.Module or a training script's objects (argparse.Namespace); save only the tensors "
+                f"(torch.save(model.state_dict(), ...)), or {_TRUST_HINT}"
             ) from e
         raise ModelLoadError(f"weights {uri} are not a readable torch checkpoint: {short_reason(e)}") from e
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+from pipeline.io.storage import redact_uri
 from pipeline.render.histogram import Series, histogram_svg
 from pipeline.render.html_text import LABEL_NAMES, escaped, finite_number
 from pipeline.render.report_assets import CSS, SCRIPT
@@ -297,6 +298,9 @@ def _warnings(summary: Mapping[str, Any]) -> str:
     return f'<section id="warnings" class="warning"><h2>Warnings</h2><ul>{items}</ul></section>' if items else ""
 
 
+_SHOWN_URIS = ("query_uri", "reference_uri", "error")  # the fields of an error row that can hold a URI
+
+
 def render_report(
     summary: Mapping[str, Any], rows: Sequence[Row], *, png_href: Callable[[Row], str | None], comparison: str = ""
 ) -> str:
@@ -306,7 +310,9 @@ def render_report(
     as dicts, `png_href(row)` the relative link to a row's overlay PNG or None, and
     `comparison` a section comparing the run with an earlier one (placed before the gallery).
     """
-    rows = list(rows)
+    # an error row shows its URIs and reason: a manifest's URI may hold user:password or a signature
+    rows = [{**r, **{k: redact_uri(r[k]) for k in _SHOWN_URIS if r.get(k)}} if r.get("status") == "error" else r
+            for r in rows]
     ok = [r for r in rows if r.get("status") == "ok"]
     errors = [r for r in rows if r.get("status") == "error"]
     heading = " · ".join(

@@ -120,8 +120,9 @@ def test_catalog_defaults_and_refusals() -> None:
     assert local["uri"] == "sqlite:////data/audits/iceberg/catalog.db" and local["warehouse"].startswith("file:///data")
     with pytest.raises(UserError, match="embedded SQLite catalog needs a local output"):
         catalog_properties(TableConfig(format="iceberg"), "s3://bucket/audits", StorageOptions())
-    with pytest.raises(ValueError, match="credentials never go into the config"):
-        TableConfig(format="iceberg", catalog={"s3.secret-access-key": "x"})
+    for secret in ("s3.secret-access-key", "adls.account-key", "adls.connection-string", "header.Authorization"):
+        with pytest.raises(ValueError, match=f"{secret}: credentials never go into the config"):
+            TableConfig(format="iceberg", catalog={secret: "x"})
     remote = catalog_properties(TableConfig(format="iceberg", catalog={"type": "rest", "uri": "http://catalog"}),
                                 "s3://b/a", StorageOptions(endpoint_url="http://minio:9000", region="eu-west-1"))
     assert remote == {"type": "rest", "uri": "http://catalog", "s3.endpoint": "http://minio:9000", "s3.region": "eu-west-1"}

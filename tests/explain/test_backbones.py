@@ -7,6 +7,7 @@ import copy
 from collections.abc import Callable
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import AttentionPool2d
@@ -270,6 +271,17 @@ def test_a_layout_setting_never_reads_another_shape_as_a_grid(models: dict, seed
     (1, 64, 4, 4) was read as a 64 x 4 grid of 4 channels, and explained."""
     with pytest.raises(ExplanationError, match="feature grid of feature_layout='nhwc' that influences"):
         SFAM(models["clip"], feature_layout="nhwc").explain(*pairs(1, BACKBONES["clip"].size))
+
+
+def test_a_layout_setting_never_moves_the_default_layer(models: dict, seed: int) -> None:
+    """feature_layout=nchw moved a ViT's default to its patch embedding and timm's Swin's (channels-last
+    `norm`) to the attention probabilities of its last block, (B, heads, N, N), explained with exit 0."""
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=0, img_size=64).eval()
+    for model, size, moved in ((models["clip"], BACKBONES["clip"].size, "patch_embed.proj"), (swin, 64, "attn_drop")):
+        with pytest.raises(ExplanationError, match=r"feature_layout='nchw' does not fit the model's default target "
+                                                   rf"layer, \S+, and would move it to \S*{moved}: leave feature_layout"):
+            SFAM(model, feature_layout="nchw").explain(*pairs(1, size))
+    assert SFAM(swin, feature_layout="nhwc").explain(*pairs(1, 64)).map_query.shape == (1, 2, 2)  # its own reading
 
 
 @pytest.mark.parametrize("name", ["clip", "dinov2_reg4"])

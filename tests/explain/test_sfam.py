@@ -256,6 +256,22 @@ def test_scale_invariant_model_needs_embedding_layer(batch: int, seed: int) -> N
         SFAM(ScaledNormalisedNet().eval(), "features", metric="dot").explain(*random_pairs(batch, 32))
 
 
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_a_near_orthogonal_pair_on_a_nonaffine_head_is_explained(metric: str, seed: int) -> None:
+    """sum(CIS) = s - residual is about zero when s is: one such pair (an ordinary negative) was
+    refused as L2-normalised. The refusal reads only pairs whose u . v is not about zero."""
+    body, fc = nn.Conv2d(3, 3, 1, bias=False), nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        body.weight.copy_(torch.eye(3)[:, :, None, None])
+        fc.weight.copy_(torch.eye(3))
+    model = nn.Sequential(body, nn.AdaptiveAvgPool2d(1), nn.Flatten(), fc, nn.Tanh()).eval()
+    x = torch.tensor([0.5, 0.5, 0.0])[None, :, None, None] + 1e-3 * torch.randn(1, 3, 8, 8)
+    y = torch.tensor([0.5, -0.5, 0.3])[None, :, None, None] + 1e-3 * torch.randn(1, 3, 8, 8)
+    result = SFAM(model, "0", metric).explain(x, y)
+    assert result.similarity.abs() < 1e-2 < result.cis_query.abs().sum()  # the premise: it cancels
+    assert (result.cis_query.sum() + result.residual_query - result.similarity).abs() < 1e-6  # completeness
+
+
 def test_normalising_model_needs_embedding_layer(seed: int) -> None:
     model = NormalisedNet().eval()
     x, y = random_pairs(4, 32)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import os
 import socket
 import threading
 import time
@@ -161,6 +162,13 @@ def test_redact_uri() -> None:
     assert redact_uri("https://alice:s3cr3t@host:9000/b/x.jpg") == "https://***@host:9000/b/x.jpg"
     assert redact_uri("postgresql://alice:p@ss@host/db") == "postgresql://***@host/db"  # an @ in the password
     assert redact_uri("s3://bucket/alice@home.jpg") == "s3://bucket/alice@home.jpg"
+    # AWS secret keys hold /: the whole of it goes, in URIs and in endpoints
+    assert redact_uri("s3://AKIAKEY:wJal/K7MD/bPx@bucket/pairs.parquet") == "s3://***@bucket/pairs.parquet"
+    assert redact_uri("error: http://minio:SEK/RET@127.0.0.1:9000 was not valid") == "error: http://***@127.0.0.1:9000 was not valid"
+    assert redact_uri("http://user:p@ss/w0rd@h/x") == "http://***@h/x"
+    assert (redact_uri("https://b.s3.amazonaws.com/x.jpg?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=abc123&v=2 next")
+            == "https://b.s3.amazonaws.com/x.jpg?X-Amz-Credential=***&X-Amz-Signature=***&v=2 next")
+    assert redact_uri("https://cdn/x.jpg?token=t0k3n#top") == "https://cdn/x.jpg?token=***#top"
 
 
 def test_errors_hide_userinfo() -> None:
@@ -244,6 +252,15 @@ def test_an_http_image_on_a_host_that_refuses_is_that_uri_s_error_not_not_found(
     with pytest.raises(StorageError, match=r"/here.png: cannot connect \(ClientConnectorError: Cannot connect to host") as info:
         read_bytes(f"{base}/here.png")
     assert not isinstance(info.value, StorageUnavailable)
+
+
+def test_a_fifo_or_a_device_is_refused_without_reading(tmp_path) -> None:
+    """An image URI that named a FIFO held the job until it was killed; /dev/zero was read for 400 MB."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    for uri in (str(fifo), "/dev/zero"):
+        with pytest.raises(StorageError, match="not a regular file"):
+            read_bytes(uri, max_bytes=1 << 20)
 
 
 def test_an_endpoint_that_never_answers_is_storage_unavailable(monkeypatch) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 
@@ -106,6 +107,15 @@ def test_pickled_model_needs_trust(resnet18_64: nn.Module, rng: np.random.Genera
     x = images(rng)
     with torch.no_grad():
         assert torch.equal(trusted(x), resnet18_64(x))
+
+
+def test_a_training_script_s_checkpoint_names_the_object_it_holds(resnet18_64: nn.Module, tmp_path) -> None:
+    """Many training scripts save their argparse.Namespace beside the state_dict: the refusal names it
+    (torch 2.14 words its error differently from earlier versions) and says how to re-save."""
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(saved({"state_dict": resnet18_64.state_dict(), "args": argparse.Namespace(lr=0.1)}))
+    with pytest.raises(ModelLoadError, match=r"pickled Python objects \(argparse.Namespace\).*model.state_dict\(\)"):
+        build_model(ModelSpec(arch="resnet18", embedding_dim=64, weights=str(path)))
 
 
 def test_a_pickled_model_must_be_the_arch_it_is_named(rng: np.random.Generator, tmp_path) -> None:
@@ -219,6 +229,11 @@ def test_unreadable_weights_uri(tmp_path, s3_bucket) -> None:
 def test_unknown_arch_suggests_close_names() -> None:
     with pytest.raises(ModelLoadError, match="unknown torchvision arch 'resnet5'.*resnet50"):
         build_model(ModelSpec(arch="resnet5"))
+    with pytest.raises(ModelLoadError, match="unknown torchvision arch 'vit_tiny_patch16_224'; timm has it: "
+                                             "arch: timm/vit_tiny_patch16_224"):
+        build_model(ModelSpec(arch="vit_tiny_patch16_224"))
+    with pytest.raises(ModelLoadError, match="target_layer '' is not a module"):  # "" named the whole model
+        build_model(ModelSpec(arch="resnet18", target_layer=""))
 
 
 @pytest.mark.parametrize("field", ["target_layer", "embedding_layer"])
@@ -247,6 +262,7 @@ def test_factory_model_is_used_as_is(rng: np.random.Generator) -> None:
         ("torchvision.models:resnet5", "has no callable 'resnet5'.*resnet50"),
         ("builtins:dict", "returned dict, not an nn.Module"),
         ("math:sqrt", "the factory raised TypeError"),
+        ("builtins:exit", r"the factory raised SystemExit: it called sys.exit\(None\)"),  # was exit 0, nothing done
     ],
 )
 def test_bad_factory(arch: str, reason: str) -> None:
@@ -323,3 +339,14 @@ def test_bad_safetensors_and_unknown_timm_arch(tmp_path) -> None:
 def test_spec_validation_of_new_fields(fields: dict) -> None:
     with pytest.raises(ValidationError):
         ModelSpec(**fields)
+
+
+@pytest.mark.parametrize(("arch", "size", "named"), [
+    ("timm/vit_tiny_patch16_224", 63, r"\(patch_embed.proj\) cuts the image into 16x16 px patches.*\(48 or 64\)"),
+    ("convnext_tiny", [64, 50], r"\(features.0.0\) cuts the image into 4x4 px patches.*\(height 64, width 48 or 52\)"),
+])
+def test_an_input_size_that_patches_do_not_tile_is_refused(arch: str, size: object, named: str) -> None:
+    """timm built a 3 x 3 grid for 63 px that saw pixels 0-47 only, and the maps were stretched over all 63."""
+    with pytest.raises(ModelLoadError, match=r"model.input_size .*" + named):
+        build_model(ModelSpec(arch=arch, input_size=size))
+    build_model(ModelSpec(arch=arch, input_size=64))

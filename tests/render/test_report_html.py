@@ -120,6 +120,14 @@ def test_untrusted_text_is_escaped() -> None:
     assert "<b>not bold</b>" in "".join(page.text)
 
 
+def test_control_and_direction_characters_are_shown_not_obeyed() -> None:
+    """NUL bytes made the report a 'binary' file to grep; U+202E reordered what an id showed."""
+    spoof = _row("invoice\u202egnp.exe\x00", 1, 0.5)
+    markup = render_report(SUMMARY, [spoof], png_href=_href)
+    assert "\u202e" not in markup and "\x00" not in markup
+    assert "invoice\ufffdgnp.exe\ufffd" in markup
+
+
 def test_unsafe_hrefs_are_dropped(page: Page) -> None:
     assert not any(u.strip().lower().startswith("javascript:") for u in page.urls)
     assert "png/neg-top.png" in page.urls
@@ -151,6 +159,17 @@ def test_errors_are_listed_with_reasons(page: Page) -> None:
     assert "broken" in page.error_cells
     assert "image too large: 60000000 pixels > max_image_pixels" in page.error_cells
     assert not any("neg-top" in c for c in page.error_cells)
+
+
+def test_errors_never_show_credentials() -> None:
+    """A manifest's image URI with user:password (or a presigned URL's signature) fails its row: the
+    report, a file people pass around, shows neither in the URI nor in the reason."""
+    leaky = _row("leaky", 1, None, status="error", query_uri="http://u:SEK/RET@host/x.png",
+                 reference_uri="https://b.s3.amazonaws.com/y.jpg?X-Amz-Signature=SIGNED",
+                 error="query: http://u:SEK/RET@host/x.png: corrupt or truncated image")
+    html_text = render_report(SUMMARY, [leaky], png_href=_href)
+    assert "SEK" not in html_text and "SIGNED" not in html_text
+    assert "http://***@host/x.png" in html_text
 
 
 def test_look_first_sections_order_the_auditors_cases(page: Page) -> None:
