@@ -84,6 +84,7 @@ from pipeline.render.comparison_html import (
     label_name,
     render_comparison,
 )
+from pipeline.render.html_text import number_or_dash
 from pipeline.run_history import read_run_record
 from pipeline.schema import SIDES, result_type
 from pipeline.thresholds import MOVED_BELOW, false_match_rule, outside_cosine_range, recorded_false_match_similarity
@@ -169,7 +170,7 @@ class Comparison:
             figures = "".join(f"{_arrow(row, name):<23}  " for name in ("pointing_hit_rate", "energy_in_box"))
             lines.append(
                 f"{label_name(row['label']):<11}{row['pairs']:>6}  {_arrow(row, 'mean_similarity'):<25}  {figures}"
-                f"{_fmt(row['mean_map_correlation']):>8}  {_whole(row['false_matches_a'])} -> "
+                f"{number_or_dash(row['mean_map_correlation']):>8}  {_whole(row['false_matches_a'])} -> "
                 f"{_whole(row['false_matches_b'])} ({_whole(row['new_false_matches'])}, {_whole(row['vanished_false_matches'])})"
             )
         return lines
@@ -179,17 +180,13 @@ def _count(mask: pa.Array | pa.ChunkedArray) -> int:
     return int(pc.sum(pc.fill_null(mask, False)).as_py() or 0)
 
 
-def _fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
-
-
 def _whole(value: int | None) -> str:
     return "—" if value is None else str(value)
 
 
 def _arrow(row: dict, name: str) -> str:
     change = row[f"{name}_change"]
-    return f"{_fmt(row[f'{name}_a'])} -> {_fmt(row[f'{name}_b'])} ({'—' if change is None else f'{change:+.3f}'})"
+    return f"{number_or_dash(row[f'{name}_a'])} -> {number_or_dash(row[f'{name}_b'])} ({'—' if change is None else f'{change:+.3f}'})"
 
 
 def _ok(status: pa.ChunkedArray) -> pa.ChunkedArray:

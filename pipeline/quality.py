@@ -1,4 +1,5 @@
-"""Whether an explanation explains: how much of the similarity the channel contributions carry.
+"""Whether a run's explanations explain: how much of the similarity the channel contributions
+carry, and which maps locate nothing (the run's warnings).
 
 Completeness says sum(CIS) + residual = similarity. When the residual is most of the
 similarity, the maps show almost nothing of why the pair matched, and the user is told.
@@ -7,6 +8,10 @@ similarity, the maps show almost nothing of why the pair matched, and the user i
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.schema import SIDES
 
 MOSTLY_RESIDUAL = 0.5  # a pair whose residual exceeds this share of its similarity explains little
 MIN_SIMILARITY = 1e-3  # below this |similarity|, the share is not measured (nothing to explain)
@@ -49,3 +54,25 @@ def residual_warning(similarity: np.ndarray, residual_query: np.ndarray, residua
     also = f"; {left_out} more of similarity near zero not counted" if left_out else ""
     return (f"the residual is more than {MOSTLY_RESIDUAL:.0%} of the similarity for {counted} of {measured.size} "
             f"pair(s) (median share {np.median(measured):.2f}{also}): {LIKELY_CAUSE}")
+
+
+def empty_maps_warning(ok_rows: pa.Table) -> str | None:
+    """How many ok rows have a map without positive evidence (nothing to locate), or None."""
+    empty = {side: ok_rows[f"{side}_peak_xy"].null_count for side in SIDES}
+    if not any(empty.values()):
+        return None
+    counts = ", ".join(f"{count} {side}" for side, count in empty.items())
+    return (f"maps without positive evidence ({counts}, of {ok_rows.num_rows} ok pairs; typically pairs of low or "
+            "negative similarity): their peak_xy, energy_in_box and pointing_hit are null")
+
+
+def boxes_outside_warning(ok_rows: pa.Table) -> str | None:
+    """How many ok rows have a box wholly outside their image (their localisation is null), or None."""
+    outside = {side: int(pc.sum(pc.and_(pc.and_(pc.is_valid(ok_rows[f"{side}_bbox"]), pc.is_valid(ok_rows[f"{side}_peak_xy"])),
+                                        pc.is_null(ok_rows[f"{side}_energy_in_box"]))).as_py() or 0)
+               for side in SIDES if f"{side}_bbox" in ok_rows.column_names}
+    if not any(outside.values()):
+        return None
+    counts = ", ".join(f"{count} {side}" for side, count in outside.items())
+    return (f"boxes wholly outside their image ({counts}, of {ok_rows.num_rows} ok pairs): their energy_in_box and "
+            "pointing_hit are null; a box is (x0, y0, x1, y1) in the pixels of the image as stored, before any resize")

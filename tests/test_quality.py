@@ -1,10 +1,11 @@
-"""When the job and `sfam explain` warn that the residual carries most of the similarity."""
+"""When the job and `sfam explain` warn: the residual carries most of the similarity, maps locate nothing."""
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
-from pipeline.quality import residual_warning
+from pipeline.quality import boxes_outside_warning, empty_maps_warning, residual_warning
 
 
 def test_warns_when_the_residual_is_most_of_the_similarity(rng: np.random.Generator) -> None:
@@ -31,3 +32,16 @@ def test_pairs_of_similarity_near_zero_are_not_counted(rng: np.random.Generator)
     residual[:5] = similarity[:5] * 0.8
     warning = residual_warning(similarity, residual, residual, "cosine")
     assert warning is not None and "for 5 of 50 pair(s)" in warning and "3 more of similarity near zero not counted" in warning
+
+
+def test_empty_maps_and_boxes_outside_are_told_apart() -> None:
+    """Both leave energy_in_box null; only a map that has a peak had a box to miss."""
+    point, box = [3.0, 4.0], [0.0, 0.0, 10.0, 10.0]
+    rows = pa.table({
+        "query_peak_xy": [point, None, point, point], "reference_peak_xy": [point, point, None, point],
+        "query_bbox": [box, box, box, None], "reference_bbox": [box, box, box, box],
+        "query_energy_in_box": [0.5, None, None, None], "reference_energy_in_box": [0.5, 0.4, None, 0.2],
+    })
+    assert empty_maps_warning(rows).startswith("maps without positive evidence (1 query, 1 reference, of 4 ok pairs")
+    assert boxes_outside_warning(rows).startswith("boxes wholly outside their image (1 query, 0 reference, of 4 ok pairs)")
+    assert empty_maps_warning(rows.slice(0, 1)) is None and boxes_outside_warning(rows.slice(0, 1)) is None

@@ -51,7 +51,7 @@ from pipeline.manifest import ManifestError, ManifestInfo, manifest_dir, open_ma
 from pipeline.models.explainer import build_explainer
 from pipeline.models.loading import random_weights_warning
 from pipeline.models.spec import ModelSpec
-from pipeline.quality import residual_warning
+from pipeline.quality import boxes_outside_warning, empty_maps_warning, residual_warning
 from pipeline.run_history import baseline_run, first_started
 from pipeline.schema import SIDES
 
@@ -359,7 +359,7 @@ def summarise(rows: pa.Table, layout: RunLayout, config: JobConfig, started: flo
     residual = residual_warning(*(ok_rows.column(c).to_numpy(zero_copy_only=False)
                                   for c in ("similarity", "residual_query", "residual_reference")),
                                 config.model.metric) if ok else None
-    warnings = tuple(warning for warning in (residual, _empty_maps_warning(ok_rows), _boxes_outside_warning(ok_rows))
+    warnings = tuple(warning for warning in (residual, empty_maps_warning(ok_rows), boxes_outside_warning(ok_rows))
                      if warning)
     return RunSummary(
         run_id=config.run_id, attempt=layout.attempt, pairs=rows.num_rows, ok=ok, error=rows.num_rows - ok,
@@ -377,28 +377,6 @@ def _results_location(config: JobConfig, layout: RunLayout) -> str:
     if config.table.format == "iceberg":
         return f"Iceberg table {config.table.identifier}, run_id = {config.run_id}"
     return redact_uri(layout.results_dir)
-
-
-def _empty_maps_warning(ok_rows: pa.Table) -> str | None:
-    """How many ok rows have a map without positive evidence (nothing to locate), or None."""
-    empty = {side: ok_rows[f"{side}_peak_xy"].null_count for side in SIDES}
-    if not any(empty.values()):
-        return None
-    counts = ", ".join(f"{count} {side}" for side, count in empty.items())
-    return (f"maps without positive evidence ({counts}, of {ok_rows.num_rows} ok pairs; typically pairs of low or "
-            "negative similarity): their peak_xy, energy_in_box and pointing_hit are null")
-
-
-def _boxes_outside_warning(ok_rows: pa.Table) -> str | None:
-    """How many ok rows have a box wholly outside their image (their localisation is null), or None."""
-    outside = {side: int(pc.sum(pc.and_(pc.and_(pc.is_valid(ok_rows[f"{side}_bbox"]), pc.is_valid(ok_rows[f"{side}_peak_xy"])),
-                                        pc.is_null(ok_rows[f"{side}_energy_in_box"]))).as_py() or 0)
-               for side in SIDES if f"{side}_bbox" in ok_rows.column_names}
-    if not any(outside.values()):
-        return None
-    counts = ", ".join(f"{count} {side}" for side, count in outside.items())
-    return (f"boxes wholly outside their image ({counts}, of {ok_rows.num_rows} ok pairs): their energy_in_box and "
-            "pointing_hit are null; a box is (x0, y0, x1, y1) in the pixels of the image as stored, before any resize")
 
 
 def peak_rss_bytes() -> int:

@@ -422,6 +422,13 @@ class SFAM:
         index = torch.arange(2 * pairs, device=features.device)
         return self._result(features, None if local is None else local[slots], index[:pairs], index[pairs:], *sides)
 
+    def _ignores_scale(self, sample: torch.Tensor, u: torch.Tensor) -> bool:
+        """Whether the embedding (1, D) of `sample` stays as it was when the target layer's features
+        are doubled: an output normalised to a fixed norm, however the normalisation is written."""
+        with torch.no_grad():
+            doubled = self._forward(sample, replace=lambda output: 2 * output).embeddings.double()
+        return bool((doubled - u).norm() <= 1e-3 * u.norm())
+
     def _gradient(self, embeddings: torch.Tensor, output: torch.Tensor, seed: torch.Tensor, **options: bool) -> torch.Tensor:
         """d(embeddings . seed)/d(output) through the linearised head; an output that reaches the
         embeddings only through what the head holds is named."""
@@ -464,8 +471,11 @@ class SFAM:
         """Refuses to explain an L2-normalised output, whose attributions sum to about zero: an
         output of unit norm, or (the generic path's `cis` (P, K) of the pairs' query sides, with
         `linear` (P,) the u . v that they should sum to) contributions that cancel where u . v does
-        not. A pair whose u . v is itself about zero (a near-orthogonal negative) says nothing
-        either way. Both paths check it, whatever the normalisation is written with.
+        not, in an output that doubling the target layer's features leaves as it was. A pair whose
+        u . v is itself about zero (a near-orthogonal negative) says nothing either way, and the
+        contributions of a model whose residual is most of the similarity (a random CLIP) can cancel
+        by chance: the doubling tells them apart. Both paths check it, whatever the normalisation
+        is written with.
 
         A LayerNorm at the end is not such a case: its deviation is held (linearise.py).
         """
@@ -479,7 +489,8 @@ class SFAM:
         if cis is not None and linear is not None:
             total, magnitude = cis.sum(dim=1), cis.abs().sum(dim=1)
             telling = (linear.abs() > 1e-2 * magnitude) & (magnitude > 0)
-            no_completeness = bool(telling.any() and (total[telling].abs() <= 1e-4 * magnitude[telling]).all())
+            cancel = bool(telling.any() and (total[telling].abs() <= 1e-4 * magnitude[telling]).all())
+            no_completeness = cancel and self._ignores_scale(sample, u[:1])
         if unit_norm or no_completeness:
             layer = suggest_embedding_layer(self.model, sample, self.target_layer)
             hint = f" (probably embedding_layer={layer!r})" if layer else ""

@@ -217,7 +217,8 @@ def _load_checkpoint(spec: ModelSpec, storage_options: StorageOptions | None) ->
         try:
             return safetensors.torch.load(data), digest
         except Exception as e:
-            raise ModelLoadError(f"weights {uri} are not a readable safetensors file: {short_reason(e)}") from e
+            cut = " (the file is truncated or corrupt: copy it again)" if "not fully covered" in str(e) else ""
+            raise ModelLoadError(f"weights {uri} are not a readable safetensors file: {short_reason(e)}{cut}") from e
     if uri.endswith(".safetensors"):
         raise ModelLoadError(f"weights {uri} are named .safetensors but do not start with a safetensors header")
     if not zipfile.is_zipfile(io.BytesIO(data)) and not data.startswith(b"\x80"):  # torch.save: a zip, or a pickle

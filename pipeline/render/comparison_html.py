@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.render.html_text import LABEL_NAMES, escaped, finite_number
+from pipeline.render.html_text import LABEL_NAMES, escaped, finite_number, number_or_dash
 from pipeline.render.report_assets import CSS
 from pipeline.thresholds import MOVED_BELOW, false_match_rule
 
@@ -47,11 +47,6 @@ class ComparisonView:
     moved: Sequence[Row]  # pairs whose maps correlate below MOVED_BELOW, lowest first
     new_false_matches: Sequence[Row]
     vanished_false_matches: Sequence[Row]
-
-
-def _value(value: object, spec: str = ".3f") -> str:
-    number = finite_number(value)
-    return "—" if number is None else format(number, spec)
 
 
 def _change(value: object) -> str:
@@ -107,11 +102,11 @@ def _summary(view: ComparisonView) -> str:
             + "".join(f'<th rowspan="2">{name}</th>' for name, _ in _COUNTS) + "</tr><tr>"
             + "<th>A</th><th>B</th><th>change</th>" * len(_FIGURES) + "</tr>")
     body = "".join(
-        f"<tr>{_cell(_label(row['label']), numeric=False)}{_cell(_value(row['pairs'], ',.0f'))}"
-        + "".join(_cell(_value(row[f"{key}_a"])) + _cell(_value(row[f"{key}_b"])) + _cell(_change(row[f"{key}_change"]))
+        f"<tr>{_cell(_label(row['label']), numeric=False)}{_cell(number_or_dash(row['pairs'], ',.0f'))}"
+        + "".join(_cell(number_or_dash(row[f"{key}_a"])) + _cell(number_or_dash(row[f"{key}_b"])) + _cell(_change(row[f"{key}_change"]))
                   for _, key in _FIGURES)
-        + _cell(_value(row["mean_map_correlation"]))
-        + "".join(_cell(_value(row[key], ",.0f")) for _, key in _COUNTS) + "</tr>"
+        + _cell(number_or_dash(row["mean_map_correlation"]))
+        + "".join(_cell(number_or_dash(row[key], ",.0f")) for _, key in _COUNTS) + "</tr>"
         for row in view.summary
     )
     return f"<table>{head}{body}</table>"
@@ -121,14 +116,14 @@ Column = tuple[str, Callable[[Row], str]]
 _PAIR_ID: Column = ("pair id", lambda row: _cell(escaped(row["pair_id"], 200), numeric=False))
 _LABEL: Column = ("label", lambda row: _cell(_label(row["label"]), numeric=False))
 _SIMILARITIES: tuple[Column, ...] = (
-    ("similarity A", lambda row: _cell(_value(row["similarity_a"]))),
-    ("similarity B", lambda row: _cell(_value(row["similarity_b"]))),
+    ("similarity A", lambda row: _cell(number_or_dash(row["similarity_a"]))),
+    ("similarity B", lambda row: _cell(number_or_dash(row["similarity_b"]))),
     ("change", lambda row: _cell(_change(row["similarity_change"]))),
 )
 _CORRELATIONS: tuple[Column, ...] = (
-    ("map correlation, query", lambda row: _cell(_value(row["map_correlation_query"]))),
-    ("map correlation, reference", lambda row: _cell(_value(row["map_correlation_reference"]))),
-    ("mean", lambda row: _cell(_value(row["map_correlation"]))),
+    ("map correlation, query", lambda row: _cell(number_or_dash(row["map_correlation_query"]))),
+    ("map correlation, reference", lambda row: _cell(number_or_dash(row["map_correlation_reference"]))),
+    ("mean", lambda row: _cell(number_or_dash(row["map_correlation"]))),
 )
 
 

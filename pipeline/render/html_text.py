@@ -22,6 +22,12 @@ def escaped(value: object, limit: int = MAX_TEXT) -> str:
     return html.escape(text if len(text) <= limit else text[: limit - 1] + "…")
 
 
+def number_or_dash(value: object, spec: str = ".3f", missing: str = "—") -> str:
+    """A finite number formatted with `spec`; `missing` for None, NaN, infinities and non-numbers."""
+    number = finite_number(value)
+    return missing if number is None else format(number, spec)
+
+
 def finite_number(value: object) -> float | None:
     """A finite float, or None for None, NaN, infinities and non-numbers."""
     try:

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from pipeline.io.storage import redact_uri
 from pipeline.render.histogram import Series, histogram_svg
-from pipeline.render.html_text import LABEL_NAMES, escaped, finite_number
+from pipeline.render.html_text import LABEL_NAMES, escaped, finite_number, number_or_dash
 from pipeline.render.report_assets import CSS, SCRIPT
 from pipeline.thresholds import recorded_false_match_similarity
 
@@ -74,10 +74,6 @@ def safe_href(href: str | None) -> str | None:
     return href
 
 
-def _fmt(value: float | None, spec: str, missing: str = "—") -> str:
-    return missing if value is None else format(value, spec)
-
-
 def _data(value: float | None) -> str:
     return "" if value is None else f"{value:.6g}"
 
@@ -102,9 +98,9 @@ def _card(row: Row, href: str | None) -> str:
     label = _label(row)
     similarity, rank = _similarity(row), finite_number(row.get("rank"))
     energy_q, energy_r = finite_number(row.get("query_energy_in_box")), finite_number(row.get("reference_energy_in_box"))
-    details = {"rank": _fmt(rank, ".0f"), "score": _fmt(finite_number(row.get("score")), ".4g")}
+    details = {"rank": number_or_dash(rank, ".0f"), "score": number_or_dash(row.get("score"), ".4g")}
     if _has_boxes(row):
-        details["in box"] = f"q {_fmt(energy_q, '.0%')} · r {_fmt(energy_r, '.0%')}"
+        details["in box"] = f"q {number_or_dash(energy_q, '.0%')} · r {number_or_dash(energy_r, '.0%')}"
         details["pointing"] = f"q {_hit(row.get('query_pointing_hit'))} · r {_hit(row.get('reference_pointing_hit'))}"
     badges = f'<span class="badge lab-{_label_key(label)}">{LABEL_NAMES[label]}</span>'
     if status == "error":
@@ -115,7 +111,7 @@ def _card(row: Row, href: str | None) -> str:
         f'data-rank="{_data(rank)}" data-energy="{_data(_energy(row))}" data-label="{_label_key(label)}" '
         f'data-status="{status}">'
         f'{_image(href, pair_id)}<div class="meta"><div class="pid" title="{pair_id}">{pair_id}</div>'
-        f'<div class="sim"><b>{_fmt(similarity, ".3f")}</b> {badges}</div>'
+        f'<div class="sim"><b>{number_or_dash(similarity, ".3f")}</b> {badges}</div>'
         f'<dl>{"".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in details.items())}</dl>{error}</div></article>'
     )
 
@@ -149,7 +145,7 @@ def _gates(summary: Mapping[str, Any]) -> str:
         return ""
     rows = "".join(
         f'<tr class="{"pass" if g.get("passed") else "fail"}"><td>{escaped(g.get("name", "?"), 100)}</td>'
-        f'<td>{_fmt(finite_number(g.get("value")), ".4g", "n/a")}</td><td>{_fmt(finite_number(g.get("threshold")), ".4g")}</td>'
+        f'<td>{number_or_dash(g.get("value"), ".4g", "n/a")}</td><td>{number_or_dash(g.get("threshold"), ".4g")}</td>'
         f'<td>{"passed" if g.get("passed") else "FAILED"}</td><td>{escaped(g.get("note") or "", 300)}</td></tr>'
         for g in gates
     )

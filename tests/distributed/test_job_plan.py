@@ -7,7 +7,6 @@ import logging
 import threading
 import time
 
-import pyarrow as pa
 import pytest
 import ray
 from pydantic import ByteSize
@@ -21,10 +20,8 @@ from pipeline.distributed.job import (
     READER_CPUS,
     RENDER_CPUS,
     WRITE_CPUS,
-    _boxes_outside_warning,
     _check_actor_memory,
     _cpus_per_actor,
-    _empty_maps_warning,
     _gpus_per_actor,
     _num_actors,
     batch_size_for,
@@ -109,19 +106,6 @@ def test_gpu_defaults(monkeypatch, cluster_gpus, cluster_cpus, given, gpus, batc
     if gpus:  # from 6 CPUs per GPU, the actors leave the reader, the writers, a fetch and a render task their CPUs
         fits = actors * (cpus + WRITE_CPUS) + READER_CPUS + FETCH_CPUS + RENDER_CPUS <= cluster_cpus
         assert fits == (cluster_cpus >= 6 * max(cluster_gpus, 1))
-
-
-def test_empty_maps_and_boxes_outside_are_told_apart() -> None:
-    """Both leave energy_in_box null; only a map that has a peak had a box to miss."""
-    point, box = [3.0, 4.0], [0.0, 0.0, 10.0, 10.0]
-    rows = pa.table({
-        "query_peak_xy": [point, None, point, point], "reference_peak_xy": [point, point, None, point],
-        "query_bbox": [box, box, box, None], "reference_bbox": [box, box, box, box],
-        "query_energy_in_box": [0.5, None, None, None], "reference_energy_in_box": [0.5, 0.4, None, 0.2],
-    })
-    assert _empty_maps_warning(rows).startswith("maps without positive evidence (1 query, 1 reference, of 4 ok pairs")
-    assert _boxes_outside_warning(rows).startswith("boxes wholly outside their image (1 query, 0 reference, of 4 ok pairs)")
-    assert _empty_maps_warning(rows.slice(0, 1)) is None and _boxes_outside_warning(rows.slice(0, 1)) is None
 
 
 @pytest.mark.parametrize(("cluster_gpus", "gpus_per_actor"), [(0, 1.0), (1, 2.0)])

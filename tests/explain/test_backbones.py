@@ -179,19 +179,25 @@ def test_target_without_influence_names_a_better_layer(name: str, models: dict, 
 @pytest.mark.parametrize("name", ["clip", "dinov2_reg4"])
 def test_repeated_images_in_explain_pairs(name: str, models: dict, seed: int) -> None:
     """A batch of distinct images whose pairs repeat them (the job's case) equals the pairs
-    explained one by one; the generic path forwards each distinct image once."""
+    explained one by one; the generic path forwards each distinct image once.
+
+    Each pair is explained beside one other (its own images, then the first pair's): the random
+    CLIP is nearly scale invariant at its default layer (doubling it moves the embedding by about
+    1e-6), so one pair's contributions can cancel by chance, and a lone such pair is refused as
+    L2-normalised (about 1 seed in 200)."""
     size = BACKBONES[name].size
     images = torch.randn(4, 3, size, size)
     query, reference = torch.tensor([0, 0, 0, 1, 3, 2]), torch.tensor([1, 2, 3, 2, 0, 0])
     explainer = SFAM(models[name])
     batch = explainer.explain_pairs(images, query, reference)
     for p in range(query.shape[0]):
-        alone = explainer.explain(images[query[p:p + 1]], images[reference[p:p + 1]])
+        other = 1 if p == 0 else 0
+        beside = explainer.explain(images[query[[p, other]]], images[reference[[p, other]]])
         for field in ("similarity", "cis_query", "cis_reference", "residual_query"):
-            assert_close(getattr(batch, field)[p], getattr(alone, field)[0], rel=1e-4, what=field,
+            assert_close(getattr(batch, field)[p], getattr(beside, field)[0], rel=1e-4, what=field,
                          scale=batch.similarity.abs().max())
         for field in ("map_query", "map_reference"):
-            assert_maps_close(getattr(batch, field)[p:p + 1], getattr(alone, field), rel=1e-4, what=field)
+            assert_maps_close(getattr(batch, field)[p:p + 1], getattr(beside, field)[:1], rel=1e-4, what=field)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import torchvision
 from pydantic import ValidationError
@@ -305,8 +306,6 @@ def test_timm_arch_outputs_pooled_embedding(rng: np.random.Generator) -> None:
 
 @torch.no_grad()
 def test_safetensors_weights_roundtrip(rng: np.random.Generator, tmp_path) -> None:
-    import safetensors.torch
-
     spec = ModelSpec(arch="timm/vit_tiny_patch16_224", input_size=32, embedding_dim=16)
     source = build_model(spec)
     path = tmp_path / "model.safetensors"
@@ -328,6 +327,11 @@ def test_bad_safetensors_and_unknown_timm_arch(tmp_path) -> None:
     truncated.write_bytes((40).to_bytes(8, "little") + b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}')
     with pytest.raises(ModelLoadError, match="not a readable safetensors file"):
         build_model(ModelSpec(arch="resnet18", weights=str(truncated)))
+    cut = tmp_path / "cut.safetensors"  # a download cut short
+    safetensors.torch.save_file({"w": torch.ones(64)}, str(cut))
+    cut.write_bytes(cut.read_bytes()[:-100])
+    with pytest.raises(ModelLoadError, match=r"not a readable safetensors file: .*\(the file is truncated or corrupt"):
+        build_model(ModelSpec(arch="resnet18", weights=str(cut)))
     with pytest.raises(ModelLoadError, match="unknown timm arch 'vit_tiny_patch16_22'.*vit_tiny_patch16_224"):
         build_model(ModelSpec(arch="timm/vit_tiny_patch16_22"))
 
