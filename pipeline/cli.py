@@ -116,10 +116,6 @@ def _warn(message: str) -> None:
 
 
 def explain_command(args: argparse.Namespace) -> int:
-    from pipeline.models.loading import random_weights_warning  # torch loads only for the commands that need it
-    from pipeline.pair import explain_pair
-    from pipeline.quality import residual_warning
-
     _refuse_ignored(args)
     _check_output(args.output, "-o", "pair.png")
     if args.config:
@@ -131,6 +127,11 @@ def explain_command(args: argparse.Namespace) -> int:
                "weighting": args.weighting, "feature_layout": args.feature_layout, "prefix_tokens": args.prefix_tokens}
     spec = validated(ModelSpec, {**spec.model_dump(), **{k: v for k, v in changes.items() if v is not None}},
                      "sfam explain")
+    # torch loads only for the commands that need it, and after the config's mistakes are told (seconds)
+    from pipeline.models.loading import random_weights_warning
+    from pipeline.pair import explain_pair
+    from pipeline.quality import residual_warning
+
     explanation = explain_pair(args.query, args.reference, spec, options, max_pixels, output=args.output)
     random_weights = random_weights_warning(spec)  # once the model is known to build: not before an error
     if random_weights:

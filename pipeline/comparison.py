@@ -85,7 +85,7 @@ from pipeline.render.comparison_html import (
     render_comparison,
 )
 from pipeline.render.html_text import number_or_dash
-from pipeline.run_history import read_run_record
+from pipeline.run_history import first_started, read_run_record
 from pipeline.schema import SIDES, result_type
 from pipeline.thresholds import MOVED_BELOW, false_match_rule, outside_cosine_range, recorded_false_match_similarity
 
@@ -218,7 +218,7 @@ def _run_info(record: dict) -> dict[str, Any]:
         weights = weights.rsplit("/", 1)[-1] + (f" (sha256 {digest[:12]})" if digest else "")
     return {"run_id": record["run_id"], "model_id": record.get("model_id"), "weights": weights,
             "target_layer": record.get("target_layer"), "metric": model.get("metric"), "weighting": model.get("weighting"),
-            "input_size": model.get("input_size"), "started": record["timings"]["started"]}
+            "input_size": model.get("input_size"), "started": first_started(record)}
 
 
 def _run_rows(store: ResultsStore, record: dict) -> pa.Table:

@@ -200,8 +200,9 @@ def _look_first(ok: Sequence[Row], png_href: Callable[[Row], str | None], thresh
         ("false-matches", title, hint, false_matches,
          ("no different-label (label 0) pairs in this run" if not different or threshold is None else
           f"no different-label (label 0) pair reaches similarity {threshold:g}; the most similar is at {max(different):.3f}")),
-        ("off-object", "True matches whose map falls outside the object",
-         "same-label pairs, lowest share of map energy inside the box first", off_object,
+        ("off-object", "True matches, least of the map on the object first",
+         "same-label pairs with boxes, lowest share of map energy inside the box first: the first ones are those "
+         "whose map falls outside the object (a pointing miss is marked ✗)", off_object,
          "no same-label pairs with bounding boxes in this run"),
     ]
     return "".join(
