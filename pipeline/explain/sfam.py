@@ -471,11 +471,12 @@ class SFAM:
         """Refuses to explain an L2-normalised output, whose attributions sum to about zero: an
         output of unit norm, or (the generic path's `cis` (P, K) of the pairs' query sides, with
         `linear` (P,) the u . v that they should sum to) contributions that cancel where u . v does
-        not, in an output that doubling the target layer's features leaves as it was. A pair whose
-        u . v is itself about zero (a near-orthogonal negative) says nothing either way, and the
-        contributions of a model whose residual is most of the similarity (a random CLIP) can cancel
-        by chance: the doubling tells them apart. Both paths check it, whatever the normalisation
-        is written with.
+        not, in an output that doubling the target layer's features leaves as it was (within 1e-3).
+        A pair whose u . v is itself about zero (a near-orthogonal negative) says nothing either way;
+        the doubling keeps a model whose contributions cancel by chance (a Tanh head) from being
+        refused. A model that is nearly scale invariant at the layer (a random CLIP at `pos_drop`:
+        doubling moves its embedding by about 1e-6) can still be refused for a lone pair whose
+        contributions cancel by chance. Both paths check it, whatever the normalisation is written with.
 
         A LayerNorm at the end is not such a case: its deviation is held (linearise.py).
         """

@@ -267,6 +267,17 @@ def test_a_nightly_run_of_a_new_manifest_is_compared_as_its_gate_compares(runs: 
     assert "Compared with run-a" in page.read_text()
 
 
+def test_a_re_run_baseline_shows_when_it_first_ran(runs: Runs, tmp_path: Path) -> None:
+    """A re-run of run A (a later attempt) showed its attempt's start, after run B's: A, "the earlier",
+    looked later. Runs are placed by when they first ran, as the baseline is chosen."""
+    output = tmp_path / "audits"
+    shutil.copytree(runs.output, output)
+    edit_record(output, "run-a", lambda record: record["timings"].update(started="2099-01-01T00:00:00+00:00",
+                                                                          first_started="2026-11-26T03:00:00+00:00"))
+    run_a, _ = compare_runs(str(output), "run-a", "run-b", OPTIONS).view().runs
+    assert run_a["started"] == "2026-11-26T03:00:00+00:00"
+
+
 def test_a_euclidean_run_beyond_its_threshold_counts_no_false_matches(runs: Runs, tmp_path) -> None:
     """A euclidean run's default false_match_similarity (0.8) is above every similarity it has: the
     comparison counts none (null, not 0) and says why, as the report's Look first does."""
