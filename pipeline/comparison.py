@@ -185,8 +185,8 @@ def _whole(value: int | None) -> str:
 
 
 def _arrow(row: dict, name: str) -> str:
-    change = row[f"{name}_change"]
-    return f"{number_or_dash(row[f'{name}_a'])} -> {number_or_dash(row[f'{name}_b'])} ({'—' if change is None else f'{change:+.3f}'})"
+    a, b, change = (row[f"{name}{suffix}"] for suffix in ("_a", "_b", "_change"))
+    return f"{number_or_dash(a)} -> {number_or_dash(b)} ({number_or_dash(change, '+.3f')})"
 
 
 def _ok(status: pa.ChunkedArray) -> pa.ChunkedArray:

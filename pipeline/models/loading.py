@@ -91,7 +91,7 @@ def _check_patches_tile(model: nn.Module, spec: ModelSpec) -> None:
             for side, patch in zip(sides, conv.stride)]
     example = fits[0] if sides[0] == sides[1] else f"height {fits[0]}, width {fits[1]}"
     raise ModelLoadError(
-        f"model.input_size {spec.input_hw[0]}x{spec.input_hw[1]}: the model's patch embedding ({name}) cuts the image "
+        f"model.input_size {sides[0]}x{sides[1]}: the model's patch embedding ({name}) cuts the image "
         f"into {conv.stride[0]}x{conv.stride[1]} px patches, so the pixels past the last whole patch are never seen "
         f"and the maps would be drawn over them: use a multiple of the patch size ({example})")
 
