@@ -59,6 +59,7 @@ and correlated in chunks of `CHUNK_ROWS` pairs.
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -76,14 +77,7 @@ from pipeline.io.storage import StorageOptions, join_uri, resolve_uri, write_byt
 from pipeline.io.stores import open_results_store
 from pipeline.layout import comparison_dir
 from pipeline.manifest import manifest_dir
-from pipeline.render.comparison_html import (
-    METRICS_DIFFER,
-    OTHER_IMAGES,
-    ComparisonView,
-    all_other_images,
-    label_name,
-    render_comparison,
-)
+from pipeline.render.comparison_html import ComparisonView, label_name, render_comparison
 from pipeline.render.html_text import number_or_dash
 from pipeline.run_history import first_started, read_run_record
 from pipeline.schema import SIDES, result_type
@@ -101,6 +95,13 @@ PAIR_COLUMNS = (
     "query_pointing_hit_a", "query_pointing_hit_b", "energy_in_box_a", "energy_in_box_b", "map_comparable",
     "map_correlation_query", "map_correlation_reference", "map_correlation", "false_match_a", "false_match_b",
 )
+METRICS_DIFFER = "The runs use different metrics: their similarities and the threshold are in different units."
+REVERSED = ("Run A first ran after run B: each change is B's figure minus A's, so it reads backwards in time. "
+            "Name the earlier run first.")
+OTHER_IMAGES = ("No pair is ok in both runs on the same images: every pair id of A that B has names other images in "
+                "B. Either the ids stand for other pairs in B (rank-shaped ids such as q1/3), or the image URIs are "
+                "relative to manifests in folders of their own, which makes the same image another URI: write "
+                "absolute image URIs to compare such runs.")
 FALSE_MATCH_COUNTS = ("false_matches_a", "false_matches_b", "new_false_matches", "vanished_false_matches")
 SUMMARY_SCHEMA = pa.schema(
     [("run_a", pa.string()), ("run_b", pa.string()), ("attempt_a", pa.string()), ("attempt_b", pa.string()),
@@ -148,21 +149,31 @@ class Comparison:
         new = both.filter(pc.and_not(both["false_match_b"], both["false_match_a"])).sort_by([("similarity_b", "descending")])
         vanished = both.filter(pc.and_not(both["false_match_a"], both["false_match_b"])).sort_by([("similarity_a", "descending")])
         return ComparisonView(
-            runs=self.runs, threshold=self.threshold, counts=self.counts(), summary=self.summary.to_pylist(),
+            runs=self.runs, warnings=self.warnings(), threshold=self.threshold, counts=self.counts(),
+            summary=self.summary.to_pylist(),
             moved=moved.slice(0, listed).to_pylist(), new_false_matches=new.slice(0, listed).to_pylist(),
             vanished_false_matches=vanished.slice(0, listed).to_pylist(),
         )
+
+    def warnings(self) -> list[str]:
+        """What makes this comparison misleading: other metrics, B run before A, no pair on the same images."""
+        warnings = [METRICS_DIFFER] if len({run["metric"] for run in self.runs}) > 1 else []
+        started_a, started_b = (_when(run["started"]) for run in self.runs)
+        if started_a and started_b and started_a > started_b:
+            warnings.append(REVERSED)
+        counts = self.counts()
+        in_both = sum(counts[name] for name in ("ok in both", "with other images in B", "failed in A or B"))
+        if 0 < counts["with other images in B"] == in_both:
+            warnings.append(OTHER_IMAGES)
+        return warnings
 
     def lines(self) -> list[str]:
         """A short text summary: counts, then one line per label."""
         run_a, run_b = self.run_ids
         counts = self.counts()
-        warnings = [METRICS_DIFFER] if len({run["metric"] for run in self.runs}) > 1 else []
-        if all_other_images(counts):
-            warnings.append(OTHER_IMAGES)
         lines = [f"compared {run_a} (A) with {run_b} (B); pairs: "
                  + ", ".join(f"{value} {name}" for name, value in counts.items()),
-                 *(f"warning: {warning}" for warning in warnings),
+                 *(f"warning: {warning}" for warning in self.warnings()),
                  f"false matches: {false_match_rule(self.threshold)}",
                  f"{'label':<11}{'pairs':>6}  {'similarity A -> B':<25}  {'pointing (q) A -> B':<23}  "
                  f"{'in box (q, r) A -> B':<23}  {'map corr':>8}  false matches A -> B (new, vanished)"]
@@ -174,6 +185,14 @@ class Comparison:
                 f"{_whole(row['false_matches_b'])} ({_whole(row['new_false_matches'])}, {_whole(row['vanished_false_matches'])})"
             )
         return lines
+
+
+def _when(stamp: object) -> dt.datetime | None:
+    """A run record's ISO 8601 time stamp, or None if it is not one."""
+    try:
+        return dt.datetime.fromisoformat(stamp) if isinstance(stamp, str) else None
+    except ValueError:
+        return None
 
 
 def _count(mask: pa.Array | pa.ChunkedArray) -> int:

@@ -25,11 +25,6 @@ _STYLE = (  # up and down say the direction, not whether it is better: a false m
 )
 _RUN_FIELDS = (("run id", "run_id"), ("model", "model_id"), ("weights", "weights"), ("target layer", "target_layer"),
                ("metric", "metric"), ("weighting", "weighting"), ("input size", "input_size"), ("started", "started"))
-METRICS_DIFFER = "The runs use different metrics: their similarities and the threshold are in different units."
-OTHER_IMAGES = ("No pair is ok in both runs on the same images: every pair id of A that B has names other images in "
-                "B. Either the ids stand for other pairs in B (rank-shaped ids such as q1/3), or the image URIs are "
-                "relative to manifests in folders of their own, which makes the same image another URI: write "
-                "absolute image URIs to compare such runs.")
 _FIGURES = (("mean similarity", "mean_similarity"), ("pointing hit rate (query)", "pointing_hit_rate"),
             ("energy in box (mean of query and reference)", "energy_in_box"))
 _COUNTS = (("maps not<br>comparable", "maps_not_comparable"), ("false<br>matches A", "false_matches_a"),
@@ -41,6 +36,7 @@ class ComparisonView:
     """What the HTML shows; pipeline/comparison.py builds it (`Comparison.view()`)."""
 
     runs: tuple[Mapping[str, Any], Mapping[str, Any]]  # A, B: what pipeline/comparison.py's _run_info says of each
+    warnings: Sequence[str]  # what makes the comparison misleading (other metrics, B before A, ...): trusted text
     threshold: float | None
     counts: Mapping[str, int]
     summary: Sequence[Row]  # one row per label
@@ -76,9 +72,8 @@ def _runs(view: ComparisonView) -> str:
         f"<tr><th>{side}</th>" + "".join(_cell(escaped(run.get(key) or "—"), numeric=False) for _, key in _RUN_FIELDS) + "</tr>"
         for side, run in zip("AB", view.runs)
     )
-    metrics = {run.get("metric") for run in view.runs}
-    warning = f'<p class="warning">{METRICS_DIFFER}</p>' if len(metrics) > 1 else ""
-    return f"<table>{head}{body}</table>{warning}"
+    warnings = "".join(f'<p class="warning">{warning}</p>' for warning in view.warnings)  # comparison.py's own text
+    return f"<table>{head}{body}</table>{warnings}"
 
 
 def _tiles(view: ComparisonView) -> str:
@@ -86,16 +81,9 @@ def _tiles(view: ComparisonView) -> str:
                    for name, value in view.counts.items())
 
 
-def all_other_images(counts: dict[str, int]) -> bool:
-    """Whether every pair in both runs names other images in B (ComparisonView.counts)."""
-    in_both = sum(counts[name] for name in ("ok in both", "with other images in B", "failed in A or B"))
-    return counts["with other images in B"] > 0 and counts["with other images in B"] == in_both
-
-
 def _summary(view: ComparisonView) -> str:
     if not view.summary:
-        other_images = all_other_images(view.counts)
-        return f'<p class="empty">{OTHER_IMAGES if other_images else "No pair is ok in both runs on the same images."}</p>'
+        return '<p class="empty">No pair is ok in both runs on the same images.</p>'
     head = ('<tr><th rowspan="2">label</th><th rowspan="2">pairs</th>'
             + "".join(f'<th colspan="3">{name}</th>' for name, _ in _FIGURES)
             + '<th rowspan="2">mean map<br>correlation</th>'

@@ -23,12 +23,21 @@ import torch
 import yaml
 
 from pipeline.cli import main
-from pipeline.comparison import FALSE_MATCH_COUNTS, _run_rows, compare_runs, pair_changes, run_record, write_comparison
+from pipeline.comparison import (
+    FALSE_MATCH_COUNTS,
+    OTHER_IMAGES,
+    REVERSED,
+    _run_rows,
+    compare_runs,
+    pair_changes,
+    run_record,
+    write_comparison,
+)
 from pipeline.distributed.job import run_audit
 from pipeline.io.storage import StorageOptions, join_uri
 from pipeline.io.stores import open_results_store
 from pipeline.layout import comparison_dir
-from pipeline.render.comparison_html import OTHER_IMAGES, render_comparison
+from pipeline.render.comparison_html import render_comparison
 from pipeline.reporting import write_report
 from pipeline.thresholds import MOVED_BELOW, recorded_false_match_similarity
 
@@ -200,6 +209,14 @@ def test_a_pair_id_that_names_other_images_is_counted_not_compared(runs: Runs) -
                      summary=comparison.summary.slice(0, 0))
     assert f"warning: {OTHER_IMAGES}" in others.lines()  # not just an empty table
     assert OTHER_IMAGES in render_comparison(others.view())
+
+
+def test_runs_named_in_the_reverse_order_are_compared_with_a_warning(runs: Runs) -> None:
+    backwards = compare_runs(runs.output, "run-b", "run-a", OPTIONS)
+    assert f"warning: {REVERSED}" in backwards.lines()
+    assert REVERSED in render_comparison(backwards.view())
+    forwards = compare_runs(runs.output, "run-a", "run-b", OPTIONS)
+    assert REVERSED not in "\n".join(forwards.lines()) and REVERSED not in render_comparison(forwards.view())
 
 
 def test_an_image_replaced_at_its_uri_between_the_runs_is_another_image(runs: Runs) -> None:
