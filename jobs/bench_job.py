@@ -51,7 +51,7 @@ from pipeline.models.spec import ModelSpec
 
 if TYPE_CHECKING:
     from pipeline.distributed.explain import ExplainPairs
-    from pipeline.distributed.job import RunSummary
+    from pipeline.distributed.run_record import RunSummary
 
 SECTION = "## Where the job's time goes"
 SMOKE = {"queries": 4, "top_k": 2, "gallery": 8, "rounds": 1, "batch_size": 2}
@@ -305,8 +305,8 @@ def stage_costs(audit: Audit, config: JobConfig, folder: Path, pairs: int | None
     after another in this process on one torch thread."""
     from pipeline.distributed.explain import ExplainPairs
     from pipeline.distributed.fetch import FetchImages
-    from pipeline.distributed.job import decodes_jpegs_in_actors
     from pipeline.distributed.render import RenderResults
+    from pipeline.distributed.resources import decodes_jpegs_in_actors
     from pipeline.io.images import torchvision_jpeg
     from pipeline.layout import RunLayout
     from pipeline.render.result_row import DISPLAY_SIDE
@@ -597,7 +597,7 @@ def positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.distributed.job import batch_size_for
+    from pipeline.distributed.resources import batch_size_for
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)

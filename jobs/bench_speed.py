@@ -53,7 +53,7 @@ from pipeline.models.loading import build_model
 from pipeline.models.spec import ModelSpec
 
 if TYPE_CHECKING:
-    from pipeline.distributed.job import RunSummary
+    from pipeline.distributed.run_record import RunSummary
 
 METRIC = "cosine"
 EMBEDDING_DIM = 512
@@ -262,7 +262,8 @@ def run_job(pairs: Pairs, spec: ModelSpec, batch: int, actors: int) -> JobResult
     """
     import ray
 
-    from pipeline.distributed.job import peak_rss_bytes, run_audit
+    from pipeline.distributed.job import run_audit
+    from pipeline.distributed.run_record import peak_rss_bytes
 
     config = JobConfig(manifest=str(pairs.manifest), output=str(pairs.root / "audits"), run_id="bench-speed",
                        model=spec, batch_size=batch, num_actors=actors, max_error_fraction=0.0)

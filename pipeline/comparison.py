@@ -53,8 +53,8 @@ Written next to the runs, under `{output}/comparisons/{A}/{B}/` (a folder per ru
     map_correlation                    float64   the mean of the two: low = the maps moved
     false_match_a, false_match_b       bool      label 0 and similarity >= threshold (null unless ok there)
 
-A map that is constant has no correlation (null). The maps are read as stored (float16)
-and correlated in chunks of `CHUNK_ROWS` pairs.
+A map that is constant has no correlation (null). The maps are read as stored (float32; float16
+in runs written before 2026-11-28) and correlated in chunks of `CHUNK_ROWS` pairs.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 FALSE_MATCH_SIMILARITY = 0.8  # the default similarity at and above which a label-0 pair is a false match
-MOVED_BELOW = 0.99  # a pair's maps moved when they correlate below this (the same maps, stored as float16, correlate above)
+MOVED_BELOW = 0.99  # a pair's maps moved when they correlate below this (the same maps, one rounded to float16 as earlier runs stored them, correlate above)
 
 
 def recorded_false_match_similarity(record: Mapping[str, Any]) -> float | None:

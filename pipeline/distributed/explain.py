@@ -216,7 +216,7 @@ class ExplainPairs:
         has_boxes = _has_boxes(batch)
         for side in SIDES:
             columns[f"cis_{side}"] = list(cis[side])
-            columns[f"map_{side}"] = list(maps[side].reshape(len(ok_rows), -1).astype(np.float16))
+            columns[f"map_{side}"] = list(maps[side].reshape(len(ok_rows), -1))
             boxes = batch.column(f"{side}_bbox").take(pa.array(ok_rows)).to_pylist() if has_boxes else [None] * len(ok_rows)
             # a box wholly outside its image locates nothing: null, as a missing box
             located = [localise(m, tuple(s), b if b and box_in_image(b, tuple(s)) else None)

@@ -17,7 +17,7 @@ in the current snapshot without committing. `read` therefore reads the attempt `
 names, from the newest snapshot that holds it; readers outside this project keep the rows
 whose `attempt` is the one `_SUCCESS` names (docs/cluster.md). Once `_SUCCESS` is written,
 the attempt's staged files, a copy of what the table holds, are deleted. New columns evolve the
-table's schema. Iceberg has no half-precision floats: the maps are stored as list<float32>.
+table's schema.
 """
 
 from __future__ import annotations
@@ -78,11 +78,7 @@ def catalog_properties(table: TableConfig, output: str, options: StorageOptions)
 
 
 def iceberg_rows(rows: pa.Table, run_id: str, run_date: str) -> pa.Table:
-    """Staged rows as the Iceberg table holds them: with run_id and run_date, maps in float32."""
-    for name in ("map_query", "map_reference"):
-        if name in rows.column_names:
-            index = rows.column_names.index(name)
-            rows = rows.set_column(index, name, rows.column(name).cast(pa.list_(pa.float32())))
+    """Staged rows as the Iceberg table holds them: with run_id and run_date."""
     rows = rows.append_column("run_date", pa.array([run_date] * rows.num_rows, pa.string()))
     return rows.append_column("run_id", pa.array([run_id] * rows.num_rows, pa.string()))
 

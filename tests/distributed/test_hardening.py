@@ -232,7 +232,7 @@ def test_a_stop_in_the_clean_up_after_the_commit_keeps_the_committed_attempt(loc
 
 def test_a_stop_while_the_attempt_writes_its_first_records_fails_it(tmp_path, rng, monkeypatch) -> None:
     """Ctrl-C between the attempt's first record and the run's: both end "failed", not "running"."""
-    from pipeline.distributed.job import RunRecorder
+    from pipeline.distributed.run_record import RunRecorder
 
     root, options = str(tmp_path), StorageOptions()
     write_weights(join_uri(root, "models", "model.pt"), options)
@@ -258,7 +258,7 @@ def test_a_stop_while_the_attempt_writes_its_first_records_fails_it(tmp_path, rn
 
 
 def test_an_output_that_cannot_be_written_is_named_before_any_work(tmp_path, rng, monkeypatch) -> None:
-    from pipeline.distributed import job
+    from pipeline.distributed import job, run_record
 
     root, options = str(tmp_path), StorageOptions()
     write_weights(join_uri(root, "models", "model.pt"), options)
@@ -268,7 +268,7 @@ def test_an_output_that_cannot_be_written_is_named_before_any_work(tmp_path, rng
     def refused(*_args) -> None:
         raise StorageUnavailable(config.output, "permission denied")
 
-    monkeypatch.setattr(job, "write_json", refused)
+    monkeypatch.setattr(run_record, "write_json", refused)  # the attempt's first record
     monkeypatch.setattr(job, "connect", lambda: pytest.fail("no work starts"))
     with pytest.raises(StorageError, match="output location is not writable: permission denied"):
         run_audit(config)

@@ -20,7 +20,9 @@ import torchvision
 from PIL import Image
 
 from pipeline.config import ConfigError, JobConfig
-from pipeline.distributed.job import decodes_jpegs_in_actors, preflight, run_audit
+from pipeline.distributed.job import run_audit
+from pipeline.distributed.preflight import preflight
+from pipeline.distributed.resources import decodes_jpegs_in_actors
 from pipeline.errors import AuditFailed
 from pipeline.io.results_store import HiveParquetStore
 from pipeline.io.storage import (

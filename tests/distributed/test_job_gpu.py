@@ -14,7 +14,8 @@ import pytest
 import ray
 import torch
 
-from pipeline.distributed.job import GPU_BATCH_SIZE, GPU_REPLICAS, run_audit
+from pipeline.distributed.job import run_audit
+from pipeline.distributed.resources import GPU_BATCH_SIZE, GPU_REPLICAS
 from pipeline.io.results_store import HiveParquetStore
 from pipeline.io.storage import StorageOptions, join_uri
 from pipeline.io.tables import read_json

@@ -11,7 +11,9 @@ import pytest
 import ray
 from pydantic import ByteSize
 
-from pipeline.distributed.job import (
+from pipeline.distributed import resources
+from pipeline.distributed.job import build_dataset, run_audit
+from pipeline.distributed.resources import (
     CPU_ACTORS,
     CPU_BATCH_SIZE,
     FETCH_CPUS,
@@ -20,13 +22,11 @@ from pipeline.distributed.job import (
     READER_CPUS,
     RENDER_CPUS,
     WRITE_CPUS,
-    _check_actor_memory,
-    _cpus_per_actor,
-    _gpus_per_actor,
-    _num_actors,
     batch_size_for,
-    build_dataset,
-    run_audit,
+    check_actor_memory,
+    cpus_per_actor,
+    gpus_per_actor,
+    num_actors_for,
 )
 from pipeline.errors import UserError
 from pipeline.io.storage import StorageOptions, join_uri
@@ -56,7 +56,7 @@ def test_the_reader_and_the_writers_fit_beside_the_actors(local_ray, tmp_path, n
     results are written from the start, not held until the reader is done."""
     config = job_config(str(tmp_path), StorageOptions(), join_uri(str(tmp_path), "pairs.parquet"), "plan",
                         num_actors=num_actors)
-    assert num_actors * (_cpus_per_actor(config, gpus=0) + WRITE_CPUS) + READER_CPUS <= 2
+    assert num_actors * (cpus_per_actor(config, gpus=0) + WRITE_CPUS) + READER_CPUS <= 2
 
 
 @pytest.mark.parametrize(("cluster_gpus", "gpus_per_actor", "num_actors", "actors", "waits"), [
@@ -72,14 +72,13 @@ def test_the_reader_and_the_writers_fit_beside_the_actors(local_ray, tmp_path, n
 ])
 def test_actors_for_the_gpus_the_cluster_has(monkeypatch, caplog, cluster_gpus, gpus_per_actor, num_actors, actors,
                                              waits) -> None:
-    from pipeline.distributed import job
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": float(cluster_gpus)})
-    monkeypatch.setattr(job, "started_here", lambda: False)  # a cluster, whose autoscaler may add GPUs
+    monkeypatch.setattr(resources, "started_here", lambda: False)  # a cluster, whose autoscaler may add GPUs
     config = job_config("/tmp/x", StorageOptions(), "/tmp/x/pairs.parquet", "plan", num_actors=num_actors,
                         gpus_per_actor=gpus_per_actor)
     with caplog.at_level(logging.WARNING, logger="sfam.audit"):
-        assert _num_actors(config, gpus_per_actor) == actors
+        assert num_actors_for(config, gpus_per_actor) == actors
     assert any("wait for GPUs" in record.getMessage() for record in caplog.records) == waits
 
 
@@ -92,17 +91,16 @@ def test_actors_for_the_gpus_the_cluster_has(monkeypatch, caplog, cluster_gpus, 
     (0, 16, {"gpus_per_actor": 0.5}, 0.5, GPU_BATCH_SIZE, 1, 1.0),  # GPUs an autoscaler adds
 ])
 def test_gpu_defaults(monkeypatch, cluster_gpus, cluster_cpus, given, gpus, batch, actors, cpus) -> None:
-    from pipeline.distributed import job
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": float(cluster_cpus), "GPU": float(cluster_gpus)})
-    monkeypatch.setattr(job, "started_here", lambda: False)
+    monkeypatch.setattr(resources, "started_here", lambda: False)
     config = job_config("/tmp/x", StorageOptions(), "/tmp/x/pairs.parquet", "plan",
                         **{"num_actors": None, "batch_size": None, **given})
-    assert _gpus_per_actor(config) == gpus
+    assert gpus_per_actor(config) == gpus
     assert batch_size_for(config, gpus) == batch
-    config = config.model_copy(update={"num_actors": _num_actors(config, gpus)})
+    config = config.model_copy(update={"num_actors": num_actors_for(config, gpus)})
     assert config.num_actors == actors
-    assert _cpus_per_actor(config, gpus) == cpus
+    assert cpus_per_actor(config, gpus) == cpus
     if gpus:  # from 6 CPUs per GPU, the actors leave the reader, the writers, a fetch and a render task their CPUs
         fits = actors * (cpus + WRITE_CPUS) + READER_CPUS + FETCH_CPUS + RENDER_CPUS <= cluster_cpus
         assert fits == (cluster_cpus >= 6 * max(cluster_gpus, 1))
@@ -112,13 +110,12 @@ def test_gpu_defaults(monkeypatch, cluster_gpus, cluster_cpus, given, gpus, batc
 def test_gpus_a_local_ray_cannot_have_are_refused(local_ray, monkeypatch, cluster_gpus, gpus_per_actor) -> None:
     """Where the job started its own Ray, no autoscaler adds the GPUs that no actor fits in: the
     job waited for them forever; it now stops with one line naming gpus_per_actor."""
-    from pipeline.distributed import job
 
-    assert job.started_here()  # the fixture's ray.init started a local Ray in this process
+    assert resources.started_here()  # the fixture's ray.init started a local Ray in this process
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": float(cluster_gpus)})
     config = job_config("/tmp/x", StorageOptions(), "/tmp/x/pairs.parquet", "plan", gpus_per_actor=gpus_per_actor)
     with pytest.raises(UserError, match=f"gpus_per_actor={gpus_per_actor:g}, but this machine has {cluster_gpus} GPU"):
-        _num_actors(config, gpus_per_actor)
+        num_actors_for(config, gpus_per_actor)
 
 
 def test_actor_memory_is_reserved_for_each_replica(local_ray, tmp_path, rng) -> None:
@@ -150,18 +147,17 @@ def test_actor_memory_is_reserved_for_each_replica(local_ray, tmp_path, rng) -> 
 def test_actor_memory_a_local_ray_cannot_hold_is_refused(local_ray, monkeypatch, caplog) -> None:
     """Replicas beyond the memory of the Ray the job started would wait forever: one line naming
     actor_memory. A cluster's autoscaler may add nodes: a warning."""
-    from pipeline.distributed import job
 
     memory = ray.cluster_resources()["memory"]
     config = job_config("/tmp/x", StorageOptions(), "/tmp/x/pairs.parquet", "plan", num_actors=2,
                         actor_memory=int(memory // 2) + 1)
     with pytest.raises(UserError, match=r"^num_actors x actor_memory = 2 x [0-9.]+GiB, but Ray has [0-9.]+GiB of "
                                         r"memory for tasks and actors on this machine: lower actor_memory"):
-        _check_actor_memory(config)
-    _check_actor_memory(config.model_copy(update={"num_actors": 1}))  # fits
+        check_actor_memory(config)
+    check_actor_memory(config.model_copy(update={"num_actors": 1}))  # fits
     with pytest.raises(UserError, match=r"^actor_memory = [0-9.]+GiB, but no node has that much memory"):
-        _check_actor_memory(config.model_copy(update={"num_actors": 1, "actor_memory": ByteSize(int(memory) + 1)}))
-    monkeypatch.setattr(job, "started_here", lambda: False)
+        check_actor_memory(config.model_copy(update={"num_actors": 1, "actor_memory": ByteSize(int(memory) + 1)}))
+    monkeypatch.setattr(resources, "started_here", lambda: False)
     with caplog.at_level(logging.WARNING, logger="sfam.audit"):
-        _check_actor_memory(config)
+        check_actor_memory(config)
     assert "wait for nodes an autoscaler may add" in caplog.text

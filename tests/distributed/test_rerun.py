@@ -60,11 +60,17 @@ def kill_tree(process: subprocess.Popen) -> None:
     process.wait(timeout=60)
 
 
-def documented_views(output: Path) -> list[str]:
-    """The CREATE VIEW statements of docs/cluster.md, pointed at a local output root."""
+def documented_queries(output: Path) -> list[str]:
+    """The statements of docs/cluster.md's DuckDB block (its views, then its queries), pointed at a
+    local output root and at RUN_ID."""
     text = (ROOT / "docs" / "cluster.md").read_text()
-    statements = [s.strip() for s in re.findall(r"(CREATE VIEW .*?;)", text, flags=re.S)]
-    return [s.replace("s3://bucket/audits", str(output)) for s in statements]
+    block = re.search(r"```sql\n(CREATE VIEW audits .*?)```", text, flags=re.S).group(1)
+    statements = [s.strip() for s in block.split(";\n") if s.strip()]
+    return [s.replace("s3://bucket/audits", str(output)).replace("nightly-2026-11-26", RUN_ID) for s in statements]
+
+
+def documented_views(output: Path) -> list[str]:
+    return [s for s in documented_queries(output) if s.startswith("CREATE VIEW")]
 
 
 def done_rows(output: Path) -> list[tuple]:
@@ -88,6 +94,20 @@ def finished_run(tmp_path, rng) -> tuple[Path, Path, list[dict]]:
     first = run_job(config_path)
     assert first.returncode == 0, first.stderr[-3000:]
     return config_path, tmp_path / "audits", rows
+
+
+def test_the_documented_duckdb_queries_run_on_a_finished_run(finished_run) -> None:
+    _config_path, output, rows = finished_run
+    connection = duckdb.connect()
+    for view in documented_views(output):
+        connection.execute(view)
+    queries = [s for s in documented_queries(output) if not s.startswith("CREATE VIEW")]
+    answered = {query: connection.sql(query).fetchall() for query in queries}  # each runs
+    assert len(answered) >= 6
+    per_label = next(found for statement, found in answered.items() if "AS mean_similarity" in statement)
+    assert sum(row[3] for row in per_label) == len(rows)
+    images = next(found for statement, found in answered.items() if "AS query_image" in statement)
+    assert images and all(Path(image).is_file() for _pair_id, image in images)  # the manifest's relative URIs, resolved
 
 
 def test_mistaken_reruns_are_refused_before_anything_changes(finished_run) -> None:

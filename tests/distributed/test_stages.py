@@ -26,7 +26,7 @@ from pipeline.io.storage import StorageOptions, join_uri
 from pipeline.layout import RunLayout
 from pipeline.models.spec import ModelSpec
 from pipeline.render.selection import FlagRules
-from pipeline.schema import result_type
+from pipeline.schema import SIDES, result_type
 
 from audit_data import (
     black_png,
@@ -312,6 +312,30 @@ def test_matched_weighting_writes_correspondences_in_image_pixels(tmp_path, rng)
     plain = ExplainPairs(ModelSpec.model_validate(model_config(join_uri(root, "model.pt"))), options, "a1",
                          2_000_000)(fetched)
     assert plain.column("correspondences").null_count == plain.num_rows
+
+
+def test_maps_are_stored_at_any_scale_of_similarity(tmp_path, rng) -> None:
+    """A dot-product model's `partner` maps are in the similarity's units (c^2 for embeddings scaled by
+    c): stored as they are, beyond float16's range (6e-8 to 65504) too, not as inf or zeros."""
+    root, options = str(tmp_path), StorageOptions()
+    model = write_weights(join_uri(root, "model.pt"), options)
+    manifest, _ = write_audit(root, options, rng, queries=1, top_k=3)
+    stored = {}
+    for scale in (1e-4, 1.0, 1e4):
+        with torch.no_grad():
+            scaled = {name: value * scale if name.startswith("fc.") else value for name, value in model.state_dict().items()}
+        torch.save(scaled, tmp_path / f"model-{scale:g}.pt")
+        spec = ModelSpec.model_validate({**model_config(str(tmp_path / f"model-{scale:g}.pt")), "metric": "dot",
+                                        "weighting": "partner"})
+        fetched = FetchImages(root, spec.input_size, 2_000_000, options)(pq.read_table(manifest))
+        explained = ExplainPairs(spec, options, "a1", 2_000_000)(fetched)
+        assert explained.schema.field("map_query").type == result_type("map_query")
+        stored[scale] = {side: np.array(explained.column(f"map_{side}").to_pylist(), np.float64) for side in SIDES}
+    assert all(np.isfinite(maps).all() for maps in stored[1e4].values())
+    assert abs(stored[1e4]["query"]).max() > 1e5 and 0 < abs(stored[1e-4]["query"]).max() < 1e-5  # float16 would fail
+    for side in SIDES:
+        np.testing.assert_allclose(stored[1e4][side] / 1e8, stored[1.0][side], rtol=1e-4, atol=1e-6 * abs(stored[1.0][side]).max())
+        np.testing.assert_allclose(stored[1e-4][side] * 1e8, stored[1.0][side], rtol=1e-4, atol=1e-6 * abs(stored[1.0][side]).max())
 
 
 # Fetches a normal image, then the bomb, in a fresh process; prints the bomb's error and how far the process's
