@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, get_args
+from typing import Any, NoReturn, get_args
 
 import yaml
 
@@ -43,6 +43,7 @@ from pipeline.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_TERMINATED,
+    EXIT_USER_ERROR,
     PipelineError,
     Terminated,
     UserError,
@@ -50,7 +51,7 @@ from pipeline.errors import (
 )
 from pipeline.gates import GatesFailed
 from pipeline.io.iceberg_store import TableConfig
-from pipeline.io.storage import StorageOptions, redact_uri, write_bytes
+from pipeline.io.storage import StorageOptions, read_bytes, redact_uri, write_bytes
 from pipeline.models.spec import LayoutName, Metric, ModelSpec, Weighting
 from pipeline.run_history import recorded_table
 
@@ -127,12 +128,13 @@ def explain_command(args: argparse.Namespace) -> int:
                "weighting": args.weighting, "feature_layout": args.feature_layout, "prefix_tokens": args.prefix_tokens}
     spec = validated(ModelSpec, {**spec.model_dump(), **{k: v for k, v in changes.items() if v is not None}},
                      "sfam explain")
-    # torch loads only for the commands that need it, and after the config's mistakes are told (seconds)
+    # torch loads only for the commands that need it, after the config's and the images' mistakes are told (seconds)
+    query, reference = ((uri, read_bytes(uri, options)) for uri in (args.query, args.reference))
     from pipeline.models.loading import random_weights_warning
     from pipeline.pair import explain_pair
     from pipeline.quality import residual_warning
 
-    explanation = explain_pair(args.query, args.reference, spec, options, max_pixels, output=args.output)
+    explanation = explain_pair(query, reference, spec, options, max_pixels, output=args.output)
     random_weights = random_weights_warning(spec)  # once the model is known to build: not before an error
     if random_weights:
         _warn(random_weights)
@@ -244,8 +246,15 @@ def render_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Parser(argparse.ArgumentParser):
+    """A command line mistake is one line, as every other user mistake: what is wrong, and where the usage is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (usage: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sfam", description="Similar Feature Activation Maps for metric-learning models")
+    parser = _Parser(prog="sfam", description="Similar Feature Activation Maps for metric-learning models")
     commands = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")

@@ -1,4 +1,4 @@
-"""One pair explained in-process, from image URIs to an overlay PNG (what `sfam explain` does)."""
+"""One pair explained in-process, from two images' bytes to an overlay PNG (what `sfam explain` does)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 
 from pipeline.explain import SFAMResult
 from pipeline.io.images import Pictures, decode_pictures
-from pipeline.io.storage import StorageOptions, read_bytes, write_bytes
+from pipeline.io.storage import StorageOptions, write_bytes
 from pipeline.models.explainer import build_explainer
 from pipeline.models.spec import ModelSpec
 from pipeline.render import render_pair_png
@@ -38,12 +38,12 @@ def _correspondences_on_display(result: SFAMResult, pictures: list[Pictures]) ->
     return [(match["query_xy"], match["reference_xy"]) for match in matches]
 
 
-def explain_pair(query_uri: str, reference_uri: str, spec: ModelSpec, options: StorageOptions,
+def explain_pair(query: tuple[str, bytes], reference: tuple[str, bytes], spec: ModelSpec, options: StorageOptions,
                  max_image_pixels: int, output: str | None = None) -> PairExplanation:
-    """Explains (query, reference) with the spec's model; writes the overlay to `output` if given.
-    The images are read first: a wrong one is named before the model loads (seconds)."""
-    pictures = [decode_pictures(read_bytes(uri, options), uri, max_image_pixels, spec.input_size, EXPLAIN_DISPLAY_SIDE)
-                for uri in (query_uri, reference_uri)]
+    """Explains (query, reference), each (URI, bytes), with the spec's model; writes the overlay to
+    `output` if given. The images are decoded first: a wrong one is named before the model loads."""
+    pictures = [decode_pictures(data, uri, max_image_pixels, spec.input_size, EXPLAIN_DISPLAY_SIDE)
+                for uri, data in (query, reference)]
     explainer = build_explainer(spec, options)
     result = explainer.explain_pairs(np.stack([p.model_input for p in pictures]), [0], [1])  # (2, H, W, 3) in
     cis_query, cis_reference = result.cis_query[0].cpu(), result.cis_reference[0].cpu()

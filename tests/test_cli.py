@@ -105,6 +105,20 @@ def test_argument_mistakes_are_one_line(argv: list[str], named: str, capsys) -> 
     assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], lines
 
 
+@pytest.mark.parametrize(("argv", "named"), [
+    ([], "sfam: error: the following arguments are required: command (usage: sfam --help)"),
+    (["explain", "q.png", "r.png", "-o", "x.png"], "sfam explain: error: one of the arguments --model --config is required"),
+    (["audit", "--config"], "sfam audit: error: argument --config: expected one argument"),
+    (["explain", "q.png", "r.png", "--model", "m", "-o", "x.png", "--metric", "l1"], "argument --metric: invalid choice"),
+])
+def test_command_line_syntax_mistakes_are_one_line(argv: list[str], named: str, capsys) -> None:
+    """argparse's own errors too: no usage block before them."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(lines) == 1 and named in lines[0], lines
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "0.8x"])
 def test_compare_threshold_must_be_a_finite_number(value: str, capsys) -> None:
     """nan compares false with every similarity: it counted no false match at all, silently."""
@@ -119,6 +133,15 @@ def test_the_command_line_leaves_torch_until_its_stop_handling_is_on() -> None:
     must not load torch (seconds), which its commands load inside main()."""
     code = "import sys, pipeline.cli; print(sorted({'torch', 'ray'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_explain_names_a_missing_image_before_torch_loads(tmp_path: Path) -> None:
+    """A mistyped path is the commonest mistake: told in about a second, not after torch and timm load (4 s)."""
+    argv = ["explain", str(tmp_path / "nowhere.png"), str(tmp_path / "nowhere.png"), "--model", "resnet18",
+            "-o", str(tmp_path / "x.png")]
+    code = f"import sys; from pipeline.cli import main; print(main({argv!r}), 'torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "2 False" and "nowhere.png: not found" in done.stderr, done.stderr
 
 
 def test_a_run_compared_with_itself_is_refused(tmp_path, capsys) -> None:
