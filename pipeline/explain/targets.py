@@ -10,7 +10,9 @@ entering the first block: the first module whose output holds the prefix tokens 
 patch grid (timm: `pos_drop`; torchvision: `encoder.dropout`), after the position embedding.
 There the class token is still the model's constant, and the patch tokens carry the rest
 (residual share 0.13 on the demo ViT, and maps that localise better; docs/method.md). The
-patch embedding itself, before the class token joins, is never the default.
+patch embedding itself, before the class token joins, is never the default. Mean pooling over
+the tokens defaults to the tokens entering the first block as well: on a mean-pooled demo ViT the
+last block's output located the digit in 0.305 of the pairs, the first block's input in 0.990.
 
 Attention pooling (SigLIP's latent query, CLIP ResNet's AttentionPool2d) turns the grid into the
 embedding in its own head, whose projections are grids too (keys and values; a query of every
@@ -162,6 +164,8 @@ def _default_target_layer(
         if influences(lambda replace, module=modules[output.name]: embed_with(module, replace), layout):
             if skipped and layout.prefix:  # class-token pooling: the tokens entering the first block
                 return next(first.name for first, first_layout in grids if first_layout.prefix == layout.prefix)
+            if layout.kind == "tokens" and not pooling:  # mean pooling: the tokens entering the first block too
+                return _entering_first_block(modules, outputs, grids, layout) or output.name
             return output.name
         skipped.append(output.names[0])
     layout = settings.get("layout", "auto")
@@ -174,6 +178,27 @@ def _default_target_layer(
         "does not depend on the picture at all (a zero-initialised head, such as torchvision's ViT heads "
         "built without weights), load the model's weights"
     )
+
+
+def _entering_first_block(modules: dict[str, nn.Module], outputs: list[Output],
+                          grids: list[tuple[Output, FeatureLayout]], layout: FeatureLayout) -> str | None:
+    """The last grid of `layout` that finished before the first transformer block started, or None
+    without one. The blocks are the children of the first container (Sequential, ModuleList) of two or
+    more modules of one class that output grids of `layout` (timm's `blocks`, torchvision's
+    `encoder.layers`)."""
+    same = {name for output, found in grids if found == layout for name in output.names}
+    containers = [(name, list(module.named_children())) for name, module in modules.items()
+                  if isinstance(module, nn.Sequential | nn.ModuleList)]
+    first_block = next((f"{name}.{children[0][0]}" for name, children in containers
+                        if len(children) >= 2 and len({type(child) for _, child in children}) == 1
+                        and all(f"{name}.{child}" in same for child, _ in children)), None)
+    if first_block is None:
+        return None
+    order = {output.name: index for index, output in enumerate(outputs)}
+    started = next(index for index, output in enumerate(outputs)
+                   if any(name == first_block or name.startswith(f"{first_block}.") for name in output.names))
+    return next((output.name for output, found in reversed(grids) if found == layout and order[output.name] < started),
+                None)
 
 
 def suggest_embedding_layer(model: nn.Module, sample: torch.Tensor, target_layer: str) -> str | None:

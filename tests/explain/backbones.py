@@ -59,8 +59,8 @@ BACKBONES: dict[str, Backbone] = {
     "dinov2_reg4": Backbone(lambda: timm_vit("vit_small_patch14_reg4_dinov2", 56), 56, "pos_drop", ("tokens", 5)),
     # SigLIP: attention pooling with a learned query (no class token): the grid entering it, `norm`
     "siglip": Backbone(lambda: timm_vit("vit_base_patch16_siglip_224", 64), 64, "norm", ("tokens", 0)),
-    # mean pooling, then LayerNorm (fc_norm): timm's `norm` is an Identity, never the name of a target
-    "mean_pooled": Backbone(lambda: timm_vit("vit_medium_patch16_gap_256", 64, fc_norm=True), 64, "blocks", ("tokens", 0)),
+    # mean pooling, then LayerNorm (fc_norm): the tokens entering the first block, as with a class token
+    "mean_pooled": Backbone(lambda: timm_vit("vit_medium_patch16_gap_256", 64, fc_norm=True), 64, "pos_drop", ("tokens", 0)),
 }
 
 
@@ -89,14 +89,19 @@ def timm_vit_head(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return _frozen_layer_norm(model.norm, _frozen_timm_block(model.blocks[-1], tokens))[:, 0]
 
 
-def timm_vit_entry_head(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Tokens entering the first block, `pos_drop` (N, P + h*w, C) -> class-token embedding (N, C):
-    CLIP's pre-norm (a LayerNorm, deviation held; an Identity elsewhere) and every block, linearised."""
+def _through_blocks(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens entering the first block (N, P + h*w, C) -> the last block's output, linearised: CLIP's
+    pre-norm (a LayerNorm, deviation held; an Identity elsewhere) and every block."""
     if isinstance(model.norm_pre, nn.LayerNorm):
         tokens = _frozen_layer_norm(model.norm_pre, tokens)
     for block in model.blocks:
         tokens = _frozen_timm_block(block, tokens)
-    return _frozen_layer_norm(model.norm, tokens)[:, 0]
+    return tokens
+
+
+def timm_vit_entry_head(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens entering the first block, `pos_drop` (N, P + h*w, C) -> class-token embedding (N, C)."""
+    return _frozen_layer_norm(model.norm, _through_blocks(model, tokens))[:, 0]
 
 
 def attention_pooled_vit_head(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -117,6 +122,11 @@ def attention_pooled_vit_head(model: nn.Module, tokens: torch.Tensor) -> torch.T
 def mean_pooled_vit_head(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Output of the blocks (N, h*w, C) -> mean over the tokens -> LayerNorm (deviation held)."""
     return _frozen_layer_norm(model.fc_norm, tokens.mean(dim=1))
+
+
+def mean_pooled_vit_entry_head(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens entering the first block, `pos_drop` (N, h*w, C) -> every block -> mean_pooled_vit_head."""
+    return mean_pooled_vit_head(model, _through_blocks(model, tokens))
 
 
 def convnext_head(model: nn.Module, features: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from backbones import (
     BACKBONES,
     attention_pooled_vit_head,
     convnext_head,
+    mean_pooled_vit_entry_head,
     mean_pooled_vit_head,
     swin_head,
     timm_vit_entry_head,
@@ -78,7 +79,8 @@ REFERENCES = {  # backbone: (layer, linearised head, layout of the layer's outpu
     ("clip", "blocks.1"): (timm_vit_head, "tokens"),  # the input of the last block
     ("dinov2_reg4", "pos_drop"): (timm_vit_entry_head, "tokens"),
     ("dinov2_reg4", "blocks.1"): (timm_vit_head, "tokens"),
-    ("mean_pooled", "blocks"): (mean_pooled_vit_head, "tokens"),
+    ("mean_pooled", "pos_drop"): (mean_pooled_vit_entry_head, "tokens"),  # the default
+    ("mean_pooled", "blocks"): (mean_pooled_vit_head, "tokens"),  # the last block's output
     ("siglip", "norm"): (attention_pooled_vit_head, "tokens"),
 }
 
@@ -118,14 +120,16 @@ def test_default_target_layer_and_layout(name: str, models: dict, seed: int) -> 
     assert result.cis_query.shape[1] == explainer.features(torch.randn(1, 3, backbone.size, backbone.size))[0].shape[1]
 
 
-@pytest.mark.parametrize("name", ["convnext_tiny", "swin_t", "mean_pooled"])
+@pytest.mark.parametrize(("name", "layer"), [("convnext_tiny", "features"), ("swin_t", "permute"),
+                                             ("mean_pooled", "blocks")])  # the last: a mean-pooled ViT's last block
 @pytest.mark.parametrize("metric", METRICS)
-def test_layernorm_heads_keep_a_backward_free_fast_path(name: str, metric: str, models: dict, seed: int) -> None:
+def test_layernorm_heads_keep_a_backward_free_fast_path(name: str, layer: str, metric: str, models: dict,
+                                                        seed: int) -> None:
     """ConvNeXt's GAP -> LayerNorm head is affine once its deviation is held per image: the fast
     path applies, equals the generic path, and the CIS are complete and not trivial."""
     model, size = models[name], BACKBONES[name].size
     x, y = pairs(4, size)
-    fast = SFAM(model, metric=metric)
+    fast = SFAM(model, layer, metric=metric)
     a = fast.explain(x, y)
     generic = SFAM(model, fast.target_layer, metric, fast_path=False)
     b = generic.explain(x, y)
