@@ -188,11 +188,12 @@ class Comparison:
 
 
 def _when(stamp: object) -> dt.datetime | None:
-    """A run record's ISO 8601 time stamp, or None if it is not one."""
+    """A run record's ISO 8601 time stamp (UTC where it names no zone), or None if it is not one."""
     try:
-        return dt.datetime.fromisoformat(stamp) if isinstance(stamp, str) else None
+        when = dt.datetime.fromisoformat(stamp) if isinstance(stamp, str) else None
     except ValueError:
         return None
+    return when.replace(tzinfo=dt.timezone.utc) if when is not None and when.tzinfo is None else when
 
 
 def _count(mask: pa.Array | pa.ChunkedArray) -> int:

@@ -54,7 +54,7 @@ def preflight(config: JobConfig, store: ResultsStore) -> Plan:
     except StorageError as error:  # name the key
         raise type(error)(f"manifest {config.manifest}", error.reason) from error
     log.info("manifest %s: %d pairs, boxes: %s", redact_uri(config.manifest), manifest.num_rows, manifest.has_boxes)
-    if manifest.folder_columns.num_columns and "path" in manifest.schema.names:  # _read_manifest's file column
+    if manifest.folder_columns.num_columns and "path" in manifest.schema.names:  # the file column job.py's _read_manifest adds
         raise ManifestError("manifest column 'path' cannot be read beside Hive folder columns "
                             f"({', '.join(manifest.folder_columns.column_names)}=...); rename it")
     _check_some_images_exist(config, manifest.first_images)
