@@ -35,6 +35,11 @@ def _counts(values: Sequence[float], edges: list[float]) -> list[int]:
     return counts
 
 
+def _decimals(step: float, least: int) -> int:
+    """Decimals that tell values `step` apart (at least `least`): 4 for ticks 0.0008 apart."""
+    return max(least, -math.floor(math.log10(step))) if step > 0 else least
+
+
 def _text(x: float, y: float, content: str, *, anchor: str = "middle", fill: str = "#333") -> str:
     return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" fill="{fill}">{html.escape(content)}</text>'
 
@@ -61,6 +66,8 @@ def histogram_svg(series: Sequence[Series], *, bins: int = 20, x_label: str = "s
     plot_w, base = _W - _LEFT - _RIGHT, _H - _BOTTOM
     bin_w = plot_w / bins
     bar_w = (bin_w - 2) / len(series)
+    span = edges[-1] - edges[0]
+    bin_digits, tick_digits = _decimals(span / bins, 3), _decimals(span / 5, 2)  # similarities 0.9951 to 0.9989 too
 
     def y_of(count: int) -> float:
         return base - count / peak * (base - _TOP)
@@ -72,14 +79,14 @@ def histogram_svg(series: Sequence[Series], *, bins: int = 20, x_label: str = "s
         for b, n in enumerate(c):
             if n:
                 x, y = _LEFT + b * bin_w + 1 + i * bar_w, y_of(n)
-                tip = html.escape(f"{s.name}: {n} in [{edges[b]:.3f}, {edges[b + 1]:.3f})")
+                tip = html.escape(f"{s.name}: {n} in [{edges[b]:.{bin_digits}f}, {edges[b + 1]:.{bin_digits}f})")
                 parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar_w:.1f}" height="{base - y:.1f}" '
                              f'fill="{html.escape(s.colour)}"><title>{tip}</title></rect>')
     parts.append(_line(_LEFT, base, _W - _RIGHT, base, "#333"))
     for i in range(6):
         x = _LEFT + plot_w * i / 5
-        value = edges[0] + (edges[-1] - edges[0]) * i / 5
-        parts += [_line(x, base, x, base + 5, "#333"), _text(x, base + 19, f"{value:.2f}")]
+        value = edges[0] + span * i / 5
+        parts += [_line(x, base, x, base + 5, "#333"), _text(x, base + 19, f"{value:.{tick_digits}f}")]
     parts.append(_text(_LEFT + plot_w / 2, _H - 6, x_label))
 
     x = _LEFT

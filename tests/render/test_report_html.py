@@ -207,6 +207,15 @@ def test_histogram_counts_every_value() -> None:
     assert "no data to plot" in histogram_svg([Series("x", "#111", [])])
 
 
+def test_histogram_ticks_tell_close_similarities_apart() -> None:
+    """Near-duplicate pairs (similarities 0.9951 to 0.9989) drew six ticks of 0.99 and 1.00."""
+    svg = histogram_svg([Series("same", "#111", [0.9951, 0.9960, 0.9975, 0.9989])])
+    ticks = re.findall(r'text-anchor="middle" fill="#333">([0-9.]+)</text>', svg)
+    assert len(ticks) == 6 and len(set(ticks)) == 6, ticks
+    wide = histogram_svg([Series("all", "#111", [-0.2, 0.3, 0.8])])
+    assert re.findall(r'text-anchor="middle" fill="#333">([-0-9.]+)</text>', wide)[:2] == ["-0.20", "0.00"]
+
+
 def test_large_runs_are_capped() -> None:
     rows = [_row(f"p{i:05d}", i % 2, (i % 997) / 997, (0.5, (i % 89) / 89)) for i in range(GALLERY_CAP + 500)]
     page = Page(render_report(SUMMARY, rows, png_href=_href))
