@@ -209,6 +209,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {text!r}: {part!r} is not a section")
+        replaced = node.get(path[-1])
+        if isinstance(replaced, dict) and replaced and not isinstance(value, dict):  # the weights went with `model=ARCH`
+            key = ".".join(path)
+            raise ConfigError(f"--set {text!r} would replace the whole {key} section ({', '.join(replaced)}): set one of "
+                              f"its keys, e.g. --set {key}.{next(iter(replaced))}={text.partition('=')[2].strip()}")
         node[path[-1]] = value
     return data
 

@@ -46,6 +46,9 @@ def test_yaml_with_overrides(tmp_path) -> None:
     ("model.input_size=8", r"model.input_size: .*each side must be from 16 to 4096 px"),
     ("model.input_size=100000", r"model.input_size: .*each side must be from 16 to 4096 px"),  # a 120 GB check picture
     ("model.input_size=[256,5000]", r"model.input_size: .*each side must be from 16 to 4096 px"),
+    # the weights and input size went with it: a random model, audited without a word
+    ("model=timm/vit_small_patch16_224", r"^--set 'model=timm/vit_small_patch16_224' would replace the whole model section "
+                                         r"\(arch, .*\): set one of its keys, e.g. --set model.arch=timm/vit_small_patch16_224$"),
 ])
 def test_bad_overrides_are_errors(tmp_path, override: str, message: str) -> None:
     path = tmp_path / "cfg.yaml"

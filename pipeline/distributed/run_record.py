@@ -23,6 +23,7 @@ from pipeline.io.results_store import ResultsStore
 from pipeline.io.storage import StorageError, redact_all, redact_uri
 from pipeline.io.tables import read_json, write_json
 from pipeline.layout import RunLayout
+from pipeline.models.loading import random_weights_warning
 from pipeline.quality import boxes_outside_warning, empty_maps_warning, residual_warning
 from pipeline.run_history import first_started
 
@@ -86,8 +87,8 @@ def summarise(rows: pa.Table, layout: RunLayout, config: JobConfig, started: flo
     residual = residual_warning(*(ok_rows.column(c).to_numpy(zero_copy_only=False)
                                   for c in ("similarity", "residual_query", "residual_reference")),
                                 config.model.metric) if ok else None
-    warnings = tuple(warning for warning in (residual, empty_maps_warning(ok_rows), boxes_outside_warning(ok_rows))
-                     if warning)
+    found = (random_weights_warning(config.model), residual, empty_maps_warning(ok_rows), boxes_outside_warning(ok_rows))
+    warnings = tuple(warning for warning in found if warning)
     return RunSummary(
         run_id=config.run_id, attempt=layout.attempt, pairs=rows.num_rows, ok=ok, error=rows.num_rows - ok,
         wall_seconds=wall, preflight_seconds=checked - started, pairs_per_second=rows.num_rows / wall,
