@@ -132,7 +132,7 @@ def explain_command(args: argparse.Namespace) -> int:
     query, reference = ((uri, read_bytes(uri, options)) for uri in (args.query, args.reference))
     from pipeline.models.loading import random_weights_warning
     from pipeline.pair import explain_pair
-    from pipeline.quality import residual_warning
+    from pipeline.quality import empty_pair_maps_warning, residual_warning
 
     explanation = explain_pair(query, reference, spec, options, max_pixels, output=args.output)
     random_weights = random_weights_warning(spec)  # once the model is known to build: not before an error
@@ -144,10 +144,11 @@ def explain_command(args: argparse.Namespace) -> int:
     for channel, query, reference in explanation.top_channels:
         print(f"  {channel:5d}: {_score_text(query)} {_score_text(reference)}")
     print(f"residual: query {explanation.residual_query:+.4f}, reference {explanation.residual_reference:+.4f}")
-    warning = residual_warning([explanation.similarity], [explanation.residual_query], [explanation.residual_reference],
-                               spec.metric)
-    if warning:
-        _warn(warning)
+    warnings = (residual_warning([explanation.similarity], [explanation.residual_query], [explanation.residual_reference],
+                                 spec.metric), empty_pair_maps_warning(explanation.empty_maps))
+    for warning in warnings:
+        if warning:
+            _warn(warning)
     print(f"wrote {args.output}")
     return EXIT_OK
 

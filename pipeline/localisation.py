@@ -77,9 +77,14 @@ class Localisation:
     pointing_hit: bool | None = None
 
 
+def has_positive_evidence(saliency: np.ndarray) -> bool:
+    """Whether any cell of the map is above zero: a map without is drawn as nothing and locates nothing."""
+    return bool((np.asarray(saliency) > 0).any())
+
+
 def localise(saliency: np.ndarray, image_size: tuple[int, int], box: Box | None = None) -> Localisation:
     """The three statistics above."""
-    if not bool((saliency > 0).any()):  # its maximum would be an arbitrary cell, and its energy 0 / 0
+    if not has_positive_evidence(saliency):  # its maximum would be an arbitrary cell, and its energy 0 / 0
         return Localisation()
     peak = peak_xy(saliency, image_size)
     if box is None:

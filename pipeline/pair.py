@@ -9,11 +9,12 @@ import numpy as np
 from pipeline.explain import SFAMResult
 from pipeline.io.images import Pictures, decode_pictures
 from pipeline.io.storage import StorageOptions, write_bytes
+from pipeline.localisation import has_positive_evidence
 from pipeline.models.explainer import build_explainer
 from pipeline.models.spec import ModelSpec
 from pipeline.render import render_pair_png
 from pipeline.render.result_row import matches_in_pixels
-from pipeline.schema import TOP_CHANNELS
+from pipeline.schema import SIDES, TOP_CHANNELS
 
 EXPLAIN_DISPLAY_SIDE = 512  # `sfam explain` draws one pair larger than the job's overlays (render.result_row.DISPLAY_SIDE)
 
@@ -26,6 +27,7 @@ class PairExplanation:
     residual_query: float
     residual_reference: float
     png: bytes
+    empty_maps: tuple[str, ...]  # the sides ("query", "reference") whose map has no positive evidence
 
 
 def _correspondences_on_display(result: SFAMResult, pictures: list[Pictures]) -> list[tuple[list[float], list[float]]]:
@@ -65,4 +67,6 @@ def explain_pair(query: tuple[str, bytes], reference: tuple[str, bytes], spec: M
         residual_query=float(result.residual_query[0]),
         residual_reference=float(result.residual_reference[0]),
         png=png,
+        empty_maps=tuple(side for side, saliency in zip(SIDES, (result.map_query[0], result.map_reference[0]))
+                         if not has_positive_evidence(saliency.cpu().numpy())),
     )

@@ -7,6 +7,8 @@ similarity, the maps show almost nothing of why the pair matched, and the user i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -54,6 +56,14 @@ def residual_warning(similarity: np.ndarray, residual_query: np.ndarray, residua
     also = f"; {left_out} more of similarity near zero not counted" if left_out else ""
     return (f"the residual is more than {MOSTLY_RESIDUAL:.0%} of the similarity for {counted} of {measured.size} "
             f"pair(s) (median share {np.median(measured):.2f}{also}): {LIKELY_CAUSE}")
+
+
+def empty_pair_maps_warning(sides: Sequence[str]) -> str | None:
+    """What `sfam explain` says when the maps of `sides` ("query", "reference") have no positive evidence, or None."""
+    if not sides:
+        return None
+    return (f"the {' and '.join(sides)} map{'s have' if len(sides) > 1 else ' has'} no positive evidence (typical of a "
+            "pair of low or negative similarity: the channels that agree are outweighed): the overlay draws nothing there")
 
 
 def empty_maps_warning(ok_rows: pa.Table) -> str | None:

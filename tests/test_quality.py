@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipeline.quality import boxes_outside_warning, empty_maps_warning, residual_warning
+from pipeline.quality import boxes_outside_warning, empty_maps_warning, empty_pair_maps_warning, residual_warning
 
 
 def test_warns_when_the_residual_is_most_of_the_similarity(rng: np.random.Generator) -> None:
@@ -45,3 +45,9 @@ def test_empty_maps_and_boxes_outside_are_told_apart() -> None:
     assert empty_maps_warning(rows).startswith("maps without positive evidence (1 query, 1 reference, of 4 ok pairs")
     assert boxes_outside_warning(rows).startswith("boxes wholly outside their image (1 query, 0 reference, of 4 ok pairs)")
     assert empty_maps_warning(rows.slice(0, 1)) is None and boxes_outside_warning(rows.slice(0, 1)) is None
+
+
+def test_explain_names_the_sides_without_positive_evidence() -> None:
+    assert empty_pair_maps_warning(()) is None
+    assert empty_pair_maps_warning(("reference",)).startswith("the reference map has no positive evidence")
+    assert empty_pair_maps_warning(("query", "reference")).startswith("the query and reference maps have no positive")

@@ -303,10 +303,29 @@ def _load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], u
     ]
     if problems:
         raise ModelLoadError(f"weights {uri} do not match the model: " + "; ".join(problems)
-                             + _head_hint(unexpected, state_dict) + _shape_hint(mismatched, state_dict, expected, model)
+                             + _head_hint(unexpected, state_dict)
+                             + (_prefix_token_hint(missing, unexpected) or _shape_hint(mismatched, state_dict, expected, model))
                              + (f". The model's keys are all in the checkpoint under {prefix!r}, beside others: save "
                                 f"that part alone (e.g. the LightningModule's model.state_dict())" if prefix else ""))
     model.load_state_dict(state_dict, strict=True)
+
+
+_TIMM_SETTINGS = ("for timm settings other than the named model's, write a factory (arch: package.module:function) "
+                  "that returns timm.create_model(name, pretrained=False, num_classes=0, ...) with them")
+_PREFIX_TOKENS = ("cls_token", "reg_token", "dist_token")  # timm's class, register and distillation tokens
+
+
+def _prefix_token_hint(missing: list[str], unexpected: list[str]) -> str:
+    """When a class, register or distillation token is in one of model and checkpoint only: another
+    pooling or token count, which also makes the position embeddings' lengths differ."""
+    only_model = [k for k in missing if k.rsplit(".", 1)[-1] in _PREFIX_TOKENS]
+    only_checkpoint = [k for k in unexpected if k.rsplit(".", 1)[-1] in _PREFIX_TOKENS]
+    found = [f"{side} has {', '.join(keys)}" for side, keys in (("only the checkpoint", only_checkpoint),
+                                                                 ("only the model", only_model)) if keys]
+    if not found:
+        return ""
+    return (f". {'; '.join(found)}: the checkpoint was trained with other prefix tokens (class_token, reg_tokens) "
+            f"and pooling (global_pool); build the model as it was trained: {_TIMM_SETTINGS}")
 
 
 def _shape_hint(mismatched: list[str], state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
@@ -315,7 +334,7 @@ def _shape_hint(mismatched: list[str], state_dict: Mapping[str, torch.Tensor], e
     widths = [k for k in mismatched if ("pos_embed" in k or "norm" in k) and state_dict[k].dim() and expected[k].dim()]
     if any(state_dict[k].shape[-1] != expected[k].shape[-1] for k in widths):
         return (". The checkpoint is of a model of another width (another size of the architecture): build the arch "
-                "it was trained as")
+                f"it was trained as; {_TIMM_SETTINGS}")
     position = next((k for k in mismatched if "pos_embed" in k), None)
     if position is not None:
         size = _trained_input_size(state_dict[position], model)

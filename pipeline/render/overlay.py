@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.localisation import has_positive_evidence
 from pipeline.schema import TOP_CHANNELS
 
 COLORMAP = "turbo"
@@ -205,14 +206,17 @@ def render_pair_png(
     4:1 are letterboxed). Labels sit above the panels; below them a caption gives
     the similarity, the `title` (untrusted: only drawn, shortened to fit) and the
     top channels, with a colour bar legend. The image is `panel_height` plus fixed
-    label and caption strips tall. `correspondences`, (query point, reference point) pairs in
+    label and caption strips tall. A panel whose map has no positive evidence says so in its label.
+    `correspondences`, (query point, reference point) pairs in
     the two images' pixels, strongest first, are drawn as lines between the panels (the first 5).
     """
     query, reference = _check_image(query), _check_image(reference)
     if panel_height < 16:
         raise ValueError(f"panel_height must be at least 16, got {panel_height}")
     label_font = _font(_LABEL_SIZE)
-    panels = [(query, map_query, query_box, "query"), (reference, map_reference, reference_box, "reference")]
+    panels = [(image, saliency, box, label if has_positive_evidence(saliency) else f"{label}: no positive evidence")
+              for image, saliency, box, label in ((query, map_query, query_box, "query"),
+                                                  (reference, map_reference, reference_box, "reference"))]
     sizes = [_panel_size(image.shape, panel_height) for image, *_ in panels]
     # each panel's slot is at least as wide as its label: a very tall image's panel is centred under it
     slots = [max(size[0], math.ceil(label_font.getlength(label))) for size, (*_, label) in zip(sizes, panels)]

@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 import safetensors.torch
+import timm
 import torch
 import torchvision
 from pydantic import ValidationError
@@ -186,6 +187,19 @@ def test_checkpoint_of_another_width_says_so(tmp_path) -> None:
     with pytest.raises(ModelLoadError, match=r"pos_embed: checkpoint \(1, 17, 192\) vs model \(1, 17, 384\).*"
                                              r"a model of another width") as info:
         build_model(ModelSpec(arch="timm/vit_small_patch16_224", input_size=64, weights=str(path)))
+    assert "input size" not in str(info.value)
+
+
+def test_checkpoint_of_another_pooling_says_so(tmp_path) -> None:
+    """A mean-pooled ViT's weights (no class token) in the class-token model of its name: the position
+    embedding is one shorter, which is the class token, not another input size."""
+    path = tmp_path / "mean_pooled.pt"
+    mean_pooled = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=64,
+                                    class_token=False, global_pool="avg")
+    path.write_bytes(saved(mean_pooled.state_dict()))
+    with pytest.raises(ModelLoadError, match=r"only the model has cls_token: the checkpoint was trained with other prefix "
+                                             r"tokens .* write a factory \(arch: package.module:function\)") as info:
+        build_model(ModelSpec(arch="timm/vit_tiny_patch16_224", input_size=64, weights=str(path)))
     assert "input size" not in str(info.value)
 
 

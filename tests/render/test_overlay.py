@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from pipeline.render import heatmap_overlay, render_pair_png
 from pipeline.render.overlay import _LABEL_STRIP, COLORMAP, encode_png
@@ -121,6 +121,19 @@ def test_pair_png_panels_follow_aspect_ratios() -> None:
     assert taller.shape[0] - wide.shape[0] == 320 - 256
     assert taller.shape[1] - wide.shape[1] == (640 + 320) - (512 + 256)
     assert wide.shape[0] > 256
+
+
+def test_a_panel_whose_map_has_no_positive_evidence_says_so(rng: np.random.Generator, monkeypatch) -> None:
+    """An all-negative map draws no colour: the panel's label says why, not a picture that looks failed."""
+    drawn: list[str] = []
+    text = ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, content, *a, **k: (drawn.append(content),
+                                                                                        text(self, xy, content, *a, **k)))
+    picture = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    positive = rng.random((7, 7)) + 0.1
+    render_pair_png(picture, picture, -positive, positive, similarity=-0.8, metric="cosine")
+    assert "query: no positive evidence" in drawn and "reference" in drawn
+    assert "reference: no positive evidence" not in drawn
 
 
 def test_pair_png_is_not_blank() -> None:
