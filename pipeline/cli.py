@@ -129,12 +129,12 @@ def explain_command(args: argparse.Namespace) -> int:
     spec = validated(ModelSpec, {**spec.model_dump(), **{k: v for k, v in changes.items() if v is not None}},
                      "sfam explain")
     # torch loads only for the commands that need it, after the config's and the images' mistakes are told (seconds)
-    query, reference = ((uri, read_bytes(uri, options)) for uri in (args.query, args.reference))
+    query_image, reference_image = ((uri, read_bytes(uri, options)) for uri in (args.query, args.reference))
     from pipeline.models.loading import random_weights_warning
     from pipeline.pair import explain_pair
     from pipeline.quality import empty_pair_maps_warning, residual_warning
 
-    explanation = explain_pair(query, reference, spec, options, max_pixels, output=args.output)
+    explanation = explain_pair(query_image, reference_image, spec, options, max_pixels, output=args.output)
     random_weights = random_weights_warning(spec)  # once the model is known to build: not before an error
     if random_weights:
         _warn(random_weights)
@@ -251,7 +251,7 @@ class _Parser(argparse.ArgumentParser):
     """A command line mistake is one line, as every other user mistake: what is wrong, and where the usage is."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (usage: {self.prog} --help)\n")
+        self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {message} (usage: {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -106,9 +106,9 @@ def test_argument_mistakes_are_one_line(argv: list[str], named: str, capsys) -> 
 
 
 @pytest.mark.parametrize(("argv", "named"), [
-    ([], "sfam: error: the following arguments are required: command (usage: sfam --help)"),
-    (["explain", "q.png", "r.png", "-o", "x.png"], "sfam explain: error: one of the arguments --model --config is required"),
-    (["audit", "--config"], "sfam audit: error: argument --config: expected one argument"),
+    ([], "error: sfam: the following arguments are required: command (usage: sfam --help)"),
+    (["explain", "q.png", "r.png", "-o", "x.png"], "error: sfam explain: one of the arguments --model --config is required"),
+    (["audit", "--config"], "error: sfam audit: argument --config: expected one argument"),
     (["explain", "q.png", "r.png", "--model", "m", "-o", "x.png", "--metric", "l1"], "argument --metric: invalid choice"),
 ])
 def test_command_line_syntax_mistakes_are_one_line(argv: list[str], named: str, capsys) -> None:

@@ -62,7 +62,7 @@ def preflight(config: JobConfig, store: ResultsStore) -> Plan:
     explainer = build_explainer(config.model, options, device=torch.device("cpu"))  # GPUs belong to the actors
     explainer.trial()
     random_weights = random_weights_warning(config.model)  # once the model is known to build: not before an error
-    if random_weights:
+    if random_weights:  # told now, before a long run; the run's summary and run.json say it again
         log.warning("%s", random_weights)
     log.info("model %s checked: target layer %s", config.model.model_id, explainer.target_layer)
     layout = RunLayout(config.output, config.run_id, dt.datetime.now(dt.timezone.utc).date().isoformat(), new_attempt_id())

@@ -11,8 +11,9 @@ patch grid (timm: `pos_drop`; torchvision: `encoder.dropout`), after the positio
 There the class token is still the model's constant, and the patch tokens carry the rest
 (residual share 0.13 on the demo ViT, and maps that localise better; docs/method.md). The
 patch embedding itself, before the class token joins, is never the default. Mean pooling over
-the tokens defaults to the tokens entering the first block as well: on a mean-pooled demo ViT the
-last block's output located the digit in 0.305 of the pairs, the first block's input in 0.990.
+the tokens of one stack of blocks after a position embedding defaults to the tokens entering the
+first block as well: on a mean-pooled demo ViT the last block's output located the digit in 0.305
+of the pairs, the first block's input in 0.990.
 
 Attention pooling (SigLIP's latent query, CLIP ResNet's AttentionPool2d) turns the grid into the
 embedding in its own head, whose projections are grids too (keys and values; a query of every
@@ -182,23 +183,29 @@ def _default_target_layer(
 
 def _entering_first_block(modules: dict[str, nn.Module], outputs: list[Output],
                           grids: list[tuple[Output, FeatureLayout]], layout: FeatureLayout) -> str | None:
-    """The last grid of `layout` that finished before the first transformer block started, or None
-    without one. The blocks are the children of the first container (Sequential, ModuleList) of two or
-    more modules of one class that output grids of `layout` (timm's `blocks`, torchvision's
-    `encoder.layers`)."""
-    same = {name for output, found in grids if found == layout for name in output.names}
+    """A mean-pooled ViT's tokens entering its first block: the grid of `layout` after the patch
+    embedding's (the position embedding added; timm's `pos_drop`), where it comes before the first
+    block runs; else None. Only a single stack of blocks at one resolution qualifies: the model's
+    first token grid is the patch embedding's, of `layout`, and the blocks are the children of the
+    first container (Sequential, ModuleList) of two or more modules of one class that output grids of
+    `layout`. An MLP-Mixer (no position embedding: its blocks follow the patch embedding at once) or a
+    pyramid (Twins, LeViT) keeps the general rule."""
+    tokens = [(output, found) for output, found in grids if found.kind == "tokens"]
+    same = [output for output, found in tokens if found == layout]
+    if len(same) < 2 or tokens[0][1] != layout:
+        return None
+    names = {name for output in same for name in output.names}
     containers = [(name, list(module.named_children())) for name, module in modules.items()
                   if isinstance(module, nn.Sequential | nn.ModuleList)]
     first_block = next((f"{name}.{children[0][0]}" for name, children in containers
                         if len(children) >= 2 and len({type(child) for _, child in children}) == 1
-                        and all(f"{name}.{child}" in same for child, _ in children)), None)
+                        and all(f"{name}.{child}" in names for child, _ in children)), None)
     if first_block is None:
         return None
     order = {output.name: index for index, output in enumerate(outputs)}
     started = next(index for index, output in enumerate(outputs)
                    if any(name == first_block or name.startswith(f"{first_block}.") for name in output.names))
-    return next((output.name for output, found in reversed(grids) if found == layout and order[output.name] < started),
-                None)
+    return same[1].name if order[same[1].name] < started else None
 
 
 def suggest_embedding_layer(model: nn.Module, sample: torch.Tensor, target_layer: str) -> str | None:

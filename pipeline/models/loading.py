@@ -303,8 +303,9 @@ def _load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], u
     ]
     if problems:
         raise ModelLoadError(f"weights {uri} do not match the model: " + "; ".join(problems)
-                             + _head_hint(unexpected, state_dict)
-                             + (_prefix_token_hint(missing, unexpected) or _shape_hint(mismatched, state_dict, expected, model))
+                             + _head_hint(unexpected, state_dict) + _prefix_token_hint(missing, unexpected)
+                             + _shape_hint(mismatched, state_dict, expected, model,
+                                           position=not _prefix_token_hint(missing, unexpected))
                              + (f". The model's keys are all in the checkpoint under {prefix!r}, beside others: save "
                                 f"that part alone (e.g. the LightningModule's model.state_dict())" if prefix else ""))
     model.load_state_dict(state_dict, strict=True)
@@ -329,15 +330,16 @@ def _prefix_token_hint(missing: list[str], unexpected: list[str]) -> str:
 
 
 def _shape_hint(mismatched: list[str], state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
-                model: nn.Module) -> str:
-    """Why shapes differ, where their shapes say: another width, or position embeddings of another length."""
+                model: nn.Module, position: bool = True) -> str:
+    """Why shapes differ, where their shapes say: another width, or (`position`) position embeddings of
+    another length (not asked where the prefix tokens differ, which make their lengths differ too)."""
     widths = [k for k in mismatched if ("pos_embed" in k or "norm" in k) and state_dict[k].dim() and expected[k].dim()]
     if any(state_dict[k].shape[-1] != expected[k].shape[-1] for k in widths):
         return (". The checkpoint is of a model of another width (another size of the architecture): build the arch "
                 f"it was trained as; {_TIMM_SETTINGS}")
-    position = next((k for k in mismatched if "pos_embed" in k), None)
-    if position is not None:
-        size = _trained_input_size(state_dict[position], model)
+    embedding = next((k for k in mismatched if "pos_embed" in k), None) if position else None
+    if embedding is not None:
+        size = _trained_input_size(state_dict[embedding], model)
         return (". A position embedding of another length: the checkpoint was made for another input size; "
                 f"set model.input_size to it{f' ({size}, if its patch grid is square)' if size else ''}")
     return ""

@@ -72,7 +72,6 @@ def test_the_reader_and_the_writers_fit_beside_the_actors(local_ray, tmp_path, n
 ])
 def test_actors_for_the_gpus_the_cluster_has(monkeypatch, caplog, cluster_gpus, gpus_per_actor, num_actors, actors,
                                              waits) -> None:
-
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": float(cluster_gpus)})
     monkeypatch.setattr(resources, "started_here", lambda: False)  # a cluster, whose autoscaler may add GPUs
     config = job_config("/tmp/x", StorageOptions(), "/tmp/x/pairs.parquet", "plan", num_actors=num_actors,
@@ -91,7 +90,6 @@ def test_actors_for_the_gpus_the_cluster_has(monkeypatch, caplog, cluster_gpus, 
     (0, 16, {"gpus_per_actor": 0.5}, 0.5, GPU_BATCH_SIZE, 1, 1.0),  # GPUs an autoscaler adds
 ])
 def test_gpu_defaults(monkeypatch, cluster_gpus, cluster_cpus, given, gpus, batch, actors, cpus) -> None:
-
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": float(cluster_cpus), "GPU": float(cluster_gpus)})
     monkeypatch.setattr(resources, "started_here", lambda: False)
     config = job_config("/tmp/x", StorageOptions(), "/tmp/x/pairs.parquet", "plan",
@@ -110,7 +108,6 @@ def test_gpu_defaults(monkeypatch, cluster_gpus, cluster_cpus, given, gpus, batc
 def test_gpus_a_local_ray_cannot_have_are_refused(local_ray, monkeypatch, cluster_gpus, gpus_per_actor) -> None:
     """Where the job started its own Ray, no autoscaler adds the GPUs that no actor fits in: the
     job waited for them forever; it now stops with one line naming gpus_per_actor."""
-
     assert resources.started_here()  # the fixture's ray.init started a local Ray in this process
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": float(cluster_gpus)})
     config = job_config("/tmp/x", StorageOptions(), "/tmp/x/pairs.parquet", "plan", gpus_per_actor=gpus_per_actor)
@@ -147,7 +144,6 @@ def test_actor_memory_is_reserved_for_each_replica(local_ray, tmp_path, rng) -> 
 def test_actor_memory_a_local_ray_cannot_hold_is_refused(local_ray, monkeypatch, caplog) -> None:
     """Replicas beyond the memory of the Ray the job started would wait forever: one line naming
     actor_memory. A cluster's autoscaler may add nodes: a warning."""
-
     memory = ray.cluster_resources()["memory"]
     config = job_config("/tmp/x", StorageOptions(), "/tmp/x/pairs.parquet", "plan", num_actors=2,
                         actor_memory=int(memory // 2) + 1)

@@ -24,6 +24,7 @@ from backbones import (
     mean_pooled_vit_entry_head,
     mean_pooled_vit_head,
     swin_head,
+    timm_vit,
     timm_vit_entry_head,
     timm_vit_head,
     torchvision_backbone,
@@ -118,6 +119,20 @@ def test_default_target_layer_and_layout(name: str, models: dict, seed: int) -> 
     grid = (explainer.layout.height, explainer.layout.width)
     assert result.map_query.shape == result.map_reference.shape == (2, *grid)
     assert result.cis_query.shape[1] == explainer.features(torch.randn(1, 3, backbone.size, backbone.size))[0].shape[1]
+
+
+@pytest.mark.parametrize(("make", "default"), [
+    (lambda: timm_vit("vit_small_patch16_224", 64, global_pool="avg", class_token=False, pre_norm=True), "pos_drop"),
+    # no position embedding: the patch embedding's tokens enter the first block as they are
+    (lambda: timm_vit("vit_small_patch16_224", 64, global_pool="avg", class_token=False, pos_embed="none"), "blocks"),
+    (lambda: timm.create_model("mixer_s16_224", pretrained=False, num_classes=0, img_size=64), "norm"),  # MLP-Mixer
+])
+def test_mean_pooling_moves_the_default_only_after_a_position_embedding(make, default: str, seed: int) -> None:
+    """The tokens entering the first block are the grid after the patch embedding's; where nothing
+    comes between the two, the default stays the last grid, never the patch embedding."""
+    explainer = SFAM(make().eval())
+    explainer.explain(*pairs(1, 64))
+    assert explainer.target_layer == default
 
 
 @pytest.mark.parametrize(("name", "layer"), [("convnext_tiny", "features"), ("swin_t", "permute"),
