@@ -302,10 +302,12 @@ def _load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], u
         if items
     ]
     if problems:
+        tokens = _prefix_token_hint(missing, unexpected)
+        shapes = _shape_hint(mismatched, state_dict, expected, model, position=not tokens)
+        built_otherwise = tokens or shapes.startswith(_ANOTHER_WIDTH)  # the model must be built as it was trained
         raise ModelLoadError(f"weights {uri} do not match the model: " + "; ".join(problems)
-                             + _head_hint(unexpected, state_dict) + _prefix_token_hint(missing, unexpected)
-                             + _shape_hint(mismatched, state_dict, expected, model,
-                                           position=not _prefix_token_hint(missing, unexpected))
+                             + _head_hint(unexpected, state_dict) + tokens + shapes
+                             + (f"; {_TIMM_SETTINGS}" if built_otherwise else "")
                              + (f". The model's keys are all in the checkpoint under {prefix!r}, beside others: save "
                                 f"that part alone (e.g. the LightningModule's model.state_dict())" if prefix else ""))
     model.load_state_dict(state_dict, strict=True)
@@ -313,6 +315,8 @@ def _load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], u
 
 _TIMM_SETTINGS = ("for timm settings other than the named model's, write a factory (arch: package.module:function) "
                   "that returns timm.create_model(name, pretrained=False, num_classes=0, ...) with them")
+_ANOTHER_WIDTH = (". The checkpoint is of a model of another width (another size of the architecture): build the arch "
+                  "it was trained as")
 _PREFIX_TOKENS = ("cls_token", "reg_token", "dist_token")  # timm's class, register and distillation tokens
 
 
@@ -326,7 +330,7 @@ def _prefix_token_hint(missing: list[str], unexpected: list[str]) -> str:
     if not found:
         return ""
     return (f". {'; '.join(found)}: the checkpoint was trained with other prefix tokens (class_token, reg_tokens) "
-            f"and pooling (global_pool); build the model as it was trained: {_TIMM_SETTINGS}")
+            "and pooling (global_pool); build the model as it was trained")
 
 
 def _shape_hint(mismatched: list[str], state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
@@ -335,8 +339,7 @@ def _shape_hint(mismatched: list[str], state_dict: Mapping[str, torch.Tensor], e
     another length (not asked where the prefix tokens differ, which make their lengths differ too)."""
     widths = [k for k in mismatched if ("pos_embed" in k or "norm" in k) and state_dict[k].dim() and expected[k].dim()]
     if any(state_dict[k].shape[-1] != expected[k].shape[-1] for k in widths):
-        return (". The checkpoint is of a model of another width (another size of the architecture): build the arch "
-                f"it was trained as; {_TIMM_SETTINGS}")
+        return _ANOTHER_WIDTH
     embedding = next((k for k in mismatched if "pos_embed" in k), None) if position else None
     if embedding is not None:
         size = _trained_input_size(state_dict[embedding], model)
