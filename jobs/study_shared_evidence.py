@@ -59,7 +59,7 @@ from jobs.bench_quality import (
 )
 from pipeline import SFAM, SFAMResult
 from pipeline.demo.model import EMBEDDING_LAYER, TARGET_LAYER, demo_model
-from pipeline.explain.correspondence import SHARPNESS, correspondence, local_embeddings
+from pipeline.explain.correspondence import SHARPNESS, local_embeddings, shared_evidence
 
 SELECTION_SEED = 27182818  # picks the method
 EVALUATION_SEED = 16180339  # reports it; both differ from jobs/bench_quality's seed
@@ -130,7 +130,7 @@ def candidate_map(reduce: Callable[[Pair], torch.Tensor], features: torch.Tensor
     """A candidate's query maps (P, h, w) from the pairs' features (2P, K, h, w), queries first."""
     local = local_embeddings(features, jacobian, torch.ones(len(features)))  # (2P, h*w, D)
     pairs = len(features) // 2
-    pair = Pair(base.map_query.flatten(1), base.map_reference.flatten(1), correspondence(local[:pairs], local[pairs:]))
+    pair = Pair(base.map_query.flatten(1), base.map_reference.flatten(1), shared_evidence(local[:pairs], local[pairs:]).matches)
     return reduce(pair).view(-1, *features.shape[2:])
 
 

@@ -63,6 +63,7 @@ import datetime as dt
 import io
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -125,7 +126,9 @@ class Comparison:
     def run_ids(self) -> tuple[str, str]:
         return self.runs[0]["run_id"], self.runs[1]["run_id"]
 
+    @cached_property
     def counts(self) -> dict[str, int]:
+        """Pairs by what became of them: ok in both runs, only in one, on other images, ..."""
         status_a, status_b = self.pairs["status_a"], self.pairs["status_b"]
         in_a, in_b = pc.is_valid(status_a), pc.is_valid(status_b)
         same = pc.fill_null(self.pairs["same_images"], False)
@@ -149,19 +152,20 @@ class Comparison:
         new = both.filter(pc.and_not(both["false_match_b"], both["false_match_a"])).sort_by([("similarity_b", "descending")])
         vanished = both.filter(pc.and_not(both["false_match_a"], both["false_match_b"])).sort_by([("similarity_a", "descending")])
         return ComparisonView(
-            runs=self.runs, warnings=self.warnings(), threshold=self.threshold, counts=self.counts(),
+            runs=self.runs, warnings=self.warnings, threshold=self.threshold, counts=self.counts,
             summary=self.summary.to_pylist(),
             moved=moved.slice(0, listed).to_pylist(), new_false_matches=new.slice(0, listed).to_pylist(),
             vanished_false_matches=vanished.slice(0, listed).to_pylist(),
         )
 
+    @cached_property
     def warnings(self) -> list[str]:
         """What makes this comparison misleading: other metrics, B run before A, no pair on the same images."""
         warnings = [METRICS_DIFFER] if len({run["metric"] for run in self.runs}) > 1 else []
         started_a, started_b = (_when(run["started"]) for run in self.runs)
         if started_a and started_b and started_a > started_b:
             warnings.append(REVERSED)
-        counts = self.counts()
+        counts = self.counts
         in_both = sum(counts[name] for name in ("ok in both", "with other images in B", "failed in A or B"))
         if 0 < counts["with other images in B"] == in_both:
             warnings.append(OTHER_IMAGES)
@@ -170,10 +174,10 @@ class Comparison:
     def lines(self) -> list[str]:
         """A short text summary: counts, then one line per label."""
         run_a, run_b = self.run_ids
-        counts = self.counts()
+        counts = self.counts
         lines = [f"compared {run_a} (A) with {run_b} (B); pairs: "
                  + ", ".join(f"{value} {name}" for name, value in counts.items()),
-                 *(f"warning: {warning}" for warning in self.warnings()),
+                 *(f"warning: {warning}" for warning in self.warnings),
                  f"false matches: {false_match_rule(self.threshold)}",
                  f"{'label':<11}{'pairs':>6}  {'similarity A -> B':<25}  {'pointing (q) A -> B':<23}  "
                  f"{'in box (q, r) A -> B':<23}  {'map corr':>8}  false matches A -> B (new, vanished)"]

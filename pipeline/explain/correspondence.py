@@ -16,9 +16,9 @@ Everything is batched over pairs; shapes are in the comments. Torch only.
 
 from __future__ import annotations
 
-import torch
+from typing import NamedTuple
 
-from pipeline.explain.metrics import unit
+import torch
 
 SHARPNESS = 8  # g: matches below cos ~0.7 count little (0.7^8 ~ 0.06)
 TOP_MATCHES = 5  # correspondences kept per pair
@@ -30,31 +30,31 @@ def local_embeddings(maps: torch.Tensor, jacobian: torch.Tensor, scale: torch.Te
     return torch.einsum("dk,nkp->npd", jacobian.float(), features) * scale.float()[:, None, None]
 
 
-def correspondence(e_x: torch.Tensor, e_y: torch.Tensor) -> torch.Tensor:
-    """C[p, q] = cos(e^x(p), e^y(q)): (P, n, D), (P, m, D) -> (P, n, m); a zero embedding matches nothing."""
-    return unit(e_x, dim=2) @ unit(e_y, dim=2).transpose(1, 2)
+class SharedEvidence(NamedTuple):
+    """A batch of pairs' correspondences (P, n, m), pair terms (P, n, m) and matched maps (P, n), (P, m)."""
+
+    matches: torch.Tensor  # C[p, q]
+    terms: torch.Tensor  # T[p, q] = n^x(p) ReLU(C[p, q])^g n^y(q)
+    map_x: torch.Tensor  # M^x(p) = sum_q T[p, q] / sum_q n^y(q)
+    map_y: torch.Tensor  # M^y(q) = sum_p T[p, q] / sum_p n^x(p)
 
 
-def matched_terms(e_x: torch.Tensor, e_y: torch.Tensor, sharpness: float = SHARPNESS) -> tuple[torch.Tensor, torch.Tensor]:
-    """C (P, n, m) and the pair terms T[p, q] = n^x(p) ReLU(C[p, q])^g n^y(q) (P, n, m) of local
-    embeddings e^x (P, n, D), e^y (P, m, D): what the matched maps and the correspondences are read from."""
-    matches = correspondence(e_x, e_y)
-    terms = e_x.norm(dim=2)[:, :, None] * matches.relu().pow(sharpness) * e_y.norm(dim=2)[:, None, :]
-    return matches, terms
-
-
-def matched_maps(terms: torch.Tensor, e_x: torch.Tensor, e_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """M^x (P, n) and M^y (P, m) from the pair terms (P, n, m): M^x(p) = sum_q T[p, q] / sum_q n^y(q),
-    M^y(q) = sum_p T[p, q] / sum_p n^x(p)."""
-    total_x = e_x.norm(dim=2).sum(dim=1, keepdim=True).clamp_min(1e-30)  # (P, 1)
-    total_y = e_y.norm(dim=2).sum(dim=1, keepdim=True).clamp_min(1e-30)
-    return terms.sum(dim=2) / total_y, terms.sum(dim=1) / total_x
+def shared_evidence(e_x: torch.Tensor, e_y: torch.Tensor, sharpness: float = SHARPNESS) -> SharedEvidence:
+    """The matched maps of local embeddings e^x (P, n, D), e^y (P, m, D), and what they are read from;
+    a zero embedding matches nothing."""
+    n_x, n_y = e_x.norm(dim=2), e_y.norm(dim=2)  # (P, n), (P, m)
+    tiny = torch.finfo(e_x.dtype).tiny
+    matches = (e_x / n_x[:, :, None].clamp_min(tiny)) @ (e_y / n_y[:, :, None].clamp_min(tiny)).transpose(1, 2)
+    terms = n_x[:, :, None] * matches.relu().pow(sharpness) * n_y[:, None, :]
+    total_x = n_x.sum(dim=1, keepdim=True).clamp_min(1e-30)  # (P, 1)
+    total_y = n_y.sum(dim=1, keepdim=True).clamp_min(1e-30)
+    return SharedEvidence(matches, terms, terms.sum(dim=2) / total_y, terms.sum(dim=1) / total_x)
 
 
 def top_correspondences(matches: torch.Tensor, terms: torch.Tensor, width: int, k: int = TOP_MATCHES) -> torch.Tensor:
     """The k strongest matches of each pair: (P, k, 5) rows (x_q, y_q, x_r, y_r, cos).
 
-    Each location p of x is paired with the q of y whose pair term T[p, q] (matched_terms) is
+    Each location p of x is paired with the q of y whose pair term T[p, q] (shared_evidence) is
     largest; the k locations of x with the largest such terms are kept, strongest first. Points
     are cell centres in feature-grid units ((col + 0.5, row + 0.5) of grids `width` cells wide);
     multiply by image size / grid size for pixels. matches: C (P, n, m); terms: T (P, n, m).

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pipeline.explain.correspondence import local_embeddings, matched_maps, matched_terms, top_correspondences
+from pipeline.explain.correspondence import local_embeddings, shared_evidence, top_correspondences
 from pipeline.explain.head import AffineHead, measure_affine_head, per_image_scale, relative_tolerance
 from pipeline.explain.layers import ExplanationError, embeddings_of, find_module, hooked_output, layer_name
 from pipeline.explain.layout import FeatureLayout, LayoutName, check_layout, detect_layout
@@ -517,9 +517,9 @@ class SFAM:
             correspondences = None
         else:
             e_x, e_y = local[query_index], local[reference_index]  # (P, h*w, D)
-            matches, terms = matched_terms(e_x, e_y)  # (P, h*w, h*w) twice
-            maps = tuple(m.view(-1, *features.shape[2:]) for m in matched_maps(terms, e_x, e_y))
-            correspondences = top_correspondences(matches, terms, width=features.shape[3])
+            evidence = shared_evidence(e_x, e_y)
+            maps = tuple(m.view(-1, *features.shape[2:]) for m in (evidence.map_x, evidence.map_y))
+            correspondences = top_correspondences(evidence.matches, evidence.terms, width=features.shape[3])
         return SFAMResult(
             similarity=query.similarity.float(),
             cis_query=query.cis.float(),

@@ -176,7 +176,7 @@ def test_map_correlations_match_numpy(runs: Runs) -> None:
 
 def test_other_pairs_and_map_shapes_are_counted_not_correlated(runs: Runs) -> None:
     comparison = compare_runs(runs.output, "run-a", "run-c", OPTIONS)
-    assert comparison.counts() == {"ok in both": 5, "only in A": 4, "only in B": 1, "with other images in B": 0,
+    assert comparison.counts == {"ok in both": 5, "only in A": 4, "only in B": 1, "with other images in B": 0,
                                    "relabelled in B": 0,
                                    "failed in A or B": 0, "with maps not comparable": 5, "with a constant map": 0}
     assert comparison.pairs.filter(comparison.pairs["map_comparable"]).num_rows == 0
@@ -194,10 +194,10 @@ def test_a_pair_id_that_names_other_images_is_counted_not_compared(runs: Runs) -
     a = {r["pair_id"]: r["reference_uri"] for r in pq.read_table(runs.root / "pairs.parquet").to_pylist()}
     d = {r["pair_id"]: r["reference_uri"] for r in pq.read_table(runs.root / "shifted.parquet").to_pylist()}
     changed = {pair_id for pair_id in a if a[pair_id] != d[pair_id]}
-    assert changed and comparison.counts()["with other images in B"] == len(changed)
+    assert changed and comparison.counts["with other images in B"] == len(changed)
     relabelled = [row["pair_id"] for row in comparison.pairs.to_pylist() if row["relabelled"]]
-    assert comparison.counts()["relabelled in B"] == len(relabelled) == 2 and not changed & set(relabelled)
-    assert comparison.counts()["ok in both"] == len(a) - len(changed)  # the same model: every other pair is ok
+    assert comparison.counts["relabelled in B"] == len(relabelled) == 2 and not changed & set(relabelled)
+    assert comparison.counts["ok in both"] == len(a) - len(changed)  # the same model: every other pair is ok
     same = dict(zip(comparison.pairs["pair_id"].to_pylist(), comparison.pairs["same_images"].to_pylist()))
     assert {pair_id for pair_id, flag in same.items() if flag is False} == changed
     assert sum(comparison.summary["pairs"].to_pylist()) == len(a) - len(changed)
