@@ -71,6 +71,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.arrow_columns import as_floats, count_true
 from pipeline.errors import UserError
 from pipeline.io.iceberg_store import TableConfig
 from pipeline.io.results_store import ResultsStore
@@ -82,7 +83,13 @@ from pipeline.render.comparison_html import ComparisonView, label_name, render_c
 from pipeline.render.html_text import number_or_dash
 from pipeline.run_history import first_started, read_run_record
 from pipeline.schema import SIDES, result_type
-from pipeline.thresholds import MOVED_BELOW, false_match_rule, outside_cosine_range, recorded_false_match_similarity
+from pipeline.thresholds import (
+    MOVED_BELOW,
+    false_match_rule,
+    is_false_match,
+    outside_cosine_range,
+    recorded_false_match_similarity,
+)
 
 CHUNK_ROWS = 8192  # pairs whose maps are correlated at once: 16 MiB per float64 matrix of 16 x 16 maps
 LISTED = 20  # pairs shown per list (moved maps, new and vanished false matches)
@@ -134,14 +141,14 @@ class Comparison:
         same = pc.fill_null(self.pairs["same_images"], False)
         compared = _compared(self.pairs)
         return {
-            "ok in both": _count(compared),
-            "only in A": _count(pc.and_not(in_a, in_b)),
-            "only in B": _count(pc.and_not(in_b, in_a)),
-            "with other images in B": _count(pc.and_not(pc.and_(in_a, in_b), same)),
-            "relabelled in B": _count(self.pairs["relabelled"]),
-            "failed in A or B": _count(pc.and_not(same, compared)),
-            "with maps not comparable": _count(pc.invert(pc.fill_null(self.pairs["map_comparable"], True))),
-            "with a constant map": _count(pc.and_(pc.fill_null(self.pairs["map_comparable"], False),
+            "ok in both": count_true(compared),
+            "only in A": count_true(pc.and_not(in_a, in_b)),
+            "only in B": count_true(pc.and_not(in_b, in_a)),
+            "with other images in B": count_true(pc.and_not(pc.and_(in_a, in_b), same)),
+            "relabelled in B": count_true(self.pairs["relabelled"]),
+            "failed in A or B": count_true(pc.and_not(same, compared)),
+            "with maps not comparable": count_true(pc.invert(pc.fill_null(self.pairs["map_comparable"], True))),
+            "with a constant map": count_true(pc.and_(pc.fill_null(self.pairs["map_comparable"], False),
                                                   pc.is_null(self.pairs["map_correlation"]))),
         }
 
@@ -198,10 +205,6 @@ def _when(stamp: object) -> dt.datetime | None:
     except ValueError:
         return None
     return when.replace(tzinfo=dt.timezone.utc) if when is not None and when.tzinfo is None else when
-
-
-def _count(mask: pa.Array | pa.ChunkedArray) -> int:
-    return int(pc.sum(pc.fill_null(mask, False)).as_py() or 0)
 
 
 def _whole(value: int | None) -> str:
@@ -310,8 +313,8 @@ def _side(rows: pa.Table, suffix: str, label: pa.Array, threshold: float | None)
     (null without a threshold)."""
     ok = _ok(rows["status"])
     similarity = pc.if_else(ok, pc.cast(rows["similarity"], pa.float64()), None)
-    false_match = pa.nulls(rows.num_rows, pa.bool_()) if threshold is None else pc.and_(
-        pc.fill_null(pc.equal(label, 0), False), pc.fill_null(pc.greater_equal(similarity, threshold), False))
+    false_match = pa.nulls(rows.num_rows, pa.bool_()) if threshold is None else pa.array(
+        is_false_match(as_floats(label), as_floats(similarity), threshold))
     return {
         f"status_{suffix}": rows["status"],
         f"similarity_{suffix}": similarity,
@@ -377,10 +380,10 @@ def _label_summary(rows: pa.Table) -> dict[str, Any]:
     false_a, false_b = rows["false_match_a"], rows["false_match_b"]
     return summary | {
         "mean_map_correlation": _mean(rows["map_correlation"]),
-        "maps_not_comparable": _count(pc.invert(rows["map_comparable"])),
-        "false_matches_a": _count(false_a), "false_matches_b": _count(false_b),
-        "new_false_matches": _count(pc.and_not(false_b, false_a)),
-        "vanished_false_matches": _count(pc.and_not(false_a, false_b)),
+        "maps_not_comparable": count_true(pc.invert(rows["map_comparable"])),
+        "false_matches_a": count_true(false_a), "false_matches_b": count_true(false_b),
+        "new_false_matches": count_true(pc.and_not(false_b, false_a)),
+        "vanished_false_matches": count_true(pc.and_not(false_a, false_b)),
     }
 
 

@@ -27,10 +27,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 
+from pipeline.arrow_columns import as_floats
 from pipeline.errors import EXIT_GATES_FAILED, PipelineError, UserError
 from pipeline.manifest import BBOX_COLUMNS
 from pipeline.quality import residual_share
-from pipeline.thresholds import FALSE_MATCH_SIMILARITY
+from pipeline.thresholds import FALSE_MATCH_SIMILARITY, is_false_match
 
 
 class GatesFailed(PipelineError):
@@ -103,16 +104,12 @@ def _mean(values: np.ndarray) -> float | None:
     return float(values.mean()) if values.size else None
 
 
-def _column(rows: pa.Table, name: str) -> np.ndarray:
-    return rows.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
-
-
 def same_label_similarity(rows: pa.Table) -> float | None:
     """Mean similarity of the ok label-1 pairs of a run's rows; None for a run without labels."""
     if "label" not in rows.column_names:
         return None
     same = rows.filter(pc.and_(pc.equal(rows.column("status"), "ok"), pc.equal(rows.column("label"), 1)))
-    return _mean(_column(same, "similarity")) if same.num_rows else None
+    return _mean(as_floats(same.column("similarity"))) if same.num_rows else None
 
 
 @dataclass(frozen=True)
@@ -139,16 +136,17 @@ def evaluate(gates: Gates, rows: pa.Table, baseline: Baseline | None) -> list[Ga
     if has_label:
         same = ok.filter(pc.equal(ok.column("label"), 1))
         different = ok.filter(pc.equal(ok.column("label"), 0))
-        pointing = _column(same, "query_pointing_hit") if "query_pointing_hit" in same.column_names else np.array([])
+        pointing = as_floats(same.column("query_pointing_hit")) if "query_pointing_hit" in same.column_names else np.array([])
         add("min_same_label_pointing", _mean(pointing), gates.min_same_label_pointing, True)
-        false_matches = _column(different, "similarity") >= gates.false_match_similarity
+        false_matches = is_false_match(as_floats(different.column("label")), as_floats(different.column("similarity")),
+                                       gates.false_match_similarity)
         add("max_false_match_rate", float(false_matches.mean()) if different.num_rows else None,
             gates.max_false_match_rate, False)
         current = same_label_similarity(rows)
         previous = None if baseline is None else baseline.same_label_similarity
         drop = None if current is None or previous is None else previous - current
         add("max_similarity_drop", drop, gates.max_similarity_drop, False, None if baseline is None else baseline.note)
-    share = residual_share(*(_column(ok, c) for c in ("similarity", "residual_query", "residual_reference")))
+    share = residual_share(*(as_floats(ok.column(c)) for c in ("similarity", "residual_query", "residual_reference")))
     measured = share[~np.isnan(share)]
     add("max_residual_share", float(np.median(measured)) if measured.size else None, gates.max_residual_share, False)
     return results

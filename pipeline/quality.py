@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.arrow_columns import count_true
 from pipeline.schema import SIDES
 
 MOSTLY_RESIDUAL = 0.5  # a pair whose residual exceeds this share of its similarity explains little
@@ -78,8 +79,8 @@ def empty_maps_warning(ok_rows: pa.Table) -> str | None:
 
 def boxes_outside_warning(ok_rows: pa.Table) -> str | None:
     """How many ok rows have a box wholly outside their image (their localisation is null), or None."""
-    outside = {side: int(pc.sum(pc.and_(pc.and_(pc.is_valid(ok_rows[f"{side}_bbox"]), pc.is_valid(ok_rows[f"{side}_peak_xy"])),
-                                        pc.is_null(ok_rows[f"{side}_energy_in_box"]))).as_py() or 0)
+    outside = {side: count_true(pc.and_(pc.and_(pc.is_valid(ok_rows[f"{side}_bbox"]), pc.is_valid(ok_rows[f"{side}_peak_xy"])),
+                                        pc.is_null(ok_rows[f"{side}_energy_in_box"])))
                for side in SIDES if f"{side}_bbox" in ok_rows.column_names}
     if not any(outside.values()):
         return None

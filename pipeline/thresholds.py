@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 FALSE_MATCH_SIMILARITY = 0.8  # the default similarity at and above which a label-0 pair is a false match
 MOVED_BELOW = 0.99  # a pair's maps moved when they correlate below this (the same maps, one rounded to float16 as earlier runs stored them, correlate above)
 
@@ -24,6 +26,12 @@ def outside_cosine_range(threshold: float, metric: str) -> str | None:
         return (f"{threshold:g} is outside cosine similarity's range [-1, 1], so no pair would count as a false "
                 "match: e.g. 0.8")
     return None
+
+
+def is_false_match(label: np.ndarray, similarity: np.ndarray, threshold: float) -> np.ndarray:
+    """Per pair, whether it is a false match: label 0 and similarity at or above `threshold`.
+    label and similarity: float arrays, NaN where missing (never a false match)."""
+    return (label == 0) & (similarity >= threshold)
 
 
 def false_match_rule(threshold: float | None) -> str:

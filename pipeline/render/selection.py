@@ -42,7 +42,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import FiniteFloat
 
-from pipeline.thresholds import FALSE_MATCH_SIMILARITY
+from pipeline.arrow_columns import as_bools, as_floats
+from pipeline.thresholds import FALSE_MATCH_SIMILARITY, is_false_match
 
 RenderPolicy = Literal["all", "flagged", "none"]
 RENDER_POLICIES: tuple[str, ...] = get_args(RenderPolicy)
@@ -75,7 +76,7 @@ def select_for_render(batch: pa.Table | pa.RecordBatch, policy: RenderPolicy, ru
     """
     if policy not in RENDER_POLICIES:
         raise ValueError(f"render policy must be one of {', '.join(RENDER_POLICIES)}, got {policy!r}")
-    ok = _bools(pc.equal(batch.column("status"), "ok"))
+    ok = as_bools(pc.equal(batch.column("status"), "ok"))
     if policy != "flagged":
         return ok if policy == "all" else np.zeros_like(ok)
     reasons = np.where(ok, flag_reasons(batch, rules), NOT_FLAGGED)
@@ -84,10 +85,10 @@ def select_for_render(batch: pa.Table | pa.RecordBatch, policy: RenderPolicy, ru
 
 def flag_reasons(batch: pa.Table | pa.RecordBatch, rules: FlagRules) -> np.ndarray:
     """Per row, the first rule that flags it (FALSE_MATCH ... SAMPLE), or NOT_FLAGGED; status is ignored."""
-    similarity = _floats(batch.column("similarity"))
-    label = _floats(batch.column("label")) if "label" in batch.column_names else np.full(batch.num_rows, np.nan)
+    similarity = as_floats(batch.column("similarity"))
+    label = as_floats(batch.column("label")) if "label" in batch.column_names else np.full(batch.num_rows, np.nan)
     conditions = [
-        (label == 0) & (similarity >= rules.false_match_similarity),
+        is_false_match(label, similarity, rules.false_match_similarity),
         _pointing_miss(batch),
         (label == 1) & (similarity <= rules.weak_match_similarity),
         sample_position(batch.column("pair_id")) < rules.sample_rate,
@@ -105,7 +106,7 @@ def _pointing_miss(batch: pa.Table | pa.RecordBatch) -> np.ndarray:
     miss = np.zeros(batch.num_rows, dtype=bool)
     for name in POINTING_COLUMNS:
         if name in batch.column_names:
-            miss |= _bools(pc.equal(batch.column(name), False))
+            miss |= as_bools(pc.equal(batch.column(name), False))
     return miss
 
 
@@ -114,7 +115,7 @@ def _capped(batch: pa.Table | pa.RecordBatch, reasons: np.ndarray, cap: int) -> 
     flagged = reasons != NOT_FLAGGED
     if flagged.sum() <= cap:
         return flagged
-    similarity = np.nan_to_num(_floats(batch.column("similarity")))
+    similarity = np.nan_to_num(as_floats(batch.column("similarity")))
     severity = np.select([reasons == FALSE_MATCH, reasons == WEAK_MATCH], [-similarity, similarity], 0.0)
     order = np.lexsort((sample_position(batch.column("pair_id")), severity, reasons))
     mask = np.zeros(batch.num_rows, dtype=bool)
@@ -122,11 +123,3 @@ def _capped(batch: pa.Table | pa.RecordBatch, reasons: np.ndarray, cap: int) -> 
     return mask
 
 
-def _bools(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A boolean column as numpy, null as False."""
-    return pc.fill_null(values, False).to_numpy(zero_copy_only=False).astype(bool)
-
-
-def _floats(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A numeric column as float64 numpy, null as NaN (which no comparison flags)."""
-    return pc.cast(values, pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False)
