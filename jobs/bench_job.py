@@ -42,7 +42,7 @@ import torch
 
 from jobs.bench_common import local_ray, machine, synchronize, write_manifest, write_top_k_audit
 from jobs.bench_stages import photo_jpeg
-from jobs.benchmark_report import BENCHMARKS, parse_benchmark_args, write_section
+from jobs.benchmark_report import BENCHMARKS, parse_benchmark_args, verdict, write_section
 from jobs.tiny_model import tiny_spec
 from pipeline.config import MAX_IMAGE_PIXELS, JobConfig
 from pipeline.io.images import decode_pictures
@@ -439,10 +439,6 @@ class Round:
         return sum(self.steady_cpu().values()) / self.steady_seconds
 
 
-def verdict(value: float, target: float | None) -> str:
-    return "" if target is None else "met" if value >= target else "MISSED"
-
-
 def rounds_table(rounds: list[Round], on_gpu: bool, tiny_model: bool) -> str:
     """Per round: the in-process rows, the whole job and its steady state; then the ratios' medians,
     with their targets: decode-only's with the tiny model, explain-only's (times the GPUs the job
@@ -467,7 +463,7 @@ def rounds_table(rounds: list[Round], on_gpu: bool, tiny_model: bool) -> str:
               ("whole job ÷ explain-only", median("whole_explain_ratio"), None),
               ("job in steady state ÷ explain-only", median("steady_explain_ratio"), explain_target)]
     lines += ["", "| ratio (median over rounds, pairs/s) | value | target | |", "|---|---|---|---|"]
-    lines += [f"| {name} | {value:.2f} | {'' if target is None else f'>= {target}'} | {verdict(value, target)} |"
+    lines += [f"| {name} | {value:.2f} | {'' if target is None else f'>= {target}'} | {verdict(None if target is None else value >= target)} |"
               for name, value, target in ratios]
     return "\n".join(lines)
 

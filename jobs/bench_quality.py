@@ -56,7 +56,7 @@ from scipy import ndimage, stats
 from torch import nn
 
 from jobs.bench_common import concept_maps, library_cam, machine, resolve
-from jobs.benchmark_report import BENCHMARKS, parse_benchmark_args, write_section
+from jobs.benchmark_report import BENCHMARKS, markdown, parse_benchmark_args, verdict, write_section
 from pipeline import SFAM
 from pipeline.demo import model as cnn
 from pipeline.demo import vit
@@ -499,11 +499,6 @@ def matched_targets(evaluation: Evaluation) -> list[Target]:
     ]
 
 
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = [header, ["---"] * len(header), *rows]
-    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
-
-
 def sweep_table(sweep: Sweep, benchmarked: str) -> str:
     rows = []
     for layer, scores in sweep.scores.items():
@@ -536,7 +531,7 @@ def report(evaluation: Evaluation) -> str:
     if evaluation.sweep is not None:
         parts.append(sweep_table(evaluation.sweep, subject.target_layer))
     parts.append(markdown(["target", "value", "goal", "margin", ""],
-                          [[t.name, f"{t.value:.3f}", t.goal, f"{t.margin:+.3f}", "met" if t.met else "MISSED"]
+                          [[t.name, f"{t.value:.3f}", t.goal, f"{t.margin:+.3f}", verdict(t.met)]
                            for t in subject.targets(evaluation)]))
     return "\n\n".join(parts)
 

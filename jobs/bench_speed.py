@@ -45,7 +45,7 @@ from jobs.bench_common import (
     resolve,
     write_top_k_audit,
 )
-from jobs.benchmark_report import BENCHMARKS, parse_benchmark_args, write_section
+from jobs.benchmark_report import BENCHMARKS, parse_benchmark_args, verdict, write_section
 from pipeline import SFAM
 from pipeline.config import JobConfig
 from pipeline.io.images import decode_image, resize_for_model, to_model_tensor
@@ -294,8 +294,7 @@ def rate_row(name: str, rate: Rate, unit: str) -> str:
 
 
 def ratio_row(name: str, value: float, target: str, met: bool | None) -> str:
-    verdict = "" if met is None else "met" if met else "MISSED"
-    return f"| {name} | {value:.2f} | {target} | {verdict} |"
+    return f"| {name} | {value:.2f} | {target} | {verdict(met)} |"
 
 
 def path_name(explainer: SFAM) -> str:

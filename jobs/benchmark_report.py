@@ -16,6 +16,17 @@ def cpu_name() -> str:
     return names[0] if names else platform.processor() or "unknown CPU"
 
 
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table."""
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+def verdict(met: bool | None) -> str:
+    """A target's column: met, MISSED, or empty where there is no target."""
+    return "" if met is None else "met" if met else "MISSED"
+
+
 def write_section(path: Path, section: str) -> None:
     """Replaces the section headed by `section`'s first line (up to the next `## `), or appends it."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from jobs import bench_quality, train_demo_model
@@ -31,16 +30,8 @@ CHECKPOINT = "demo_vit_mean_pooled.safetensors"
 LAYERS = ("pos_drop", "blocks.0", "blocks.1", "blocks.2", "blocks")  # first block's input ... last block's output
 
 
-def build_mean_pooled_vit() -> VisionTransformer:
-    """The demo ViT (pipeline/demo/vit.py) with mean pooling over the patch tokens and no class token."""
-    model = VisionTransformer(img_size=vit.INPUT_SIZE, patch_size=vit.PATCH_SIZE, embed_dim=vit.WIDTH, depth=vit.DEPTH,
-                              num_heads=vit.HEADS, num_classes=vit.EMBEDDING_DIM, global_pool="avg", class_token=False)
-    model.patch_embed.proj = vit.conv_stem()
-    return model
-
-
 def load(checkpoint: Path, pretrained: bool = True) -> nn.Module:
-    model = build_mean_pooled_vit()
+    model = vit.build_vit(mean_pooled=True)
     if pretrained:
         model.load_state_dict(safetensors.torch.load_file(checkpoint))
     return model.eval()
@@ -50,7 +41,7 @@ def trained(checkpoint: Path, steps: int | None) -> None:
     """Trains and saves the variant unless `checkpoint` exists; prints its held-out Recall@1."""
     if checkpoint.exists():
         return
-    recipe = replace(train_demo_model.RECIPES["vit"], build=build_mean_pooled_vit)
+    recipe = replace(train_demo_model.RECIPES["vit"], build=partial(vit.build_vit, mean_pooled=True))
     config = recipe.config if steps is None else replace(recipe.config, steps=steps)
     net, _ = train_demo_model.train(recipe, config)
     queries, gallery = train_demo_model.held_out(net, config.eval_size, config.eval_seed)

@@ -49,7 +49,6 @@ from jobs.bench_quality import (
     faithfulness,
     library_map,
     localisation,
-    markdown,
     model_reliance,
     randomisation,
     shared_object,
@@ -57,6 +56,7 @@ from jobs.bench_quality import (
     single_object_pairs,
     to_tensor,
 )
+from jobs.benchmark_report import markdown
 from pipeline import SFAM, SFAMResult
 from pipeline.demo.model import EMBEDDING_LAYER, TARGET_LAYER, demo_model
 from pipeline.explain.correspondence import SHARPNESS, local_embeddings, shared_evidence

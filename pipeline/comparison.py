@@ -304,7 +304,7 @@ def _map_correlation(a: pa.ChunkedArray, b: pa.ChunkedArray, rows_a: np.ndarray,
     return pa.array(result, mask=np.isnan(result))
 
 
-def _energy(rows: pa.Table) -> pa.ChunkedArray:
+def _mean_energy_in_box(rows: pa.Table) -> pa.ChunkedArray:
     return pc.divide(pc.add(pc.cast(rows["query_energy_in_box"], pa.float64()), rows["reference_energy_in_box"]), 2.0)
 
 
@@ -319,7 +319,7 @@ def _side(rows: pa.Table, suffix: str, label: pa.Array, threshold: float | None)
         f"status_{suffix}": rows["status"],
         f"similarity_{suffix}": similarity,
         f"query_pointing_hit_{suffix}": pc.if_else(ok, rows["query_pointing_hit"], None),
-        f"energy_in_box_{suffix}": pc.if_else(ok, _energy(rows), None),
+        f"energy_in_box_{suffix}": pc.if_else(ok, _mean_energy_in_box(rows), None),
         f"false_match_{suffix}": pc.if_else(ok, false_match, None),
     }
 

@@ -51,9 +51,9 @@ def explain_pair(query: tuple[str, bytes], reference: tuple[str, bytes], spec: M
     cis_query, cis_reference = result.cis_query[0].cpu(), result.cis_reference[0].cpu()
     top = result.top_channels(TOP_CHANNELS)[0].tolist()
     similarity = float(result.similarity[0])
+    maps = result.map_query[0].cpu().numpy(), result.map_reference[0].cpu().numpy()  # (h, w) each
     png = render_pair_png(
-        pictures[0].display, pictures[1].display,
-        result.map_query[0].cpu().numpy(), result.map_reference[0].cpu().numpy(),
+        pictures[0].display, pictures[1].display, *maps,
         similarity=similarity, metric=spec.metric,
         title=f"{spec.model_id} · {explainer.target_layer} · {spec.weighting}", top_channels=top,
         correspondences=_correspondences_on_display(result, pictures),
@@ -67,6 +67,5 @@ def explain_pair(query: tuple[str, bytes], reference: tuple[str, bytes], spec: M
         residual_query=float(result.residual_query[0]),
         residual_reference=float(result.residual_reference[0]),
         png=png,
-        empty_maps=tuple(side for side, saliency in zip(SIDES, (result.map_query[0], result.map_reference[0]))
-                         if not has_positive_evidence(saliency.cpu().numpy())),
+        empty_maps=tuple(side for side, saliency in zip(SIDES, maps) if not has_positive_evidence(saliency)),
     )

@@ -49,10 +49,12 @@ def conv_stem() -> nn.Sequential:
     return nn.Sequential(*layers, nn.Conv2d(channels, WIDTH, 3, stride=2, padding=1))
 
 
-def build_vit() -> VisionTransformer:
-    """A freshly initialised demo ViT: (B, 3, 64, 64) normalised images -> (B, 64) embeddings."""
+def build_vit(mean_pooled: bool = False) -> VisionTransformer:
+    """A freshly initialised demo ViT: (B, 3, 64, 64) normalised images -> (B, 64) embeddings, pooled
+    by its class token, or (`mean_pooled`) by the mean of its patch tokens, without a class token."""
     model = VisionTransformer(img_size=INPUT_SIZE, patch_size=PATCH_SIZE, embed_dim=WIDTH, depth=DEPTH,
-                              num_heads=HEADS, num_classes=EMBEDDING_DIM, global_pool="token", class_token=True)
+                              num_heads=HEADS, num_classes=EMBEDDING_DIM, global_pool="avg" if mean_pooled else "token",
+                              class_token=not mean_pooled)
     model.patch_embed.proj = conv_stem()
     return model
 

@@ -45,6 +45,11 @@ def relative_tolerance(dtype: torch.dtype) -> float:
     return 2e-2 if torch.finfo(dtype).bits <= 16 else 1e-4
 
 
+def has_unit_norm(embeddings: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether every row of (N, D) embeddings computed in `dtype` has norm 1, up to its rounding."""
+    return bool(((embeddings.double().norm(dim=1) - 1).abs() < relative_tolerance(dtype)).all())
+
+
 def per_image_scale(deviations: list[torch.Tensor], embeddings: torch.Tensor) -> torch.Tensor | None:
     """1 / sigma (N,) float64 from the head's held LayerNorm deviations (ones without any), or
     None when the head is not of the fast path's form (more than one deviation per image)."""

@@ -15,6 +15,12 @@ class ExplanationError(UserError, ValueError):
     """The model, its layers or its inputs cannot be explained as asked."""
 
 
+def parameter_dtype(model: nn.Module) -> torch.dtype:
+    """The model's floating dtype, which its inputs are cast to (float16 images into a float32 model)."""
+    parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return parameter.dtype if parameter is not None else torch.float32
+
+
 def find_module(model: nn.Module, name: str, argument: str = "target_layer") -> nn.Module:
     """The submodule called `name` in `model.named_modules()` (under any of its names, where a
     module is registered twice), or an error listing close names."""

@@ -29,6 +29,7 @@ Target layers may output maps, channels-last maps or tokens (layout.py).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import weakref
@@ -42,8 +43,15 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.explain.correspondence import local_embeddings, shared_evidence, top_correspondences
-from pipeline.explain.head import AffineHead, measure_affine_head, per_image_scale, relative_tolerance
-from pipeline.explain.layers import ExplanationError, embeddings_of, find_module, hooked_output, layer_name
+from pipeline.explain.head import AffineHead, has_unit_norm, measure_affine_head, per_image_scale
+from pipeline.explain.layers import (
+    ExplanationError,
+    embeddings_of,
+    find_module,
+    hooked_output,
+    layer_name,
+    parameter_dtype,
+)
 from pipeline.explain.layout import FeatureLayout, LayoutName, check_layout, detect_layout
 from pipeline.explain.linearise import Linearised
 from pipeline.explain.metrics import Metric, check_metric, offset, partner_vector, similarity
@@ -244,12 +252,12 @@ class SFAM:
         if not bool(torch.isfinite(images.sum(dtype=torch.float32))):  # NaN and inf carry through a sum; 30x isfinite's speed
             raise ExplanationError("images hold NaN or infinite values: nothing about them can be explained")
         with _in_eval_mode(self.model):
-            return self._explain_pairs(images.to(self._parameter_dtype()), query_index, reference_index)
+            return self._explain_pairs(images.to(parameter_dtype(self.model)), query_index, reference_index)
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The target layer's maps A (N, K, h, w) and the embeddings u (N, D) of `images`, without
         gradients (inference mode)."""
-        images = images.to(self._parameter_dtype())
+        images = images.to(parameter_dtype(self.model))
         with _in_eval_mode(self.model):
             self._resolve_target(images[:1])
             with torch.inference_mode():
@@ -273,11 +281,6 @@ class SFAM:
                     return self._explain_affine(head, forward, query_index, reference_index)
         return self._explain_generic(images, query_index, reference_index)
 
-    def _parameter_dtype(self) -> torch.dtype:
-        """Inputs are cast to the model's floating dtype (float16 images into a float32 model)."""
-        parameter = next((p for p in self.model.parameters() if p.is_floating_point()), None)
-        return parameter.dtype if parameter is not None else torch.float32
-
     def _resolve_target(self, sample: torch.Tensor) -> None:
         """Chooses the target layer (when not given) and its layout, on the first images seen; reads
         the layout and the head again for images of another size (a ViT's grid follows the input)."""
@@ -287,10 +290,9 @@ class SFAM:
         self._layout, self._head, self._head_measured = None, None, not self._fast_path
         settings = self._layout_settings
         given = self._target is not None
+        embed_with = functools.partial(self._embed_with, sample=sample)  # (module, replace) -> embedding
         if not given:
-            self.target_layer = default_target_layer(
-                self.model, sample, lambda module, replace: self._embed_with(module, replace, sample), **settings
-            )
+            self.target_layer = default_target_layer(self.model, sample, embed_with, **settings)
             self._target = find_module(self.model, self.target_layer)
         with torch.inference_mode(), hooked_output(self._target) as seen:
             self._embed(sample)
@@ -303,10 +305,8 @@ class SFAM:
             layout = detect_layout(seen[-1].shape, tuple(sample.shape[-2:]), **settings)
         except ExplanationError as error:  # named: the layer may be the default or the one given
             raise ExplanationError(f"target_layer={self.target_layer!r}: {error}") from error
-        if given and not influences(lambda replace: self._embed_with(self._target, replace, sample), layout):
-            better = default_target_layer(
-                self.model, sample, lambda module, replace: self._embed_with(module, replace, sample), **settings
-            )
+        if given and not influences(lambda replace: embed_with(self._target, replace), layout):
+            better = default_target_layer(self.model, sample, embed_with, **settings)
             why = " (with class-token pooling, the last block's patch tokens never reach it)" if layout.kind == "tokens" else ""
             raise ExplanationError(
                 f"target_layer={self.target_layer!r} has no influence on the embedding{why}: use target_layer={better!r}"
@@ -482,7 +482,7 @@ class SFAM:
         """
         if self._embedding is not None:
             return
-        unit_norm = bool(((u.norm(dim=1) - 1).abs() < relative_tolerance(self._parameter_dtype())).all())
+        unit_norm = has_unit_norm(u, parameter_dtype(self.model))
         # a scale-invariant output cancels its contributions down to rounding (at most 1.1e-5 of
         # their total magnitude in float32, 150 random models); other models' single pairs did
         # not cancel below 2.6e-3 of it (150 random pairs on a random tanh head)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.explain.head import has_unit_norm
 from pipeline.explain.layers import ExplanationError
 from pipeline.explain.layout import FeatureLayout, detect_layout
 
@@ -215,6 +216,6 @@ def suggest_embedding_layer(model: nn.Module, sample: torch.Tensor, target_layer
     flat = [
         o.name for o in outputs[after + 1:]
         if o.tensor.dim() == 2 and o.tensor.shape[0] == sample.shape[0]
-        and not bool(((o.tensor.float().norm(dim=1) - 1).abs() < 1e-4).all())
+        and not has_unit_norm(o.tensor, o.tensor.dtype)
     ]
     return flat[-1] if flat else None

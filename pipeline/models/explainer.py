@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from pipeline.explain import SFAM, SFAMResult
+from pipeline.explain.layers import parameter_dtype
 from pipeline.io.images import to_model_tensor
 from pipeline.io.storage import StorageOptions
 from pipeline.models.loading import ModelLoadError, load_model, short_reason
@@ -64,7 +65,7 @@ def _check_model_runs(model: torch.nn.Module, spec: ModelSpec, device: torch.dev
     """One forward of a random picture at input_size. A model built for another size (a torchvision
     ViT at anything but 224 px), or whose weights give no finite embedding (a broken checkpoint),
     is named here, not as a traceback or a misleading layer error of the first explanation."""
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = parameter_dtype(model)
     picture = torch.rand(1, 3, *spec.input_hw, generator=torch.Generator().manual_seed(0))
     try:
         with torch.inference_mode():

@@ -295,16 +295,18 @@ def _load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], u
     missing = [k for k in expected if k not in state_dict]
     unexpected = sorted(k for k in state_dict if k not in expected)
     mismatched = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]  # model order
-    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched]
+    shape_lines = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched]
     problems = [
         f"{label} ({len(items)}): {', '.join(items[:_SHOWN])}{', ...' if len(items) > _SHOWN else ''}"
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shape_lines))
         if items
     ]
     if problems:
         tokens = _prefix_token_hint(missing, unexpected)
-        shapes = _shape_hint(mismatched, state_dict, expected, model, position=not tokens)
-        built_otherwise = tokens or shapes.startswith(_ANOTHER_WIDTH)  # the model must be built as it was trained
+        another_width = _of_another_width(mismatched, state_dict, expected)
+        # other prefix tokens make the position embeddings' lengths differ too: their hint would mislead
+        shapes = _ANOTHER_WIDTH if another_width else "" if tokens else _position_hint(mismatched, state_dict, model)
+        built_otherwise = bool(tokens) or another_width  # the model must be built as it was trained
         raise ModelLoadError(f"weights {uri} do not match the model: " + "; ".join(problems)
                              + _head_hint(unexpected, state_dict) + tokens + shapes
                              + (f"; {_TIMM_SETTINGS}" if built_otherwise else "")
@@ -333,14 +335,16 @@ def _prefix_token_hint(missing: list[str], unexpected: list[str]) -> str:
             "and pooling (global_pool); build the model as it was trained")
 
 
-def _shape_hint(mismatched: list[str], state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
-                model: nn.Module, position: bool = True) -> str:
-    """Why shapes differ, where their shapes say: another width, or (`position`) position embeddings of
-    another length (not asked where the prefix tokens differ, which make their lengths differ too)."""
+def _of_another_width(mismatched: list[str], state_dict: Mapping[str, torch.Tensor],
+                      expected: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the checkpoint's position embeddings or norms are of another width than the model's."""
     widths = [k for k in mismatched if ("pos_embed" in k or "norm" in k) and state_dict[k].dim() and expected[k].dim()]
-    if any(state_dict[k].shape[-1] != expected[k].shape[-1] for k in widths):
-        return _ANOTHER_WIDTH
-    embedding = next((k for k in mismatched if "pos_embed" in k), None) if position else None
+    return any(state_dict[k].shape[-1] != expected[k].shape[-1] for k in widths)
+
+
+def _position_hint(mismatched: list[str], state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> str:
+    """When a position embedding's length differs: the input size the checkpoint was made for."""
+    embedding = next((k for k in mismatched if "pos_embed" in k), None)
     if embedding is not None:
         size = _trained_input_size(state_dict[embedding], model)
         return (". A position embedding of another length: the checkpoint was made for another input size; "

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.localisation import has_positive_evidence
+from pipeline.localisation import has_positive_evidence, upsample
 from pipeline.schema import TOP_CHANNELS
 
 COLORMAP = "turbo"
@@ -115,8 +115,7 @@ def heatmap_overlay(image: np.ndarray, saliency: np.ndarray, alpha: float = 0.5)
     if values is None:
         return image.copy()
     height, width = image.shape[:2]
-    upsampled = Image.fromarray(values.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR)
-    level = np.rint(np.clip(np.asarray(upsampled), 0.0, 1.0) * 255).astype(np.uint8)
+    level = np.rint(np.clip(upsample(values, width, height), 0.0, 1.0) * 255).astype(np.uint8)
     keep, paint = _blend_tables(alpha)
     blended = _grey(image)[..., None] * keep[level][..., None] + paint[level] + 128
     return (blended >> 8).astype(np.uint8)

@@ -53,7 +53,7 @@ def _similarity(row: Row) -> float | None:
     return finite_number(row.get("similarity"))
 
 
-def _energy(row: Row) -> float | None:
+def _least_energy_in_box(row: Row) -> float | None:
     """The lower energy-in-box of the two images: how far the map strays from the object."""
     values = [finite_number(row.get(f"{side}_energy_in_box")) for side in ("query", "reference")]
     known = [v for v in values if v is not None]
@@ -97,10 +97,10 @@ def _card(row: Row, href: str | None) -> str:
     status = "error" if row.get("status") == "error" else "ok"
     label = _label(row)
     similarity, rank = _similarity(row), finite_number(row.get("rank"))
-    energy_q, energy_r = finite_number(row.get("query_energy_in_box")), finite_number(row.get("reference_energy_in_box"))
     details = {"rank": number_or_dash(rank, ".0f"), "score": number_or_dash(row.get("score"), ".4g")}
-    if _has_boxes(row):
-        details["in box"] = f"q {number_or_dash(energy_q, '.0%')} · r {number_or_dash(energy_r, '.0%')}"
+    if _localised(row):
+        details["in box"] = " · ".join(f"{side[0]} {number_or_dash(row.get(f'{side}_energy_in_box'), '.0%')}"
+                                       for side in ("query", "reference"))
         details["pointing"] = f"q {_hit(row.get('query_pointing_hit'))} · r {_hit(row.get('reference_pointing_hit'))}"
     badges = f'<span class="badge lab-{_label_key(label)}">{LABEL_NAMES[label]}</span>'
     if status == "error":
@@ -108,7 +108,7 @@ def _card(row: Row, href: str | None) -> str:
     error = f'<p class="error">{escaped(row.get("error") or "")}</p>' if status == "error" else ""
     return (
         f'<article class="card {status}" data-pair-id="{pair_id}" data-similarity="{_data(similarity)}" '
-        f'data-rank="{_data(rank)}" data-energy="{_data(_energy(row))}" data-label="{_label_key(label)}" '
+        f'data-rank="{_data(rank)}" data-energy="{_data(_least_energy_in_box(row))}" data-label="{_label_key(label)}" '
         f'data-status="{status}">'
         f'{_image(href, pair_id)}<div class="meta"><div class="pid" title="{pair_id}">{pair_id}</div>'
         f'<div class="sim"><b>{number_or_dash(similarity, ".3f")}</b> {badges}</div>'
@@ -116,7 +116,7 @@ def _card(row: Row, href: str | None) -> str:
     )
 
 
-def _has_boxes(row: Row) -> bool:
+def _localised(row: Row) -> bool:
     """Whether the pair was localised in a box on either side (never in a run whose manifest has no boxes)."""
     return any(row.get(f"{side}_energy_in_box") is not None for side in ("query", "reference"))
 
@@ -169,8 +169,11 @@ def _figures(ok: Sequence[Row], errors: Sequence[Row], total: int) -> str:
 
 def _histogram(ok: Sequence[Row]) -> str:
     colours = {1: "#1f77b4", 0: "#d62728", None: "#9a9a9a"}
-    names = {1: "same label", 0: "different label", None: "unlabelled"}
-    return histogram_svg([Series(names[label], colours[label], _similarities(ok, label)) for label in (1, 0, None)])
+    return histogram_svg([Series(_series_name(label), colours[label], _similarities(ok, label)) for label in (1, 0, None)])
+
+
+def _series_name(label: int | None) -> str:
+    return LABEL_NAMES[label] + (" label" if label is not None else "")
 
 
 def _ranked(rows: Sequence[Row], key: Callable[[Row], float | None], *, descending: bool) -> list[Row]:
@@ -183,14 +186,14 @@ def _ranked(rows: Sequence[Row], key: Callable[[Row], float | None], *, descendi
 def _look_first(ok: Sequence[Row], png_href: Callable[[Row], str | None], threshold: float | None) -> str:
     """threshold: the run's false_match_similarity, below which a different-label pair is no false
     match; None where it cannot apply (then the most similar different-label pairs are shown)."""
-    different = [s for r in ok if _label(r) == 0 and (s := _similarity(r)) is not None]
+    different = _similarities(ok, 0)
 
     def false_match(row: Row) -> float | None:
         similarity = _similarity(row)
         return similarity if similarity is not None and (threshold is None or similarity >= threshold) else None
 
     false_matches = _ranked([r for r in ok if _label(r) == 0], false_match, descending=True)
-    off_object = _ranked([r for r in ok if _label(r) == 1], _energy, descending=False)
+    off_object = _ranked([r for r in ok if _label(r) == 1], _least_energy_in_box, descending=False)
     if threshold is None:
         title, hint = "Most similar different-label pairs", "different-label pairs, most similar first"
     else:
@@ -228,7 +231,7 @@ def _gallery(rows: Sequence[Row], png_href: Callable[[Row], str | None]) -> str:
         '<option value="similarity:desc">similarity, high first</option>'
         '<option value="similarity:asc">similarity, low first</option><option value="rank:asc">rank</option>'
         + ('<option value="energy:asc">energy in box, low first</option>'
-           '<option value="energy:desc">energy in box, high first</option>' if any(map(_has_boxes, shown)) else "")
+           '<option value="energy:desc">energy in box, high first</option>' if any(map(_localised, shown)) else "")
         + '<option value="pairId:asc">pair id</option></select></label>'
         '<label>label <select id="f-label"><option value="">all</option><option value="1">same</option>'
         '<option value="0">different</option><option value="none">unlabelled</option></select></label>'
@@ -263,11 +266,11 @@ def _render_hint(summary: Mapping[str, Any], ok: Sequence[Row]) -> str:
     missing = sum(1 for row in ok if not row.get("png_uri"))
     if not missing:
         return ""
-    policy = escaped(summary.get("config", {}).get("render_png", "?"))
+    config = summary.get("config", {})
+    policy = escaped(config.get("render_png", "?"))
     if summary.get("status") in UNCOMMITTED:  # its rows are not in the table, which sfam render reads
         return (f'<p class="note">{missing:,} pair(s) have no overlay (render_png: {policy}); sfam render draws '
                 'pairs of a committed run, so draw them once an attempt of this run_id has succeeded.</p>')
-    config = summary.get("config", {})
     # an Iceberg table or an S3 endpoint is named by the job's config, not by the output root
     needs_config = (config.get("table") or {}).get("format") == "iceberg" or bool(
         (config.get("storage_options") or {}).get("endpoint_url"))
