@@ -112,7 +112,7 @@ RECIPES = {
             "head": f"final LayerNorm -> class token -> Linear({vit.WIDTH}, {vit.EMBEDDING_DIM}); "
                     "forward() returns the unnormalised embedding",
             "target_layer": vit.TARGET_LAYER,
-            "feature_map": [vit.WIDTH, vit.GRID_SIDE, vit.GRID_SIDE],
+            "feature_map": [vit.WIDTH, vit.PATCH_GRID_SIDE, vit.PATCH_GRID_SIDE],
             "prefix_tokens": 1,
             "embedding_layer": None,
             "embedding_dim": vit.EMBEDDING_DIM,

@@ -370,7 +370,7 @@ def _paired_means(a: pa.ChunkedArray, b: pa.ChunkedArray) -> tuple[float | None,
     return _mean(pc.filter(a, both)), _mean(pc.filter(b, both))
 
 
-def _label_summary(rows: pa.Table) -> dict[str, Any]:
+def _figures_of(rows: pa.Table) -> dict[str, Any]:
     """The figures of one label's pairs (ok in both runs)."""
     summary: dict[str, Any] = {"pairs": rows.num_rows}
     for name, column in FIGURES.items():
@@ -400,7 +400,7 @@ def label_summary(pairs: pa.Table, records: tuple[dict, dict], threshold: float 
     rows = []
     for label in _label_order(pc.unique(both["label"]).to_pylist()):
         chosen = both.filter(pc.is_null(both["label"]) if label is None else pc.equal(both["label"], label))
-        figures = _label_summary(chosen)
+        figures = _figures_of(chosen)
         if threshold is None:  # none counted, not none found
             figures |= dict.fromkeys(FALSE_MATCH_COUNTS)
         rows.append({**runs, "threshold": threshold, "label": label, **figures})

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.cli import _release_logging_lock_held_by_fork, _score_text, main, stop_signals
+from pipeline.cli import _score_text, main
 from pipeline.errors import Terminated
+from pipeline.stopping import _release_logging_lock_held_by_fork, stop_signals
 
 SFAM = [sys.executable, "-m", "pipeline.cli"]
 

@@ -20,6 +20,11 @@ def picture_at(batch: pa.Table, column: str, row: int, hw: Sequence[int]) -> np.
     return np.frombuffer(batch.column(column)[row].as_buffer(), np.uint8).reshape(*hw, 3)
 
 
+def display_at(batch: pa.Table, side: str, row: int) -> np.ndarray:
+    """The (h, w, 3) uint8 display picture of one side of `row`."""
+    return picture_at(batch, f"_{side}_display", row, batch.column(f"_{side}_display_shape")[row].as_py())
+
+
 def binary_column(arrays: list[np.ndarray | bytes | None]) -> pa.Array:
     """Each array's raw bytes (or the bytes) as one binary value, copied once into one buffer
     (64-bit offsets: a batch of large pictures may pass 2 GiB); None is null."""

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from pipeline.distributed.columns import picture_at
+from pipeline.distributed.columns import display_at, picture_at
 from pipeline.distributed.fetch import with_pictures
 from pipeline.explain import SFAMResult
 from pipeline.io.images import EncodedJpeg, ImageDecodeError, Pictures, decode_jpegs, torchvision_decodes_jpegs_on
@@ -73,7 +73,7 @@ def _pictures_at(batch: pa.Table, side: str, row: int, input_size: int | tuple[i
     if jpeg.is_valid:
         return EncodedJpeg(jpeg.as_py(), batch.column(f"_{side}_orientation")[row].as_py(), size)
     return Pictures(model_input=picture_at(batch, f"_{side}_pixels", row, model_hw(input_size)),
-                    display=picture_at(batch, f"_{side}_display", row, batch.column(f"_{side}_display_shape")[row].as_py()),
+                    display=display_at(batch, side, row),
                     size=size)
 
 

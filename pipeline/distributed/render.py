@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from pipeline.distributed.columns import picture_at
+from pipeline.distributed.columns import display_at
 from pipeline.io.storage import StorageOptions, write_bytes
 from pipeline.layout import RunLayout
 from pipeline.render.result_row import OVERLAY_COLUMNS, render_result_row
@@ -22,7 +22,7 @@ class RenderResults:
         self.storage_options = storage_options
 
     def _render(self, batch: pa.Table, row: int) -> str:
-        displays = {side: picture_at(batch, f"_{side}_display", row, batch.column(f"_{side}_display_shape")[row].as_py())
+        displays = {side: display_at(batch, side, row)
                     for side in SIDES}
         sizes = {side: tuple(batch.column(f"_{side}_size")[row].as_py()) for side in SIDES}
         columns = [c for c in OVERLAY_COLUMNS if c in batch.column_names]

@@ -27,7 +27,7 @@ def test_class_token_vit_with_final_norm_and_projection():
     model.get_submodule(vit.TARGET_LAYER).register_forward_hook(lambda _m, _i, out: seen.setdefault("tokens", out))
     with torch.no_grad():
         z = model(torch.randn(2, 3, vit.INPUT_SIZE, vit.INPUT_SIZE))
-    assert seen["tokens"].shape == (2, 1 + vit.GRID_SIDE**2, vit.WIDTH)
+    assert seen["tokens"].shape == (2, 1 + vit.PATCH_GRID_SIDE**2, vit.WIDTH)
     assert z.shape == (2, vit.EMBEDDING_DIM) and not torch.allclose(z.norm(dim=1), torch.ones(2))
 
 
@@ -37,7 +37,7 @@ def test_explainer_defaults_to_the_tokens_entering_the_first_block():
     explainer = SFAM(vit.demo_vit())
     result = explainer.explain(x, y)
     assert explainer.target_layer == vit.TARGET_LAYER == "pos_drop"
-    assert result.map_query.shape == (2, vit.GRID_SIDE, vit.GRID_SIDE)
+    assert result.map_query.shape == (2, vit.PATCH_GRID_SIDE, vit.PATCH_GRID_SIDE)
     torch.testing.assert_close(result.cis_query.sum(dim=1) + result.residual_query, result.similarity)
 
 

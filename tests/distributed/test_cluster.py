@@ -51,9 +51,9 @@ def test_a_sigterm_while_ray_starts_is_this_processs_stop(monkeypatch) -> None:
 
     import ray
 
-    from pipeline.cli import stop_signals
     from pipeline.distributed.cluster import _init
     from pipeline.errors import Terminated
+    from pipeline.stopping import stop_signals
 
     def like_ray_init(**options: object) -> None:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))

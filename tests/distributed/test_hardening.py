@@ -17,7 +17,6 @@ import psutil
 import pytest
 import yaml
 
-from pipeline.cli import stop_signals
 from pipeline.distributed.job import _pipeline_error, run_audit
 from pipeline.errors import Terminated, UserError, as_sent
 from pipeline.io.iceberg_store import TableConfig
@@ -25,6 +24,7 @@ from pipeline.io.results_store import HiveParquetStore
 from pipeline.io.storage import StorageError, StorageOptions, StorageUnavailable, exists, join_uri, read_bytes
 from pipeline.layout import RunLayout
 from pipeline.reporting import write_report
+from pipeline.stopping import stop_signals
 
 from audit_data import job_config, write_audit, write_weights
 
