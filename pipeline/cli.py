@@ -46,7 +46,7 @@ from pipeline.errors import (
 )
 from pipeline.gates import GatesFailed
 from pipeline.io.iceberg_store import TableConfig
-from pipeline.io.storage import StorageOptions, read_bytes, redact_uri, write_bytes
+from pipeline.io.storage import StorageOptions, read_bytes, redact_uri, resolve_uri, write_bytes
 from pipeline.models.spec import LayoutName, Metric, ModelSpec, Weighting
 from pipeline.run_history import recorded_table
 from pipeline.stopping import shut_down_ray, stop_signals
@@ -122,7 +122,9 @@ def explain_command(args: argparse.Namespace) -> int:
     spec = validated(ModelSpec, {**spec.model_dump(), **{k: v for k, v in changes.items() if v is not None}},
                      "sfam explain")
     # torch loads only for the commands that need it, after the config's and the images' mistakes are told (seconds)
-    query_image, reference_image = ((uri, read_bytes(uri, options)) for uri in (args.query, args.reference))
+    # a file:/// URI is read as the job reads it from a manifest: its percent-escapes decoded
+    locations = [resolve_uri(uri, ".") for uri in (args.query, args.reference)]
+    query_image, reference_image = ((uri, read_bytes(uri, options)) for uri in locations)
     from pipeline.models.loading import random_weights_warning
     from pipeline.pair import explain_pair
     from pipeline.quality import empty_pair_maps_warning, residual_warning

@@ -223,7 +223,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
     data: dict = {}
     if path is not None:
         try:
-            data = load_yaml(Path(path).read_text()) or {}
+            data = load_yaml(Path(path).read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"cannot read config {path}: not UTF-8 text (byte {error.start}); a config is a YAML "
+                              "file, saved as UTF-8") from error
         except (OSError, yaml.YAMLError) as error:
             raise ConfigError(f"cannot read config {path}: {one_line(error)}") from error
         if not isinstance(data, dict):

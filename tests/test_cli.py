@@ -31,10 +31,10 @@ def smooth_picture(rng: np.random.Generator, width: int, height: int) -> Image.I
 
 def test_explain_writes_a_readable_png(tmp_path: Path, rng) -> None:
     smooth_picture(rng, 320, 240).save(tmp_path / "query.jpg", quality=90)
-    smooth_picture(rng, 160, 224).save(tmp_path / "reference.png")
+    smooth_picture(rng, 160, 224).save(tmp_path / "réf erence.png")
     out = tmp_path / "pair.png"
-    done = subprocess.run(
-        [*SFAM, "explain", str(tmp_path / "query.jpg"), str(tmp_path / "reference.png"),
+    done = subprocess.run(  # a file URI, percent-escaped (as the result table's are): read as the job reads it
+        [*SFAM, "explain", str(tmp_path / "query.jpg"), (tmp_path / "réf erence.png").as_uri(),
          "--model", "{arch: resnet18, embedding_dim: 32, input_size: 128}", "-o", str(out)],
         capture_output=True, text=True, timeout=300,
     )

@@ -99,6 +99,13 @@ def test_unreadable_config(tmp_path) -> None:
         load_config(tmp_path / "nowhere.yaml")
 
 
+def test_a_config_not_in_utf8_is_named(tmp_path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes("run_id: café\n".encode("latin-1"))  # an editor's legacy encoding; or a binary file
+    with pytest.raises(ConfigError, match=r"cannot read config .*cfg.yaml: not UTF-8 text \(byte 11\)"):
+        load_config(path)
+
+
 def test_broken_yaml_is_one_line(tmp_path) -> None:
     path = tmp_path / "cfg.yaml"
     path.write_text("manifest: [a\nmodel: {arch: x\n")

@@ -235,7 +235,9 @@ def _open(data: bytes, uri: str, max_pixels: int) -> Image.Image:
         raise
     width, height = img.size
     if width * height > max_pixels:
-        raise ImageDecodeError(uri, f"too many pixels: {width}x{height} exceeds max_image_pixels={max_pixels}")
+        raise ImageDecodeError(uri, f"too many pixels: {width}x{height} exceeds max_image_pixels={max_pixels} (a "
+                                    "setting of the job's config; sfam explain takes it as --config CONFIG --set "
+                                    "max_image_pixels=N)")
     return img
 
 

@@ -81,6 +81,18 @@ class ModelSpec(BaseModel):
         """The input size as people write it: `224 x 224 px`."""
         return "{} x {} px".format(*self.input_hw)
 
+    @field_validator("weights_sha256", mode="before")
+    @classmethod
+    def _lower_case_digest(cls, value: object) -> object:
+        """A digest as sha256sum prints it, or in capitals as Windows' Get-FileHash does."""
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _one_value_for_every_channel(cls, value: object) -> object:
+        """A single number (SigLIP's 0.5) stands for all three channels."""
+        return (value,) * 3 if isinstance(value, int | float) and not isinstance(value, bool) else value
+
     @field_validator("input_size")
     @classmethod
     def _sides_in_range(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import get_args
 
+import pytest
+from pydantic import ValidationError
+
 from pipeline.explain import layout, metrics, sfam
 from pipeline.models import spec
 
@@ -12,3 +15,19 @@ def test_the_spec_names_what_the_explainer_takes() -> None:
     assert get_args(spec.Metric) == get_args(metrics.Metric)
     assert get_args(spec.Weighting) == get_args(sfam.Weighting)
     assert get_args(spec.LayoutName) == get_args(layout.LayoutName)
+
+
+def test_a_digest_in_capitals_is_read_as_sha256sum_prints_it() -> None:
+    digest = "AB" * 32  # Windows' Get-FileHash prints capitals
+    assert spec.ModelSpec(arch="resnet18", weights_sha256=f" {digest}\n").weights_sha256 == digest.lower()
+    with pytest.raises(ValidationError, match="weights_sha256"):
+        spec.ModelSpec(arch="resnet18", weights_sha256="AB" * 31)
+
+
+def test_one_number_normalises_every_channel() -> None:
+    model = spec.ModelSpec(arch="resnet18", mean=0.5, std=0.5)  # SigLIP's normalisation
+    assert model.mean == (0.5, 0.5, 0.5) and model.std == (0.5, 0.5, 0.5)
+    with pytest.raises(ValidationError, match="std"):
+        spec.ModelSpec(arch="resnet18", std=0)
+    with pytest.raises(ValidationError, match="mean"):
+        spec.ModelSpec(arch="resnet18", mean=True)
