@@ -134,15 +134,12 @@ class IcebergStore(ResultsStore):
             raise UserError(f"the Iceberg table {self.identifier} was opened to read, not to commit")
         self.overwrite_run(self, layout)
 
-    def read(self, run_id: str, columns: list[str] | None = None, pair_ids: list[str] | None = None) -> pa.Table:
+    def _read(self, run_id: str, attempt: str, columns: list[str] | None, pair_ids: list[str] | None) -> pa.Table:
         """The rows of the attempt that `_SUCCESS` names, from the newest snapshot that holds them: an
         attempt stopped between its snapshot and its `_SUCCESS` has replaced them in the current one."""
         from pyiceberg.expressions import And, EqualTo, In
 
         where_run = run_dir_uri(self.output, run_id)
-        attempt = self.committed_attempt(run_id)
-        if attempt is None:
-            raise StorageError(where_run, "no committed rows: the run has not succeeded")
         if self._table_format(run_id) == "hive":  # before looking through every snapshot for it
             raise StorageError(where_run, f"no rows in the Iceberg table {self.identifier}; the run's record says "
                                "table.format: hive: read it without the config's table section")

@@ -140,8 +140,15 @@ class ResultsStore:
                         layout.run_id, error)
 
     def read(self, run_id: str, columns: list[str] | None = None, pair_ids: list[str] | None = None) -> pa.Table:
-        """A committed run's rows, with run_id and run_date. Of `columns`, those the run has: runs
-        may lack optional ones (label, the box columns, the manifest's own)."""
+        """A committed run's rows (those of `pair_ids`, where given), with run_id and run_date. Of
+        `columns`, those the run has: runs may lack optional ones (label, the box columns, the manifest's own)."""
+        attempt = self.committed_attempt(run_id)
+        if attempt is None:
+            raise StorageError(run_dir_uri(self.output, run_id), "no committed rows: the run has not succeeded")
+        return self._read(run_id, attempt, columns, pair_ids)
+
+    def _read(self, run_id: str, attempt: str, columns: list[str] | None, pair_ids: list[str] | None) -> pa.Table:
+        """read's rows of the committed `attempt` (the format's own step)."""
         raise NotImplementedError
 
     def _publish(self, layout: RunLayout) -> None:
@@ -183,12 +190,9 @@ class HiveParquetStore(ResultsStore):
         super().__init__(output, options)
         self.root = join_uri(output, "results")
 
-    def _run_dataset(self, run_id: str) -> pds.Dataset:
+    def _run_dataset(self, run_id: str, attempt: str) -> pds.Dataset:
         """The committed attempt's parts of the run, over their unified schema: the table's first
         file says nothing about this run's columns."""
-        attempt = self.committed_attempt(run_id)
-        if attempt is None:
-            raise StorageError(run_dir_uri(self.output, run_id), "no committed rows: the run has not succeeded")
         pattern = join_uri(self.root, "run_date=*", f"run_id={run_id}", f"{part_prefix(attempt)}*.parquet")
         parts = [filesystem(uri, self.options)[1] for uri in glob(pattern, self.options, under=self.root)]
         if not parts:
@@ -223,8 +227,8 @@ class HiveParquetStore(ResultsStore):
                 remove_tree(part, self.options)
         super()._remove_other_attempts(layout)
 
-    def read(self, run_id: str, columns: list[str] | None = None, pair_ids: list[str] | None = None) -> pa.Table:
-        dataset = self._run_dataset(run_id)
+    def _read(self, run_id: str, attempt: str, columns: list[str] | None, pair_ids: list[str] | None) -> pa.Table:
+        dataset = self._run_dataset(run_id, attempt)
         names = set(dataset.schema.names)
         present = None if columns is None else [c for c in columns if c in names]
         where = None if pair_ids is None else pds.field("pair_id").isin(pair_ids)
