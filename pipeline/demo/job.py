@@ -88,8 +88,8 @@ def _check_replaces_only_the_demo(output: str, root: Path, settings: dict, confi
     if data.is_dir() and any(data.iterdir()):
         written = _written_settings(data / SETTINGS_FILE)
         if written != settings:
-            held = ("files the demo did not write" if written is None
-                    else f"a demo of {written.get('queries')} queries x top-{written.get('top_k')}")
+            held = (f"files without the demo's {SETTINGS_FILE} (of your own, or a demo of an earlier version)"
+                    if written is None else f"a demo of {written.get('queries')} queries x top-{written.get('top_k')}")
             raise ConfigError(f"--output {output}: {data} holds {held}, which runs under {root / 'audits'} may "
                               "have read; the demo would replace them: choose another --output"
                               + ("" if written is None else ", or the same --queries and --top-k"))

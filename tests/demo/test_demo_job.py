@@ -33,7 +33,7 @@ def _files(root) -> dict[str, bytes]:
 @pytest.mark.parametrize(("prepare", "named"), [
     (lambda root: write_demo_audit(str(root), queries=3, top_k=2), "holds a demo of 3 queries x top-2"),
     (lambda root: (root / "data").mkdir() or (root / "data" / "pairs.parquet").write_bytes(b"mine"),
-     "holds files the demo did not write"),
+     "holds files without the demo's demo.json"),
     (lambda root: (root / "audit.yaml").write_text("run_id: mine\n"), "audit.yaml is not the demo's config"),
 ])
 def test_demo_refuses_to_replace_what_it_did_not_write(tmp_path, prepare, named) -> None:
