@@ -42,7 +42,7 @@ import torch
 
 from jobs.bench_common import local_ray, machine, synchronize, write_manifest, write_top_k_audit
 from jobs.bench_stages import photo_jpeg
-from jobs.benchmark_report import BENCHMARKS, parse_benchmark_args, verdict, write_section
+from jobs.benchmark_report import BENCHMARKS, markdown, parse_benchmark_args, verdict, write_section
 from jobs.tiny_model import tiny_spec
 from pipeline.config import MAX_IMAGE_PIXELS, JobConfig
 from pipeline.io.images import decode_pictures
@@ -444,14 +444,12 @@ def rounds_table(rounds: list[Round], on_gpu: bool, tiny_model: bool) -> str:
     with their targets: decode-only's with the tiny model, explain-only's (times the GPUs the job
     used) on a GPU."""
     explain_where = "GPU" if on_gpu else "CPU"
-    lines = [f"| round | decode-only, 1 process | explain-only, 1 process ({explain_where}) | whole job (run_audit) "
-             "| job, steady state | steady: CPU cores busy | job: first result after | job: CPU until then |",
-             "|---|---|---|---|---|---|---|---|"]
-    for number, r in enumerate(rounds, start=1):
-        job = r.job
-        lines.append(f"| {number} | {r.decode:,.0f} pairs/s | {r.explain:,.0f} pairs/s | {job.pairs_per_second:,.1f} pairs/s "
-                     f"| {r.steady_rate:,.0f} pairs/s | {r.steady_cores:.1f} "
-                     f"| {job.first_result:.1f} s | {job.startup_cpu():.1f} s |")
+    per_round = markdown(
+        ["round", "decode-only, 1 process", f"explain-only, 1 process ({explain_where})", "whole job (run_audit)",
+         "job, steady state", "steady: CPU cores busy", "job: first result after", "job: CPU until then"],
+        [[str(number), f"{r.decode:,.0f} pairs/s", f"{r.explain:,.0f} pairs/s", f"{r.job.pairs_per_second:,.1f} pairs/s",
+          f"{r.steady_rate:,.0f} pairs/s", f"{r.steady_cores:.1f}", f"{r.job.first_result:.1f} s",
+          f"{r.job.startup_cpu():.1f} s"] for number, r in enumerate(rounds, start=1)])
 
     def median(name: str) -> float:
         return statistics.median(getattr(r, name) for r in rounds)
@@ -462,25 +460,23 @@ def rounds_table(rounds: list[Round], on_gpu: bool, tiny_model: bool) -> str:
               ("job in steady state ÷ decode-only", median("steady_ratio"), decode_target),
               ("whole job ÷ explain-only", median("whole_explain_ratio"), None),
               ("job in steady state ÷ explain-only", median("steady_explain_ratio"), explain_target)]
-    lines += ["", "| ratio (median over rounds, pairs/s) | value | target | |", "|---|---|---|---|"]
-    lines += [f"| {name} | {value:.2f} | {'' if target is None else f'>= {target}'} | {verdict(None if target is None else value >= target)} |"
-              for name, value, target in ratios]
-    return "\n".join(lines)
+    medians = markdown(["ratio (median over rounds, pairs/s)", "value", "target", ""],
+                       [[name, f"{value:.2f}", "" if target is None else f">= {target}",
+                         verdict(None if target is None else value >= target)] for name, value, target in ratios])
+    return f"{per_round}\n\n{medians}"
 
 
 def startup_table(fresh: JobRun, rounds: list[Round]) -> str:
     """Where the time before the first result file goes: in the run on a fresh Ray (the warm-up,
     which starts Ray's task workers, as every job on a new cluster does) and in each round's full run."""
-    lines = ["| run | pre-flight check (driver) | then Ray Data starts the actors, until one runs a batch "
-             "| then until the first result file | first result after | CPU until then, all processes |",
-             "|---|---|---|---|---|---|"]
     runs = [("on a fresh Ray (the warm-up, half the manifest)", fresh),
             *((f"round {number}", r.job) for number, r in enumerate(rounds, start=1))]
-    for name, job in runs:
-        preflight = job.summary.preflight_seconds
-        lines.append(f"| {name} | {preflight:.1f} s | {job.first_batch - preflight:.1f} s "
-                     f"| {job.first_result - job.first_batch:.1f} s | {job.first_result:.1f} s | {job.startup_cpu():.1f} s |")
-    return "\n".join(lines)
+    return markdown(
+        ["run", "pre-flight check (driver)", "then Ray Data starts the actors, until one runs a batch",
+         "then until the first result file", "first result after", "CPU until then, all processes"],
+        [[name, f"{job.summary.preflight_seconds:.1f} s", f"{job.first_batch - job.summary.preflight_seconds:.1f} s",
+          f"{job.first_result - job.first_batch:.1f} s", f"{job.first_result:.1f} s", f"{job.startup_cpu():.1f} s"]
+         for name, job in runs])
 
 
 def steady_ms_per_pair(measured: Round) -> dict[str, float]:
@@ -497,30 +493,29 @@ def breakdown_table(stages: StageCosts, measured: Round, batch_size: int) -> str
     """CPU ms per pair: each stage in one process, then the job's steady state by process group."""
     per_pair = steady_ms_per_pair(measured)
     stage_sum, job_sum = sum(stages.ms_per_pair.values()), sum(per_pair.values())
-    lines = ["| where (CPU time per pair) | ms/pair |", "|---|---|"]
-    lines += [f"| {name} | {ms:.2f} |" for name, ms in stages.ms_per_pair.items()]
-    lines += [f"| **the stages in one process** ({stages.overlays} overlays for {stages.pairs} pairs) | **{stage_sum:.2f}** |",
-              f"| **the whole job, steady state, all processes** (the second half's {measured.steady_rows} pairs in "
-              f"{measured.steady_seconds:.1f} s) | **{job_sum:.2f}** |"]
-    lines += [f"| &nbsp;&nbsp;{group} | {per_pair.get(group, 0.0):.2f} |" for group in (WORKERS, DRIVER, RAY)]
     overhead = ray_overhead(stages, measured)
-    lines += [f"| **Ray's overhead: the job less its stages** | **{overhead:.2f}** ({overhead * batch_size:.0f} ms "
-              f"per batch of {batch_size}) |"]
-    return "\n".join(lines)
+    return markdown(["where (CPU time per pair)", "ms/pair"], [
+        *([name, f"{ms:.2f}"] for name, ms in stages.ms_per_pair.items()),
+        [f"**the stages in one process** ({stages.overlays} overlays for {stages.pairs} pairs)", f"**{stage_sum:.2f}**"],
+        [f"**the whole job, steady state, all processes** (the second half's {measured.steady_rows} pairs in "
+         f"{measured.steady_seconds:.1f} s)", f"**{job_sum:.2f}**"],
+        *([f"&nbsp;&nbsp;{group}", f"{per_pair.get(group, 0.0):.2f}"] for group in (WORKERS, DRIVER, RAY)),
+        ["**Ray's overhead: the job less its stages**",
+         f"**{overhead:.2f}** ({overhead * batch_size:.0f} ms per batch of {batch_size})"],
+    ])
 
 
 def projection_table(stages: StageCosts, measured: Round) -> str:
     """CPU cores that keep a GPU busy, from this run's CPU costs per pair and each model's GPU pairs/s."""
     cpu = stages.ms_per_pair
     feeding = cpu[DECODE] + cpu[FETCH_REST] + cpu[RENDER] + cpu[WRITE] + ray_overhead(stages, measured)
-    lines = [f"| model at 224 px | GPU pairs/s, SFAM in one process (on the GPU named) | CPU ms per pair: fetch, render, write, Ray | cores for "
-             f"{GPU_BUSY:.0%} busy | explain actors' own CPU ({cpu[EXPLAIN]:.2f} ms per pair at most): cores |",
-             "|---|---|---|---|---|"]
+    rows = []
     for model, (rate, source) in GPU_PAIRS_PER_SECOND.items():
-        busy = GPU_BUSY * rate / 1000
-        lines.append(f"| {model} | {rate:,.0f} ({source}) | {feeding:.2f} | {busy * feeding:.1f} "
-                     f"| {busy * cpu[EXPLAIN]:.1f} |")
-    return "\n".join(lines)
+        busy = GPU_BUSY * rate / 1000  # pairs per ms at the target utilisation
+        rows.append([model, f"{rate:,.0f} ({source})", f"{feeding:.2f}", f"{busy * feeding:.1f}", f"{busy * cpu[EXPLAIN]:.1f}"])
+    return markdown(["model at 224 px", "GPU pairs/s, SFAM in one process (on the GPU named)",
+                     "CPU ms per pair: fetch, render, write, Ray", f"cores for {GPU_BUSY:.0%} busy",
+                     f"explain actors' own CPU ({cpu[EXPLAIN]:.2f} ms per pair at most): cores"], rows)
 
 
 def section(command: str, args: argparse.Namespace, audit: Audit, fresh: JobRun, rounds: list[Round],

@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from jobs.bench_common import Work, interleaved_seconds
-from jobs.benchmark_report import BENCHMARKS, cpu_name, parse_benchmark_args, write_section
+from jobs.benchmark_report import BENCHMARKS, cpu_name, markdown, parse_benchmark_args, write_section
 from pipeline.config import MAX_IMAGE_PIXELS
 from pipeline.io.images import decode_image, decode_jpegs, decode_pictures, display_image, resize_for_model, torchvision_jpeg
 from pipeline.render import render_pair_png
@@ -164,22 +164,20 @@ def render_rows(pairs: list[tuple[bytes, bytes]], overlay: Overlay, repeats: int
     return [Row(name, value, size / len(pairs) / 1024) for (name, value), size in zip(ms.items(), sizes)]
 
 
-def pairs_per_second(rows: list[Row]) -> list[str]:
-    return [f"| single process, {row.name.split(': ', 1)[1]} | {1000 / row.ms:,.0f} | pairs/s |"
-            for row in rows]
-
-
 def table(decode: list[Row], renders: dict[Overlay, list[Row]], gpu_decode: list[GpuRow]) -> str:
-    lines = ["| measurement (per pair or per overlay) | CPU ms | KiB |", "|---|---|---|"]
-    lines += [f"| {row.name} | {row.ms:.2f} | |" for row in decode]
-    for overlay, rows in renders.items():
-        lines += [f"| {row.name}; {overlay} | {row.ms:.2f} | {row.kb:,.0f} |" for row in rows]
+    parts = [markdown(["measurement (per pair or per overlay)", "CPU ms", "KiB"],
+                      [[row.name, f"{row.ms:.2f}", ""] for row in decode]
+                      + [[f"{row.name}; {overlay}", f"{row.ms:.2f}", f"{row.kb:,.0f}"]
+                         for overlay, rows in renders.items() for row in rows])]
     if decode:
-        lines += ["", "| throughput (1 core) | value | unit |", "|---|---|---|", *pairs_per_second(decode)]
+        parts.append(markdown(["throughput (1 core)", "value", "unit"],
+                              [[f"single process, {row.name.split(': ', 1)[1]}", f"{1000 / row.ms:,.0f}", "pairs/s"]
+                               for row in decode]))
     if gpu_decode:
-        lines += ["", f"| on {torch.cuda.get_device_name()} (per pair) | wall ms | CPU ms | pairs/s |", "|---|---|---|---|"]
-        lines += [f"| {row.name} | {row.wall_ms:.2f} | {row.cpu_ms:.2f} | {1000 / row.wall_ms:,.0f} |" for row in gpu_decode]
-    return "\n".join(lines)
+        parts.append(markdown([f"on {torch.cuda.get_device_name()} (per pair)", "wall ms", "CPU ms", "pairs/s"],
+                              [[row.name, f"{row.wall_ms:.2f}", f"{row.cpu_ms:.2f}", f"{1000 / row.wall_ms:,.0f}"]
+                               for row in gpu_decode]))
+    return "\n\n".join(parts)
 
 
 def section(command: str, args: argparse.Namespace, report: str) -> str:
