@@ -45,7 +45,7 @@ from jobs.bench_common import (
     resolve,
     write_top_k_audit,
 )
-from jobs.benchmark_report import BENCHMARKS, parse_benchmark_args, verdict, write_section
+from jobs.benchmark_report import BENCHMARKS, markdown, parse_benchmark_args, verdict, write_section
 from pipeline import SFAM
 from pipeline.config import JobConfig
 from pipeline.io.images import decode_image, resize_for_model, to_model_tensor
@@ -289,19 +289,19 @@ def number(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
-def rate_row(name: str, rate: Rate, unit: str) -> str:
-    return f"| {name} | {number(rate.median)} | {number(rate.low)} – {number(rate.high)} | {unit} |"
+def rate_row(name: str, rate: Rate, unit: str) -> list[str]:
+    return [name, number(rate.median), f"{number(rate.low)} – {number(rate.high)}", unit]
 
 
-def ratio_row(name: str, value: float, target: str, met: bool | None) -> str:
-    return f"| {name} | {value:.2f} | {target} | {verdict(met)} |"
+def ratio_row(name: str, value: float, target: str, met: bool | None) -> list[str]:
+    return [name, f"{value:.2f}", target, verdict(met)]
 
 
 def path_name(explainer: SFAM) -> str:
     return "fast path" if explainer.is_affine else "generic path"
 
 
-def arch_lines(arch: InProcess, rates: dict[str, Rate]) -> list[str]:
+def arch_lines(arch: InProcess, rates: dict[str, Rate]) -> list[list[str]]:
     layer = f"{arch.arch}; `{arch.explainer.target_layer}`"
     sfam = f"{layer}, {path_name(arch.explainer)}"
     where = {BARE: arch.arch, SFAM_ROW: sfam, MATCHED_ROW: sfam, GRADCAM: layer}
@@ -310,7 +310,7 @@ def arch_lines(arch: InProcess, rates: dict[str, Rate]) -> list[str]:
             for row in (BARE, SFAM_ROW, MATCHED_ROW, GRADCAM) if label(row, arch.arch) in rates]
 
 
-def arch_ratios(arch: InProcess, rates: dict[str, Rate]) -> list[str]:
+def arch_ratios(arch: InProcess, rates: dict[str, Rate]) -> list[list[str]]:
     sfam, matched, bare, gradcam = (rates[label(row, arch.arch)].median for row in (SFAM_ROW, MATCHED_ROW, BARE, GRADCAM))
     fast = bool(arch.explainer.is_affine)
     return [
@@ -324,34 +324,28 @@ def arch_ratios(arch: InProcess, rates: dict[str, Rate]) -> list[str]:
 
 def table(args: argparse.Namespace, archs: list[InProcess], rates: dict[str, Rate], job: JobResult | None) -> str:
     compared = [arch for arch in archs if label(GRADCAM, arch.arch) in rates]
-    lines = [
-        f"| measurement ({args.size} px, batch {args.batch}; median of {args.repeats} interleaved rounds) "
-        "| median | slowest – fastest | unit |",
-        "|---|---|---|---|",
-        *(line for arch in archs for line in arch_lines(arch, rates)),
-    ]
+    measured = [row for arch in archs for row in arch_lines(arch, rates)]
+    ratios = [row for arch in compared for row in arch_ratios(arch, rates)]
     if job is not None:
-        job_model = f"{job.arch} at {args.size} px"
         summary = job.summary
-        lines += [
-            f"| {JOB} ({job_model}, {summary.pairs} pairs, {job.actors} actor(s), batch {args.batch}) "
-            f"| {number(summary.pairs_per_second)} | one run, {summary.wall_seconds:.0f} s | pairs/s |",
-            f"| {FORWARDS} | {summary.forward_passes_per_pair:.3f} | | forwards/pair |",
-            f"| {DRIVER_RSS} (ru_maxrss, read right after the job) | {mib(job.driver_peak_bytes)} | | MiB |",
-            f"| {WORKER_RSS} ({_largest_worker(job.workers)[0]}) | {mib(_largest_worker(job.workers)[1])} | | MiB |",
-            f"| {WORKERS_RSS} (sum over processes, polled every {job.workers.interval_s} s) "
-            f"| {mib(job.workers.peak_total)} | | MiB |",
+        measured += [
+            [f"{JOB} ({job.arch} at {args.size} px, {summary.pairs} pairs, {job.actors} actor(s), batch {args.batch})",
+             number(summary.pairs_per_second), f"one run, {summary.wall_seconds:.0f} s", "pairs/s"],
+            [FORWARDS, f"{summary.forward_passes_per_pair:.3f}", "", "forwards/pair"],
+            [f"{DRIVER_RSS} (ru_maxrss, read right after the job)", mib(job.driver_peak_bytes), "", "MiB"],
+            [f"{WORKER_RSS} ({_largest_worker(job.workers)[0]})", mib(_largest_worker(job.workers)[1]), "", "MiB"],
+            [f"{WORKERS_RSS} (sum over processes, polled every {job.workers.interval_s} s)",
+             mib(job.workers.peak_total), "", "MiB"],
         ]
-    lines += ["", "| ratio | value | target | |", "|---|---|---|---|",
-              *(line for arch in compared for line in arch_ratios(arch, rates))]
-    if job is not None:
-        whole = job.summary.pairs_per_second / rates[label(SFAM_ROW, job.arch)].median
-        forwards = job.summary.forward_passes_per_pair
-        lines += [
+        whole = summary.pairs_per_second / rates[label(SFAM_ROW, job.arch)].median
+        forwards = summary.forward_passes_per_pair
+        ratios += [
             ratio_row(f"whole job ÷ in-process SFAM ({job.arch}, pairs/s)", whole, ">= 0.6", whole >= 0.6),
             ratio_row("job forward passes per pair", forwards, "<= 1.2", forwards <= 1.2),
         ]
-    return "\n".join(lines)
+    header = f"measurement ({args.size} px, batch {args.batch}; median of {args.repeats} interleaved rounds)"
+    return (markdown([header, "median", "slowest – fastest", "unit"], measured) + "\n\n"
+            + markdown(["ratio", "value", "target", ""], ratios))
 
 
 def _largest_worker(workers: WorkerMemory) -> tuple[str, int]:

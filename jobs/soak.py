@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from jobs.bench_common import local_ray, machine
 from jobs.bench_job import DRIVER, RAY, WORKERS, JobRun, ProcessMonitor, job_config, run_job, write_audit
-from jobs.benchmark_report import BENCHMARKS, parse_benchmark_args, write_section
+from jobs.benchmark_report import BENCHMARKS, markdown, parse_benchmark_args, write_section
 from jobs.tiny_model import tiny_spec
 
 SECTION = "## Scale soak"
@@ -72,11 +72,10 @@ def distinct_pairs(output: Path, attempt: str) -> int:
 
 
 def table(rows: list[Chunk], chunk: int) -> str:
-    lines = [f"| pairs written | seconds for these {chunk:,} | driver USS (MiB) | {WORKERS} USS (MiB) "
-             f"| {RAY} USS (MiB) |", "|---|---|---|---|---|"]
-    lines += [f"| {c.pairs:,} | {c.seconds:.1f} | {c.uss_mib[DRIVER]:,.0f} | {c.uss_mib[WORKERS]:,.0f} "
-              f"| {c.uss_mib[RAY]:,.0f} |" for c in rows]
-    return "\n".join(lines)
+    return markdown(["pairs written", f"seconds for these {chunk:,}", "driver USS (MiB)", f"{WORKERS} USS (MiB)",
+                     f"{RAY} USS (MiB)"],
+                    [[f"{c.pairs:,}", f"{c.seconds:.1f}", f"{c.uss_mib[DRIVER]:,.0f}", f"{c.uss_mib[WORKERS]:,.0f}",
+                      f"{c.uss_mib[RAY]:,.0f}"] for c in rows])
 
 
 def summary_lines(run: JobRun, manifest_rows: int, distinct: int, rows: list[Chunk]) -> list[str]:
