@@ -149,7 +149,7 @@ class Comparison:
             "failed in A or B": count_true(pc.and_not(same, compared)),
             "with maps not comparable": count_true(pc.invert(pc.fill_null(self.pairs["map_comparable"], True))),
             "with a constant map": count_true(pc.and_(pc.fill_null(self.pairs["map_comparable"], False),
-                                                  pc.is_null(self.pairs["map_correlation"]))),
+                                                      pc.is_null(self.pairs["map_correlation"]))),
         }
 
     def view(self, listed: int = LISTED) -> ComparisonView:
