@@ -327,13 +327,13 @@ def table(args: argparse.Namespace, archs: list[InProcess], rates: dict[str, Rat
     measured = [row for arch in archs for row in arch_lines(arch, rates)]
     ratios = [row for arch in compared for row in arch_ratios(arch, rates)]
     if job is not None:
-        summary = job.summary
+        summary, (largest_worker, largest_rss) = job.summary, _largest_worker(job.workers)
         measured += [
             [f"{JOB} ({job.arch} at {args.size} px, {summary.pairs} pairs, {job.actors} actor(s), batch {args.batch})",
              number(summary.pairs_per_second), f"one run, {summary.wall_seconds:.0f} s", "pairs/s"],
             [FORWARDS, f"{summary.forward_passes_per_pair:.3f}", "", "forwards/pair"],
             [f"{DRIVER_RSS} (ru_maxrss, read right after the job)", mib(job.driver_peak_bytes), "", "MiB"],
-            [f"{WORKER_RSS} ({_largest_worker(job.workers)[0]})", mib(_largest_worker(job.workers)[1]), "", "MiB"],
+            [f"{WORKER_RSS} ({largest_worker})", mib(largest_rss), "", "MiB"],
             [f"{WORKERS_RSS} (sum over processes, polled every {job.workers.interval_s} s)",
              mib(job.workers.peak_total), "", "MiB"],
         ]

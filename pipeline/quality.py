@@ -80,7 +80,7 @@ def empty_maps_warning(ok_rows: pa.Table) -> str | None:
 def boxes_outside_warning(ok_rows: pa.Table) -> str | None:
     """How many ok rows have a box wholly outside their image (their localisation is null), or None."""
     outside = {side: count_true(pc.and_(pc.and_(pc.is_valid(ok_rows[f"{side}_bbox"]), pc.is_valid(ok_rows[f"{side}_peak_xy"])),
-                                        pc.is_null(ok_rows[f"{side}_energy_in_box"])))
+                                           pc.is_null(ok_rows[f"{side}_energy_in_box"])))
                for side in SIDES if f"{side}_bbox" in ok_rows.column_names}
     if not any(outside.values()):
         return None

@@ -41,12 +41,12 @@ def run_demo(output: str, queries: int, top_k: int) -> int:
     """Builds the demo audit under `output` (write_demo_audit) and runs it (audits/)."""
     started = time.time()
     config, config_path = write_demo_audit(output, queries, top_k)
-    root = Path(output).resolve()
     with local_cluster():
         summary = run_audit(config)  # AuditFailed reaches the command line: exit 1
     print("\n".join(summary.lines()))
     print("\nDuckDB over the result table:")
-    print(duckdb.sql(LABEL_QUERY.format(results=root / "audits" / "results", runs=root / "audits" / "runs", run_id=RUN_ID)))
+    audits = Path(config.output)
+    print(duckdb.sql(LABEL_QUERY.format(results=audits / "results", runs=audits / "runs", run_id=RUN_ID)))
     report = write_report(config.output, RUN_ID, StorageOptions())
     print(f"report: {report}")
     print(f"config: {config_path}")

@@ -22,8 +22,7 @@ class RenderResults:
         self.storage_options = storage_options
 
     def _render(self, batch: pa.Table, row: int) -> str:
-        displays = {side: display_at(batch, side, row)
-                    for side in SIDES}
+        displays = {side: display_at(batch, side, row) for side in SIDES}
         sizes = {side: tuple(batch.column(f"_{side}_size")[row].as_py()) for side in SIDES}
         columns = [c for c in OVERLAY_COLUMNS if c in batch.column_names]
         values = {name: batch.column(name)[row].as_py() for name in columns}

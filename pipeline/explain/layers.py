@@ -1,4 +1,4 @@
-"""Finding modules by name and reading / replacing their outputs with forward hooks."""
+"""Finding modules by name, reading / replacing their outputs with forward hooks, and the model's dtype."""
 
 from __future__ import annotations
 

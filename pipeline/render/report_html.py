@@ -99,8 +99,8 @@ def _card(row: Row, href: str | None) -> str:
     similarity, rank = _similarity(row), finite_number(row.get("rank"))
     details = {"rank": number_or_dash(rank, ".0f"), "score": number_or_dash(row.get("score"), ".4g")}
     if _localised(row):
-        details["in box"] = " · ".join(f"{side[0]} {number_or_dash(row.get(f'{side}_energy_in_box'), '.0%')}"
-                                       for side in ("query", "reference"))
+        details["in box"] = (f"q {number_or_dash(row.get('query_energy_in_box'), '.0%')} · "
+                             f"r {number_or_dash(row.get('reference_energy_in_box'), '.0%')}")
         details["pointing"] = f"q {_hit(row.get('query_pointing_hit'))} · r {_hit(row.get('reference_pointing_hit'))}"
     badges = f'<span class="badge lab-{_label_key(label)}">{LABEL_NAMES[label]}</span>'
     if status == "error":
@@ -169,11 +169,8 @@ def _figures(ok: Sequence[Row], errors: Sequence[Row], total: int) -> str:
 
 def _histogram(ok: Sequence[Row]) -> str:
     colours = {1: "#1f77b4", 0: "#d62728", None: "#9a9a9a"}
-    return histogram_svg([Series(_series_name(label), colours[label], _similarities(ok, label)) for label in (1, 0, None)])
-
-
-def _series_name(label: int | None) -> str:
-    return LABEL_NAMES[label] + (" label" if label is not None else "")
+    names = {1: "same label", 0: "different label", None: "unlabelled"}
+    return histogram_svg([Series(names[label], colours[label], _similarities(ok, label)) for label in (1, 0, None)])
 
 
 def _ranked(rows: Sequence[Row], key: Callable[[Row], float | None], *, descending: bool) -> list[Row]:

@@ -32,5 +32,5 @@ def test_a_model_without_weights_is_a_warning_of_the_run(tmp_path) -> None:
         summary = summarise(staged_rows(), layout, config, time.time() - 2, time.time() - 1, 0.0)
         expected = random_weights_warning(config.model)
         assert (expected is not None) == warned
-        assert (expected in summary.warnings) == warned
+        assert (expected in summary.warnings) == warned and all(w for w in summary.warnings)
         assert (f"warning: {expected}" in summary.lines()) == warned
