@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.explain.layers import embeddings_of, find_module, hooked_output
-from pipeline.explain.metrics import Metric, check_metric, similarity
+from pipeline.explain.layers import check_choice, embeddings_of, find_module, hooked_output
+from pipeline.explain.metrics import METRICS, Metric, similarity
 
 
 def _embeddings(model: nn.Module, embedding_layer: str | None, images: torch.Tensor) -> torch.Tensor:
@@ -27,7 +27,7 @@ def gradcam_similarity(
     metric: Metric = "cosine", embedding_layer: str | None = None,
 ) -> torch.Tensor:
     """Grad-CAM maps of x for s(x, y), y's embedding held fixed: (B, h, w)."""
-    check_metric(metric)
+    check_choice("metric", metric, METRICS)
     target = find_module(model, target_layer)
     with torch.inference_mode(False), torch.enable_grad():
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Finding modules by name, reading / replacing their outputs with forward hooks, and the model's dtype."""
+"""Checking a choice among names, finding modules by name, reading / replacing their outputs with forward hooks, and the model's dtype."""
 
 from __future__ import annotations
 
@@ -13,6 +13,13 @@ from pipeline.errors import UserError, did_you_mean
 
 class ExplanationError(UserError, ValueError):
     """The model, its layers or its inputs cannot be explained as asked."""
+
+
+def check_choice(argument: str, value: str, choices: tuple[str, ...]) -> str:
+    """`value` if it is one of `choices`, or an error naming the argument and the choices."""
+    if value not in choices:
+        raise ExplanationError(f"{argument}={value!r} is not one of {', '.join(choices)}{did_you_mean(value, choices)}")
+    return value
 
 
 def parameter_dtype(model: nn.Module) -> torch.dtype:

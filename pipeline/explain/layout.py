@@ -17,7 +17,7 @@ from typing import Literal, get_args
 
 import torch
 
-from pipeline.explain.layers import ExplanationError
+from pipeline.explain.layers import ExplanationError, check_choice
 
 LayoutName = Literal["auto", "nchw", "nhwc", "tokens"]
 LAYOUTS: tuple[str, ...] = get_args(LayoutName)
@@ -58,12 +58,6 @@ class FeatureLayout:
         return self.height * self.width
 
 
-def check_layout(layout: str) -> LayoutName:
-    if layout not in LAYOUTS:
-        raise ExplanationError(f"feature_layout={layout!r} is not one of {', '.join(LAYOUTS)}")
-    return layout  # type: ignore[return-value]
-
-
 def detect_layout(
     shape: torch.Size, image_size: tuple[int, int], layout: LayoutName = "auto",
     prefix_tokens: int | None = None, prefix_hint: int | None = None, strict: bool = False,
@@ -77,7 +71,7 @@ def detect_layout(
         search); a layer that is named may have a grid that no stride gives (unpadded convolutions).
     Raises ExplanationError naming the settings to use when the shape does not fit.
     """
-    check_layout(layout)
+    check_choice("feature_layout", layout, LAYOUTS)
     dims = tuple(shape[1:])
     if len(dims) == 3 and layout in ("auto", "nchw", "nhwc"):
         fits = {kind: _fits_grid(hw, image_size) for kind, hw in (("nchw", dims[1:]), ("nhwc", dims[:2]))}

@@ -16,12 +16,6 @@ Metric = Literal["cosine", "dot", "euclidean"]
 METRICS: tuple[str, ...] = get_args(Metric)
 
 
-def check_metric(metric: str) -> Metric:
-    if metric not in METRICS:
-        raise ValueError(f"metric={metric!r} is not one of {', '.join(METRICS)}")
-    return metric  # type: ignore[return-value]
-
-
 def similarity(metric: Metric, u_x: torch.Tensor, u_y: torch.Tensor) -> torch.Tensor:
     """s(x, y) for each row: (P, D), (P, D) -> (P,)."""
     if metric == "cosine":

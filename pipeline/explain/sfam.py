@@ -46,15 +46,16 @@ from pipeline.explain.correspondence import local_embeddings, shared_evidence, t
 from pipeline.explain.head import AffineHead, has_unit_norm, measure_affine_head, per_image_scale
 from pipeline.explain.layers import (
     ExplanationError,
+    check_choice,
     embeddings_of,
     find_module,
     hooked_output,
     layer_name,
     parameter_dtype,
 )
-from pipeline.explain.layout import FeatureLayout, LayoutName, check_layout, detect_layout
+from pipeline.explain.layout import LAYOUTS, FeatureLayout, LayoutName, detect_layout
 from pipeline.explain.linearise import Linearised
-from pipeline.explain.metrics import Metric, check_metric, offset, partner_vector, similarity
+from pipeline.explain.metrics import METRICS, Metric, offset, partner_vector, similarity
 from pipeline.explain.targets import default_target_layer, influences, suggest_embedding_layer
 
 Weighting = Literal["cis", "partner", "matched"]
@@ -192,18 +193,16 @@ class SFAM:
         feature_layout: LayoutName = "auto",
         prefix_tokens: int | None = None,
     ) -> None:
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting={weighting!r} is not one of {', '.join(WEIGHTINGS)}")
         self.model = model
-        self.metric = check_metric(metric)
-        self.weighting = weighting
+        self.metric = check_choice("metric", metric, METRICS)
+        self.weighting = check_choice("weighting", weighting, WEIGHTINGS)
         self.target_layer = layer_name(model, target_layer) if target_layer is not None else None
         self.embedding_layer = layer_name(model, embedding_layer, "embedding_layer") if embedding_layer is not None else None
         own_prefix = _own_prefix_tokens(model)
         if prefix_tokens is not None and own_prefix is not None and prefix_tokens != own_prefix:
             raise ExplanationError(f"prefix_tokens={prefix_tokens} contradicts the model's own num_prefix_tokens="
                                    f"{own_prefix}: leave prefix_tokens unset for this model")
-        self._layout_settings = {"layout": check_layout(feature_layout), "prefix_tokens": prefix_tokens,
+        self._layout_settings = {"layout": check_choice("feature_layout", feature_layout, LAYOUTS), "prefix_tokens": prefix_tokens,
                                  "prefix_hint": own_prefix}
         self._target = find_module(model, self.target_layer) if self.target_layer is not None else None
         self._embedding = (

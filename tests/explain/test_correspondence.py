@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from pipeline import SFAM
 from pipeline.explain.correspondence import SHARPNESS, TOP_MATCHES
+from pipeline.explain.layers import ExplanationError
 
 from reference import CASES, Case, assert_close, assert_maps_close, double_features
 
@@ -89,7 +90,7 @@ def test_only_matched_has_correspondences_and_unknown_weightings_fail(seed: int)
     case = CASES["affine"]()
     x, y = random_pairs(2, case.input_size)
     assert SFAM(case.model, case.target_layer).explain(x, y).correspondences is None
-    with pytest.raises(ValueError, match="matched"):
+    with pytest.raises(ExplanationError, match="weighting='shared' is not one of cis, partner, matched"):
         SFAM(case.model, case.target_layer, weighting="shared")
 
 

@@ -295,8 +295,10 @@ def test_default_target_layer_and_unknown_names(seed: int) -> None:
         SFAM(model, target_layer="layer5")
     with pytest.raises(ExplanationError, match="embedding_layer 'fcc'.*fc"):
         SFAM(model, embedding_layer="fcc")
-    with pytest.raises(ValueError, match="metric"):
+    with pytest.raises(ExplanationError, match="metric='manhattan' is not one of cosine, dot, euclidean$"):
         SFAM(model, metric="manhattan")
+    with pytest.raises(ExplanationError, match="metric='cosin' .*; did you mean: cosine"):
+        SFAM(model, metric="cosin")
 
 
 def test_default_target_layer_of_small_net(seed: int) -> None:
