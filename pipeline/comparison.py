@@ -238,12 +238,13 @@ def run_record(store: ResultsStore, run_id: str) -> dict:
 
 
 def _run_info(record: dict) -> dict[str, Any]:
-    """What the page and the text say about a run."""
+    """What the page and the text say about a run; the attempt tells a page written before a re-run
+    of the run_id (a run report's "Compared with" section is not rewritten then) from the run as it is."""
     model = record.get("config", {}).get("model", {})
     weights, digest = model.get("weights"), record.get("weights_sha256")
     if weights:  # two checkpoints of one architecture differ here only
         weights = weights.rsplit("/", 1)[-1] + (f" (sha256 {digest[:12]})" if digest else "")
-    return {"run_id": record["run_id"], "model_id": record.get("model_id"), "weights": weights,
+    return {"run_id": record["run_id"], "attempt": record.get("attempt"), "model_id": record.get("model_id"), "weights": weights,
             "target_layer": record.get("target_layer"), "metric": model.get("metric"), "weighting": model.get("weighting"),
             "input_size": model.get("input_size"), "started": first_started(record)}
 

@@ -23,8 +23,8 @@ _STYLE = (  # up and down say the direction, not whether it is better: a false m
     "#comparison .up { color: #1f5fa8; } #comparison .down { color: #b35900; }"
     "#comparison .warning { background: #fff4e5; border-left: 4px solid #e67e22; padding: 4px 14px; }"
 )
-_RUN_FIELDS = (("run id", "run_id"), ("model", "model_id"), ("weights", "weights"), ("target layer", "target_layer"),
-               ("metric", "metric"), ("weighting", "weighting"), ("input size", "input_size"), ("started", "started"))
+_RUN_FIELDS = (("run id", "run_id"), ("attempt", "attempt"), ("model", "model_id"), ("weights", "weights"),
+               ("target layer", "target_layer"), ("metric", "metric"), ("weighting", "weighting"), ("input size", "input_size"), ("started", "started"))
 _FIGURES = (("mean similarity", "mean_similarity"), ("pointing hit rate (query)", "pointing_hit_rate"),
             ("energy in box (mean of query and reference)", "energy_in_box"))
 _COUNTS = (("maps not<br>comparable", "maps_not_comparable"), ("false<br>matches A", "false_matches_a"),

@@ -256,6 +256,8 @@ def test_the_later_runs_report_compares_with_the_earlier_run(runs: Runs, tmp_pat
         write_report(runs.output, run_id, OPTIONS, str(page))
     later = pages["run-b"].read_text()
     assert "Compared with run-a" in later and later.index('id="comparison"') < later.index('id="gallery"')
+    attempt_a = json.loads((Path(runs.output) / "runs" / "run-a" / "_SUCCESS").read_text())["attempt"]
+    assert "<th>attempt</th>" in later and f">{attempt_a}<" in later  # a re-run of run-a does not rewrite this page
     assert 'id="comparison"' not in pages["run-a"].read_text()  # no earlier run
     assert 'id="comparison"' not in pages["run-c"].read_text()  # another manifest
 
