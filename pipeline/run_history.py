@@ -40,8 +40,8 @@ def recorded_table(output: str, run_id: str, options: StorageOptions) -> TableCo
 
 
 def first_started(record: dict) -> str:
-    """When the run first ran: the start of its first committed attempt (a re-run of an old night
-    keeps its place among the nights), else of this attempt; an ISO-8601 UTC string."""
+    """When the run first ran: the start of its first attempt, failed ones included (a re-run of an
+    old night keeps its place among the nights); an ISO-8601 UTC string."""
     timings = record.get("timings") or {}
     return timings.get("first_started") or timings.get("started") or ""
 

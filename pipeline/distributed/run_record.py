@@ -141,10 +141,9 @@ class RunRecorder:
         self.base["timings"]["first_started"] = self._first_started()
 
     def _first_started(self) -> str:
-        """The committed run's first start, which a re-run keeps (run_history.first_started); this
-        attempt's start when nothing is committed, or its record cannot be read."""
-        if self.plan.previous_attempt is None:
-            return self.base["timings"]["started"]
+        """When the run_id first ran, which a re-run keeps (run_history.first_started): from the run's
+        record, the committed attempt's or, where none committed, the last failed attempt's (a night
+        re-run after a failure keeps its place too); this attempt's start where there is no record."""
         try:
             return first_started(read_json(self.plan.layout.run_record, self.config.storage_options))
         except StorageError:

@@ -269,6 +269,11 @@ def test_too_many_bad_rows_fail_without_success_marker(local_ray, tmp_path, rng)
     remove_tree(RunLayout(config.output, "failing", record["run_date"], record["attempt"]).staged_results_dir, options)
     report = read_bytes(write_report(config.output, "failing", options), options).decode()
     assert "This run failed" in report and '<article class="card ' not in report
+    # re-run and committed, the run keeps the failed attempt's start as when it first ran (its place among the nights)
+    run_audit(config.model_copy(update={"max_error_fraction": 1.0}))
+    committed = read_json(layout.run_record, options)
+    assert committed["status"] == "succeeded" and committed["attempt"] != record["attempt"]
+    assert committed["timings"]["first_started"] == record["timings"]["started"] < committed["timings"]["started"]
 
 
 def test_a_box_wholly_outside_its_image_has_no_localisation_and_is_named(local_ray, tmp_path, rng) -> None:
