@@ -184,16 +184,18 @@ def _default_target_layer(
 
 def _entering_first_block(modules: dict[str, nn.Module], outputs: list[Output],
                           grids: list[tuple[Output, FeatureLayout]], layout: FeatureLayout) -> str | None:
-    """A mean-pooled ViT's tokens entering its first block: the grid of `layout` after the patch
-    embedding's (the position embedding added; timm's `pos_drop`), where it comes before the first
-    block runs; else None. Only a single stack of blocks at one resolution qualifies: the model's
-    first token grid is the patch embedding's, of `layout`, and the blocks are the children of the
-    first container (Sequential, ModuleList) of two or more modules of one class that output grids of
-    `layout`. An MLP-Mixer (no position embedding: its blocks follow the patch embedding at once) or a
-    pyramid (Twins, LeViT) keeps the general rule."""
+    """A mean-pooled ViT's tokens entering its first block: the first grid of `layout` after the patch
+    embedding's (the position embedding added, register tokens joined; timm's `pos_drop`), where it
+    comes before the first block runs; else None. Only a single stack of blocks at one resolution
+    qualifies: the model's first token grid is the patch embedding's, of `layout`'s h x w (without the
+    register tokens that join after it), and the blocks are the children of the first container
+    (Sequential, ModuleList) of two or more modules of one class that output grids of `layout`. An
+    MLP-Mixer (no position embedding: its blocks follow the patch embedding at once) or a pyramid
+    (Twins, LeViT) keeps the general rule."""
     tokens = [(output, found) for output, found in grids if found.kind == "tokens"]
-    same = [output for output, found in tokens if found == layout]
-    if len(same) < 2 or tokens[0][1] != layout:
+    embedded = tokens[0][1]  # the patch embedding's grid
+    same = [output for output, found in tokens[1:] if found == layout]
+    if not same or (embedded.height, embedded.width) != (layout.height, layout.width):
         return None
     names = {name for output in same for name in output.names}
     containers = [(name, list(module.named_children())) for name, module in modules.items()
@@ -206,7 +208,7 @@ def _entering_first_block(modules: dict[str, nn.Module], outputs: list[Output],
     order = {output.name: index for index, output in enumerate(outputs)}
     started = next(index for index, output in enumerate(outputs)
                    if any(name == first_block or name.startswith(f"{first_block}.") for name in output.names))
-    return same[1].name if order[same[1].name] < started else None
+    return same[0].name if order[same[0].name] < started else None
 
 
 def suggest_embedding_layer(model: nn.Module, sample: torch.Tensor, target_layer: str) -> str | None:

@@ -123,6 +123,8 @@ def test_default_target_layer_and_layout(name: str, models: dict, seed: int) -> 
 
 @pytest.mark.parametrize(("make", "default"), [
     (lambda: timm_vit("vit_small_patch16_224", 64, global_pool="avg", class_token=False, pre_norm=True), "pos_drop"),
+    # register tokens join after the patch embedding, at pos_drop: the tokens entering the first block all the same
+    (lambda: timm_vit("vit_small_patch16_224", 64, global_pool="avg", class_token=False, reg_tokens=4), "pos_drop"),
     # no position embedding: the patch embedding's tokens enter the first block as they are
     (lambda: timm_vit("vit_small_patch16_224", 64, global_pool="avg", class_token=False, pos_embed="none"), "blocks"),
     (lambda: timm.create_model("mixer_s16_224", pretrained=False, num_classes=0, img_size=64), "norm"),  # MLP-Mixer
