@@ -79,21 +79,31 @@ def load_model(spec: ModelSpec, storage_options: StorageOptions | None = None) -
 
 def _check_patches_tile(model: nn.Module, spec: ModelSpec) -> None:
     """Refuses an input size that the model's patch embedding (a first convolution whose stride is
-    its kernel: ViTs, Swin, ConvNeXt's stem) does not cut into whole patches: the pixels past the
-    last whole patch are never seen, and the maps would be stretched over them."""
+    its kernel: ViTs, Swin, ConvNeXt's stem) and the downsampling layers after it (more such
+    convolutions: ConvNeXt's; patch merging: Swin's) do not cut into whole cells: the pixels past
+    the last whole cell are never seen (or padded), and the maps would be stretched over them."""
     name, conv = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), ("", None))
-    if conv is None or conv.kernel_size != conv.stride or conv.stride == (1, 1) or any(conv.padding):
+    if conv is None or not _cuts_patches(conv):
         return
+    downsampling = [m for m in model.modules() if m is not conv and (
+        (isinstance(m, nn.Conv2d) and _cuts_patches(m)) or "patchmerging" in type(m).__name__.lower())]
+    cell = [math.prod(m.stride[i] if isinstance(m, nn.Conv2d) else 2 for m in (conv, *downsampling)) for i in (0, 1)]
     sides = spec.input_hw
-    if all(side % patch == 0 for side, patch in zip(sides, conv.stride)):
+    if all(side % size == 0 for side, size in zip(sides, cell)):
         return
-    fits = [f"{side}" if side % patch == 0 else f"{max(side // patch, 1) * patch} or {(side // patch + 1) * patch}"
-            for side, patch in zip(sides, conv.stride)]
+    fits = [f"{side}" if side % size == 0 else f"{max(side // size, 1) * size} or {(side // size + 1) * size}"
+            for side, size in zip(sides, cell)]
     example = fits[0] if sides[0] == sides[1] else f"height {fits[0]}, width {fits[1]}"
+    cutters = f"patch embedding ({name})" + (f" and its {len(downsampling)} downsampling layers" if downsampling else "")
     raise ModelLoadError(
-        f"model.input_size {sides[0]}x{sides[1]}: the model's patch embedding ({name}) cuts the image "
-        f"into {conv.stride[0]}x{conv.stride[1]} px patches, so the pixels past the last whole patch are never seen "
-        f"and the maps would be drawn over them: use a multiple of the patch size ({example})")
+        f"model.input_size {sides[0]}x{sides[1]}: the model's {cutters} cut the image into {cell[0]}x{cell[1]} px "
+        f"cells, so the pixels past the last whole cell are never seen and the maps would be drawn over them: "
+        f"use a multiple of {cell[0] if cell[0] == cell[1] else cell} ({example})")
+
+
+def _cuts_patches(conv: nn.Conv2d) -> bool:
+    """A convolution that cuts its input into non-overlapping patches: stride = kernel > 1, no padding."""
+    return conv.kernel_size == conv.stride and conv.stride != (1, 1) and not any(conv.padding)
 
 
 def _check_whole_model(whole: nn.Module, built: nn.Module, spec: ModelSpec) -> None:

@@ -85,13 +85,27 @@ class ModelSpec(BaseModel):
     @classmethod
     def _lower_case_digest(cls, value: object) -> object:
         """A digest as sha256sum prints it, or in capitals as Windows' Get-FileHash does."""
+        if isinstance(value, int) and not isinstance(value, bool):  # YAML reads a digest of digits only as a number
+            raise ValueError("a digest of digits only reads as a number: quote it ('0123...')")
         return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("mean", "std", mode="before")
     @classmethod
     def _one_value_for_every_channel(cls, value: object) -> object:
-        """A single number (SigLIP's 0.5) stands for all three channels."""
-        return (value,) * 3 if isinstance(value, int | float) and not isinstance(value, bool) else value
+        """A single number (SigLIP's 0.5) stands for all three channels; else three, one per channel."""
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return (value,) * 3
+        if not isinstance(value, list | tuple) or len(value) != 3:
+            raise ValueError(f"three numbers (red, green, blue), or one for all three; got {value!r}")
+        return value
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _for_pixels_from_0_to_1(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(abs(channel) > 1 for channel in value):
+            raise ValueError(f"{list(value)} is on the 0-255 scale: images are read as pixels from 0 to 1, so "
+                             f"divide by 255 ({[round(channel / 255, 3) for channel in value]})")
+        return value
 
     @field_validator("input_size")
     @classmethod
@@ -119,4 +133,7 @@ class ModelSpec(BaseModel):
                 )
         if self.timm_name == "":
             raise ValueError(f"arch {self.arch!r} names no timm model; write 'timm/<model name>'")
+        if self.weights_sha256 is not None and self.weights is None:
+            raise ValueError("weights_sha256 pins a weights file, but model.weights is not set: name the file, "
+                             "or remove weights_sha256 to explain the random initialisation")
         return self

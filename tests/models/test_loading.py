@@ -360,11 +360,16 @@ def test_spec_validation_of_new_fields(fields: dict) -> None:
 
 
 @pytest.mark.parametrize(("arch", "size", "named"), [
-    ("timm/vit_tiny_patch16_224", 63, r"\(patch_embed.proj\) cuts the image into 16x16 px patches.*\(48 or 64\)"),
-    ("convnext_tiny", [64, 50], r"\(features.0.0\) cuts the image into 4x4 px patches.*\(height 64, width 48 or 52\)"),
+    ("timm/vit_tiny_patch16_224", 63, r"\(patch_embed.proj\) cut the image into 16x16 px cells.*\(48 or 64\)"),
+    # ConvNeXt's stem (4 px) and its 3 downsampling convolutions (2 px each): a 7 x 7 grid for 240 px saw 224
+    ("convnext_tiny", [64, 50], r"\(features.0.0\) and its 3 downsampling layers cut the image into 32x32 px cells.*"
+                                r"multiple of 32 \(height 64, width 32 or 64\)"),
+    # Swin's patch merging: an 8 x 8 grid for 240 px covered 256, padded
+    ("timm/swin_tiny_patch4_window7_224", 240, r"\(patch_embed.proj\) and its 3 downsampling layers cut the image "
+                                               r"into 32x32 px cells.*\(224 or 256\)"),
 ])
 def test_an_input_size_that_patches_do_not_tile_is_refused(arch: str, size: object, named: str) -> None:
     """timm built a 3 x 3 grid for 63 px that saw pixels 0-47 only, and the maps were stretched over all 63."""
     with pytest.raises(ModelLoadError, match=r"model.input_size .*" + named):
         build_model(ModelSpec(arch=arch, input_size=size))
-    build_model(ModelSpec(arch=arch, input_size=64))
+    build_model(ModelSpec(arch=arch, input_size=224 if "swin" in arch else 64))
