@@ -104,6 +104,7 @@ PAIR_COLUMNS = (
     "map_correlation_query", "map_correlation_reference", "map_correlation", "false_match_a", "false_match_b",
 )
 METRICS_DIFFER = "The runs use different metrics: their similarities and the threshold are in different units."
+MAPS_DIFFER = {"target_layer": "of different target layers", "weighting": "of different weightings"}
 REVERSED = ("Run A first ran after run B: each change is B's figure minus A's, so it reads backwards in time. "
             "Name the earlier run first.")
 OTHER_IMAGES = ("No pair is ok in both runs on the same images: every pair id of A that B has names other images in "
@@ -167,8 +168,14 @@ class Comparison:
 
     @cached_property
     def warnings(self) -> list[str]:
-        """What makes this comparison misleading: other metrics, B run before A, no pair on the same images."""
+        """What makes this comparison misleading: other metrics, maps of other layers or weightings,
+        B run before A, no pair on the same images."""
         warnings = [METRICS_DIFFER] if len({run["metric"] for run in self.runs}) > 1 else []
+        for field, what in MAPS_DIFFER.items():
+            first, second = (run[field] for run in self.runs)
+            if first != second:
+                warnings.append(f"The runs' maps are {what} (A: {first}, B: {second}): the map correlations and the "
+                                "changes of pointing and energy measure that difference, not a change of the model.")
         started_a, started_b = (_when(run["started"]) for run in self.runs)
         if started_a and started_b and started_a > started_b:
             warnings.append(REVERSED)

@@ -36,7 +36,7 @@ class ComparisonView:
     """What the HTML shows; pipeline/comparison.py builds it (`Comparison.view()`)."""
 
     runs: tuple[Mapping[str, Any], Mapping[str, Any]]  # A, B: what pipeline/comparison.py's _run_info says of each
-    warnings: Sequence[str]  # what makes the comparison misleading (other metrics, B before A, ...): trusted text
+    warnings: Sequence[str]  # what makes the comparison misleading (other metrics, B before A, ...), naming layers
     threshold: float | None
     counts: Mapping[str, int]
     summary: Sequence[Row]  # one row per label
@@ -72,7 +72,7 @@ def _runs(view: ComparisonView) -> str:
         f"<tr><th>{side}</th>" + "".join(_cell(escaped(run.get(key) or "—"), numeric=False) for _, key in _RUN_FIELDS) + "</tr>"
         for side, run in zip("AB", view.runs)
     )
-    warnings = "".join(f'<p class="warning">{warning}</p>' for warning in view.warnings)  # comparison.py's own text
+    warnings = "".join(f'<p class="warning">{escaped(warning, 2000)}</p>' for warning in view.warnings)
     return f"<table>{head}{body}</table>{warnings}"
 
 
