@@ -81,6 +81,15 @@ def _run_id(text: str) -> str:
     return text
 
 
+def _compared_run_id(text: str) -> str:
+    """_run_id for `sfam compare`'s RUN_A and RUN_B, where argparse gives RUN_A the audit's folder when
+    a run id is missing or an option comes between the folder and the run ids."""
+    if "/" in text and not RUN_ID_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a run id ({RUN_ID_RULE}): sfam compare takes "
+                                         "[OUTPUT] RUN_A RUN_B, two run ids after the audit's folder, options after them")
+    return _run_id(text)
+
+
 def _refuse_ignored(args: argparse.Namespace) -> None:
     """--set only changes a --config; with --config, its storage options replace --endpoint-url."""
     if args.config and args.endpoint_url:
@@ -297,8 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser("compare", parents=[common, audit_root],
                                   help="compare two finished runs pair by pair; writes OUTPUT/comparisons/A/B/")
-    compare.add_argument("run_a", metavar="RUN_A", type=_run_id, help="the earlier run")
-    compare.add_argument("run_b", metavar="RUN_B", type=_run_id, help="the later run")
+    compare.add_argument("run_a", metavar="RUN_A", type=_compared_run_id, help="the earlier run")
+    compare.add_argument("run_b", metavar="RUN_B", type=_compared_run_id, help="the later run")
     compare.add_argument("--threshold", type=_finite_number,
                          help="false match: label 0 and similarity at or above this (the metric's units; default: "
                               "RUN_B's gates.false_match_similarity)")

@@ -21,9 +21,11 @@ def recorded_false_match_similarity(record: Mapping[str, Any]) -> float | None:
 
 
 def outside_cosine_range(threshold: float, metric: str) -> str | None:
-    """Why a false-match `threshold` counts nothing for a cosine model (above 1 or below -1), or None."""
+    """Why a false-match `threshold` means nothing for a cosine model (above 1: no pair counts; below -1:
+    every different-label pair does), or None."""
     if metric == "cosine" and not -1 <= threshold <= 1:
-        return (f"{threshold:g} is outside cosine similarity's range [-1, 1], so no pair would count as a false "
+        counted = "no pair" if threshold > 1 else "every different-label pair"
+        return (f"{threshold:g} is outside cosine similarity's range [-1, 1], so {counted} would count as a false "
                 "match: e.g. 0.8")
     return None
 

@@ -111,6 +111,9 @@ def test_argument_mistakes_are_one_line(argv: list[str], named: str, capsys) -> 
     (["explain", "q.png", "r.png", "-o", "x.png"], "error: sfam explain: one of the arguments --model --config is required"),
     (["audit", "--config"], "error: sfam audit: argument --config: expected one argument"),
     (["explain", "q.png", "r.png", "--model", "m", "-o", "x.png", "--metric", "l1"], "argument --metric: invalid choice"),
+    # argparse gives RUN_A the folder when RUN_B is missing, or an option comes between the folder and the run ids
+    (["compare", "d2/audits", "week-1"], "argument RUN_A: 'd2/audits' is a folder, not a run id"),
+    (["compare", "d2/audits", "--config", "audit.yaml", "week-1", "week-2"], "sfam compare takes [OUTPUT] RUN_A RUN_B"),
 ])
 def test_command_line_syntax_mistakes_are_one_line(argv: list[str], named: str, capsys) -> None:
     """argparse's own errors too: no usage block before them."""

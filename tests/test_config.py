@@ -42,7 +42,9 @@ def test_yaml_with_overrides(tmp_path) -> None:
     ("actor_memory=6", r"actor_memory: .*6 bytes is less than a model replica needs \(a bare number is bytes\): give a "
                        r"size with its unit, e.g. 6GiB"),
     ("actor_memory=-1GiB", "actor_memory"),
-    ("gates.false_match_similarity=80", r"false_match_similarity 80 is outside cosine similarity's range \[-1, 1\]"),
+    ("gates.false_match_similarity=80", r"false_match_similarity 80 is outside cosine similarity's range \[-1, 1\], so no "
+                                        r"pair would count"),
+    ("gates.false_match_similarity=-5", r"-5 is outside .*so every different-label pair would count as a false match"),
     ("model.input_size=8", r"model.input_size: .*each side must be from 16 to 4096 px"),
     ("model.input_size=100000", r"model.input_size: .*each side must be from 16 to 4096 px"),  # a 120 GB check picture
     ("model.input_size=[256,5000]", r"model.input_size: .*each side must be from 16 to 4096 px"),
