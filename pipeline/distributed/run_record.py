@@ -27,7 +27,9 @@ from pipeline.models.loading import random_weights_warning
 from pipeline.quality import boxes_outside_warning, empty_maps_warning, residual_warning
 from pipeline.run_history import first_started
 
-PACKAGES = ("sfam-pipeline", "torch", "torchvision", "ray", "pyarrow", "fsspec", "s3fs", "pydantic", "pillow", "numpy")
+# what builds the model (timm: `arch: timm/...`; safetensors: its weights) and what reads and writes the data
+PACKAGES = ("sfam-pipeline", "torch", "torchvision", "timm", "safetensors", "ray", "pyarrow", "fsspec", "s3fs", "pydantic",
+            "pillow", "numpy")
 SUMMARY_COLUMNS = ["status", "forward_share", "device", "similarity", "residual_query", "residual_reference",
                    "query_peak_xy", "reference_peak_xy"]
 

@@ -305,11 +305,12 @@ class SFAM:
         except ExplanationError as error:  # named: the layer may be the default or the one given
             raise ExplanationError(f"target_layer={self.target_layer!r}: {error}") from error
         if given and not influences(lambda replace: embed_with(self._target, replace), layout):
-            better = default_target_layer(self.model, sample, embed_with, **settings)
+            try:
+                better = f"use target_layer={default_target_layer(self.model, sample, embed_with, **settings)!r}"
+            except ExplanationError:  # no layer has any: a constant embedding (weights of zeros, a zero-initialised head)
+                better = "no layer of the model has any; is the embedding constant (weights not loaded, or zeros)?"
             why = " (with class-token pooling, the last block's patch tokens never reach it)" if layout.kind == "tokens" else ""
-            raise ExplanationError(
-                f"target_layer={self.target_layer!r} has no influence on the embedding{why}: use target_layer={better!r}"
-            )
+            raise ExplanationError(f"target_layer={self.target_layer!r} has no influence on the embedding{why}: {better}")
         self._layout, self._layout_input_hw = layout, input_hw
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import io
+import logging
 import math
 import re
 import zipfile
@@ -18,8 +19,10 @@ from torch import nn
 
 from pipeline.errors import UserError, did_you_mean
 from pipeline.explain.layers import ExplanationError, find_module
-from pipeline.io.storage import StorageError, StorageOptions, read_bytes
+from pipeline.io.storage import StorageError, StorageOptions, read_bytes, redact_uri
 from pipeline.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
 
 _HEAD_ATTRIBUTES = ("fc", "classifier", "heads", "head")
 _TRUST_HINT = "set `trust_checkpoint: true` to allow it, only for a file you trust"
@@ -69,7 +72,8 @@ def load_model(spec: ModelSpec, storage_options: StorageOptions | None = None) -
         _check_whole_model(checkpoint, model, spec)
         model = checkpoint
     elif checkpoint is not None:
-        _load_state_dict(model, _unwrap_state_dict(checkpoint, spec.weights), spec.weights)
+        _load_state_dict(model, _unwrap_state_dict(checkpoint, spec.weights), spec.weights,
+                         new_head=spec.embedding_dim is not None)
     for name, what in ((spec.target_layer, "target_layer"), (spec.embedding_layer, "embedding_layer")):
         if name is not None:
             resolve_layer_name(model, name, what)
@@ -271,10 +275,15 @@ def _is_torchscript(data: bytes) -> bool:
 
 
 def _unwrap_state_dict(checkpoint: object, uri: str) -> Mapping[str, torch.Tensor]:
-    """Accept a state_dict or a {"state_dict": ...} / {"model": ...} wrapper."""
+    """Accept a state_dict or a {"state_dict": ...} / {"model": ...} wrapper (a training checkpoint:
+    the other state_dicts it holds, an EMA copy among them, are named in the log, not loaded)."""
     if isinstance(checkpoint, Mapping):
         for key in ("state_dict", "model"):
             if isinstance(checkpoint.get(key), Mapping):
+                others = [name for name, value in checkpoint.items() if name != key and isinstance(value, Mapping)]
+                if others:
+                    log.warning("weights %s: loading the state_dict under %r; not loaded: %s", redact_uri(uri), key,
+                                ", ".join(repr(name) for name in others))
                 checkpoint = checkpoint[key]
                 break
     if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
@@ -297,7 +306,9 @@ def _under_one_prefix(state_dict: Mapping[str, torch.Tensor], expected: Mapping[
     return None
 
 
-def _load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], uri: str) -> None:
+def _load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], uri: str, new_head: bool = False) -> None:
+    """Loads the checkpoint, or names what does not match and the likely cause. new_head: the model
+    was built with embedding_dim's Linear head, which the checkpoint must hold."""
     expected = model.state_dict()
     prefix = _under_one_prefix(state_dict, expected)
     if prefix is not None and all(key.startswith(prefix) for key in state_dict):  # saved from a wrapper: the model's own
@@ -318,7 +329,8 @@ def _load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], u
         shapes = _ANOTHER_WIDTH if another_width else "" if tokens else _position_hint(mismatched, state_dict, model)
         built_otherwise = bool(tokens) or another_width  # the model must be built as it was trained
         raise ModelLoadError(f"weights {uri} do not match the model: " + "; ".join(problems)
-                             + _head_hint(unexpected, state_dict) + tokens + shapes
+                             + _head_hint(unexpected, state_dict) + _new_head_hint(missing, unexpected, new_head)
+                             + tokens + shapes
                              + (f"; {_TIMM_SETTINGS}" if built_otherwise else "")
                              + (f". The model's keys are all in the checkpoint under {prefix!r}, beside others: save "
                                 f"that part alone (e.g. the LightningModule's model.state_dict())" if prefix else ""))
@@ -387,6 +399,14 @@ def _head_hint(unexpected: list[str], state_dict: Mapping[str, torch.Tensor]) ->
     return (f". The checkpoint has a head ({heads[0]}: {tuple(state_dict[heads[0]].shape)}); "
             f"set `embedding_dim: {out_features}` to load it as the embedding head (a projection), or, for the "
             f"pooled features under a classifier, save the checkpoint without its {prefix}.* keys")
+
+
+def _new_head_hint(missing: list[str], unexpected: list[str], new_head: bool) -> str:
+    """When the only keys missing are those of the head that embedding_dim added."""
+    if not new_head or unexpected or not missing or any(k.partition(".")[0] not in _HEAD_ATTRIBUTES for k in missing):
+        return ""
+    return (". They are the Linear head that `embedding_dim` adds, which this checkpoint does not hold: remove "
+            "embedding_dim to explain the pooled features it was saved with")
 
 
 def short_reason(error: Exception) -> str:

@@ -72,6 +72,7 @@ def check_run(config: JobConfig, rows: list[dict], model, root: str) -> None:
     # the replicas were pinned to the weights that were checked and recorded
     assert record["weights_sha256"] and record["config"]["model"]["weights_sha256"] == record["weights_sha256"]
     assert record["counts"]["pairs"] == len(rows)
+    assert {"torch", "torchvision", "timm", "safetensors"} <= {name for name, found in record["versions"].items() if found}
     # 3 queries x top-4 in batches of 8: at most 4 + 3 distinct images per batch of 8 pairs
     assert record["forward_passes_per_pair"] < 1.6
     # files of rows_per_file rows, not one per batch

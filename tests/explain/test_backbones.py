@@ -197,6 +197,17 @@ def test_target_without_influence_names_a_better_layer(name: str, models: dict, 
             SFAM(models[name], layer).explain(*pairs(1, BACKBONES[name].size))
 
 
+def test_a_named_layer_of_a_constant_embedding_is_told_so(seed: int) -> None:
+    """Weights of zeros (a checkpoint's wrapper key holding another state): the named layer's error
+    said "pass target_layer=", from looking for a better layer, when one was passed."""
+    model = timm_vit("vit_small_patch16_224", 64).eval()
+    torch.nn.init.zeros_(model.norm.weight)
+    torch.nn.init.zeros_(model.norm.bias)
+    with pytest.raises(ExplanationError, match=r"^target_layer='blocks.1' has no influence on the embedding.*: no layer "
+                                               r"of the model has any; is the embedding constant"):
+        SFAM(model, "blocks.1").explain(*pairs(1, 64))
+
+
 @pytest.mark.parametrize("name", ["clip", "dinov2_reg4"])
 def test_repeated_images_in_explain_pairs(name: str, models: dict, seed: int) -> None:
     """A batch of distinct images whose pairs repeat them (the job's case) equals the pairs

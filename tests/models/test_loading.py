@@ -3,6 +3,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import logging
 
 import numpy as np
 import pytest
@@ -98,6 +99,20 @@ def test_state_dict_roundtrip_reproduces_outputs(
     assert torch.equal(loaded(x), resnet18_64(x))
 
 
+@torch.no_grad()
+def test_a_training_checkpoint_names_the_state_dicts_it_does_not_load(
+    resnet18_64: nn.Module, rng: np.random.Generator, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = resnet18_64.state_dict()
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(saved({"epoch": 5, "model": state, "ema": {k: torch.zeros_like(v) for k, v in state.items()}}))
+    with caplog.at_level(logging.WARNING, logger="pipeline.models.loading"):
+        loaded = build_model(ModelSpec(arch="resnet18", embedding_dim=64, weights=str(path)))
+    x = images(rng)
+    assert torch.equal(loaded(x), resnet18_64(x))
+    assert f"weights {path}: loading the state_dict under 'model'; not loaded: 'ema'" in caplog.text
+
+
 def test_pickled_model_needs_trust(resnet18_64: nn.Module, rng: np.random.Generator, tmp_path) -> None:
     path = tmp_path / "full.pt"
     path.write_bytes(saved(resnet18_64))
@@ -167,6 +182,17 @@ def test_mismatched_state_dict_lists_keys(resnet18_64: nn.Module, tmp_path) -> N
     assert "missing keys (1): layer1.0.conv1.weight" in message
     assert "unexpected keys (1): extra.weight" in message
     assert "fc.weight: checkpoint (64, 512) vs model (32, 512)" in message
+
+
+def test_embedding_dim_over_a_checkpoint_of_pooled_features_says_so(resnet18_64: nn.Module, tmp_path) -> None:
+    """The head that embedding_dim adds, missing from the checkpoint, was named as two bare missing keys."""
+    state = {k: v for k, v in resnet18_64.state_dict().items() if not k.startswith("fc.")}
+    path = tmp_path / "pooled.pt"
+    path.write_bytes(saved(state))
+    with pytest.raises(ModelLoadError, match=r"missing keys \(2\): fc.weight, fc.bias\. They are the Linear head that "
+                                             r"`embedding_dim` adds.*remove embedding_dim"):
+        build_model(ModelSpec(arch="resnet18", embedding_dim=64, weights=str(path)))
+    assert build_model(ModelSpec(arch="resnet18", weights=str(path))) is not None
 
 
 def test_checkpoint_for_another_input_size_says_so(tmp_path) -> None:
