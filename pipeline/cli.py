@@ -143,11 +143,12 @@ def explain_command(args: argparse.Namespace) -> int:
     if random_weights:
         _warn(random_weights)
     print(f"target layer: {explanation.target_layer} ({spec.weighting} map)")
-    print(f"{spec.metric} similarity: {explanation.similarity:.4f}")
+    print(f"{spec.metric} similarity: {_score_text(explanation.similarity, sign='-')}")
     print("top channels by CIS (channel: query CIS, reference CIS):")
     for channel, query, reference in explanation.top_channels:
         print(f"  {channel:5d}: {_score_text(query)} {_score_text(reference)}")
-    print(f"residual: query {explanation.residual_query:+.4f}, reference {explanation.residual_reference:+.4f}")
+    print(f"residual: query {_score_text(explanation.residual_query)}, "
+          f"reference {_score_text(explanation.residual_reference)}")
     warnings = (residual_warning([explanation.similarity], [explanation.residual_query], [explanation.residual_reference],
                                  spec.metric), empty_pair_maps_warning(explanation.empty_maps))
     for warning in warnings:
@@ -157,9 +158,10 @@ def explain_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _score_text(value: float) -> str:
-    """+0.0930; a nonzero value that four decimals would show as 0.0000 (a random model's) as +1.23e-06."""
-    return f"{value:+.4f}" if abs(value) >= 5e-5 or value == 0 else f"{value:+.2e}"
+def _score_text(value: float, sign: str = "+") -> str:
+    """+0.0930; a nonzero value that four decimals would show as 0.0000 (a random model's) as +1.23e-06.
+    sign: "+" signs every value, "-" the negative ones only."""
+    return f"{value:{sign}.4f}" if abs(value) >= 5e-5 or value == 0 else f"{value:{sign}.2e}"
 
 
 def audit_command(args: argparse.Namespace) -> int:

@@ -236,3 +236,5 @@ def test_scores_too_small_for_four_decimals_are_not_shown_as_zero() -> None:
     """A new user's random DINOv2 printed every top channel as +0.0000 +0.0000: no ranking to read."""
     assert [_score_text(v) for v in (0.093, -0.00005, 0.0, 1.234e-6, -2e-9)] == [
         "+0.0930", "-0.0001", "+0.0000", "+1.23e-06", "-2.00e-09"]
+    # the similarity too (a euclidean one of -4.6e-05 printed as -0.0000), signed only when negative
+    assert [_score_text(v, sign="-") for v in (0.98, -4.6e-05)] == ["0.9800", "-4.60e-05"]
