@@ -136,8 +136,8 @@ def resolve_layer_name(model: nn.Module, name: str, what: str = "target_layer") 
 def _torchvision_model(spec: ModelSpec) -> nn.Module:
     names = torchvision.models.list_models(module=torchvision.models)
     if spec.arch not in names:
-        in_timm = f"; timm has it: arch: timm/{spec.arch}" if timm.is_model(spec.arch) else ""
-        raise ModelLoadError(f"unknown torchvision arch {spec.arch!r}{in_timm or did_you_mean(spec.arch, names)}")
+        hint = _timm_hint(spec.arch.rpartition("/")[2]) or did_you_mean(spec.arch, names)
+        raise ModelLoadError(f"unknown torchvision arch {spec.arch!r}{hint}")
     model = torchvision.models.get_model(spec.arch, weights=None)
     _replace_classifier(model, spec.embedding_dim, spec.arch)
     return model
@@ -198,9 +198,8 @@ def _factory_model(path: str) -> nn.Module:
     factory = getattr(module, attribute, None)
     if not callable(factory):
         public = [n for n in dir(module) if not n.startswith("_")]
-        raise ModelLoadError(
-            f"arch {path!r}: module {module_name!r} has no callable {attribute!r}{did_you_mean(attribute, public)}"
-        )
+        hint = (_timm_hint(attribute) if module_name == "timm" else "") or did_you_mean(attribute, public)
+        raise ModelLoadError(f"arch {path!r}: module {module_name!r} has no callable {attribute!r}{hint}")
     try:
         model = factory()
     except (Exception, SystemExit) as e:
@@ -208,6 +207,12 @@ def _factory_model(path: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"arch {path!r}: the factory returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _timm_hint(name: str) -> str:
+    """"; timm has it: arch: timm/NAME" when timm builds a model of that name, else "" (for an arch
+    written as NAME, tim/NAME or timm:NAME)."""
+    return f"; timm has it: arch: timm/{name}" if name and timm.is_model(name) else ""
 
 
 def _raised(error: BaseException) -> str:

@@ -273,6 +273,9 @@ def test_unknown_arch_suggests_close_names() -> None:
     with pytest.raises(ModelLoadError, match="unknown torchvision arch 'vit_tiny_patch16_224'; timm has it: "
                                              "arch: timm/vit_tiny_patch16_224"):
         build_model(ModelSpec(arch="vit_tiny_patch16_224"))
+    for typo in ("tim/vit_tiny_patch16_224", "timm:vit_tiny_patch16_224"):  # said only "unknown" / "no callable"
+        with pytest.raises(ModelLoadError, match="; timm has it: arch: timm/vit_tiny_patch16_224$"):
+            build_model(ModelSpec(arch=typo))
     with pytest.raises(ModelLoadError, match="target_layer '' is not a module"):  # "" named the whole model
         build_model(ModelSpec(arch="resnet18", target_layer=""))
 
