@@ -104,21 +104,23 @@ def _mean(values: np.ndarray) -> float | None:
     return float(values.mean()) if values.size else None
 
 
-def same_label_similarity(rows: pa.Table) -> float | None:
-    """Mean similarity of the ok label-1 pairs of a run's rows; None for a run without labels."""
+def same_label_similarity(rows: pa.Table) -> tuple[float | None, int]:
+    """Mean similarity of the ok label-1 pairs of a run's rows, and how many there are; (None, 0)
+    for a run without labels."""
     if "label" not in rows.column_names:
-        return None
+        return None, 0
     same = rows.filter(pc.and_(pc.equal(rows.column("status"), "ok"), pc.equal(rows.column("label"), 1)))
-    return _mean(as_floats(same.column("similarity"))) if same.num_rows else None
+    return (_mean(as_floats(same.column("similarity"))) if same.num_rows else None), same.num_rows
 
 
 @dataclass(frozen=True)
 class Baseline:
-    """The run max_similarity_drop compares with, or why there is none."""
+    """The run max_similarity_drop compares with (its label-1 mean similarity over `pairs` pairs), or why there is none."""
 
     run_id: str | None
     same_label_similarity: float | None
     note: str
+    pairs: int = 0
 
 
 def evaluate(gates: Gates, rows: pa.Table, baseline: Baseline | None) -> list[GateResult]:
@@ -142,10 +144,13 @@ def evaluate(gates: Gates, rows: pa.Table, baseline: Baseline | None) -> list[Ga
                                        gates.false_match_similarity)
         add("max_false_match_rate", float(false_matches.mean()) if different.num_rows else None,
             gates.max_false_match_rate, False)
-        current = same_label_similarity(rows)
+        current, pairs = same_label_similarity(rows)
         previous = None if baseline is None else baseline.same_label_similarity
         drop = None if current is None or previous is None else previous - current
-        add("max_similarity_drop", drop, gates.max_similarity_drop, False, None if baseline is None else baseline.note)
+        note = None if baseline is None else baseline.note
+        if drop is not None:  # means over each run's own pairs: other pairs where the manifests differ
+            note = f"{note}: {previous:.4f} over its {baseline.pairs} ok label-1 pairs, {current:.4f} over this run's {pairs}"
+        add("max_similarity_drop", drop, gates.max_similarity_drop, False, note)
     share = residual_share(*(as_floats(ok.column(c)) for c in ("similarity", "residual_query", "residual_reference")))
     measured = share[~np.isnan(share)]
     add("max_residual_share", float(np.median(measured)) if measured.size else None, gates.max_residual_share, False)

@@ -261,4 +261,5 @@ def _baseline(config: JobConfig, store: ResultsStore, started: str) -> Baseline:
         wanted = "of this manifest" if config.gates.similarity_baseline == "same_manifest" else "under this output"
         return Baseline(None, None, f"no earlier successful run {wanted} with metric {metric} to compare with")
     rows = store.read(run_id=previous["run_id"], columns=["status", "label", "similarity"])
-    return Baseline(previous["run_id"], same_label_similarity(rows), f"against run {previous['run_id']}")
+    mean, pairs = same_label_similarity(rows)
+    return Baseline(previous["run_id"], mean, f"against run {previous['run_id']}", pairs)
