@@ -25,7 +25,7 @@ from pipeline.io.stores import open_results_store
 from pipeline.layout import RunLayout, default_report, overlay_copies, safe_name
 from pipeline.render import render_report
 from pipeline.render.comparison_html import comparison_section
-from pipeline.run_history import baseline_run, first_started, read_run_record
+from pipeline.run_history import baseline_run, first_started, later_attempts, read_run_record
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ def write_report(output: str, run_id: str, options: StorageOptions, destination:
     page = render_report(
         summary, rows, png_href=_OverlayLinks(destination, options),
         comparison=_comparison(output, summary, options, table) if committed else "",
+        later_attempts=later_attempts(output, summary, options) if committed else (),
     )
     write_bytes(destination, page.encode(), options)
     return destination

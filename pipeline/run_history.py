@@ -9,6 +9,24 @@ from pipeline.io.tables import read_json
 from pipeline.layout import attempt_record_uri, run_record_uri
 
 
+def later_attempts(output: str, record: dict, options: StorageOptions) -> list[dict]:
+    """The records of the run_id's attempts that started after the committed one of `record` and did
+    not commit (failed, or running or killed), earliest first: a re-run that went wrong leaves the run
+    as it was, and the run's report says so."""
+    started = (record.get("timings") or {}).get("started") or ""
+    later = []
+    for uri in glob(attempt_record_uri(output, record["run_id"], "*"), options, under=output):
+        try:
+            attempt = read_json(uri, options)
+        except StorageError:
+            continue  # a record being written
+        when = (attempt.get("timings") or {}).get("started") or ""
+        if isinstance(attempt, dict) and attempt.get("attempt") != record.get("attempt") and when > started \
+                and attempt.get("status") not in ("succeeded", "gates_failed"):
+            later.append(attempt)
+    return sorted(later, key=lambda attempt: attempt["timings"]["started"])
+
+
 def _table_of(config: dict) -> tuple[str, str | None]:
     """(format, Iceberg identifier) of a recorded config's `table` section."""
     fmt = recorded_table_format(config)

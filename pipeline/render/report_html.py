@@ -277,10 +277,16 @@ def _render_hint(summary: Mapping[str, Any], ok: Sequence[Row]) -> str:
             f'table. Draw any of them with <code>{escaped(command)}</code>.</p>')
 
 
-def _warnings(summary: Mapping[str, Any]) -> str:
+def _warnings(summary: Mapping[str, Any], later_attempts: Sequence[Mapping[str, Any]]) -> str:
     """The run record's warnings (e.g. a residual that is most of the similarity), above everything;
-    first, when the run failed, that it did and why."""
+    first, when the run failed, that it did and why, or that later attempts of it did not commit."""
     warnings = list(summary.get("warnings") or [])
+    for attempt in reversed(later_attempts):
+        outcome = (f"failed ({attempt.get('reason') or 'no reason recorded'})" if attempt.get("status") == "failed"
+                   else "has not committed: it is running, or was killed")
+        warnings.insert(0, f"A later attempt of this run, {attempt.get('attempt')} (started "
+                           f"{(attempt.get('timings') or {}).get('started')}), {outcome}. This report shows the "
+                           f"committed attempt, {summary.get('attempt')}, which that attempt left as it was.")
     if summary.get("status") == "failed":
         warnings.insert(0, f"This run failed and committed nothing ({summary.get('reason') or 'no reason recorded'}): "
                            "the rows below are its attempt's, outside the result table.")
@@ -299,13 +305,15 @@ _SHOWN_URIS = ("query_uri", "reference_uri", "error")  # the fields of an error 
 
 
 def render_report(
-    summary: Mapping[str, Any], rows: Sequence[Row], *, png_href: Callable[[Row], str | None], comparison: str = ""
+    summary: Mapping[str, Any], rows: Sequence[Row], *, png_href: Callable[[Row], str | None], comparison: str = "",
+    later_attempts: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     """The HTML report of one run.
 
     `summary` is the run record (shown as a key/value table), `rows` the result rows
-    as dicts, `png_href(row)` the relative link to a row's overlay PNG or None, and
-    `comparison` a section comparing the run with an earlier one (placed before the gallery).
+    as dicts, `png_href(row)` the relative link to a row's overlay PNG or None,
+    `comparison` a section comparing the run with an earlier one (placed before the gallery), and
+    `later_attempts` the records of attempts after the committed one that did not commit.
     """
     # an error row shows its URIs and reason: a manifest's URI may hold user:password or a signature
     rows = [{**r, **{k: redact_uri(r[k]) for k in _SHOWN_URIS if r.get(k)}} if r.get("status") == "error" else r
@@ -322,7 +330,7 @@ def render_report(
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
         f'<title>SFAM audit {escaped(summary.get("run_id", ""), 120)}</title><style>{CSS}</style></head><body>'
         f'<header><h1>SFAM audit report</h1><p class="sub">{heading}</p></header>'
-        f'{_warnings(summary)}{_gates(summary)}<section id="figures"><div class="tiles">{_figures(ok, errors, len(rows))}</div></section>'
+        f'{_warnings(summary, later_attempts)}{_gates(summary)}<section id="figures"><div class="tiles">{_figures(ok, errors, len(rows))}</div></section>'
         f'<section id="histogram"><h2>Similarity by label</h2>{_histogram(ok)}</section>'
         f'<section id="look-first"><h2>Look first</h2>{_look_first(ok, png_href, recorded_false_match_similarity(summary))}</section>'
         f'{comparison}<section id="gallery"><h2>All pairs</h2>{_render_hint(summary, ok)}{_gallery(rows, png_href)}</section>'

@@ -21,8 +21,9 @@ import pytest
 import yaml
 
 from pipeline.io.results_store import HiveParquetStore
-from pipeline.io.storage import StorageOptions, join_uri
+from pipeline.io.storage import StorageOptions, join_uri, read_bytes
 from pipeline.io.tables import read_json
+from pipeline.reporting import write_report
 
 from audit_data import job_config, write_audit, write_weights
 
@@ -163,6 +164,10 @@ def test_failed_and_killed_reruns_leave_the_finished_run_as_it_was(finished_run)
     assert sorted(table.column("pair_id").to_pylist()) == sorted(r["pair_id"] for r in rows)
     assert set(table.column("attempt").to_pylist()) == {committed}
     assert len(done_rows(output)) == len(rows)
+    # the run's report says that the two later attempts did not commit, the failed one first
+    page = read_bytes(write_report(str(output), RUN_ID, StorageOptions(), str(output.parent / "report.html")), None).decode()
+    later = re.findall(r"A later attempt of this run, (\S+) \(started [^)]+\), (failed|has not committed)", page)
+    assert [outcome for _, outcome in later] == ["failed", "has not committed"] and committed not in dict(later)
 
     # the next re-run commits and removes every other attempt's rows and overlays
     final = run_job(config_path)
@@ -173,3 +178,5 @@ def test_failed_and_killed_reruns_leave_the_finished_run_as_it_was(finished_run)
     assert parts and all(p.name.startswith(f"part-{new}-") for p in parts)
     assert [p.name for p in (output / "png" / f"run_id={RUN_ID}").iterdir()] == [f"attempt={new}"]
     assert len(done_rows(output)) == len(rows)
+    page = read_bytes(write_report(str(output), RUN_ID, StorageOptions(), str(output.parent / "report.html")), None).decode()
+    assert "A later attempt" not in page  # they started before the committed one
