@@ -159,11 +159,14 @@ class Comparison:
         moved = both.filter(pc.less(both["map_correlation"], MOVED_BELOW)).sort_by("map_correlation")
         new = both.filter(pc.and_not(both["false_match_b"], both["false_match_a"])).sort_by([("similarity_b", "descending")])
         vanished = both.filter(pc.and_not(both["false_match_a"], both["false_match_b"])).sort_by([("similarity_a", "descending")])
+        relabelled = self.pairs.filter(pc.fill_null(self.pairs["relabelled"], False))  # as counts counts them
+        other_images = self.pairs.filter(pc.equal(self.pairs["same_images"], False))
         return ComparisonView(
             runs=self.runs, warnings=self.warnings, threshold=self.threshold, counts=self.counts,
             summary=self.summary.to_pylist(),
             moved=moved.slice(0, listed).to_pylist(), new_false_matches=new.slice(0, listed).to_pylist(),
             vanished_false_matches=vanished.slice(0, listed).to_pylist(),
+            relabelled=relabelled.slice(0, listed).to_pylist(), other_images=other_images.slice(0, listed).to_pylist(),
         )
 
     @cached_property

@@ -43,6 +43,8 @@ class ComparisonView:
     moved: Sequence[Row]  # pairs whose maps correlate below MOVED_BELOW, lowest first
     new_false_matches: Sequence[Row]
     vanished_false_matches: Sequence[Row]
+    relabelled: Sequence[Row] = ()  # pairs whose label B changed (counted under B's)
+    other_images: Sequence[Row] = ()  # pair ids that name other images in B (counted, not compared)
 
 
 def _change(value: object) -> str:
@@ -150,6 +152,11 @@ def _lists(view: ComparisonView) -> str:
         ("vanished-false-matches", "Vanished false matches",
          f"false matches in A but not in B; a false match: {rule}",
          _pairs(view.vanished_false_matches, false_match, "no vanished false matches")),
+        ("relabelled", "Relabelled pairs", "the same images labelled otherwise in B; the figures count them under "
+         "B's label (shown)", _pairs(view.relabelled, (_PAIR_ID, _LABEL, *_SIMILARITIES), "no pair relabelled")),
+        ("other-images", "Pair ids that name other images in B",
+         "counted, not compared: in B the id stands for another query or reference image (or the same URI now holds "
+         "other bytes)", _pairs(view.other_images, (_PAIR_ID, _LABEL), "none")),
     )
     return "".join(f'<div id="{key}"><h3>{title}</h3><p class="hint">{hint}</p>{table}</div>'
                    for key, title, hint, table in lists)

@@ -205,6 +205,13 @@ def test_a_pair_id_that_names_other_images_is_counted_not_compared(runs: Runs) -
     for row in comparison.pairs.filter(pc.invert(comparison.pairs["same_images"])).to_pylist():
         assert row["map_correlation"] is None  # maps of other pictures are not correlated
     assert not any(line.startswith("warning:") for line in comparison.lines())
+    view = comparison.view()  # the page lists them, not only counts them
+    assert sorted(row["pair_id"] for row in view.relabelled) == sorted(relabelled)
+    assert {row["pair_id"] for row in view.other_images} == changed
+    page = render_comparison(view)
+    for pair_id in (*relabelled, *changed):
+        assert html.escape(pair_id) in page
+    assert 'id="relabelled"' in page and 'id="other-images"' in page
     # nightly manifests in folders of their own, with relative URIs: every pair names other images
     others = replace(comparison, pairs=comparison.pairs.filter(pc.invert(comparison.pairs["same_images"])),
                      summary=comparison.summary.slice(0, 0))
