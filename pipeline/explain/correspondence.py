@@ -57,11 +57,13 @@ def top_correspondences(matches: torch.Tensor, terms: torch.Tensor, width: int, 
     Each location p of x is paired with the q of y whose pair term T[p, q] (shared_evidence) is
     largest; the k locations of x with the largest such terms are kept, strongest first. Points
     are cell centres in feature-grid units ((col + 0.5, row + 0.5) of grids `width` cells wide);
-    multiply by image size / grid size for pixels. matches: C (P, n, m); terms: T (P, n, m).
+    multiply by image size / grid size for pixels. A match whose term is not positive (no cosine
+    above 0, or no evidence) is no match: its row is NaN. matches: C (P, n, m); terms: T (P, n, m).
     """
     best, partner = terms.max(dim=2)  # (P, n)
-    chosen = best.topk(min(k, best.shape[1]), dim=1).indices  # (P, k) locations of x
+    strength, chosen = best.topk(min(k, best.shape[1]), dim=1)  # (P, k) terms and locations of x
     q = partner.gather(1, chosen)  # (P, k) locations of y
     rows = matches.gather(1, chosen[:, :, None].expand(-1, -1, matches.shape[2]))  # (P, k, m)
-    cos = rows.gather(2, q[:, :, None])[:, :, 0]  # (P, k)
-    return torch.stack([chosen % width + 0.5, chosen // width + 0.5, q % width + 0.5, q // width + 0.5, cos], dim=2).float()
+    cos = rows.gather(2, q[:, :, None])[:, :, 0].clamp(-1, 1)  # (P, k); float32 rounding reached 1.0000002
+    found = torch.stack([chosen % width + 0.5, chosen // width + 0.5, q % width + 0.5, q // width + 0.5, cos], dim=2).float()
+    return found.masked_fill((strength <= 0)[:, :, None], float("nan"))

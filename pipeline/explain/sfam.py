@@ -85,7 +85,8 @@ class SFAMResult:
     residual_reference: torch.Tensor  # (P,)
     # (P, k, 5) for "matched", else None: the pair's k strongest matches, strongest first, as rows
     # (x_query, y_query, x_reference, y_reference, cosine of the local embeddings); points are cell
-    # centres in feature-grid units (col + 0.5, row + 0.5): multiply by image size / (w, h) for pixels
+    # centres in feature-grid units (col + 0.5, row + 0.5): multiply by image size / (w, h) for pixels;
+    # a row of NaN where the pair has fewer than k matches (none where no cosine is above 0)
     correspondences: torch.Tensor | None = None
 
     def top_channels(self, k: int) -> torch.Tensor:

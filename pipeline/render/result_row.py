@@ -24,12 +24,13 @@ MAX_PANEL_HEIGHT = 256
 
 def matches_in_pixels(matches: np.ndarray, grid: tuple[int, int], query_sizes: list, reference_sizes: list) -> list:
     """(P, k, 5) matches in feature-grid units (x_q, y_q, x_r, y_r, cos) -> per pair, a list of
-    {query_xy, reference_xy, score} in the pixels of pictures of the given (width, height) sizes."""
+    {query_xy, reference_xy, score} in the pixels of pictures of the given (width, height) sizes;
+    the NaN rows of a pair with fewer than k matches are left out."""
     rows, cols = grid
     return [
         [{"query_xy": [float(xq * qw / cols), float(yq * qh / rows)],
           "reference_xy": [float(xr * rw / cols), float(yr * rh / rows)], "score": float(score)}
-         for xq, yq, xr, yr, score in pair]
+         for xq, yq, xr, yr, score in pair if not np.isnan(score)]
         for pair, (qw, qh), (rw, rh) in zip(matches, query_sizes, reference_sizes)
     ]
 

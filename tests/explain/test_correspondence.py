@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import SFAM
-from pipeline.explain.correspondence import SHARPNESS, TOP_MATCHES
+from pipeline.explain.correspondence import SHARPNESS, TOP_MATCHES, shared_evidence, top_correspondences
 from pipeline.explain.layers import ExplanationError
+from pipeline.render.result_row import matches_in_pixels
 
 from reference import CASES, Case, assert_close, assert_maps_close, double_features
 
@@ -130,3 +131,21 @@ def test_matched_on_a_vit_with_fused_attention() -> None:
     assert result.map_query.shape == (2, 2, 2) and result.correspondences.shape == (2, 4, 5)
     completeness = result.cis_query.double().sum(dim=1) + result.residual_query - result.similarity
     assert float(completeness.abs().max()) < 1e-5
+
+
+def test_locations_without_a_positive_match_are_no_correspondences(seed: int) -> None:
+    """Local embeddings that point away from each other (every cosine <= 0) have no shared evidence:
+    both maps are zero, and the five 'matches' picked among zero terms were stored and drawn."""
+    e_x = torch.rand(2, 6, 4) + 0.1  # (P, n, D): positive directions
+    e_y = torch.cat([-(torch.rand(1, 6, 4) + 0.1), torch.rand(1, 6, 4) + 0.1])  # the first pair opposes x
+    e_y[1, :3] = -e_y[1, :3]  # the second pair: half of y opposes x, half matches it
+    evidence = shared_evidence(e_x, e_y)
+    found = top_correspondences(evidence.matches, evidence.terms, width=3, k=5)  # (P, 5, 5)
+    assert evidence.map_x[0].abs().max() == 0 and found[0].isnan().all()
+    assert not found[1].isnan().any()  # every location of x has a positive match among y's last three
+    assert (found[1, :, 2:4] >= torch.tensor([0.5, 1.5])).all()  # ... at y's locations 3-5 (row 1 of a 3-wide grid)
+    assert (found[1, :, 4] <= 1).all() and (found[1, :, 4] > 0).all()
+    same = top_correspondences(*shared_evidence(e_x, e_x)[:2], width=3)
+    assert (same[..., 4] <= 1).all()  # cosines of identical embeddings, clamped past float32 rounding
+    pixels = matches_in_pixels(found.numpy(), (2, 3), [(30, 20)] * 2, [(30, 20)] * 2)
+    assert pixels[0] == [] and len(pixels[1]) == 5
