@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 
 from pipeline.errors import UserError
-from pipeline.io.storage import StorageOptions, is_folder, parent_uri, unusable_scheme
+from pipeline.io.storage import StorageOptions, is_folder, parent_uri, redact_uri, unusable_scheme
 from pipeline.io.tables import arrow_filesystem
 from pipeline.schema import reserved_names
 
@@ -28,6 +28,7 @@ REQUIRED = ("pair_id", "query_uri", "reference_uri")
 BBOX_COLUMNS = ("query_bbox", "reference_bbox")
 FIRST_IMAGES = 8  # distinct image URIs of the first rows kept in ManifestInfo
 _SCHEME = r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://"  # of a URI; paths have none
+_USERINFO = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@"  # a URI with user:password@ before its host
 FOLDER_MARKER = "_$folder$"  # the empty objects Hadoop's S3 connectors write beside folders
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"  # a Hive folder name's null value (pyarrow's default null_fallback)
 
@@ -174,6 +175,16 @@ def _check_schemes(uris: pa.Array, name: str, first_row: int) -> None:
             raise ManifestError(f"manifest column {name!r} row {row}: {reason}")
 
 
+def _check_no_credentials(uris: pa.Array, name: str, first_row: int) -> None:
+    """No URI holds user:password@: the result table keeps the manifest's URIs as they are."""
+    found = pc.match_substring_regex(uris, _USERINFO)
+    if pc.any(found).as_py():
+        row = pc.index(found, True).as_py()
+        raise ManifestError(f"manifest column {name!r} row {first_row + row}: {redact_uri(uris[row].as_py())} holds "
+                            "credentials (user:password@), which the result table would keep with the row: give them "
+                            "through the environment, a profile or a role")
+
+
 def _check_boxes(batch: pa.RecordBatch, name: str, first_row: int) -> float:
     """Checks the batch's boxes of column `name`; returns their largest coordinate (-inf without any)."""
     boxes = batch.column(name)
@@ -230,6 +241,7 @@ def _validate(manifest: pds.Dataset) -> ManifestInfo:
                 raise ManifestError(f"manifest column {name!r} is null or empty at row {row}")
         for name in ("query_uri", "reference_uri"):
             _check_schemes(batch.column(name), name, first_row)
+            _check_no_credentials(batch.column(name), name, first_row)
         for pair_id in batch.column("pair_id").to_pylist():
             if pair_id in seen:
                 raise ManifestError(f"manifest pair_id {pair_id[:80]!r} appears more than once; pair ids must be unique")

@@ -72,6 +72,9 @@ BAD = {
                        "'reference_uri' row 2: no filesystem reads foo:// URIs"),
     "scheme without its package": (pa.table({**good(), "query_uri": ["q0.png", "adl://store/q1.png", "q2.png"]}),
                                    "'query_uri' row 1: adl:// needs a package that is not installed"),
+    # the rows failed, and the result table kept the key and secret in the passed-through column
+    "credentials in a uri": (pa.table({**good(), "reference_uri": ["r0.png", "s3://b/r1.png", "s3://AKIA1:SECRET2@b/r2.png"]}),
+                             "'reference_uri' row 2: s3://***@b/r2.png holds credentials (user:password@)"),
 }
 
 
@@ -80,6 +83,14 @@ def test_bad_manifest_is_rejected(case: str, tmp_path: Path) -> None:
     table, message = BAD[case]
     with pytest.raises(ManifestError, match=re.escape(message)):
         validate_manifest(parquet(table, tmp_path))
+
+
+def test_credentials_are_never_in_the_error(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError) as error:
+        validate_manifest(parquet(BAD["credentials in a uri"][0], tmp_path))
+    assert "SECRET2" not in str(error.value) and "AKIA1" not in str(error.value)
+    validate_manifest(parquet(pa.table({**good(), "query_uri": ["q@0.png", "s3://b/a@b.png", "https://h/x?u=a@b"]}),
+                              tmp_path))  # an @ in a path or a query is no user
 
 
 def test_not_parquet_or_not_there(tmp_path: Path) -> None:
