@@ -20,7 +20,14 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 
 from pipeline.errors import UserError
-from pipeline.io.storage import StorageOptions, is_folder, parent_uri, redact_uri, unusable_scheme
+from pipeline.io.storage import (
+    CREDENTIALS_IN_URI,
+    StorageOptions,
+    is_folder,
+    parent_uri,
+    redact_uri,
+    unusable_scheme,
+)
 from pipeline.io.tables import arrow_filesystem
 from pipeline.schema import reserved_names
 
@@ -28,7 +35,6 @@ REQUIRED = ("pair_id", "query_uri", "reference_uri")
 BBOX_COLUMNS = ("query_bbox", "reference_bbox")
 FIRST_IMAGES = 8  # distinct image URIs of the first rows kept in ManifestInfo
 _SCHEME = r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://"  # of a URI; paths have none
-_USERINFO = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@"  # a URI with user:password@ before its host
 FOLDER_MARKER = "_$folder$"  # the empty objects Hadoop's S3 connectors write beside folders
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"  # a Hive folder name's null value (pyarrow's default null_fallback)
 
@@ -177,7 +183,7 @@ def _check_schemes(uris: pa.Array, name: str, first_row: int) -> None:
 
 def _check_no_credentials(uris: pa.Array, name: str, first_row: int) -> None:
     """No URI holds user:password@: the result table keeps the manifest's URIs as they are."""
-    found = pc.match_substring_regex(uris, _USERINFO)
+    found = pc.match_substring_regex(uris, CREDENTIALS_IN_URI)
     if pc.any(found).as_py():
         row = pc.index(found, True).as_py()
         raise ManifestError(f"manifest column {name!r} row {first_row + row}: {redact_uri(uris[row].as_py())} holds "

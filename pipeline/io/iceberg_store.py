@@ -23,6 +23,7 @@ table's schema.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -31,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from pipeline.errors import UserError
 from pipeline.io.results_store import ResultsStore
-from pipeline.io.storage import StorageError, StorageOptions, join_uri, redact_uri
+from pipeline.io.storage import CREDENTIALS_IN_URI, StorageError, StorageOptions, join_uri, redact_uri
 from pipeline.layout import RunLayout, run_dir_uri
 
 CATALOG_NAME = "sfam"
@@ -53,10 +54,11 @@ class TableConfig(BaseModel):
     @field_validator("catalog")
     @classmethod
     def _no_secrets(cls, value: dict[str, str]) -> dict[str, str]:
-        secret = [key for key in value if any(word in key.lower() for word in _SECRET_WORDS)]
+        secret = [key for key, text in value.items()
+                  if any(word in key.lower() for word in _SECRET_WORDS) or re.match(CREDENTIALS_IN_URI, text)]
         if secret:
-            raise ValueError(f"{', '.join(secret)}: credentials never go into the config; "
-                             "use the environment, a profile or a role")
+            raise ValueError(f"{', '.join(secret)}: credentials never go into the config (a secret's name, or "
+                             "user:password@ in a URI); use the environment, a profile or a role")
         return value
 
 

@@ -20,7 +20,7 @@ from urllib.parse import unquote
 
 import fsspec
 from fsspec.utils import get_protocol
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from pipeline.errors import UserError
 
@@ -30,6 +30,8 @@ T = TypeVar("T")
 _OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")  # whose URIs name a bucket, never a user
 # user:password@ up to the last @ of the URI (a password may hold / and @), or a user@ without a password
 _USERINFO = re.compile(r"(://)(?:[^\s/@:]*:\S*|[^\s/@]*)@")
+# a URI that holds user:password@ (or user@) before its host: refused wherever it would be kept
+CREDENTIALS_IN_URI = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@"
 # the values of query parameters that carry secrets (presigned URLs, tokens)
 _SECRET_QUERY = re.compile(
     r"([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|sig|signature|token|access_token|api_?key|key|"
@@ -91,6 +93,19 @@ class StorageOptions(BaseModel):
     endpoint_url: str | None = None
     region: str | None = None
     anon: bool = False
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _a_url_without_credentials(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not re.match(r"^https?://[^/?#]", value):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL: write it with its scheme, "
+                             "e.g. http://127.0.0.1:9000")
+        if re.match(CREDENTIALS_IN_URI, value):
+            raise ValueError(f"{redact_uri(value)} holds credentials (user:password@): credentials never go into the "
+                             "config; use the environment, a profile or a role")
+        return value
 
     def fsspec_kwargs(self, protocol: str) -> dict:
         """Keyword arguments for the fsspec filesystem of `protocol`.

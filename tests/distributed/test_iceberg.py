@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import JobConfig
+from pipeline.config import ConfigError, JobConfig, validated
 from pipeline.distributed.iceberg_commit import overwrite_run
 from pipeline.distributed.job import run_audit
 from pipeline.errors import UserError
@@ -123,6 +123,10 @@ def test_catalog_defaults_and_refusals() -> None:
     for secret in ("s3.secret-access-key", "adls.account-key", "adls.connection-string", "header.Authorization"):
         with pytest.raises(ValueError, match=f"{secret}: credentials never go into the config"):
             TableConfig(format="iceberg", catalog={secret: "x"})
+    with pytest.raises(ConfigError, match="uri: credentials never go into the config") as error:  # was used to connect
+        validated(TableConfig, {"format": "iceberg", "catalog": {"type": "rest", "uri": "https://AKIA1:SECRET2@cat.example"}},
+                  "table")
+    assert "SECRET2" not in str(error.value)
     remote = catalog_properties(TableConfig(format="iceberg", catalog={"type": "rest", "uri": "http://catalog"}),
                                 "s3://b/a", StorageOptions(endpoint_url="http://minio:9000", region="eu-west-1"))
     assert remote == {"type": "rest", "uri": "http://catalog", "s3.endpoint": "http://minio:9000", "s3.region": "eu-west-1"}

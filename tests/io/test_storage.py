@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from pipeline.config import ConfigError, validated
 from pipeline.io import storage
 from pipeline.io.storage import (
     StorageError,
@@ -339,6 +340,16 @@ def test_an_object_store_uri_with_credentials_is_refused_without_printing_them(u
     with pytest.raises(StorageError, match=r"://\*\*\*@bucket/.*: credentials in a (s3|gs):// URI .* are never used") as error:
         read_bytes(uri)
     assert "SUPERSECRET123" not in str(error.value)
+
+
+def test_an_endpoint_is_an_http_url_without_credentials() -> None:
+    """127.0.0.1:9000 (DuckDB's ENDPOINT form) was blamed on the manifest; user:password@ got botocore's message."""
+    with pytest.raises(ValidationError, match=r"'127.0.0.1:9000' is not an http:// or https:// URL"):
+        StorageOptions(endpoint_url="127.0.0.1:9000")
+    with pytest.raises(ConfigError, match=r"storage_options: endpoint_url: http://\*\*\*@127.0.0.1:9000 holds credentials") as error:
+        validated(StorageOptions, {"endpoint_url": "http://AKIA1:SECRET2@127.0.0.1:9000"}, "storage_options")
+    assert "SECRET2" not in str(error.value)  # the config's one line, without pydantic's echo of the input
+    assert StorageOptions(endpoint_url="https://s3.eu-west-1.amazonaws.com").endpoint_url.startswith("https://")
 
 
 def test_a_scheme_without_a_filesystem_is_named() -> None:
