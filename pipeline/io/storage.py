@@ -20,7 +20,7 @@ from urllib.parse import unquote
 
 import fsspec
 from fsspec.utils import get_protocol
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from pipeline.errors import UserError
 
@@ -30,12 +30,14 @@ T = TypeVar("T")
 _OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")  # whose URIs name a bucket, never a user
 # user:password@ up to the last @ of the URI (a password may hold / and @), or a user@ without a password
 _USERINFO = re.compile(r"(://)(?:[^\s/@:]*:\S*|[^\s/@]*)@")
+# storage option names that carry credentials: s3fs's key, secret, token; boto's aws_* ones
+_CREDENTIAL_WORDS = ("key", "secret", "token", "password", "credential", "profile_name")
 # a URI that holds user:password@ (or user@) before its host: refused wherever it would be kept
 CREDENTIALS_IN_URI = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@"
 # the values of query parameters that carry secrets (presigned URLs, tokens)
 _SECRET_QUERY = re.compile(
     r"([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|sig|signature|token|access_token|api_?key|key|"
-    r"password|secret)=)[^&\s#]*", re.IGNORECASE)
+    r"password|secret)=)[^&\s#'\"]*", re.IGNORECASE)  # up to a quote that encloses the URL in a message
 
 
 class StorageError(UserError):
@@ -93,6 +95,17 @@ class StorageOptions(BaseModel):
     endpoint_url: str | None = None
     region: str | None = None
     anon: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data: object) -> object:
+        """Keys, secrets and tokens (s3fs's key=, secret=, token=) are refused by name, with where they go."""
+        secret = [name for name in data if any(word in str(name).lower() for word in _CREDENTIAL_WORDS)] \
+            if isinstance(data, dict) else []
+        if secret:
+            raise ValueError(f"{', '.join(map(str, secret))}: credentials never go into the config; use the environment "
+                             "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), a profile or a role")
+        return data
 
     @field_validator("endpoint_url")
     @classmethod

@@ -84,10 +84,10 @@ class ModelSpec(BaseModel):
     @field_validator("weights_sha256", mode="before")
     @classmethod
     def _lower_case_digest(cls, value: object) -> object:
-        """A digest as sha256sum prints it, or in capitals as Windows' Get-FileHash does."""
+        """A digest as sha256sum prints it, in capitals as Windows' Get-FileHash does, or as sha256:<hex>."""
         if isinstance(value, int) and not isinstance(value, bool):  # YAML reads a digest of digits only as a number
             raise ValueError("a digest of digits only reads as a number: quote it ('0123...')")
-        return value.strip().lower() if isinstance(value, str) else value
+        return value.strip().lower().removeprefix("sha256:") if isinstance(value, str) else value
 
     @field_validator("mean", "std", mode="before")
     @classmethod

@@ -350,6 +350,14 @@ def test_an_endpoint_is_an_http_url_without_credentials() -> None:
         validated(StorageOptions, {"endpoint_url": "http://AKIA1:SECRET2@127.0.0.1:9000"}, "storage_options")
     assert "SECRET2" not in str(error.value)  # the config's one line, without pydantic's echo of the input
     assert StorageOptions(endpoint_url="https://s3.eu-west-1.amazonaws.com").endpoint_url.startswith("https://")
+    for keys in ({"key": "AKIA1", "secret": "SECRET2"}, {"aws_session_token": "SECRET2"}):  # got "Extra inputs"
+        with pytest.raises(ConfigError, match=f"storage_options: {', '.join(keys)}: credentials never go into the config"):
+            validated(StorageOptions, keys, "storage_options")
+
+
+def test_a_redacted_url_keeps_the_quote_around_it() -> None:
+    assert redact_uri("e.g. 'https://h/x.png?X-Amz-Signature=abc&k=1'") == "e.g. 'https://h/x.png?X-Amz-Signature=***&k=1'"
+    assert redact_uri('"https://h/x.png?token=abc"') == '"https://h/x.png?token=***"'
 
 
 def test_a_scheme_without_a_filesystem_is_named() -> None:

@@ -20,6 +20,7 @@ def test_the_spec_names_what_the_explainer_takes() -> None:
 def test_a_digest_in_capitals_is_read_as_sha256sum_prints_it() -> None:
     digest = "AB" * 32  # Windows' Get-FileHash prints capitals
     assert spec.ModelSpec(arch="resnet18", weights="m.pt", weights_sha256=f" {digest}\n").weights_sha256 == digest.lower()
+    assert spec.ModelSpec(arch="resnet18", weights="m.pt", weights_sha256=f"sha256:{digest}").weights_sha256 == digest.lower()
     with pytest.raises(ValidationError, match="weights_sha256"):
         spec.ModelSpec(arch="resnet18", weights="m.pt", weights_sha256="AB" * 31)
     with pytest.raises(ValidationError, match=r"weights_sha256\n.*a digest of digits only reads as a number: quote it"):
