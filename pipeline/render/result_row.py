@@ -15,8 +15,8 @@ from pipeline.render.overlay import render_pair_png
 from pipeline.schema import SIDES
 
 # the columns of a row that its overlay is drawn from (the boxes only when the manifest has them)
-OVERLAY_COLUMNS = ("pair_id", "similarity", "metric", "cis_top_channels", "map_shape", "map_query", "map_reference",
-                   "query_bbox", "reference_bbox", "correspondences")
+OVERLAY_COLUMNS = ("pair_id", "similarity", "metric", "target_layer", "weighting", "cis_top_channels", "map_shape",
+                   "map_query", "map_reference", "query_bbox", "reference_bbox", "correspondences")
 DISPLAY_SIDE = 256  # longest side of the display picture a row's overlay is drawn on (job and sfam render)
 MIN_PANEL_HEIGHT = 128  # small images are enlarged to this height, to stay readable
 MAX_PANEL_HEIGHT = 256
@@ -33,6 +33,13 @@ def matches_in_pixels(matches: np.ndarray, grid: tuple[int, int], query_sizes: l
          for xq, yq, xr, yr, score in pair if not np.isnan(score)]
         for pair, (qw, qh), (rw, rh) in zip(matches, query_sizes, reference_sizes)
     ]
+
+
+def _title(row: Mapping) -> str:
+    """The caption's second line: the pair, and what its maps are (`sfam explain` shows the same)."""
+    weighting = row.get("weighting")
+    return " · ".join(str(part) for part in (row["pair_id"], row.get("target_layer"), weighting and f"{weighting} map")
+                      if part)
 
 
 def _box_on_display(box: list[float] | None, size: tuple[int, int], display: np.ndarray) -> list[float] | None:
@@ -54,8 +61,9 @@ def _matches_on_display(matches: list[dict] | None, sizes: Mapping[str, tuple[in
 def render_result_row(row: Mapping[str, Any], displays: Mapping[str, np.ndarray], sizes: Mapping[str, tuple[int, int]]) -> bytes:
     """PNG overlay of a result row.
 
-    row: the row's `pair_id`, `similarity`, `metric`, `cis_top_channels`, `map_shape`,
-        `map_query`, `map_reference` and, when present, `query_bbox`, `reference_bbox`, `correspondences`.
+    row: the row's `pair_id`, `similarity`, `metric`, `cis_top_channels`, `map_shape`, `map_query`,
+        `map_reference` and, when present, `target_layer`, `weighting`, `query_bbox`, `reference_bbox`,
+        `correspondences`.
     displays: per side, the (h, w, 3) uint8 display picture; sizes: per side, the original
         (width, height) that the boxes are given in.
     """
@@ -64,7 +72,7 @@ def render_result_row(row: Mapping[str, Any], displays: Mapping[str, np.ndarray]
     tallest = max(displays[side].shape[0] for side in SIDES)  # 4:3 pictures are drawn at their size, not enlarged
     return render_pair_png(
         displays["query"], displays["reference"], *maps,
-        similarity=row["similarity"], metric=row["metric"], title=row["pair_id"],
+        similarity=row["similarity"], metric=row["metric"], title=_title(row),
         top_channels=row["cis_top_channels"],
         query_box=_box_on_display(row.get("query_bbox"), sizes["query"], displays["query"]),
         reference_box=_box_on_display(row.get("reference_bbox"), sizes["reference"], displays["reference"]),

@@ -198,3 +198,11 @@ def test_encode_png_compresses_about_as_well_as_pillow() -> None:
     pillow = io.BytesIO()
     Image.fromarray(image).save(pillow, format="PNG")  # zlib level 6, adaptive filters
     assert len(encode_png(image)) < 1.1 * len(pillow.getvalue())
+
+
+def test_a_result_rows_caption_says_what_its_maps_are() -> None:
+    """The job's overlays showed the pair id only: a matched map read as a cis one (sfam explain names it)."""
+    from pipeline.render.result_row import _title
+
+    assert _title({"pair_id": "q1/g2", "target_layer": "layer4", "weighting": "matched"}) == "q1/g2 · layer4 · matched map"
+    assert _title({"pair_id": "q1/g2"}) == "q1/g2"  # a row read without them
