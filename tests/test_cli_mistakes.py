@@ -281,7 +281,7 @@ def test_manifest_whose_images_are_relative_to_another_folder(local_audit: Path,
     moved.write_bytes(Path(config["manifest"]).read_bytes())
     before = snapshot(local_audit.parent)
     done = run("manifest away from its images", [*JOB, "--config", str(local_audit), "--set", f"manifest={moved}"])
-    assert_mistake(done, "none of the manifest's first", f"looked for at {tmp_path / 'elsewhere'}",
+    assert_mistake(done, "distinct images of the manifest's first rows exists", f"looked for at {tmp_path / 'elsewhere'}",
                    "relative URIs are read from the manifest's folder", secrets=(s3_secret,))
     assert_before_ray(done)
     assert snapshot(local_audit.parent) == before

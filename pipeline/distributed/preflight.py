@@ -77,6 +77,6 @@ def _check_some_images_exist(config: JobConfig, uris: tuple[str, ...]) -> None:
     locations = [resolve_uri(uri, manifest_dir(config.manifest)) for uri in uris]
     if not any(exists(location, config.storage_options) for location in locations):
         relative = uris[0] != locations[0]
-        raise ManifestError(f"none of the manifest's first {len(uris)} images exists, e.g. {uris[0]!r}"
+        raise ManifestError(f"none of the {len(uris)} distinct images of the manifest's first rows exists, e.g. {uris[0]!r}"
                             + (f", looked for at {redact_uri(locations[0])}: relative URIs are read from the manifest's "
                                "folder" if relative else ""))
