@@ -100,7 +100,8 @@ def _check_patches_tile(model: nn.Module, spec: ModelSpec) -> None:
     example = fits[0] if sides[0] == sides[1] else f"height {fits[0]}, width {fits[1]}"
     cutters = f"patch embedding ({name})" + (f" and its {len(downsampling)} downsampling layers" if downsampling else "")
     raise ModelLoadError(
-        f"model.input_size {sides[0]}x{sides[1]}: the model's {cutters} cut the image into {cell[0]}x{cell[1]} px "
+        f"model.input_size {sides[0]}x{sides[1]}: the model's {cutters} {'cut' if downsampling else 'cuts'} the image "
+        f"into {cell[0]}x{cell[1]} px "
         f"cells, so the pixels past the last whole cell are never seen and the maps would be drawn over them: "
         f"use a multiple of {cell[0] if cell[0] == cell[1] else cell} ({example})")
 

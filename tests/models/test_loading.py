@@ -389,7 +389,7 @@ def test_spec_validation_of_new_fields(fields: dict) -> None:
 
 
 @pytest.mark.parametrize(("arch", "size", "named"), [
-    ("timm/vit_tiny_patch16_224", 63, r"\(patch_embed.proj\) cut the image into 16x16 px cells.*\(48 or 64\)"),
+    ("timm/vit_tiny_patch16_224", 63, r"\(patch_embed.proj\) cuts the image into 16x16 px cells.*\(48 or 64\)"),
     # ConvNeXt's stem (4 px) and its 3 downsampling convolutions (2 px each): a 7 x 7 grid for 240 px saw 224
     ("convnext_tiny", [64, 50], r"\(features.0.0\) and its 3 downsampling layers cut the image into 32x32 px cells.*"
                                 r"multiple of 32 \(height 64, width 32 or 64\)"),
