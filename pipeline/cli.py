@@ -125,7 +125,7 @@ def explain_command(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides)
         spec, options, max_pixels = config.model, config.storage_options, config.max_image_pixels
     else:
-        spec, options, max_pixels = _model_spec(args.model), StorageOptions(endpoint_url=args.endpoint_url), MAX_IMAGE_PIXELS
+        spec, options, max_pixels = _model_spec(args.model), _endpoint_options(args.endpoint_url), MAX_IMAGE_PIXELS
     changes = {"metric": args.metric, "target_layer": args.target_layer, "embedding_layer": args.embedding_layer,
                "weighting": args.weighting, "feature_layout": args.feature_layout, "prefix_tokens": args.prefix_tokens}
     spec = validated(ModelSpec, {**spec.model_dump(), **{k: v for k, v in changes.items() if v is not None}},
@@ -212,8 +212,13 @@ def _audit(args: argparse.Namespace, run_id: str) -> _Audit:
         return _Audit(args.output_root or config.output, config.storage_options, config.table)
     if not args.output_root:
         raise ConfigError(f"sfam {args.command} needs the audit's OUTPUT root or --config")
-    options = StorageOptions(endpoint_url=args.endpoint_url)
+    options = _endpoint_options(args.endpoint_url)
     return _Audit(args.output_root, options, recorded_table(args.output_root, run_id, options))
+
+
+def _endpoint_options(endpoint_url: str | None) -> StorageOptions:
+    """The storage options of --endpoint-url (commands without --config), checked as the config's are."""
+    return validated(StorageOptions, {"endpoint_url": endpoint_url}, "--endpoint-url")
 
 
 def report_command(args: argparse.Namespace) -> int:

@@ -55,7 +55,7 @@ def explain_pair(query: tuple[str, bytes], reference: tuple[str, bytes], spec: M
     png = render_pair_png(
         pictures[0].display, pictures[1].display, *maps,
         similarity=similarity, metric=spec.metric,
-        title=f"{spec.model_id} · {explainer.target_layer} · {spec.weighting}", top_channels=top,
+        title=f"{spec.model_id} · {explainer.target_layer} · {spec.weighting} map", top_channels=top,
         correspondences=_correspondences_on_display(result, pictures),
     )
     if output is not None:

@@ -98,12 +98,17 @@ def test_explain_draws_the_matches_of_the_matched_map(tmp_path: Path, rng) -> No
     (["render", "out", "--run-id", "r", "--pair-id", "p", "-o", "p.jpg"], "-o p.jpg: the file written is a .png file"),
     (["report", "out", "--run-id", "r", "-o", "-"], "-o -: this command writes a .html file"),
     (["report", "out", "--run-id", "r", "-o", "r.png"], "-o r.png: the file written is a .html file"),
+    # checked as the config's endpoint is: a traceback that printed the password (pydantic's input_value)
+    (["report", "out", "--run-id", "r", "--endpoint-url", "127.0.0.1:9000"],
+     "--endpoint-url: endpoint_url: '127.0.0.1:9000' is not an http:// or https:// URL"),
+    (["compare", "out", "a", "b", "--endpoint-url", "http://u:SECRET2@127.0.0.1:9000"],
+     "--endpoint-url: endpoint_url: http://***@127.0.0.1:9000 holds credentials"),
 ])
 def test_argument_mistakes_are_one_line(argv: list[str], named: str, capsys) -> None:
     """Found before anything is read or built: one line naming the argument, exit 2."""
     assert main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], lines
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0] and "SECRET2" not in lines[0], lines
 
 
 @pytest.mark.parametrize(("argv", "named"), [

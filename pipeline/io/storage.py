@@ -31,7 +31,7 @@ _OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")  # whose URIs
 # user:password@ up to the last @ of the URI (a password may hold / and @), or a user@ without a password
 _USERINFO = re.compile(r"(://)(?:[^\s/@:]*:\S*|[^\s/@]*)@")
 # storage option names that carry credentials: s3fs's key, secret, token; boto's aws_* ones
-_CREDENTIAL_WORDS = ("key", "secret", "token", "password", "credential", "profile_name")
+_CREDENTIAL_WORDS = ("key", "secret", "token", "password", "credential", "profile")
 # a URI that holds user:password@ (or user@) before its host: refused wherever it would be kept
 CREDENTIALS_IN_URI = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@"
 # the values of query parameters that carry secrets (presigned URLs, tokens)
@@ -104,7 +104,7 @@ class StorageOptions(BaseModel):
             if isinstance(data, dict) else []
         if secret:
             raise ValueError(f"{', '.join(map(str, secret))}: credentials never go into the config; use the environment "
-                             "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), a profile or a role")
+                             "(AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY) or a role")
         return data
 
     @field_validator("endpoint_url")
@@ -112,7 +112,7 @@ class StorageOptions(BaseModel):
     def _a_url_without_credentials(cls, value: str | None) -> str | None:
         if value is None:
             return value
-        if not re.match(r"^https?://[^/?#]", value):
+        if not re.match(r"^https?://[^/?#]", value, re.IGNORECASE):
             raise ValueError(f"{value!r} is not an http:// or https:// URL: write it with its scheme, "
                              "e.g. http://127.0.0.1:9000")
         if re.match(CREDENTIALS_IN_URI, value):

@@ -5,7 +5,16 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, PositiveFloat, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    PositiveFloat,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -101,8 +110,9 @@ class ModelSpec(BaseModel):
 
     @field_validator("mean", "std")
     @classmethod
-    def _for_pixels_from_0_to_1(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
-        if any(abs(channel) > 1 for channel in value):
+    def _for_pixels_from_0_to_1(cls, value: tuple[float, float, float], info: ValidationInfo) -> tuple[float, float, float]:
+        """A mean above 1, or a std above 10, is not of pixels from 0 to 1 (a std of 2 only scales them down)."""
+        if any(abs(channel) > (1 if info.field_name == "mean" else 10) for channel in value):
             raise ValueError(f"{list(value)} is on the 0-255 scale: images are read as pixels from 0 to 1, so "
                              f"divide by 255 ({[round(channel / 255, 3) for channel in value]})")
         return value

@@ -350,7 +350,8 @@ def test_an_endpoint_is_an_http_url_without_credentials() -> None:
         validated(StorageOptions, {"endpoint_url": "http://AKIA1:SECRET2@127.0.0.1:9000"}, "storage_options")
     assert "SECRET2" not in str(error.value)  # the config's one line, without pydantic's echo of the input
     assert StorageOptions(endpoint_url="https://s3.eu-west-1.amazonaws.com").endpoint_url.startswith("https://")
-    for keys in ({"key": "AKIA1", "secret": "SECRET2"}, {"aws_session_token": "SECRET2"}):  # got "Extra inputs"
+    assert StorageOptions(endpoint_url="HTTP://127.0.0.1:9000").endpoint_url  # schemes are case-insensitive
+    for keys in ({"key": "AKIA1", "secret": "SECRET2"}, {"aws_session_token": "SECRET2"}, {"profile": "dev"}):
         with pytest.raises(ConfigError, match=f"storage_options: {', '.join(keys)}: credentials never go into the config"):
             validated(StorageOptions, keys, "storage_options")
 

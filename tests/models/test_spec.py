@@ -50,3 +50,4 @@ def test_a_normalisation_on_the_0_255_scale_is_refused() -> None:
     with pytest.raises(ValidationError, match="std"):
         spec.ModelSpec(arch="resnet18", std=58.395)
     assert spec.ModelSpec(arch="resnet18", mean=[-1, 0, 1], std=1).std == (1, 1, 1)
+    assert spec.ModelSpec(arch="resnet18", std=2).std == (2, 2, 2)  # a scale, not a 0-255 std: was refused
