@@ -127,6 +127,7 @@ def test_catalog_defaults_and_refusals() -> None:
         validated(TableConfig, {"format": "iceberg", "catalog": {"type": "rest", "uri": "https://AKIA1:SECRET2@cat.example"}},
                   "table")
     assert "SECRET2" not in str(error.value)
+    assert TableConfig(format="iceberg", catalog={"type": "sql", "uri": "postgresql://auditor@db/c"})  # PGPASSWORD
     remote = catalog_properties(TableConfig(format="iceberg", catalog={"type": "rest", "uri": "http://catalog"}),
                                 "s3://b/a", StorageOptions(endpoint_url="http://minio:9000", region="eu-west-1"))
     assert remote == {"type": "rest", "uri": "http://catalog", "s3.endpoint": "http://minio:9000", "s3.region": "eu-west-1"}
