@@ -13,18 +13,23 @@ def later_attempts(output: str, record: dict, options: StorageOptions) -> list[d
     """The records of the run_id's attempts that started after the committed one of `record` and did
     not commit (failed, or running or killed), earliest first: a re-run that went wrong leaves the run
     as it was, and the run's report says so."""
-    started = (record.get("timings") or {}).get("started") or ""
     later = []
     for uri in glob(attempt_record_uri(output, record["run_id"], "*"), options, under=output):
         try:
             attempt = read_json(uri, options)
         except StorageError:
             continue  # a record being written
-        when = (attempt.get("timings") or {}).get("started") or ""
-        if isinstance(attempt, dict) and attempt.get("attempt") != record.get("attempt") and when > started \
-                and attempt.get("status") not in ("succeeded", "gates_failed"):
+        if not isinstance(attempt, dict):
+            continue  # not a record
+        if (attempt.get("attempt") != record.get("attempt") and _started(attempt) > _started(record)
+                and attempt.get("status") not in ("succeeded", "gates_failed")):
             later.append(attempt)
-    return sorted(later, key=lambda attempt: attempt["timings"]["started"])
+    return sorted(later, key=_started)
+
+
+def _started(record: dict) -> str:
+    """When the record's attempt started (ISO-8601 UTC), "" where it does not say."""
+    return (record.get("timings") or {}).get("started") or ""
 
 
 def _table_of(config: dict) -> tuple[str, str | None]:

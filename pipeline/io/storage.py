@@ -32,6 +32,8 @@ _OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")  # whose URIs
 _USERINFO = re.compile(r"(://)(?:[^\s/@:]*:\S*|[^\s/@]*)@")
 # storage option names that carry credentials: s3fs's key, secret, token; boto's aws_* ones
 _CREDENTIAL_WORDS = ("key", "secret", "token", "password", "credential", "profile")
+_CREDENTIALS_ELSEWHERE = ("credentials never go into the config; use the environment (AWS_PROFILE, or "
+                          "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY) or a role")
 # a URI that holds user:password@ (or user@) before its host: refused wherever it would be kept
 CREDENTIALS_IN_URI = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@"
 # the values of query parameters that carry secrets (presigned URLs, tokens)
@@ -103,8 +105,7 @@ class StorageOptions(BaseModel):
         secret = [name for name in data if any(word in str(name).lower() for word in _CREDENTIAL_WORDS)] \
             if isinstance(data, dict) else []
         if secret:
-            raise ValueError(f"{', '.join(map(str, secret))}: credentials never go into the config; use the environment "
-                             "(AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY) or a role")
+            raise ValueError(f"{', '.join(map(str, secret))}: {_CREDENTIALS_ELSEWHERE}")
         return data
 
     @field_validator("endpoint_url")
@@ -116,8 +117,7 @@ class StorageOptions(BaseModel):
             raise ValueError(f"{value!r} is not an http:// or https:// URL: write it with its scheme, "
                              "e.g. http://127.0.0.1:9000")
         if re.match(CREDENTIALS_IN_URI, value):
-            raise ValueError(f"{redact_uri(value)} holds credentials (user:password@): credentials never go into the "
-                             "config; use the environment, a profile or a role")
+            raise ValueError(f"{redact_uri(value)} holds credentials (user:password@): {_CREDENTIALS_ELSEWHERE}")
         return value
 
     def fsspec_kwargs(self, protocol: str) -> dict:
