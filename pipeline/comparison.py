@@ -104,7 +104,8 @@ PAIR_COLUMNS = (
     "map_correlation_query", "map_correlation_reference", "map_correlation", "false_match_a", "false_match_b",
 )
 METRICS_DIFFER = "The runs use different metrics: their similarities and the threshold are in different units."
-MAPS_DIFFER = {"target_layer": "of different target layers", "weighting": "of different weightings"}
+MAPS_DIFFER = {"target_layer": "of different target layers", "weighting": "of different weightings",
+               "input_size": "of different input sizes"}
 REVERSED = ("Run A first ran after run B: each change is B's figure minus A's, so it reads backwards in time. "
             "Name the earlier run first.")
 OTHER_IMAGES = ("No pair is ok in both runs on the same images: every pair id of A that B has names other images in "
@@ -171,14 +172,19 @@ class Comparison:
 
     @cached_property
     def warnings(self) -> list[str]:
-        """What makes this comparison misleading: other metrics, maps of other layers or weightings,
-        B run before A, no pair on the same images."""
+        """What makes this comparison misleading: other metrics, maps of other layers, weightings or
+        input sizes, maps of other shapes, B run before A, no pair on the same images."""
         warnings = [METRICS_DIFFER] if len({run["metric"] for run in self.runs}) > 1 else []
         for field, what in MAPS_DIFFER.items():
             first, second = (run[field] for run in self.runs)
             if first != second:
                 warnings.append(f"The runs' maps are {what} (A: {first}, B: {second}): the map correlations and the "
                                 "changes of pointing and energy measure that difference, not a change of the model.")
+        incomparable = self.counts["with maps not comparable"]
+        if incomparable:
+            warnings.append(f"{incomparable:,} {'pair' if incomparable == 1 else 'pairs'} ok in both runs "
+                            f"{'has maps' if incomparable == 1 else 'have maps'} of another shape in B (map_shape "
+                            "differs: another model, target layer or input size): no map correlation is taken for them.")
         started_a, started_b = (_when(run["started"]) for run in self.runs)
         if started_a and started_b and started_a > started_b:
             warnings.append(REVERSED)

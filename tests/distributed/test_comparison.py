@@ -188,6 +188,11 @@ def test_other_pairs_and_map_shapes_are_counted_not_correlated(runs: Runs) -> No
     page = render_comparison(comparison.view())  # says why no map is listed, not that none moved
     assert "no maps compared: the 5 pairs ok in both runs have maps of other shapes" in page
     assert "no map moved" not in page
+    assert [warning for warning in comparison.warnings if "map" in warning] == [  # and the terminal says why
+        f"The runs' maps are of different input sizes (A: {comparison.runs[0]['input_size']}, B: 96): the map correlations and the changes of pointing "
+        "and energy measure that difference, not a change of the model.",
+        "5 pairs ok in both runs have maps of another shape in B (map_shape differs: another model, target layer or "
+        "input size): no map correlation is taken for them."]
 
 
 def test_a_pair_id_that_names_other_images_is_counted_not_compared(runs: Runs) -> None:
