@@ -26,6 +26,7 @@ from pipeline.config import (
     RUN_ID_PATTERN,
     RUN_ID_RULE,
     ConfigError,
+    FinishedRunSettings,
     load_config,
     load_yaml,
     model_section,
@@ -197,18 +198,17 @@ class _Audit:
     table: TableConfig | None
 
 
-FINISHED_RUN_SETTINGS = ("output", "storage_options", "table")  # what a command on a finished run reads of a config
 
 
 def _audit(args: argparse.Namespace, run_id: str) -> _Audit:
     """From --config, or from OUTPUT and --endpoint-url, in the table that `run_id`'s record names."""
     _refuse_ignored(args)
     for override in args.overrides:  # the rest was fixed when the run ran: changing it would change nothing
-        if parse_override(override)[0][0] not in FINISHED_RUN_SETTINGS:
+        if parse_override(override)[0][0] not in FinishedRunSettings.model_fields:
             raise ConfigError(f"--set {override!r}: sfam {args.command} reads a finished run as it was written; "
-                              f"only {', '.join(FINISHED_RUN_SETTINGS)} can be set here")
+                              f"only {', '.join(FinishedRunSettings.model_fields)} can be set here")
     if args.config:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, args.overrides, FinishedRunSettings)
         return _Audit(args.output_root or config.output, config.storage_options, config.table)
     if not args.output_root:
         raise ConfigError(f"sfam {args.command} needs the audit's OUTPUT root or --config")

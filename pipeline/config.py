@@ -173,6 +173,22 @@ class JobConfig(BaseModel):
         return self
 
 
+class FinishedRunSettings(BaseModel):
+    """What a command on a finished run (report, render, compare) reads of a job config: where the
+    run lives. The rest (the manifest, which a nightly config may leave to `--set`) is not needed."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    output: str
+    table: TableConfig = Field(default_factory=TableConfig)
+    storage_options: StorageOptions = Field(default_factory=StorageOptions)
+
+    @field_validator("output")
+    @classmethod
+    def _from_current_directory(cls, value: str) -> str:
+        return resolve_uri(value, os.getcwd())
+
+
 def _without_trailing_slash(uri: str) -> str:
     """A folder manifest written with a trailing slash is the same manifest (its relative URIs'
     folder, the similarity gate's baseline); a bucket or filesystem root keeps its slash."""
@@ -218,8 +234,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
-    """Reads a YAML file (or nothing), applies overrides, validates. Unknown keys are errors."""
+def load_config(path: str | Path | None, overrides: list[str] = (), schema: type[Model] = JobConfig) -> Model:
+    """Reads a YAML file (or nothing), applies overrides, validates as `schema`. Unknown keys are
+    errors (where `schema` forbids them: JobConfig does)."""
     data: dict = {}
     if path is not None:
         try:
@@ -231,7 +248,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
             raise ConfigError(f"cannot read config {path}: {one_line(error)}") from error
         if not isinstance(data, dict):
             raise ConfigError(f"config {path} must be a mapping of keys to values")
-    return validated(JobConfig, apply_overrides(data, list(overrides)), "invalid config")
+    return validated(schema, apply_overrides(data, list(overrides)), "invalid config")
 
 
 def one_line(error: Exception) -> str:

@@ -396,7 +396,10 @@ def test_report_with_config_reaches_the_endpoint(finished_local_run, s3_audit, t
     assert f"audit/copied/reports/{RUN_ID}.html" in s3_keys(endpoint, bucket)
     assert s3_secret not in report.stdout and s3_secret not in report.stderr
 
-    local = run("10 report --config (local)", [*SFAM, "report", "--config", str(output.parent / "audit.yaml"),
+    nightly = yaml.safe_load((output.parent / "audit.yaml").read_text())  # a nightly config: the manifest is --set
+    del nightly["manifest"]
+    (tmp_path / "nightly.yaml").write_text(yaml.safe_dump(nightly))
+    local = run("10 report --config (local)", [*SFAM, "report", "--config", str(tmp_path / "nightly.yaml"),
                                                "--run-id", RUN_ID, "-o", str(tmp_path / "local.html")])
     assert local.returncode == 0, local.stderr[-4000:]
     assert "<html" in (tmp_path / "local.html").read_text().lower()
