@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from pipeline.errors import UserError
 from pipeline.io.results_store import ResultsStore
-from pipeline.io.storage import StorageError, StorageOptions, join_uri, redact_uri
+from pipeline.io.storage import PASSWORD_IN_URI, StorageError, StorageOptions, join_uri, redact_uri
 from pipeline.layout import RunLayout, run_dir_uri
 
 CATALOG_NAME = "sfam"
@@ -40,7 +40,6 @@ CATALOG_NAME = "sfam"
 # adls.connection-string, adls.sas-token, header.Authorization, ...)
 _SECRET_WORDS = ("secret", "password", "token", "credential", "access-key", "session", "account-key",
                  "connection-string", "authorization", "header.")
-_PASSWORD_IN_URI = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#@:]*:[^/?#]*@"  # user:password@ (a SQL catalog's uri)
 
 
 class TableConfig(BaseModel):
@@ -56,7 +55,7 @@ class TableConfig(BaseModel):
     @classmethod
     def _no_secrets(cls, value: dict[str, str]) -> dict[str, str]:
         secret = [key for key, text in value.items()
-                  if any(word in key.lower() for word in _SECRET_WORDS) or re.match(_PASSWORD_IN_URI, text)]
+                  if any(word in key.lower() for word in _SECRET_WORDS) or re.match(PASSWORD_IN_URI, text)]
         if secret:
             raise ValueError(f"{', '.join(secret)}: credentials never go into the config (a secret's name, or "
                              "user:password@ in a URI: a user alone may stay, with PGPASSWORD or the like in the "

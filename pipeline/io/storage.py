@@ -34,8 +34,11 @@ _USERINFO = re.compile(r"(://)(?:[^\s/@:]*:\S*|[^\s/@]*)@")
 _CREDENTIAL_WORDS = ("key", "secret", "token", "password", "credential", "profile")
 _CREDENTIALS_ELSEWHERE = ("credentials never go into the config; use the environment (AWS_PROFILE, or "
                           "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY) or a role")
-# a URI that holds user:password@ (or user@) before its host: refused wherever it would be kept
-CREDENTIALS_IN_URI = r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@"
+# a URI that holds user:password@ (or user@) before its host: refused wherever it would be kept;
+# one with a password alone where a user is a name, not a secret (a SQL catalog's postgresql://auditor@db/c)
+_SCHEME = r"^[A-Za-z][A-Za-z0-9+.-]*://"
+CREDENTIALS_IN_URI = _SCHEME + r"[^/?#]*@"
+PASSWORD_IN_URI = _SCHEME + r"[^/?#@:]*:[^/?#]*@"
 # the values of query parameters that carry secrets (presigned URLs, tokens)
 _SECRET_QUERY = re.compile(
     r"([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|sig|signature|token|access_token|api_?key|key|"
