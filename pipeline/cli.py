@@ -27,6 +27,7 @@ from pipeline.config import (
     RUN_ID_RULE,
     ConfigError,
     FinishedRunSettings,
+    PairSettings,
     load_config,
     load_yaml,
     model_section,
@@ -123,7 +124,7 @@ def explain_command(args: argparse.Namespace) -> int:
     _refuse_ignored(args)
     _check_output(args.output, "-o", "pair.png")
     if args.config:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, args.overrides, PairSettings)
         spec, options, max_pixels = config.model, config.storage_options, config.max_image_pixels
     else:
         spec, options, max_pixels = _model_spec(args.model), _endpoint_options(args.endpoint_url), MAX_IMAGE_PIXELS

@@ -175,7 +175,7 @@ class JobConfig(BaseModel):
 
 class FinishedRunSettings(BaseModel):
     """What a command on a finished run (report, render, compare) reads of a job config: where the
-    run lives. The rest (the manifest, which a nightly config may leave to `--set`) is not needed."""
+    run lives. The rest (the manifest, which a nightly config may leave to `--set`) is not read."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -187,6 +187,21 @@ class FinishedRunSettings(BaseModel):
     @classmethod
     def _from_current_directory(cls, value: str) -> str:
         return resolve_uri(value, os.getcwd())
+
+
+class PairSettings(BaseModel):
+    """What `sfam explain` reads of a job config: the model, the storage options and the image size limit."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: ModelSpec
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1)
+    storage_options: StorageOptions = Field(default_factory=StorageOptions)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_short_form(cls, value: Any) -> Any:
+        return model_section(value)
 
 
 def _without_trailing_slash(uri: str) -> str:

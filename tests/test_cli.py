@@ -77,6 +77,19 @@ def test_explain_draws_the_matches_of_the_matched_map(tmp_path: Path, rng) -> No
     assert magenta[0].sum() == 0 and magenta[1].sum() > 200  # the matched overlay draws its correspondences
 
 
+def test_explain_reads_the_model_of_a_nightly_config(tmp_path: Path, rng) -> None:
+    """A nightly config leaves its manifest to --set: explain reads only its model and storage options."""
+    smooth_picture(rng, 160, 160).save(tmp_path / "query.png")
+    smooth_picture(rng, 160, 160).save(tmp_path / "reference.png")
+    (tmp_path / "nightly.yaml").write_text("output: audits\nrender_png: all\n"
+                                           "model: {arch: resnet18, embedding_dim: 32, input_size: 96}\n")
+    done = subprocess.run([*SFAM, "explain", str(tmp_path / "query.png"), str(tmp_path / "reference.png"), "--config",
+                           str(tmp_path / "nightly.yaml"), "--set", "model.metric=dot", "-o", str(tmp_path / "pair.png")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "dot similarity:" in done.stdout and (tmp_path / "pair.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize(("argv", "named"), [
     (["explain", "q.png", "r.png", "--model", "{arch: resnet18", "-o", "x.png"], "--model '{arch: resnet18': not YAML"),
     (["explain", "q.png", "r.png", "--model", "{arch: resnet18, embeding_dim: 8}", "-o", "x.png"],
