@@ -48,3 +48,25 @@ def test_the_readme_lists_every_config_key_with_its_default() -> None:
         assert dumped[key] == default_dump[key], key  # the README shows the default
     for key in set(documented["model"]) - {"arch"}:
         assert dumped["model"][key] == default_dump["model"][key], f"model.{key}"
+
+
+def test_the_pyarrow_recipe_reads_runs_of_manifests_with_other_types(tmp_path: Path) -> None:
+    """docs/cluster.md's pyarrow block, on two runs whose manifests wrote `label` as int8 and int64
+    (the first with a column the second lacks): every row, the widest label, run ids as text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "audits" / "results"
+    runs = {"demo": pa.table({"pair_id": ["a", "b"], "label": pa.array([1, 0], pa.int8()), "rank": [1, 2]}),
+            "20261129": pa.table({"pair_id": ["c"], "label": pa.array([None], pa.int64())})}
+    for run_id, rows in runs.items():
+        (root / "run_date=2026-11-29" / f"run_id={run_id}").mkdir(parents=True)
+        pq.write_table(rows, root / "run_date=2026-11-29" / f"run_id={run_id}" / "part-0.parquet")
+    text = (ROOT / "docs" / "cluster.md").read_text()
+    recipe = re.search(r"```python\n(import pyarrow .*?)```", text, flags=re.S).group(1)
+    namespace: dict = {}
+    exec(recipe.replace('"/data/audits/results"', repr(str(root))), namespace)
+    table = namespace["table"]
+    assert sorted(zip(table["run_id"].to_pylist(), table["pair_id"].to_pylist(), table["rank"].to_pylist())) == [
+        ("20261129", "c", None), ("demo", "a", 1), ("demo", "b", 2)]
+    assert table.schema.field("label").type == pa.int64() and table.schema.field("run_id").type == pa.string()
