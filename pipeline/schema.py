@@ -17,9 +17,9 @@ PARTITION_COLUMNS = pa.schema([
     pa.field("run_id", pa.string()),
 ])
 
-_SHA256_DOC = "SHA-256 (hex) of the image's bytes as the job read them; null where they could not be read"
+# what each column means: docs/cluster.md, "Where the results land" (tests/test_docs.py keeps its table and these names equal)
 RESULT_COLUMNS = pa.schema([
-    pa.field("attempt", pa.string(), metadata={"doc": "the attempt of the run that wrote the row (see runs/ID/_SUCCESS)"}),
+    pa.field("attempt", pa.string()),
     pa.field("model_id", pa.string()),
     pa.field("metric", pa.string()),
     pa.field("weighting", pa.string()),
@@ -39,10 +39,9 @@ RESULT_COLUMNS = pa.schema([
         pa.field("query_xy", pa.list_(pa.float32())),
         pa.field("reference_xy", pa.list_(pa.float32())),
         pa.field("score", pa.float32()),
-    ])), metadata={"doc": "weighting 'matched' only: the strongest matched points, strongest first; "
-                          "x, y in original image pixels, score the cosine of the local embeddings"}),
-    pa.field("query_sha256", pa.string(), metadata={"doc": _SHA256_DOC}),
-    pa.field("reference_sha256", pa.string(), metadata={"doc": _SHA256_DOC}),
+    ]))),
+    pa.field("query_sha256", pa.string()),
+    pa.field("reference_sha256", pa.string()),
     pa.field("png_uri", pa.string()),
     pa.field("status", pa.string()),
     pa.field("error", pa.string()),
