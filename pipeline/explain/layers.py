@@ -34,8 +34,16 @@ def find_module(model: nn.Module, name: str, argument: str = "target_layer") -> 
     modules = dict(model.named_modules(remove_duplicate=False))
     if name in modules and name:  # "" is the whole model, never a layer
         return modules[name]
-    hint = did_you_mean(name, [n for n in modules if n], cutoff=0.5)
+    hint = did_you_mean(name, [n for n in modules if n], cutoff=0.5) or _top_level_modules(model)
     raise ExplanationError(f"{argument} {name!r} is not a module of the model ({type(model).__name__}){hint}")
+
+
+def _top_level_modules(model: nn.Module, shown: int = 12) -> str:
+    """"; its top-level modules: a, b, ..." for an error about a layer name nothing resembles."""
+    names = [name for name, _ in model.named_children()]
+    listed = ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
+    return (f"; its top-level modules: {listed} (a nested one is named with dots, as in model.named_modules(); "
+            "leave the setting out for its default)") if names else ""
 
 
 def layer_name(model: nn.Module, layer: str | nn.Module, argument: str = "target_layer") -> str:

@@ -506,6 +506,12 @@ def test_layers_given_as_modules_or_by_any_of_their_names(seed: int) -> None:
         explainer = SFAM(model, given, embedding_layer=model.fc)
         assert explainer.target_layer in ("layer4", "features") and explainer.embedding_layer == "fc"
         assert_close(explainer.explain(x, y).cis_query, expected.cis_query, rel=1e-6)
+    with pytest.raises(ExplanationError, match=r"'layr4' is not a module of the model \(ResNet\); did you mean: layer4"):
+        SFAM(model, "layr4")
+    with pytest.raises(ExplanationError, match=r"'encoder.ln' is not a module of the model \(ResNet\); its top-level "
+                                               r"modules: conv1, bn1, relu, maxpool, layer1, layer2, layer3, layer4, avgpool, "
+                                               r"fc \(a nested one is named with dots"):  # a ViT's layer: nothing resembles it
+        SFAM(model, "encoder.ln")
     with pytest.raises(ExplanationError, match=r"target_layer: the Conv2d given is not a module of the model \(ResNet\)"):
         SFAM(model, nn.Conv2d(3, 3, 1))
     with pytest.raises(ExplanationError, match=r"embedding_layer must be a module of the model or its name \(e.g. 'layer4'\), not int 4"):
