@@ -22,6 +22,7 @@ import pyarrow.dataset as pds
 from pipeline.errors import UserError
 from pipeline.io.storage import (
     CREDENTIALS_IN_URI,
+    SECRET_IN_QUERY,
     StorageOptions,
     is_folder,
     parent_uri,
@@ -182,13 +183,16 @@ def _check_schemes(uris: pa.Array, name: str, first_row: int) -> None:
 
 
 def _check_no_credentials(uris: pa.Array, name: str, first_row: int) -> None:
-    """No URI holds user:password@: the result table keeps the manifest's URIs as they are."""
-    found = pc.match_substring_regex(uris, CREDENTIALS_IN_URI)
-    if pc.any(found).as_py():
-        row = pc.index(found, True).as_py()
-        raise ManifestError(f"manifest column {name!r} row {first_row + row}: {redact_uri(uris[row].as_py())} holds "
-                            "credentials (user:password@), which the result table would keep with the row: give them "
-                            "through the environment, a profile or a role")
+    """No URI holds user:password@ or a secret in its query (a presigned URL): the result table
+    keeps the manifest's URIs as they are."""
+    for pattern, what in ((CREDENTIALS_IN_URI, "credentials (user:password@)"),
+                          (SECRET_IN_QUERY, "a secret in its query (a presigned URL's signature, a token or key)")):
+        found = pc.match_substring_regex(uris, pattern, ignore_case=True)
+        if pc.any(found).as_py():
+            row = pc.index(found, True).as_py()
+            raise ManifestError(f"manifest column {name!r} row {first_row + row}: {redact_uri(uris[row].as_py())} holds "
+                                f"{what}, which the result table would keep with the row: give the images' own URIs "
+                                "(s3://, gs://, ...) and the credentials through the environment, a profile or a role")
 
 
 def _check_boxes(batch: pa.RecordBatch, name: str, first_row: int) -> float:

@@ -39,10 +39,14 @@ _CREDENTIALS_ELSEWHERE = ("credentials never go into the config; use the environ
 _SCHEME = r"^[A-Za-z][A-Za-z0-9+.-]*://"
 CREDENTIALS_IN_URI = _SCHEME + r"[^/?#]*@"
 PASSWORD_IN_URI = _SCHEME + r"[^/?#@:]*:[^/?#]*@"
-# the values of query parameters that carry secrets (presigned URLs, tokens)
-_SECRET_QUERY = re.compile(
-    r"([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|sig|signature|token|access_token|api_?key|key|"
-    r"password|secret)=)[^&\s#'\"]*", re.IGNORECASE)  # up to a quote that encloses the URL in a message
+# query parameters that carry secrets (presigned URLs of S3, GCS and Azure, tokens, keys)
+_SECRET_PARAMETERS = (r"(?:x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|x-goog-credential|sig|"
+                      r"signature|token|access_token|api_?key|key|password|secret)")
+# a URI whose query holds one: refused where the URI would be kept (pyarrow's regex, with ignore_case)
+SECRET_IN_QUERY = rf"[?&]{_SECRET_PARAMETERS}="
+# their values, also percent-encoded (%3F ? %26 & %3D =: botocore's messages quote an s3:// key's ? so),
+# up to a quote that encloses the URL in a message
+_SECRET_QUERY = re.compile(rf"((?:[?&]|%3F|%26){_SECRET_PARAMETERS}(?:=|%3D))(?:(?!%26)[^&\s#'\"])*", re.IGNORECASE)
 
 
 class StorageError(UserError):

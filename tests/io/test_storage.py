@@ -170,6 +170,9 @@ def test_redact_uri() -> None:
     assert (redact_uri("https://b.s3.amazonaws.com/x.jpg?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=abc123&v=2 next")
             == "https://b.s3.amazonaws.com/x.jpg?X-Amz-Credential=***&X-Amz-Signature=***&v=2 next")
     assert redact_uri("https://cdn/x.jpg?token=t0k3n#top") == "https://cdn/x.jpg?token=***#top"
+    # botocore's message percent-encodes an s3:// key's query: "https://b.s3.amazonaws.com/a.png%3FX-Amz-Signature%3D..."
+    assert (redact_uri('URL: "https://b.s3.amazonaws.com/a.png%3FX-Amz-Signature%3Dhunter2%26x-amz-credential%3DAK%2FIA"')
+            == 'URL: "https://b.s3.amazonaws.com/a.png%3FX-Amz-Signature%3D***%26x-amz-credential%3D***"')
 
 
 def test_errors_hide_userinfo() -> None:
