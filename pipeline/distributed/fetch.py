@@ -57,7 +57,8 @@ class FetchImages:
 
     def _decode_all(self, uris: list[str]) -> tuple[dict[str, Pictures | EncodedJpeg], dict[str, str], dict[str, str]]:
         """The pictures of each distinct URI that decodes, the error of each that does not, and the
-        SHA-256 of each that could be read (what `sfam render` and `sfam compare` check images against).
+        SHA-256 of each that decodes (what `sfam render` and `sfam compare` check images against; none
+        of a file that is no image, which a manifest could name to learn whether a guess of its content holds).
 
         Objects in a store are read READ_THREADS at a time: one by one, the store's latency per
         request, not the CPU, set the pace (64 reads of 20 ms each are 1.3 s per batch). Local
@@ -69,7 +70,6 @@ class FetchImages:
             # raises StorageUnavailable when the endpoint is down
             read = dict(zip(remote, pool.map(lambda uri: self._read(uri, locations[uri]), remote)))
         contents = {uri: read[uri] if uri in read else self._read(uri, locations[uri]) for uri in uris}
-        digests = {uri: image_sha256(data) for uri, data in contents.items() if isinstance(data, bytes)}
         pictures: dict[str, Pictures | EncodedJpeg] = {}
         errors: dict[str, str] = {}
         for uri, data in contents.items():
@@ -79,7 +79,7 @@ class FetchImages:
                 pictures[uri] = self._decode(data, uri)
             except (StorageError, ImageDecodeError) as error:
                 errors[uri] = str(error)
-        return pictures, errors, digests
+        return pictures, errors, {uri: image_sha256(contents[uri]) for uri in pictures}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         uris = {side: batch.column(f"{side}_uri").to_pylist() for side in SIDES}

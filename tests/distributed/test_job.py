@@ -95,6 +95,8 @@ def test_local_folder_run_with_bad_rows(local_ray, tmp_path, rng) -> None:
     assert errors["bad/missing"] == f"reference: img/nowhere.png: not found (at {join_uri(root, 'img', 'nowhere.png')})"
     assert errors["bad/corrupt"].startswith("reference: img/corrupt.jpg: ") and "corrupt" in errors["bad/corrupt"]
     assert "too many pixels" in errors["bad/bomb"]
+    digests = {row["pair_id"]: (row["query_sha256"], row["reference_sha256"]) for row in table.to_pylist()}
+    assert digests["bad/corrupt"][0] and digests["bad/corrupt"][1] is None  # none of a file that is no image
     assert exists(join_uri(config.output, "runs", "local-1", "_SUCCESS"), options)
 
     # render_png: flagged (the default) drew some pairs; any other is drawn later from the table
