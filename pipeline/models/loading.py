@@ -29,6 +29,8 @@ _TRUST_HINT = "set `trust_checkpoint: true` to allow it, only for a file you tru
 _SHOWN = 5
 RANDOM_INIT_SEED = 0  # the initialisation of a model built without weights
 ZIP_START = b"PK\x03\x04"  # the local header of a zip's first entry (torch.save writes a zip)
+# torch.save's legacy format (_use_new_zipfile_serialization=False): a pickle of its magic number first
+LEGACY_TORCH_START = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 # torch.load(weights_only=True) names the class it refused in one of these forms, e.g. "Unsupported global:
 # GLOBAL torch.nn...Linear" or (torch >= 2.14) "Trying to load unsupported GLOBAL posix.system whose module ...".
 _UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)")
@@ -241,11 +243,15 @@ def _load_checkpoint(spec: ModelSpec, storage_options: StorageOptions | None) ->
             raise ModelLoadError(f"weights {uri} are not a readable safetensors file: {short_reason(e)}{cut}") from e
     if uri.endswith(".safetensors"):
         raise ModelLoadError(f"weights {uri} are named .safetensors but do not start with a safetensors header")
-    if not zipfile.is_zipfile(io.BytesIO(data)) and not data.startswith(b"\x80"):  # torch.save: a zip, or a pickle
+    if not zipfile.is_zipfile(io.BytesIO(data)) and not data.startswith(LEGACY_TORCH_START):
         if data.startswith(ZIP_START):  # a zip's first entry without the directory at its end
             raise ModelLoadError(f"weights {uri} are a zip archive cut short ({len(data):,} bytes, without the end "
                                  "of the zip; torch.save writes one): the file is truncated or corrupt; copy or save "
                                  "it again")
+        if data.startswith(b"\x80"):  # pickle's PROTO opcode
+            raise ModelLoadError(f"weights {uri} are a plain Python pickle (pickle.dump), not a torch.save checkpoint: "
+                                 "a pickle can run code when it is loaded, and torch reads none; save the tensors with "
+                                 "torch.save(model.state_dict(), path) or safetensors")
         raise ModelLoadError(f"weights {uri} are neither a torch.save checkpoint nor a safetensors file")
     if _is_torchscript(data):
         raise ModelLoadError(f"weights {uri} are a TorchScript archive: explaining hooks into the model's layers, "

@@ -4,6 +4,7 @@ import argparse
 import hashlib
 import io
 import logging
+import pickle
 
 import numpy as np
 import pytest
@@ -23,9 +24,10 @@ def images(rng: np.random.Generator, batch: int = 2, size: int = 64) -> torch.Te
     return torch.from_numpy(rng.standard_normal((batch, 3, size, size), dtype=np.float32))
 
 
-def saved(obj: object) -> bytes:
+def saved(obj: object, legacy: bool = False) -> bytes:
+    """torch.save's bytes: a zip, or its legacy format (a pickle stream) where `legacy`."""
     buffer = io.BytesIO()
-    torch.save(obj, buffer)
+    torch.save(obj, buffer, _use_new_zipfile_serialization=not legacy)
     return buffer.getvalue()
 
 
@@ -247,7 +249,9 @@ def test_checkpoint_of_a_wrapper_module(resnet18_64: nn.Module, rng: np.random.G
 @pytest.mark.parametrize(
     ("payload", "reason"),
     [(b"not a checkpoint at all", "neither a torch.save checkpoint nor a safetensors file"),
-     (b"\x80\x02 a truncated pickle", "not a readable torch checkpoint"), (saved({"epoch": 3}), "not a state_dict"),
+     (pickle.dumps({"w": [1.0]}), r"a plain Python pickle \(pickle.dump\), not a torch.save checkpoint"),
+     (saved({"w": torch.ones(1000)}, legacy=True)[:200], "not a readable torch checkpoint"),
+     (saved({"epoch": 3}), "not a state_dict"),
      (saved({"w": torch.ones(1000)})[:2000], r"a zip archive cut short \(2,000 bytes, without the end of the zip; torch.save writes one\)")],
 )
 def test_checkpoint_that_is_not_a_state_dict(payload: bytes, reason: str, tmp_path) -> None:
@@ -255,6 +259,14 @@ def test_checkpoint_that_is_not_a_state_dict(payload: bytes, reason: str, tmp_pa
     path.write_bytes(payload)
     with pytest.raises(ModelLoadError, match=reason):
         build_model(ModelSpec(arch="resnet18", weights=str(path)))
+
+
+def test_the_legacy_torch_save_format_loads(tmp_path) -> None:
+    model = build_model(ModelSpec(arch="resnet18", embedding_dim=16))
+    path = tmp_path / "legacy.pt"
+    path.write_bytes(saved(model.state_dict(), legacy=True))
+    loaded = build_model(ModelSpec(arch="resnet18", embedding_dim=16, weights=str(path)))
+    assert all(torch.equal(value, loaded.state_dict()[key]) for key, value in model.state_dict().items())
 
 
 def test_unreadable_weights_uri(tmp_path, s3_bucket) -> None:
