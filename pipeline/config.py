@@ -15,7 +15,7 @@ from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, fi
 from pipeline.errors import UserError, did_you_mean
 from pipeline.gates import Gates
 from pipeline.io.iceberg_store import TableConfig
-from pipeline.io.storage import StorageOptions, resolve_uri
+from pipeline.io.storage import StorageOptions, resolve_uri, without_credentials
 from pipeline.models.spec import ModelSpec
 from pipeline.render.selection import FlagRules, RenderPolicy
 from pipeline.thresholds import FALSE_MATCH_SIMILARITY, outside_cosine_range
@@ -118,6 +118,11 @@ class JobConfig(BaseModel):
         if not RUN_ID_PATTERN.fullmatch(value):
             raise ValueError(RUN_ID_RULE)
         return value
+
+    @field_validator("manifest", "output")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        return without_credentials(value)
 
     @model_validator(mode="after")
     def _paths_from_current_directory(self) -> JobConfig:

@@ -15,6 +15,21 @@ storage_options: {endpoint_url: http://127.0.0.1:9000}
 """
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("output=s3://alice:hunter2@bucket/audits", r"output: s3://\*\*\*@bucket/audits holds credentials \(user:password@\)"),
+    ("manifest=https://h/pairs.parquet?X-Amz-Signature=hunter2", r"manifest: https://h/pairs.parquet\?X-Amz-Signature=\*\*\* "
+                                                                 "holds a secret in its query"),
+    ("model.weights=s3://b/w.pt?token=hunter2", r"model.weights: s3://b/w.pt\?token=\*\*\* holds a secret in its query"),
+])
+def test_credentials_in_a_uri_are_refused_when_the_config_is_read(tmp_path, override: str, message: str) -> None:
+    """The config goes into the run record: such a URI was refused only where it was first opened."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text(BASE)
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(path, [override])
+    assert "hunter2" not in str(error.value)
+
+
 def test_yaml_with_overrides(tmp_path) -> None:
     path = tmp_path / "cfg.yaml"
     path.write_text(BASE)

@@ -123,9 +123,7 @@ class StorageOptions(BaseModel):
         if not re.match(r"^https?://[^/?#]", value, re.IGNORECASE):
             raise ValueError(f"{value!r} is not an http:// or https:// URL: write it with its scheme, "
                              "e.g. http://127.0.0.1:9000")
-        if re.match(CREDENTIALS_IN_URI, value):
-            raise ValueError(f"{redact_uri(value)} holds credentials (user:password@): {_CREDENTIALS_ELSEWHERE}")
-        return value
+        return without_credentials(value)
 
     def fsspec_kwargs(self, protocol: str) -> dict:
         """Keyword arguments for the fsspec filesystem of `protocol`.
@@ -346,6 +344,16 @@ def redact_uri(text: str) -> str:
     query parameters that carry secrets (a presigned URL's signature, a token) by `***` (for logs,
     errors, records and reports). A URL with a port and an @ in its path loses more than its password."""
     return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
+
+
+def without_credentials(uri: str) -> str:
+    """`uri` for a config: one that holds user:password@ or a secret in its query (a presigned URL)
+    is a ValueError (its text redacted), as the config is kept in the run record."""
+    for pattern, what in ((CREDENTIALS_IN_URI, "credentials (user:password@)"),
+                          (SECRET_IN_QUERY, "a secret in its query (a presigned URL's signature, a token or key)")):
+        if re.search(pattern, uri, re.IGNORECASE):
+            raise ValueError(f"{redact_uri(uri)} holds {what}: {_CREDENTIALS_ELSEWHERE}")
+    return uri
 
 
 def redact_all(value: Any) -> Any:

@@ -16,6 +16,8 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.io.storage import without_credentials
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -89,6 +91,11 @@ class ModelSpec(BaseModel):
     def input_text(self) -> str:
         """The input size as people write it: `224 x 224 px`."""
         return "{} x {} px".format(*self.input_hw)
+
+    @field_validator("weights")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        return value if value is None else without_credentials(value)
 
     @field_validator("weights_sha256", mode="before")
     @classmethod
