@@ -21,7 +21,8 @@ MIN_SIMILARITY = 1e-3  # below this |similarity|, the share is not measured (not
 NEAR_ZERO = 0.1  # a pair whose |similarity| is below this share of the run's median: its own small value makes the share large
 LIKELY_CAUSE = (
     "the target layer's channels carry little of it (a class token's own state inside a ViT, a layer that "
-    "barely feeds the embedding, or an L2 normalisation inside the head); docs/method.md, Limits, says what to try"
+    "barely feeds the embedding, an embedding that joins branches of which the layer is in one, or an L2 "
+    "normalisation inside the head); docs/method.md, Limits, says what to try"
 )
 
 

@@ -56,7 +56,7 @@ from pipeline.explain.layers import (
 from pipeline.explain.layout import LAYOUTS, FeatureLayout, LayoutName, detect_layout
 from pipeline.explain.linearise import Linearised
 from pipeline.explain.metrics import METRICS, Metric, offset, partner_vector, similarity
-from pipeline.explain.targets import default_target_layer, influences, suggest_embedding_layer
+from pipeline.explain.targets import default_target_layer, influences, modules_giving, suggest_embedding_layer
 
 Weighting = Literal["cis", "partner", "matched"]
 WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
@@ -322,9 +322,11 @@ class SFAM:
             if self.embedding_layer is not None:
                 raise ExplanationError(f"embedding_layer={self.embedding_layer!r} outputs {shape}, not a (B, D) "
                                        "embedding: name the module that outputs the pooled embedding")
+            giving = ", ".join(f"{name!r} outputs its {item}" for name, item in modules_giving(self.model, images, embeddings))
             raise ExplanationError(
-                f"the model's output is {shape}, not a (B, D) embedding tensor; pass embedding_layer= "
-                "to name the module that outputs it"
+                f"the model's output is {shape}, not a (B, D) embedding tensor; pass embedding_layer= to name the "
+                + (f"module that outputs the embedding: {giving}" if giving else
+                   "module that outputs it, or give a factory whose model returns it (flattened, as (B, D))")
             )
         return embeddings
 

@@ -24,7 +24,7 @@ reach the embedding only through the attention weights, which are held while att
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -221,3 +221,16 @@ def suggest_embedding_layer(model: nn.Module, sample: torch.Tensor, target_layer
         and not has_unit_norm(o.tensor, o.tensor.dtype)
     ]
     return flat[-1] if flat else None
+
+
+def modules_giving(model: nn.Module, sample: torch.Tensor, returned: object) -> list[tuple[str, str]]:
+    """For a model that returns a tuple, list or dict: (module name, which item) for each (B, D)
+    item that a module outputs, e.g. [("head", "item 0"), ("classifier", "item 1")]."""
+    items = returned.items() if isinstance(returned, Mapping) else enumerate(returned) \
+        if isinstance(returned, tuple | list) else ()
+    items = [(key, tensor) for key, tensor in items if isinstance(tensor, torch.Tensor) and tensor.dim() == 2]
+    outputs = module_outputs(model, sample) if items else []
+    found = [(key, next((output.name for output in outputs
+                         if output.tensor.shape == tensor.shape and torch.equal(output.tensor, tensor)), None))
+             for key, tensor in items]
+    return [(name, f"item {key!r}") for key, name in found if name is not None]

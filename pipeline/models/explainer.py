@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,11 +72,23 @@ def _check_model_runs(model: torch.nn.Module, spec: ModelSpec, device: torch.dev
         with torch.inference_mode():
             embedding = model(picture.to(device, dtype))
     except Exception as error:  # the model's own check, in whatever form it raises
-        raise ModelLoadError(f"model {spec.model_id} does not run on {spec.input_text} pictures "
-                             f"(model.input_size): {short_reason(error)}") from error
+        raise ModelLoadError(f"model {spec.model_id} does not run on a batch of {spec.input_text} RGB pictures "
+                             f"(model(x), x of shape (1, 3, h, w)): {short_reason(error)}; {_what_to_change(error)}") from error
     if isinstance(embedding, torch.Tensor) and not bool(torch.isfinite(embedding).all()):
         raise ModelLoadError(f"model {spec.model_id}: the embedding of a check picture is not finite (NaN or inf); "
                              f"check the weights{f' {spec.weights}' if spec.weights else ''}")
+
+
+def _what_to_change(error: Exception) -> str:
+    """The setting or wrapper that a failed check forward points to."""
+    channels = re.search(r"to have (\d+) channels, but got 3 channels", str(error))
+    if channels:
+        return (f"the model takes {channels[1]}-channel pictures and the job gives RGB ones: give a factory that "
+                "converts them first (arch: package.module:factory; for grey, forward returns net(x.mean(1, keepdim=True)))")
+    if isinstance(error, TypeError) and "required positional argument" in str(error):
+        return ("the job calls forward with one batch of pictures: for a siamese or two-input model, give a factory "
+                "that returns the branch that embeds one image (arch: package.module:factory)")
+    return "set model.input_size to the size the model was built for"
 
 
 def build_explainer(spec: ModelSpec, storage_options: StorageOptions | None = None,

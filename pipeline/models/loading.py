@@ -29,6 +29,7 @@ _TRUST_HINT = "set `trust_checkpoint: true` to allow it, only for a file you tru
 _SHOWN = 5
 RANDOM_INIT_SEED = 0  # the initialisation of a model built without weights
 ZIP_START = b"PK\x03\x04"  # the local header of a zip's first entry (torch.save writes a zip)
+CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict")  # where training checkpoints keep the model's state_dict
 # torch.save's legacy format (_use_new_zipfile_serialization=False): a pickle of its magic number first
 LEGACY_TORCH_START = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 # torch.load(weights_only=True) names the class it refused in one of these forms, e.g. "Unsupported global:
@@ -287,10 +288,10 @@ def _is_torchscript(data: bytes) -> bool:
 
 
 def _unwrap_state_dict(checkpoint: object, uri: str) -> Mapping[str, torch.Tensor]:
-    """Accept a state_dict or a {"state_dict": ...} / {"model": ...} wrapper (a training checkpoint:
-    the other state_dicts it holds, an EMA copy among them, are named in the log, not loaded)."""
+    """Accept a state_dict or a training checkpoint that wraps one under CHECKPOINT_KEYS (the other
+    state_dicts it holds, an EMA copy or the optimizer's among them, are named in the log, not loaded)."""
     if isinstance(checkpoint, Mapping):
-        for key in ("state_dict", "model"):
+        for key in CHECKPOINT_KEYS:
             if isinstance(checkpoint.get(key), Mapping):
                 others = [name for name, value in checkpoint.items() if name != key and isinstance(value, Mapping)]
                 if others:
@@ -299,8 +300,11 @@ def _unwrap_state_dict(checkpoint: object, uri: str) -> Mapping[str, torch.Tenso
                 checkpoint = checkpoint[key]
                 break
     if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        keys = ", ".join(repr(key) for key in list(checkpoint)[:10]) if isinstance(checkpoint, Mapping) else ""
+        found = f" (its keys: {keys}; a state_dict is looked for under {', '.join(map(repr, CHECKPOINT_KEYS))})" if keys else ""
         raise ModelLoadError(
-            f"weights {uri} hold a {type(checkpoint).__name__}, not a state_dict (a mapping of names to tensors)"
+            f"weights {uri} hold a {type(checkpoint).__name__}, not a state_dict (a mapping of names to tensors){found}: "
+            "save the model's own, torch.save(model.state_dict(), path)"
         )
     if checkpoint and all(k.startswith("module.") for k in checkpoint):  # saved from DataParallel / DDP
         checkpoint = {k.removeprefix("module."): v for k, v in checkpoint.items()}

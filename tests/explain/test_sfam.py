@@ -518,6 +518,40 @@ def test_layers_given_as_modules_or_by_any_of_their_names(seed: int) -> None:
         SFAM(model, "layer4", embedding_layer=4)
 
 
+class WithLogits(SmallNet):
+    """A classification-trained embedding net: forward returns (embedding, logits)."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(16, 8))
+        self.classifier = nn.Linear(8, 5)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u = super().forward(images)
+        return u, self.classifier(u)
+
+
+class Unflattened(SmallNet):
+    """A 1 x 1 convolution head: forward returns (B, D, 1, 1)."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Identity())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.features(images))
+
+
+def test_an_output_that_is_no_embedding_names_the_way_to_one(seed: int) -> None:
+    x, y = random_pairs(2, 32)
+    with pytest.raises(ExplanationError, match=r"the model's output is tuple, not a \(B, D\) embedding tensor; pass "
+                                               r"embedding_layer= to name the module that outputs the embedding: 'head' outputs its "
+                                               r"item 0, 'classifier' outputs its item 1"):
+        SFAM(WithLogits().eval()).explain(x, y)
+    explained = SFAM(WithLogits().eval(), embedding_layer="head").explain(x, y)  # as the message says
+    assert explained.similarity.shape == (2,)
+    with pytest.raises(ExplanationError, match=r"output is \(1, 16, 1, 1\), .* or give a factory whose model returns it"):
+        SFAM(Unflattened().eval()).explain(x, y)
+
+
 def test_empty_batches_are_named(seed: int) -> None:
     case = CASES["affine"]()
     x, y = random_pairs(0, case.input_size)

@@ -74,7 +74,8 @@ def test_vit_heads_are_replaced() -> None:
 
 
 @pytest.mark.parametrize(
-    ("where", "wrapper"), [("local", None), ("s3", None), ("local", "state_dict"), ("local", "model"), ("local", "ddp")]
+    ("where", "wrapper"), [("local", None), ("s3", None), ("local", "state_dict"), ("local", "model"),
+                           ("local", "model_state_dict"), ("local", "ddp")]
 )
 @torch.no_grad()
 def test_state_dict_roundtrip_reproduces_outputs(
@@ -85,6 +86,7 @@ def test_state_dict_roundtrip_reproduces_outputs(
         None: state,
         "state_dict": {"state_dict": state, "epoch": 7},
         "model": {"model": state},
+        "model_state_dict": {"model_state_dict": state, "optimizer_state_dict": {}, "epoch": 3},  # PyTorch's tutorials'
         "ddp": {f"module.{k}": v for k, v in state.items()},
     }[wrapper]
     options = None
@@ -252,6 +254,9 @@ def test_checkpoint_of_a_wrapper_module(resnet18_64: nn.Module, rng: np.random.G
      (pickle.dumps({"w": [1.0]}), r"a plain Python pickle \(pickle.dump\), not a torch.save checkpoint"),
      (saved({"w": torch.ones(1000)}, legacy=True)[:200], "not a readable torch checkpoint"),
      (saved({"epoch": 3}), "not a state_dict"),
+     (saved({"net": {"fc.weight": torch.ones(2, 2)}, "epoch": 3}),
+      r"hold a dict, not a state_dict \(a mapping of names to tensors\) \(its keys: 'net', 'epoch'; a state_dict is "
+      r"looked for under 'state_dict', 'model', 'model_state_dict'\)"),
      (saved({"w": torch.ones(1000)})[:2000], r"a zip archive cut short \(2,000 bytes, without the end of the zip; torch.save writes one\)")],
 )
 def test_checkpoint_that_is_not_a_state_dict(payload: bytes, reason: str, tmp_path) -> None:
