@@ -138,7 +138,7 @@ def explain_command(args: argparse.Namespace) -> int:
     query_image, reference_image = ((uri, read_bytes(uri, options)) for uri in locations)
     from pipeline.models.loading import random_weights_warning
     from pipeline.pair import explain_pair
-    from pipeline.quality import empty_pair_maps_warning, residual_warning
+    from pipeline.quality import empty_pair_maps_warning, one_cell_maps_warning, residual_warning
 
     explanation = explain_pair(query_image, reference_image, spec, options, max_pixels, output=args.output)
     random_weights = random_weights_warning(spec)  # once the model is known to build: not before an error
@@ -152,7 +152,8 @@ def explain_command(args: argparse.Namespace) -> int:
     print(f"residual: query {_score_text(explanation.residual_query)}, "
           f"reference {_score_text(explanation.residual_reference)}")
     warnings = (residual_warning([explanation.similarity], [explanation.residual_query], [explanation.residual_reference],
-                                 spec.metric), empty_pair_maps_warning(explanation.empty_maps))
+                                 spec.metric), empty_pair_maps_warning(explanation.empty_maps),
+                one_cell_maps_warning([explanation.map_shape]))
     for warning in warnings:
         if warning:
             _warn(warning)

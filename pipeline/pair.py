@@ -28,6 +28,7 @@ class PairExplanation:
     residual_reference: float
     png: bytes
     empty_maps: tuple[str, ...]  # the sides ("query", "reference") whose map has no positive evidence
+    map_shape: tuple[int, int]  # (h, w) of both maps
 
 
 def _correspondences_on_display(result: SFAMResult, pictures: list[Pictures]) -> list[tuple[list[float], list[float]]]:
@@ -68,4 +69,5 @@ def explain_pair(query: tuple[str, bytes], reference: tuple[str, bytes], spec: M
         residual_reference=float(result.residual_reference[0]),
         png=png,
         empty_maps=tuple(side for side, saliency in zip(SIDES, maps) if not has_positive_evidence(saliency)),
+        map_shape=maps[0].shape,
     )

@@ -7,7 +7,7 @@ similarity, the maps show almost nothing of why the pair matched, and the user i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -76,6 +76,15 @@ def empty_maps_warning(ok_rows: pa.Table) -> str | None:
     counts = ", ".join(f"{count} {side}" for side, count in empty.items())
     return (f"maps without positive evidence ({counts}, of {ok_rows.num_rows} ok pairs; typically pairs of low or "
             "negative similarity): their peak_xy, energy_in_box and pointing_hit are null")
+
+
+def one_cell_maps_warning(map_shapes: Iterable[Sequence[int] | None]) -> str | None:
+    """A warning when every map ([h, w]) is one cell (a target layer already pooled), or None."""
+    shapes = {tuple(shape) for shape in map_shapes if shape is not None}
+    if shapes != {(1, 1)}:
+        return None
+    return ("the maps are 1 x 1 (the target layer's output is already pooled): they locate nothing, only the CIS "
+            "mean something; name a layer with a spatial grid as target_layer, or leave it out for the default")
 
 
 def boxes_outside_warning(ok_rows: pa.Table) -> str | None:

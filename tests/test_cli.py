@@ -88,6 +88,11 @@ def test_explain_reads_the_model_of_a_nightly_config(tmp_path: Path, rng) -> Non
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "dot similarity:" in done.stdout and (tmp_path / "pair.png").stat().st_size > 0
+    assert "the maps are 1 x 1" not in done.stderr
+    pooled = subprocess.run([*SFAM, "explain", str(tmp_path / "query.png"), str(tmp_path / "reference.png"), "--config",
+                             str(tmp_path / "nightly.yaml"), "--target-layer", "avgpool", "-o", str(tmp_path / "pair.png")],
+                            capture_output=True, text=True, timeout=300)
+    assert pooled.returncode == 0 and "warning: the maps are 1 x 1 (the target layer's output is already pooled)" in pooled.stderr
 
 
 @pytest.mark.parametrize(("argv", "named"), [

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipeline.quality import boxes_outside_warning, empty_maps_warning, empty_pair_maps_warning, residual_warning
+from pipeline.quality import (
+    boxes_outside_warning,
+    empty_maps_warning,
+    empty_pair_maps_warning,
+    one_cell_maps_warning,
+    residual_warning,
+)
 
 
 def test_warns_when_the_residual_is_most_of_the_similarity(rng: np.random.Generator) -> None:
@@ -51,3 +57,9 @@ def test_explain_names_the_sides_without_positive_evidence() -> None:
     assert empty_pair_maps_warning(()) is None
     assert empty_pair_maps_warning(("reference",)).startswith("the reference map has no positive evidence")
     assert empty_pair_maps_warning(("query", "reference")).startswith("the query and reference maps have no positive")
+
+
+def test_maps_of_one_cell_are_told() -> None:
+    """A pooled layer named as target_layer (avgpool) ran without a word: its maps locate nothing."""
+    assert "the maps are 1 x 1" in one_cell_maps_warning([[1, 1], None, [1, 1]])
+    assert one_cell_maps_warning([[1, 1], [7, 7]]) is None and one_cell_maps_warning([None]) is None

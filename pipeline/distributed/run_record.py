@@ -24,14 +24,14 @@ from pipeline.io.storage import StorageError, redact_all, redact_uri
 from pipeline.io.tables import read_json, write_json
 from pipeline.layout import RunLayout
 from pipeline.models.loading import random_weights_warning
-from pipeline.quality import boxes_outside_warning, empty_maps_warning, residual_warning
+from pipeline.quality import boxes_outside_warning, empty_maps_warning, one_cell_maps_warning, residual_warning
 from pipeline.run_history import first_started
 
 # what builds the model (timm: `arch: timm/...`; safetensors: its weights) and what reads and writes the data
 PACKAGES = ("sfam-pipeline", "torch", "torchvision", "timm", "safetensors", "ray", "pyarrow", "fsspec", "s3fs", "pydantic",
             "pillow", "numpy")
 SUMMARY_COLUMNS = ["status", "forward_share", "device", "similarity", "residual_query", "residual_reference",
-                   "query_peak_xy", "reference_peak_xy"]
+                   "query_peak_xy", "reference_peak_xy", "map_shape"]
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,8 @@ def summarise(rows: pa.Table, layout: RunLayout, config: JobConfig, started: flo
     residual = residual_warning(*(ok_rows.column(c).to_numpy(zero_copy_only=False)
                                   for c in ("similarity", "residual_query", "residual_reference")),
                                 config.model.metric) if ok else None
-    found = (random_weights_warning(config.model), residual, empty_maps_warning(ok_rows), boxes_outside_warning(ok_rows))
+    found = (random_weights_warning(config.model), residual, empty_maps_warning(ok_rows), boxes_outside_warning(ok_rows),
+             one_cell_maps_warning(ok_rows["map_shape"].to_pylist()))
     warnings = tuple(warning for warning in found if warning)
     return RunSummary(
         run_id=config.run_id, attempt=layout.attempt, pairs=rows.num_rows, ok=ok, error=rows.num_rows - ok,
