@@ -140,7 +140,8 @@ def explain_command(args: argparse.Namespace) -> int:
     from pipeline.pair import explain_pair
     from pipeline.quality import empty_pair_maps_warning, one_cell_maps_warning, residual_warning
 
-    explanation = explain_pair(query_image, reference_image, spec, options, max_pixels, output=args.output)
+    explanation = explain_pair(query_image, reference_image, spec, options, max_pixels)
+    write_bytes(args.output, explanation.png, options)
     random_weights = random_weights_warning(spec)  # once the model is known to build: not before an error
     if random_weights:
         _warn(random_weights)

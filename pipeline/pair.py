@@ -8,7 +8,7 @@ import numpy as np
 
 from pipeline.explain import SFAMResult
 from pipeline.io.images import Pictures, decode_pictures
-from pipeline.io.storage import StorageOptions, write_bytes
+from pipeline.io.storage import StorageOptions
 from pipeline.localisation import has_positive_evidence
 from pipeline.models.explainer import build_explainer
 from pipeline.models.spec import ModelSpec
@@ -42,9 +42,9 @@ def _correspondences_on_display(result: SFAMResult, pictures: list[Pictures]) ->
 
 
 def explain_pair(query: tuple[str, bytes], reference: tuple[str, bytes], spec: ModelSpec, options: StorageOptions,
-                 max_image_pixels: int, output: str | None = None) -> PairExplanation:
-    """Explains (query, reference), each (URI, bytes), with the spec's model; writes the overlay to
-    `output` if given. The images are decoded first: a wrong one is named before the model loads."""
+                 max_image_pixels: int) -> PairExplanation:
+    """Explains (query, reference), each (URI, bytes), with the spec's model, overlay PNG included.
+    The images are decoded first: a wrong one is named before the model loads."""
     pictures = [decode_pictures(data, uri, max_image_pixels, spec.input_size, EXPLAIN_DISPLAY_SIDE)
                 for uri, data in (query, reference)]
     explainer = build_explainer(spec, options)
@@ -59,8 +59,6 @@ def explain_pair(query: tuple[str, bytes], reference: tuple[str, bytes], spec: M
         title=f"{spec.model_id} · {explainer.target_layer} · {spec.weighting} map", top_channels=top,
         correspondences=_correspondences_on_display(result, pictures),
     )
-    if output is not None:
-        write_bytes(output, png, options)
     return PairExplanation(
         similarity=similarity,
         target_layer=str(explainer.target_layer),

@@ -176,13 +176,14 @@ class RunRecorder:
         """The attempt's first write (it also proves the output location is writable); the run's
         record too where no attempt is committed, so that a first attempt killed before it could
         record its end (SIGKILL, a lost node) leaves a run that says `running`, not no run at all."""
-        record = self.record("running")
-        write_json(self.plan.layout.attempt_record, record, self.config.storage_options)
-        self._record_run_unless_committed(record)
+        self._write(self.record("running"))
 
     def failed(self, reason: str, summary: RunSummary | None = None) -> None:
         """The attempt's record says it failed; the run's record is the committed attempt's, if any."""
-        record = self.record("failed", summary, reason)
+        self._write(self.record("failed", summary, reason))
+
+    def _write(self, record: dict) -> None:
+        """The attempt's `record`, then the run's record."""
         write_json(self.plan.layout.attempt_record, record, self.config.storage_options)
         self._record_run_unless_committed(record)
 
