@@ -189,7 +189,8 @@ def demo_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"--queries {args.queries}: at least 1")
     if not 1 <= args.top_k <= GALLERY_SIZE:
         raise ConfigError(f"--top-k {args.top_k}: from 1 to {GALLERY_SIZE} (the demo gallery's images)")
-    return run_demo(args.output, queries=args.queries, top_k=args.top_k)
+    run_demo(args.output, queries=args.queries, top_k=args.top_k)
+    return EXIT_OK
 
 
 @dataclass(frozen=True)
