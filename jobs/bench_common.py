@@ -1,11 +1,5 @@
 """What the benchmarks share: the machine line of a report, a generated audit (images and a
-top-k manifest), a local Ray, and pytorch-grad-cam run the way its embedding tutorial runs it, on
-any feature layout the explainer reads.
-
-pytorch-grad-cam expects (B, C, h, w) activations; for a ViT its users write a
-`reshape_transform` from tokens to maps by hand. Here that transform is the explainer's own
-layout adapter (pipeline/explain/layout.py), so both methods read the same patch grid.
-"""
+top-k manifest), a local Ray, and interleaved timing. What SFAM is compared against: jobs/baselines.py."""
 
 from __future__ import annotations
 
@@ -20,15 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
-from pytorch_grad_cam import GradCAM
-from torch import nn
 
 from jobs.benchmark_report import cpu_name
-from pipeline import SFAM
-from pipeline.explain.layout import FeatureLayout
 
-ReshapeTransform = Callable[[torch.Tensor], torch.Tensor]
 Work = Callable[[], object]
 MANIFEST_SCHEMA = pa.schema([("pair_id", pa.string()), ("query_uri", pa.string()), ("reference_uri", pa.string()),
                              ("rank", pa.int32()), ("score", pa.float32()), ("label", pa.int8())])
@@ -107,39 +95,3 @@ def _version(package: str) -> str:
         return version(package)
     except PackageNotFoundError:
         return "not installed"
-
-
-class CosineToConcept:
-    """pytorch-grad-cam target of its embedding tutorial: cosine of the output to a fixed embedding."""
-
-    def __init__(self, concept: torch.Tensor) -> None:
-        self.concept = concept
-
-    def __call__(self, output: torch.Tensor) -> torch.Tensor:
-        return F.cosine_similarity(output, self.concept, dim=0)
-
-
-def reshape_transform(layout: FeatureLayout) -> ReshapeTransform | None:
-    """The `reshape_transform` pytorch-grad-cam needs for a layer of this layout (None for maps)."""
-    return None if layout.kind == "nchw" else layout.to_maps
-
-
-def resolve(explainer: SFAM, sample: torch.Tensor) -> SFAM:
-    """The explainer with its target layer and layout chosen on `sample` (the default layer when none was given)."""
-    explainer.features(sample[:1])
-    return explainer
-
-
-@contextmanager
-def library_cam(model: nn.Module, explainer: SFAM) -> Iterator[GradCAM]:
-    """pytorch-grad-cam's GradCAM on the resolved explainer's target layer, hooks and gradients
-    removed on exit so that other measurements run on a hook-free model."""
-    layer = model.get_submodule(explainer.target_layer)
-    with GradCAM(model=model, target_layers=[layer], reshape_transform=reshape_transform(explainer.layout)) as cam:
-        yield cam
-    model.zero_grad(set_to_none=True)
-
-
-def concept_maps(cam: GradCAM, x: torch.Tensor, concepts: torch.Tensor) -> np.ndarray:
-    """(B, H, W) maps of x for the cosine to each image's concept (B, D), min-max scaled by the library."""
-    return cam(input_tensor=x, targets=[CosineToConcept(c) for c in concepts])

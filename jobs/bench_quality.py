@@ -36,7 +36,7 @@ else in the project):
 Grad-CAM runs twice on the CNN: pytorch-grad-cam's `GradCAM` with the cosine-to-a-concept
 target of its embedding tutorial, and the project's baseline (`gradcam_similarity`); the two
 must agree. On the ViT pytorch-grad-cam reads the token layer through a `reshape_transform`
-(jobs/bench_common.py); the project's baseline reads (B, C, h, w) layers only.
+(jobs/baselines.py); the project's baseline reads (B, C, h, w) layers only.
 """
 
 from __future__ import annotations
@@ -55,14 +55,14 @@ import torch.nn.functional as F
 from scipy import ndimage, stats
 from torch import nn
 
-from jobs.bench_common import concept_maps, library_cam, machine, resolve
+from jobs.baselines import concept_maps, gradcam_similarity, library_cam, mean_activation, random_map, resolve
+from jobs.bench_common import machine
 from jobs.benchmark_report import BENCHMARKS, markdown, parse_benchmark_args, verdict, write_section
 from pipeline import SFAM
 from pipeline.demo import model as cnn
 from pipeline.demo import vit
 from pipeline.demo.canvas import make_canvas
 from pipeline.demo.model import INPUT_SIZE, MEAN, STD
-from pipeline.explain.baselines import gradcam_similarity, mean_activation, random_map
 from pipeline.io.images import to_model_tensor
 from pipeline.localisation import Box, energy_in_box, pointing_hit, upsample
 from pipeline.quality import residual_share

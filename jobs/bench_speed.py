@@ -35,16 +35,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from jobs.bench_common import (
-    Work,
-    concept_maps,
-    interleaved_seconds,
-    library_cam,
-    local_ray,
-    machine,
-    resolve,
-    write_top_k_audit,
-)
+from jobs.baselines import concept_maps, library_cam, resolve
+from jobs.bench_common import Work, interleaved_seconds, local_ray, machine, write_top_k_audit
 from jobs.benchmark_report import BENCHMARKS, markdown, parse_benchmark_args, verdict, write_section
 from pipeline import SFAM
 from pipeline.config import JobConfig
