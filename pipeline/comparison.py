@@ -37,6 +37,7 @@ Written next to the runs, under `{output}/comparisons/{A}/{B}/` (a folder per ru
 
 `pairs.parquet` (null where the pair is not in that run, or failed there):
 
+    run_a, run_b, attempt_a, attempt_b, threshold   as in summary.parquet, on every row
     pair_id                            string
     label                              int64     B's label, else A's
     relabelled                         bool      A and B label the same images differently (null unless both
@@ -113,9 +114,11 @@ OTHER_IMAGES = ("No pair is ok in both runs on the same images: every pair id of
                 "relative to manifests in folders of their own, which makes the same image another URI: write "
                 "absolute image URIs to compare such runs.")
 FALSE_MATCH_COUNTS = ("false_matches_a", "false_matches_b", "new_false_matches", "vanished_false_matches")
+# what both tables say on every row: the runs compared, their committed attempts and the false-match threshold
+RUN_COLUMNS = pa.schema([("run_a", pa.string()), ("run_b", pa.string()), ("attempt_a", pa.string()),
+                         ("attempt_b", pa.string()), ("threshold", pa.float64())])
 SUMMARY_SCHEMA = pa.schema(
-    [("run_a", pa.string()), ("run_b", pa.string()), ("attempt_a", pa.string()), ("attempt_b", pa.string()),
-     ("threshold", pa.float64()), ("label", pa.int64()), ("pairs", pa.int64())]
+    [*RUN_COLUMNS, ("label", pa.int64()), ("pairs", pa.int64())]
     + [(f"{name}_{suffix}", pa.float64()) for name in FIGURES for suffix in ("a", "b", "change")]
     + [("mean_map_correlation", pa.float64())]
     + [(name, pa.int64()) for name in ("maps_not_comparable", *FALSE_MATCH_COUNTS)]
@@ -409,18 +412,24 @@ def _label_order(labels: Iterable[int | None]) -> list[int | None]:
     return sorted(labels, key=lambda label: (label is None, -(label or 0)))
 
 
+def _run_values(records: tuple[dict, dict], threshold: float | None) -> dict[str, Any]:
+    """RUN_COLUMNS' values, from the two runs' records."""
+    a, b = records
+    return {"run_a": a["run_id"], "run_b": b["run_id"], "attempt_a": a["attempt"], "attempt_b": b["attempt"],
+            "threshold": threshold}
+
+
 def label_summary(pairs: pa.Table, records: tuple[dict, dict], threshold: float | None) -> pa.Table:
     """The summary table of the module docstring, from the pairs table and the two runs' records."""
     both = pairs.filter(_compared(pairs))
-    a, b = records
-    runs = {"run_a": a["run_id"], "run_b": b["run_id"], "attempt_a": a["attempt"], "attempt_b": b["attempt"]}
+    runs = _run_values(records, threshold)
     rows = []
     for label in _label_order(pc.unique(both["label"]).to_pylist()):
         chosen = both.filter(pc.is_null(both["label"]) if label is None else pc.equal(both["label"], label))
         figures = _figures_of(chosen)
         if threshold is None:  # none counted, not none found
             figures |= dict.fromkeys(FALSE_MATCH_COUNTS)
-        rows.append({**runs, "threshold": threshold, "label": label, **figures})
+        rows.append({**runs, "label": label, **figures})
     return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
 
 
@@ -440,6 +449,9 @@ def compare_runs(output: str, run_a: str, run_b: str, options: StorageOptions,
         if all(outside):
             raise UserError(f"--threshold {outside[0]}")
     pairs = pair_changes(*(_run_rows(store, record) for record in records), threshold)
+    runs = _run_values((records[0], records[1]), threshold)
+    pairs = pa.table({**{field.name: pa.array([runs[field.name]] * pairs.num_rows, field.type) for field in RUN_COLUMNS},
+                      **{name: pairs[name] for name in pairs.column_names}})
     return Comparison(runs=(_run_info(records[0]), _run_info(records[1])), threshold=threshold, pairs=pairs,
                       summary=label_summary(pairs, (records[0], records[1]), threshold))
 

@@ -274,6 +274,8 @@ def test_written_tables_read_in_duckdb_and_the_page_has_every_section(runs: Runs
     attempts = [json.loads((Path(runs.output) / "runs" / run / "_SUCCESS").read_text())["attempt"] for run in ("run-a", "run-b")]
     assert summary.fetchall() == [("run-a", "run-b", *attempts, 0.8, 9)]  # which attempts it describes
     assert duckdb.sql(f"SELECT count(*), count(map_correlation) FROM '{written['pairs.parquet']}'").fetchall()[0][0] == 9
+    pairs = duckdb.sql(f"SELECT DISTINCT run_a, run_b, attempt_a, attempt_b, threshold FROM '{written['pairs.parquet']}'")
+    assert pairs.fetchall() == [("run-a", "run-b", *attempts, 0.8)]  # each row says what its false_match_* mean
     page = Path(written["comparison.html"]).read_text()
     assert "<th>weighting</th>" in page and "<th>input size</th>" in page  # what changed between the runs, if it did
     for section in ('id="comparison"', 'id="by-label"', 'id="moved-maps"', 'id="new-false-matches"',
