@@ -216,8 +216,9 @@ def _audit(args: argparse.Namespace, run_id: str) -> _Audit:
         return _Audit(args.output_root or config.output, config.storage_options, config.table)
     if not args.output_root:
         raise ConfigError(f"sfam {args.command} needs the audit's OUTPUT root or --config")
+    output = validated(FinishedRunSettings, {"output": args.output_root}, f"sfam {args.command}").output
     options = _endpoint_options(args.endpoint_url)
-    return _Audit(args.output_root, options, recorded_table(args.output_root, run_id, options))
+    return _Audit(output, options, recorded_table(output, run_id, options))
 
 
 def _endpoint_options(endpoint_url: str | None) -> StorageOptions:

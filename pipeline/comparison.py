@@ -80,6 +80,7 @@ from pipeline.io.storage import StorageOptions, join_uri, resolve_uri, write_byt
 from pipeline.io.stores import open_results_store
 from pipeline.layout import comparison_dir
 from pipeline.manifest import manifest_dir
+from pipeline.models.spec import model_hw
 from pipeline.render.comparison_html import ComparisonView, label_name, render_comparison
 from pipeline.render.html_text import number_or_dash
 from pipeline.run_history import first_started, read_run_record
@@ -265,7 +266,12 @@ def _run_info(record: dict) -> dict[str, Any]:
         weights = weights.rsplit("/", 1)[-1] + (f" (sha256 {digest[:12]})" if digest else "")
     return {"run_id": record["run_id"], "attempt": record.get("attempt"), "model_id": record.get("model_id"), "weights": weights,
             "target_layer": record.get("target_layer"), "metric": model.get("metric"), "weighting": model.get("weighting"),
-            "input_size": model.get("input_size"), "started": first_started(record)}
+            "input_size": _input_text(model.get("input_size")), "started": first_started(record)}
+
+
+def _input_text(size: object) -> str | None:
+    """A recorded input size as `64 x 64 px` (64 and [64, 64] are one size); None where unrecorded."""
+    return None if size is None else "{} x {} px".format(*model_hw(size))
 
 
 def _run_rows(store: ResultsStore, record: dict) -> pa.Table:

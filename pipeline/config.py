@@ -178,11 +178,34 @@ class JobConfig(BaseModel):
         return self
 
 
-class FinishedRunSettings(BaseModel):
-    """What a command on a finished run (report, render, compare) reads of a job config: where the
-    run lives. The rest (the manifest, which a nightly config may leave to `--set`) is not read."""
+class _PartOfJobConfig(BaseModel):
+    """Some keys of a job config, read by a command that needs no more; the others are left unread,
+    but a key that no job config has (a typo), or credentials in its manifest or output URI, are
+    refused as JobConfig refuses them."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_job_config(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        unknown = [key for key in data if key not in JobConfig.model_fields]
+        if unknown:
+            raise ValueError(f"{unknown[0]}: not a key of a job config"
+                             + did_you_mean(str(unknown[0]), JobConfig.model_fields, n=1))
+        for key in ("manifest", "output"):
+            if isinstance(data.get(key), str):
+                try:
+                    without_credentials(data[key])
+                except ValueError as error:
+                    raise ValueError(f"{key}: {error}") from None
+        return data
+
+
+class FinishedRunSettings(_PartOfJobConfig):
+    """What a command on a finished run (report, render, compare) reads of a job config: where the
+    run lives. The rest (the manifest, which a nightly config may leave to `--set`) is not read."""
 
     output: str
     table: TableConfig = Field(default_factory=TableConfig)
@@ -194,10 +217,8 @@ class FinishedRunSettings(BaseModel):
         return resolve_uri(value, os.getcwd())
 
 
-class PairSettings(BaseModel):
+class PairSettings(_PartOfJobConfig):
     """What `sfam explain` reads of a job config: the model, the storage options and the image size limit."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: ModelSpec
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1)

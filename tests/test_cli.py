@@ -121,12 +121,31 @@ def test_explain_reads_the_model_of_a_nightly_config(tmp_path: Path, rng) -> Non
      "--endpoint-url: endpoint_url: '127.0.0.1:9000' is not an http:// or https:// URL"),
     (["compare", "out", "a", "b", "--endpoint-url", "http://u:SECRET2@127.0.0.1:9000"],
      "--endpoint-url: endpoint_url: http://***@127.0.0.1:9000 holds credentials"),
+    # an output root with credentials: sent to the server as basic auth, and "no run record" said
+    (["report", "http://u:SECRET2@127.0.0.1:9/audits", "--run-id", "r"],
+     "sfam report: output: http://***@127.0.0.1:9/audits holds credentials (user:password@)"),
+    (["compare", "https://h/audits?sig=SECRET2", "a", "b"], "sfam compare: output: https://h/audits?sig=*** holds a secret"),
 ])
 def test_argument_mistakes_are_one_line(argv: list[str], named: str, capsys) -> None:
     """Found before anything is read or built: one line naming the argument, exit 2."""
     assert main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0] and "SECRET2" not in lines[0], lines
+
+
+@pytest.mark.parametrize(("text", "named"), [
+    ("manfest: /x\noutput: audits\n", "invalid config: manfest: not a key of a job config; did you mean: manifest?"),
+    ("output: http://u:SECRET2@127.0.0.1:9/audits\n", "invalid config: output: http://***@127.0.0.1:9/audits holds credentials"),
+])
+def test_a_config_read_in_part_is_checked_as_a_whole_one(tmp_path: Path, text: str, named: str, capsys) -> None:
+    """report, render, compare and explain read some keys of a config: a typo among the others, or
+    credentials in its output, were passed over."""
+    (tmp_path / "nightly.yaml").write_text(text + "model: resnet18\n")
+    for argv in (["report", "--config", str(tmp_path / "nightly.yaml"), "--run-id", "r"],
+                 ["explain", "q.png", "r.png", "--config", str(tmp_path / "nightly.yaml"), "-o", "x.png"]):
+        assert main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and named in lines[0] and "SECRET2" not in lines[0], (argv, lines)
 
 
 @pytest.mark.parametrize(("argv", "named"), [

@@ -189,7 +189,7 @@ def test_other_pairs_and_map_shapes_are_counted_not_correlated(runs: Runs) -> No
     assert "no maps compared: the 5 pairs ok in both runs have maps of other shapes" in page
     assert "no map moved" not in page
     assert [warning for warning in comparison.warnings if "map" in warning] == [  # and the terminal says why
-        f"The runs' maps are of different input sizes (A: {comparison.runs[0]['input_size']}, B: 96): the map correlations and the changes of pointing "
+        f"The runs' maps are of different input sizes (A: {comparison.runs[0]['input_size']}, B: 96 x 96 px): the map correlations and the changes of pointing "
         "and energy measure that difference, not a change of the model.",
         "5 pairs ok in both runs have maps of another shape in B (map_shape differs: another model, target layer or "
         "input size): no map correlation is taken for them."]
@@ -237,7 +237,9 @@ def test_maps_of_another_layer_or_weighting_are_compared_with_a_warning(runs: Ru
     difference for drift of the model."""
     output = tmp_path / "audits"
     shutil.copytree(runs.output, output)
-    assert not compare_runs(str(output), "run-a", "run-b", OPTIONS).warnings
+    size = json.loads((output / "runs" / "run-a" / "run.json").read_text())["config"]["model"]["input_size"]
+    edit_record(output, "run-b", lambda record: record["config"]["model"].update(input_size=[size, size]))
+    assert not compare_runs(str(output), "run-a", "run-b", OPTIONS).warnings  # 64 and [64, 64] are one size
     edit_record(output, "run-b", lambda record: record.update(target_layer="<b>layer3</b>"))
     edit_record(output, "run-b", lambda record: record["config"]["model"].update(weighting="matched"))
     comparison = compare_runs(str(output), "run-a", "run-b", OPTIONS)
