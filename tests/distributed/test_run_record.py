@@ -18,7 +18,7 @@ def staged_rows() -> pa.Table:
     """One ok row with the columns summarise reads."""
     return pa.table({"status": ["ok"], "forward_share": [1.0], "device": ["cpu"], "similarity": [0.9],
                      "residual_query": [0.01], "residual_reference": [0.02],
-                     "query_peak_xy": [[3.0, 4.0]], "reference_peak_xy": [[5.0, 6.0]]})
+                     "query_peak_xy": [[3.0, 4.0]], "reference_peak_xy": [[5.0, 6.0]], "map_shape": [[7, 7]]})
 
 
 def test_a_model_without_weights_is_a_warning_of_the_run(tmp_path) -> None:
