@@ -136,6 +136,8 @@ def explain_command(args: argparse.Namespace) -> int:
     # a file:/// URI is read as the job reads it from a manifest: its percent-escapes decoded
     locations = [resolve_uri(uri, ".") for uri in (args.query, args.reference)]
     query_image, reference_image = ((uri, read_bytes(uri, options)) for uri in locations)
+    import pyarrow as pa
+
     from pipeline.models.loading import random_weights_warning
     from pipeline.pair import explain_pair
     from pipeline.quality import empty_pair_maps_warning, one_cell_maps_warning, residual_warning
@@ -154,7 +156,7 @@ def explain_command(args: argparse.Namespace) -> int:
           f"reference {_score_text(explanation.residual_reference)}")
     warnings = (residual_warning([explanation.similarity], [explanation.residual_query], [explanation.residual_reference],
                                  spec.metric), empty_pair_maps_warning(explanation.empty_maps),
-                one_cell_maps_warning([explanation.map_shape]))
+                one_cell_maps_warning(pa.array([explanation.map_shape])))
     for warning in warnings:
         if warning:
             _warn(warning)
@@ -200,8 +202,6 @@ class _Audit:
     output: str
     options: StorageOptions
     table: TableConfig | None
-
-
 
 
 def _audit(args: argparse.Namespace, run_id: str) -> _Audit:

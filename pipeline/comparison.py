@@ -425,15 +425,14 @@ def _run_values(records: tuple[dict, dict], threshold: float | None) -> dict[str
             "threshold": threshold}
 
 
-def label_summary(pairs: pa.Table, records: tuple[dict, dict], threshold: float | None) -> pa.Table:
-    """The summary table of the module docstring, from the pairs table and the two runs' records."""
+def label_summary(pairs: pa.Table, runs: dict[str, Any]) -> pa.Table:
+    """The summary table of the module docstring, from the pairs table and RUN_COLUMNS' values."""
     both = pairs.filter(_compared(pairs))
-    runs = _run_values(records, threshold)
     rows = []
     for label in _label_order(pc.unique(both["label"]).to_pylist()):
         chosen = both.filter(pc.is_null(both["label"]) if label is None else pc.equal(both["label"], label))
         figures = _figures_of(chosen)
-        if threshold is None:  # none counted, not none found
+        if runs["threshold"] is None:  # none counted, not none found
             figures |= dict.fromkeys(FALSE_MATCH_COUNTS)
         rows.append({**runs, "label": label, **figures})
     return pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
@@ -459,7 +458,7 @@ def compare_runs(output: str, run_a: str, run_b: str, options: StorageOptions,
     pairs = pa.table({**{field.name: pa.array([runs[field.name]] * pairs.num_rows, field.type) for field in RUN_COLUMNS},
                       **{name: pairs[name] for name in pairs.column_names}})
     return Comparison(runs=(_run_info(records[0]), _run_info(records[1])), threshold=threshold, pairs=pairs,
-                      summary=label_summary(pairs, (records[0], records[1]), threshold))
+                      summary=label_summary(pairs, runs))
 
 
 def _write_parquet(uri: str, table: pa.Table, options: StorageOptions) -> None:

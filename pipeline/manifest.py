@@ -21,8 +21,7 @@ import pyarrow.dataset as pds
 
 from pipeline.errors import UserError
 from pipeline.io.storage import (
-    CREDENTIALS_IN_URI,
-    SECRET_IN_QUERY,
+    CREDENTIAL_RULES,
     StorageOptions,
     is_folder,
     parent_uri,
@@ -185,8 +184,7 @@ def _check_schemes(uris: pa.Array, name: str, first_row: int) -> None:
 def _check_no_credentials(uris: pa.Array, name: str, first_row: int) -> None:
     """No URI holds user:password@ or a secret in its query (a presigned URL): the result table
     keeps the manifest's URIs as they are."""
-    for pattern, what in ((CREDENTIALS_IN_URI, "credentials (user:password@)"),
-                          (SECRET_IN_QUERY, "a secret in its query (a presigned URL's signature, a token or key)")):
+    for pattern, what in CREDENTIAL_RULES:
         found = pc.match_substring_regex(uris, pattern, ignore_case=True)
         if pc.any(found).as_py():
             row = pc.index(found, True).as_py()

@@ -7,7 +7,7 @@ similarity, the maps show almost nothing of why the pair matched, and the user i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -78,10 +78,11 @@ def empty_maps_warning(ok_rows: pa.Table) -> str | None:
             "negative similarity): their peak_xy, energy_in_box and pointing_hit are null")
 
 
-def one_cell_maps_warning(map_shapes: Iterable[Sequence[int] | None]) -> str | None:
-    """A warning when every map ([h, w]) is one cell (a target layer already pooled), or None."""
-    shapes = {tuple(shape) for shape in map_shapes if shape is not None}
-    if shapes != {(1, 1)}:
+def one_cell_maps_warning(map_shapes: pa.Array | pa.ChunkedArray) -> str | None:
+    """A warning when every map_shape ([h, w]; nulls left out) is one cell (a target layer already
+    pooled), or None."""
+    cells = pc.multiply(pc.list_element(map_shapes, 0), pc.list_element(map_shapes, 1))  # h * w, each >= 1
+    if pc.max(cells).as_py() != 1:
         return None
     return ("the maps are 1 x 1 (the target layer's output is already pooled): they locate nothing, only the CIS "
             "mean something; name a layer with a spatial grid as target_layer, or leave it out for the default")

@@ -61,5 +61,6 @@ def test_explain_names_the_sides_without_positive_evidence() -> None:
 
 def test_maps_of_one_cell_are_told() -> None:
     """A pooled layer named as target_layer (avgpool) ran without a word: its maps locate nothing."""
-    assert "the maps are 1 x 1" in one_cell_maps_warning([[1, 1], None, [1, 1]])
-    assert one_cell_maps_warning([[1, 1], [7, 7]]) is None and one_cell_maps_warning([None]) is None
+    assert "the maps are 1 x 1" in one_cell_maps_warning(pa.array([[1, 1], None, [1, 1]]))
+    assert one_cell_maps_warning(pa.array([[1, 1], [7, 7]])) is None
+    assert one_cell_maps_warning(pa.array([None], pa.list_(pa.int32()))) is None

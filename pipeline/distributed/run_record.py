@@ -90,7 +90,7 @@ def summarise(rows: pa.Table, layout: RunLayout, config: JobConfig, started: flo
                                   for c in ("similarity", "residual_query", "residual_reference")),
                                 config.model.metric) if ok else None
     found = (random_weights_warning(config.model), residual, empty_maps_warning(ok_rows), boxes_outside_warning(ok_rows),
-             one_cell_maps_warning(ok_rows["map_shape"].to_pylist()))
+             one_cell_maps_warning(ok_rows["map_shape"]))
     warnings = tuple(warning for warning in found if warning)
     return RunSummary(
         run_id=config.run_id, attempt=layout.attempt, pairs=rows.num_rows, ok=ok, error=rows.num_rows - ok,

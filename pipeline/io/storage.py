@@ -37,16 +37,19 @@ _CREDENTIALS_ELSEWHERE = ("credentials never go into the config; use the environ
 # a URI that holds user:password@ (or user@) before its host: refused wherever it would be kept;
 # one with a password alone where a user is a name, not a secret (a SQL catalog's postgresql://auditor@db/c)
 _SCHEME = r"^[A-Za-z][A-Za-z0-9+.-]*://"
-CREDENTIALS_IN_URI = _SCHEME + r"[^/?#]*@"
+_CREDENTIALS_IN_URI = _SCHEME + r"[^/?#]*@"
 PASSWORD_IN_URI = _SCHEME + r"[^/?#@:]*:[^/?#]*@"
 # query parameters that carry secrets (presigned URLs of S3, GCS and Azure, tokens, keys)
 _SECRET_PARAMETERS = (r"(?:x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|x-goog-credential|sig|"
                       r"signature|token|access_token|api_?key|key|password|secret)")
 # a URI whose query holds one: refused where the URI would be kept (pyarrow's regex, with ignore_case)
-SECRET_IN_QUERY = rf"[?&]{_SECRET_PARAMETERS}="
+_SECRET_IN_QUERY = rf"[?&]{_SECRET_PARAMETERS}="
 # their values, also percent-encoded (%3F ? %26 & %3D =: botocore's messages quote an s3:// key's ? so),
 # up to a quote that encloses the URL in a message
 _SECRET_QUERY = re.compile(rf"((?:[?&]|%3F|%26){_SECRET_PARAMETERS}(?:=|%3D))(?:(?!%26)[^&\s#'\"])*", re.IGNORECASE)
+# what a URI kept in a config or the result table may not hold (each pattern searched case-insensitively)
+CREDENTIAL_RULES = ((_CREDENTIALS_IN_URI, "credentials (user:password@)"),
+                    (_SECRET_IN_QUERY, "a secret in its query (a presigned URL's signature, a token or key)"))
 
 
 class StorageError(UserError):
@@ -349,8 +352,7 @@ def redact_uri(text: str) -> str:
 def without_credentials(uri: str) -> str:
     """`uri` for a config: one that holds user:password@ or a secret in its query (a presigned URL)
     is a ValueError (its text redacted), as the config is kept in the run record."""
-    for pattern, what in ((CREDENTIALS_IN_URI, "credentials (user:password@)"),
-                          (SECRET_IN_QUERY, "a secret in its query (a presigned URL's signature, a token or key)")):
+    for pattern, what in CREDENTIAL_RULES:
         if re.search(pattern, uri, re.IGNORECASE):
             raise ValueError(f"{redact_uri(uri)} holds {what}: {_CREDENTIALS_ELSEWHERE}")
     return uri
